@@ -1,0 +1,244 @@
+"""The contract between the operator and the trainer.
+
+The spec sections that both sides need (model, data, training, output, storage) are defined here once,
+with every field rule they carry. The operator's FineTuneJob model composes these very classes, so
+`kubetune validate`, the CRD, the operator and the trainer all enforce one copy of the rules.
+
+This module imports pydantic only: the operator image loads it without torch or Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+# An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules.
+S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
+S3_OBJECT_PATTERN = rf"^s3://{S3_BUCKET}/[^\s]*[^\s/]$"
+S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/[^\s]*)?$"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}/[^\s]*\.(safetensors|pt|pth|bin)$"
+
+S3Prefix = Annotated[
+    str,
+    Field(
+        pattern=S3_PREFIX_PATTERN,
+        max_length=1024,
+        json_schema_extra={"x-kubetune-format": "s3-prefix"},
+    ),
+]
+CheckpointUri = Annotated[
+    str,
+    Field(
+        pattern=CHECKPOINT_PATTERN,
+        max_length=1024,
+        json_schema_extra={"x-kubetune-format": "s3-checkpoint"},
+    ),
+]
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """A CEL rule for the CRD (x-kubernetes-validations), mirroring a Python check beside it."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+class CamelModel(BaseModel):
+    """camelCase on the wire (YAML, JSON), snake_case in Python; unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The camelCase dict, without unset optionals."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+STRATEGY_RULE = cel(
+    "self.strategy == 'partial' ? has(self.trainableLayers) : !has(self.trainableLayers)",
+    "trainableLayers is required with strategy 'partial' and not allowed otherwise",
+    ".trainableLayers",
+)
+
+
+class ModelSpec(CamelModel):
+    """What to fine-tune: the architecture, its base weights and which parts train."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [STRATEGY_RULE]})
+
+    architecture: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[a-z0-9][a-z0-9_.\-]*$",
+        description="timm model name, e.g. resnet50, convnext_tiny, vit_small_patch16_224.",
+    )
+    checkpoint: CheckpointUri = Field(
+        description=(
+            "s3:// URI of the base weights: a .safetensors file (preferred) or a .pt/.pth/.bin "
+            "state dict, loaded without unpickling code."
+        )
+    )
+    num_classes: int | None = Field(
+        default=None,
+        ge=2,
+        le=100_000,
+        description="Number of classes of the new task; inferred from the dataset's class folders when omitted.",
+    )
+    strategy: Literal["head", "partial", "full"] = Field(
+        default="head",
+        description=(
+            "What trains: head (only the new classifier), partial (the last trainableLayers stages "
+            "and the head), full (everything, with a lower learning rate for the backbone)."
+        ),
+    )
+    trainable_layers: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Number of backbone stages, counted from the top, that train with strategy 'partial'.",
+    )
+
+    @model_validator(mode="after")
+    def _strategy_needs_layers(self) -> ModelSpec:
+        if self.strategy == "partial" and self.trainable_layers is None:
+            raise ValueError("trainableLayers: required when strategy is 'partial'")
+        if self.strategy != "partial" and self.trainable_layers is not None:
+            raise ValueError(
+                f"trainableLayers: only allowed with strategy 'partial' (strategy is '{self.strategy}')"
+            )
+        return self
+
+
+class DataSpec(CamelModel):
+    """Where the images are: an ImageFolder layout (<prefix>/<class>/<image>) in S3."""
+
+    train: S3Prefix = Field(description="s3:// prefix of the training images, one folder per class.")
+    validation: S3Prefix | None = Field(
+        default=None,
+        description="s3:// prefix of the validation images (same class folders); a seeded split of train when omitted.",
+    )
+    validation_split: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of train held out for validation when no validation prefix is given.",
+    )
+    image_size: int | None = Field(
+        default=None,
+        ge=16,
+        le=1024,
+        description="Square input size in pixels; the model's own default when omitted.",
+    )
+    augment: bool = Field(default=True, description="Random resized crops and flips during training.")
+
+
+WARMUP_RULE = cel(
+    "self.warmupEpochs < self.epochs",
+    "warmupEpochs must be less than epochs",
+    ".warmupEpochs",
+)
+
+
+class TrainingSpec(CamelModel):
+    """How to train: epochs, batch, optimiser and schedule."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [WARMUP_RULE]})
+
+    epochs: int = Field(default=10, ge=1, le=1000, description="Passes over the training data.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="Optimiser.")
+    weight_decay: float = Field(default=0.05, ge=0.0, le=1.0, description="Weight decay.")
+    scheduler: Literal["cosine", "constant", "step"] = Field(
+        default="cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup_epochs: int = Field(
+        default=0, ge=0, le=100, description="Epochs of linear learning-rate warm-up; less than epochs."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="Mixed precision on GPU; CPU runs always use fp32."
+    )
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, shuffling and initialisation.")
+
+    @model_validator(mode="after")
+    def _warmup_before_end(self) -> TrainingSpec:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmupEpochs: must be less than epochs ({self.epochs}) (got {self.warmup_epochs})"
+            )
+        return self
+
+
+class OutputSpec(CamelModel):
+    """Where checkpoints and the exported model go."""
+
+    path: S3Prefix = Field(
+        description="s3:// prefix for checkpoints/, model.safetensors, model.json, history.json and training-curves.png."
+    )
+    checkpoints_to_keep: int = Field(default=2, ge=1, le=100, description="Most recent checkpoints kept.")
+
+
+class StorageSpec(CamelModel):
+    """The S3-compatible object store and how to authenticate to it."""
+
+    endpoint: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        max_length=512,
+        description="S3-compatible endpoint URL (http:// or https://); AWS S3 when omitted.",
+    )
+    region: str = Field(
+        default="us-east-1",
+        pattern=r"^[a-z0-9\-]{2,32}$",
+        description="S3 region.",
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        max_length=253,
+        description=(
+            "Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
+            "the pods' own identity (IRSA, workload identity) when omitted."
+        ),
+    )
+
+
+class ProgressTarget(CamelModel):
+    """Where the trainer pushes progress updates (the operator's endpoint), if anywhere."""
+
+    url: str = Field(description="Progress endpoint URL for this job.")
+    token_path: str = Field(description="File holding the projected ServiceAccount token.")
+
+
+class ScalingSpec(CamelModel):
+    """The Ray Train workers, as the trainer sees them."""
+
+    workers: int = Field(default=1, ge=1)
+    gpus_per_worker: int = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+
+
+class TrainerConfig(CamelModel):
+    """Everything `python -m kubetune_trainer --config FILE` needs; made from a FineTuneJob by the operator."""
+
+    job_name: str = Field(description="The FineTuneJob's name (for logs and reports).")
+    namespace: str | None = Field(default=None, description="The FineTuneJob's namespace.")
+    run_name: str = Field(
+        description="Ray Train run name: the job's uid, so a restarted driver resumes from its checkpoints."
+    )
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: OutputSpec
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    max_failures: int = Field(default=3, ge=0, description="Worker-failure restarts from the last checkpoint.")
+    progress: ProgressTarget | None = None
