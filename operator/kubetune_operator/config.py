@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from kubetune_trainer.config import ProgressTarget, ScalingSpec, TrainerConfig
-
 from kubetune_operator.spec import FineTuneJob
+from kubetune_trainer.config import ProgressTarget, ScalingSpec, TrainerConfig
 
 
 def trainer_config(job: FineTuneJob, progress: ProgressTarget | None = None) -> TrainerConfig:

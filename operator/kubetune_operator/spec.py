@@ -50,9 +50,7 @@ class Toleration(CamelModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate; all effects when omitted."
     )
-    toleration_seconds: int | None = Field(
-        default=None, ge=0, description="How long a NoExecute taint is tolerated."
-    )
+    toleration_seconds: int | None = Field(default=None, ge=0, description="How long a NoExecute taint is tolerated.")
 
 
 class ResourcesSpec(CamelModel):
@@ -72,9 +70,7 @@ class ResourcesSpec(CamelModel):
         max_length=32,
         description="Memory per worker pod, as a Kubernetes quantity (e.g. 16Gi).",
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the worker pods must match."
-    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the worker pods must match.")
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Tolerations for the worker pods."
     )
@@ -90,7 +86,10 @@ class RunPolicy(CamelModel):
         default=3, ge=0, le=100, description="Worker failures Ray Train recovers from its last checkpoint."
     )
     backoff_limit: int = Field(
-        default=0, ge=0, le=100, description="Whole Ray cluster retries after the job fails (KubeRay backoffLimit)."
+        default=0,
+        ge=0,
+        le=100,
+        description="Whole Ray cluster retries after the job fails (KubeRay backoffLimit).",
     )
     active_deadline_seconds: int | None = Field(
         default=None, ge=1, description="Seconds the run may take before it is stopped and the job fails."
@@ -98,9 +97,15 @@ class RunPolicy(CamelModel):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Seconds after success or failure before the FineTuneJob is deleted."
     )
-    suspend: bool = Field(default=False, description="true stops the Ray cluster; false (again) resumes from the last checkpoint.")
+    suspend: bool = Field(
+        default=False,
+        description="true stops the Ray cluster; false (again) resumes from the last checkpoint.",
+    )
     queue_name: str | None = Field(
-        default=None, pattern=DNS_LABEL, max_length=63, description="Kueue LocalQueue to admit the job through."
+        default=None,
+        pattern=DNS_LABEL,
+        max_length=63,
+        description="Kueue LocalQueue to admit the job through.",
     )
 
 

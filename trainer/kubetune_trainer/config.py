@@ -39,9 +39,9 @@ CheckpointUri = Annotated[
 ]
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
     """A CEL rule for the CRD (x-kubernetes-validations), mirroring a Python check beside it."""
-    out = {"rule": rule, "message": message}
+    out: dict[str, Any] = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
     return out
@@ -111,9 +111,7 @@ class ModelSpec(CamelModel):
         if self.strategy == "partial" and self.trainable_layers is None:
             raise ValueError("trainableLayers: required when strategy is 'partial'")
         if self.strategy != "partial" and self.trainable_layers is not None:
-            raise ValueError(
-                f"trainableLayers: only allowed with strategy 'partial' (strategy is '{self.strategy}')"
-            )
+            raise ValueError(f"trainableLayers: only allowed with strategy 'partial' (strategy is '{self.strategy}')")
         return self
 
 
@@ -171,9 +169,7 @@ class TrainingSpec(CamelModel):
     @model_validator(mode="after")
     def _warmup_before_end(self) -> TrainingSpec:
         if self.warmup_epochs >= self.epochs:
-            raise ValueError(
-                f"warmupEpochs: must be less than epochs ({self.epochs}) (got {self.warmup_epochs})"
-            )
+            raise ValueError(f"warmupEpochs: must be less than epochs ({self.epochs}) (got {self.warmup_epochs})")
         return self
 
 

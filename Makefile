@@ -1,0 +1,54 @@
+# kubetune — `make demo` and `make test` do all set-up themselves on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools
+STAMP := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED := 0
+export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
+
+.PHONY: setup tools test test-fast lint format demo bench clean
+
+setup: $(STAMP) tools
+
+# torch/torchvision resolve to the newest release the machine allows (a local copy where one exists).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[trainer,dev]'
+	@touch $@
+
+# Real servers and CLIs the tests drive, unpacked from Debian packages into .tools (no system service).
+tools: $(TOOLS)/bin/promtool
+$(TOOLS)/bin/promtool:
+	@mkdir -p $(TOOLS)/deb $(TOOLS)/bin
+	@command -v apt-get >/dev/null || { echo "apt-get is needed to fetch Debian's prometheus package"; exit 1; }
+	cd $(TOOLS)/deb && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; }
+	for f in $(TOOLS)/deb/*.deb; do dpkg-deb -x $$f $(TOOLS)/root; done
+	ln -sf $(CURDIR)/$(TOOLS)/root/usr/bin/prometheus $(TOOLS)/bin/prometheus
+	ln -sf $(CURDIR)/$(TOOLS)/root/usr/bin/promtool $(TOOLS)/bin/promtool
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check operator trainer tests
+	$(VENV)/bin/ruff format --check operator trainer tests
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format operator trainer tests
+	$(VENV)/bin/ruff check --fix operator trainer tests
+
+demo: setup
+	$(VENV)/bin/kubetune demo
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
