@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # Real servers and CLIs the tests drive, unpacked from Debian packages into .tools (no system service).
-tools: $(TOOLS)/bin/promtool
+tools: $(TOOLS)/bin/promtool $(TOOLS)/bin/kubectl
 $(TOOLS)/bin/promtool:
 	@mkdir -p $(TOOLS)/deb $(TOOLS)/bin
 	@command -v apt-get >/dev/null || { echo "apt-get is needed to fetch Debian's prometheus package"; exit 1; }
@@ -28,6 +28,13 @@ $(TOOLS)/bin/promtool:
 	for f in $(TOOLS)/deb/*.deb; do dpkg-deb -x $$f $(TOOLS)/root; done
 	ln -sf $(CURDIR)/$(TOOLS)/root/usr/bin/prometheus $(TOOLS)/bin/prometheus
 	ln -sf $(CURDIR)/$(TOOLS)/root/usr/bin/promtool $(TOOLS)/bin/promtool
+
+# A real kubectl (Debian's kubernetes-client) to drive the demo's embedded API and its e2e tests.
+$(TOOLS)/bin/kubectl:
+	@mkdir -p $(TOOLS)/deb $(TOOLS)/bin
+	cd $(TOOLS)/deb && { ls kubernetes-client_*.deb >/dev/null 2>&1 || apt-get download kubernetes-client 2>/dev/null || { apt-get update -qq && apt-get download kubernetes-client; }; }
+	dpkg-deb -x $$(ls $(TOOLS)/deb/kubernetes-client_*.deb | head -1) $(TOOLS)/root
+	ln -sf $(CURDIR)/$(TOOLS)/root/usr/bin/kubectl $(TOOLS)/bin/kubectl
 
 test: setup
 	$(PY) -m pytest

@@ -1,25 +1,30 @@
 """The FineTuneJob API (kubetune.dev/v1alpha1): one pydantic model holds every rule.
 
 The sections the trainer also needs come from kubetune_trainer.config; the operator-only sections
-(resources, runPolicy, image) and the object envelope are defined here. The CRD's schema is generated
-from these classes (see crd.py), and `kubetune validate`, `render` and the operator all parse through
-`FineTuneJob`.
+(resources, runPolicy, image), the status and the object envelope are defined here. The CRD's schema is
+generated from these classes (see crd.py), and `kubetune validate`, `render` and the operator all parse
+through `FineTuneJob`.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kubetune_trainer.config import (
+    DNS_SUBDOMAIN,
     CamelModel,
     DataSpec,
     ModelSpec,
     OutputSpec,
+    SpecSection,
     StorageSpec,
     TrainingSpec,
+    cel,
+    prefixes_overlap,
+    prefixes_overlap_cel,
 )
 
 GROUP = "kubetune.dev"
@@ -29,6 +34,7 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
+CATEGORIES = ["kubetune"]
 
 # KubeRay names the RayCluster "<rayjob>-<5 chars>" and its head service "<cluster>-head-svc", both
 # DNS-1035 labels of at most 63 characters; the RayJob carries the job's name, so the job's name must
@@ -36,24 +42,82 @@ SHORT_NAMES = ["ftj"]
 MAX_NAME_LENGTH = 47
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A label key or taint key: an optional DNS-subdomain prefix and "/", then a name of at most 63 characters.
+QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+IMAGE_PATTERN = r"^\S+$"
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MAX_GPUS_PER_WORKER = 16
 MAX_WORKERS = 256
+INT32_MAX = 2**31 - 1
+
+LabelKey = Annotated[str, Field(pattern=QUALIFIED_NAME, max_length=316)]
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]
 
 
-class Toleration(CamelModel):
+class Toleration(SpecSection):
     """A Kubernetes toleration, passed through to the worker pods."""
 
-    key: str | None = Field(default=None, max_length=316, description="Taint key to tolerate.")
-    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
-    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                    "value must be empty when operator is Exists",
+                    ".value",
+                ),
+                cel(
+                    "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                    "operator must be Exists when key is empty (tolerate every taint)",
+                    ".operator",
+                ),
+                cel(
+                    "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                    "tolerationSeconds is only allowed with effect NoExecute",
+                    ".tolerationSeconds",
+                ),
+            ]
+        }
+    )
+
+    key: str | None = Field(
+        default=None,
+        pattern=QUALIFIED_NAME,
+        max_length=316,
+        description="Taint key to tolerate; empty with operator Exists tolerates every taint.",
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists (any value) or Equal (the given value); Equal when omitted."
+    )
+    value: str | None = Field(
+        default=None, pattern=LABEL_VALUE, max_length=63, description="Taint value to match with operator Equal."
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate; all effects when omitted."
     )
-    toleration_seconds: int | None = Field(default=None, ge=0, description="How long a NoExecute taint is tolerated.")
+    toleration_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds a NoExecute taint is tolerated before eviction; forever when omitted.",
+    )
+
+    @model_validator(mode="after")
+    def _kubernetes_rules(self) -> Toleration:
+        # The rules the API server applies to a pod's tolerations: checked here so a job fails at
+        # validation rather than when KubeRay creates its pods.
+        if self.operator == "Exists" and self.value:
+            raise ValueError(f"value: must be empty when operator is Exists (got {self.value!r})")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("operator: must be Exists when key is empty (tolerate every taint)")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError(
+                f"tolerationSeconds: only allowed with effect NoExecute (effect is {self.effect or 'unset'})"
+            )
+        return self
 
 
-class ResourcesSpec(CamelModel):
+class ResourcesSpec(SpecSection):
     """The Ray cluster's training workers."""
 
     workers: int = Field(default=1, ge=1, le=MAX_WORKERS, description="Ray Train workers (one pod each).")
@@ -70,16 +134,20 @@ class ResourcesSpec(CamelModel):
         max_length=32,
         description="Memory per worker pod, as a Kubernetes quantity (e.g. 16Gi).",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the worker pods must match.")
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node labels the worker pods must match, e.g. nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3.",
+    )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Tolerations for the worker pods."
     )
     priority_class_name: str | None = Field(
-        default=None, pattern=DNS_LABEL, max_length=253, description="PriorityClass of all Ray pods."
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253, description="PriorityClass of all Ray pods."
     )
 
 
-class RunPolicy(CamelModel):
+class RunPolicy(SpecSection):
     """Retries, deadlines, suspension and queueing."""
 
     max_retries: int = Field(
@@ -92,10 +160,16 @@ class RunPolicy(CamelModel):
         description="Whole Ray cluster retries after the job fails (KubeRay backoffLimit).",
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Seconds the run may take before it is stopped and the job fails."
+        default=None,
+        ge=1,
+        le=INT32_MAX,
+        description="Seconds the run may take before it is stopped and the job fails; no limit when omitted.",
     )
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Seconds after success or failure before the FineTuneJob is deleted."
+        default=None,
+        ge=0,
+        le=INT32_MAX,
+        description="Seconds after success or failure before the FineTuneJob is deleted; kept when omitted.",
     )
     suspend: bool = Field(
         default=False,
@@ -103,14 +177,31 @@ class RunPolicy(CamelModel):
     )
     queue_name: str | None = Field(
         default=None,
-        pattern=DNS_LABEL,
+        pattern=DNS_SUBDOMAIN,
         max_length=63,
-        description="Kueue LocalQueue to admit the job through.",
+        description="Kueue LocalQueue to admit the job through (sets the kueue.x-k8s.io/queue-name label).",
     )
 
 
-class FineTuneJobSpec(CamelModel):
+class FineTuneJobSpec(SpecSection):
     """What to fine-tune, on what data, how, with which resources, and where the results go."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"!({prefixes_overlap_cel('self.output.path', 'self.data.train')})",
+                    "output.path must not overlap data.train: checkpoints and results would be read as training images",
+                    ".output.path",
+                ),
+                cel(
+                    f"!has(self.data.validation) || !({prefixes_overlap_cel('self.output.path', 'self.data.validation')})",
+                    "output.path must not overlap data.validation: checkpoints and results would be read as validation images",
+                    ".output.path",
+                ),
+            ]
+        }
+    )
 
     model: ModelSpec = Field(description="The model, its base weights and the fine-tuning strategy.")
     data: DataSpec = Field(description="The dataset in S3.")
@@ -120,15 +211,21 @@ class FineTuneJobSpec(CamelModel):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint and credentials.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspension, queueing.")
     image: str | None = Field(
-        default=None, min_length=1, max_length=512, pattern=r"^\S+$", description="Trainer image override."
+        default=None,
+        min_length=1,
+        max_length=512,
+        pattern=IMAGE_PATTERN,
+        description="Trainer image override; the operator's configured trainer image when omitted.",
     )
 
     @model_validator(mode="after")
     def _output_apart_from_data(self) -> FineTuneJobSpec:
-        out = self.output.path.rstrip("/") + "/"
         for field, prefix in (("data.train", self.data.train), ("data.validation", self.data.validation)):
-            if prefix and (out.startswith(prefix.rstrip("/") + "/") or (prefix.rstrip("/") + "/").startswith(out)):
-                raise ValueError(f"output.path: must not overlap {field} ({prefix}) (got {self.output.path})")
+            if prefix and prefixes_overlap(self.output.path, prefix):
+                raise ValueError(
+                    f"output.path: must not overlap {field} ({prefix}): checkpoints and results would be read "
+                    f"as images (got {self.output.path})"
+                )
         return self
 
 
@@ -137,12 +234,118 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=NAME_PATTERN,
+        description=(
+            f"The job's name: at most {MAX_NAME_LENGTH} characters, because KubeRay derives the Ray cluster's "
+            "and its services' names from it."
+        ),
+    )
     namespace: str | None = Field(default=None, pattern=DNS_LABEL, max_length=63)
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+
+# -- status: written by the operator only. ---------------------------------------------------------------
+
+
+class StatusModel(CamelModel):
+    """A part of the status: lenient on read, so fields a newer or older operator wrote never fail a job."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+Phase = Literal["Pending", "Launching", "Running", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = get_args(Phase)
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+class Condition(StatusModel):
+    """A status condition following the Kubernetes API conventions."""
+
+    type: str = Field(max_length=316, description="Condition type in CamelCase, e.g. Ready, Running, Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        pattern=REASON_PATTERN,
+        max_length=1024,
+        description="Why the condition last changed, as a CamelCase word (e.g. CheckpointNotFound, InvalidSpec).",
+    )
+    message: str = Field(default="", max_length=32768, description="What happened, for people.")
+    last_transition_time: datetime = Field(description="When the condition's status last changed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation the condition was computed from."
+    )
+
+
+class ProgressMetrics(StatusModel):
+    """The latest training metrics the trainer reported."""
+
+    train_loss: float | None = Field(default=None, description="Mean training loss of the latest epoch.")
+    val_loss: float | None = Field(default=None, description="Validation loss after the latest epoch.")
+    val_accuracy: float | None = Field(
+        default=None, description="Top-1 validation accuracy after the latest epoch, as a fraction (0-1)."
+    )
+    images_per_second: float | None = Field(
+        default=None, description="Training throughput over all workers, in images per second."
+    )
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+
+
+class ProgressStatus(StatusModel):
+    """How far training is, as the trainer last reported it."""
+
+    epoch: int | None = Field(default=None, ge=0, description="The epoch in progress, counting from 1.")
+    total_epochs: int | None = Field(
+        default=None, ge=0, description="Epochs the run will train (spec.training.epochs)."
+    )
+    step: int | None = Field(default=None, ge=0, description="Optimiser steps done in this run.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimiser steps the whole run will take.")
+    percent: float | None = Field(default=None, ge=0, le=100, description="Share of all steps done, 0-100.")
+    eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
+    metrics: ProgressMetrics | None = Field(default=None, description="The latest training metrics.")
+    latest_checkpoint: str | None = Field(default=None, description="s3:// URI of the newest checkpoint.")
+    updated_at: datetime | None = Field(default=None, description="When the operator accepted this update.")
+
+
+class FineTuneJobStatus(StatusModel):
+    """What the operator observed: the job's phase, history and progress."""
+
+    phase: Phase | None = Field(
+        default=None,
+        description=(
+            "Pending (accepted, not yet launched), Launching (Ray cluster starting), Running (training), "
+            "Succeeded, Failed or Suspended."
+        ),
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="The latest observation of each aspect of the job (Kubernetes API conventions).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    progress: ProgressStatus | None = Field(default=None, description="Training progress and latest metrics.")
+    ray_job_name: str | None = Field(default=None, description="Name of the KubeRay RayJob that runs the training.")
+    dashboard_url: str | None = Field(
+        default=None, alias="dashboardURL", description="URL of the Ray dashboard of the job's cluster."
+    )
+    latest_checkpoint: str | None = Field(
+        default=None, description="s3:// URI of the newest checkpoint; a resumed run continues from it."
+    )
+    model: str | None = Field(
+        default=None, description="s3:// URI of the exported model (model.safetensors), once the job succeeded."
+    )
+    start_time: datetime | None = Field(default=None, description="When training started.")
+    completion_time: datetime | None = Field(default=None, description="When the job succeeded or failed.")
+    restarts: int | None = Field(
+        default=None, ge=0, description="Times the Ray cluster or its training workers were restarted."
+    )
+    message: str | None = Field(default=None, max_length=32768, description="The latest event, for people.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation the operator last acted on."
+    )
 
 
 class FineTuneJob(BaseModel):
@@ -152,29 +355,15 @@ class FineTuneJob(BaseModel):
 
     api_version: Literal["kubetune.dev/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["FineTuneJob"]
-    metadata: ObjectMeta
-    spec: FineTuneJobSpec
-    status: dict[str, Any] | None = None
+    metadata: ObjectMeta = Field(description="The object's metadata; its name names the job's Ray cluster too")
+    spec: FineTuneJobSpec = Field(description="What to fine-tune, on what data, how, and where the results go")
+    status: FineTuneJobStatus | None = Field(default=None, description="What the operator observed; written by it")
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> FineTuneJob:
-        """Parse a manifest or a kopf body (which carries status and server-set metadata)."""
-        return cls.model_validate(dict(body))
+        """Parse a manifest or a kopf body (which carries status and server-set metadata).
 
-
-Phase = Literal["Pending", "Launching", "Running", "Succeeded", "Failed", "Suspended"]
-PHASES: tuple[str, ...] = ("Pending", "Launching", "Running", "Succeeded", "Failed", "Suspended")
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
-
-
-class Condition(CamelModel):
-    """A status condition following the Kubernetes API conventions."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
-    message: str = Field(default="", max_length=32768)
-    last_transition_time: datetime
-    observed_generation: int | None = None
+        Only the camelCase names count: the snake_case ones Python code may use are unknown to the CRD, so
+        the API server would drop them (a silently ignored `learning_rate`); here they are unknown fields.
+        """
+        return cls.model_validate(dict(body), by_name=False)

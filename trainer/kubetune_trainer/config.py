@@ -14,19 +14,32 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-# An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules.
+# An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules. Keys have
+# no whitespace and no empty segments ("a//b"): with at most one trailing slash, "is one prefix inside
+# another" is a plain startsWith after appending "/", which the CRD's CEL rules can express exactly.
 S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
-S3_OBJECT_PATTERN = rf"^s3://{S3_BUCKET}/[^\s]*[^\s/]$"
-S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/[^\s]*)?$"
+S3_SEGMENT = r"[^\s/]+"
+S3_OBJECT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})+$"
+S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/?$"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}/[^\s]*\.(safetensors|pt|pth|bin)$"
+CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
+ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
+ENDPOINT_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+REGION_PATTERN = r"^[a-z0-9\-]{2,32}$"
+# A Kubernetes object name (DNS-1123 subdomain), e.g. of a Secret.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+def as_prefix(uri: str) -> str:
+    """`uri` ending in exactly one "/", so that startsWith means "inside this prefix"."""
+    return uri if uri.endswith("/") else uri + "/"
+
 
 S3Prefix = Annotated[
     str,
     Field(
         pattern=S3_PREFIX_PATTERN,
         max_length=1024,
-        json_schema_extra={"x-kubetune-format": "s3-prefix"},
     ),
 ]
 CheckpointUri = Annotated[
@@ -34,7 +47,6 @@ CheckpointUri = Annotated[
     Field(
         pattern=CHECKPOINT_PATTERN,
         max_length=1024,
-        json_schema_extra={"x-kubetune-format": "s3-checkpoint"},
     ),
 ]
 
@@ -62,6 +74,16 @@ class CamelModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+class SpecSection(CamelModel):
+    """A section of the FineTuneJob spec: typed as strictly as the API server types it.
+
+    Strict mode refuses what pydantic would otherwise coerce ("10" for an integer, 1 for a boolean) but
+    the CRD's schema rejects, so `kubetune validate` says no exactly where `kubectl apply` would.
+    """
+
+    model_config = ConfigDict(strict=True)
+
+
 STRATEGY_RULE = cel(
     "self.strategy == 'partial' ? has(self.trainableLayers) : !has(self.trainableLayers)",
     "trainableLayers is required with strategy 'partial' and not allowed otherwise",
@@ -69,7 +91,7 @@ STRATEGY_RULE = cel(
 )
 
 
-class ModelSpec(CamelModel):
+class ModelSpec(SpecSection):
     """What to fine-tune: the architecture, its base weights and which parts train."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [STRATEGY_RULE]})
@@ -77,7 +99,7 @@ class ModelSpec(CamelModel):
     architecture: str = Field(
         min_length=1,
         max_length=128,
-        pattern=r"^[a-z0-9][a-z0-9_.\-]*$",
+        pattern=ARCHITECTURE_PATTERN,
         description="timm model name, e.g. resnet50, convnext_tiny, vit_small_patch16_224.",
     )
     checkpoint: CheckpointUri = Field(
@@ -115,8 +137,30 @@ class ModelSpec(CamelModel):
         return self
 
 
-class DataSpec(CamelModel):
+def prefixes_overlap_cel(a: str, b: str) -> str:
+    """CEL for "prefix a is inside prefix b or b inside a", matching `prefixes_overlap`."""
+    pa = f"({a}.endsWith('/') ? {a} : {a} + '/')"
+    pb = f"({b}.endsWith('/') ? {b} : {b} + '/')"
+    return f"{pa}.startsWith({pb}) || {pb}.startsWith({pa})"
+
+
+def prefixes_overlap(a: str, b: str) -> bool:
+    """Whether one s3:// prefix lies inside the other (or they are the same)."""
+    pa, pb = as_prefix(a), as_prefix(b)
+    return pa.startswith(pb) or pb.startswith(pa)
+
+
+VALIDATION_APART_RULE = cel(
+    f"!has(self.validation) || !({prefixes_overlap_cel('self.validation', 'self.train')})",
+    "validation must not overlap train: validation images would also be trained on",
+    ".validation",
+)
+
+
+class DataSpec(SpecSection):
     """Where the images are: an ImageFolder layout (<prefix>/<class>/<image>) in S3."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [VALIDATION_APART_RULE]})
 
     train: S3Prefix = Field(description="s3:// prefix of the training images, one folder per class.")
     validation: S3Prefix | None = Field(
@@ -137,6 +181,15 @@ class DataSpec(CamelModel):
     )
     augment: bool = Field(default=True, description="Random resized crops and flips during training.")
 
+    @model_validator(mode="after")
+    def _validation_apart_from_train(self) -> DataSpec:
+        if self.validation is not None and prefixes_overlap(self.validation, self.train):
+            raise ValueError(
+                f"validation: must not overlap train ({self.train}): validation images would also be trained on "
+                f"(got {self.validation})"
+            )
+        return self
+
 
 WARMUP_RULE = cel(
     "self.warmupEpochs < self.epochs",
@@ -145,18 +198,22 @@ WARMUP_RULE = cel(
 )
 
 
-class TrainingSpec(CamelModel):
+class TrainingSpec(SpecSection):
     """How to train: epochs, batch, optimiser and schedule."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [WARMUP_RULE]})
 
     epochs: int = Field(default=10, ge=1, le=1000, description="Passes over the training data.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
-    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
-    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="Optimiser.")
-    weight_decay: float = Field(default=0.05, ge=0.0, le=1.0, description="Weight decay.")
+    learning_rate: float = Field(
+        default=1e-3, gt=0.0, le=10.0, description="Peak learning rate, reached at the end of warm-up."
+    )
+    optimizer: Literal["adamw", "sgd"] = Field(
+        default="adamw", description="Optimiser: adamw (AdamW) or sgd (SGD with momentum)."
+    )
+    weight_decay: float = Field(default=0.05, ge=0.0, le=1.0, description="Weight-decay coefficient.")
     scheduler: Literal["cosine", "constant", "step"] = Field(
-        default="cosine", description="Learning-rate schedule after warm-up."
+        default="cosine", description="Learning-rate schedule after warm-up: cosine decay, constant, or step decay."
     )
     warmup_epochs: int = Field(
         default=0, ge=0, le=100, description="Epochs of linear learning-rate warm-up; less than epochs."
@@ -173,7 +230,7 @@ class TrainingSpec(CamelModel):
         return self
 
 
-class OutputSpec(CamelModel):
+class OutputSpec(SpecSection):
     """Where checkpoints and the exported model go."""
 
     path: S3Prefix = Field(
@@ -182,23 +239,23 @@ class OutputSpec(CamelModel):
     checkpoints_to_keep: int = Field(default=2, ge=1, le=100, description="Most recent checkpoints kept.")
 
 
-class StorageSpec(CamelModel):
+class StorageSpec(SpecSection):
     """The S3-compatible object store and how to authenticate to it."""
 
     endpoint: str | None = Field(
         default=None,
-        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        pattern=ENDPOINT_PATTERN,
         max_length=512,
         description="S3-compatible endpoint URL (http:// or https://); AWS S3 when omitted.",
     )
     region: str = Field(
         default="us-east-1",
-        pattern=r"^[a-z0-9\-]{2,32}$",
-        description="S3 region.",
+        pattern=REGION_PATTERN,
+        description="S3 region (S3-compatible stores mostly accept any).",
     )
     credentials_secret: str | None = Field(
         default=None,
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        pattern=DNS_SUBDOMAIN,
         max_length=253,
         description=(
             "Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "

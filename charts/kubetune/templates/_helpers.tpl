@@ -1,0 +1,117 @@
+{{/* Names, labels and the operator's permissions: each defined once and used by every template. */}}
+
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: kubetune
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository:tag, or repository@digest when a digest is given; the tag defaults to appVersion. */}}
+{{- define "kubetune.image" -}}
+{{- $image := index . 0 }}
+{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.progressURL" -}}
+{{- if .Values.operator.progressURL }}
+{{- .Values.operator.progressURL | trimSuffix "/" }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d" (include "kubetune.fullname" .) .Release.Namespace (int .Values.operator.ports.progress) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's permissions in the namespaces it serves: exactly the verbs its code uses (every call is
+in operator/kubetune_operator/kube.py, plus kopf's watching and patching; tests/chart/test_chart_rbac.py
+compares these rules with the code). No wildcards. Children are never deleted by the operator: their
+ownerReferences let Kubernetes' garbage collector remove them with the job.
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+# The jobs: listed and watched by kopf, which patches its finalizer and bookkeeping annotations onto
+# them; read back before a status merge; deleted once ttlSecondsAfterFinished has passed.
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# Phase, conditions and progress.
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunejobs/status"]
+  verbs: ["patch"]
+# Children carry ownerReferences with blockOwnerDeletion; where the API server enforces owner
+# permissions (OwnerReferencesPermissionEnforcement, e.g. OpenShift) that needs this on the owner.
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
+# The KubeRay RayJob each job runs as: created once, followed, and suspended/resumed by a patch.
+- apiGroups: ["ray.io"]
+  resources: ["rayjobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Each job's trainer config (ConfigMap) and its ServiceAccount, whose projected token the trainer uses
+# to authenticate progress updates: get-or-create, never changed afterwards.
+- apiGroups: [""]
+  resources: ["configmaps", "serviceaccounts"]
+  verbs: ["get", "create"]
+# Preflight reads the Secret named by spec.storage.credentialsSecret to check S3 access before a Ray
+# cluster starts. Only `get`: no list or watch, so the operator never enumerates Secrets.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# Events on the jobs (kubectl describe ftj tells the story); kopf posts core/v1 Events.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/* Cluster-scoped needs, whatever namespaces are served. */}}
+{{- define "kubetune.clusterRules" -}}
+# kopf watches the CRDs to notice resources appear (KubeRay installed after the operator). Whether
+# KubeRay is installed is asked of API discovery, which needs no permission.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+# The progress endpoint authenticates each trainer pod's ServiceAccount token with a TokenReview.
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
+  verbs: ["create"]
+{{- end }}

@@ -1,0 +1,269 @@
+"""FineTuneJob → the objects that run it: a ServiceAccount, a ConfigMap and a KubeRay RayJob (pure).
+
+The operator creates exactly what `build_children` returns, and `kubetune render` prints it, so the
+RayJob's shape lives here and nowhere else. Names are derived from the job's name, so a handler that
+runs twice finds what it created the first time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubetune_operator.config import trainer_config
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
+from kubetune_trainer.config import ProgressTarget
+
+RAYJOB_API_VERSION = "ray.io/v1"
+RAYJOB_KIND = "RayJob"
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kubetune"
+JOB_LABEL = "kubetune.dev/job"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Digest of the spec the RayJob was built from: a later spec edit that would change the run is refused.
+SPEC_DIGEST_ANNOTATION = "kubetune.dev/spec-digest"
+# Spec fields that may change while a job runs: they steer the job, not the run.
+MUTABLE_SPEC_FIELDS = (("runPolicy", "suspend"), ("runPolicy", "ttlSecondsAfterFinished"))
+
+CONFIG_KEY = "trainer-config.json"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+ENTRYPOINT = f"python -m kubetune_trainer --config {CONFIG_PATH}"
+TOKEN_AUDIENCE = "kubetune.dev"
+TOKEN_DIR = "/var/run/secrets/kubetune.dev"
+TOKEN_PATH = f"{TOKEN_DIR}/token"
+PROGRESS_URL_ENV = "KUBETUNE_PROGRESS_URL"
+# The keys the credentials Secret must hold; a session token is optional (temporary credentials).
+ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+SESSION_TOKEN = "AWS_SESSION_TOKEN"
+
+HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
+WORKER_GROUP = "workers"
+
+
+def service_account_name(job_name: str) -> str:
+    """The per-job ServiceAccount whose projected token authenticates the job's progress updates."""
+    return f"{job_name}-trainer"
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-trainer-config"
+
+
+def rayjob_name(job_name: str) -> str:
+    return job_name
+
+
+def progress_target(job: FineTuneJob, settings: OperatorSettings) -> ProgressTarget | None:
+    url = settings.progress_url(job.metadata.namespace or "default", job.metadata.name)
+    return ProgressTarget(url=url, token_path=TOKEN_PATH) if url else None
+
+
+def job_labels(job: FineTuneJob) -> dict[str, str]:
+    """Labels on everything the operator creates for `job`; the operator watches RayJobs by them."""
+    return {MANAGED_BY_LABEL: MANAGED_BY, JOB_LABEL: job.metadata.name}
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any] | None:
+    """The job as controller of its children, so Kubernetes deletes them with it (None before it has a uid)."""
+    if not job.metadata.uid:
+        return None
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def spec_digest(job: FineTuneJob) -> str:
+    """A digest of everything in the spec that shapes the run (all but MUTABLE_SPEC_FIELDS)."""
+    spec = job.spec.model_dump(by_alias=True, mode="json")
+    for section, name in MUTABLE_SPEC_FIELDS:
+        spec.get(section, {}).pop(name, None)
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _metadata(job: FineTuneJob, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    meta["labels"] = {**job_labels(job), **(extra_labels or {})}
+    owner = owner_reference(job)
+    if owner:
+        meta["ownerReferences"] = [owner]
+    return meta
+
+
+def build_service_account(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    # No API token is mounted: the pods never call the Kubernetes API; the progress token is a
+    # separate projected volume with its own audience.
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(job, service_account_name(job.metadata.name)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_config_map(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    config = trainer_config(job, progress=progress_target(job, settings))
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.metadata.name)),
+        "data": {CONFIG_KEY: config.model_dump_json(by_alias=True)},
+    }
+
+
+def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    storage = job.spec.storage
+    env: list[dict[str, Any]] = [
+        {"name": "AWS_REGION", "value": storage.region},
+        {"name": "AWS_DEFAULT_REGION", "value": storage.region},
+    ]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.credentials_secret:
+        # Credentials only ever as references: the RayJob, and anything that prints it, holds no secret.
+        for key, optional in ((ACCESS_KEY_ID, False), (SECRET_ACCESS_KEY, False), (SESSION_TOKEN, True)):
+            ref = {"name": storage.credentials_secret, "key": key, "optional": optional}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    target = progress_target(job, settings)
+    if target:
+        env.append({"name": PROGRESS_URL_ENV, "value": target.url})
+    return env
+
+
+def _volumes(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "trainer-config", "configMap": {"name": config_map_name(job.metadata.name)}},
+        # Memory-backed /dev/shm: Ray's object store and PyTorch's DataLoader workers share tensors
+        # through it, and the container runtime's default of 64Mi is far too small.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    if settings.progress_base_url:
+        token = {
+            "audience": TOKEN_AUDIENCE,
+            "expirationSeconds": settings.token_expiration_seconds,
+            "path": "token",
+        }
+        volumes.append({"name": "kubetune-token", "projected": {"sources": [{"serviceAccountToken": token}]}})
+    return volumes
+
+
+def _mounts(settings: OperatorSettings) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"name": "trainer-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if settings.progress_base_url:
+        mounts.append({"name": "kubetune-token", "mountPath": TOKEN_DIR, "readOnly": True})
+    return mounts
+
+
+def _pod_template(
+    job: FineTuneJob,
+    settings: OperatorSettings,
+    *,
+    component: str,
+    container: dict[str, Any],
+    scheduling: dict[str, Any],
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(job.metadata.name),
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": _volumes(job, settings),
+        **scheduling,
+    }
+    if job.spec.resources.priority_class_name:
+        spec["priorityClassName"] = job.spec.resources.priority_class_name
+    return {"metadata": {"labels": {**job_labels(job), COMPONENT_LABEL: component}}, "spec": spec}
+
+
+def _container(job: FineTuneJob, settings: OperatorSettings, name: str, resources: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": job.spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.trainer_image_pull_policy,
+        "env": _env(job, settings),
+        "volumeMounts": _mounts(settings),
+        "resources": resources,
+    }
+
+
+def _head_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    compute = {"cpu": settings.head_cpu, "memory": settings.head_memory}
+    container = _container(job, settings, "ray-head", {"requests": dict(compute), "limits": dict(compute)})
+    container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS]
+    return {
+        # num-cpus 0: Ray schedules no training worker here, only the driver and Ray Train's
+        # controller (which asks for no CPU), so the head needs no GPU node.
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+        "template": _pod_template(job, settings, component="ray-head", container=container, scheduling={}),
+    }
+
+
+def _worker_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    res = job.spec.resources
+    compute: dict[str, str] = {"cpu": str(res.cpus_per_worker), "memory": res.memory_per_worker}
+    if res.gpus_per_worker > 0:
+        compute["nvidia.com/gpu"] = str(res.gpus_per_worker)
+    container = _container(job, settings, "ray-worker", {"requests": dict(compute), "limits": dict(compute)})
+    scheduling: dict[str, Any] = {}
+    if res.node_selector:
+        scheduling["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        scheduling["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
+    return {
+        "groupName": WORKER_GROUP,
+        # A fixed size: Ray Train runs exactly `workers` workers, one per pod.
+        "replicas": res.workers,
+        "minReplicas": res.workers,
+        "maxReplicas": res.workers,
+        # KubeRay reads the GPU count from the container's limits; the CPU count is said explicitly so
+        # Ray's view matches the pod's request even where the node has more cores.
+        "rayStartParams": {"num-cpus": str(res.cpus_per_worker)},
+        "template": _pod_template(job, settings, component="ray-worker", container=container, scheduling=scheduling),
+    }
+
+
+def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    policy = job.spec.run_policy
+    extra_labels = {QUEUE_LABEL: policy.queue_name} if policy.queue_name else {}
+    metadata = _metadata(job, rayjob_name(job.metadata.name), extra_labels)
+    metadata["annotations"] = {SPEC_DIGEST_ANNOTATION: spec_digest(job)}
+    spec: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        # HTTPMode: the KubeRay operator submits the Ray job to the head's dashboard over HTTP itself, so
+        # there is no submitter pod to evict. K8sJobMode (the default) runs `ray job submit` in a separate
+        # Job pod, and an eviction of that pod can fail the RayJob. SidecarMode would survive too, but
+        # needs KubeRay >= 1.5 and the head pod's restartPolicy Never; HTTPMode works since KubeRay 1.1.
+        "submissionMode": "HTTPMode",
+        "shutdownAfterJobFinishes": True,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": policy.suspend,
+        "rayClusterSpec": {
+            "rayVersion": settings.ray_version,
+            "enableInTreeAutoscaling": False,
+            "headGroupSpec": _head_group(job, settings),
+            "workerGroupSpecs": [_worker_group(job, settings)],
+        },
+    }
+    if policy.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    return {"apiVersion": RAYJOB_API_VERSION, "kind": RAYJOB_KIND, "metadata": metadata, "spec": spec}
+
+
+def build_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Everything the operator creates for `job`, in creation order (the RayJob needs the other two)."""
+    return [build_service_account(job, settings), build_config_map(job, settings), build_rayjob(job, settings)]

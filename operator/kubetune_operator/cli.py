@@ -1,0 +1,318 @@
+"""`kubetune`: validate, render and run FineTuneJobs, print the CRD, run the demo.
+
+Each subcommand is a few lines of glue around the functions the operator itself uses: the spec model
+(validate), the builders (render), trainer_config and the trainer's local runner (run --local).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune_operator.errors import Loc, field_path, format_validation_error, show
+from kubetune_operator.spec import API_VERSION, GROUP, KIND, FineTuneJob
+
+STDIN = "-"
+# A FineTuneJob has a few hundred values at most; a YAML alias bomb expands to billions.
+MAX_VALUES = 100_000
+
+# -- reading manifests --------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as kubectl does.
+
+    PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; kubectl reads it as a number, so a
+    learningRate written that way must validate here too.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+@dataclass
+class Document:
+    """One YAML document of a file, with the line of every field, for error messages."""
+
+    data: Any
+    line: int
+    lines: dict[Loc, int] = field(default_factory=dict)
+    duplicates: list[tuple[Loc, int, int]] = field(default_factory=list)
+
+    def items(self) -> list[Document]:
+        """The objects in this document: itself, or each item of a `kind: List` (`kubectl get -o yaml`)."""
+        data = self.data
+        if not (isinstance(data, dict) and data.get("kind") == "List" and isinstance(data.get("items"), list)):
+            return [self]
+        return [
+            Document(
+                data=item,
+                line=self.lines.get(("items", i), self.line),
+                lines={loc[2:]: line for loc, line in self.lines.items() if loc[:2] == ("items", i)},
+                duplicates=[(loc[2:], a, b) for loc, a, b in self.duplicates if loc[:2] == ("items", i)],
+            )
+            for i, item in enumerate(data["items"])
+        ]
+
+    def locate(self, loc: Loc) -> int | None:
+        """The line of `loc`, or of its nearest enclosing field that is in the file."""
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.lines:
+                return self.lines[loc[:end]]
+        return self.line
+
+
+def load_documents(text: str) -> list[Document]:
+    """Every non-empty YAML document in `text`; raises yaml.YAMLError on a syntax error."""
+    loader = _Loader(text)
+    docs = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            if _expanded_size(node, {}) > MAX_VALUES:
+                raise yaml.YAMLError(f"more than {MAX_VALUES} values once aliases are expanded")
+            data = loader.construct_document(node)
+            if data is None:
+                continue
+            doc = Document(data=data, line=node.start_mark.line + 1)
+            _index(node, (), doc)
+            docs.append(doc)
+    finally:
+        loader.dispose()
+    return docs
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` holds with every alias expanded; linear time, as aliases share nodes."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts once, not forever
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def _index(node: yaml.Node, loc: Loc, doc: Document) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                doc.duplicates.append(((*loc, key), line, seen[key]))
+            seen[key] = line
+            _index(value_node, (*loc, key), doc)
+            doc.lines[(*loc, key)] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            doc.lines[(*loc, i)] = item.start_mark.line + 1
+            _index(item, (*loc, i), doc)
+
+
+def read_jobs(name: str) -> tuple[list[FineTuneJob], list[str]]:
+    """The FineTuneJobs in file `name` ('-' for stdin), and one line per problem found in it."""
+    source = "<stdin>" if name == STDIN else name
+    try:
+        if name == STDIN:
+            text = sys.stdin.read()
+        else:
+            with open(name, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], [f"{source}: cannot read: {getattr(exc, 'strerror', None) or exc}"]
+    try:
+        docs = load_documents(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        return [], [f"{where}: invalid YAML: {exc.problem or exc.context}"]
+    except yaml.YAMLError as exc:
+        return [], [f"{source}: invalid YAML: {exc}"]
+    if not docs:
+        return [], [f"{source}: no FineTuneJob in it (the file has no YAML documents)"]
+    jobs: list[FineTuneJob] = []
+    problems: list[str] = []
+    for doc in (item for d in docs for item in d.items()):
+        job, found = _check_document(doc, source)
+        problems += found
+        if job is not None and not found:
+            jobs.append(job)
+    return jobs, problems
+
+
+def _check_document(doc: Document, source: str) -> tuple[FineTuneJob | None, list[str]]:
+    problems = [
+        f"{source}:{line}: {field_path(loc)}: duplicate key (first at line {first}); only one may be given"
+        for loc, line, first in doc.duplicates
+    ]
+    data = doc.data
+    if not isinstance(data, dict):
+        return None, [*problems, f"{source}:{doc.line}: (document): must be a {KIND} mapping (got {show(data)})"]
+    api_version, kind = data.get("apiVersion"), data.get("kind")
+    if kind != KIND and not str(api_version).startswith(f"{GROUP}/"):
+        return None, [
+            *problems,
+            f"{source}:{doc.line}: kind: {api_version} {kind} is not a {KIND} ({API_VERSION}); "
+            f"kubetune validates {KIND}s only",
+        ]
+    try:
+        return FineTuneJob.from_body(data), problems
+    except ValidationError as exc:
+        return None, [*problems, *format_validation_error(exc, source, model=FineTuneJob, locate=doc.locate)]
+
+
+# -- subcommands ------------------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = False
+    for name in args.files:
+        jobs, problems = read_jobs(name)
+        source = "<stdin>" if name == STDIN else name
+        for line in problems:
+            print(line)
+        for job in jobs:
+            print(f"{source}: {job.metadata.name} valid")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    jobs, problems = read_jobs(args.file)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    from kubetune_operator.builders import build_children
+    from kubetune_operator.settings import OperatorSettings
+
+    settings = OperatorSettings.from_env()
+    if args.image:
+        settings = dataclasses.replace(settings, trainer_image=args.image)
+    children = []
+    for job in jobs:
+        if job.metadata.namespace is None:
+            job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": args.namespace})})
+        children += build_children(job, settings)
+    sys.stdout.write(yaml.safe_dump_all(children, sort_keys=False))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.local:
+        print(
+            f"kubetune run trains on this machine only, so it needs --local: kubetune run {args.file} --local\n"
+            f"To train on a cluster, apply the job: kubectl apply -f {args.file}",
+            file=sys.stderr,
+        )
+        return 2
+    jobs, problems = read_jobs(args.file)
+    if problems or len(jobs) != 1:
+        print("\n".join(problems) or f"{args.file}: holds {len(jobs)} {KIND}s; run one at a time", file=sys.stderr)
+        return 1
+    from kubetune_operator.config import trainer_config
+
+    job = jobs[0]
+    endpoint = args.s3_endpoint or job.spec.storage.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    try:
+        from kubetune_trainer.local import run_local
+    except ModuleNotFoundError as exc:
+        print(
+            f"kubetune run --local needs the trainer ({exc.name} is missing): pip install 'kubetune[trainer]'",
+            file=sys.stderr,
+        )
+        return 2
+    return run_local(trainer_config(job), s3_endpoint=endpoint)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from kubetune_operator.demo import main as demo_main
+    except ModuleNotFoundError as exc:
+        if exc.name != "kubetune_operator.demo":
+            raise
+        print("kubetune demo is not part of this build yet.", file=sys.stderr)
+        return 2
+    result: int = demo_main(args.args)
+    return result
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from kubetune_operator.crd import render_crd
+
+    sys.stdout.write(render_crd())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kubetune", description="Fine-tune computer-vision models on Kubernetes.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = sub.add_parser(
+        "validate",
+        help="check FineTuneJob manifests offline",
+        description="Check FineTuneJob manifests offline with every rule the operator and the CRD apply. "
+        "Exit 0 when all are valid, 1 otherwise.",
+    )
+    validate.add_argument(
+        "files", nargs="+", metavar="FILE", help="YAML file(s), any number of documents; '-' reads stdin"
+    )
+    validate.set_defaults(handler=cmd_validate)
+
+    render = sub.add_parser(
+        "render",
+        help="print the objects the operator would create for a job",
+        description="Print, as a YAML stream, every object the operator would create for the FineTuneJob(s) in FILE.",
+    )
+    render.add_argument("file", metavar="FILE", help="FineTuneJob YAML; '-' reads stdin")
+    render.add_argument("--image", help="trainer image (default: the operator's)")
+    render.add_argument("--namespace", default="default", help="namespace of jobs that name none (default: default)")
+    render.set_defaults(handler=cmd_render)
+
+    run = sub.add_parser(
+        "run",
+        help="train a job on this machine (--local)",
+        description="Run a FineTuneJob's training on this machine, on a local Ray cluster (CPU when there is no GPU).",
+    )
+    run.add_argument("file", metavar="FILE", help="FineTuneJob YAML with one job; '-' reads stdin")
+    run.add_argument("--local", action="store_true", help="train here (required: the cluster path is kubectl apply)")
+    run.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint (default: spec.storage.endpoint, then AWS_ENDPOINT_URL, then AWS S3)",
+    )
+    run.set_defaults(handler=cmd_run)
+
+    demo = sub.add_parser("demo", help="the whole loop on this machine", add_help=False)
+    demo.add_argument("args", nargs=argparse.REMAINDER, help="passed to the demo")
+    demo.set_defaults(handler=cmd_demo)
+
+    crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd.set_defaults(handler=cmd_crd)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

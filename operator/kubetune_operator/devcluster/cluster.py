@@ -1,0 +1,519 @@
+"""DevCluster: the embedded API, S3 and KubeRay stand-in, up and down together, plus the operator.
+
+    with DevCluster() as cluster:
+        cluster.apply(manifest)                 # through the API, like kubectl apply
+        cluster.start_operator()                # the real kopf operator, in this process
+        cluster.wait_for("kubetune.dev", "v1alpha1", "finetunejobs", "default", "job", lambda o: ...)
+
+Handles for fault tests: `cluster.s3_faults` (fail, drop or deny S3 for a while),
+`cluster.fail_api(...)` (the next N matching API requests fail), `cluster.stop_operator(abrupt=True)` then
+`start_operator()` (an operator restart), `cluster.start_operator_process()` (`python -m kubetune_operator`
+as its own process, to SIGKILL), `cluster.kill_train_worker()` (SIGKILL a Ray Train worker), and
+`cluster.api.history(...)` (every version of an object a watch saw).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import yaml
+from kmock._internal import rendering
+
+from kubetune_operator.devcluster.client import AsyncKube, path
+from kubetune_operator.devcluster.kubeapi import RAYJOB_FALLBACK_KIND, EmbeddedKubeAPI, kubeconfig, serve
+from kubetune_operator.devcluster.kuberay import KubeRayStandIn
+from kubetune_operator.devcluster.loopthread import LoopThread
+from kubetune_operator.devcluster.processes import free_port
+from kubetune_operator.devcluster.s3 import DEMO_CREDENTIALS, FaultyS3Proxy, MotoS3, s3_client
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+FTJ_CRD = Path("crds") / "finetunejobs.kubetune.dev.yaml"
+RAYJOB_CRD = Path("..") / "shared" / "fixtures" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml"
+
+
+def find_file(relative: Path, *, roots: tuple[Path, ...] = ()) -> Path | None:
+    """`relative` under the working directory, the repository root or the given roots, if it exists."""
+    for root in (*roots, Path.cwd(), REPO_ROOT):
+        candidate = root / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    """The FineTuneJob CRD: the file in crds/, else generated from the spec model (the same source)."""
+    found = find_file(FTJ_CRD)
+    if found is not None:
+        for doc in yaml.safe_load_all(found.read_text()):
+            if doc and doc.get("kind") == "CustomResourceDefinition":
+                return dict(doc)
+    from kubetune_operator.crd import crd
+
+    return crd()
+
+
+class OperatorThread:
+    """The real operator (`kubetune_operator.main.serve`) on its own thread and event loop.
+
+    It logs in with the cluster's kubeconfig, as `python -m kubetune_operator` would with KUBECONFIG
+    pointing at it. The metrics and progress ports are chosen here, so callers know them.
+    """
+
+    def __init__(self, kubeconfig: Path, namespaces: tuple[str, ...] = (), **overrides: Any) -> None:
+        from kubetune_operator.settings import OperatorSettings
+
+        self.kubeconfig = kubeconfig
+        self.metrics_port = int(overrides.pop("metrics_port", 0) or free_port())
+        self.progress_port = int(overrides.pop("progress_port", 0) or free_port())
+        self.settings = dataclasses.replace(
+            OperatorSettings.from_env(),
+            namespaces=tuple(namespaces),
+            metrics_port=self.metrics_port,
+            progress_port=self.progress_port,
+            progress_base_url=f"http://127.0.0.1:{self.progress_port}",
+            **overrides,
+        )
+        self.stop_flag = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._thread = threading.Thread(target=self._run, name="kubetune-operator", daemon=True)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        import kopf
+        from kubernetes import client, config
+
+        from kubetune_operator.kube import Kube
+        from kubetune_operator.main import build_registry, build_runtime, kopf_settings, run_operator
+
+        # The cluster's kubeconfig, read explicitly: the kubernetes client reads $KUBECONFIG once, when
+        # first imported, so in a test process that imported it earlier the default would be stale.
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=configuration)
+        token = str(configuration.api_key.get("authorization", "")).removeprefix("Bearer ") or None
+
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=configuration.host, token=token)
+
+        async def main() -> None:
+            self._task = asyncio.current_task()
+            registry = build_registry()
+            activities = {str(getattr(h, "activity", "")) for h in registry._activities.get_all_handlers()}
+            if not any("authentication" in activity.lower() for activity in activities):
+                kopf.on.login(registry=registry)(login)
+            kube = Kube(client.ApiClient(configuration))
+            try:
+                await run_operator(
+                    build_runtime(self.settings, kube),
+                    registry=registry,
+                    settings=kopf_settings(),
+                    stop_flag=self.stop_flag,
+                    ready_flag=self.ready,
+                )
+            finally:
+                kube.close()
+
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:  # reported to whoever waits for it
+            self.error = exc
+            log.debug("the operator stopped: %r", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """A graceful stop (kopf finishes what it is doing and exits)."""
+        self.stop_flag.set()
+        self._thread.join(timeout)
+
+    def kill(self, timeout: float = 30.0) -> None:
+        """An abrupt stop: cancel the operator mid-whatever (the closest to a crash in-process)."""
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+class DevCluster:
+    """Everything `kubetune demo` and the e2e tests run the operator against. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        workdir: Path | None = None,
+        s3: bool = True,
+        kuberay: bool = True,
+        start_ray: bool = True,
+        api_port: int = 0,
+        s3_port: int = 0,
+        namespace: str = "default",
+    ) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-dev-"))
+        self.with_s3 = s3
+        self.with_kuberay = kuberay
+        self.start_ray = start_ray
+        self.api_port = api_port
+        self.s3_port = s3_port
+        self.namespace = namespace
+        self.api = EmbeddedKubeAPI()
+        self.loop: LoopThread | None = None
+        self.api_url = ""
+        self.kubeconfig_path = self.workdir / "kubeconfig"
+        self.moto: MotoS3 | None = None
+        self.s3_faults: FaultyS3Proxy | None = None
+        self.kuberay: KubeRayStandIn | None = None
+        self.operator: OperatorThread | None = None
+        self.operator_process: subprocess.Popen[bytes] | None = None
+        self._kuberay_task: asyncio.Future[None] | None = None
+        self._runner: Any = None
+        self._kube: AsyncKube | None = None
+        self._saved_env: dict[str, str | None] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> DevCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.loop = LoopThread("devcluster")
+        self.api_url = self.on_loop(self._start_api())
+        self.kubeconfig_path.write_text(yaml.safe_dump(kubeconfig(self.api_url, namespace=self.namespace)))
+        self._kube = AsyncKube(self.api_url)
+        if self.with_s3:
+            self.moto = MotoS3()
+            self.moto.start()
+            self.s3_faults = FaultyS3Proxy(self.moto.url)
+            self.on_loop(self.s3_faults.start(self.s3_port))
+        if self.with_kuberay:
+            self.kuberay = KubeRayStandIn(self.api_url, self.workdir / "rayjobs", start_ray=self.start_ray)
+            self._kuberay_task = self.loop.submit(self.kuberay.run())
+        log.info("devcluster up: api %s, s3 %s, workdir %s", self.api_url, self.s3_url, self.workdir)
+
+    async def _start_api(self) -> str:
+        await self.api.__aenter__()
+        self.api.install_crd(finetunejob_crd())
+        rayjob_crd = find_file(RAYJOB_CRD)
+        if rayjob_crd is not None:
+            self.api.install_crd_file(rayjob_crd)
+        else:
+            log.warning("%s not found: serving RayJobs without their schema", RAYJOB_CRD)
+            self.api.register(RAYJOB_FALLBACK_KIND)
+        self._runner, port = await serve(self.api, port=self.api_port)
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.stop_operator()
+        self.stop_operator_process()
+        if self.loop is not None:
+            if self.kuberay is not None:
+                with contextlib.suppress(Exception):
+                    self.on_loop(self.kuberay.close(), timeout=60)
+            if self._kuberay_task is not None:
+                self.loop.loop.call_soon_threadsafe(self._kuberay_task.cancel)
+            if self.s3_faults is not None:
+                with contextlib.suppress(Exception):
+                    self.on_loop(self.s3_faults.stop())
+            with contextlib.suppress(Exception):
+                self.on_loop(self._stop_api())
+            self.loop.stop()
+            self.loop = None
+        if self.moto is not None:
+            self.moto.stop()
+            self.moto = None
+        self._restore_env()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def _stop_api(self) -> None:
+        if self._kube is not None:
+            await self._kube.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.api.__aexit__(None, None, None)
+
+    def on_loop(self, coro: Any, timeout: float | None = 60.0) -> Any:
+        """Run a coroutine on the cluster's event loop (where the API and the stand-ins live)."""
+        assert self.loop is not None, "the cluster is not running"
+        return self.loop.call(coro, timeout)
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    @property
+    def s3_url(self) -> str:
+        return self.s3_faults.url if self.s3_faults else ""
+
+    def s3(self) -> Any:
+        """A boto3 client for the embedded S3 (through the fault proxy)."""
+        return s3_client(self.s3_url)
+
+    def env(self) -> dict[str, str]:
+        """Environment for clients of this cluster: KUBECONFIG, S3 endpoint and credentials."""
+        out = {"KUBECONFIG": str(self.kubeconfig_path), **DEMO_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"}
+        if self.s3_url:
+            out["AWS_ENDPOINT_URL"] = self.s3_url
+        return out
+
+    def use_env(self) -> None:
+        """Point this process's Kubernetes and S3 clients at the cluster (undone when it stops)."""
+        for key, value in self.env().items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+
+    def _restore_env(self) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env.clear()
+
+    # --- API helpers (through HTTP, like any client) -------------------------------------------
+
+    @property
+    def kube(self) -> AsyncKube:
+        assert self._kube is not None
+        return self._kube
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        group, version = _group_version(obj["apiVersion"])
+        plural = self._plural(group, obj["kind"])
+        namespace = (obj.get("metadata") or {}).get("namespace") or self.namespace
+        kind = self.api.kinds[(group, plural)]
+        result: dict[str, Any] = self.on_loop(
+            self.kube.request("POST", path(group, version, plural, namespace if kind.namespaced else None), dict(obj))
+        )
+        return result
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create, or merge-patch the spec, labels and annotations of an existing object."""
+        group, version = _group_version(obj["apiVersion"])
+        plural = self._plural(group, obj["kind"])
+        meta = obj.get("metadata") or {}
+        namespace = meta.get("namespace") or self.namespace
+        existing = self.get(group, version, plural, namespace, meta["name"])
+        if existing is None:
+            return self.create(obj)
+        patch = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata", "status")}
+        patch["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        result = self.on_loop(self.kube.merge_patch(path(group, version, plural, namespace, meta["name"]), patch))
+        return dict(result or {})
+
+    def get(self, group: str, version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = self.on_loop(self.kube.get(path(group, version, plural, namespace, name)))
+        return result
+
+    def list(self, group: str, version: str, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        result = self.on_loop(self.kube.request("GET", path(group, version, plural, namespace)))
+        return list(result.get("items", []))
+
+    def patch(
+        self, group: str, version: str, plural: str, namespace: str | None, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = self.on_loop(
+            self.kube.merge_patch(path(group, version, plural, namespace, name), patch)
+        )
+        return result
+
+    def patch_status(
+        self, group: str, version: str, plural: str, namespace: str | None, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge `status` into the object's status subresource (as a controller reports)."""
+        url = path(group, version, plural, namespace, name) + "/status"
+        result: dict[str, Any] | None = self.on_loop(self.kube.merge_patch(url, {"status": dict(status)}))
+        return result
+
+    def delete(self, group: str, version: str, plural: str, namespace: str | None, name: str) -> None:
+        self.on_loop(self.kube.delete(path(group, version, plural, namespace, name)))
+
+    def create_secret(self, name: str, data: Mapping[str, str], namespace: str | None = None) -> None:
+        self.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": name, "namespace": namespace or self.namespace},
+                "stringData": dict(data),
+                "type": "Opaque",
+            }
+        )
+
+    def wait_for(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str | None,
+        name: str,
+        condition: Callable[[dict[str, Any] | None], bool],
+        *,
+        timeout: float = 120.0,
+        interval: float = 0.5,
+    ) -> dict[str, Any] | None:
+        """Poll an object until `condition(obj)` (obj None when absent); TimeoutError with its last state."""
+        deadline = time.monotonic() + timeout
+        obj = None
+        while time.monotonic() < deadline:
+            obj = self.get(group, version, plural, namespace, name)
+            if condition(obj):
+                return obj
+            time.sleep(interval)
+        raise TimeoutError(f"{plural}/{name} did not reach the condition in {timeout:.0f}s; last seen: {obj}")
+
+    def _plural(self, group: str, kind: str) -> str:
+        for (kind_group, plural), info in self.api.kinds.items():
+            if kind_group == group and info.kind == kind:
+                return plural
+        raise KeyError(f"the API does not serve kind {kind} of group {group!r}")
+
+    def fail_api(self, *criteria: Any, times: int = 1, status: int = 503) -> None:
+        """Answer the next `times` API requests matching kmock criteria with `status`, then serve again.
+
+        E.g. `cluster.fail_api("patch", kmock.resource("kubetune.dev", "v1alpha1", "finetunejobs"), times=3)`.
+        """
+        remaining = [times]
+
+        def respond() -> Any:
+            if remaining[0] <= 0:
+                return NotImplemented  # kmock retires the reaction and serves normally again
+            remaining[0] -= 1
+            body = {
+                "apiVersion": "v1",
+                "kind": "Status",
+                "status": "Failure",
+                "code": status,
+                "message": "injected fault",
+            }
+            return rendering.Response(
+                status=status, headers={"Content-Type": "application/json"}, payload=json.dumps(body).encode()
+            )
+
+        async def install() -> None:
+            self.api[criteria] << respond
+
+        self.on_loop(install())
+
+    # --- the operator --------------------------------------------------------------------------
+
+    def start_operator(self, namespaces: tuple[str, ...] = (), **settings: Any) -> OperatorThread:
+        """Run the real operator in this process (on its own thread) against this cluster.
+
+        `settings` override fields of OperatorSettings (ports are picked free unless given).
+        """
+        self.use_env()
+        self.operator = OperatorThread(self.kubeconfig_path, namespaces, **settings)
+        self.operator.start()
+        deadline = time.monotonic() + 60
+        while not self.operator.ready.wait(0.2):
+            if not self.operator.alive or time.monotonic() > deadline:
+                raise RuntimeError(f"the operator did not get ready: {self.operator.error!r}")
+        return self.operator
+
+    def stop_operator(self, *, abrupt: bool = False) -> None:
+        if self.operator is None:
+            return
+        if abrupt:
+            self.operator.kill()
+        else:
+            self.operator.stop()
+        self.operator = None
+
+    def start_operator_process(self, *args: str, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+        """`python -m kubetune_operator` as its own process (SIGKILL it for a crash test)."""
+        log_path = log_file or self.workdir / "operator.log"
+        env = {**os.environ, **self.env(), "PYTHONUNBUFFERED": "1"}
+        with log_path.open("ab") as out:
+            self.operator_process = subprocess.Popen(
+                [sys.executable, "-m", "kubetune_operator", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self.operator_process
+
+    def stop_operator_process(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.operator_process = self.operator_process, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    # --- Ray ------------------------------------------------------------------------------------
+
+    def kill_train_worker(self, namespace: str, rayjob: str) -> int | None:
+        """SIGKILL one Ray Train worker of a RayJob's cluster; returns its pid (None if none yet)."""
+        assert self.kuberay is not None
+        ctl = self.kuberay.controller(namespace, rayjob)
+        head = ctl.run.head if ctl and ctl.run else None
+        workers = head.train_workers() if head else []
+        if not workers:
+            return None
+        os.kill(workers[0].pid, signal.SIGKILL)
+        return workers[0].pid
+
+    def driver_log(self, namespace: str, rayjob: str) -> str:
+        """The latest attempt's driver log of a RayJob (for test failure messages)."""
+        logs = sorted((self.workdir / "rayjobs" / namespace / rayjob).glob("attempt-*/driver.log"))
+        return logs[-1].read_text(errors="replace") if logs else ""
+
+
+def _group_version(api_version: str) -> tuple[str, str]:
+    group, _, version = api_version.rpartition("/")
+    return group, version
+
+
+@contextlib.contextmanager
+def devcluster(**kwargs: Any) -> Iterator[DevCluster]:
+    with DevCluster(**kwargs) as cluster:
+        yield cluster

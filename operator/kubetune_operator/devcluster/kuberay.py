@@ -1,0 +1,467 @@
+"""A local stand-in for the KubeRay operator: runs RayJobs on this machine, reports status as KubeRay does.
+
+Test and demo infrastructure, not the product. It honours the RayJob contract the kubetune operator
+relies on, following KubeRay v1.x's RayJob controller:
+
+- `jobDeploymentStatus`: "" (New) -> Initializing -> Running -> Complete | Failed; a failed run with
+  retries left (`backoffLimit`) -> Retrying -> New (a fresh cluster); `spec.suspend: true` ->
+  Suspending -> Suspended (driver killed, cluster deleted, job fields reset), and back to New on
+  resume; `activeDeadlineSeconds` -> Failed with reason DeadlineExceeded.
+- `jobStatus` PENDING -> RUNNING -> SUCCEEDED | FAILED; `startTime`, `endTime`, `failed`,
+  `succeeded`, `jobId`, `rayClusterName` ("<rayjob>-<5 chars>"), `dashboardURL` (the head
+  service's address, as KubeRay reports it), `reason`, `message`, `observedGeneration`.
+- A RayCluster object owned by the RayJob exists while the cluster runs (deleted on suspend, retry
+  and — with `shutdownAfterJobFinishes` — at the end), the finalizer
+  `ray.io/rayjob-stopjob-finalizer` makes deleting a RayJob stop its run first.
+
+The Ray cluster: one `ray start --head` per RayJob (as KubeRay starts one RayCluster per RayJob),
+with as many logical CPUs as the cluster spec asks for (head plus worker groups), no GPUs, and the
+entrypoint run through the shell with `RAY_ADDRESS` pointing at it, as `ray job submit` would. A
+cluster per job costs a few seconds but keeps jobs apart: suspending or killing one never touches
+another, and "the Ray cluster is gone" is observable (the RayCluster object, the processes). With
+`start_ray=False` the entrypoint runs without a cluster (for state-machine tests).
+
+Environment: the driver gets the head container's resolved env over this process's env (the demo
+passes credentials that way), and the Ray head gets the worker group's env on top (Train workers run
+there). See `pods` for volumes and mount-path rewriting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune_operator.devcluster.apimachinery import now_rfc3339, parse_time
+from kubetune_operator.devcluster.client import AsyncKube, path
+from kubetune_operator.devcluster.pods import PodMaterialiser, PodNotReadyError, Sandbox, container_cpus, main_container
+from kubetune_operator.devcluster.processes import LocalProcess, RayHead, venv_path_env
+
+log = logging.getLogger(__name__)
+
+FINALIZER = "ray.io/rayjob-stopjob-finalizer"
+RAYJOBS = ("ray.io", "v1", "rayjobs")
+RAYCLUSTERS = ("ray.io", "v1", "rayclusters")
+RETRY_PENDING_POD = 2.0
+
+
+def _suffix() -> str:
+    return "".join(secrets.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+
+
+@dataclass
+class Run:
+    """One attempt: its sandbox, Ray head and driver."""
+
+    sandbox: Sandbox
+    head: RayHead | None = None
+    driver: LocalProcess | None = None
+
+
+@dataclass
+class RayJobController:
+    """Reconciles one RayJob (by uid) until it is deleted."""
+
+    standin: KubeRayStandIn
+    namespace: str
+    name: str
+    uid: str
+    obj: dict[str, Any]
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    run: Run | None = None
+    attempts: int = 0
+    task: asyncio.Task[None] | None = None
+    gone: bool = False
+
+    @property
+    def kube(self) -> AsyncKube:
+        return self.standin.kube
+
+    @property
+    def url(self) -> str:
+        return path(*RAYJOBS, self.namespace, self.name)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return dict(self.obj.get("spec") or {})
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self.obj.get("status") or {})
+
+    def update(self, obj: dict[str, Any]) -> None:
+        if obj["metadata"].get("uid") == self.uid:
+            self.obj = obj
+        self.wake.set()
+
+    async def patch_status(self, changes: Mapping[str, Any]) -> None:
+        changes = {**changes, "observedGeneration": self.obj["metadata"].get("generation", 1)}
+        result = await self.kube.merge_patch(self.url + "/status", {"status": changes})
+        if result is None:
+            self.gone = True
+            return
+        self.obj = result
+        log.info(
+            "rayjob %s/%s: %s %s",
+            self.namespace,
+            self.name,
+            result.get("status", {}).get("jobDeploymentStatus"),
+            result.get("status", {}).get("jobStatus", ""),
+        )
+
+    async def sleep(self, seconds: float | None) -> None:
+        """Wait for a change of the RayJob (since the last reconcile began), the driver's exit, or `seconds`."""
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.wake.wait())]
+        if self.run and self.run.driver and self.run.driver.running:
+            waiters.append(asyncio.ensure_future(self.run.driver.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    # --- the state machine --------------------------------------------------------------------
+
+    async def reconcile_forever(self) -> None:
+        try:
+            while not self.gone:
+                # Cleared before reading the state, so a change during a reconcile is never missed.
+                self.wake.clear()
+                wait = await self.reconcile()
+                if self.gone:
+                    break
+                if wait != 0:
+                    await self.sleep(wait)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("rayjob %s/%s: the stand-in failed", self.namespace, self.name)
+        finally:
+            await self.stop_run()
+
+    def _deadline_passed(self) -> bool:
+        deadline = self.spec.get("activeDeadlineSeconds")
+        start = parse_time(self.status.get("startTime") or "")
+        return bool(deadline and start and time.time() - start.timestamp() > float(deadline))
+
+    async def reconcile(self) -> float | None:
+        """One step; returns how long to wait before the next (None: until something changes)."""
+        meta = self.obj["metadata"]
+        if meta.get("deletionTimestamp"):
+            await self.stop_run()
+            finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+            await self.kube.merge_patch(self.url, {"metadata": {"finalizers": finalizers or None}})
+            self.gone = True
+            return None
+        status = self.status
+        deployment = status.get("jobDeploymentStatus") or ""
+        suspend = bool(self.spec.get("suspend"))
+
+        if deployment in ("", "New"):
+            if FINALIZER not in (meta.get("finalizers") or []):
+                patched = await self.kube.merge_patch(
+                    self.url, {"metadata": {"finalizers": [*(meta.get("finalizers") or []), FINALIZER]}}
+                )
+                if patched is None:
+                    self.gone = True
+                    return None
+                self.obj = patched
+            cluster = f"{self.name}-{_suffix()}"
+            await self.patch_status(
+                {
+                    "jobDeploymentStatus": "Initializing",
+                    "jobId": self.spec.get("jobId") or f"{self.name}-{_suffix()}",
+                    "rayClusterName": cluster,
+                    "startTime": status.get("startTime") or now_rfc3339(),
+                    "failed": status.get("failed", 0),
+                    "succeeded": status.get("succeeded", 0),
+                }
+            )
+            return 0
+
+        if deployment == "Initializing":
+            if suspend:
+                await self.patch_status({"jobDeploymentStatus": "Suspending"})
+                return 0
+            if self._deadline_passed():
+                return await self.fail_deadline()
+            try:
+                await self.start_run()
+            except PodNotReadyError as exc:
+                log.warning("rayjob %s/%s: pods not ready: %s", self.namespace, self.name, exc)
+                return RETRY_PENDING_POD
+            await self.patch_status(
+                {
+                    "jobDeploymentStatus": "Running",
+                    "jobStatus": "RUNNING",
+                    "dashboardURL": f"{status.get('rayClusterName')}-head-svc.{self.namespace}.svc.cluster.local:8265",
+                    "rayJobInfo": {"startTime": now_rfc3339()},
+                }
+            )
+            return 0
+
+        if deployment == "Running":
+            if suspend:
+                await self.patch_status({"jobDeploymentStatus": "Suspending"})
+                return 0
+            if self._deadline_passed():
+                return await self.fail_deadline()
+            if self.run is None or self.run.driver is None:
+                # The stand-in restarted (or lost the run): resubmit, as KubeRay's HTTP mode does.
+                try:
+                    await self.start_run()
+                except PodNotReadyError:
+                    return RETRY_PENDING_POD
+            driver = self.run.driver if self.run else None
+            if driver is None or driver.running:
+                deadline = self.spec.get("activeDeadlineSeconds")
+                return 1.0 if deadline else None
+            code = await driver.wait()
+            return await self.finish(code)
+
+        if deployment in ("Suspending", "Retrying"):
+            await self.stop_run()
+            await self.patch_status(
+                {
+                    "jobDeploymentStatus": "Suspended" if deployment == "Suspending" else "New",
+                    "jobStatus": "",
+                    "rayClusterName": "",
+                    "dashboardURL": "",
+                    "jobId": "",
+                    "message": "",
+                    "reason": "",
+                    "rayJobInfo": None,
+                }
+            )
+            return 0
+
+        if deployment == "Suspended":
+            if not suspend:
+                await self.patch_status({"jobDeploymentStatus": "New", "jobStatus": ""})
+                return 0
+            return None
+
+        if deployment in ("Complete", "Failed"):
+            if self.run is not None and self.spec.get("shutdownAfterJobFinishes"):
+                ttl = float(self.spec.get("ttlSecondsAfterFinished") or 0)
+                end = parse_time(status.get("endTime") or "")
+                left = ttl - (time.time() - end.timestamp()) if end else 0
+                if left > 0:
+                    return left
+                await self.stop_run()
+            return None
+        log.warning("rayjob %s/%s: unknown jobDeploymentStatus %r", self.namespace, self.name, deployment)
+        return None
+
+    async def finish(self, code: int) -> float:
+        status = self.status
+        now = now_rfc3339()
+        if code == 0:
+            await self.patch_status(
+                {
+                    "jobDeploymentStatus": "Complete",
+                    "jobStatus": "SUCCEEDED",
+                    "succeeded": int(status.get("succeeded") or 0) + 1,
+                    "endTime": now,
+                    "message": "Job finished successfully.",
+                    "rayJobInfo": {**(status.get("rayJobInfo") or {}), "endTime": now},
+                }
+            )
+            return 0
+        failed = int(status.get("failed") or 0) + 1
+        tail = self.run.driver.log_tail(5) if self.run and self.run.driver else ""
+        message = f"Job entrypoint command failed with exit code {code}, last available logs:\n{tail}"
+        if failed < int(self.spec.get("backoffLimit") or 0) + 1:
+            await self.patch_status({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "failed": failed})
+            return 0
+        await self.patch_status(
+            {
+                "jobDeploymentStatus": "Failed",
+                "jobStatus": "FAILED",
+                "failed": failed,
+                "reason": "AppFailed",
+                "message": message[-2000:],
+                "endTime": now,
+                "rayJobInfo": {**(status.get("rayJobInfo") or {}), "endTime": now},
+            }
+        )
+        return 0
+
+    async def fail_deadline(self) -> float:
+        await self.stop_run()
+        await self.patch_status(
+            {
+                "jobDeploymentStatus": "Failed",
+                "reason": "DeadlineExceeded",
+                "message": (
+                    f"The RayJob has passed the activeDeadlineSeconds. StartTime: {self.status.get('startTime')}. "
+                    f"ActiveDeadlineSeconds: {self.spec.get('activeDeadlineSeconds')}"
+                ),
+                "endTime": now_rfc3339(),
+            }
+        )
+        return 0
+
+    # --- the run: cluster and driver ----------------------------------------------------------
+
+    async def start_run(self) -> None:
+        await self.stop_run()
+        self.attempts += 1
+        cluster_spec = dict(self.spec.get("rayClusterSpec") or {})
+        head_group = dict(cluster_spec.get("headGroupSpec") or {})
+        head_template = dict(head_group.get("template") or {})
+        head_container = main_container(head_template)
+        workdir = self.standin.workdir / self.namespace / self.name / f"attempt-{self.attempts}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        sandbox = Sandbox(workdir)
+        pod_name = f"{self.status.get('rayClusterName') or self.name}-head-{_suffix()}"
+        head_pod = PodMaterialiser(self.kube, self.namespace, pod_name, sandbox)
+        await head_pod.volumes(head_template, head_container)
+        workers = [dict(g) for g in cluster_spec.get("workerGroupSpecs") or []]
+        worker_env: dict[str, str] = {}
+        num_cpus = container_cpus(head_container, head_group.get("rayStartParams") or {})
+        for group in workers:
+            template = dict(group.get("template") or {})
+            container = main_container(template)
+            worker_pod = PodMaterialiser(self.kube, self.namespace, f"{self.name}-worker-{_suffix()}", sandbox)
+            await worker_pod.volumes(template, container)
+            worker_env.update(await worker_pod.env(container))
+            replicas = int(group.get("replicas", group.get("minReplicas", 1)) or 0)
+            num_cpus += replicas * container_cpus(container, group.get("rayStartParams") or {})
+        head_pod.rewrite_files()
+        head_env = await head_pod.env(head_container)
+        base = dict(os.environ) if self.standin.inherit_env else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        base.pop("RAY_ADDRESS", None)
+        runtime_env = yaml.safe_load(self.spec.get("runtimeEnvYAML") or "") or {}
+        driver_env = {**base, **head_env, **{k: str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}}
+        run = Run(sandbox)
+        self.run = run
+        if self.standin.start_ray:
+            run.head = RayHead({**base, **head_env, **worker_env}, workdir, num_cpus=num_cpus)
+            await run.head.start()
+            try:
+                await run.head.wait_ready()
+            except RuntimeError as exc:  # a head pod in CrashLoopBackOff: try again later
+                raise PodNotReadyError(str(exc)) from exc
+            driver_env["RAY_ADDRESS"] = run.head.address
+        await self.ensure_raycluster(cluster_spec, num_cpus)
+        entrypoint = sandbox.rewrite(str(self.spec.get("entrypoint") or "true"))
+        run.driver = LocalProcess(
+            ["/bin/sh", "-c", entrypoint], venv_path_env(driver_env), workdir / "work", workdir / "driver.log"
+        )
+        await run.driver.start()
+        log.info("rayjob %s/%s: driver pid %s runs %r", self.namespace, self.name, run.driver.pid, entrypoint)
+
+    async def ensure_raycluster(self, cluster_spec: Mapping[str, Any], num_cpus: int) -> None:
+        name = self.status.get("rayClusterName")
+        if not name:
+            return
+        body = {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCluster",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": self.name},
+                "ownerReferences": [
+                    {
+                        "apiVersion": "ray.io/v1",
+                        "kind": "RayJob",
+                        "name": self.name,
+                        "uid": self.uid,
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "spec": dict(cluster_spec),
+        }
+        url = path(*RAYCLUSTERS, self.namespace)
+        await self.kube.create(url, body)
+        workers = sum(int(g.get("replicas", 1) or 0) for g in cluster_spec.get("workerGroupSpecs") or [])
+        await self.kube.merge_patch(
+            path(*RAYCLUSTERS, self.namespace, name) + "/status",
+            {
+                "status": {
+                    "state": "ready",
+                    "desiredWorkerReplicas": workers,
+                    "readyWorkerReplicas": workers,
+                    "availableWorkerReplicas": workers,
+                    "desiredCPU": str(num_cpus),
+                    "head": {"podIP": "127.0.0.1", "serviceIP": "127.0.0.1"},
+                }
+            },
+        )
+
+    async def stop_run(self) -> None:
+        run, self.run = self.run, None
+        if run is None:
+            return
+        if run.driver is not None:
+            await run.driver.stop()
+        if run.head is not None:
+            await run.head.stop()
+        name = self.status.get("rayClusterName")
+        if name and not self.gone:
+            with contextlib.suppress(Exception):
+                await self.kube.delete(path(*RAYCLUSTERS, self.namespace, name))
+
+
+class KubeRayStandIn:
+    """Watches RayJobs through the API and runs a controller per RayJob."""
+
+    def __init__(self, api_url: str, workdir: Path, *, start_ray: bool = True, inherit_env: bool = True) -> None:
+        self.kube = AsyncKube(api_url)
+        self.workdir = workdir
+        self.start_ray = start_ray
+        self.inherit_env = inherit_env
+        self.controllers: dict[str, RayJobController] = {}
+
+    def controller(self, namespace: str, name: str) -> RayJobController | None:
+        for ctl in self.controllers.values():
+            if (ctl.namespace, ctl.name) == (namespace, name) and not ctl.gone:
+                return ctl
+        return None
+
+    async def run(self) -> None:
+        try:
+            async for event_type, obj in self.kube.watch(path(*RAYJOBS)):
+                self._dispatch(event_type, obj)
+        finally:
+            await self.close()
+
+    def _dispatch(self, event_type: str, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        uid = meta["uid"]
+        ctl = self.controllers.get(uid)
+        if event_type == "DELETED":
+            if ctl is not None:
+                ctl.gone = True
+                if ctl.task is not None:
+                    ctl.task.cancel()
+                self.controllers.pop(uid, None)
+            return
+        if ctl is None:
+            ctl = RayJobController(self, meta["namespace"], meta["name"], uid, obj)
+            self.controllers[uid] = ctl
+            ctl.task = asyncio.create_task(ctl.reconcile_forever(), name=f"rayjob-{meta['name']}")
+        else:
+            ctl.update(obj)
+
+    async def close(self) -> None:
+        tasks = [ctl.task for ctl in self.controllers.values() if ctl.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.controllers.clear()
+        await self.kube.close()

@@ -1,0 +1,189 @@
+"""S3 on 127.0.0.1: moto's server, behind a small proxy that can inject faults.
+
+Clients get the proxy's URL. The proxy forwards every request unchanged unless a fault is active:
+`fail_for(seconds, status)` answers S3 errors (503 SlowDown by default, which clients retry),
+`drop_for(seconds)` cuts connections without an answer (the endpoint "disappears"), and
+`deny(prefix)` answers AccessDenied for keys under an s3:// prefix until `clear()`. Each fault can
+be limited to some methods (e.g. only PUTs, i.e. checkpoint writes).
+
+moto keeps its buckets in process-global state: servers started in one process share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+import aiohttp.web
+from moto.server import ThreadedMotoServer
+
+from kubetune_operator.devcluster.processes import free_port
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length", "host"}
+DEMO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetune-demo", "AWS_SECRET_ACCESS_KEY": "kubetune-demo-secret"}
+
+
+@dataclass
+class Fault:
+    kind: str  # "fail" | "drop" | "deny"
+    until: float | None = None
+    status: int = 503
+    code: str = "SlowDown"
+    prefix: str | None = None  # "bucket/key-prefix" for deny
+    methods: frozenset[str] | None = None
+    hits: int = 0
+
+    def applies(self, method: str, bucket_key: str, now: float) -> bool:
+        if self.until is not None and now >= self.until:
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.prefix is None or bucket_key.startswith(self.prefix)
+
+
+@dataclass
+class FaultyS3Proxy:
+    """An HTTP proxy in front of an S3 endpoint, with switchable faults."""
+
+    upstream: str
+    faults: list[Fault] = field(default_factory=list)
+    requests: int = 0
+    _session: aiohttp.ClientSession | None = None
+    _runner: aiohttp.web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- fault switches (thread-safe enough: each is one list operation) ---------------------
+
+    def fail_for(self, seconds: float, status: int = 503, *, methods: Iterable[str] | None = None) -> Fault:
+        code = {503: "SlowDown", 500: "InternalError", 403: "AccessDenied"}.get(status, "ServiceUnavailable")
+        fault = Fault("fail", time.monotonic() + seconds, status, code, methods=_methods(methods))
+        self.faults.append(fault)
+        return fault
+
+    def drop_for(self, seconds: float, *, methods: Iterable[str] | None = None) -> Fault:
+        fault = Fault("drop", time.monotonic() + seconds, methods=_methods(methods))
+        self.faults.append(fault)
+        return fault
+
+    def deny(self, s3_prefix: str, *, methods: Iterable[str] | None = None) -> Fault:
+        prefix = s3_prefix.removeprefix("s3://")
+        fault = Fault("deny", None, 403, "AccessDenied", prefix=prefix, methods=_methods(methods))
+        self.faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        self.faults.clear()
+
+    # --- serving -----------------------------------------------------------------------------
+
+    async def start(self, port: int = 0) -> None:
+        app = aiohttp.web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = aiohttp.web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", port or free_port())
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        self.requests += 1
+        body = await request.read()
+        bucket_key = request.path.lstrip("/")
+        now = time.monotonic()
+        for fault in list(self.faults):
+            if fault.applies(request.method, bucket_key, now):
+                fault.hits += 1
+                if fault.kind == "drop":
+                    if request.transport is not None:
+                        request.transport.abort()  # the client sees the connection reset, no answer
+                    return aiohttp.web.Response(status=503)
+                return _s3_error(fault.status, fault.code, bucket_key)
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["Host"] = request.host
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
+        ) as upstream:
+            payload = await upstream.read()
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            response = aiohttp.web.Response(status=upstream.status, headers=out_headers, body=payload)
+            if request.method == "HEAD" and "Content-Length" in upstream.headers:
+                # A HEAD answer carries the object's length but no body.
+                response = aiohttp.web.Response(status=upstream.status, headers=out_headers)
+                response.headers["Content-Length"] = upstream.headers["Content-Length"]
+            return response
+
+
+def _methods(methods: Iterable[str] | None) -> frozenset[str] | None:
+    return frozenset(m.upper() for m in methods) if methods is not None else None
+
+
+def _s3_error(status: int, code: str, resource: str) -> aiohttp.web.Response:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>Injected fault: {code}</Message>"
+        f"<Resource>/{resource}</Resource><RequestId>{uuid.uuid4().hex[:16]}</RequestId></Error>"
+    )
+    return aiohttp.web.Response(status=status, text=body, content_type="application/xml")
+
+
+class MotoS3:
+    """moto's S3 server on a free port of 127.0.0.1 (a thread of this process)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per S3 call otherwise
+        self._server.start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._server.stop()
+
+
+def s3_client(endpoint: str, region: str = "us-east-1"):  # type: ignore[no-untyped-def]
+    """A boto3 S3 client for the embedded S3 (path-style, the demo's credentials)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=DEMO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=DEMO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"}),
+    )
+
+
+def ensure_bucket(client, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    except client.exceptions.BucketAlreadyExists:
+        pass

@@ -1,0 +1,89 @@
+"""The kopf handlers: each turns kopf's arguments into plain data and calls one step in `reconcile`.
+
+`register(registry)` puts them on a registry (main.py's, or a test's), so handlers are never registered
+twice by importing this module. The shared `Runtime` reaches them as `memo.runtime`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import kopf
+
+from kubetune_operator import reconcile
+from kubetune_operator.builders import MANAGED_BY, MANAGED_BY_LABEL
+from kubetune_operator.kube import RAY_GROUP, RAY_PLURAL, RAY_VERSION
+from kubetune_operator.reconcile import Runtime
+from kubetune_operator.spec import GROUP, PLURAL, VERSION
+
+FINETUNEJOBS = (GROUP, VERSION, PLURAL)
+RAYJOBS = (RAY_GROUP, RAY_VERSION, RAY_PLURAL)
+
+
+def plain(value: Any) -> Any:
+    """kopf's read-only body views as plain dicts and lists, which the strict spec models accept."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def runtime_of(memo: Any) -> Runtime:
+    runtime: Runtime = memo["runtime"]
+    return runtime
+
+
+Handler = Callable[..., Awaitable[None]]
+
+
+def _counted(name: str) -> Callable[[Handler], Handler]:
+    """Report a handler's failures to the hooks (reconcile-error metrics), then let kopf handle them."""
+
+    def wrap(fn: Handler) -> Handler:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, memo: Any, **kwargs: Any) -> None:
+            try:
+                await fn(*args, memo=memo, **kwargs)
+            except Exception:
+                runtime_of(memo).hooks.failed(name)
+                raise
+
+        return wrapper
+
+    return wrap
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Put every FineTuneJob and RayJob handler on `registry`."""
+
+    @kopf.on.startup(registry=registry)
+    async def check_kuberay(memo: kopf.Memo, **_: Any) -> None:
+        await reconcile.check_kuberay(runtime_of(memo))
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_timers(memo: kopf.Memo, **_: Any) -> None:
+        await runtime_of(memo).expiry.close()
+
+    @kopf.on.resume(*FINETUNEJOBS, registry=registry)
+    @kopf.on.create(*FINETUNEJOBS, registry=registry)
+    @_counted("launch")
+    async def launch(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
+        await reconcile.launch(runtime_of(memo), plain(body), retry=retry)
+
+    @kopf.on.update(*FINETUNEJOBS, registry=registry)
+    @_counted("spec_change")
+    async def spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) -> None:
+        await reconcile.apply_spec_change(runtime_of(memo), plain(body), plain(list(diff)))
+
+    @kopf.on.event(*FINETUNEJOBS, registry=registry)
+    @_counted("job_event")
+    async def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await reconcile.observe_job(runtime_of(memo), type, plain(body))
+
+    @kopf.on.event(*RAYJOBS, labels={MANAGED_BY_LABEL: MANAGED_BY}, registry=registry)
+    @_counted("rayjob_event")
+    async def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await reconcile.follow_rayjob(runtime_of(memo), plain(body), deleted=type == "DELETED")

@@ -1,0 +1,221 @@
+"""Every Kubernetes API call the operator makes itself (kopf's own watching and patching aside).
+
+One small async client over the official `kubernetes` library (its blocking calls run in threads), so
+the RBAC the operator needs is read off this file: FineTuneJobs get/delete, their status patch; RayJobs
+get/create/patch; ServiceAccounts and ConfigMaps get/create; Secrets get; API discovery of ray.io/v1.
+Events go through kopf (`kopf.event`), which creates core/v1 Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import kopf
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_operator.builders import RAYJOB_API_VERSION, RAYJOB_KIND
+from kubetune_operator.lifecycle import Event
+from kubetune_operator.spec import GROUP, PLURAL, VERSION
+
+logger = logging.getLogger(__name__)
+
+RAY_GROUP, RAY_VERSION = RAYJOB_API_VERSION.split("/")
+RAY_PLURAL = "rayjobs"
+# Calls that failed for a reason that usually passes (API server busy or restarting) are tried again.
+RETRY_DELAYS = (0.5, 2.0)
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class KubeRayMissingError(Exception):
+    """The ray.io/v1 RayJob API does not exist in this cluster: KubeRay is not installed."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ApiException):
+        return exc.status in TRANSIENT_STATUSES or exc.status == 0
+    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+
+
+class Kube:
+    """The operator's Kubernetes client; every method is safe to call again with the same arguments."""
+
+    def __init__(self, api_client: client.ApiClient, *, threads: int = 16) -> None:
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        # Threads of its own: slow S3 checks or other blocking work never queue the API calls.
+        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kubetune-kube")
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In-cluster ServiceAccount credentials, else the kubeconfig (as kubectl finds it)."""
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+        return cls(client.ApiClient(configuration))
+
+    @classmethod
+    def for_server(cls, url: str) -> Kube:
+        """A client of an unauthenticated API server at `url` (tests, local emulators)."""
+        configuration = client.Configuration()
+        configuration.host = url.rstrip("/")
+        return cls(client.ApiClient(configuration))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.api_client.close()
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Run one blocking API call in a thread; the decoded JSON answer."""
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                call = functools.partial(fn, *args, _preload_content=False, **kwargs)
+                response = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            except Exception as exc:
+                if delay is None or not is_transient(exc):
+                    raise
+                logger.debug("Kubernetes API call %s failed (%s); retrying in %.1fs", fn.__name__, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            data = response.data
+            decoded: dict[str, Any] = json.loads(data) if data else {}
+            return decoded
+        raise AssertionError("unreachable")
+
+    async def _read_or_none(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+        try:
+            return await self._call(fn, *args)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    # -- FineTuneJobs ------------------------------------------------------------------------------------
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read_or_none(
+            self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+        )
+
+    async def patch_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """Merge `status` into the job's status subresource (lists, e.g. conditions, are replaced whole)."""
+        body = {"status": dict(status)}
+        await self._call(
+            self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name, body
+        )
+
+    async def delete_job(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete the job if it is still the one with `uid` (not a namesake created since); whether it was."""
+        options = {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
+        try:
+            await self._call(
+                self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, body=options
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    # -- the job's children ------------------------------------------------------------------------------
+
+    async def kuberay_installed(self) -> bool:
+        """Whether the API server serves ray.io/v1 rayjobs (discovery; needs no RBAC)."""
+        try:
+            found = await self._call(self.custom.get_api_resources, RAY_GROUP, RAY_VERSION)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(item.get("name") == RAY_PLURAL for item in found.get("resources") or [])
+
+    async def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read_or_none(
+            self.custom.get_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name
+        )
+
+    async def set_rayjob_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        body = {"spec": {"suspend": suspend}}
+        await self._call(
+            self.custom.patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name, body
+        )
+
+    async def ensure(self, obj: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Get-or-create `obj` by its name: (the object in the cluster, whether this call created it).
+
+        An existing object is returned as it is, never updated, so running this twice (or after another
+        replica) creates nothing new; a create that loses a race (409) reads the winner.
+        """
+        kind = (obj["apiVersion"], obj["kind"])
+        namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        read, create = self._accessors(kind)
+        existing = await self._read_or_none(read, namespace, name)
+        if existing is not None:
+            return existing, False
+        try:
+            return await self._call(create, namespace, dict(obj)), True
+        except ApiException as exc:
+            if exc.status == 409:
+                again = await self._read_or_none(read, namespace, name)
+                if again is not None:
+                    return again, False
+            if exc.status == 404 and kind == (RAYJOB_API_VERSION, RAYJOB_KIND):
+                raise KubeRayMissingError(f"{RAYJOB_API_VERSION} {RAY_PLURAL} is not served by this cluster") from exc
+            raise
+
+    def _accessors(self, kind: tuple[str, str]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """(read(namespace, name), create(namespace, body)) for a kind the operator creates."""
+        core, custom = self.core, self.custom
+        if kind == ("v1", "ServiceAccount"):
+            return (
+                lambda ns, name, **kw: core.read_namespaced_service_account(name, ns, **kw),
+                core.create_namespaced_service_account,
+            )
+        if kind == ("v1", "ConfigMap"):
+            return (
+                lambda ns, name, **kw: core.read_namespaced_config_map(name, ns, **kw),
+                core.create_namespaced_config_map,
+            )
+        if kind == (RAYJOB_API_VERSION, RAYJOB_KIND):
+            return (
+                lambda ns, name, **kw: custom.get_namespaced_custom_object(
+                    RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name, **kw
+                ),
+                lambda ns, body, **kw: custom.create_namespaced_custom_object(
+                    RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, body, **kw
+                ),
+            )
+        raise ValueError(f"the operator does not create {kind[1]} ({kind[0]}) objects")
+
+    # -- Secrets and Events ------------------------------------------------------------------------------
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's data, decoded; None when there is no such Secret. Never logged."""
+        secret = await self._read_or_none(self.core.read_namespaced_secret, name, namespace)
+        if secret is None:
+            return None
+        decoded: dict[str, str] = {}
+        for key, value in (secret.get("data") or {}).items():
+            try:
+                decoded[key] = base64.b64decode(value).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                continue  # not text: cannot be a credential
+        return decoded
+
+    def post_event(self, job: Mapping[str, Any], event: Event) -> None:
+        """An Event on `job` (kopf posts it in the background; needs the operator's context)."""
+        kopf.event(
+            kopf.Body(cast(kopf.RawBody, dict(job))), type=event.type, reason=event.reason, message=event.message
+        )

@@ -1,0 +1,195 @@
+"""`python -m kubetune_operator`: run the operator against the cluster kubectl would talk to.
+
+With no arguments it logs in like kubectl (in-cluster ServiceAccount, else the kubeconfig) and serves
+FineTuneJobs in every namespace; `--namespace` (repeatable) or KUBETUNE_NAMESPACES narrows that. kopf
+serves a liveness endpoint (`--liveness`). The test harness (tests/operator/conftest.py) builds the
+operator from the same `build_registry`, `build_runtime` and `kopf_settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+
+import kopf
+from kubernetes.config import ConfigException
+
+from kubetune_operator import handlers, metrics, progress
+from kubetune_operator.hooks import Hooks
+from kubetune_operator.kube import Kube
+from kubetune_operator.reconcile import Runtime
+from kubetune_operator.settings import OperatorSettings, package_version, parse_namespaces
+
+logger = logging.getLogger("kubetune_operator")
+
+DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+# kopf accepts either kind of event to stop the operator or to say it is ready.
+Flag = asyncio.Event | threading.Event
+LoginFn = Callable[..., kopf.ConnectionInfo | None]
+ANNOTATION_PREFIX = "kubetune.dev"
+
+
+def build_registry(login: LoginFn = kopf.login_via_client) -> kopf.OperatorRegistry:
+    """Every handler the operator runs, on a registry of its own.
+
+    `login` gives kopf its credentials: by default those of the official client, i.e. in-cluster
+    ServiceAccount, else the kubeconfig (a fresh registry has none of kopf's implicit login handlers).
+    """
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(login)
+    handlers.register(registry)
+    metrics.register(registry)
+    progress.register(registry)
+    return registry
+
+
+def build_runtime(settings: OperatorSettings, kube: Kube, hooks: Hooks | None = None) -> Runtime:
+    """What the handlers share; the hooks keep the Prometheus metrics in step with every job."""
+    hooks = hooks or Hooks()
+    metrics.install_hooks(hooks)
+    return Runtime(settings=settings, kube=kube, hooks=hooks)
+
+
+def kopf_settings() -> kopf.OperatorSettings:
+    """kopf's settings for this operator (tests shorten the timeouts of a copy)."""
+    settings = kopf.OperatorSettings()
+    # kopf keeps its bookkeeping in annotations under our prefix; the CRD's structural status schema
+    # would prune a status.kopf stanza.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    # The Events people read come from lifecycle; kopf adds only its handler errors.
+    settings.posting.level = logging.ERROR
+    settings.posting.reporting_component = "kubetune-operator"
+    settings.posting.reporting_instance = socket.gethostname()
+    settings.posting.event_name_prefix = "kubetune-"
+    # Watches are re-established regularly, so a silently dropped connection never stalls the operator.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    return settings
+
+
+async def run_operator(
+    runtime: Runtime,
+    *,
+    registry: kopf.OperatorRegistry,
+    settings: kopf.OperatorSettings,
+    liveness_endpoint: str | None = None,
+    peering_name: str | None = None,
+    stop_flag: Flag | None = None,
+    ready_flag: Flag | None = None,
+) -> None:
+    """Run kopf with our handlers until `stop_flag` is set (or forever)."""
+    namespaces = list(runtime.settings.namespaces)
+    await kopf.operator(
+        registry=registry,
+        settings=settings,
+        memo=kopf.Memo(runtime=runtime),
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=liveness_endpoint or None,
+        # One replica (the chart's Deployment uses Recreate); peering only when asked for by name.
+        standalone=peering_name is None,
+        peering_name=peering_name,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune_operator",
+        description="The kubetune operator: runs FineTuneJobs as KubeRay RayJobs.",
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="serve FineTuneJobs in this namespace only (repeatable; default: KUBETUNE_NAMESPACES, else all)",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=os.environ.get("KUBETUNE_LIVENESS_URL", DEFAULT_LIVENESS),
+        help=f"liveness endpoint URL kopf serves, '' for none (default: {DEFAULT_LIVENESS})",
+    )
+    parser.add_argument("--standalone", action="store_true", help="run without kopf peering (the default)")
+    parser.add_argument("--peering", metavar="NAME", help="coordinate with other replicas via kopf's peering NAME")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: KUBETUNE_LOG_LEVEL, else INFO)")
+    return parser.parse_args(argv)
+
+
+def configure_logging(level: str) -> None:
+    kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
+    logging.getLogger().setLevel(level.upper())
+
+
+async def serve(
+    settings: OperatorSettings | None = None,
+    *,
+    kube: Kube | None = None,
+    hooks: Hooks | None = None,
+    liveness_endpoint: str | None = None,
+    peering_name: str | None = None,
+    stop_flag: Flag | None = None,
+    ready_flag: Flag | None = None,
+) -> None:
+    """The whole operator, in the running event loop, until `stop_flag` is set.
+
+    For embedding (the demo, end-to-end tests): `settings` default to the environment's and `kube` to
+    the kubeconfig/in-cluster login, exactly as `python -m kubetune_operator` does.
+    """
+    settings = settings or OperatorSettings.from_env()
+    own_kube = kube is None
+    kube = kube or Kube.from_environment()
+    logger.info(
+        "kubetune operator %s: serving FineTuneJobs in %s; trainer image %s; progress endpoint %s",
+        package_version(),
+        ", ".join(settings.namespaces) or "all namespaces",
+        settings.trainer_image,
+        settings.progress_base_url or "none",
+    )
+    try:
+        await run_operator(
+            build_runtime(settings, kube, hooks),
+            registry=build_registry(),
+            settings=kopf_settings(),
+            liveness_endpoint=liveness_endpoint,
+            peering_name=peering_name,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        if own_kube:
+            kube.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = OperatorSettings.from_env()
+    if args.namespace:
+        settings = dataclasses.replace(settings, namespaces=parse_namespaces(",".join(args.namespace)))
+    configure_logging(args.log_level or settings.log_level)
+    try:
+        kube = Kube.from_environment()
+    except ConfigException as exc:
+        logger.error(
+            "No Kubernetes credentials: not in a cluster, and no usable kubeconfig ($KUBECONFIG or ~/.kube/config): %s",
+            exc,
+        )
+        return 1
+    # kopf stops gracefully on SIGTERM/SIGINT; a second Ctrl-C lands here.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings, kube=kube, liveness_endpoint=args.liveness, peering_name=args.peering))
+    kube.close()
+    return 0

@@ -1,0 +1,373 @@
+"""Prometheus metrics of the operator: families, their pure updates, and the scrape endpoint.
+
+Every family is prefixed `kubetune_` and in base units. Labels stay bounded: `namespace`/`name` only on
+per-job gauges, which are removed when the job is deleted; phases, outcomes, handlers and results are
+fixed sets. Times are gauge values (`*_timestamp_seconds`), never labels.
+
+The update methods take the same status and progress dicts the operator writes to the FineTuneJob, so
+handlers call one method per change and tests drive them without Kubernetes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import kopf
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
+
+from kubetune_operator.handlers import runtime_of
+from kubetune_operator.hooks import Hooks
+from kubetune_operator.spec import PHASES, TERMINAL_PHASES
+
+OUTCOMES = ("Succeeded", "Failed")
+PROGRESS_RESULTS = ("accepted", "stale", "rejected", "throttled", "error")
+JOB_LABELS = ("namespace", "name")
+RUNNING_OR_DONE = ("Running", *TERMINAL_PHASES)
+
+# Waiting for GPUs (or a Kueue admission) takes seconds to hours; runs take minutes to days.
+QUEUE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
+# `*_created` series double the exposition and no dashboard or alert reads them.
+disable_created_metrics()
+
+DURATION_BUCKETS = (60, 300, 600, 1800, 3600, 7200, 14400, 28800, 57600, 86400, 172800, 345600, 604800)
+
+
+def parse_time(value: Any) -> float | None:
+    """Seconds since the epoch of a Kubernetes timestamp (RFC 3339), or None when absent or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+@dataclass
+class _JobState:
+    """What this process has seen of one job, so each transition is counted once."""
+
+    namespace: str
+    phase: str | None = None
+    restarts: int | None = None
+    queue_observed: bool = False
+    finish_observed: bool = False
+    last_alive: float = 0.0
+
+
+class OperatorMetrics:
+    """All kubetune_ families in one registry, and the state needed to update them from status dicts."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        process_collectors: bool = True,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        # Jobs that finished before this process started were counted by its predecessor, whose counters
+        # Prometheus has already seen reset; counting them again would show completions that never were.
+        self._started_at = clock()
+        self._jobs: dict[tuple[str, str], _JobState] = {}
+        self._namespaces: set[str] = set()
+        self._lock = threading.Lock()
+        r = self.registry
+        if process_collectors:
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                r.register(collector)
+
+        self.build_info = Info("kubetune_build", "Version of the running kubetune operator.", registry=r)
+        self.build_info.info({"version": _version(), "python_version": platform.python_version()})
+
+        self.jobs = Gauge("kubetune_jobs", "FineTuneJobs by phase.", ["namespace", "phase"], registry=r)
+        self.job_phase = Gauge(
+            "kubetune_job_phase", "1 for the current phase of each FineTuneJob.", [*JOB_LABELS, "phase"], registry=r
+        )
+        self.job_created = Gauge(
+            "kubetune_job_created_timestamp_seconds", "When the FineTuneJob was created.", JOB_LABELS, registry=r
+        )
+        self.job_progress = Gauge(
+            "kubetune_job_progress_ratio", "Fraction of the run's training steps done (0 to 1).", JOB_LABELS, registry=r
+        )
+        self.job_epoch = Gauge("kubetune_job_epoch", "Current epoch of the run (1-based).", JOB_LABELS, registry=r)
+        self.job_train_loss = Gauge(
+            "kubetune_job_train_loss", "Latest training loss reported by the run.", JOB_LABELS, registry=r
+        )
+        self.job_val_loss = Gauge(
+            "kubetune_job_validation_loss", "Latest validation loss reported by the run.", JOB_LABELS, registry=r
+        )
+        self.job_val_accuracy = Gauge(
+            "kubetune_job_validation_accuracy_ratio",
+            "Latest validation accuracy (0 to 1) reported by the run.",
+            JOB_LABELS,
+            registry=r,
+        )
+        self.job_images_per_second = Gauge(
+            "kubetune_job_images_per_second", "Training throughput of the whole run.", JOB_LABELS, registry=r
+        )
+        self.job_eta = Gauge(
+            "kubetune_job_eta_seconds", "Estimated time until the run finishes training.", JOB_LABELS, registry=r
+        )
+        self.job_last_progress = Gauge(
+            "kubetune_job_last_progress_timestamp_seconds",
+            "When the run last proved it is alive: its latest progress update, or the start of the run.",
+            JOB_LABELS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "kubetune_job_queue_duration_seconds",
+            "Time from creating a FineTuneJob until its run is Running.",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.run_duration = Histogram(
+            "kubetune_job_run_duration_seconds",
+            "Time from a run starting until it finished, by outcome.",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.completed = Counter(
+            "kubetune_jobs_completed", "FineTuneJobs that finished, by outcome.", ["namespace", "outcome"], registry=r
+        )
+        self.restarts = Counter(
+            "kubetune_job_restarts",
+            "Restarts of FineTuneJob runs (worker or cluster retries).",
+            ["namespace"],
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "kubetune_reconcile_errors", "Errors raised by operator handlers, by handler.", ["handler"], registry=r
+        )
+        self.progress_updates = Counter(
+            "kubetune_progress_updates",
+            "Progress updates received from trainers, by result and HTTP status code.",
+            ["result", "code"],
+            registry=r,
+        )
+        self._per_job = (
+            self.job_created,
+            self.job_progress,
+            self.job_epoch,
+            self.job_train_loss,
+            self.job_val_loss,
+            self.job_val_accuracy,
+            self.job_images_per_second,
+            self.job_eta,
+            self.job_last_progress,
+        )
+        # Series that exist from the start, so rate() and increase() see the first event too.
+        for outcome in OUTCOMES:
+            self.run_duration.labels(outcome)
+        for result, code in (("accepted", 200), ("stale", 200), ("throttled", 429)):
+            self.progress_updates.labels(result, str(code))
+        for code in (400, 401, 403, 404):
+            self.progress_updates.labels("rejected", str(code))
+
+    # -- updates from the operator's handlers -------------------------------------------------------------
+
+    def observe_job(self, metadata: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        """Record the job's current status (call after every status change, and on resume).
+
+        `metadata` is the FineTuneJob's metadata (namespace, name, creationTimestamp); `status` the whole
+        status as it is now written. Transitions into Running and into a terminal phase feed the queue-time
+        and duration histograms and the completion counter once per job and process.
+        """
+        namespace, name = str(metadata.get("namespace") or ""), str(metadata["name"])
+        phase = status.get("phase")
+        with self._lock:
+            if namespace not in self._namespaces:
+                # Counters at 0 from the first sight of a namespace, so increase() sees its first completion.
+                self._namespaces.add(namespace)
+                for outcome in OUTCOMES:
+                    self.completed.labels(namespace, outcome)
+                self.restarts.labels(namespace)
+            state = self._jobs.setdefault((namespace, name), _JobState(namespace=namespace))
+            previous = state.phase
+            created = parse_time(metadata.get("creationTimestamp"))
+            started = parse_time(status.get("startTime"))
+            completed = parse_time(status.get("completionTime"))
+            if created is not None:
+                self.job_created.labels(namespace, name).set(created)
+            if isinstance(phase, str) and phase != previous:
+                if previous is not None:
+                    self.job_phase.remove(namespace, name, previous)
+                self.job_phase.labels(namespace, name, phase).set(1)
+                state.phase = phase
+                self._recount_phases(namespace)
+
+            live = previous is not None  # this process saw the job before this change
+            if phase in RUNNING_OR_DONE and started is not None and not state.queue_observed:
+                state.queue_observed = True
+                fresh = (live and previous not in RUNNING_OR_DONE) or started >= self._started_at
+                if fresh and created is not None:
+                    self.queue_time.observe(max(0.0, started - created))
+            # The status remembers the last progress across operator restarts: the gauges start from it.
+            progress = status.get("progress")
+            progress = progress if isinstance(progress, Mapping) else {}
+            if progress:
+                self._set_progress(namespace, name, progress)
+            if phase == "Running":
+                alive = max(started or 0.0, parse_time(progress.get("updatedAt")) or 0.0)
+                if alive > state.last_alive:
+                    state.last_alive = alive
+                    self.job_last_progress.labels(namespace, name).set(alive)
+            if phase in TERMINAL_PHASES and not state.finish_observed:
+                state.finish_observed = True
+                fresh = (live and previous not in TERMINAL_PHASES) or (
+                    completed is not None and completed >= self._started_at
+                )
+                if fresh:
+                    self.completed.labels(namespace, phase).inc()
+                    if started is not None and completed is not None:
+                        self.run_duration.labels(phase).observe(max(0.0, completed - started))
+            if phase == "Succeeded":  # done, whatever the last progress update estimated
+                self.job_progress.labels(namespace, name).set(1.0)
+                self.job_eta.labels(namespace, name).set(0.0)
+            if isinstance(phase, str) and phase not in TERMINAL_PHASES:
+                state.finish_observed = False  # a job resumed after failing may finish again
+
+            restarts = status.get("restarts")
+            if isinstance(restarts, int) and not isinstance(restarts, bool):
+                if state.restarts is not None and restarts > state.restarts:
+                    self.restarts.labels(namespace).inc(restarts - state.restarts)
+                state.restarts = restarts
+
+    def observe_progress(self, namespace: str, name: str, progress: Mapping[str, Any]) -> None:
+        """Record a job's progress as merged into `status.progress` (camelCase keys, as on the wire)."""
+        with self._lock:
+            self._set_progress(namespace, name, progress)
+        self.mark_alive(namespace, name)
+
+    def _set_progress(self, namespace: str, name: str, progress: Mapping[str, Any]) -> None:
+        metrics = progress.get("metrics") or {}
+        percent = _number(progress.get("percent"))
+        values: list[tuple[Gauge, float | None]] = [
+            (self.job_progress, None if percent is None else min(1.0, max(0.0, percent / 100.0))),
+            (self.job_epoch, _number(progress.get("epoch"))),
+            (self.job_eta, _number(progress.get("etaSeconds"))),
+            (self.job_train_loss, _number(metrics.get("trainLoss"))),
+            (self.job_val_loss, _number(metrics.get("valLoss"))),
+            (self.job_val_accuracy, _number(metrics.get("valAccuracy"))),
+            (self.job_images_per_second, _number(metrics.get("imagesPerSecond"))),
+        ]
+        for gauge, value in values:
+            if value is not None:
+                gauge.labels(namespace, name).set(value)
+
+    def mark_alive(self, namespace: str, name: str) -> None:
+        """The run of this job just sent an authentic update (even one too old to apply)."""
+        now = self._clock()
+        with self._lock:
+            self._jobs.setdefault((namespace, name), _JobState(namespace=namespace)).last_alive = now
+            self.job_last_progress.labels(namespace, name).set(now)
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        """Drop every series of a deleted job (its counters' contributions stay, as they should)."""
+        with self._lock:
+            state = self._jobs.pop((namespace, name), None)
+            if state is not None and state.phase is not None:
+                self.job_phase.remove(namespace, name, state.phase)
+            for gauge in self._per_job:
+                with contextlib.suppress(KeyError):  # that gauge never got a value for this job
+                    gauge.remove(namespace, name)
+            self._recount_phases(namespace)
+
+    def count_reconcile_error(self, handler: str) -> None:
+        """A handler raised (kopf will retry it); `handler` is the handler's fixed id, never a job name."""
+        self.reconcile_errors.labels(handler).inc()
+
+    def count_progress_update(self, result: str, code: int) -> None:
+        """One progress request answered; `result` is one of PROGRESS_RESULTS."""
+        if result not in PROGRESS_RESULTS:
+            raise ValueError(f"unknown progress result {result!r}")
+        self.progress_updates.labels(result, str(code)).inc()
+
+    def _recount_phases(self, namespace: str) -> None:
+        counts = dict.fromkeys(PHASES, 0)
+        for state in self._jobs.values():
+            if state.namespace == namespace and state.phase in counts:
+                counts[state.phase] += 1
+        if not any(counts.values()):
+            for phase in PHASES:
+                with contextlib.suppress(KeyError):
+                    self.jobs.remove(namespace, phase)
+            return
+        for phase, count in counts.items():
+            self.jobs.labels(namespace, phase).set(count)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("kubetune")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
+    """Serve /metrics on `port` from a daemon thread, so scrapes work even while the event loop is busy.
+
+    Port 0 picks a free port; read it from `server.server_port`. Stop with `server.shutdown()`.
+    """
+    return start_http_server(port, addr=addr, registry=registry)
+
+
+METRICS = OperatorMetrics(process_collectors=True)
+"""The operator's metrics; handlers and the progress endpoint update this one."""
+
+
+def install_hooks(hooks: Hooks, metrics: OperatorMetrics = METRICS) -> None:
+    """Keep `metrics` in step with every job the handlers see, delete, or fail on."""
+    hooks.job_observed.append(metrics.observe_job)
+    hooks.job_deleted.append(metrics.forget_job)
+    hooks.handler_failed.append(metrics.count_reconcile_error)
+
+
+def register(registry: kopf.OperatorRegistry, metrics: OperatorMetrics = METRICS) -> None:
+    """Serve `metrics` on the settings' metrics port while the operator runs (none when it is None)."""
+    served: list[WSGIServer] = []
+
+    @kopf.on.startup(registry=registry)
+    async def serve_metrics_port(memo: Any, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+        port = runtime_of(memo).settings.metrics_port
+        if port is None:
+            return
+        server, _thread = serve_metrics(metrics.registry, port)
+        served.append(server)
+        logger.info("Serving Prometheus metrics on port %d at /metrics", server.server_port)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_metrics_port(**_: Any) -> None:
+        while served:
+            server = served.pop()
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()

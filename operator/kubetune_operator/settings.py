@@ -1,0 +1,124 @@
+"""How this operator is configured: one frozen dataclass, read from the environment the Helm chart sets.
+
+Every value has a default that works for `kubetune render` and local runs; `from_env()` lets the chart
+(or a person) override each with a `KUBETUNE_*` variable, documented in docs/operator.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+
+
+def package_version() -> str:
+    """The installed kubetune version, which tags the default trainer image."""
+    try:
+        return metadata.version("kubetune")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0.0.0"
+
+
+DEFAULT_TRAINER_REPOSITORY = "ghcr.io/kubetune/kubetune-trainer"
+# The chart's Service for release "kubetune" in namespace "kubetune-system"; the chart always sets
+# KUBETUNE_PROGRESS_URL from its own values, so this default only matters outside the chart.
+DEFAULT_PROGRESS_URL = "http://kubetune.kubetune-system.svc:8081"
+# The Ray version baked into the trainer image; KubeRay uses it to pick compatible cluster settings.
+DEFAULT_RAY_VERSION = "2.60.0"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Operator-wide choices that are not part of any FineTuneJob."""
+
+    trainer_image: str = field(default_factory=lambda: f"{DEFAULT_TRAINER_REPOSITORY}:{package_version()}")
+    trainer_image_pull_policy: str = "IfNotPresent"
+    # Base URL of the operator's progress endpoint as trainer pods reach it; each job reports to
+    # <base>/v1/progress/<namespace>/<name>. None: jobs get no progress target.
+    progress_base_url: str | None = DEFAULT_PROGRESS_URL
+    # Namespaces whose jobs this operator serves; empty means every namespace.
+    namespaces: tuple[str, ...] = ()
+    ray_version: str = DEFAULT_RAY_VERSION
+    # The head pod runs the Ray driver and Ray Train's controller, never a training worker.
+    head_cpu: str = "1"
+    head_memory: str = "4Gi"
+    # Ports of the Prometheus metrics (/metrics) and the progress endpoint; 0 picks a free port, None
+    # serves none (the chart sets both from operator.ports).
+    metrics_port: int | None = 9090
+    progress_port: int | None = 8081
+    # Lifetime of the projected ServiceAccount token in trainer pods; the kubelet refreshes it.
+    token_expiration_seconds: int = 3600
+    # Transient preflight failures (S3 unreachable, throttled) are retried after
+    # min(preflight_backoff_seconds * 2**retry, preflight_backoff_max_seconds).
+    preflight_backoff_seconds: float = 5.0
+    preflight_backoff_max_seconds: float = 300.0
+    # How often a job waiting for KubeRay to be installed checks again.
+    kuberay_retry_seconds: float = 60.0
+    # Connect/read timeout of each S3 call in preflight.
+    s3_timeout_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    def progress_url(self, namespace: str, name: str) -> str | None:
+        """Where the trainer pods of job `namespace/name` push progress, if anywhere."""
+        if not self.progress_base_url:
+            return None
+        return f"{self.progress_base_url.rstrip('/')}/v1/progress/{namespace}/{name}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Defaults, overridden by each KUBETUNE_* variable that is set and not empty."""
+        env = os.environ if environ is None else environ
+        overrides: dict[str, object] = {}
+        for name, variable in _STRING_VARIABLES.items():
+            if env.get(variable):
+                overrides[name] = env[variable]
+        for name, variable in _NUMBER_VARIABLES.items():
+            if env.get(variable):
+                overrides[name] = _number(variable, env[variable])
+        if env.get("KUBETUNE_NAMESPACES"):
+            overrides["namespaces"] = parse_namespaces(env["KUBETUNE_NAMESPACES"])
+        return cls(**overrides)  # type: ignore[arg-type]
+
+
+_STRING_VARIABLES = {
+    "trainer_image": "KUBETUNE_TRAINER_IMAGE",
+    "trainer_image_pull_policy": "KUBETUNE_TRAINER_IMAGE_PULL_POLICY",
+    "progress_base_url": "KUBETUNE_PROGRESS_URL",
+    "ray_version": "KUBETUNE_RAY_VERSION",
+    "head_cpu": "KUBETUNE_HEAD_CPU",
+    "head_memory": "KUBETUNE_HEAD_MEMORY",
+    "log_level": "KUBETUNE_LOG_LEVEL",
+}
+_NUMBER_VARIABLES = {
+    "token_expiration_seconds": "KUBETUNE_TOKEN_EXPIRATION_SECONDS",
+    "metrics_port": "KUBETUNE_METRICS_PORT",
+    "progress_port": "KUBETUNE_PROGRESS_PORT",
+    "preflight_backoff_seconds": "KUBETUNE_PREFLIGHT_BACKOFF_SECONDS",
+    "preflight_backoff_max_seconds": "KUBETUNE_PREFLIGHT_BACKOFF_MAX_SECONDS",
+    "kuberay_retry_seconds": "KUBETUNE_KUBERAY_RETRY_SECONDS",
+    "s3_timeout_seconds": "KUBETUNE_S3_TIMEOUT_SECONDS",
+}
+
+
+def _number(variable: str, text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{variable}: must be a number (got {text!r})") from None
+    if value < 0:
+        raise ValueError(f"{variable}: must be >= 0 (got {text!r})")
+    return int(value) if value.is_integer() and variable in _INTEGER_VARIABLES else value
+
+
+_INTEGER_VARIABLES = frozenset({"KUBETUNE_TOKEN_EXPIRATION_SECONDS", "KUBETUNE_METRICS_PORT", "KUBETUNE_PROGRESS_PORT"})
+
+
+def parse_namespaces(text: str) -> tuple[str, ...]:
+    """`"a, b c"` → `("a", "b", "c")`: commas or whitespace separate, duplicates and blanks drop out."""
+    seen: dict[str, None] = {}
+    for item in re.split(r"[,\s]+", text):
+        if item:
+            seen[item] = None
+    return tuple(seen)

@@ -1,0 +1,53 @@
+"""docs/install.md says what the chart does: its env table, permission table and commands match it."""
+
+from __future__ import annotations
+
+import re
+
+from chart_support import REPO, Rendered
+
+DOC = REPO / "docs" / "install.md"
+Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
+
+
+def _table_rows(heading: str) -> list[list[str]]:
+    """The body rows of the first Markdown table under `heading`, cells stripped of backticks."""
+    section = DOC.read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip().replace("`", "") for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def _split(cell: str) -> list[str]:
+    return [item.strip() for item in cell.split(",") if item.strip()]
+
+
+def test_documented_environment_is_what_the_chart_sets(rendered: dict[str, Rendered]) -> None:
+    documented = {name for row in _table_rows("What the chart passes to the operator") for name in _split(row[0])}
+    set_by_chart = {
+        item["name"]
+        for one in rendered.values()
+        for item in one.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert documented == set_by_chart
+
+
+def test_documented_permissions_are_what_the_chart_grants(rendered: dict[str, Rendered]) -> None:
+    documented: set[Grant] = set()
+    for group_cell, resource_cell, verb_cell, _ in _table_rows("Permissions"):
+        groups = ["" if group == "core" else group for group in _split(group_cell)]
+        documented |= {(g, r, v) for g in groups for r in _split(resource_cell) for v in _split(verb_cell)}
+
+    granted: set[Grant] = set()
+    for value_set in ("defaults", "namespaced"):
+        for kind in ("ClusterRole", "Role"):
+            for role in rendered[value_set].all(kind):
+                for rule in role["rules"]:
+                    granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert documented == granted
+
+
+def test_documented_commands_name_files_that_exist() -> None:
+    text = DOC.read_text()
+    for path in sorted(set(re.findall(r"(?:examples|charts/kubetune)/[\w./-]+\.(?:ya?ml|json)", text))):
+        assert (REPO / path).exists(), f"docs/install.md refers to {path}, which does not exist"
+    assert re.search(r"kubectl (-n \S+ )?get ftj -w", text) and "helm install" in text

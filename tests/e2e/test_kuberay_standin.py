@@ -1,0 +1,275 @@
+"""The KubeRay stand-in honours the RayJob contract the operator relies on (status as KubeRay reports it)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_operator.devcluster.cluster import DevCluster
+
+RAYJOB = ("ray.io", "v1", "rayjobs")
+RAYCLUSTER = ("ray.io", "v1", "rayclusters")
+NS = "default"
+TERMINAL = ("Complete", "Failed")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
+    # No Ray cluster per job here: the entrypoints are plain commands, so the state machine is fast.
+    with DevCluster(workdir=tmp_path_factory.mktemp("kuberay"), s3=False, start_ray=False) as cluster:
+        yield cluster
+
+
+def rayjob(name: str, entrypoint: str, **spec: Any) -> dict[str, Any]:
+    head: dict[str, Any] = {
+        "rayStartParams": {},
+        "template": {"spec": {"containers": [{"name": "ray-head", "image": "kubetune/trainer:dev"}]}},
+    }
+    head["template"]["spec"].update(spec.pop("head_pod", {}))
+    head["template"]["spec"]["containers"][0].update(spec.pop("head_container", {}))
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "entrypoint": entrypoint,
+            "shutdownAfterJobFinishes": True,
+            "rayClusterSpec": {"headGroupSpec": head, "workerGroupSpecs": []},
+            **spec,
+        },
+    }
+
+
+def status_of(obj: dict[str, Any] | None) -> dict[str, Any]:
+    return dict((obj or {}).get("status") or {})
+
+
+def wait_status(
+    cluster: DevCluster, name: str, deployment: str | tuple[str, ...], timeout: float = 60
+) -> dict[str, Any]:
+    wanted = (deployment,) if isinstance(deployment, str) else deployment
+    obj = cluster.wait_for(
+        *RAYJOB, NS, name, lambda o: status_of(o).get("jobDeploymentStatus") in wanted, timeout=timeout
+    )
+    return status_of(obj)
+
+
+def deployment_history(cluster: DevCluster, name: str) -> list[str]:
+    seen: list[str] = []
+    for _, obj in cluster.api.history("ray.io", "rayjobs", NS, name):
+        value = status_of(obj).get("jobDeploymentStatus", "")
+        if value and (not seen or seen[-1] != value):
+            seen.append(value)
+    return seen
+
+
+def python(code: str) -> str:
+    return f"{sys.executable} -c {code!r}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_a_successful_entrypoint_completes_and_releases_its_cluster(cluster: DevCluster) -> None:
+    cluster.create(rayjob("ok", python("print('trained')")))
+    status = wait_status(cluster, "ok", TERMINAL)
+    assert status["jobDeploymentStatus"] == "Complete", cluster.driver_log(NS, "ok")
+    assert status["jobStatus"] == "SUCCEEDED" and status["succeeded"] == 1 and status["failed"] == 0
+    assert status["startTime"] and status["endTime"] and status["jobId"].startswith("ok-")
+    assert status["rayClusterName"].startswith("ok-")
+    assert status["dashboardURL"] == f"{status['rayClusterName']}-head-svc.{NS}.svc.cluster.local:8265"
+    assert deployment_history(cluster, "ok") == ["Initializing", "Running", "Complete"]
+    assert "trained" in cluster.driver_log(NS, "ok")
+    # shutdownAfterJobFinishes: the RayCluster the job ran on is deleted.
+    cluster.wait_for(*RAYCLUSTER, NS, status["rayClusterName"], lambda o: o is None, timeout=20)
+
+
+def test_a_failing_entrypoint_fails_with_the_reason(cluster: DevCluster) -> None:
+    cluster.create(rayjob("broken", "echo 'no such dataset' >&2; exit 3"))
+    status = wait_status(cluster, "broken", TERMINAL)
+    assert (status["jobDeploymentStatus"], status["jobStatus"], status["reason"]) == ("Failed", "FAILED", "AppFailed")
+    assert status["failed"] == 1
+    assert "exit code 3" in status["message"] and "no such dataset" in status["message"]
+
+
+def test_backoff_limit_retries_on_a_fresh_cluster_then_fails(cluster: DevCluster) -> None:
+    cluster.create(rayjob("flaky", "exit 1", backoffLimit=2))
+    status = wait_status(cluster, "flaky", "Failed", timeout=90)
+    assert status["failed"] == 3  # the first run and two retries
+    history = deployment_history(cluster, "flaky")
+    assert history.count("Retrying") == 2 and history[-1] == "Failed"
+    clusters = {status_of(o).get("rayClusterName") for _, o in cluster.api.history("ray.io", "rayjobs", NS, "flaky")}
+    assert len(clusters - {"", None}) == 3  # each attempt gets its own cluster
+
+
+def test_a_retry_that_succeeds_completes(cluster: DevCluster, tmp_path: Path) -> None:
+    marker = tmp_path / "failed-once"
+    entrypoint = f"if [ -e {marker} ]; then exit 0; else touch {marker}; exit 1; fi"
+    cluster.create(rayjob("second-time-lucky", entrypoint, backoffLimit=1))
+    status = wait_status(cluster, "second-time-lucky", TERMINAL, timeout=90)
+    assert (status["jobDeploymentStatus"], status["failed"], status["succeeded"]) == ("Complete", 1, 1)
+
+
+def test_suspend_stops_the_run_and_resume_starts_it_again(cluster: DevCluster) -> None:
+    cluster.create(rayjob("pausable", python("import time; time.sleep(120)")))
+    running = wait_status(cluster, "pausable", "Running")
+    ctl = cluster.kuberay.controller(NS, "pausable") if cluster.kuberay else None
+    assert ctl and ctl.run and ctl.run.driver and ctl.run.driver.pid
+    pid = ctl.run.driver.pid
+
+    cluster.patch(*RAYJOB, NS, "pausable", {"spec": {"suspend": True}})
+    suspended = wait_status(cluster, "pausable", "Suspended")
+    assert suspended.get("jobStatus", "") == "" and suspended.get("rayClusterName", "") == ""
+    assert not alive(pid)
+    cluster.wait_for(*RAYCLUSTER, NS, running["rayClusterName"], lambda o: o is None, timeout=20)
+    assert deployment_history(cluster, "pausable")[-2:] == ["Suspending", "Suspended"]
+
+    cluster.patch(*RAYJOB, NS, "pausable", {"spec": {"suspend": False}})
+    resumed = wait_status(cluster, "pausable", "Running")
+    assert resumed["rayClusterName"] and resumed["rayClusterName"] != running["rayClusterName"]
+    assert deployment_history(cluster, "pausable")[-3:] == ["New", "Initializing", "Running"]
+    cluster.delete(*RAYJOB, NS, "pausable")
+    cluster.wait_for(*RAYJOB, NS, "pausable", lambda o: o is None, timeout=30)
+
+
+def test_deleting_a_running_rayjob_stops_its_run(cluster: DevCluster) -> None:
+    cluster.create(rayjob("doomed", python("import time; time.sleep(120)")))
+    running = wait_status(cluster, "doomed", "Running")
+    ctl = cluster.kuberay.controller(NS, "doomed") if cluster.kuberay else None
+    assert ctl and ctl.run and ctl.run.driver and ctl.run.driver.pid
+    pid = ctl.run.driver.pid
+    cluster.delete(*RAYJOB, NS, "doomed")
+    cluster.wait_for(*RAYJOB, NS, "doomed", lambda o: o is None, timeout=30)
+    assert not alive(pid)
+    assert cluster.get(*RAYCLUSTER, NS, running["rayClusterName"]) is None
+
+
+def test_active_deadline_fails_a_run_that_takes_too_long(cluster: DevCluster) -> None:
+    cluster.create(rayjob("slow", python("import time; time.sleep(120)"), activeDeadlineSeconds=2))
+    status = wait_status(cluster, "slow", "Failed", timeout=30)
+    assert status["reason"] == "DeadlineExceeded"
+
+
+def test_the_entrypoint_gets_the_pods_env_files_and_token(cluster: DevCluster) -> None:
+    cluster.create_secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "AKIDEMO", "AWS_SECRET_ACCESS_KEY": "s3cr3t"})
+    cluster.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "trainer", "namespace": NS}})
+    cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "trainer-config", "namespace": NS},
+            "data": {"trainer-config.json": '{"tokenPath": "/var/run/secrets/kubetune.dev/token"}'},
+        }
+    )
+    check = (
+        "import json, os, pathlib; "
+        "assert os.environ['AWS_SECRET_ACCESS_KEY'] == 's3cr3t', 'secretKeyRef'; "
+        "assert os.environ['JOB_NAMESPACE'] == 'default', 'fieldRef'; "
+        "config = json.loads(pathlib.Path(os.environ['CONFIG']).read_text()); "
+        "token = pathlib.Path(config['tokenPath']).read_text(); "
+        "pathlib.Path('token-copy').write_text(token)"
+    )
+    env = [
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}},
+        },
+        {"name": "JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "CONFIG", "value": "/etc/kubetune/trainer-config.json"},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": "/etc/kubetune", "readOnly": True},
+        {"name": "token", "mountPath": "/var/run/secrets/kubetune.dev", "readOnly": True},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
+    volumes = [
+        {"name": "config", "configMap": {"name": "trainer-config"}},
+        {
+            "name": "token",
+            "projected": {"sources": [{"serviceAccountToken": {"audience": "kubetune.dev", "path": "token"}}]},
+        },
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    cluster.create(
+        rayjob(
+            "wired",
+            python(check),
+            head_pod={"serviceAccountName": "trainer", "volumes": volumes},
+            head_container={"env": env, "volumeMounts": mounts},
+        )
+    )
+    status = wait_status(cluster, "wired", TERMINAL)
+    assert status["jobDeploymentStatus"] == "Complete", cluster.driver_log(NS, "wired")
+    token_file = next((cluster.workdir / "rayjobs" / NS / "wired").glob("attempt-*/work/token-copy"))
+    review = cluster.create(
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token_file.read_text(), "audiences": ["kubetune.dev"]},
+        }
+    )
+    assert review["status"]["authenticated"] is True
+    assert review["status"]["user"]["username"] == "system:serviceaccount:default:trainer"
+
+
+def test_a_missing_secret_keeps_the_job_initializing_until_it_appears(cluster: DevCluster) -> None:
+    env = [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "late-secret", "key": "KEY"}}}]
+    cluster.create(rayjob("waiting", python("print('ok')"), head_container={"env": env}))
+    wait_status(cluster, "waiting", "Initializing")
+    with pytest.raises(TimeoutError):
+        wait_status(cluster, "waiting", ("Running", *TERMINAL), timeout=4)
+    cluster.create_secret("late-secret", {"KEY": "v"})
+    assert wait_status(cluster, "waiting", TERMINAL, timeout=30)["jobDeploymentStatus"] == "Complete"
+
+
+def test_deleting_the_owner_garbage_collects_the_rayjob(cluster: DevCluster) -> None:
+    owner = cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner", "namespace": NS}})
+    job = rayjob("owned", python("import time; time.sleep(120)"))
+    job["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"], "controller": True}
+    ]
+    cluster.create(job)
+    wait_status(cluster, "owned", "Running")
+    cluster.delete("", "v1", "configmaps", NS, "owner")
+    cluster.wait_for(*RAYJOB, NS, "owned", lambda o: o is None, timeout=30)
+
+
+@pytest.mark.slow
+def test_the_entrypoint_runs_on_a_ray_cluster_of_the_specs_size(tmp_path: Path) -> None:
+    check = (
+        "import ray; ray.init(); "
+        "cpus = ray.cluster_resources().get('CPU'); "
+        "assert cpus == 3, cpus; "
+        "print('ray ok', ray.get(ray.remote(lambda: 6 * 7).remote()))"
+    )
+    job = rayjob("on-ray", python(check))
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"] = {"num-cpus": "1"}
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"] = [
+        {
+            "groupName": "workers",
+            "replicas": 2,
+            "rayStartParams": {"num-cpus": "1"},
+            "template": {"spec": {"containers": [{"name": "ray-worker", "image": "kubetune/trainer:dev"}]}},
+        }
+    ]
+    with DevCluster(workdir=tmp_path, s3=False) as ray_cluster:
+        ray_cluster.create(job)
+        running = wait_status(ray_cluster, "on-ray", ("Running", *TERMINAL), timeout=120)
+        ctl = ray_cluster.kuberay.controller(NS, "on-ray") if ray_cluster.kuberay else None
+        head = ctl.run.head if ctl and ctl.run else None
+        status = wait_status(ray_cluster, "on-ray", TERMINAL, timeout=120)
+        assert status["jobDeploymentStatus"] == "Complete", ray_cluster.driver_log(NS, "on-ray")
+        assert "ray ok 42" in ray_cluster.driver_log(NS, "on-ray")
+        # shutdownAfterJobFinishes: the cluster's processes are gone with its RayCluster object.
+        ray_cluster.wait_for(*RAYCLUSTER, NS, running["rayClusterName"], lambda o: o is None, timeout=30)
+        assert head is not None and head.pid is not None and not alive(head.pid)

@@ -1,0 +1,269 @@
+"""The progress endpoint against kmock: who may report, what is refused, and what lands in the status."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from observability_stands import TOKENREVIEWS, Cluster, FakeClock
+
+from kubetune_operator.metrics import OperatorMetrics
+
+pytestmark = pytest.mark.asyncio
+
+NS = "vision"
+
+
+def update(epoch: int = 1, step: int = 10, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "epoch": epoch,
+        "totalEpochs": 5,
+        "step": step,
+        "totalSteps": 100,
+        "percent": step,
+        "etaSeconds": 90.0,
+        "metrics": {"trainLoss": 1.5, "imagesPerSecond": 240.0, "learningRate": 0.001},
+    }
+    body.update(extra)
+    return body
+
+
+async def post(
+    base: str, job: str, body: Any, token: str | None, *, namespace: str = NS, raw: bytes | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else json.dumps(body).encode()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/progress/{namespace}/{job}", data=data, headers=headers) as response,
+    ):
+        return response.status, await response.json(), dict(response.headers)
+
+
+def counted(metrics: OperatorMetrics, result: str, code: int) -> float:
+    return (
+        metrics.registry.get_sample_value("kubetune_progress_updates_total", {"result": result, "code": str(code)}) or 0
+    )
+
+
+async def test_an_update_from_the_jobs_own_trainer_lands_in_the_status(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+    checkpoint = "s3://models/cats/checkpoints/checkpoint_000001"
+
+    code, answer, _ = await post(base, "cats", update(latestCheckpoint=checkpoint), token)
+
+    assert (code, answer["applied"]) == (200, True)
+    status = kmock.job(NS, "cats")["status"]
+    progress = status["progress"]
+    assert progress["epoch"] == 1 and progress["totalEpochs"] == 5 and progress["step"] == 10
+    assert progress["percent"] == 10 and progress["etaSeconds"] == 90.0
+    assert progress["metrics"] == {"trainLoss": 1.5, "imagesPerSecond": 240.0, "learningRate": 0.001}
+    assert progress["latestCheckpoint"] == checkpoint
+    assert progress["updatedAt"].endswith("Z")
+    # The operator resumes from status.latestCheckpoint, so the newest one is mirrored there.
+    assert status["latestCheckpoint"] == checkpoint
+    assert status["phase"] == "Running"  # the rest of the status is untouched
+    assert counted(metrics, "accepted", 200) == 1
+    assert metrics.registry.get_sample_value("kubetune_job_progress_ratio", {"namespace": NS, "name": "cats"}) == 0.1
+
+
+async def test_later_updates_merge_metrics_and_older_ones_are_ignored(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+
+    await post(base, "cats", update(epoch=1, step=50), token)
+    clock.advance()
+    evaluated = update(epoch=1, step=50, metrics={"valLoss": 0.9, "valAccuracy": 0.71})
+    code, answer, _ = await post(base, "cats", evaluated, token)
+    assert (code, answer["applied"]) == (200, True)
+    clock.advance()
+    code, answer, _ = await post(base, "cats", update(epoch=2, step=60, metrics={"trainLoss": 0.8}), token)
+    assert (code, answer["applied"]) == (200, True)
+    clock.advance()
+    code, answer, _ = await post(base, "cats", update(epoch=1, step=55, metrics={"trainLoss": 9.9}), token)
+    assert (code, answer["applied"], answer["result"]) == (200, False, "stale")
+
+    progress = kmock.job(NS, "cats")["status"]["progress"]
+    assert (progress["epoch"], progress["step"]) == (2, 60)
+    # Each metric keeps its latest value, even when the latest update did not carry it.
+    assert progress["metrics"]["trainLoss"] == 0.8
+    assert progress["metrics"]["valAccuracy"] == 0.71
+    assert progress["metrics"]["imagesPerSecond"] == 240.0
+    assert counted(metrics, "accepted", 200) == 3
+    assert counted(metrics, "stale", 200) == 1
+    assert metrics.registry.get_sample_value("kubetune_job_train_loss", {"namespace": NS, "name": "cats"}) == 0.8
+    assert (
+        metrics.registry.get_sample_value("kubetune_job_validation_accuracy_ratio", {"namespace": NS, "name": "cats"})
+        == 0.71
+    )
+
+
+async def test_a_missing_or_forged_token_is_refused_with_401(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    kmock.issue_token(NS, "cats")
+
+    code, _, headers = await post(base, "cats", update(), None)
+    assert code == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    code, _, _ = await post(base, "cats", update(), "eyJhbGciOiJSUzI1NiJ9.forged.signature")
+    assert code == 401
+
+    assert "progress" not in kmock.job(NS, "cats")["status"]
+    assert counted(metrics, "rejected", 401) == 2
+
+
+async def test_a_token_for_another_audience_is_refused_with_401(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+) -> None:
+    """An API server that ignored our audience must not let a general-purpose token through."""
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+    kmock.review_mode = "no-audiences"
+
+    code, _, _ = await post(base, "cats", update(), token)
+
+    assert code == 401
+    assert counted(metrics, "rejected", 401) == 1
+
+
+async def test_another_jobs_token_is_refused_with_403(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    kmock.add_job(NS, "dogs")
+    kmock.add_job("other", "cats")
+    dogs_token = kmock.issue_token(NS, "dogs")
+
+    assert (await post(base, "cats", update(), dogs_token))[0] == 403
+    # Same job name in another namespace: another ServiceAccount, another job.
+    assert (await post(base, "cats", update(), dogs_token, namespace="other"))[0] == 403
+
+    assert "progress" not in kmock.job(NS, "cats")["status"]
+    assert counted(metrics, "rejected", 403) == 2
+
+
+async def test_a_flood_of_updates_is_throttled_with_429(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    kmock.add_job(NS, "dogs")
+    cats = kmock.issue_token(NS, "cats")
+    dogs = kmock.issue_token(NS, "dogs")
+
+    codes = [(await post(base, "cats", update(step=step), cats))[0] for step in range(1, 11)]
+    assert codes == [200] + [429] * 9
+    code, answer, headers = await post(base, "cats", update(step=11), cats)
+    assert code == 429 and int(headers["Retry-After"]) >= 1 and answer["result"] == "throttled"
+    # The limit is per job: another job is not held back by this one's flood.
+    assert (await post(base, "dogs", update(), dogs))[0] == 200
+    clock.advance(1.0)
+    assert (await post(base, "cats", update(step=12), cats))[0] == 200
+
+    assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 12
+    assert counted(metrics, "throttled", 429) == 10
+    assert counted(metrics, "accepted", 200) == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "raw", "reason"),
+    [
+        (None, b"{not json", "body is not JSON"),
+        (None, b'["a", "list"]', "JSON object"),
+        (None, b'{"epoch": NaN, "totalEpochs": 2}', "JSON allows"),
+        (update(epoch=-1), None, "epoch"),
+        (update(percent=250), None, "percent"),
+        (update(metrics={"trainLoss": "low"}), None, "metrics.trainLoss"),
+        (update(secret="hunter2"), None, "secret"),
+        (None, b"{" + b'"x": "' + b"a" * 20_000 + b'"}', "exceeds"),
+    ],
+    ids=[
+        "not-json",
+        "not-an-object",
+        "nan",
+        "negative-epoch",
+        "percent-over-100",
+        "loss-not-a-number",
+        "unknown-field",
+        "oversized",
+    ],
+)
+async def test_a_malformed_or_oversized_body_is_refused_with_400(
+    kmock: Cluster,
+    progress_server: tuple[Any, str],
+    metrics: OperatorMetrics,
+    clock: FakeClock,
+    body: Any,
+    raw: bytes | None,
+    reason: str,
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+
+    code, answer, _ = await post(base, "cats", body, token, raw=raw)
+
+    assert code == 400
+    assert reason in answer["message"]
+    assert "progress" not in kmock.job(NS, "cats")["status"]
+    assert counted(metrics, "rejected", 400) == 1
+
+
+async def test_an_update_for_a_job_that_does_not_exist_is_refused_with_404(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+) -> None:
+    """A deleted job's pods may still be running for a moment: they learn it, and no series come back."""
+    _, base = progress_server
+    token = kmock.issue_token(NS, "gone")
+
+    code, _, _ = await post(base, "gone", update(), token)
+
+    assert code == 404
+    assert counted(metrics, "rejected", 404) == 1
+    assert metrics.registry.get_sample_value("kubetune_job_progress_ratio", {"namespace": NS, "name": "gone"}) is None
+
+
+async def test_when_tokens_cannot_be_reviewed_the_trainer_is_told_to_retry(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+    kmock.review_mode = "down"
+
+    code, _, headers = await post(base, "cats", update(), token)
+
+    assert code == 503 and int(headers["Retry-After"]) > 0
+    assert counted(metrics, "error", 503) == 1
+
+
+async def test_an_authentic_token_is_reviewed_once_and_then_cached(
+    kmock: Cluster, progress_server: tuple[Any, str], clock: FakeClock
+) -> None:
+    """Every job reports every second: the API server must not get a TokenReview for each update."""
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+
+    for step in range(1, 4):
+        assert (await post(base, "cats", update(step=step), token))[0] == 200
+        clock.advance()
+    assert (await post(base, "cats", update(), "forged"))[0] == 401
+    assert (await post(base, "cats", update(), "forged"))[0] == 401
+
+    assert len(kmock[TOKENREVIEWS]) == 3  # one for the authentic token, one per forged attempt

@@ -1,0 +1,51 @@
+"""Fixtures of the operator tests, reusable by any layer that needs the operator running.
+
+- `op`: the real operator (main.build_registry/build_runtime/kopf_settings) against kmock's API server,
+  as an `OperatorHarness` (see operator_harness.py for its helpers: create/patch/delete objects, play
+  KubeRay, read objects and Events, wait for phases, and `operator_requests()` for the API calls the
+  operator made, e.g. to derive RBAC). Override the `operator_settings` fixture to change its
+  OperatorSettings for a module or a test. The operator runs on its own thread and loop; the API
+  server shares the test's loop, so never block that loop (`asyncio.to_thread` for blocking calls).
+- `moto_endpoint` (session) and `s3` (an `S3World`): moto's S3 server over real HTTP.
+
+Tests are asyncio tests: mark them `@pytest.mark.asyncio` (or a module-level `pytestmark`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+from moto.server import ThreadedMotoServer
+from operator_harness import FAST_SETTINGS, OperatorHarness, running_operator
+from s3_world import S3World
+
+from kubetune_operator.settings import OperatorSettings
+
+
+@pytest.fixture
+def operator_settings() -> OperatorSettings:
+    return FAST_SETTINGS
+
+
+@pytest_asyncio.fixture
+async def op(operator_settings: OperatorSettings) -> AsyncIterator[OperatorHarness]:
+    async with running_operator(operator_settings) as harness:
+        yield harness
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint: str) -> S3World:
+    return S3World(moto_endpoint)

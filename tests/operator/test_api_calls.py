@@ -1,0 +1,65 @@
+"""Every Kubernetes API call the operator makes over a job's whole life, in RBAC's terms.
+
+`OPERATOR_PERMISSIONS` is the list docs/operator.md gives and the Helm chart's RBAC must grant; a new
+kind of API call fails this test until both are updated. (kopf additionally lists and watches
+customresourcedefinitions, and namespaces when it serves a list of them; these tests disable kopf's
+scanning, so those calls do not appear here.)
+"""
+
+from __future__ import annotations
+
+import pytest
+from operator_harness import OperatorHarness, finetunejob
+from s3_world import ACCESS_KEY, SECRET_KEY, S3World
+
+# (verb, API group, resource, subresource)
+OPERATOR_PERMISSIONS = {
+    ("list", "kubetune.dev", "finetunejobs", None),
+    ("watch", "kubetune.dev", "finetunejobs", None),
+    ("get", "kubetune.dev", "finetunejobs", None),
+    ("patch", "kubetune.dev", "finetunejobs", None),  # kopf's bookkeeping annotations
+    ("delete", "kubetune.dev", "finetunejobs", None),  # ttlSecondsAfterFinished
+    ("patch", "kubetune.dev", "finetunejobs", "status"),
+    ("list", "ray.io", "rayjobs", None),
+    ("watch", "ray.io", "rayjobs", None),
+    ("get", "ray.io", "rayjobs", None),
+    ("create", "ray.io", "rayjobs", None),
+    ("patch", "ray.io", "rayjobs", None),  # suspend / resume
+    ("get", "", "serviceaccounts", None),
+    ("create", "", "serviceaccounts", None),
+    ("get", "", "configmaps", None),
+    ("create", "", "configmaps", None),
+    ("get", "", "secrets", None),  # preflight reads spec.storage.credentialsSecret
+    ("create", "", "events", None),
+}
+
+
+@pytest.mark.asyncio
+async def test_a_jobs_whole_life_needs_exactly_the_documented_permissions(op: OperatorHarness, s3: S3World) -> None:
+    await op.create_secret(
+        "default", "s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    )
+    uris = s3.seed()
+    await op.create_job(
+        finetunejob(
+            "flowers",
+            uris=uris,
+            endpoint=s3.endpoint,
+            credentials_secret="s3-creds",
+            runPolicy={"ttlSecondsAfterFinished": 0},
+        )
+    )
+    await op.wait_for(lambda: op.rayjob("default", "flowers"), what="the RayJob")
+    await op.set_rayjob_status("default", "flowers", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    await op.wait_for_phase("default", "flowers", "Running")
+    await op.patch_job_spec("default", "flowers", {"runPolicy": {"suspend": True}, "training": {"epochs": 99}})
+    await op.wait_for_phase("default", "flowers", "Suspended")
+    await op.wait_for(lambda: op.condition("default", "flowers", "SpecChangeRefused"), what="the refusal")
+    await op.set_rayjob_status("default", "flowers", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    await op.wait_for(lambda: op.job("default", "flowers") is None, what="the TTL to delete the job")
+    await op.create_job({"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "x"}})
+    await op.wait_for_phase("default", "x", "Failed")
+    await op.wait_for_event("default", "x", "InvalidSpec")
+
+    used = {(r.verb, r.group, r.resource, r.subresource) for r in op.operator_requests()}
+    assert used == OPERATOR_PERMISSIONS

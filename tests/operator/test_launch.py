@@ -1,0 +1,123 @@
+"""Creating a FineTuneJob: preflight passes, the operator creates its ServiceAccount, ConfigMap and RayJob."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from operator_harness import (
+    CONFIGMAPS,
+    FAST_SETTINGS,
+    RAYJOBS,
+    SERVICEACCOUNTS,
+    OperatorHarness,
+    finetunejob,
+    running_operator,
+    serving_api,
+)
+from s3_world import ACCESS_KEY, SECRET_KEY, S3World
+
+from kubetune_operator.builders import build_children
+from kubetune_operator.spec import FineTuneJob
+from kubetune_trainer.config import TrainerConfig
+
+pytestmark = pytest.mark.asyncio
+
+
+async def launch(op: OperatorHarness, s3: S3World, name: str = "flowers") -> dict[str, str]:
+    uris = s3.seed()
+    await op.create_secret(
+        "default", "s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    )
+    await op.create_job(finetunejob(name, uris=uris, endpoint=s3.endpoint, credentials_secret="s3-creds"))
+    await op.wait_for(lambda: op.rayjob("default", name), what=f"RayJob {name}")
+    return uris
+
+
+async def test_a_valid_job_gets_exactly_the_objects_the_builders_describe(
+    op: OperatorHarness, s3: S3World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kubetune_operator")
+    await launch(op, s3)
+    job = op.job("default", "flowers")
+    assert job is not None
+    expected = {obj["kind"]: obj for obj in build_children(FineTuneJob.from_body(job), FAST_SETTINGS)}
+
+    rayjob = op.rayjob("default", "flowers")
+    sa = op.get(SERVICEACCOUNTS, "default", "flowers-trainer")
+    cm = op.get(CONFIGMAPS, "default", "flowers-trainer-config")
+    assert rayjob and sa and cm
+    for created, kind in ((rayjob, "RayJob"), (sa, "ServiceAccount"), (cm, "ConfigMap")):
+        assert created["metadata"]["ownerReferences"] == expected[kind]["metadata"]["ownerReferences"]
+        assert created["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    assert rayjob["spec"] == expected["RayJob"]["spec"]
+    config = TrainerConfig.model_validate_json(cm["data"]["trainer-config.json"])
+    assert config.run_name == job["metadata"]["uid"]
+    assert config.progress is not None
+    assert config.progress.url.endswith("/v1/progress/default/flowers")
+
+    await op.wait_for(lambda: op.phase("default", "flowers") == "Launching")
+    await op.wait_for_event("default", "flowers", "CreatingRayJob")
+    await op.wait_for(
+        lambda: any(r.getMessage() == "default/flowers: created RayJob flowers" for r in caplog.records),
+        what="the log line saying the RayJob was created",
+    )
+
+
+async def test_the_rayjob_appearing_marks_the_job_launched(op: OperatorHarness, s3: S3World) -> None:
+    await launch(op, s3)
+    await op.wait_for_event("default", "flowers", "RayJobCreated")
+    await op.set_rayjob_status("default", "flowers", jobDeploymentStatus="Initializing")
+    await op.wait_for(lambda: (op.condition("default", "flowers", "Launched") or {}).get("status") == "True")
+    job = op.job("default", "flowers")
+    assert job is not None
+    assert job["status"]["rayJobName"] == "flowers"
+    await op.wait_for_event("default", "flowers", "ClusterStarting")
+    assert op.event_reasons("default", "flowers") == ["CreatingRayJob", "RayJobCreated", "ClusterStarting"]
+
+
+async def test_a_job_without_a_credentials_secret_launches_without_preflight(op: OperatorHarness) -> None:
+    # No Secret, no S3 at all: the pods would use their own cloud identity, which the operator cannot test.
+    await op.create_job(finetunejob("irsa"))
+    await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
+    assert op.phase("default", "irsa") == "Launching"
+
+
+async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> None:
+    async with serving_api() as api:
+        async with running_operator(api=api) as first:
+            await launch(first, s3)
+            rayjob_before = first.rayjob("default", "flowers")
+        # A restarted operator resumes every job: the same handler runs again for this one.
+        async with running_operator(api=api) as second:
+            await second.wait_for(
+                lambda: any(r.verb == "get" and r.resource == "rayjobs" for r in second.operator_requests()),
+                what="the resumed launch handler to look for the RayJob",
+            )
+            await second.settle()
+            creates = [r for r in second.operator_requests() if r.verb == "create" and r.resource != "events"]
+            assert creates == []
+            assert [o["metadata"]["name"] for o in second.list_objects(RAYJOBS)] == ["flowers"]
+            assert len(second.list_objects(SERVICEACCOUNTS, "default")) == 1
+            assert second.rayjob("default", "flowers") == rayjob_before
+
+
+@pytest.mark.asyncio
+async def test_a_running_job_edited_past_validation_keeps_running_across_a_restart() -> None:
+    async with serving_api() as api:
+        async with running_operator(api=api) as first:
+            await first.create_job(finetunejob("flowers"))
+            await first.wait_for(lambda: first.rayjob("default", "flowers"), what="the RayJob")
+            await first.set_rayjob_status("default", "flowers", jobDeploymentStatus="Running", jobStatus="RUNNING")
+            await first.wait_for_phase("default", "flowers", "Running")
+            # No CRD schema here to stop it (as with `kubectl replace --validate=false` on a schema-less CRD).
+            await first.patch_job_spec("default", "flowers", {"training": {"epochs": -1}})
+            refused = await first.wait_for(lambda: first.condition("default", "flowers", "SpecChangeRefused"))
+            assert "spec.training.epochs" in refused["message"]
+        async with running_operator(api=api) as second:
+            await second.wait_for(
+                lambda: any(r.resource == "rayjobs" and r.verb == "get" for r in second.operator_requests()),
+                what="the resumed launch handler",
+            )
+            await second.settle()
+            assert second.phase("default", "flowers") == "Running"

@@ -1,0 +1,70 @@
+"""`kubetune render` prints what the operator creates: the same builders, the same objects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from operator_harness import CONFIGMAPS, FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, finetunejob
+
+from kubetune_operator.cli import main as kubetune
+
+# Set by the API server or only knowable once the job exists there.
+SERVER_FIELDS = ("uid", "creationTimestamp", "resourceVersion", "generation", "ownerReferences")
+
+
+def comparable(obj: dict[str, Any]) -> dict[str, Any]:
+    obj = json.loads(json.dumps(obj))
+    for key in SERVER_FIELDS:
+        obj["metadata"].pop(key, None)
+    if obj["kind"] == "ConfigMap":
+        # The run name is the job's uid once it has one (so a resumed run finds its checkpoints).
+        config = json.loads(obj["data"]["trainer-config.json"])
+        config.pop("runName")
+        obj["data"]["trainer-config.json"] = config
+    return obj
+
+
+def render(path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
+    code = kubetune(["render", str(path), *args])
+    out = capsys.readouterr().out
+    assert code == 0
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.mark.asyncio
+async def test_render_prints_exactly_what_the_operator_creates(
+    op: OperatorHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = finetunejob("flowers", runPolicy={"queueName": "gpu", "backoffLimit": 1})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    rendered = render(path, capsys, "--image", FAST_SETTINGS.trainer_image)
+    assert [obj["kind"] for obj in rendered] == ["ServiceAccount", "ConfigMap", "RayJob"]
+
+    await op.create_job(manifest)
+    rayjob = await op.wait_for(lambda: op.rayjob("default", "flowers"), what="the RayJob")
+    created = [
+        op.get(SERVICEACCOUNTS, "default", "flowers-trainer"),
+        op.get(CONFIGMAPS, "default", "flowers-trainer-config"),
+        rayjob,
+    ]
+    assert [comparable(obj) for obj in rendered] == [comparable(obj) for obj in created if obj]
+
+
+def test_render_of_several_jobs_and_of_an_invalid_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump_all([finetunejob("one"), finetunejob("two")]))
+    names = [(obj["kind"], obj["metadata"]["name"]) for obj in render(path, capsys)]
+    assert ("RayJob", "one") in names and ("RayJob", "two") in names
+    assert len(names) == 6
+
+    bad = finetunejob("bad", training={"epochs": 0})
+    path.write_text(yaml.safe_dump(bad))
+    assert kubetune(["render", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "spec.training.epochs" in captured.err
+    assert captured.out == ""

@@ -1,0 +1,240 @@
+"""Real data for the trainer tests: scikit-learn's digits as 32x32 PNGs in a moto S3, and small models.
+
+world = DigitsWorld(endpoint)
+world.upload_digits()      # s3://datasets/digits-hi/{train,val}/<digit>/<n>.png  (digits 5-9)
+world.pretrain()           # test_resnet trained on digits 0-4 → s3://models/digits-0-4/...safetensors
+world.job(...)             # a FineTuneJob manifest for `kubetune run FILE --local`
+world.kubetune_run(path)   # the console script, as a user runs it
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import numpy as np
+import yaml
+from PIL import Image
+
+if TYPE_CHECKING:
+    from kubetune_trainer.config import TrainerConfig
+
+ARCH = "test_resnet"
+IMAGE_SIZE = 32
+REGION = "us-east-1"
+DATA_BUCKET = "datasets"
+MODEL_BUCKET = "models"
+OUT_BUCKET = "results"
+HI_TRAIN = f"s3://{DATA_BUCKET}/digits-hi/train"
+HI_VAL = f"s3://{DATA_BUCKET}/digits-hi/val"
+PRETRAINED = f"s3://{MODEL_BUCKET}/digits-0-4/{ARCH}.safetensors"
+RANDOM_INIT = f"s3://{MODEL_BUCKET}/random/{ARCH}.safetensors"
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "kubetune-test",
+    "AWS_SECRET_ACCESS_KEY": "kubetune-test-secret",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+KUBETUNE = Path(sys.executable).parent / "kubetune"
+
+
+def digit_png(pixels: np.ndarray) -> bytes:
+    """An 8x8 digit (0-16) as a 32x32 RGB PNG."""
+    gray = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), mode="L")
+    buffer = io.BytesIO()
+    gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+class DigitsWorld:
+    def __init__(self, endpoint: str, workdir: Path) -> None:
+        self.endpoint = endpoint
+        self.workdir = workdir
+        self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+        for bucket in (DATA_BUCKET, MODEL_BUCKET, OUT_BUCKET):
+            self.s3.create_bucket(Bucket=bucket)
+
+    # -- S3 helpers -----------------------------------------------------------------------------
+
+    def put(self, uri: str, body: bytes) -> None:
+        bucket, key = split_uri(uri)
+        self.s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+    def get(self, uri: str) -> bytes:
+        bucket, key = split_uri(uri)
+        body: bytes = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return body
+
+    def keys(self, uri: str) -> list[str]:
+        bucket, key = split_uri(uri)
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/")
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda kv: self.put(*kv), items.items()))
+
+    # -- data and models --------------------------------------------------------------------------
+
+    def digits(self, labels: range) -> list[tuple[np.ndarray, int]]:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        return [(img, int(t)) for img, t in zip(data.images, data.target, strict=True) if int(t) in labels]
+
+    def upload_digits(self) -> None:
+        """Digits 5-9: 80% under HI_TRAIN, 20% under HI_VAL, one folder per digit."""
+        items: dict[str, bytes] = {}
+        rng = random.Random(7)
+        for n, (pixels, label) in enumerate(self.digits(range(5, 10))):
+            prefix = HI_VAL if rng.random() < 0.2 else HI_TRAIN
+            items[f"{prefix}/{label}/{n:04d}.png"] = digit_png(pixels)
+        self.put_many(items)
+
+    def upload_folder(self, prefix: str, per_class: int, labels: range = range(5, 10)) -> list[str]:
+        """A small ImageFolder of `per_class` images per digit; returns the keys' URIs."""
+        items: dict[str, bytes] = {}
+        counts: dict[int, int] = {}
+        for n, (pixels, label) in enumerate(self.digits(labels)):
+            if counts.get(label, 0) < per_class:
+                counts[label] = counts.get(label, 0) + 1
+                items[f"{prefix}/{label}/{n:04d}.png"] = digit_png(pixels)
+        self.put_many(items)
+        return sorted(items)
+
+    def pretrain(self) -> None:
+        """test_resnet trained on digits 0-4 with plain torch, saved as safetensors; also a random init."""
+        import timm
+        import torch
+        from safetensors.torch import save_model
+
+        torch.manual_seed(0)
+        model = timm.create_model(ARCH, num_classes=5)
+        cfg = timm.data.resolve_data_config({"input_size": (3, IMAGE_SIZE, IMAGE_SIZE)}, model=model)
+        transform = timm.data.create_transform(**cfg, is_training=False)
+        samples = self.digits(range(0, 5))
+        x = torch.stack([transform(Image.open(io.BytesIO(digit_png(p)))) for p, _ in samples])
+        y = torch.tensor([t for _, t in samples])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+            epochs, batch = 5, 32
+            steps = epochs * ((len(x) + batch - 1) // batch)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+            generator = torch.Generator().manual_seed(0)
+            model.train()
+            for _ in range(epochs):
+                order = torch.randperm(len(x), generator=generator)
+                for i in range(0, len(x), batch):
+                    idx = order[i : i + batch]
+                    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+        finally:
+            torch.set_num_threads(threads)
+        path = self.workdir / "pretrained.safetensors"
+        save_model(model, str(path))
+        self.put(PRETRAINED, path.read_bytes())
+        torch.manual_seed(1)
+        save_model(timm.create_model(ARCH, num_classes=5), str(path))
+        self.put(RANDOM_INIT, path.read_bytes())
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def job(self, name: str, **spec: Any) -> Path:
+        """A FineTuneJob manifest file (see `manifest` for the knobs)."""
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(self.manifest(name, **spec), sort_keys=False))
+        return path
+
+    def config(self, name: str, **spec: Any) -> TrainerConfig:
+        """The trainer config `kubetune run --local` derives from the same manifest."""
+        from kubetune_operator.config import trainer_config
+        from kubetune_operator.spec import FineTuneJob
+
+        return trainer_config(FineTuneJob.model_validate(self.manifest(name, **spec)))
+
+    def manifest(
+        self,
+        name: str,
+        *,
+        output: str,
+        checkpoint: str = PRETRAINED,
+        train: str = HI_TRAIN,
+        validation: str | None = HI_VAL,
+        epochs: int = 3,
+        strategy: str = "partial",
+        trainable_layers: int | None = 1,
+        learning_rate: float = 0.01,
+        batch_size: int = 32,
+        max_retries: int = 1,
+        workers: int = 1,
+        cpus_per_worker: int = 2,
+    ) -> dict[str, Any]:
+        model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy}
+        if trainable_layers is not None:
+            model["trainableLayers"] = trainable_layers
+        data: dict[str, Any] = {"train": train, "imageSize": IMAGE_SIZE, "augment": False}
+        if validation:
+            data["validation"] = validation
+        manifest = {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": {
+                "model": model,
+                "data": data,
+                "training": {
+                    "epochs": epochs,
+                    "batchSize": batch_size,
+                    "learningRate": learning_rate,
+                    "weightDecay": 0.05,
+                    "seed": 42,
+                },
+                "output": {"path": output, "checkpointsToKeep": 2},
+                "resources": {"workers": workers, "gpusPerWorker": 0, "cpusPerWorker": cpus_per_worker},
+                "runPolicy": {"maxRetries": max_retries},
+            },
+        }
+        return manifest
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {**os.environ, **CREDENTIALS, "RAY_USAGE_STATS_ENABLED": "0", **extra}
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def kubetune_run(self, manifest: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(KUBETUNE), "run", str(manifest), "--local", "--s3-endpoint", self.endpoint],
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def kubetune_popen(self, manifest: Path, **env: str) -> subprocess.Popen[str]:
+        """The run in its own process group, so the whole local Ray instance can be killed with it."""
+        return subprocess.Popen(
+            [str(KUBETUNE), "run", str(manifest), "--local", "--s3-endpoint", self.endpoint],
+            env=self.env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )

@@ -1,0 +1,111 @@
+"""Transfer learning end to end with `kubetune run --local`: digits 0-4 weights fine-tuned on digits 5-9.
+
+Both runs (pretrained and random base weights, same budget) go through the console script on a local
+Ray instance against moto S3, side by side. The exported model is then reloaded with timm, safetensors
+and model.json alone, and must reproduce the reported validation accuracy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from digits_world import HI_VAL, PRETRAINED, RANDOM_INIT, DigitsWorld
+from PIL import Image
+
+EPOCHS = 2
+OUTPUTS = {"pretrained": "s3://results/transfer/pretrained", "random": "s3://results/transfer/random"}
+
+
+@pytest.fixture(scope="module")
+def transfer(pretrained: DigitsWorld) -> Iterator[dict[str, dict[str, Any]]]:
+    """Both runs at once (most of a run is waiting on Ray, so two share the two cores well)."""
+    checkpoints = {"pretrained": PRETRAINED, "random": RANDOM_INIT}
+    procs: dict[str, subprocess.Popen[str]] = {}
+    for name, output in OUTPUTS.items():
+        manifest = pretrained.job(
+            f"transfer-{name}", checkpoint=checkpoints[name], output=output, epochs=EPOCHS, strategy="partial"
+        )
+        procs[name] = pretrained.kubetune_popen(manifest)
+    results: dict[str, dict[str, Any]] = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, f"{name} run failed:\n{out}"
+        results[name] = {
+            "console": out,
+            "card": json.loads(pretrained.get(f"{OUTPUTS[name]}/model.json")),
+            "history": json.loads(pretrained.get(f"{OUTPUTS[name]}/history.json")),
+        }
+    yield results
+
+
+@pytest.mark.slow
+def test_pretrained_weights_beat_random_ones_on_new_classes(transfer: dict[str, dict[str, Any]]) -> None:
+    pretrained, random = transfer["pretrained"], transfer["random"]
+    accuracy = pretrained["card"]["metrics"]["valAccuracy"]
+    baseline = random["card"]["metrics"]["valAccuracy"]
+    assert accuracy >= 0.90, pretrained["console"]
+    assert accuracy > baseline + 0.02, f"pretrained {accuracy:.3f} vs random {baseline:.3f}"
+    assert sorted(pretrained["card"]["weightLoading"]["droppedKeys"]) == ["fc.bias", "fc.weight"]
+    assert pretrained["card"]["weightLoading"]["missingKeys"] == []
+
+
+@pytest.mark.slow
+def test_run_shows_progress_and_exports_every_file(
+    pretrained: DigitsWorld, transfer: dict[str, dict[str, Any]]
+) -> None:
+    run = transfer["pretrained"]
+    console = run["console"]
+    assert f"epoch {EPOCHS}/{EPOCHS} [########################] 100%" in console
+    assert "loss " in console and "acc " in console and "ETA " in console
+    assert "kubetune: model at s3://results/transfer/pretrained/model.safetensors" in console
+
+    history = run["history"]
+    assert [e["epoch"] for e in history] == list(range(1, EPOCHS + 1))
+    assert set(history[0]) >= {"trainLoss", "valLoss", "valAccuracy", "imagesPerSecond", "learningRate"}
+    assert history[-1]["valAccuracy"] == run["card"]["metrics"]["valAccuracy"]
+
+    card = run["card"]
+    assert card["architecture"] == "test_resnet" and card["numClasses"] == 5
+    assert card["classNames"] == ["5", "6", "7", "8", "9"]
+    assert card["imageSize"] == 32 and card["epochs"] == EPOCHS
+    assert card["baseCheckpoint"] == PRETRAINED and card["finishedAt"].endswith("Z")
+    assert card["data"]["trainImages"] > 600 and card["data"]["validationImages"] > 100
+
+    curves = Image.open(io.BytesIO(pretrained.get(f"{OUTPUTS['pretrained']}/training-curves.png")))
+    assert curves.format == "PNG" and curves.size[0] >= 800
+
+
+@pytest.mark.slow
+def test_exported_model_reloads_outside_the_trainer(
+    pretrained: DigitsWorld, transfer: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    out = OUTPUTS["pretrained"]
+    card = json.loads(pretrained.get(f"{out}/model.json"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(pretrained.get(f"{out}/model.safetensors"))
+
+    model = timm.create_model(card["architecture"], num_classes=card["numClasses"])
+    safetensors.torch.load_model(model, str(weights))
+    model.eval()
+    transform = timm.data.create_transform(**card["dataConfig"], is_training=False)
+
+    bucket, prefix = HI_VAL.removeprefix("s3://").split("/", 1)
+    correct = total = 0
+    with torch.no_grad():
+        for key in pretrained.keys(HI_VAL):
+            label = card["classNames"].index(key.removeprefix(prefix + "/").split("/")[0])
+            image = Image.open(io.BytesIO(pretrained.get(f"s3://{bucket}/{key}"))).convert("RGB")
+            correct += int(model(transform(image).unsqueeze(0)).argmax(1).item() == label)
+            total += 1
+
+    assert total == card["data"]["validationImages"]
+    assert abs(correct / total - card["metrics"]["valAccuracy"]) <= 0.005

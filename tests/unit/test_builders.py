@@ -1,0 +1,357 @@
+"""The objects the operator creates for a job: what KubeRay and the API server accept, and what they hold."""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from kubetune_operator.builders import (
+    CONFIG_KEY,
+    CONFIG_PATH,
+    JOB_LABEL,
+    MANAGED_BY_LABEL,
+    QUEUE_LABEL,
+    SPEC_DIGEST_ANNOTATION,
+    TOKEN_PATH,
+    build_children,
+    spec_digest,
+)
+from kubetune_operator.config import trainer_config
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.spec import FineTuneJob
+from kubetune_trainer.config import ProgressTarget, TrainerConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RAYJOB_CRD = REPO_ROOT.parent / "shared" / "fixtures" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml"
+# The same Kubernetes version the chart's schemas are pinned to (tests/chart/k8s_schema.py).
+KUBERNETES_VERSION = "1.31.0"
+SETTINGS = OperatorSettings(trainer_image="registry.example/kubetune-trainer:1.2.3")
+
+
+def manifest(**spec_overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"architecture": "resnet18", "checkpoint": "s3://models/base/resnet18.safetensors"},
+        "data": {"train": "s3://datasets/flowers/train/"},
+        "output": {"path": "s3://runs/flowers/"},
+        "storage": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1", "credentialsSecret": "s3-creds"},
+    }
+    for section, values in spec_overrides.items():  # merged into the section; None removes a field
+        merged = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
+        spec[section] = {k: v for k, v in merged.items() if v is not None} if isinstance(merged, dict) else merged
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "flowers", "namespace": "vision", "uid": "3f1c2d4e-0000-4000-8000-000000000001"},
+        "spec": spec,
+    }
+
+
+def job(**spec_overrides: Any) -> FineTuneJob:
+    return FineTuneJob.from_body(manifest(**spec_overrides))
+
+
+def children(**spec_overrides: Any) -> dict[str, dict[str, Any]]:
+    return {obj["kind"]: obj for obj in build_children(job(**spec_overrides), SETTINGS)}
+
+
+# -- validation against the real schemas -----------------------------------------------------------------
+
+
+def _strict(node: Any) -> Any:
+    """The CRD schema, refusing unknown fields (as `kubectl apply --validate=strict` does)."""
+    if isinstance(node, dict):
+        out = {key: _strict(value) for key, value in node.items()}
+        if (
+            out.get("type") == "object"
+            and "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [_strict(item) for item in node]
+    return node
+
+
+@cache
+def rayjob_validator() -> jsonschema.protocols.Validator:
+    crd = yaml.load(RAYJOB_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    return validator_class(schema)
+
+
+def assert_valid_rayjob(rayjob: dict[str, Any]) -> None:
+    errors = sorted(rayjob_validator().iter_errors(rayjob), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+    # The pod templates inside are Kubernetes' own PodTemplateSpecs: check them with Kubernetes' schema too.
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+        kubernetes_validate.validate(pod_template, KUBERNETES_VERSION, strict=True)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "cpu-only": {"resources": {"workers": 2, "gpusPerWorker": 0, "cpusPerWorker": 2, "memoryPerWorker": "4Gi"}},
+    "multi-gpu-scheduling": {
+        "resources": {
+            "workers": 4,
+            "gpusPerWorker": 8,
+            "cpusPerWorker": 32,
+            "memoryPerWorker": "512Gi",
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {
+                    "key": "dedicated",
+                    "operator": "Equal",
+                    "value": "ml",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 60,
+                },
+            ],
+            "priorityClassName": "ml-high",
+        }
+    },
+    "run-policy": {
+        "runPolicy": {
+            "backoffLimit": 2,
+            "maxRetries": 5,
+            "activeDeadlineSeconds": 86400,
+            "ttlSecondsAfterFinished": 600,
+            "suspend": True,
+            "queueName": "gpu-queue",
+        }
+    },
+    "aws-no-secret": {"storage": {"region": "us-west-2", "endpoint": None, "credentialsSecret": None}},
+    "image-override": {"image": "registry.example/custom-trainer@sha256:" + "a" * 64},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
+def test_every_rayjob_is_valid_for_kuberay_and_kubernetes(variant: str) -> None:
+    assert_valid_rayjob(children(**VARIANTS[variant])["RayJob"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
+def test_config_map_and_service_account_are_valid_kubernetes_objects(variant: str) -> None:
+    objs = children(**VARIANTS[variant])
+    for kind in ("ConfigMap", "ServiceAccount"):
+        kubernetes_validate.validate(objs[kind], KUBERNETES_VERSION, strict=True)
+
+
+def test_the_strict_schema_catches_a_misspelt_field() -> None:
+    rayjob = copy.deepcopy(children()["RayJob"])
+    rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParam"] = {}
+    assert list(rayjob_validator().iter_errors(rayjob))
+
+
+# -- names, ownership, labels ----------------------------------------------------------------------------
+
+
+def test_children_have_deterministic_names_and_are_owned_by_the_job() -> None:
+    objs = children()
+    assert objs["ServiceAccount"]["metadata"]["name"] == "flowers-trainer"
+    assert objs["ConfigMap"]["metadata"]["name"] == "flowers-trainer-config"
+    assert objs["RayJob"]["metadata"]["name"] == "flowers"
+    for obj in objs.values():
+        meta = obj["metadata"]
+        assert meta["namespace"] == "vision"
+        assert meta["labels"][MANAGED_BY_LABEL] == "kubetune"
+        assert meta["labels"][JOB_LABEL] == "flowers"
+        (owner,) = meta["ownerReferences"]
+        assert owner == {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "flowers",
+            "uid": "3f1c2d4e-0000-4000-8000-000000000001",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def test_a_manifest_not_yet_stored_renders_without_owner() -> None:
+    body = manifest()
+    del body["metadata"]["uid"]
+    for obj in build_children(FineTuneJob.from_body(body), SETTINGS):
+        assert "ownerReferences" not in obj["metadata"]
+
+
+def test_queue_name_becomes_the_kueue_label() -> None:
+    assert QUEUE_LABEL not in children()["RayJob"]["metadata"]["labels"]
+    labels = children(runPolicy={"queueName": "gpu-queue"})["RayJob"]["metadata"]["labels"]
+    assert labels[QUEUE_LABEL] == "gpu-queue"
+
+
+# -- the RayJob ------------------------------------------------------------------------------------------
+
+
+def _groups(rayjob: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (workers,) = cluster["workerGroupSpecs"]
+    return cluster["headGroupSpec"], workers
+
+
+def _container(group: dict[str, Any]) -> dict[str, Any]:
+    (container,) = group["template"]["spec"]["containers"]
+    return container
+
+
+def test_rayjob_runs_the_trainer_on_the_mounted_config_and_cleans_up() -> None:
+    spec = children()["RayJob"]["spec"]
+    assert spec["entrypoint"] == f"python -m kubetune_trainer --config {CONFIG_PATH}"
+    assert spec["submissionMode"] == "HTTPMode"
+    assert spec["shutdownAfterJobFinishes"] is True
+    head, workers = _groups(children()["RayJob"])
+    for group in (head, workers):
+        mounts = {m["mountPath"]: m for m in _container(group)["volumeMounts"]}
+        assert CONFIG_PATH.startswith(mounts["/etc/kubetune"]["mountPath"])
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        assert volumes[mounts["/etc/kubetune"]["name"]]["configMap"]["name"] == "flowers-trainer-config"
+        assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory"}
+
+
+def test_workers_get_the_requested_gpus_cpus_and_memory_and_the_head_no_gpu() -> None:
+    rayjob = children(resources={"workers": 3, "gpusPerWorker": 2, "cpusPerWorker": 8, "memoryPerWorker": "64Gi"})
+    head, workers = _groups(rayjob["RayJob"])
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
+    resources = _container(workers)["resources"]
+    expected = {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}
+    assert resources == {"requests": expected, "limits": expected}
+    assert workers["rayStartParams"]["num-cpus"] == "8"
+    head_resources = _container(head)["resources"]
+    assert "nvidia.com/gpu" not in head_resources["requests"] | head_resources["limits"]
+    assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-cpus": "0"}
+
+
+def test_cpu_only_workers_ask_for_no_gpu_at_all() -> None:
+    _, workers = _groups(children(resources={"gpusPerWorker": 0})["RayJob"])
+    resources = _container(workers)["resources"]
+    assert "nvidia.com/gpu" not in resources["requests"] | resources["limits"]
+
+
+def test_scheduling_constraints_go_to_the_workers_and_priority_to_every_pod() -> None:
+    rayjob = children(**VARIANTS["multi-gpu-scheduling"])["RayJob"]
+    head, workers = _groups(rayjob)
+    worker_pod = workers["template"]["spec"]
+    assert worker_pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert worker_pod["tolerations"][1] == {
+        "key": "dedicated",
+        "operator": "Equal",
+        "value": "ml",
+        "effect": "NoExecute",
+        "tolerationSeconds": 60,
+    }
+    assert "nodeSelector" not in head["template"]["spec"]
+    assert worker_pod["priorityClassName"] == head["template"]["spec"]["priorityClassName"] == "ml-high"
+
+
+def test_run_policy_maps_to_kuberay_fields() -> None:
+    spec = children(**VARIANTS["run-policy"])["RayJob"]["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["suspend"]) == (2, 86400, True)
+    defaults = children()["RayJob"]["spec"]
+    assert (defaults["backoffLimit"], defaults["suspend"]) == (0, False)
+    assert "activeDeadlineSeconds" not in defaults
+
+
+def test_s3_settings_are_env_and_credentials_only_secret_references() -> None:
+    head, workers = _groups(children()["RayJob"])
+    for group in (head, workers):
+        env = {e["name"]: e for e in _container(group)["env"]}
+        assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+        assert env["AWS_REGION"]["value"] == env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert "value" not in env[key]
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": key, "optional": False}
+        assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_without_a_credentials_secret_the_pods_use_their_own_identity() -> None:
+    _, workers = _groups(children(**VARIANTS["aws-no-secret"])["RayJob"])
+    names = {e["name"] for e in _container(workers)["env"]}
+    assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+
+
+def test_pods_run_as_the_job_service_account_with_a_projected_progress_token() -> None:
+    head, workers = _groups(children()["RayJob"])
+    for group in (head, workers):
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == "flowers-trainer"
+        assert pod["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m for m in _container(group)["volumeMounts"]}
+        token_volume = next(v for v in volumes.values() if "projected" in v)
+        (source,) = token_volume["projected"]["sources"]
+        assert source["serviceAccountToken"]["audience"] == "kubetune.dev"
+        mount = mounts[token_volume["name"]]
+        assert f"{mount['mountPath']}/{source['serviceAccountToken']['path']}" == TOKEN_PATH
+        env = {e["name"]: e.get("value") for e in _container(group)["env"]}
+        assert env["KUBETUNE_PROGRESS_URL"] == "http://kubetune.kubetune-system.svc:8081/v1/progress/vision/flowers"
+
+
+def test_without_a_progress_endpoint_pods_get_no_token_and_no_url() -> None:
+    settings = OperatorSettings(progress_base_url=None)
+    objs = {o["kind"]: o for o in build_children(job(), settings)}
+    _, workers = _groups(objs["RayJob"])
+    assert not any("projected" in v for v in workers["template"]["spec"]["volumes"])
+    assert "KUBETUNE_PROGRESS_URL" not in {e["name"] for e in _container(workers)["env"]}
+    assert json.loads(objs["ConfigMap"]["data"][CONFIG_KEY])["progress"] is None
+
+
+def test_trainer_image_is_the_operators_unless_the_job_names_one() -> None:
+    head, workers = _groups(children()["RayJob"])
+    assert _container(head)["image"] == _container(workers)["image"] == SETTINGS.trainer_image
+    _, workers = _groups(children(**VARIANTS["image-override"])["RayJob"])
+    assert _container(workers)["image"] == VARIANTS["image-override"]["image"]
+
+
+# -- the ConfigMap and ServiceAccount --------------------------------------------------------------------
+
+
+def test_config_map_holds_the_trainer_config_with_the_progress_target() -> None:
+    the_job = job()
+    data = children()["ConfigMap"]["data"]
+    config = TrainerConfig.model_validate_json(data[CONFIG_KEY])
+    expected = trainer_config(
+        the_job,
+        progress=ProgressTarget(
+            url="http://kubetune.kubetune-system.svc:8081/v1/progress/vision/flowers", token_path=TOKEN_PATH
+        ),
+    )
+    assert config == expected
+    assert config.run_name == the_job.metadata.uid
+    assert json.loads(data[CONFIG_KEY])["progress"]["tokenPath"] == "/var/run/secrets/kubetune.dev/token"
+
+
+def test_service_account_mounts_no_api_token() -> None:
+    assert children()["ServiceAccount"]["automountServiceAccountToken"] is False
+
+
+def test_nothing_built_contains_a_secret_value() -> None:
+    text = yaml.safe_dump_all(build_children(job(), SETTINGS))
+    assert "secretKeyRef" in text
+    assert "aws_secret" not in text.lower().replace("aws_secret_access_key", "")
+
+
+# -- the spec digest that guards a running job -----------------------------------------------------------
+
+
+def test_spec_digest_ignores_suspend_and_ttl_but_not_what_shapes_the_run() -> None:
+    base = spec_digest(job())
+    assert spec_digest(job(runPolicy={"suspend": True, "ttlSecondsAfterFinished": 5})) == base
+    assert spec_digest(job(model={"checkpoint": "s3://models/base/other.safetensors"})) != base
+    assert spec_digest(job(training={"epochs": 3})) != base
+    assert spec_digest(job(resources={"workers": 2})) != base
+    assert children()["RayJob"]["metadata"]["annotations"][SPEC_DIGEST_ANNOTATION] == base

@@ -1,0 +1,197 @@
+"""The FineTuneJob model: defaults, typing as strict as the API server's, cross-field rules, status."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kubetune_operator.config import trainer_config
+from kubetune_operator.spec import (
+    Condition,
+    FineTuneJob,
+    FineTuneJobStatus,
+    ProgressStatus,
+)
+from kubetune_trainer.config import TrainerConfig, prefixes_overlap
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+MINIMAL: dict[str, Any] = {
+    "apiVersion": "kubetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "flowers"},
+    "spec": {
+        "model": {"architecture": "resnet50", "checkpoint": "s3://models/base/resnet50.safetensors"},
+        "data": {"train": "s3://datasets/flowers/train/"},
+        "output": {"path": "s3://runs/flowers/"},
+    },
+}
+
+
+def job_with(**spec_edits: Any) -> dict[str, Any]:
+    body = copy.deepcopy(MINIMAL)
+    for section, value in spec_edits.items():
+        body["spec"][section] = {**body["spec"].get(section, {}), **value}
+    return body
+
+
+def test_every_example_parses() -> None:
+    names = [FineTuneJob.from_body(yaml.safe_load(p.read_text())).metadata.name for p in EXAMPLES]
+    assert len(names) == len(set(names)) >= 4
+
+
+def test_minimal_job_gets_the_documented_defaults() -> None:
+    spec = FineTuneJob.from_body(MINIMAL).spec
+    assert (spec.model.strategy, spec.model.num_classes, spec.model.trainable_layers) == ("head", None, None)
+    assert (spec.training.epochs, spec.training.batch_size, spec.training.optimizer) == (10, 32, "adamw")
+    assert (spec.resources.workers, spec.resources.gpus_per_worker, spec.resources.memory_per_worker) == (
+        1,
+        1,
+        "16Gi",
+    )
+    assert (spec.storage.region, spec.storage.endpoint, spec.run_policy.suspend) == ("us-east-1", None, False)
+    assert spec.data.validation_split == 0.2
+
+
+@pytest.mark.parametrize(
+    ("section", "edit"),
+    [
+        ("training", {"epochs": "10"}),
+        ("training", {"epochs": 10.0}),
+        ("data", {"augment": "true"}),
+        ("data", {"augment": 1}),
+        ("training", {"learningRate": "0.001"}),
+        ("runPolicy", {"suspend": "false"}),
+    ],
+)
+def test_values_the_api_server_would_not_coerce_are_refused(section: str, edit: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        FineTuneJob.from_body(job_with(**{section: edit}))
+
+
+def test_an_integer_is_a_valid_number() -> None:
+    spec = FineTuneJob.from_body(job_with(training={"learningRate": 1, "weightDecay": 0})).spec
+    assert spec.training.learning_rate == 1.0
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("s3://b/data/train", "s3://b/data/train/", True),
+        ("s3://b/data/train/", "s3://b/data/train/x/", True),
+        ("s3://b", "s3://b/anything/", True),
+        ("s3://b/data/train", "s3://b/data/train-2", False),
+        ("s3://b/data/train/", "s3://c/data/train/", False),
+        ("s3://b/runs/", "s3://b/data/", False),
+    ],
+)
+def test_prefixes_overlap_by_whole_segments(a: str, b: str, overlap: bool) -> None:
+    assert prefixes_overlap(a, b) is overlap
+    assert prefixes_overlap(b, a) is overlap
+
+
+def test_output_may_sit_beside_the_data() -> None:
+    body = job_with(data={"validation": "s3://datasets/flowers/val/"}, output={"path": "s3://datasets/flowers-runs/"})
+    assert FineTuneJob.from_body(body).spec.output.path == "s3://datasets/flowers-runs/"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"model": {"strategy": "partial"}},
+        {"model": {"strategy": "full", "trainableLayers": 1}},
+        {"training": {"epochs": 2, "warmupEpochs": 2}},
+        {"output": {"path": "s3://datasets/flowers/train/out/"}},
+        {"data": {"validation": "s3://datasets/flowers/train/val/"}},
+    ],
+)
+def test_cross_field_rules_name_the_field_first(edit: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError) as caught:
+        FineTuneJob.from_body(job_with(**edit))
+    message = str(caught.value.errors()[0]["ctx"]["error"])
+    field = message.split(": ", 1)[0]
+    assert field in ("trainableLayers", "warmupEpochs", "output.path", "validation"), message
+
+
+def test_trainer_config_survives_the_json_the_trainer_reads() -> None:
+    job = FineTuneJob.from_body(yaml.safe_load((REPO / "examples" / "multi-gpu-full.yaml").read_text()))
+    config = trainer_config(job)
+    text = config.model_dump_json(by_alias=True)
+    assert TrainerConfig.model_validate_json(text) == config
+    assert TrainerConfig.model_validate(json.loads(text)) == config
+    assert json.loads(text)["scaling"] == {"workers": 4, "gpusPerWorker": 2, "cpusPerWorker": 16.0}
+
+
+# -- status ---------------------------------------------------------------------------------------------
+
+KOPF_BODY_STATUS = {
+    "phase": "Running",
+    "conditions": [
+        {
+            "type": "Running",
+            "status": "True",
+            "reason": "RayJobRunning",
+            "message": "training",
+            "lastTransitionTime": "2025-03-01T10:00:00Z",
+            "observedGeneration": 1,
+        }
+    ],
+    "progress": {
+        "epoch": 3,
+        "totalEpochs": 10,
+        "step": 300,
+        "totalSteps": 1000,
+        "percent": 30.0,
+        "etaSeconds": 420,
+        "metrics": {"trainLoss": 0.41, "valLoss": 0.52, "valAccuracy": 0.87, "imagesPerSecond": 812.5},
+        "latestCheckpoint": "s3://runs/flowers/checkpoints/epoch-3/",
+        "updatedAt": "2025-03-01T10:07:00Z",
+    },
+    "rayJobName": "flowers",
+    "dashboardURL": "http://flowers-head-svc.default.svc:8265",
+    "startTime": "2025-03-01T10:00:00Z",
+    "restarts": 0,
+    "observedGeneration": 1,
+    # What kopf keeps for itself, or an older operator wrote: ignored, never an error.
+    "kopf": {"progress": {}},
+    "retired": "field",
+}
+
+
+def test_a_body_with_status_and_server_metadata_parses() -> None:
+    body = copy.deepcopy(MINIMAL)
+    body["metadata"].update(
+        uid="5f0c", generation=1, creationTimestamp="2025-03-01T09:59:00Z", managedFields=[{"manager": "kubectl"}]
+    )
+    body["status"] = KOPF_BODY_STATUS
+    job = FineTuneJob.from_body(body)
+    assert job.status is not None and job.status.progress is not None and job.status.progress.metrics is not None
+    assert job.status.phase == "Running"
+    assert job.status.progress.metrics.val_accuracy == 0.87
+    assert job.status.conditions[0].last_transition_time.year == 2025
+    assert job.status.dashboard_url == "http://flowers-head-svc.default.svc:8265"
+
+
+def test_status_writes_the_crd_field_names() -> None:
+    wire = FineTuneJobStatus.model_validate(KOPF_BODY_STATUS).wire()
+    assert "dashboardURL" in wire and "rayJobName" in wire and "kopf" not in wire
+    assert wire["conditions"][0]["lastTransitionTime"] == "2025-03-01T10:00:00Z"
+    assert wire["progress"]["metrics"]["imagesPerSecond"] == 812.5
+
+
+def test_progress_percent_is_bounded() -> None:
+    with pytest.raises(ValidationError):
+        ProgressStatus(percent=100.5)
+
+
+def test_condition_reason_is_camel_case() -> None:
+    Condition(type="Failed", status="True", reason="CheckpointNotFound", last_transition_time="2025-03-01T10:00:00Z")
+    with pytest.raises(ValidationError):
+        Condition(type="Failed", status="True", reason="checkpoint not found", last_transition_time="2025-03-01")

@@ -1,0 +1,73 @@
+"""`python -m kubetune_trainer --config FILE`: the entrypoint of the RayJob, and of local runs.
+
+Inside a Ray cluster (RAY_ADDRESS set, as for a RayJob's entrypoint) it connects to the cluster and
+trains on its workers; elsewhere, or with --local, it starts a private local Ray instance.
+Exit codes: 0 done, 1 the run failed (one line says why), 2 the config file is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.local import guarded, run_local, setup_logging, summary, with_endpoint
+from kubetune_trainer.reporting import ConsoleReporter
+
+
+def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
+    """Train on the Ray cluster this process runs in (the RayJob's driver on the head node)."""
+    setup_logging()
+    started = time.monotonic()
+    config = with_endpoint(config, s3_endpoint)
+
+    def run() -> int:
+        import ray
+
+        from kubetune_trainer.run import check_inputs, prepare, store_for, train
+
+        ray.init()
+        scaling = config.scaling
+        inputs = check_inputs(config, store_for(config))
+        prepared = prepare(config, inputs, here=False, cpus=scaling.cpus_per_worker, gpus=scaling.gpus_per_worker)
+        outcome = train(
+            config,
+            prepared,
+            cpus_per_worker=scaling.cpus_per_worker,
+            use_gpu=scaling.gpus_per_worker > 0,
+            reporter=ConsoleReporter(),
+        )
+        summary(started, outcome.metrics, outcome.epochs, str(outcome.output))
+        return 0
+
+    return guarded(run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="trainer config JSON (TrainerConfig)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL, overriding the config's")
+    parser.add_argument("--local", action="store_true", help="train on a private local Ray even inside a cluster")
+    args = parser.parse_args(argv)
+    try:
+        config = TrainerConfig.model_validate_json(args.config.read_text())
+    except OSError as error:
+        print(f"kubetune: error: cannot read {args.config}: {error.strerror}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
+        for item in error.errors():
+            where = ".".join(str(p) for p in item["loc"])
+            print(f"kubetune: error: {args.config}: {where}: {item['msg']}", file=sys.stderr)
+        return 2
+    if os.environ.get("RAY_ADDRESS") and not args.local:
+        return run_in_cluster(config, s3_endpoint=args.s3_endpoint)
+    return run_local(config, s3_endpoint=args.s3_endpoint)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

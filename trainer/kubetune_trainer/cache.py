@@ -1,0 +1,55 @@
+"""A per-node cache of S3 objects, filled once per node whatever the number of workers on it.
+
+Entries are keyed by endpoint, URI, ETag and size, so a changed object gets a new entry and a stale one
+is never read. Workers on one node serialise on a file lock: the first downloads, the others find the
+entry complete. Files are written under a temporary name and renamed, so a crash leaves no half file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
+
+CACHE_DIR_ENV = "KUBETUNE_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """KUBETUNE_CACHE_DIR, else <tmp>/kubetune-cache (an emptyDir in the pods)."""
+    root = Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "kubetune-cache")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def digest(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:24]
+
+
+@contextmanager
+def node_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every process on this node (flock on `path`.lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_object(store: S3Store, uri: S3Uri, info: ObjectInfo, root: Path | None = None) -> Path:
+    """The local path of `uri` (as described by `info`), downloading it once per node."""
+    entry = (root or cache_root()) / "objects" / digest(store.endpoint, uri, info.etag, info.size)
+    path = entry / (uri.name or "object")
+    if path.is_file() and path.stat().st_size == info.size:
+        return path
+    with node_lock(entry):
+        if not (path.is_file() and path.stat().st_size == info.size):
+            store.download_file(uri, path)
+    return path

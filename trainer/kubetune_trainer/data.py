@@ -1,0 +1,301 @@
+"""Images from S3 in ImageFolder layout (<prefix>/<class>/<image>), cached on each node, and their transforms.
+
+The driver lists the bucket once (class folders in parallel) and decides the split: classes are the
+sorted folder names, validation is `data.validation` or a seeded, per-class split of train. Each node
+then downloads the listed images once into a local cache with many boto3 threads, decoding each image
+as it arrives; unreadable ones are skipped and counted, and more than MAX_CORRUPT_FRACTION of them
+fails the run. Training reads local files through a plain torch DataLoader.
+
+Why a node cache rather than Ray Data streaming from S3: fine-tuning sets are small enough to fit a
+node's disk, are read once per epoch for several epochs, and a map-style dataset keeps the
+DistributedSampler's exact sharding, seeded shuffling and exact resume; the download is paid once per
+node instead of once per epoch, and later epochs read at local-disk speed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from kubetune_trainer.cache import cache_root, digest, node_lock
+from kubetune_trainer.config import DataSpec
+from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.storage import DOWNLOAD_THREADS, ObjectInfo, S3Store, S3Uri
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MAX_CORRUPT_FRACTION = 0.01
+LIST_THREADS = 16
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its key in the bucket, its class index, and size/ETag to validate the cached copy."""
+
+    key: str
+    label: int
+    size: int
+    etag: str
+
+
+@dataclass
+class DatasetIndex:
+    """What a run trains and validates on; made by the driver, shipped to the workers."""
+
+    bucket: str
+    class_names: list[str]
+    train: list[Sample]
+    validation: list[Sample]
+    ignored_objects: int = 0
+    corrupt: dict[str, str] = field(default_factory=dict)
+    # Digest of the full listing (keys, ETags, sizes): names the node cache of this dataset.
+    cache_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.cache_key:
+            self.cache_key = digest(sorted((s.key, s.etag, s.size) for s in self.samples))
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.train + self.validation
+
+    def wire(self) -> dict[str, Any]:
+        # Tuples rather than dicts: an index can hold a million samples.
+        return {
+            "bucket": self.bucket,
+            "classNames": self.class_names,
+            "train": [[s.key, s.label, s.size, s.etag] for s in self.train],
+            "validation": [[s.key, s.label, s.size, s.etag] for s in self.validation],
+            "ignoredObjects": self.ignored_objects,
+            "corrupt": self.corrupt,
+            "cacheKey": self.cache_key,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> DatasetIndex:
+        return cls(
+            bucket=data["bucket"],
+            class_names=list(data["classNames"]),
+            train=[Sample(k, int(lbl), int(sz), e) for k, lbl, sz, e in data["train"]],
+            validation=[Sample(k, int(lbl), int(sz), e) for k, lbl, sz, e in data["validation"]],
+            ignored_objects=int(data.get("ignoredObjects", 0)),
+            corrupt=dict(data.get("corrupt", {})),
+            cache_key=str(data.get("cacheKey", "")),
+        )
+
+    def without_corrupt(self, corrupt: Mapping[str, str]) -> DatasetIndex:
+        return DatasetIndex(
+            bucket=self.bucket,
+            class_names=self.class_names,
+            train=[s for s in self.train if s.key not in corrupt],
+            validation=[s for s in self.validation if s.key not in corrupt],
+            ignored_objects=self.ignored_objects,
+            corrupt=dict(corrupt),
+            cache_key=self.cache_key,
+        )
+
+
+# -- listing and splitting (driver) ---------------------------------------------------------------
+
+
+def is_image(key: str) -> bool:
+    return key.lower().endswith(IMAGE_SUFFIXES)
+
+
+def list_image_folder(store: S3Store, prefix: S3Uri) -> tuple[dict[str, list[ObjectInfo]], int]:
+    """Images per class folder under `prefix` (nested folders belong to their class) and the count of
+    other objects ignored."""
+    classes = store.list_folders(prefix)
+    if not classes:
+        raise DataError(
+            f"no class folders under {prefix}/: expected images at {prefix}/<class>/<image>{'.jpg/.jpeg/.png/.webp'}"
+        )
+    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, len(classes))) as pool:
+        listings = list(pool.map(lambda c: store.list_objects(prefix.join(c)), classes))
+    by_class: dict[str, list[ObjectInfo]] = {}
+    ignored = 0
+    for name, objects in zip(classes, listings, strict=True):
+        images = sorted((o for o in objects if is_image(o.key)), key=lambda o: o.key)
+        ignored += len(objects) - len(images)
+        by_class[name] = images
+    return by_class, ignored
+
+
+def split_per_class(
+    by_class: Mapping[str, Sequence[ObjectInfo]], fraction: float, seed: int
+) -> tuple[dict[str, list[ObjectInfo]], dict[str, list[ObjectInfo]]]:
+    """A seeded split that keeps every class in both parts when it has two images or more.
+
+    The same keys, fraction and seed give the same split, whatever order S3 listed them in.
+    """
+    train: dict[str, list[ObjectInfo]] = {}
+    validation: dict[str, list[ObjectInfo]] = {}
+    for name, objects in by_class.items():
+        ordered = sorted(objects, key=lambda o: o.key)
+        random.Random(f"{seed}/{name}").shuffle(ordered)
+        n_val = round(len(ordered) * fraction)
+        n_val = max(1, min(n_val, len(ordered) - 1)) if len(ordered) >= 2 else 0
+        validation[name] = sorted(ordered[:n_val], key=lambda o: o.key)
+        train[name] = sorted(ordered[n_val:], key=lambda o: o.key)
+    return train, validation
+
+
+def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: int) -> DatasetIndex:
+    """List the dataset, name the classes and split it: everything the workers need to load it."""
+    train_prefix = S3Uri.parse(data.train)
+    by_class, ignored = list_image_folder(store, train_prefix)
+    empty = [c for c, images in by_class.items() if not images]
+    if empty:
+        raise DataError(
+            f"class folder(s) {', '.join(repr(c) for c in empty)} under {train_prefix}/ hold no images "
+            f"({'/'.join(IMAGE_SUFFIXES)})"
+        )
+    class_names = sorted(by_class)
+    if num_classes is not None and num_classes != len(class_names):
+        raise ConfigError(
+            f"model.numClasses: {num_classes} does not match the {len(class_names)} class folders under "
+            f"{train_prefix}/ ({', '.join(class_names[:10])}{', …' if len(class_names) > 10 else ''})"
+        )
+    if data.validation:
+        validation_prefix = S3Uri.parse(data.validation)
+        if validation_prefix.bucket != train_prefix.bucket:
+            raise ConfigError(f"data.validation: must be in the bucket of data.train ({train_prefix.bucket})")
+        val_by_class, val_ignored = list_image_folder(store, validation_prefix)
+        ignored += val_ignored
+        unknown = sorted(set(val_by_class) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"class folder(s) {', '.join(repr(c) for c in unknown)} under {validation_prefix}/ are not "
+                f"classes of {train_prefix}/"
+            )
+        train_split, val_split = dict(by_class), val_by_class
+    else:
+        train_split, val_split = split_per_class(by_class, data.validation_split, seed)
+
+    label = {name: i for i, name in enumerate(class_names)}
+
+    def samples(split: Mapping[str, Sequence[ObjectInfo]]) -> list[Sample]:
+        return [Sample(o.key, label[c], o.size, o.etag) for c in sorted(split) for o in split[c]]
+
+    index = DatasetIndex(train_prefix.bucket, class_names, samples(train_split), samples(val_split), ignored)
+    if not index.validation:
+        raise DataError(
+            f"no validation images: give data.validation or put at least 2 images per class in {train_prefix}/"
+        )
+    return index
+
+
+# -- the node cache (workers, or the driver when it shares the node) -------------------------------
+
+
+def dataset_dir(store: S3Store, index: DatasetIndex, root: Path | None = None) -> Path:
+    """The cache folder of this listing: a changed, added or removed image gives a new one."""
+    return (root or cache_root()) / "datasets" / digest(store.endpoint, index.bucket, index.cache_key)
+
+
+def verify_image(path: Path) -> str | None:
+    """None when the image decodes fully, else why not."""
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")
+    except Exception as error:  # PIL raises many types for bad files; any of them means unreadable.
+        return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    return None
+
+
+def prepare_images(store: S3Store, index: DatasetIndex, root: Path | None = None) -> tuple[Path, dict[str, str]]:
+    """Download and decode-check the images of `index` once per node; returns the folder and the
+    unreadable images (key → reason). Other processes on the node wait for the first one, then find
+    every image already checked in the folder's `checked.json`."""
+    folder = dataset_dir(store, index, root)
+    checked_file = folder / "checked.json"
+    with node_lock(folder):
+        checked: dict[str, str | None] = json.loads(checked_file.read_text()) if checked_file.is_file() else {}
+        todo = [s for s in index.samples if s.key not in checked or not (folder / s.key).is_file()]
+
+        def ensure(sample: Sample) -> tuple[str, str | None]:
+            path = folder / sample.key
+            if not (path.is_file() and path.stat().st_size == sample.size):
+                store.download_file(S3Uri(index.bucket, sample.key), path)
+            return sample.key, verify_image(path)
+
+        if todo:
+            with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="images") as pool:
+                checked.update(pool.map(ensure, todo))
+            tmp = checked_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(checked))
+            os.replace(tmp, checked_file)
+    corrupt = {s.key: reason for s in index.samples if (reason := checked.get(s.key))}
+    return folder, corrupt
+
+
+def check_corrupt(index: DatasetIndex, corrupt: Mapping[str, str]) -> None:
+    """Fail when more than MAX_CORRUPT_FRACTION of the images are unreadable; else log what is skipped."""
+    if not corrupt:
+        return
+    total = len(index.samples)
+    examples = "; ".join(f"s3://{index.bucket}/{k} ({why})" for k, why in sorted(corrupt.items())[:3])
+    share = len(corrupt) / total
+    if share > MAX_CORRUPT_FRACTION:
+        raise DataError(
+            f"{len(corrupt)} of {total} images ({share:.1%}) are corrupt or unreadable, more than the "
+            f"{MAX_CORRUPT_FRACTION:.0%} allowed; e.g. {examples}"
+        )
+    log.warning("skipping %d unreadable image(s) of %d: %s", len(corrupt), total, examples)
+
+
+# -- torch side (workers) -------------------------------------------------------------------------
+
+
+class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """Local image files and their labels, decoded to RGB and transformed on access."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: Callable[[Any], Any]) -> None:
+        self.paths = [str(p) for p in paths]
+        self.labels = list(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[i]) as image:
+            rgb = image.convert("RGB")
+        return self.transform(rgb), self.labels[i]
+
+
+def build_transforms(data_cfg: Mapping[str, Any], augment: bool) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """(train, eval) transforms from timm's data config; train without augmentation is the eval one."""
+    import timm.data
+
+    common = {
+        "input_size": tuple(data_cfg["input_size"]),
+        "interpolation": data_cfg.get("interpolation", "bilinear"),
+        "mean": tuple(data_cfg["mean"]),
+        "std": tuple(data_cfg["std"]),
+    }
+    eval_tf = timm.data.create_transform(
+        **common, is_training=False, crop_pct=data_cfg.get("crop_pct"), crop_mode=data_cfg.get("crop_mode")
+    )
+    train_tf = timm.data.create_transform(**common, is_training=True) if augment else eval_tf
+    return train_tf, eval_tf
+
+
+def datasets(
+    folder: Path, index: DatasetIndex, data_cfg: Mapping[str, Any], augment: bool
+) -> tuple[ImageFiles, ImageFiles]:
+    train_tf, eval_tf = build_transforms(data_cfg, augment)
+    train = ImageFiles([folder / s.key for s in index.train], [s.label for s in index.train], train_tf)
+    validation = ImageFiles([folder / s.key for s in index.validation], [s.label for s in index.validation], eval_tf)
+    return train, validation

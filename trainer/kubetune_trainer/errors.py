@@ -1,0 +1,37 @@
+"""Errors that end a run with a one-line reason a user can act on.
+
+Each carries only a message (so it pickles across Ray processes unchanged), and the message names the
+field or the s3:// URI at fault. Anything else escaping the trainer is a bug and is shown with its type.
+"""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """A run cannot continue; str(error) is the one-line reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type[TrainerError], tuple[str]]:
+        return (type(self), (self.message,))
+
+
+class ConfigError(TrainerError):
+    """The configuration cannot work (unknown architecture, class count mismatch…)."""
+
+
+class StorageError(TrainerError):
+    """An S3 object or bucket is missing or not accessible."""
+
+
+class CheckpointError(TrainerError):
+    """The base weights cannot be loaded safely into the architecture."""
+
+
+class DataError(TrainerError):
+    """The dataset is empty, malformed or has too many unreadable images."""

@@ -1,0 +1,173 @@
+"""The result of a run, under `output.path`: the model and what it takes to use and judge it.
+
+    model.safetensors      the final weights (server-side copy of the last checkpoint's)
+    model.json             architecture, classes in index order, preprocessing, final metrics, provenance
+    history.json           one entry per epoch: trainLoss, valLoss, valAccuracy, imagesPerSecond, learningRate
+    training-curves.png    loss and accuracy per epoch
+
+Reload outside the trainer:
+
+    card = json.load(open("model.json"))
+    model = timm.create_model(card["architecture"], num_classes=card["numClasses"])
+    safetensors.torch.load_model(model, "model.safetensors")
+    transform = timm.data.create_transform(**card["dataConfig"], is_training=False)
+
+The pieces (history, curves with any panels, the model card's common part) are task-agnostic so other
+tasks (detection) export through the same functions with their own metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune_trainer.checkpoint import MODEL_FILE, PROGRESS_FILE
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.data import DatasetIndex
+from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.model import WeightsReport
+from kubetune_trainer.storage import S3Store, S3Uri
+
+MODEL_FORMAT = "kubetune.dev/model/v1"
+HISTORY_FILE = "history.json"
+CARD_FILE = "model.json"
+CURVES_FILE = "training-curves.png"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plot of the curves figure: `series` are (history key, legend label)."""
+
+    title: str
+    ylabel: str
+    series: tuple[tuple[str, str], ...]
+    percent: bool = False
+
+
+CLASSIFICATION_PANELS = (
+    Panel("Loss", "cross-entropy", (("trainLoss", "train"), ("valLoss", "validation"))),
+    Panel("Validation accuracy", "top-1", (("valAccuracy", "validation"),), percent=True),
+)
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], panels: Sequence[Panel], title: str) -> bytes:
+    """A PNG with one panel per metric group, epochs on x, final values annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    epochs = [int(e["epoch"]) for e in history]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for key, label in panel.series:
+            points = [(x, e[key]) for x, e in zip(epochs, history, strict=True) if e.get(key) is not None]
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            (line,) = ax.plot(xs, ys, marker="o", linewidth=2, label=label)
+            final = f"{ys[-1]:.1%}" if panel.percent else f"{ys[-1]:.4f}"
+            ax.annotate(
+                final,
+                (xs[-1], ys[-1]),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                color=line.get_color(),
+                fontsize=9,
+            )
+        ax.set_title(panel.title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(panel.ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if panel.percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def classification_card(
+    config: TrainerConfig,
+    index: DatasetIndex,
+    data_config: Mapping[str, Any],
+    weights: WeightsReport,
+    history: Sequence[Mapping[str, Any]],
+    finished_at: datetime,
+) -> dict[str, Any]:
+    """model.json: everything needed to use the model, and where it came from."""
+    final = dict(history[-1]) if history else {}
+    size = data_config["input_size"]
+    return {
+        "format": MODEL_FORMAT,
+        "task": "classification",
+        "architecture": config.model.architecture,
+        "numClasses": len(index.class_names),
+        "classNames": index.class_names,
+        "imageSize": int(size[-1]),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+        "interpolation": data_config.get("interpolation"),
+        "cropPct": data_config.get("crop_pct"),
+        # timm's own keys: timm.data.create_transform(**dataConfig, is_training=False)
+        "dataConfig": dict(data_config),
+        "metrics": {k: final[k] for k in ("trainLoss", "valLoss", "valAccuracy", "imagesPerSecond") if k in final},
+        "epochs": len(history),
+        "finishedAt": finished_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "baseCheckpoint": config.model.checkpoint,
+        "strategy": config.model.strategy,
+        "trainableLayers": config.model.trainable_layers,
+        "training": config.training.wire(),
+        "weightLoading": weights.wire(),
+        "data": {
+            "train": config.data.train,
+            "validation": config.data.validation,
+            "validationSplit": None if config.data.validation else config.data.validation_split,
+            "trainImages": len(index.train),
+            "validationImages": len(index.validation),
+            "corruptImages": len(index.corrupt),
+        },
+        "job": {"name": config.job_name, "namespace": config.namespace, "runName": config.run_name},
+        "files": {"weights": MODEL_FILE, "history": HISTORY_FILE, "curves": CURVES_FILE},
+    }
+
+
+def read_history(store: S3Store, checkpoint: S3Uri) -> list[dict[str, Any]]:
+    progress = json.loads(store.get_bytes(checkpoint.join(PROGRESS_FILE)))
+    return list(progress["history"])
+
+
+def export_model(
+    store: S3Store,
+    config: TrainerConfig,
+    checkpoint: S3Uri,
+    card: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    panels: Sequence[Panel] = CLASSIFICATION_PANELS,
+) -> S3Uri:
+    """Write the four files under output.path (overwriting: exporting twice gives the same result)."""
+    if len(history) != config.training.epochs:
+        raise TrainerError(
+            f"the last checkpoint {checkpoint} has {len(history)} epochs of history, expected {config.training.epochs}"
+        )
+    out = S3Uri.parse(config.output.path)
+    store.copy(checkpoint.join(MODEL_FILE), out.join(MODEL_FILE))
+    store.put_bytes(out.join(HISTORY_FILE), json.dumps(list(history), indent=2).encode(), "application/json")
+    store.put_bytes(
+        out.join(CURVES_FILE),
+        plot_curves(history, panels, f"{config.job_name}: {config.model.architecture}"),
+        "image/png",
+    )
+    # model.json last: its presence says the export is complete.
+    store.put_bytes(out.join(CARD_FILE), json.dumps(dict(card), indent=2).encode(), "application/json")
+    return out

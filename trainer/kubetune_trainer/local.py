@@ -1,0 +1,118 @@
+"""`kubetune run FILE --local` and `python -m kubetune_trainer` outside a cluster: train on this machine.
+
+A private local Ray instance (never an existing one that happens to be running), sized to this machine;
+GPUs when CUDA is there, otherwise CPU with a warning. Exit 0 on success, 1 with a one-line reason on
+failure, 130 when interrupted; the run resumes from its last checkpoint when started again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.reporting import ConsoleReporter, format_duration
+from kubetune_trainer.storage import resolve_endpoint
+
+log = logging.getLogger("kubetune_trainer")
+
+# Set to 1 to see the Ray workers' own logs on the console (they are always in /tmp/ray/session_*/logs).
+RAY_LOGS_ENV = "KUBETUNE_RAY_LOGS"
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("kubetune: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def with_endpoint(config: TrainerConfig, s3_endpoint: str | None) -> TrainerConfig:
+    """The config with the endpoint every process must use written in (workers do not see our flags)."""
+    endpoint = resolve_endpoint(config.storage.endpoint, s3_endpoint)
+    return config.model_copy(update={"storage": config.storage.model_copy(update={"endpoint": endpoint})})
+
+
+def local_resources(config: TrainerConfig, cpus: int, cuda: bool) -> tuple[float, bool]:
+    """(CPUs per worker, use GPU) that this machine can give every worker at once."""
+    workers = config.scaling.workers
+    per_worker = min(config.scaling.cpus_per_worker, max(1, cpus // workers))
+    if per_worker < config.scaling.cpus_per_worker:
+        log.warning(
+            "this machine has %d CPUs: %d worker(s) get %g CPU(s) each instead of %g",
+            cpus,
+            workers,
+            per_worker,
+            config.scaling.cpus_per_worker,
+        )
+    use_gpu = config.scaling.gpus_per_worker > 0
+    if use_gpu and not cuda:
+        log.warning("no CUDA GPU on this machine: training on CPU (fp32), which is much slower")
+        use_gpu = False
+    return float(per_worker), use_gpu
+
+
+def guarded(action: Callable[[], int]) -> int:
+    """Run `action`, turning the ways a run ends into an exit code and one line on stderr."""
+    try:
+        return action()
+    except TrainerError as error:
+        print(f"kubetune: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kubetune: interrupted; run it again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def summary(started: float, metrics: dict[str, float], epochs: int, output: str) -> None:
+    accuracy = metrics.get("valAccuracy")
+    loss = metrics.get("valLoss")
+    figures = (
+        f"validation accuracy {accuracy:.2%}, loss {loss:.4f}" if accuracy is not None and loss is not None else ""
+    )
+    print(f"kubetune: trained {epochs} epochs in {format_duration(time.monotonic() - started)}: {figures}")
+    print(f"kubetune: model at {output}/model.safetensors (model.json, history.json, training-curves.png)")
+
+
+def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
+    """Train `config` on a private local Ray instance; the exit code for the CLI."""
+    setup_logging()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = time.monotonic()
+    config = with_endpoint(config, s3_endpoint)
+
+    def run() -> int:
+        import ray
+        import torch
+
+        from kubetune_trainer.run import check_inputs, prepare, store_for, train
+
+        cpus = os.cpu_count() or 1
+        cpus_per_worker, use_gpu = local_resources(config, cpus, torch.cuda.is_available())
+        inputs = check_inputs(config, store_for(config))
+        # Same node as the workers: prepare here, and the workers find the cache filled.
+        prepared = prepare(config, inputs, here=True)
+        ray.init(
+            address="local",
+            num_cpus=max(cpus, int(cpus_per_worker * config.scaling.workers)),
+            num_gpus=torch.cuda.device_count() if use_gpu else 0,
+            include_dashboard=False,
+            log_to_driver=os.environ.get(RAY_LOGS_ENV) == "1",
+            logging_level=logging.WARNING,
+        )
+        try:
+            outcome = train(
+                config, prepared, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, reporter=ConsoleReporter()
+            )
+        finally:
+            ray.shutdown()
+        summary(started, outcome.metrics, outcome.epochs, str(outcome.output))
+        return 0
+
+    return guarded(run)

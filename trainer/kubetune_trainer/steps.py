@@ -1,0 +1,66 @@
+"""The training and evaluation steps, in plain torch (no Ray, no S3): what the loop runs per batch.
+
+Kept apart so the benchmark can time exactly the trainer's step against a plain loop, and another task
+(detection) can bring its own step while reusing the loop's checkpointing and reporting. On GPU the
+step runs under bf16 (or fp16 with a grad scaler) autocast on channels_last inputs; on CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def autocast_for(device: torch.device, precision: str) -> Autocast:
+    """Mixed precision on CUDA as asked (bf16/fp16); fp32 elsewhere or when asked."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@dataclass
+class Stepper:
+    """One optimizer step of image classification, and exact evaluation sums."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    autocast: Autocast
+    channels_last: bool
+
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, optimizer and schedule step; returns the batch's loss, still on the device
+        (reading it would synchronise the GPU every step)."""
+        with self.autocast():
+            loss = nn.functional.cross_entropy(self.model(self._input(images)), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def eval_sums(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
+        """[summed loss, correct, count] over `batches`, in float64 on `device`, for an all-reduce."""
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for images, labels in batches:
+                with self.autocast():
+                    logits = self.model(self._input(images))
+                sums[0] += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+                sums[1] += (logits.argmax(1) == labels).sum()
+                sums[2] += labels.numel()
+        return sums
