@@ -105,7 +105,14 @@ def test_kubetune_demo_runs_the_job_end_to_end(tmp_path: Path, kubectl_bin: str)
 
     out = io.StringIO()
     args = demo.parse_args(
-        ["--workdir", str(tmp_path / "demo"), "--manifest", str(REPO / "examples" / "demo-finetunejob.yaml")]
+        [
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--manifest",
+            str(REPO / "examples" / "demo-finetunejob.yaml"),
+            "--timeout",
+            "480",
+        ]
     )
     code = demo.run(args, out, on_finished=while_up)
     printed = out.getvalue()

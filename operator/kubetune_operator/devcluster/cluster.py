@@ -124,10 +124,7 @@ class OperatorThread:
 
         async def main() -> None:
             self._task = asyncio.current_task()
-            registry = build_registry()
-            activities = {str(getattr(h, "activity", "")) for h in registry._activities.get_all_handlers()}
-            if not any("authentication" in activity.lower() for activity in activities):
-                kopf.on.login(registry=registry)(login)
+            registry = build_registry(login=login)
             kube = Kube(client.ApiClient(configuration))
             try:
                 await run_operator(
@@ -200,6 +197,7 @@ class DevCluster:
         self.kuberay: KubeRayStandIn | None = None
         self.operator: OperatorThread | None = None
         self.operator_process: subprocess.Popen[bytes] | None = None
+        self.operator_process_metrics_url = ""
         self._kuberay_task: asyncio.Future[None] | None = None
         self._runner: Any = None
         self._kube: AsyncKube | None = None
@@ -466,7 +464,18 @@ class DevCluster:
     def start_operator_process(self, *args: str, log_file: Path | None = None) -> subprocess.Popen[bytes]:
         """`python -m kubetune_operator` as its own process (SIGKILL it for a crash test)."""
         log_path = log_file or self.workdir / "operator.log"
-        env = {**os.environ, **self.env(), "PYTHONUNBUFFERED": "1"}
+        metrics_port, progress_port = free_port(), free_port()
+        self.operator_process_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        env = {
+            **os.environ,
+            **self.env(),
+            "PYTHONUNBUFFERED": "1",
+            # Free ports, so a second operator (or another test's) never collides on the defaults.
+            "KUBETUNE_METRICS_PORT": str(metrics_port),
+            "KUBETUNE_PROGRESS_PORT": str(progress_port),
+            "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{progress_port}",
+            "KUBETUNE_LIVENESS_URL": f"http://127.0.0.1:{free_port()}/healthz",
+        }
         with log_path.open("ab") as out:
             self.operator_process = subprocess.Popen(
                 [sys.executable, "-m", "kubetune_operator", *args],

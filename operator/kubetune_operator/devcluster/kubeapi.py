@@ -293,7 +293,8 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
         self.register(kind_from_crd(crd))
 
     def install_crd_file(self, path: str | Path) -> None:
-        for doc in yaml.safe_load_all(Path(path).read_text()):
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # KubeRay's CRD is 1.4 MB of YAML
+        for doc in yaml.load_all(Path(path).read_text(), Loader=loader):
             if doc and doc.get("kind") == "CustomResourceDefinition":
                 self.install_crd(doc)
 

@@ -348,6 +348,7 @@ class RayJobController:
         self.run = run
         if self.standin.start_ray:
             run.head = RayHead({**base, **head_env, **worker_env}, workdir, num_cpus=num_cpus)
+            self.standin.temp_dirs.append(run.head.temp_dir)
             await run.head.start()
             try:
                 await run.head.wait_ready()
@@ -426,6 +427,7 @@ class KubeRayStandIn:
         self.start_ray = start_ray
         self.inherit_env = inherit_env
         self.controllers: dict[str, RayJobController] = {}
+        self.temp_dirs: list[Path] = []  # Ray heads' socket dirs, swept again at the end
 
     def controller(self, namespace: str, name: str) -> RayJobController | None:
         for ctl in self.controllers.values():
@@ -465,3 +467,6 @@ class KubeRayStandIn:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.controllers.clear()
         await self.kube.close()
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        self.temp_dirs.clear()
