@@ -1,9 +1,11 @@
 """Fixtures of the trainer tests: one moto S3 server, one digits dataset and one pretrained model per session.
 
-- `trainer_env` (session, autouse): test credentials and a private node cache in the environment.
+- `trainer_env` (autouse): test credentials and the session's node cache in the environment, for the
+  code under test that runs in this process (and the Ray processes it starts); restored after each test.
 - `s3_endpoint` (session): moto's S3 server over real HTTP.
 - `world` (session): a `DigitsWorld` with the buckets made; `digits` adds the digits 5-9 dataset and
-  `pretrained` the test_resnet weights trained on digits 0-4 (each built once, on first use).
+  `pretrained` the test_resnet weights trained on digits 0-4, `small_digits` a 300-image ImageFolder
+  (each built once, on first use).
 """
 
 from __future__ import annotations
@@ -12,20 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from digits_world import CREDENTIALS, DigitsWorld
+from digits_world import CREDENTIALS, SMALL_TRAIN, DigitsWorld
 from moto.server import ThreadedMotoServer
 
 
-@pytest.fixture(scope="session", autouse=True)
-def trainer_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in CREDENTIALS.items():
-            patch.setenv(key, value)
-        patch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path_factory.mktemp("node-cache")))
-        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        patch.delenv("RAY_ADDRESS", raising=False)
-        patch.delenv("AWS_ENDPOINT_URL", raising=False)
-        yield
+@pytest.fixture(scope="session")
+def node_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("node-cache")
+
+
+@pytest.fixture(autouse=True)
+def trainer_env(monkeypatch: pytest.MonkeyPatch, node_cache: Path) -> None:
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(node_cache))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +45,8 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def world(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> DigitsWorld:
-    return DigitsWorld(s3_endpoint, tmp_path_factory.mktemp("digits"))
+def world(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, node_cache: Path) -> DigitsWorld:
+    return DigitsWorld(s3_endpoint, tmp_path_factory.mktemp("digits"), node_cache)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +61,8 @@ def pretrained(digits: DigitsWorld) -> DigitsWorld:
     return digits
 
 
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return tmp_path
+@pytest.fixture(scope="session")
+def small_digits(pretrained: DigitsWorld) -> str:
+    """60 images of each digit 5-9 in one ImageFolder (split by the trainer): quick epochs."""
+    pretrained.upload_folder(SMALL_TRAIN, per_class=60)
+    return SMALL_TRAIN

@@ -35,6 +35,7 @@ MODEL_BUCKET = "models"
 OUT_BUCKET = "results"
 HI_TRAIN = f"s3://{DATA_BUCKET}/digits-hi/train"
 HI_VAL = f"s3://{DATA_BUCKET}/digits-hi/val"
+SMALL_TRAIN = f"s3://{DATA_BUCKET}/digits-small"
 PRETRAINED = f"s3://{MODEL_BUCKET}/digits-0-4/{ARCH}.safetensors"
 RANDOM_INIT = f"s3://{MODEL_BUCKET}/random/{ARCH}.safetensors"
 CREDENTIALS = {
@@ -60,10 +61,17 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 class DigitsWorld:
-    def __init__(self, endpoint: str, workdir: Path) -> None:
+    def __init__(self, endpoint: str, workdir: Path, cache_dir: Path) -> None:
         self.endpoint = endpoint
         self.workdir = workdir
-        self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+        self.cache_dir = cache_dir
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=REGION,
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
         for bucket in (DATA_BUCKET, MODEL_BUCKET, OUT_BUCKET):
             self.s3.create_bucket(Bucket=bucket)
 
@@ -132,7 +140,7 @@ class DigitsWorld:
         torch.set_num_threads(2)
         try:
             optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-            epochs, batch = 5, 32
+            epochs, batch = 3, 32
             steps = epochs * ((len(x) + batch - 1) // batch)
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
             generator = torch.Generator().manual_seed(0)
@@ -215,8 +223,15 @@ class DigitsWorld:
         return manifest
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, **CREDENTIALS, "RAY_USAGE_STATS_ENABLED": "0", **extra}
+        env = {
+            **os.environ,
+            **CREDENTIALS,
+            "KUBETUNE_CACHE_DIR": str(self.cache_dir),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            **extra,
+        }
         env.pop("RAY_ADDRESS", None)
+        env.pop("AWS_ENDPOINT_URL", None)
         return env
 
     def kubetune_run(self, manifest: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:

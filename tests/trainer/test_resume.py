@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -45,10 +46,16 @@ def kill_group(pid: int) -> None:
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld) -> None:
-    output, epochs = "s3://results/resume/driver", 5
+def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld, small_digits: str) -> None:
+    output, epochs = "s3://results/resume/driver", 4
     manifest = pretrained.job(
-        "resume-driver", output=output, epochs=epochs, validation=None, strategy="full", trainable_layers=None
+        "resume-driver",
+        output=output,
+        train=small_digits,
+        validation=None,
+        epochs=epochs,
+        strategy="full",
+        trainable_layers=None,
     )
     first = pretrained.kubetune_popen(manifest)
     try:
@@ -62,7 +69,11 @@ def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld)
     second = pretrained.kubetune_run(manifest)
 
     assert second.returncode == 0, second.stderr
-    assert f"resumed from {output}/checkpoints/resume-driver/epoch-000" in second.stderr
+    resumed = re.search(
+        rf"resumed from {output}/checkpoints/resume-driver/epoch-(\d+) after epoch (\d+)", second.stderr
+    )
+    assert resumed, second.stderr
+    assert 1 <= int(resumed[2]) < epochs, "the first run was killed only after it had finished training"
     history = json.loads(pretrained.get(f"{output}/history.json"))
     assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
     card = json.loads(pretrained.get(f"{output}/model.json"))
@@ -70,10 +81,21 @@ def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld)
 
 
 @pytest.mark.slow
-def test_failed_worker_restarts_from_checkpoint_and_frozen_layers_stay(pretrained: DigitsWorld) -> None:
+def test_failed_worker_restarts_from_checkpoint_and_frozen_layers_stay(
+    pretrained: DigitsWorld, small_digits: str
+) -> None:
     output, epochs = "s3://results/resume/worker", 3
+    # Two DDP workers of one CPU each: rank 0 fails, the whole group restarts from the checkpoint.
     manifest = pretrained.job(
-        "resume-worker", output=output, epochs=epochs, validation=None, strategy="head", trainable_layers=None
+        "resume-worker",
+        output=output,
+        train=small_digits,
+        validation=None,
+        epochs=epochs,
+        strategy="head",
+        trainable_layers=None,
+        workers=2,
+        cpus_per_worker=1,
     )
 
     run = pretrained.kubetune_run(manifest, **{FAULT_ENV: "1"})
@@ -82,6 +104,10 @@ def test_failed_worker_restarts_from_checkpoint_and_frozen_layers_stay(pretraine
     assert f"resumed from {output}/checkpoints/resume-worker/epoch-0001 after epoch 1" in run.stderr
     history = json.loads(pretrained.get(f"{output}/history.json"))
     assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
+    checkpoint = pretrained.keys(f"{output}/checkpoints/resume-worker/epoch-0003")
+    assert {k.rsplit("/", 1)[1] for k in checkpoint} >= {"model.safetensors", "rng-rank0.pt", "rng-rank1.pt"}
+    card = json.loads(pretrained.get(f"{output}/model.json"))
+    assert card["data"]["trainImages"] + card["data"]["validationImages"] == 300
 
     # strategy head: everything but the classifier is bit-identical to the base weights (BatchNorm
     # statistics included), even across the restart.

@@ -11,6 +11,8 @@ from digits_world import HI_TRAIN, DigitsWorld
 from kubetune_trainer.local import run_local
 from kubetune_trainer.storage import S3Store, S3Uri
 
+PLACEHOLDER = "s3://models/placeholder/weights.safetensors"
+
 
 class CreatesFile:
     def __init__(self, path: Path) -> None:
@@ -40,11 +42,10 @@ def test_missing_bucket_names_the_bucket(digits: DigitsWorld, capsys: pytest.Cap
     fails_with(capsys, code, "bucket 'no-such-bucket' does not exist", "s3://no-such-bucket/w.safetensors")
 
 
-def test_missing_output_bucket_fails_before_training(
-    pretrained: DigitsWorld, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config = pretrained.config("missing-output", output="s3://no-results-bucket/run")
-    code = run_local(config, s3_endpoint=pretrained.endpoint)
+def test_missing_output_bucket_fails_before_training(digits: DigitsWorld, capsys: pytest.CaptureFixture[str]) -> None:
+    digits.put(PLACEHOLDER, b"never read: the run stops before")
+    config = digits.config("missing-output", checkpoint=PLACEHOLDER, output="s3://no-results-bucket/run")
+    code = run_local(config, s3_endpoint=digits.endpoint)
     fails_with(capsys, code, "bucket 'no-results-bucket' does not exist", "s3://no-results-bucket/run")
 
 
@@ -61,10 +62,11 @@ def test_malicious_pickle_is_refused_and_never_runs(
     assert not victim.exists()
 
 
-def test_class_count_mismatch_names_the_field(pretrained: DigitsWorld, capsys: pytest.CaptureFixture[str]) -> None:
-    manifest_config = pretrained.config("mismatch", output="s3://results/mismatch")
+def test_class_count_mismatch_names_the_field(digits: DigitsWorld, capsys: pytest.CaptureFixture[str]) -> None:
+    digits.put(PLACEHOLDER, b"never read: the run stops before")
+    manifest_config = digits.config("mismatch", checkpoint=PLACEHOLDER, output="s3://results/mismatch")
     config = manifest_config.model_copy(update={"model": manifest_config.model.model_copy(update={"num_classes": 7})})
-    code = run_local(config, s3_endpoint=pretrained.endpoint)
+    code = run_local(config, s3_endpoint=digits.endpoint)
     fails_with(capsys, code, f"model.numClasses: 7 does not match the 5 class folders under {HI_TRAIN}/")
 
 
@@ -83,3 +85,43 @@ def test_cli_reports_one_line_and_exit_code(digits: DigitsWorld) -> None:
     assert run.returncode == 1, run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("kubetune: error: no such object: s3://models/absent/w.safetensors"), run.stderr
+
+
+def test_trainer_entrypoint_rejects_a_bad_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kubetune_trainer.__main__ import main
+
+    path = tmp_path / "trainer-config.json"
+    path.write_text('{"jobName": "x", "runName": "x", "model": {"architecture": "resnet50"}}')
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"kubetune: error: {path}: model.checkpoint: Field required" in err
+    assert main(["--config", str(tmp_path / "absent.json")]) == 2
+
+
+@pytest.mark.slow
+def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_path: Path) -> None:
+    """On a cluster the node is prepared by a Ray task; its verdicts reach the driver as TrainerErrors."""
+    import ray
+
+    from kubetune_trainer.errors import TrainerError
+    from kubetune_trainer.local import with_endpoint
+    from kubetune_trainer.run import check_inputs, prepare, store_for
+
+    victim = tmp_path / "created-by-pickle"
+    pretrained.put("s3://models/evil/cluster.pt", pickle.dumps({"model": CreatesFile(victim)}))
+    good = with_endpoint(pretrained.config("cluster-good", output="s3://results/cluster"), pretrained.endpoint)
+    evil = with_endpoint(
+        pretrained.config("cluster-evil", checkpoint="s3://models/evil/cluster.pt", output="s3://results/cluster"),
+        pretrained.endpoint,
+    )
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        prepared = prepare(good, check_inputs(good, store_for(good)), here=False, cpus=1)
+        with pytest.raises(TrainerError, match=r"refused to load s3://models/evil/cluster.pt"):
+            prepare(evil, check_inputs(evil, store_for(evil)), here=False, cpus=1)
+    finally:
+        ray.shutdown()
+    assert prepared.data_config["input_size"] == [3, 32, 32]
+    assert sorted(prepared.weights_report.dropped_keys) == ["fc.bias", "fc.weight"]
+    assert len(prepared.index.class_names) == 5 and not prepared.index.corrupt
+    assert not victim.exists()

@@ -8,6 +8,7 @@ Exit codes: 0 done, 1 the run failed (one line says why), 2 the config file is u
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -18,6 +19,20 @@ from pydantic import ValidationError
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.local import guarded, run_local, setup_logging, summary, with_endpoint
 from kubetune_trainer.reporting import ConsoleReporter
+
+
+def warn_if_short(workers: int, cpus: float, gpus: int, have: dict[str, float]) -> None:
+    """Say so when the cluster cannot place the workers yet (they wait, e.g. for the autoscaler)."""
+    need_cpu, need_gpu = workers * cpus, workers * gpus
+    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
+        logging.getLogger("kubetune_trainer").warning(
+            "the Ray cluster has %g CPUs and %g GPUs now; %d worker(s) need %g and %g: waiting for nodes",
+            have.get("CPU", 0),
+            have.get("GPU", 0),
+            workers,
+            need_cpu,
+            need_gpu,
+        )
 
 
 def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
@@ -33,6 +48,7 @@ def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
 
         ray.init()
         scaling = config.scaling
+        warn_if_short(scaling.workers, scaling.cpus_per_worker, scaling.gpus_per_worker, ray.cluster_resources())
         inputs = check_inputs(config, store_for(config))
         prepared = prepare(config, inputs, here=False, cpus=scaling.cpus_per_worker, gpus=scaling.gpus_per_worker)
         outcome = train(

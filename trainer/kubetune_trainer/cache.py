@@ -51,5 +51,5 @@ def cached_object(store: S3Store, uri: S3Uri, info: ObjectInfo, root: Path | Non
         return path
     with node_lock(entry):
         if not (path.is_file() and path.stat().st_size == info.size):
-            store.download_file(uri, path)
+            store.download_file(uri, path, size=info.size)
     return path

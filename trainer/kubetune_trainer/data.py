@@ -227,7 +227,7 @@ def prepare_images(store: S3Store, index: DatasetIndex, root: Path | None = None
         def ensure(sample: Sample) -> tuple[str, str | None]:
             path = folder / sample.key
             if not (path.is_file() and path.stat().st_size == sample.size):
-                store.download_file(S3Uri(index.bucket, sample.key), path)
+                store.download_file(S3Uri(index.bucket, sample.key), path, size=sample.size)
             return sample.key, verify_image(path)
 
         if todo:

@@ -81,6 +81,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], panels: Sequence[Panel], t
                 color=line.get_color(),
                 fontsize=9,
             )
+        ax.margins(x=0.08, y=0.15)  # room for the annotations of the final values
         ax.set_title(panel.title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(panel.ylabel)

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import TrainerError
@@ -24,9 +25,21 @@ log = logging.getLogger("kubetune_trainer")
 RAY_LOGS_ENV = "KUBETUNE_RAY_LOGS"
 
 
+class _Stderr(logging.StreamHandler[TextIO]):
+    """Writes to whatever sys.stderr is when a record comes (pytest and notebooks swap it)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def setup_logging() -> None:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("kubetune: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -88,7 +101,6 @@ def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
     config = with_endpoint(config, s3_endpoint)
 
     def run() -> int:
-        import ray
         import torch
 
         from kubetune_trainer.run import check_inputs, prepare, store_for, train
@@ -98,20 +110,25 @@ def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
         inputs = check_inputs(config, store_for(config))
         # Same node as the workers: prepare here, and the workers find the cache filled.
         prepared = prepare(config, inputs, here=True)
-        ray.init(
-            address="local",
-            num_cpus=max(cpus, int(cpus_per_worker * config.scaling.workers)),
-            num_gpus=torch.cuda.device_count() if use_gpu else 0,
-            include_dashboard=False,
-            log_to_driver=os.environ.get(RAY_LOGS_ENV) == "1",
-            logging_level=logging.WARNING,
-        )
+        import ray  # only now: a run that cannot work fails without starting (or importing) Ray
+
+        started_ray = not ray.is_initialized()  # a notebook may have its own instance: use it, leave it
+        if started_ray:
+            ray.init(
+                address="local",
+                num_cpus=max(cpus, int(cpus_per_worker * config.scaling.workers)),
+                num_gpus=torch.cuda.device_count() if use_gpu else 0,
+                include_dashboard=False,
+                log_to_driver=os.environ.get(RAY_LOGS_ENV) == "1",
+                logging_level=logging.WARNING,
+            )
         try:
             outcome = train(
                 config, prepared, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, reporter=ConsoleReporter()
             )
         finally:
-            ray.shutdown()
+            if started_ray:
+                ray.shutdown()
         summary(started, outcome.metrics, outcome.epochs, str(outcome.output))
         return 0
 

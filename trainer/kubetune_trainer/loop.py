@@ -32,13 +32,14 @@ from kubetune_trainer.checkpoint import (
     read_progress,
     restore_checkpoint,
     s3_uploader,
+    unwrap,
     write_checkpoint,
 )
 from kubetune_trainer.config import TrainerConfig, TrainingSpec
 from kubetune_trainer.data import DatasetIndex, datasets, prepare_images
 from kubetune_trainer.model import apply_strategy, build_model, param_groups, set_train_mode
 from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, worker_reporters
-from kubetune_trainer.steps import Stepper, autocast_for
+from kubetune_trainer.steps import Stepper, autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 
 # Test-only fault injection: the driver copies this variable into the plan; rank 0 then raises once,
@@ -109,6 +110,12 @@ def lr_factor(training: TrainingSpec, steps_per_epoch: int) -> Callable[[int], f
         return 1.0
 
     return factor
+
+
+def make_optimizer(groups: list[dict[str, Any]], training: TrainingSpec) -> torch.optim.Optimizer:
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=training.learning_rate, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=training.learning_rate)
 
 
 def identity(config: TrainerConfig, index: DatasetIndex) -> dict[str, Any]:
@@ -204,6 +211,7 @@ def train_loop(raw: dict[str, Any]) -> None:
     torch.set_num_threads(plan.threads)
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
+    configure_backends(device)
 
     store = S3Store(config.storage.endpoint, config.storage.region)
     weights_uri = S3Uri.parse(config.model.checkpoint)
@@ -226,12 +234,9 @@ def train_loop(raw: dict[str, Any]) -> None:
     val_loader = _eval_loader(val_set, training.batch_size, plan.loader_workers, cuda)
     steps_per_epoch = max(1, len(train_loader))
 
-    groups = param_groups(model, strategy, training.learning_rate, training.weight_decay)
-    optimizer: torch.optim.Optimizer
-    if training.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=training.learning_rate, momentum=0.9, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=training.learning_rate)
+    # Parameter names as the model knows them, not as the DDP wrapper prefixes them ("module.").
+    groups = param_groups(unwrap(model), strategy, training.learning_rate, training.weight_decay)
+    optimizer = make_optimizer(groups, training)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(training, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and training.precision == "fp16")
     stepper = Stepper(model, optimizer, scheduler, scaler, autocast_for(device, training.precision), channels_last=cuda)

@@ -185,13 +185,21 @@ class _Relay:
                 continue
             except Exception:  # the queue actor is gone (shutdown)
                 return
-            if self.reporter is not None:
-                self.reporter.report(ProgressUpdate.model_validate(item))
+            self._show(item)
+
+    def _show(self, item: Any) -> None:
+        if self.reporter is not None:
+            self.reporter.report(ProgressUpdate.model_validate(item))
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+            try:  # what arrived after the last poll, e.g. the final epoch's line
+                while True:
+                    self._show(self.queue.get_nowait())
+            except Exception:
+                pass
         if self.queue is not None:
             try:
                 self.queue.shutdown()

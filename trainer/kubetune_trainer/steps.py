@@ -18,6 +18,13 @@ from torch import nn
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
+def configure_backends(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest: the
+    training batches share one shape (the last partial batch is dropped), so this is paid once."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def autocast_for(device: torch.device, precision: str) -> Autocast:
     """Mixed precision on CUDA as asked (bf16/fp16); fp32 elsewhere or when asked."""
     if device.type != "cuda" or precision == "fp32":
