@@ -79,6 +79,8 @@ RUN pip list --format=freeze > /home/ray/ray-image-constraints.txt \
       timm==1.0.31 \
       safetensors==0.8.0 \
       matplotlib==3.11.2 \
+      torchmetrics==1.9.0 \
+      pycocotools==2.0.11 \
       pydantic \
       boto3 \
       pyarrow \

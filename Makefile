@@ -43,13 +43,13 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check operator trainer tests
-	$(VENV)/bin/ruff format --check operator trainer tests
+	$(VENV)/bin/ruff check operator trainer tests bench
+	$(VENV)/bin/ruff format --check operator trainer tests bench
 	$(VENV)/bin/mypy
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format operator trainer tests
-	$(VENV)/bin/ruff check --fix operator trainer tests
+	$(VENV)/bin/ruff format operator trainer tests bench
+	$(VENV)/bin/ruff check --fix operator trainer tests bench
 
 demo: setup
 	$(VENV)/bin/kubetune demo

@@ -18,6 +18,7 @@ def trainer_config(job: FineTuneJob, progress: ProgressTarget | None = None) -> 
     return TrainerConfig(
         job_name=job.metadata.name,
         namespace=job.metadata.namespace,
+        task=spec.task,
         run_name=job.metadata.uid or job.metadata.name,
         model=spec.model,
         data=spec.data,

@@ -121,6 +121,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".status.progress.metrics.valAccuracy",
         "description": "Top-1 validation accuracy (0-1) after the latest epoch.",
     },
+    {
+        "name": "Val-mAP",
+        "type": "number",
+        "jsonPath": ".status.progress.metrics.valMap",
+        "description": "Detection: COCO mAP@[.5:.95] (0-1) after the latest epoch.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
         "name": "Model",

@@ -31,6 +31,7 @@ from kubetune_operator.spec import (
     FineTuneJobStatus,
 )
 from kubetune_trainer.config import (
+    ANNOTATIONS_PATTERN,
     ARCHITECTURE_PATTERN,
     CHECKPOINT_PATTERN,
     DNS_SUBDOMAIN,
@@ -54,6 +55,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     CHECKPOINT_PATTERN: (
         "must be an s3:// URI of a .safetensors/.pt/.pth/.bin object like s3://<bucket>/<path>/model.safetensors "
         "(lowercase bucket name, no spaces)"
+    ),
+    ANNOTATIONS_PATTERN: (
+        "must be an s3:// URI of a COCO .json file like s3://<bucket>/<path>/train.json (lowercase bucket name, "
+        "no spaces)"
     ),
     ARCHITECTURE_PATTERN: "must be a timm model name: lowercase letters, digits, '_', '.' and '-', e.g. resnet50",
     ENDPOINT_PATTERN: "must be an http:// or https:// URL like https://minio.example.com:9000",

@@ -3,7 +3,8 @@
 One small async client over the official `kubernetes` library (its blocking calls run in threads), so
 the RBAC the operator needs is read off this file: FineTuneJobs get/delete, their status patch; RayJobs
 get/create/patch; ServiceAccounts and ConfigMaps get/create; Secrets get; API discovery of ray.io/v1.
-Events go through kopf (`kopf.event`), which creates core/v1 Events.
+Events go through kopf (`kopf.event`), which creates core/v1 Events. `login` gives kopf the same
+credentials the client uses.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import concurrent.futures
 import functools
 import json
 import logging
+import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -34,6 +37,63 @@ RAY_PLURAL = "rayjobs"
 # Calls that failed for a reason that usually passes (API server busy or restarting) are tried again.
 RETRY_DELAYS = (0.5, 2.0)
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+# How long a positive KubeRay discovery is trusted: a burst of new jobs asks once, not once per job. A
+# RayJob create answered 404 (KubeRay removed meanwhile) forgets it at once.
+KUBERAY_SEEN_SECONDS = 30.0
+DEFAULT_KUBECONFIG = "~/.kube/config"
+
+
+def client_configuration(kubeconfig: str | None = None) -> client.Configuration:
+    """Credentials as kubectl finds them: `kubeconfig` if given, else in-cluster, else $KUBECONFIG or ~/.kube/config.
+
+    $KUBECONFIG is read now. The kubernetes library's own default is $KUBECONFIG as it was when the
+    library was first imported, which is stale in a process that set it later (an embedding test, the
+    demo): kopf's `login_via_client` then loads ~/.kube/config and retries its login forever.
+    Raises `kubernetes.config.ConfigException` when there are no credentials.
+    """
+    configuration = client.Configuration()
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+            return configuration
+        except config.ConfigException:
+            kubeconfig = os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+    config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return configuration
+
+
+def connection_info(configuration: client.Configuration, *, trust_env: bool = False) -> kopf.ConnectionInfo:
+    """kopf's credentials from a client configuration (what kopf's `login_via_client` extracts)."""
+    # kubernetes >= 36.0.1 keeps the token under BearerToken, older versions under authorization;
+    # get_api_key_with_prefix runs the refresh hook of in-cluster and auth-provider tokens.
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _, token = (header or "").strip().rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        trust_env=trust_env,
+    )
+
+
+def login(*, settings: kopf.OperatorSettings | None = None, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's login handler: the credentials `client_configuration()` finds at the time kopf logs in."""
+    try:
+        configuration = client_configuration()
+    except config.ConfigException as exc:
+        raise kopf.LoginError(
+            f"No Kubernetes credentials: not in a cluster, and no usable kubeconfig "
+            f"({os.environ.get('KUBECONFIG') or DEFAULT_KUBECONFIG}): {exc}"
+        ) from exc
+    return connection_info(configuration, trust_env=bool(settings and settings.networking.trust_env))
 
 
 class KubeRayMissingError(Exception):
@@ -53,18 +113,14 @@ class Kube:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self._kuberay_seen_at: float | None = None
         # Threads of its own: slow S3 checks or other blocking work never queue the API calls.
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kubetune-kube")
 
     @classmethod
-    def from_environment(cls) -> Kube:
-        """In-cluster ServiceAccount credentials, else the kubeconfig (as kubectl finds it)."""
-        configuration = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=configuration)
-        return cls(client.ApiClient(configuration))
+    def from_environment(cls, kubeconfig: str | None = None) -> Kube:
+        """A client with the credentials `client_configuration(kubeconfig)` finds (as kubectl would)."""
+        return cls(client.ApiClient(client_configuration(kubeconfig)))
 
     @classmethod
     def for_server(cls, url: str) -> Kube:
@@ -132,14 +188,24 @@ class Kube:
     # -- the job's children ------------------------------------------------------------------------------
 
     async def kuberay_installed(self) -> bool:
-        """Whether the API server serves ray.io/v1 rayjobs (discovery; needs no RBAC)."""
+        """Whether the API server serves ray.io/v1 rayjobs (discovery; needs no RBAC).
+
+        A positive answer is reused for KUBERAY_SEEN_SECONDS; a negative one never is, so jobs waiting
+        for KubeRay notice it as soon as it is installed.
+        """
+        seen = self._kuberay_seen_at
+        if seen is not None and time.monotonic() - seen < KUBERAY_SEEN_SECONDS:
+            return True
         try:
             found = await self._call(self.custom.get_api_resources, RAY_GROUP, RAY_VERSION)
         except ApiException as exc:
             if exc.status == 404:
+                self._kuberay_seen_at = None
                 return False
             raise
-        return any(item.get("name") == RAY_PLURAL for item in found.get("resources") or [])
+        installed = any(item.get("name") == RAY_PLURAL for item in found.get("resources") or [])
+        self._kuberay_seen_at = time.monotonic() if installed else None
+        return installed
 
     async def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read_or_none(
@@ -152,18 +218,21 @@ class Kube:
             self.custom.patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name, body
         )
 
-    async def ensure(self, obj: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    async def ensure(self, obj: Mapping[str, Any], *, likely_new: bool = False) -> tuple[dict[str, Any], bool]:
         """Get-or-create `obj` by its name: (the object in the cluster, whether this call created it).
 
         An existing object is returned as it is, never updated, so running this twice (or after another
-        replica) creates nothing new; a create that loses a race (409) reads the winner.
+        replica) creates nothing new; a create that loses a race (409) reads the winner. `likely_new`
+        (a job launching for the first time) creates first and reads only on a conflict: one request
+        instead of two for each child of a new job.
         """
         kind = (obj["apiVersion"], obj["kind"])
         namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         read, create = self._accessors(kind)
-        existing = await self._read_or_none(read, namespace, name)
-        if existing is not None:
-            return existing, False
+        if not likely_new:
+            existing = await self._read_or_none(read, namespace, name)
+            if existing is not None:
+                return existing, False
         try:
             return await self._call(create, namespace, dict(obj)), True
         except ApiException as exc:
@@ -172,6 +241,7 @@ class Kube:
                 if again is not None:
                     return again, False
             if exc.status == 404 and kind == (RAYJOB_API_VERSION, RAYJOB_KIND):
+                self._kuberay_seen_at = None
                 raise KubeRayMissingError(f"{RAYJOB_API_VERSION} {RAY_PLURAL} is not served by this cluster") from exc
             raise
 

@@ -24,6 +24,7 @@ from kubernetes.config import ConfigException
 from kubetune_operator import handlers, metrics, progress
 from kubetune_operator.hooks import Hooks
 from kubetune_operator.kube import Kube
+from kubetune_operator.kube import login as kube_login
 from kubetune_operator.reconcile import Runtime
 from kubetune_operator.settings import OperatorSettings, package_version, parse_namespaces
 
@@ -36,11 +37,12 @@ LoginFn = Callable[..., kopf.ConnectionInfo | None]
 ANNOTATION_PREFIX = "kubetune.dev"
 
 
-def build_registry(login: LoginFn = kopf.login_via_client) -> kopf.OperatorRegistry:
+def build_registry(login: LoginFn = kube_login) -> kopf.OperatorRegistry:
     """Every handler the operator runs, on a registry of its own.
 
-    `login` gives kopf its credentials: by default those of the official client, i.e. in-cluster
-    ServiceAccount, else the kubeconfig (a fresh registry has none of kopf's implicit login handlers).
+    `login` gives kopf its credentials: by default the ones the operator's own client uses, i.e.
+    in-cluster ServiceAccount, else the kubeconfig $KUBECONFIG names when kopf logs in (a fresh
+    registry has none of kopf's implicit login handlers).
     """
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)

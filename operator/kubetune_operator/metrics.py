@@ -98,6 +98,9 @@ class OperatorMetrics:
         # Prometheus has already seen reset; counting them again would show completions that never were.
         self._started_at = clock()
         self._jobs: dict[tuple[str, str], _JobState] = {}
+        # Jobs per phase in each namespace, kept as phases change: recounting every job on each change
+        # would make a burst of N new jobs cost N² steps.
+        self._phase_counts: dict[str, dict[str, int]] = {}
         self._namespaces: set[str] = set()
         self._lock = threading.Lock()
         r = self.registry
@@ -128,6 +131,18 @@ class OperatorMetrics:
         self.job_val_accuracy = Gauge(
             "kubetune_job_validation_accuracy_ratio",
             "Latest validation accuracy (0 to 1) reported by the run.",
+            JOB_LABELS,
+            registry=r,
+        )
+        self.job_val_map = Gauge(
+            "kubetune_job_validation_map_ratio",
+            "Latest COCO mAP@[.5:.95] (0 to 1) reported by a detection run.",
+            JOB_LABELS,
+            registry=r,
+        )
+        self.job_val_map50 = Gauge(
+            "kubetune_job_validation_map50_ratio",
+            "Latest COCO mAP@.5 (0 to 1) reported by a detection run.",
             JOB_LABELS,
             registry=r,
         )
@@ -181,6 +196,8 @@ class OperatorMetrics:
             self.job_train_loss,
             self.job_val_loss,
             self.job_val_accuracy,
+            self.job_val_map,
+            self.job_val_map50,
             self.job_images_per_second,
             self.job_eta,
             self.job_last_progress,
@@ -223,7 +240,7 @@ class OperatorMetrics:
                     self.job_phase.remove(namespace, name, previous)
                 self.job_phase.labels(namespace, name, phase).set(1)
                 state.phase = phase
-                self._recount_phases(namespace)
+                self._move_phase(namespace, previous, phase)
 
             live = previous is not None  # this process saw the job before this change
             if phase in RUNNING_OR_DONE and started is not None and not state.queue_observed:
@@ -278,6 +295,8 @@ class OperatorMetrics:
             (self.job_train_loss, _number(metrics.get("trainLoss"))),
             (self.job_val_loss, _number(metrics.get("valLoss"))),
             (self.job_val_accuracy, _number(metrics.get("valAccuracy"))),
+            (self.job_val_map, _number(metrics.get("valMap"))),
+            (self.job_val_map50, _number(metrics.get("valMap50"))),
             (self.job_images_per_second, _number(metrics.get("imagesPerSecond"))),
         ]
         for gauge, value in values:
@@ -300,7 +319,7 @@ class OperatorMetrics:
             for gauge in self._per_job:
                 with contextlib.suppress(KeyError):  # that gauge never got a value for this job
                     gauge.remove(namespace, name)
-            self._recount_phases(namespace)
+            self._move_phase(namespace, state.phase if state is not None else None, None)
 
     def count_reconcile_error(self, handler: str) -> None:
         """A handler raised (kopf will retry it); `handler` is the handler's fixed id, never a job name."""
@@ -312,12 +331,15 @@ class OperatorMetrics:
             raise ValueError(f"unknown progress result {result!r}")
         self.progress_updates.labels(result, str(code)).inc()
 
-    def _recount_phases(self, namespace: str) -> None:
-        counts = dict.fromkeys(PHASES, 0)
-        for state in self._jobs.values():
-            if state.namespace == namespace and state.phase in counts:
-                counts[state.phase] += 1
+    def _move_phase(self, namespace: str, old: str | None, new: str | None) -> None:
+        """One job of `namespace` went from phase `old` to `new` (None: none, as for a new or deleted job)."""
+        counts = self._phase_counts.setdefault(namespace, dict.fromkeys(PHASES, 0))
+        if old is not None and old in counts:
+            counts[old] -= 1
+        if new is not None and new in counts:
+            counts[new] += 1
         if not any(counts.values()):
+            del self._phase_counts[namespace]
             for phase in PHASES:
                 with contextlib.suppress(KeyError):
                     self.jobs.remove(namespace, phase)

@@ -161,7 +161,8 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
     if not await rt.kube.kuberay_installed():
         await _wait_for_kuberay(rt, namespace, name)
 
-    if await rt.kube.get_rayjob(namespace, name) is None:
+    first_launch = await rt.kube.get_rayjob(namespace, name) is None
+    if first_launch:
         failure = await _preflight(rt, job, retry=retry)
         if failure is not None:
             logger.warning("%s/%s: preflight failed (%s): %s", namespace, name, failure.reason, failure.message)
@@ -179,7 +180,7 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
 
     try:
         for child in build_children(job, rt.settings):
-            _, created = await rt.kube.ensure(child)
+            _, created = await rt.kube.ensure(child, likely_new=first_launch)
             if created:
                 logger.info("%s/%s: created %s %s", namespace, name, child["kind"], child["metadata"]["name"])
     except KubeRayMissingError:  # removed between the check above and now

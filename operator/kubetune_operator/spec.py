@@ -15,14 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
+    TASK_CEL_RULES,
+    TASK_DESCRIPTION,
     CamelModel,
     DataSpec,
     ModelSpec,
     OutputSpec,
     SpecSection,
     StorageSpec,
+    Task,
     TrainingSpec,
     cel,
+    check_task,
     prefixes_overlap,
     prefixes_overlap_cel,
 )
@@ -199,10 +203,12 @@ class FineTuneJobSpec(SpecSection):
                     "output.path must not overlap data.validation: checkpoints and results would be read as validation images",
                     ".output.path",
                 ),
+                *TASK_CEL_RULES,
             ]
         }
     )
 
+    task: Task = Field(default="classification", description=TASK_DESCRIPTION)
     model: ModelSpec = Field(description="The model, its base weights and the fine-tuning strategy.")
     data: DataSpec = Field(description="The dataset in S3.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training hyperparameters.")
@@ -226,6 +232,11 @@ class FineTuneJobSpec(SpecSection):
                     f"output.path: must not overlap {field} ({prefix}): checkpoints and results would be read "
                     f"as images (got {self.output.path})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fields_fit_the_task(self) -> FineTuneJobSpec:
+        check_task(self.task, self.model, self.data)
         return self
 
 
@@ -289,6 +300,12 @@ class ProgressMetrics(StatusModel):
     val_accuracy: float | None = Field(
         default=None, description="Top-1 validation accuracy after the latest epoch, as a fraction (0-1)."
     )
+    val_map: float | None = Field(
+        default=None, description="Detection: COCO mAP@[.5:.95] after the latest epoch, as a fraction (0-1)."
+    )
+    val_map50: float | None = Field(
+        default=None, description="Detection: COCO mAP@.5 after the latest epoch, as a fraction (0-1)."
+    )
     images_per_second: float | None = Field(
         default=None, description="Training throughput over all workers, in images per second."
     )
@@ -340,7 +357,12 @@ class FineTuneJobStatus(StatusModel):
     start_time: datetime | None = Field(default=None, description="When training started.")
     completion_time: datetime | None = Field(default=None, description="When the job succeeded or failed.")
     restarts: int | None = Field(
-        default=None, ge=0, description="Times the Ray cluster or its training workers were restarted."
+        default=None,
+        ge=0,
+        description=(
+            "Times KubeRay started a new Ray cluster after a failed run (runPolicy.backoffLimit). Training "
+            "workers that Ray Train restarts inside a run (runPolicy.maxRetries) are not counted."
+        ),
     )
     message: str | None = Field(default=None, max_length=32768, description="The latest event, for people.")
     observed_generation: int | None = Field(

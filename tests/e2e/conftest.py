@@ -76,3 +76,20 @@ def kubectl(kubectl_bin: str, api_cluster: DevCluster) -> Kubectl:
 
 def demo_manifest() -> dict[str, Any]:
     return dict(yaml.safe_load(DEMO_MANIFEST.read_text()))
+
+
+@pytest.fixture(scope="session")
+def busy_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One embedded cluster where several jobs run at once, each with its own trouble (busy_world.py).
+
+    Session-wide, so the fault tests and the progress test share its jobs and one operator.
+    """
+    from busy_world import World
+
+    with DevCluster(workdir=tmp_path_factory.mktemp("busy")) as cluster:
+        world = World(cluster)
+        try:
+            world.setup()
+            yield world
+        finally:
+            world.close()

@@ -151,3 +151,13 @@ def test_printer_column_helpers() -> None:
     assert jsonpath(obj, ".status.missing") is None
     assert [human_duration(s) for s in (5, 150, 3700, 90000, 400 * 86400)] == ["5s", "2m30s", "61m", "25h", "400d"]
     assert json.loads(json.dumps(obj)) == obj
+
+
+def test_secret_string_data_is_stored_as_data(api: client.ApiClient) -> None:
+    core = client.CoreV1Api(api)
+    body = {"metadata": {"name": "creds"}, "stringData": {"user": "kubetune"}, "data": {"kept": "eA=="}}
+    core.create_namespaced_secret(NS, body)
+    stored = core.read_namespaced_secret("creds", NS)
+    assert stored.data == {"user": "a3ViZXR1bmU=", "kept": "eA=="} and not stored.string_data
+    core.patch_namespaced_secret("creds", NS, {"stringData": {"user": "other"}})
+    assert core.read_namespaced_secret("creds", NS).data["user"] == "b3RoZXI="

@@ -50,7 +50,7 @@ def test_apply_get_describe_delete_a_finetunejob(kubectl: Kubectl, api_cluster: 
 
     # The short name and the printer columns, filled from status as the operator would fill it.
     table = kubectl("get", "ftj")
-    assert table.split("\n")[0].split() == ["NAME", "PHASE", "PROGRESS", "EPOCH", "VAL-ACC", "AGE"]
+    assert table.split("\n")[0].split() == ["NAME", "PHASE", "PROGRESS", "EPOCH", "VAL-ACC", "VAL-MAP", "AGE"]
     _set_progress(
         api_cluster,
         "digits-demo",

@@ -76,3 +76,20 @@ def test_deny_answers_access_denied_for_a_prefix_until_cleared(cluster: DevClust
     assert s3.get_object(Bucket="faults", Key="a/b.txt")["Body"].read() == b"hello"
     cluster.s3_faults.clear()
     assert s3.get_object(Bucket="faults", Key="secret/weights.safetensors")["Body"].read() == b"w"
+
+
+def test_faults_limited_to_a_prefix_and_started_by_a_first_request(cluster: DevCluster) -> None:
+    assert cluster.s3_faults is not None
+    s3 = impatient_client(cluster.s3_url)
+    errors = cluster.s3_faults.fail_for(3.0, 503, prefix="s3://faults/job-a/", starts_on="s3://faults/job-a/ckpt/")
+    s3.put_object(Bucket="faults", Key="job-a/marker", Body=b"m")  # not started yet: served
+    assert not errors.over and errors.hits == 0
+    with pytest.raises(botocore.exceptions.ClientError):
+        s3.put_object(Bucket="faults", Key="job-a/ckpt/epoch-1", Body=b"c")  # starts the window
+    with pytest.raises(botocore.exceptions.ClientError):
+        s3.get_object(Bucket="faults", Key="job-a/marker")  # the whole prefix, while it lasts
+    s3.put_object(Bucket="faults", Key="job-b/ckpt/epoch-1", Body=b"c")  # another job's keys: served
+    while not errors.over:
+        time.sleep(0.2)
+    assert errors.hits >= 2  # each attempt of the two requests (clients may retry once)
+    s3.put_object(Bucket="faults", Key="job-a/ckpt/epoch-1", Body=b"c")

@@ -54,6 +54,7 @@ def test_the_story_of_a_job_is_all_there() -> None:
         "kubetune_job_train_loss",
         "kubetune_job_validation_loss",
         "kubetune_job_validation_accuracy_ratio",
+        "kubetune_job_validation_map_ratio",
         "kubetune_job_images_per_second",
         "kubetune_job_eta_seconds",
         "kubetune_job_queue_duration_seconds_bucket",

@@ -134,6 +134,16 @@ def test_progress_sets_the_per_job_gauges(metrics: OperatorMetrics) -> None:
     assert alive is not None and abs(alive - time.time()) < 60
 
 
+def test_a_detection_run_sets_its_map_gauges(metrics: OperatorMetrics) -> None:
+    metrics.observe_job(meta("parts"), {"phase": "Running", "startTime": ts(1)})
+    metrics.observe_progress(
+        NS, "parts", {"epoch": 2, "totalEpochs": 4, "percent": 50.0, "metrics": {"valMap": 0.41, "valMap50": 0.73}}
+    )
+    assert value(metrics, "kubetune_job_validation_map_ratio", namespace=NS, name="parts") == 0.41
+    assert value(metrics, "kubetune_job_validation_map50_ratio", namespace=NS, name="parts") == 0.73
+    assert value(metrics, "kubetune_job_validation_accuracy_ratio", namespace=NS, name="parts") is None
+
+
 def test_a_running_job_counts_as_alive_from_the_start_of_its_run(metrics: OperatorMetrics) -> None:
     """So the stalled alert also catches a run that never reports at all."""
     metrics.observe_job(meta("mute"), {"phase": "Running", "startTime": ts(2)})

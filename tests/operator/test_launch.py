@@ -100,6 +100,20 @@ async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> 
             assert [o["metadata"]["name"] for o in second.list_objects(RAYJOBS)] == ["flowers"]
             assert len(second.list_objects(SERVICEACCOUNTS, "default")) == 1
             assert second.rayjob("default", "flowers") == rayjob_before
+            reads = {r.resource for r in second.operator_requests() if r.verb == "get"}
+            assert {"rayjobs", "serviceaccounts", "configmaps"} <= reads
+
+
+async def test_a_child_left_by_an_interrupted_launch_is_kept_as_it_is(op: OperatorHarness) -> None:
+    # A first launch creates without reading first; a child already there (409) is read, not replaced.
+    left = await op.create(
+        SERVICEACCOUNTS, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "irsa-trainer"}}
+    )
+    await op.create_job(finetunejob("irsa"))
+    await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
+    kept = op.get(SERVICEACCOUNTS, "default", "irsa-trainer")
+    assert kept is not None and kept["metadata"]["uid"] == left["metadata"]["uid"]
+    assert op.get(CONFIGMAPS, "default", "irsa-trainer-config") is not None
 
 
 @pytest.mark.asyncio

@@ -96,7 +96,7 @@ def test_printer_columns_read_fields_the_status_has() -> None:
     columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"]
     default = [c["name"] for c in columns if not c.get("priority")]
     wide = [c["name"] for c in columns if c.get("priority") == 1]
-    assert default == ["Phase", "Progress", "Epoch", "Val-Acc", "Age"]
+    assert default == ["Phase", "Progress", "Epoch", "Val-Acc", "Val-mAP", "Age"]
     assert "Message" in wide
     paths = {p for p, _ in nodes(SCHEMA)}
     for column in columns:
@@ -230,6 +230,7 @@ def test_crd_and_model_agree_on_the_corpus(path: Path) -> None:
         assert crd_verdict(doc), f"the API server would accept what the model rejects: {caught.value}"
 
 
+DETECTION_ANNOTATIONS = {"train": "s3://bkt/ann/train.json", "validation": "s3://bkt/ann/val.json"}
 CEL_CASES = [
     # (the edit, the CEL message it must trigger); each mirrors a Python rule beside it.
     ({"model": {"strategy": "partial"}}, "trainableLayers is required"),
@@ -245,6 +246,10 @@ CEL_CASES = [
     ({"resources": {"tolerations": [{"operator": "Exists", "key": "k", "value": "v"}]}}, "value must be empty"),
     ({"resources": {"tolerations": [{"value": "v"}]}}, "operator must be Exists"),
     ({"resources": {"tolerations": [{"key": "k", "tolerationSeconds": 5}]}}, "tolerationSeconds is only allowed"),
+    ({"task": "detection", "model": {"architecture": "ssdlite320_mobilenet_v3_large"}}, "data.annotations is required"),
+    ({"data": {"annotations": DETECTION_ANNOTATIONS}}, "data.annotations is required"),
+    ({"task": "detection", "data": {"annotations": DETECTION_ANNOTATIONS}}, "model.architecture must be"),
+    ({"model": {"architecture": "fcos_resnet50_fpn"}}, "model.architecture must be"),
 ]
 
 
@@ -285,6 +290,13 @@ def test_each_cel_rule_rejects_what_its_python_twin_rejects(edit: dict[str, Any]
         {"spec": {"output": {"path": "s3://bkt/data/train-runs/"}, "data": {"validation": "s3://bkt/data/training"}}},
         {"spec": {"resources": {"tolerations": [{"operator": "Exists"}, {"key": "k", "value": "v"}]}}},
         {"spec": {"resources": {"tolerations": [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 5}]}}},
+        {
+            "spec": {
+                "task": "detection",
+                "model": {"architecture": "fasterrcnn_mobilenet_v3_large_320_fpn"},
+                "data": {"annotations": DETECTION_ANNOTATIONS},
+            }
+        },
     ],
 )
 def test_cel_rules_accept_what_the_model_accepts(edit: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/?$"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
+ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
 ENDPOINT_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
 REGION_PATTERN = r"^[a-z0-9\-]{2,32}$"
 # A Kubernetes object name (DNS-1123 subdomain), e.g. of a Secret.
@@ -49,6 +50,29 @@ CheckpointUri = Annotated[
         max_length=1024,
     ),
 ]
+
+
+AnnotationsUri = Annotated[
+    str,
+    Field(
+        pattern=ANNOTATIONS_PATTERN,
+        max_length=1024,
+    ),
+]
+
+Task = Literal["classification", "detection"]
+# torchvision's detection zoo: the models a detection job can fine-tune (built by name, without downloads).
+DETECTION_ARCHITECTURES: tuple[str, ...] = (
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "fcos_resnet50_fpn",
+    "ssdlite320_mobilenet_v3_large",
+    "ssd300_vgg16",
+)
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
@@ -100,7 +124,10 @@ class ModelSpec(SpecSection):
         min_length=1,
         max_length=128,
         pattern=ARCHITECTURE_PATTERN,
-        description="timm model name, e.g. resnet50, convnext_tiny, vit_small_patch16_224.",
+        description=(
+            "Classification: a timm model name, e.g. resnet50, convnext_tiny. Detection: a torchvision "
+            "detection model, one of " + ", ".join(DETECTION_ARCHITECTURES) + "."
+        ),
     )
     checkpoint: CheckpointUri = Field(
         description=(
@@ -157,15 +184,32 @@ VALIDATION_APART_RULE = cel(
 )
 
 
+class AnnotationsSpec(SpecSection):
+    """COCO-format annotation files of a detection job; image file names are relative to the image prefixes."""
+
+    train: AnnotationsUri = Field(description="s3:// URI of the training annotations (COCO JSON).")
+    validation: AnnotationsUri = Field(description="s3:// URI of the validation annotations (COCO JSON).")
+
+
 class DataSpec(SpecSection):
-    """Where the images are: an ImageFolder layout (<prefix>/<class>/<image>) in S3."""
+    """Where the images are: an ImageFolder layout (<prefix>/<class>/<image>) in S3, or images and COCO
+    annotations for detection."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [VALIDATION_APART_RULE]})
 
-    train: S3Prefix = Field(description="s3:// prefix of the training images, one folder per class.")
+    train: S3Prefix = Field(
+        description="s3:// prefix of the training images: one folder per class, or (detection) the images the annotations name."
+    )
     validation: S3Prefix | None = Field(
         default=None,
-        description="s3:// prefix of the validation images (same class folders); a seeded split of train when omitted.",
+        description=(
+            "s3:// prefix of the validation images (same class folders); a seeded split of train when omitted. "
+            "Detection: the prefix of the validation annotations' images; train's when omitted."
+        ),
+    )
+    annotations: AnnotationsSpec | None = Field(
+        default=None,
+        description="COCO JSON annotations for train and validation; required with task detection, refused otherwise.",
     )
     validation_split: float = Field(
         default=0.2,
@@ -264,6 +308,50 @@ class StorageSpec(SpecSection):
     )
 
 
+def check_task(task: str, model: ModelSpec, data: DataSpec) -> None:
+    """The fields each task accepts; raises ValueError("<field.path>: ...") like the other cross-field rules."""
+    detector = model.architecture in DETECTION_ARCHITECTURES
+    if task == "detection":
+        if not detector:
+            raise ValueError(
+                f"model.architecture: '{model.architecture}' is a classification architecture; detection accepts: "
+                + ", ".join(DETECTION_ARCHITECTURES)
+            )
+        if data.annotations is None:
+            raise ValueError("data.annotations: required with task 'detection' (COCO JSON for train and validation)")
+    else:
+        if detector:
+            raise ValueError(
+                f"model.architecture: '{model.architecture}' is a detection architecture; set task: detection, "
+                "or name a timm classification model (e.g. resnet50)"
+            )
+        if data.annotations is not None:
+            raise ValueError(f"data.annotations: only allowed with task 'detection' (task is '{task}')")
+
+
+def _cel_list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{item}'" for item in items) + "]"
+
+
+TASK_CEL_RULES = [
+    cel(
+        "self.task == 'detection' ? has(self.data.annotations) : !has(self.data.annotations)",
+        "data.annotations is required with task detection and not allowed with classification",
+        ".data.annotations",
+    ),
+    cel(
+        f"(self.model.architecture in {_cel_list(DETECTION_ARCHITECTURES)}) == (self.task == 'detection')",
+        "model.architecture must be a torchvision detection model with task detection, and a classification "
+        "model otherwise; detection accepts: " + ", ".join(DETECTION_ARCHITECTURES),
+        ".model.architecture",
+    ),
+]
+TASK_DESCRIPTION = (
+    "What the model learns: classification (one label per image, timm models) or detection (boxes and "
+    "labels, torchvision detection models, COCO annotations)."
+)
+
+
 class ProgressTarget(CamelModel):
     """Where the trainer pushes progress updates (the operator's endpoint), if anywhere."""
 
@@ -284,6 +372,7 @@ class TrainerConfig(CamelModel):
 
     job_name: str = Field(description="The FineTuneJob's name (for logs and reports).")
     namespace: str | None = Field(default=None, description="The FineTuneJob's namespace.")
+    task: Task = Field(default="classification", description=TASK_DESCRIPTION)
     run_name: str = Field(
         description="Ray Train run name: the job's uid, so a restarted driver resumes from its checkpoints."
     )
@@ -295,3 +384,8 @@ class TrainerConfig(CamelModel):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     max_failures: int = Field(default=3, ge=0, description="Worker-failure restarts from the last checkpoint.")
     progress: ProgressTarget | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_the_task(self) -> TrainerConfig:
+        check_task(self.task, self.model, self.data)
+        return self

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.reporting import ConsoleReporter, format_duration
@@ -111,6 +112,9 @@ def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
         # Same node as the workers: prepare here, and the workers find the cache filled.
         prepared = prepare(config, inputs, here=True)
         import ray  # only now: a run that cannot work fails without starting (or importing) Ray
+
+        # Ray workers run in Ray's session folder: a relative cache path would miss the filled cache.
+        os.environ[CACHE_DIR_ENV] = str(cache_root().resolve())
 
         started_ray = not ray.is_initialized()  # a notebook may have its own instance: use it, leave it
         if started_ray:

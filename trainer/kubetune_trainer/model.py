@@ -170,9 +170,12 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def load_base_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> WeightsReport:
-    """Load what fits; the base classifier and shape mismatches are dropped, the rest reported."""
-    heads = classifier_names(model)
+def load_base_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, heads: list[str] | None = None
+) -> WeightsReport:
+    """Load what fits; the base classifier (`heads`, found when omitted) and shape mismatches are dropped,
+    the rest reported."""
+    heads = heads if heads is not None else classifier_names(model)
     own = model.state_dict()
     keep: dict[str, torch.Tensor] = {}
     dropped: list[str] = []

@@ -33,6 +33,12 @@ class ProgressMetrics(CamelModel):
     val_accuracy: float | None = Field(
         default=None, ge=0.0, le=1.0, description="Validation top-1 accuracy of the last finished epoch."
     )
+    val_map: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Detection: COCO mAP@[.5:.95] of the last finished epoch."
+    )
+    val_map50: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Detection: COCO mAP@.5 of the last finished epoch."
+    )
     images_per_second: float | None = Field(default=None, ge=0.0, description="Training throughput, all workers.")
     learning_rate: float | None = Field(default=None, ge=0.0, description="Current peak learning rate.")
 
@@ -81,6 +87,8 @@ def progress_line(update: ProgressUpdate, width: int = 24) -> str:
         parts.append(f"loss {m.train_loss:.4f}")
     if m.val_accuracy is not None:
         parts.append(f"acc {m.val_accuracy:.1%}")
+    if m.val_map is not None:
+        parts.append(f"mAP {m.val_map:.3f}")
     if m.images_per_second is not None:
         parts.append(f"{m.images_per_second:.0f} img/s")
     parts.append(f"ETA {format_duration(update.eta_seconds)}")

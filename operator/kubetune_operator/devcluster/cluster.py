@@ -8,13 +8,15 @@
 Handles for fault tests: `cluster.s3_faults` (fail, drop or deny S3 for a while),
 `cluster.fail_api(...)` (the next N matching API requests fail), `cluster.stop_operator(abrupt=True)` then
 `start_operator()` (an operator restart), `cluster.start_operator_process()` (`python -m kubetune_operator`
-as its own process, to SIGKILL), `cluster.kill_train_worker()` (SIGKILL a Ray Train worker), and
-`cluster.api.history(...)` (every version of an object a watch saw).
+as its own process, to SIGKILL), `cluster.kill_train_worker()` (SIGKILL a Ray Train worker),
+`cluster.kill_driver()` (SIGKILL a RayJob's driver), and `cluster.api.history(...)` (every version of an
+object a watch saw).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -108,19 +110,16 @@ class OperatorThread:
 
     def _run(self) -> None:
         import kopf
-        from kubernetes import client, config
+        from kubernetes import client
 
-        from kubetune_operator.kube import Kube
+        from kubetune_operator.kube import Kube, client_configuration, connection_info
         from kubetune_operator.main import build_registry, build_runtime, kopf_settings, run_operator
 
-        # The cluster's kubeconfig, read explicitly: the kubernetes client reads $KUBECONFIG once, when
-        # first imported, so in a test process that imported it earlier the default would be stale.
-        configuration = client.Configuration()
-        config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=configuration)
-        token = str(configuration.api_key.get("authorization", "")).removeprefix("Bearer ") or None
+        # The cluster's kubeconfig by name, whatever $KUBECONFIG says in this process.
+        configuration = client_configuration(str(self.kubeconfig))
 
         def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=configuration.host, token=token)
+            return connection_info(configuration)
 
         async def main() -> None:
             self._task = asyncio.current_task()
@@ -198,7 +197,8 @@ class DevCluster:
         self.operator: OperatorThread | None = None
         self.operator_process: subprocess.Popen[bytes] | None = None
         self.operator_process_metrics_url = ""
-        self._kuberay_task: asyncio.Future[None] | None = None
+        self.operator_process_ports = (0, 0)  # (metrics, progress) of the latest operator process
+        self._kuberay_task: concurrent.futures.Future[None] | None = None
         self._runner: Any = None
         self._kube: AsyncKube | None = None
         self._saved_env: dict[str, str | None] = {}
@@ -254,7 +254,7 @@ class DevCluster:
                 with contextlib.suppress(Exception):
                     self.on_loop(self.kuberay.close(), timeout=60)
             if self._kuberay_task is not None:
-                self.loop.loop.call_soon_threadsafe(self._kuberay_task.cancel)
+                self._kuberay_task.cancel()
             if self.s3_faults is not None:
                 with contextlib.suppress(Exception):
                     self.on_loop(self.s3_faults.stop())
@@ -461,10 +461,17 @@ class DevCluster:
             self.operator.stop()
         self.operator = None
 
-    def start_operator_process(self, *args: str, log_file: Path | None = None) -> subprocess.Popen[bytes]:
-        """`python -m kubetune_operator` as its own process (SIGKILL it for a crash test)."""
+    def start_operator_process(
+        self, *args: str, log_file: Path | None = None, metrics_port: int = 0, progress_port: int = 0
+    ) -> subprocess.Popen[bytes]:
+        """`python -m kubetune_operator` as its own process (SIGKILL it for a crash test).
+
+        Ports are picked free unless given: an operator started again after a crash passes the
+        previous ones (`operator_process_ports`), since running jobs report progress to that port.
+        """
         log_path = log_file or self.workdir / "operator.log"
-        metrics_port, progress_port = free_port(), free_port()
+        metrics_port, progress_port = metrics_port or free_port(), progress_port or free_port()
+        self.operator_process_ports = (metrics_port, progress_port)
         self.operator_process_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         env = {
             **os.environ,
@@ -510,6 +517,20 @@ class DevCluster:
             return None
         os.kill(workers[0].pid, signal.SIGKILL)
         return workers[0].pid
+
+    def kill_driver(self, namespace: str, rayjob: str) -> int | None:
+        """SIGKILL a RayJob's driver (its process group), as when the head pod dies; its pid (None if none).
+
+        KubeRay then counts a failed attempt and, with `backoffLimit` left, starts a new Ray cluster.
+        """
+        assert self.kuberay is not None
+        ctl = self.kuberay.controller(namespace, rayjob)
+        driver = ctl.run.driver if ctl and ctl.run else None
+        pid = driver.pid if driver is not None and driver.running else None
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        return pid
 
     def driver_log(self, namespace: str, rayjob: str) -> str:
         """The latest attempt's driver log of a RayJob (for test failure messages)."""

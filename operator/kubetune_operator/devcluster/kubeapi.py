@@ -220,6 +220,15 @@ async def parse_request(raw_request: aiohttp.web.BaseRequest, *, id: int) -> ren
     )
 
 
+def fold_string_data(secret: dict[str, Any]) -> None:
+    """Merge a Secret's write-only `stringData` into `data`, base64-encoded, as the API server stores it."""
+    string_data = secret.pop("stringData", None)
+    if string_data:
+        data = dict(secret.get("data") or {})
+        data.update({key: base64.b64encode(str(value).encode()).decode() for key, value in string_data.items()})
+        secret["data"] = data
+
+
 def _random_suffix(length: int = 5) -> str:
     # Kubernetes' generateName alphabet (no vowels, no confusable digits).
     return "".join(secrets.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(length))
@@ -677,6 +686,8 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
         if "status" in kind.subresources and kind.group not in ("", "apiextensions.k8s.io"):
             obj.pop("status", None)  # a status subresource ignores status on create
         apply_defaults(obj, kind.schemas.get(version))
+        if (kind.group, kind.plural) == ("", "secrets"):
+            fold_string_data(obj)
         obj["apiVersion"], obj["kind"] = kind.api_version(version), kind.kind
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now_rfc3339()
@@ -719,6 +730,8 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
                 result.pop("status", None)
         else:
             result = copy.deepcopy(proposed)
+            if (kind.group, kind.plural) == ("", "secrets"):
+                fold_string_data(result)
             if "status" in kind.subresources:
                 if "status" in current:
                     result["status"] = copy.deepcopy(current["status"])

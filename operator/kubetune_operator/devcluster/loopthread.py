@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -33,8 +34,13 @@ class LoopThread:
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start `coro` on the loop without waiting; cancelling the future cancels the task.
+
+        A plain concurrent future: wrapping it in an asyncio one would need an event loop in the caller's
+        thread, which a synchronous caller (after another test closed its loop) does not have.
+        """
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.loop.is_running():

@@ -115,14 +115,23 @@ class LocalProcess:
         return await self.proc.wait()
 
     async def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the whole group, SIGKILL what is left after `grace` seconds."""
+        """SIGTERM the whole group and every descendant, SIGKILL what is left after `grace` seconds.
+
+        Descendants too: Ray starts each worker (Train workers, actors) in a process group of its own,
+        and one left running after its raylet died goes on for a while (writing checkpoints to S3, say)
+        where a deleted pod's would be gone.
+        """
         if self.proc is None:
             return
         pgid = self.proc.pid
-        members = self._group_members(pgid)
+        outside = [p for p in self.descendants() if p.pgid != pgid]
+        members = self._group_members(pgid) + outside
         if self.proc.returncode is None or members:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGTERM)
+            for member in outside:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(member.pid, signal.SIGTERM)
             if self.proc.returncode is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.proc.wait(), timeout=grace)

@@ -4,7 +4,10 @@ Clients get the proxy's URL. The proxy forwards every request unchanged unless a
 `fail_for(seconds, status)` answers S3 errors (503 SlowDown by default, which clients retry),
 `drop_for(seconds)` cuts connections without an answer (the endpoint "disappears"), and
 `deny(prefix)` answers AccessDenied for keys under an s3:// prefix until `clear()`. Each fault can
-be limited to some methods (e.g. only PUTs, i.e. checkpoint writes).
+be limited to some methods (e.g. only PUTs, i.e. checkpoint writes) and to keys under an s3://
+prefix (one job's files, while other jobs use the same S3). `starts_on=PREFIX` starts a window at
+the first request for a key under PREFIX rather than now, so a test can hit "the next checkpoint
+write" without knowing when that is.
 
 moto keeps its buckets in process-global state: servers started in one process share them.
 """
@@ -33,19 +36,33 @@ DEMO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetune-demo", "AWS_SECRET_ACCESS_KEY
 @dataclass
 class Fault:
     kind: str  # "fail" | "drop" | "deny"
-    until: float | None = None
+    until: float | None = None  # None: until cleared, or (with `window`) not started yet
     status: int = 503
     code: str = "SlowDown"
-    prefix: str | None = None  # "bucket/key-prefix" for deny
+    prefix: str | None = None  # "bucket/key-prefix" of the keys it applies to (None: all)
     methods: frozenset[str] | None = None
     hits: int = 0
+    starts_on: str | None = None  # "bucket/key-prefix": the window starts at the first request under it
+    window: float = 0.0  # the window's length once it starts (with starts_on)
+    started: float | None = None
+
+    def arm(self, bucket_key: str, now: float) -> None:
+        if self.starts_on is not None and self.started is None and bucket_key.startswith(self.starts_on):
+            self.started, self.until = now, now + self.window
 
     def applies(self, method: str, bucket_key: str, now: float) -> bool:
+        if self.starts_on is not None and self.started is None:
+            return False  # waiting for its first request
         if self.until is not None and now >= self.until:
             return False
         if self.methods is not None and method not in self.methods:
             return False
         return self.prefix is None or bucket_key.startswith(self.prefix)
+
+    @property
+    def over(self) -> bool:
+        """Whether the fault's window has passed (one still waiting to start is not over)."""
+        return self.until is not None and time.monotonic() >= self.until
 
 
 @dataclass
@@ -65,20 +82,42 @@ class FaultyS3Proxy:
 
     # --- fault switches (thread-safe enough: each is one list operation) ---------------------
 
-    def fail_for(self, seconds: float, status: int = 503, *, methods: Iterable[str] | None = None) -> Fault:
+    def fail_for(
+        self,
+        seconds: float,
+        status: int = 503,
+        *,
+        methods: Iterable[str] | None = None,
+        prefix: str | None = None,
+        starts_on: str | None = None,
+    ) -> Fault:
         code = {503: "SlowDown", 500: "InternalError", 403: "AccessDenied"}.get(status, "ServiceUnavailable")
-        fault = Fault("fail", time.monotonic() + seconds, status, code, methods=_methods(methods))
-        self.faults.append(fault)
+        fault = Fault("fail", status=status, code=code, methods=_methods(methods), prefix=_bucket_key(prefix))
+        self._add(fault, seconds, starts_on)
         return fault
 
-    def drop_for(self, seconds: float, *, methods: Iterable[str] | None = None) -> Fault:
-        fault = Fault("drop", time.monotonic() + seconds, methods=_methods(methods))
-        self.faults.append(fault)
+    def drop_for(
+        self,
+        seconds: float,
+        *,
+        methods: Iterable[str] | None = None,
+        prefix: str | None = None,
+        starts_on: str | None = None,
+    ) -> Fault:
+        fault = Fault("drop", methods=_methods(methods), prefix=_bucket_key(prefix))
+        self._add(fault, seconds, starts_on)
         return fault
+
+    def _add(self, fault: Fault, seconds: float, starts_on: str | None) -> None:
+        if starts_on is not None:
+            fault.starts_on, fault.window = _bucket_key(starts_on), seconds
+        else:
+            fault.started = time.monotonic()
+            fault.until = fault.started + seconds
+        self.faults.append(fault)
 
     def deny(self, s3_prefix: str, *, methods: Iterable[str] | None = None) -> Fault:
-        prefix = s3_prefix.removeprefix("s3://")
-        fault = Fault("deny", None, 403, "AccessDenied", prefix=prefix, methods=_methods(methods))
+        fault = Fault("deny", status=403, code="AccessDenied", prefix=_bucket_key(s3_prefix), methods=_methods(methods))
         self.faults.append(fault)
         return fault
 
@@ -108,7 +147,10 @@ class FaultyS3Proxy:
         body = await request.read()
         bucket_key = request.path.lstrip("/")
         now = time.monotonic()
-        for fault in list(self.faults):
+        faults = list(self.faults)
+        for fault in faults:
+            fault.arm(bucket_key, now)
+        for fault in faults:
             if fault.applies(request.method, bucket_key, now):
                 fault.hits += 1
                 if fault.kind == "drop":
@@ -130,6 +172,11 @@ class FaultyS3Proxy:
                 response = aiohttp.web.Response(status=upstream.status, headers=out_headers)
                 response.headers["Content-Length"] = upstream.headers["Content-Length"]
             return response
+
+
+def _bucket_key(s3_prefix: str | None) -> str | None:
+    """The "bucket/key-prefix" (as request paths read) of an s3:// prefix."""
+    return s3_prefix.removeprefix("s3://") if s3_prefix is not None else None
 
 
 def _methods(methods: Iterable[str] | None) -> frozenset[str] | None:

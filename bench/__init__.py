@@ -1,0 +1,1 @@
+"""kubetune benchmarks: `python -m bench` (see bench/__main__.py)."""

@@ -1,0 +1,192 @@
+"""`python -m bench` (`make bench`): run every benchmark against its baseline and write bench/results.md.
+
+    python -m bench                 # everything, full size (about 15 minutes on 2 cores)
+    python -m bench --quick         # smaller and fewer repeats (a few minutes)
+    python -m bench --only storage  # one benchmark (trainer, storage, pipeline, control-plane)
+    python -m bench --render bench/out/run-.../results.json   # the page again, e.g. after editing findings.md
+
+Raw samples go to bench/out/results.json. Findings written by hand (profiles, fixes with their before
+and after, the GPU figures from bench/gpu.py) live in bench/findings.md and are copied into results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from bench import checkpoint_storage, control_plane, input_pipeline, trainer_overhead
+from bench.common import REPO, Row, host_facts, log, markdown_table
+
+BENCHMARKS: dict[str, ModuleType] = {
+    "trainer": trainer_overhead,
+    "storage": checkpoint_storage,
+    "pipeline": input_pipeline,
+    "control-plane": control_plane,
+}
+RESULTS = REPO / "bench" / "results.md"
+FINDINGS = REPO / "bench" / "findings.md"
+OUT = REPO / "bench" / "out"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this (repeatable)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"markdown to write (default {RESULTS})")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default bench/out/run-<time>)")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="run nothing: write the results page again from a run's results.json (after editing findings.md)",
+    )
+    return parser.parse_args(argv)
+
+
+def run_all(
+    names: Sequence[str], quick: bool, workdir: Path, config_for: Callable[[ModuleType], Any] | None = None
+) -> tuple[list[Row], dict[str, str], dict[str, float]]:
+    """Run the named benchmarks; (rows, failures by name, seconds by name)."""
+    rows: list[Row] = []
+    failures: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        module = BENCHMARKS[name]
+        config = config_for(module) if config_for else module.Config.quick() if quick else module.Config.full()
+        folder = workdir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        try:
+            rows += module.run(config, folder)
+        except Exception as error:
+            failures[name] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        seconds[name] = time.monotonic() - started
+        log(f"{name}: {seconds[name]:.0f}s")
+    return rows, failures, seconds
+
+
+def render(
+    rows: Sequence[Row],
+    failures: dict[str, str],
+    seconds: dict[str, float],
+    *,
+    quick: bool,
+    host: dict[str, str],
+    started: datetime,
+    findings: str | None,
+) -> str:
+    lines = [
+        "# kubetune benchmarks",
+        "",
+        "Written by `make bench` (`python -m bench`); do not edit by hand — hand-written findings come from "
+        "`bench/findings.md`, appended below.",
+        "",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC; mode: {'quick (--quick)' if quick else 'full'}; "
+        f"took {sum(seconds.values()) / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())})",
+        f"- Host: {host['cores']} cores ({host['cpu']}), {host['memory']} memory, {host['os']}, "
+        f"Python {host['python']}; load average at start {host['load']} (shared machine: figures are noisy, "
+        "which is why each baseline runs interleaved with kubetune in the same run)",
+        f"- Versions: {host['versions']}",
+        "",
+        "Each figure: median of repeated runs with min–max; ratio = kubetune median / baseline median, "  # noqa: RUF001
+        "measured in the same run. A target on a ratio reads ≥ for throughput and ≤ for a duration.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    if failures:
+        lines += ["## Failed", ""] + [f"- {name}: {why}" for name, why in failures.items()] + [""]
+    notes: dict[str, list[str]] = {}
+    for row in rows:
+        if row.note and row.note not in notes.setdefault(row.benchmark, []):
+            notes[row.benchmark].append(row.note)
+    lines += ["## Set-ups", ""]
+    for name, module in BENCHMARKS.items():
+        bench_rows = [r for r in rows if r.benchmark == module.NAME]
+        if not bench_rows:
+            continue
+        doc = (module.__doc__ or "").strip()
+        lines += [f"### {module.NAME} (`bench/{Path(module.__file__ or name).name}`)", "", doc, ""]
+        lines += [f"- {note}" for note in notes.get(module.NAME, [])] + [""]
+    if findings:
+        lines += [findings.strip(), ""]
+    return "\n".join(lines)
+
+
+def rerender(raw: Path, results: Path) -> int:
+    data = json.loads(raw.read_text())
+    rows = [
+        Row(
+            benchmark=r["benchmark"],
+            figure=r["figure"],
+            unit=r["unit"],
+            product=r["product"],
+            baseline=r["baseline"],
+            goal=(r["goal"][0], r["goal"][1]) if r["goal"] else None,
+            note=r["note"],
+            absolute=r.get("absolute", False),
+        )
+        for r in data["rows"]
+    ]
+    findings = FINDINGS.read_text() if FINDINGS.is_file() else None
+    started = datetime.fromisoformat(data["started"])
+    text = render(
+        rows,
+        data["failures"],
+        data["seconds"],
+        quick=data["quick"],
+        host=data["host"],
+        started=started,
+        findings=findings,
+    )
+    results.write_text(text)
+    log(f"wrote {results} from {raw}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        return rerender(args.render, args.results)
+    names = args.only or list(BENCHMARKS)
+    started = datetime.now(UTC)
+    workdir = (args.workdir or OUT / f"run-{started:%Y%m%d-%H%M%S}").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    host = host_facts()
+    log(f"running {', '.join(names)} ({'quick' if args.quick else 'full'}) in {workdir}")
+    rows, failures, seconds = run_all(names, args.quick, workdir)
+    findings = FINDINGS.read_text() if FINDINGS.is_file() else None
+    text = render(rows, failures, seconds, quick=args.quick, host=host, started=started, findings=findings)
+    args.results.write_text(text)
+    (workdir / "results.json").write_text(
+        json.dumps(
+            {
+                "started": started.isoformat(),
+                "quick": args.quick,
+                "seconds": seconds,
+                "host": host,
+                "rows": [r.as_dict() for r in rows],
+                "failures": failures,
+            },
+            indent=2,
+        )
+    )
+    print(markdown_table(rows))
+    log(f"wrote {args.results} (raw samples: {workdir / 'results.json'})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

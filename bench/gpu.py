@@ -1,0 +1,199 @@
+"""GPU training-step throughput: the trainer's step against a plain PyTorch loop, on one GPU.
+
+    python bench/gpu.py                                   # ResNet-50, bf16 autocast, channels_last, batch 256
+    python bench/gpu.py --batch-size 128 --steps 30       # smaller
+    python bench/gpu.py --model test_resnet --device cpu --steps 2   # a check of this script without a GPU
+
+Needs only this repository, torch and timm (`pip install timm`): it imports the trainer's torch-only
+modules (`kubetune_trainer.steps`, `kubetune_trainer.model`) from `trainer/`, not the package's other
+dependencies. Both sides train the same timm architecture from random initialisation on the same
+synthetic batch, already on the GPU (so no input pipeline is timed), converted to channels_last inside
+each step as a batch from a loader would be:
+
+- kubetune: the model set up as `loop.train_loop` sets it up on CUDA (`model.create_model`, strategy
+  `full`, channels_last, AdamW over `model.param_groups` as `loop.make_optimizer` builds it) and
+  stepped by `steps.Stepper.train_step` under `steps.autocast_for(device, "bf16")`;
+- plain: `timm.create_model`, AdamW over all parameters, autocast(bf16), forward, loss, backward, step.
+
+cuDNN autotuning is on for both (`steps.configure_backends`, as the trainer sets it on CUDA; a tuned
+plain loop sets the same flag). Each side runs `--repeats` times, alternating, each time `--warmup`
+untimed steps and then `--steps` timed ones between two CUDA synchronisations. It prints images/s per
+run, the medians, the ratio kubetune/plain and the card's name, and with `--json FILE` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
+
+import torch
+
+LR, WEIGHT_DECAY = 1e-3, 0.05
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The trainer's training step vs a plain PyTorch loop on one GPU.")
+    parser.add_argument("--model", default="resnet50", help="timm architecture (default resnet50)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default 256 on CUDA, 8 on CPU)")
+    parser.add_argument("--image-size", type=int, help="input size (default 224 on CUDA, 64 on CPU)")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per run (default 50)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before each run (default 15 on CUDA, 1 on CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating (default 3)")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    return parser.parse_args(argv)
+
+
+def pick_device(wanted: str) -> torch.device:
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if wanted == "cuda":
+        raise SystemExit("bench/gpu.py: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    print(
+        "bench/gpu.py: no CUDA GPU here: running on the CPU in fp32, which says nothing about GPU speed "
+        "(try --model test_resnet --steps 2 for a quick check)",
+        file=sys.stderr,
+    )
+    return torch.device("cpu")
+
+
+def kubetune_step(args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """The trainer's model set-up and `Stepper.train_step`, as `loop.train_loop` runs them."""
+    from kubetune_trainer.model import apply_strategy, create_model, param_groups, set_train_mode
+    from kubetune_trainer.steps import Stepper, autocast_for
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = create_model(args.model, args.classes)
+    plan = apply_strategy(model, "full")
+    model = model.to(device).to(memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    optimizer = torch.optim.AdamW(param_groups(model, plan, LR, WEIGHT_DECAY), lr=LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.precision == "fp16")
+    stepper = Stepper(model, optimizer, scheduler, scaler, autocast_for(device, args.precision), channels_last=cuda)
+    set_train_mode(model, plan)
+    return lambda: stepper.train_step(x, y)
+
+
+def plain_step(args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """A plain loop: what a PyTorch user writes for bf16 channels_last training."""
+    import timm
+
+    cuda = device.type == "cuda"
+    layout = torch.channels_last if cuda else torch.contiguous_format
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.classes)
+    model = model.to(device).to(memory_format=layout).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.precision == "fp16")
+    enabled = cuda and args.precision != "fp32"
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
+            loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=layout)), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    return step
+
+
+def images_per_second(step: Callable[[], Any], batch: int, warmup: int, steps: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return batch * steps / (time.perf_counter() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    args.batch_size = args.batch_size or (256 if cuda else 8)
+    args.image_size = args.image_size or (224 if cuda else 64)
+    args.warmup = args.warmup if args.warmup is not None else (15 if cuda else 1)
+    if not cuda:
+        args.precision = "fp32"  # the trainer trains in fp32 on CPU whatever is asked
+
+    import timm
+
+    from kubetune_trainer.steps import configure_backends
+
+    configure_backends(device)
+    card = torch.cuda.get_device_name(device) if cuda else "CPU (no CUDA)"
+    print(
+        f"device: {card}; torch {torch.__version__}, timm {timm.__version__}; {args.model}, batch "
+        f"{args.batch_size} at {args.image_size}px, {args.precision}, channels_last={cuda}; "
+        f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} runs per side",
+        flush=True,
+    )
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(device)
+    y = torch.randint(0, args.classes, (args.batch_size,), generator=generator).to(device)
+
+    results: dict[str, list[float]] = {"kubetune": [], "plain": []}
+    builders = {"kubetune": kubetune_step, "plain": plain_step}
+    for repeat in range(args.repeats):
+        for side in ("kubetune", "plain") if repeat % 2 == 0 else ("plain", "kubetune"):
+            step = builders[side](args, device, x, y)
+            rate = images_per_second(step, args.batch_size, args.warmup, args.steps, device)
+            results[side].append(rate)
+            print(f"run {repeat + 1} {side:8s}: {rate:,.0f} img/s", flush=True)
+            del step
+            if cuda:
+                torch.cuda.empty_cache()
+    medians = {side: statistics.median(rates) for side, rates in results.items()}
+    ratio = medians["kubetune"] / medians["plain"]
+    summary = {
+        "device": card,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "precision": args.precision,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "images_per_second": results,
+        "median": medians,
+        "ratio": ratio,
+    }
+    if cuda:
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    print(
+        f"{card}: kubetune {medians['kubetune']:,.0f} img/s "
+        f"({min(results['kubetune']):,.0f}–{max(results['kubetune']):,.0f}), "  # noqa: RUF001
+        f"plain {medians['plain']:,.0f} img/s ({min(results['plain']):,.0f}–{max(results['plain']):,.0f}), "  # noqa: RUF001
+        f"ratio {ratio:.3f}",
+        flush=True,
+    )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

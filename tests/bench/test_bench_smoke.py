@@ -1,0 +1,150 @@
+"""Each benchmark runs end to end in a tiny configuration and yields well-formed result rows.
+
+No timing is asserted (figures on a shared machine prove nothing in a test); what is checked is what a
+reader of bench/results.md relies on: every figure has samples of kubetune and, where it claims one, of
+its baseline, a finite ratio, a target it can be checked against, and a line in the table.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from bench import checkpoint_storage, control_plane, input_pipeline, trainer_overhead
+from bench.__main__ import render, run_all
+from bench.common import Row, Stat, host_facts, markdown_table
+
+
+def check_rows(rows: list[Row], benchmark: str) -> None:
+    assert rows, f"{benchmark} produced no figures"
+    table = markdown_table(rows).splitlines()
+    assert len(table) == len(rows) + 2
+    for row, line in zip(rows, table[2:], strict=True):
+        assert row.benchmark == benchmark
+        assert row.product and all(math.isfinite(v) and v >= 0 for v in row.product), row
+        assert all(math.isfinite(v) and v >= 0 for v in row.baseline), row
+        if row.baseline and row.baseline_stat and row.baseline_stat.median > 0:
+            assert row.ratio is not None and math.isfinite(row.ratio)
+        if row.goal is not None:
+            assert row.met in (True, False)
+            assert row.target_text() in line
+        assert line.startswith(f"| {benchmark} | {row.figure} |")
+
+
+def run_tiny(module: ModuleType, tmp_path: Path) -> list[Row]:
+    rows: list[Row] = module.run(module.Config.tiny(), tmp_path)
+    check_rows(rows, module.NAME)
+    return rows
+
+
+def test_checkpoint_storage_compares_save_and_load_with_boto3(tmp_path: Path) -> None:
+    rows = run_tiny(checkpoint_storage, tmp_path)
+    assert {r.figure for r in rows} >= {"save (upload)", "load (download)"}
+    assert all(r.baseline for r in rows)
+
+
+def test_input_pipeline_compares_cold_and_warm_epochs_with_local_disk(tmp_path: Path) -> None:
+    rows = run_tiny(input_pipeline, tmp_path)
+    assert len(rows) == 3 and all(r.baseline for r in rows)
+
+
+def test_control_plane_measures_both_operators_as_processes(tmp_path: Path) -> None:
+    rows = run_tiny(control_plane, tmp_path)
+    by_figure = {r.figure: r for r in rows}
+    assert by_figure["operator peak RSS"].absolute
+    assert all(len(r.product) == len(r.baseline) == 1 for r in rows)
+    # Both operators really ran, as processes of their own, and logged to the run's folder.
+    assert sorted(p.name for p in tmp_path.glob("operator-*.log")) == ["operator-bare-0.log", "operator-kubetune-0.log"]
+
+
+@pytest.mark.slow
+def test_trainer_overhead_runs_the_trainer_through_ray(tmp_path: Path) -> None:
+    rows = run_tiny(trainer_overhead, tmp_path)
+    assert len(rows) == 1 and rows[0].baseline
+
+
+def test_results_page_states_host_versions_and_every_figure(tmp_path: Path) -> None:
+    rows = [
+        Row("Demo", "speed", "images/s", [9.0, 10.0, 11.0], [10.0, 10.0, 12.0], (">=", 0.95), "a note"),
+        Row("Demo", "memory", "MB", [120.0], [100.0], ("<", 250.0), absolute=True),
+    ]
+    page = render(
+        rows,
+        {"broken": "RuntimeError: boom"},
+        {"demo": 3.0},
+        quick=True,
+        host=host_facts(),
+        started=datetime(2026, 1, 2, 3, 4, tzinfo=UTC),
+        findings="## Findings\n\nby hand",
+    )
+    assert "2026-01-02 03:04 UTC" in page and "quick" in page
+    assert "cores" in page and "torch " in page
+    assert (
+        "| Demo | speed | 10.0 (9.00–11.0) images/s | 10.0 (10.0–12.0) images/s | 1.00 | ratio ≥ 0.95 | yes |"  # noqa: RUF001
+        in page
+    )
+    assert "| Demo | memory | 120 MB | 100 MB | 1.20 | < 250 MB | yes |" in page
+    assert "- broken: RuntimeError: boom" in page
+    assert page.rstrip().endswith("by hand")
+
+
+def test_the_page_can_be_written_again_from_a_runs_raw_samples(tmp_path: Path) -> None:
+    import json
+
+    from bench.__main__ import main
+
+    row = Row("Demo", "speed", "images/s", [9.0, 11.0], [10.0, 10.0], (">=", 0.95), "a note")
+    raw = tmp_path / "results.json"
+    raw.write_text(
+        json.dumps(
+            {
+                "started": "2026-01-02T03:04:00+00:00",
+                "quick": False,
+                "seconds": {"demo": 60.0},
+                "host": host_facts(),
+                "rows": [row.as_dict()],
+                "failures": {},
+            }
+        )
+    )
+    page = tmp_path / "results.md"
+    assert main(["--render", str(raw), "--results", str(page)]) == 0
+    assert "| Demo | speed | 10.0 (9.00–11.0) images/s | 10.0 (10.0–10.0) images/s | 1.00 |" in page.read_text()  # noqa: RUF001
+    assert "2026-01-02 03:04 UTC; mode: full; took 1.0 min" in page.read_text()
+
+
+def test_a_failing_benchmark_is_reported_and_the_others_still_run(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def config_for(module: ModuleType) -> object:
+        calls.append(module.NAME)
+        return None  # each run() rejects it: every benchmark fails, and each is still tried
+
+    rows, failures, seconds = run_all(["storage", "pipeline"], True, tmp_path, config_for)
+    assert rows == [] and set(failures) == {"storage", "pipeline"} and set(seconds) == {"storage", "pipeline"}
+    assert calls == [checkpoint_storage.NAME, input_pipeline.NAME]
+
+
+def test_median_and_range_are_of_the_samples() -> None:
+    stat = Stat.of([3.0, 1.0, 2.0, 10.0])
+    assert (stat.median, stat.low, stat.high, stat.n) == (2.5, 1.0, 10.0, 4)
+
+
+def test_gpu_script_runs_standalone_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
+    out = tmp_path / "gpu.json"
+    args = ["--model", "test_resnet", "--device", "cpu", "--steps", "1", "--repeats", "1", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "CPU (no CUDA): kubetune" in done.stdout and "ratio" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["device"] == "CPU (no CUDA)" and result["ratio"] > 0
+    assert len(result["images_per_second"]["kubetune"]) == len(result["images_per_second"]["plain"]) == 1

@@ -1,0 +1,178 @@
+"""What happens to each job of the busy world (busy_world.py): one function per job, run on its own thread.
+
+Each submits its job, makes its trouble at the right moment, waits for the outcome and records facts
+for the tests to assert on. A scenario raises only when it cannot go on (its job never got where the
+trouble was to be made); outcomes, good or bad, are facts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from busy_world import (
+    BUCKET,
+    CONFIGMAPS,
+    DENIED_CHECKPOINT,
+    FTJ,
+    NS,
+    RAYJOBS,
+    SECRET,
+    SERVICEACCOUNTS,
+    TERMINAL,
+    ProgressSampler,
+    World,
+    condition,
+    progress_of,
+    status_of,
+)
+
+OPERATOR_DOWN_SECONDS = 3.0
+S3_ERROR_SECONDS = 4.0
+S3_OUTAGE_SECONDS = 3.0
+
+
+def _finish(world: World, name: str, facts: dict[str, Any], epochs: int) -> None:
+    """Wait for the job's end; record it, its history.json (if it succeeded) and its driver logs."""
+    final = world.wait_phase(name, *TERMINAL)
+    facts["epochs"] = epochs
+    facts["final"] = final
+    facts["driver_logs"] = world.driver_logs(name)
+    if status_of(final).get("phase") == "Succeeded":
+        facts["history"] = world.history(name)
+
+
+def steady(world: World, facts: dict[str, Any]) -> None:
+    """A healthy job; once its progress shows, the operator is SIGKILLed and started again 3 s later."""
+    name, epochs = "steady", 10
+    with world.training_slot(), ProgressSampler(world, name) as sampler:
+        world.submit(world.manifest(name, epochs=epochs))
+        job = world.wait_job(name, lambda j: progress_of(j).get("epoch", 0) >= 1, "progress in status")
+        facts["rayjob_uid"] = (world.cluster.get(*RAYJOBS, NS, name) or {}).get("metadata", {}).get("uid")
+        facts["progress_before_crash"] = progress_of(job)
+        facts["killed_at"], facts["restarted_at"] = world.crash_operator(OPERATOR_DOWN_SECONDS)
+        _finish(world, name, facts, epochs)
+    facts["samples"] = sampler.samples
+    facts["rayjob_versions"] = world.rayjob_versions(name)
+
+
+def kills(world: World, facts: dict[str, Any]) -> None:
+    """Once Ray Train has committed a checkpoint, SIGKILL the job's Ray Train worker (mid-epoch: it went
+    on to the next epoch as soon as it had reported the checkpoint); once the run has resumed and
+    committed another, SIGKILL its driver (KubeRay retries the run: backoffLimit 1)."""
+    name, epochs = "kills", 10
+    with world.training_slot(), ProgressSampler(world, name) as sampler:
+        uid = world.submit(world.manifest(name, epochs=epochs, run_policy={"backoffLimit": 1}))["metadata"]["uid"]
+        world.wait_job(name, lambda _: world.committed_epoch(name, uid) >= 1, "a committed checkpoint")
+        facts["committed_before_worker_kill"] = before = world.committed_epoch(name, uid)
+        facts["killed_worker"] = _kill(lambda: world.cluster.kill_train_worker(NS, name), "a Ray Train worker")
+        world.wait_job(name, lambda _: world.committed_epoch(name, uid) > before, "a checkpoint after the restart")
+        facts["restarts_after_worker_kill"] = status_of(world.job(name)).get("restarts", 0)
+        facts["committed_before_driver_kill"] = world.committed_epoch(name, uid)
+        facts["killed_driver"] = _kill(lambda: world.cluster.kill_driver(NS, name), "the driver")
+        _finish(world, name, facts, epochs)
+    facts["samples"] = sampler.samples
+
+
+def _kill(kill: Callable[[], int | None], what: str) -> int:
+    deadline = time.monotonic() + 30
+    while (pid := kill()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} to kill")
+        time.sleep(0.2)
+    return pid
+
+
+def s3_trouble(world: World, facts: dict[str, Any]) -> None:
+    """S3 answers 503 to the job's writes for 4 s from its first checkpoint upload, then drops every
+    connection for its files for 3 s from the next checkpoint upload after that."""
+    name, epochs = "s3-trouble", 6
+    faults = world.cluster.s3_faults
+    assert faults is not None
+    with world.training_slot():
+        job = world.submit(world.manifest(name, epochs=epochs))
+        # The run's checkpoint folders: <output>/checkpoints/<run name = the job's uid>/epoch-NNNN/.
+        checkpoints = f"{world.output(name)}checkpoints/{job['metadata']['uid']}/epoch-"
+        errors = faults.fail_for(
+            S3_ERROR_SECONDS, 503, methods=["PUT"], prefix=world.output(name), starts_on=checkpoints
+        )
+        world.wait_job(name, lambda _: errors.over, "S3 errors during a checkpoint")
+        outage = faults.drop_for(S3_OUTAGE_SECONDS, prefix=world.output(name), starts_on=checkpoints)
+        world.wait_job(name, lambda _: outage.over, "an S3 outage during a checkpoint")
+        facts["error_hits"], facts["outage_hits"] = errors.hits, outage.hits
+        _finish(world, name, facts, epochs)
+
+
+def suspend(world: World, facts: dict[str, Any]) -> None:
+    """Suspend once a checkpoint exists; once Suspended (Ray cluster gone), resume."""
+    name, epochs = "suspend", 10
+    with world.training_slot(), ProgressSampler(world, name) as sampler:
+        uid = world.submit(world.manifest(name, epochs=epochs))["metadata"]["uid"]
+        world.wait_job(name, lambda _: world.committed_epoch(name, uid) >= 1, "a committed checkpoint")
+        # Not while steady's operator crash holds the edit up: the run might finish before it lands.
+        world.wait_job(name, lambda _: world.operator_up.is_set(), "the operator up")
+        ray = world.ray_processes(name)
+        world.cluster.patch(*FTJ, NS, name, {"spec": {"runPolicy": {"suspend": True}}})
+        suspended = world.wait_job(
+            name, lambda j: condition(j, "Suspended").get("reason") == "Suspended", "Suspended (cluster stopped)"
+        )
+        facts["suspended"] = suspended
+        facts["committed_when_suspended"] = world.committed_epoch(name, uid)  # the first run's last
+        facts["rayclusters_while_suspended"] = world.rayclusters_of(name)
+        facts["ray_processes_before"] = ray
+        facts["ray_processes_while_suspended"] = world.survivors(ray)
+        world.cluster.patch(*FTJ, NS, name, {"spec": {"runPolicy": {"suspend": False}}})
+        _finish(world, name, facts, epochs)
+    facts["samples"] = sampler.samples
+
+
+def deleted_while_running(world: World, facts: dict[str, Any]) -> None:
+    """Delete the job while it runs; record whatever of it is left a minute later."""
+    name = "deleted"
+    world.submit(world.manifest(name, epochs=4))
+    world.wait_phase(name, "Running", *TERMINAL)
+    facts["phase_when_deleted"] = status_of(world.job(name)).get("phase")
+    ray = world.ray_processes(name)
+    facts["ray_processes_before"] = ray
+    world.cluster.delete(*FTJ, NS, name)
+    leftovers = []
+    for what, child in (
+        (FTJ, name),
+        (RAYJOBS, name),
+        (CONFIGMAPS, f"{name}-trainer-config"),
+        (SERVICEACCOUNTS, f"{name}-trainer"),
+    ):
+        if not world.wait_gone(what, child):
+            leftovers.append(f"{what[2]}/{child}")
+    leftovers += [f"rayclusters/{rc}" for rc in world.rayclusters_of(name)]
+    leftovers += [f"process {pid}" for pid in world.survivors(ray)]
+    facts["leftovers"] = leftovers
+
+
+def _beside_steady(world: World) -> dict[str, Any]:
+    """Wait until the steady job trains, so a failing job fails beside a running one."""
+    world.start(steady)
+    return world.wait_phase("steady", "Running", *TERMINAL)
+
+
+def missing_checkpoint(world: World, facts: dict[str, Any]) -> None:
+    """Base weights that do not exist, and no credentialsSecret: no preflight, the trainer finds out."""
+    name = "missing"
+    facts["steady_when_submitted"] = status_of(_beside_steady(world)).get("phase")
+    world.submit(world.manifest(name, epochs=2, checkpoint=f"s3://{BUCKET}/base/missing.safetensors"))
+    facts["final"] = world.wait_phase(name, *TERMINAL)
+
+
+def access_denied(world: World, facts: dict[str, Any]) -> None:
+    """S3 refuses the job's credentials on its base weights: the operator's preflight finds out."""
+    name = "denied"
+    assert world.cluster.s3_faults is not None
+    facts["steady_when_submitted"] = status_of(_beside_steady(world)).get("phase")
+    world.cluster.s3_faults.deny(DENIED_CHECKPOINT.rsplit("/", 1)[0] + "/")
+    world.submit(world.manifest(name, epochs=2, checkpoint=DENIED_CHECKPOINT, credentials_secret=SECRET))
+    facts["final"] = world.wait_phase(name, *TERMINAL)
+    facts["rayjob"] = world.cluster.get(*RAYJOBS, NS, name)
+
+
+FAULTS = (steady, suspend, kills, s3_trouble, deleted_while_running, missing_checkpoint, access_denied)

@@ -1,0 +1,108 @@
+"""Detection results: COCO mAP@[.5:.95] and mAP@.5, and a picture of what the model finds.
+
+mAP comes from torchmetrics' MeanAveragePrecision on the pycocotools backend, i.e. COCO's own
+evaluation; predictions are made with the model's own transforms (it resizes and normalises inside).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Boxes drawn in detections.png are those the model is at least this sure of.
+SCORE_THRESHOLD = 0.5
+
+
+def _finite(value: torch.Tensor) -> float:
+    number = float(value)
+    # torchmetrics answers -1 when a class never occurs; no occurrence means nothing was measured.
+    return number if math.isfinite(number) and number >= 0 else 0.0
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict[str, torch.Tensor]]]],
+    device: torch.device,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """(predictions, targets) on the CPU for every image of `batches`; the model is put in eval mode."""
+    model.eval()
+    predictions: list[dict[str, torch.Tensor]] = []
+    targets: list[dict[str, torch.Tensor]] = []
+    for images, batch_targets in batches:
+        outputs = model([image.to(device) for image in images])
+        predictions += [
+            {k: v.detach().float().cpu() if k != "labels" else v.cpu() for k, v in o.items()} for o in outputs
+        ]
+        targets += [{k: v.cpu() for k, v in t.items()} for t in batch_targets]
+    return predictions, targets
+
+
+def mean_average_precision(
+    predictions: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]]
+) -> dict[str, float]:
+    """{"valMap": mAP@[.5:.95], "valMap50": mAP@.5} over all images, as fractions (0-1)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+    metric.update(list(predictions), list(targets))
+    result = metric.compute()
+    return {"valMap": _finite(result["map"]), "valMap50": _finite(result["map_50"])}
+
+
+def evaluate_detector(
+    model: nn.Module,
+    batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict[str, torch.Tensor]]]],
+    device: torch.device,
+) -> dict[str, float]:
+    predictions, targets = predict(model, batches, device)
+    return mean_average_precision(predictions, targets)
+
+
+def plot_detections(
+    images: Sequence[torch.Tensor],
+    predictions: Sequence[dict[str, torch.Tensor]],
+    targets: Sequence[dict[str, torch.Tensor]],
+    class_names: Sequence[str],
+    path: Path,
+    score_threshold: float = SCORE_THRESHOLD,
+    columns: int = 4,
+) -> None:
+    """A grid of images with true boxes (green, dashed) and predicted boxes (orange, with class and score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    count = max(1, len(images))
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, prediction, target in zip(axes.flat, images, predictions, targets, strict=False):
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        for box in target["boxes"].tolist():
+            ax.add_patch(_rect(Rectangle, box, "limegreen", "--"))
+        for box, label, score in zip(
+            prediction["boxes"].tolist(), prediction["labels"].tolist(), prediction["scores"].tolist(), strict=True
+        ):
+            if score < score_threshold:
+                continue
+            ax.add_patch(_rect(Rectangle, box, "orange", "-"))
+            name = class_names[label - 1] if 0 < label <= len(class_names) else str(label)
+            ax.text(box[0], box[1], f"{name} {score:.2f}", color="black", fontsize=7, backgroundcolor="orange")
+    fig.suptitle(f"true boxes: green dashed; predicted (score >= {score_threshold}): orange")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _rect(rectangle: Any, box: Sequence[float], colour: str, style: str) -> Any:
+    x1, y1, x2, y2 = box
+    return rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linestyle=style, linewidth=1.5)

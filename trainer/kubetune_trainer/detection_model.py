@@ -1,0 +1,147 @@
+"""Detection models: torchvision's detection zoo by name, base weights from S3, the box predictor replaced.
+
+Every torchvision detector counts classes with a background at index 0 (COCO's 91 = 90 + background),
+so a job with N classes builds the model with N + 1 and trains on labels 1..N. Nothing is downloaded:
+`weights=None, weights_backbone=None` always, and the base weights come through the classification
+path's safe loader (`model.read_state_dict`: safetensors or weights-only state dicts).
+
+Strategies map onto the backbone's stages (its top-level children, input side first): `head` trains the
+detection heads and the feature pyramid with the backbone frozen, `partial` also the last
+`trainableLayers` backbone stages, `full` everything. torchvision's own `trainable_backbone_layers` only
+applies to downloaded backbone weights, so the freezing is done here, with the same `TrainablePlan` the
+classification loop uses (frozen BatchNorm stays in eval mode, the backbone learns slower under `full`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torchvision.models.detection as zoo
+from torch import nn
+
+from kubetune_trainer.config import DETECTION_ARCHITECTURES
+from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.model import (
+    TrainablePlan,
+    WeightsReport,
+    _under,
+    frozen_norm_modules,
+    load_base_weights,
+    read_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+# The layers that map features to this task's classes: re-initialised for the job's classes, never
+# loaded from the base weights (the base model's classes are other classes).
+PREDICTORS: dict[str, tuple[str, ...]] = {
+    "fasterrcnn": ("roi_heads.box_predictor",),
+    "retinanet": ("head.classification_head.cls_logits",),
+    "fcos": ("head.classification_head.cls_logits",),
+    "ssd": ("head.classification_head",),
+}
+
+
+def family(architecture: str) -> str:
+    """fasterrcnn, retinanet, fcos or ssd (ssdlite320…, ssd300…)."""
+    return next((f for f in PREDICTORS if architecture.startswith(f)), architecture)
+
+
+def check_detection_architecture(name: str) -> None:
+    if name not in DETECTION_ARCHITECTURES:
+        raise ConfigError(
+            f"model.architecture: '{name}' is not a detection architecture; detection accepts: "
+            + ", ".join(DETECTION_ARCHITECTURES)
+        )
+
+
+def create_detector(architecture: str, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """The detector for `num_classes` object classes (plus background); never downloads anything.
+
+    `image_size` sets the model's own resize transform (shorter and longer side), for the R-CNN, RetinaNet
+    and FCOS families; SSD models keep their fixed input size.
+    """
+    check_detection_architecture(architecture)
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes + 1}
+    if image_size is not None and family(architecture) in ("fasterrcnn", "retinanet", "fcos"):
+        kwargs.update(min_size=image_size, max_size=image_size)
+    model: nn.Module = getattr(zoo, architecture)(**kwargs)
+    model.kubetune_architecture = architecture  # type: ignore[assignment]
+    return model
+
+
+def predictor_names(model: nn.Module) -> list[str]:
+    architecture = str(getattr(model, "kubetune_architecture", ""))
+    names = PREDICTORS.get(family(architecture))
+    if not names:
+        raise ConfigError(f"cannot find the box predictor of {type(model).__name__} to replace it")
+    return list(names)
+
+
+def build_detector(
+    architecture: str, num_classes: int, weights: Path | None, source: str, image_size: int | None = None
+) -> tuple[nn.Module, WeightsReport]:
+    """The detector with base weights from `weights` (a local file downloaded from `source`)."""
+    model = create_detector(architecture, num_classes, image_size)
+    if weights is None:
+        return model, WeightsReport()
+    report = load_base_weights(model, read_state_dict(weights, source), source, heads=predictor_names(model))
+    return model, report
+
+
+def backbone_body(model: nn.Module) -> tuple[str, nn.Module]:
+    """The feature extractor whose stages `partial` counts: `backbone.body` (FPN models) or `backbone.features`."""
+    for name in ("backbone.body", "backbone.features", "backbone"):
+        try:
+            return name, model.get_submodule(name)
+        except AttributeError:
+            continue
+    raise ConfigError(f"cannot find the backbone of {type(model).__name__}")
+
+
+def detector_stages(model: nn.Module) -> list[list[str]]:
+    """Backbone parameter names grouped by the backbone's top-level children, input side first."""
+    prefix, body = backbone_body(model)
+    groups = []
+    for child_name, child in body.named_children():
+        names = [f"{prefix}.{child_name}.{n}" for n, _ in child.named_parameters()]
+        if names:
+            groups.append(names)
+    return groups
+
+
+def apply_detection_strategy(model: nn.Module, strategy: str, trainable_layers: int | None = None) -> TrainablePlan:
+    """Freeze what the strategy keeps fixed; the plan the classification loop's helpers understand."""
+    names = [n for n, _ in model.named_parameters()]
+    stages = detector_stages(model)
+    in_backbone = {n for g in stages for n in g}
+    head = [n for n in names if n not in in_backbone]
+    if strategy == "head":
+        trained = 0
+    elif strategy == "partial":
+        wanted = trainable_layers or 1
+        if wanted > len(stages):
+            log.warning("model.trainableLayers is %d but the backbone has %d stages: training all", wanted, len(stages))
+        trained = min(wanted, len(stages))
+    elif strategy == "full":
+        trained = len(stages)
+    else:
+        raise ConfigError(f"model.strategy: unknown strategy '{strategy}'")
+    backbone_set = {n for g in stages[len(stages) - trained :] for n in g} if trained else set()
+    trainable = set(head) | backbone_set
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return TrainablePlan(
+        strategy=strategy,
+        head=head,
+        backbone=[n for n in names if n in backbone_set],
+        stages_trained=trained,
+        stages_total=len(stages),
+        frozen_modules=frozen_norm_modules(model),
+    )
+
+
+def is_predictor_key(model: nn.Module, key: str) -> bool:
+    return _under(key, predictor_names(model))
