@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -45,6 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this (repeatable)")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"markdown to write (default {RESULTS})")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default bench/out/run-<time>)")
+    parser.add_argument("--keep", action="store_true", help="keep each benchmark's data in the workdir (logs are kept)")
     parser.add_argument(
         "--render",
         type=Path,
@@ -55,7 +57,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_all(
-    names: Sequence[str], quick: bool, workdir: Path, config_for: Callable[[ModuleType], Any] | None = None
+    names: Sequence[str],
+    quick: bool,
+    workdir: Path,
+    config_for: Callable[[ModuleType], Any] | None = None,
+    keep: bool = False,
 ) -> tuple[list[Row], dict[str, str], dict[str, float]]:
     """Run the named benchmarks; (rows, failures by name, seconds by name)."""
     rows: list[Row] = []
@@ -74,7 +80,18 @@ def run_all(
             traceback.print_exc()
         seconds[name] = time.monotonic() - started
         log(f"{name}: {seconds[name]:.0f}s")
+        if not keep:
+            tidy(folder)
     return rows, failures, seconds
+
+
+def tidy(folder: Path) -> None:
+    """Keep a benchmark's logs, drop its data (images, checkpoints, caches: hundreds of MB a run)."""
+    for path in folder.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.suffix != ".log":
+            path.unlink(missing_ok=True)
 
 
 def render(
@@ -166,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     host = host_facts()
     log(f"running {', '.join(names)} ({'quick' if args.quick else 'full'}) in {workdir}")
-    rows, failures, seconds = run_all(names, args.quick, workdir)
+    rows, failures, seconds = run_all(names, args.quick, workdir, keep=args.keep)
     findings = FINDINGS.read_text() if FINDINGS.is_file() else None
     text = render(rows, failures, seconds, quick=args.quick, host=host, started=started, findings=findings)
     args.results.write_text(text)

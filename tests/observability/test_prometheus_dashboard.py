@@ -204,10 +204,12 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
         reporters["birds"].report(update(1, 8, trainLoss=2.2, imagesPerSecond=290.0))
         await asyncio.sleep(1.2)
         reporters["cats"].report(update(1, 10, valLoss=1.5, valAccuracy=0.61))
-        reporters["birds"].report(update(1, 10, valLoss=1.7, valAccuracy=0.55))
+        # birds stands in for a detection job too: its mAP feeds the dashboard's accuracy/mAP panel.
+        reporters["birds"].report(update(1, 10, valLoss=1.7, valAccuracy=0.55, valMap=0.41, valMap50=0.72))
         metrics.count_reconcile_error("create_job")
         await prometheus.wait_for('kubetune_job_validation_accuracy_ratio{name="birds"}')
         await prometheus.wait_for('kubetune_job_validation_accuracy_ratio{name="cats"}')
+        await prometheus.wait_for('kubetune_job_validation_map_ratio{name="birds"}')
 
         # 3. cats succeeds, dogs fails, birds restarts once and keeps training; a forged token is refused.
         reporters["cats"].report(update(3, 30, trainLoss=0.4, valLoss=0.5, valAccuracy=0.93))
