@@ -89,7 +89,7 @@ async def test_credentials_without_permission_are_access_denied(op: OperatorHarn
 
 async def test_unknown_credentials_are_access_denied(op: OperatorHarness, s3: S3World) -> None:
     uris = s3.seed()
-    await op.create_secret(NS, "s3-creds", {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN000000000", "AWS_SECRET_ACCESS_KEY": "x"})
+    await op.create_secret(NS, "s3-creds", {"AWS_ACCESS_KEY_ID": "UNKNOWNTESTKEY000000", "AWS_SECRET_ACCESS_KEY": "x"})
     with s3.iam_enforced():
         await submit(op, s3, "stranger", uris)
         await failed_with(op, "stranger", "AccessDenied")
