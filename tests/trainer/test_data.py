@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from digits_world import REGION, DigitsWorld
 
+from kubetune_trainer import data
 from kubetune_trainer.config import DataSpec
 from kubetune_trainer.data import build_index, check_corrupt, datasets, prepare_images, split_per_class
 from kubetune_trainer.errors import ConfigError, DataError
@@ -110,3 +111,20 @@ def test_node_cache_downloads_once(world: DigitsWorld, store: S3Store, tmp_path:
     again, _ = prepare_images(store, index, root=tmp_path)
 
     assert again == folder and image.stat().st_mtime_ns == stamp
+
+
+def test_a_dataset_beyond_one_listing_page_gives_the_same_index(
+    world: DigitsWorld, store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.upload_folder("s3://datasets/pages/train", per_class=4)
+    world.put("s3://datasets/pages/train/7/notes.txt", b"not an image")
+    world.put("s3://datasets/pages/train/loose.png", b"belongs to no class")
+    spec = DataSpec(train="s3://datasets/pages/train", validation_split=0.25)
+
+    one_page = build_index(store, spec, None, seed=3)
+    monkeypatch.setattr(data, "FIRST_PAGE_KEYS", 5)  # the dataset now spans several pages
+    paged = build_index(store, spec, None, seed=3)
+
+    assert one_page.wire() == paged.wire()
+    assert one_page.class_names == ["5", "6", "7", "8", "9"]
+    assert (len(one_page.samples), one_page.ignored_objects) == (20, 1)

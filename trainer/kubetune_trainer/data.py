@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_CORRUPT_FRACTION = 0.01
 LIST_THREADS = 16
+FIRST_PAGE_KEYS = 1000  # S3's largest page
 
 
 @dataclass(frozen=True)
@@ -115,17 +116,31 @@ def is_image(key: str) -> bool:
 
 def list_image_folder(store: S3Store, prefix: S3Uri) -> tuple[dict[str, list[ObjectInfo]], int]:
     """Images per class folder under `prefix` (nested folders belong to their class) and the count of
-    other objects ignored."""
-    classes = store.list_folders(prefix)
-    if not classes:
+    other objects ignored in them.
+
+    A dataset that fits one listing page is listed with that one request; a bigger one is listed per
+    class folder in parallel, since S3 pages through one prefix 1,000 keys at a time.
+    """
+    base = f"{prefix.key}/" if prefix.key else ""
+    first, complete = store.list_first_page(prefix, FIRST_PAGE_KEYS)
+    listed: dict[str, list[ObjectInfo]] = {}
+    if complete:
+        for info in first:
+            name, sep, _ = info.key[len(base) :].partition("/")
+            if sep and name:  # files directly under the prefix belong to no class
+                listed.setdefault(name, []).append(info)
+    else:
+        classes = store.list_folders(prefix)
+        with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(classes)))) as pool:
+            listed = dict(zip(classes, pool.map(lambda c: store.list_objects(prefix.join(c)), classes), strict=True))
+    if not listed:
         raise DataError(
             f"no class folders under {prefix}/: expected images at {prefix}/<class>/<image>{'.jpg/.jpeg/.png/.webp'}"
         )
-    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, len(classes))) as pool:
-        listings = list(pool.map(lambda c: store.list_objects(prefix.join(c)), classes))
     by_class: dict[str, list[ObjectInfo]] = {}
     ignored = 0
-    for name, objects in zip(classes, listings, strict=True):
+    for name in sorted(listed):
+        objects = listed[name]
         images = sorted((o for o in objects if is_image(o.key)), key=lambda o: o.key)
         ignored += len(objects) - len(images)
         by_class[name] = images

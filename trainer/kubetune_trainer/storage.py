@@ -192,6 +192,19 @@ class S3Store:
             raise self._storage_error(error, prefix, "list") from None
         return sorted(n for n in names if n)
 
+    def list_first_page(self, prefix: S3Uri, max_keys: int = 1000) -> tuple[list[ObjectInfo], bool]:
+        """The first page (up to `max_keys` objects) under `prefix`, recursively, and whether that was all."""
+        base = f"{prefix.key}/" if prefix.key else ""
+        try:
+            page = self.client.list_objects_v2(Bucket=prefix.bucket, Prefix=base, MaxKeys=max_keys)
+        except (ClientError, BotoCoreError) as error:
+            raise self._storage_error(error, prefix, "list") from None
+        objects = [
+            ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
+            for item in page.get("Contents", [])
+        ]
+        return objects, not page.get("IsTruncated", False)
+
     def list_objects(self, prefix: S3Uri) -> list[ObjectInfo]:
         """Every object under `prefix` (recursively), keys in full."""
         out: list[ObjectInfo] = []
