@@ -4,7 +4,13 @@ The API server is the operator tests' harness (`tests/operator/operator_harness.
 metadata a real server stamps), in this process; the operator runs as it ships, `python -m
 kubetune_operator`, in a process of its own that reaches the server through a kubeconfig, so its peak
 resident memory is its own (VmHWM). The baseline is a bare kopf operator (`bench/bare_operator.py`)
-that creates one RayJob per FineTuneJob, run by `kopf run` the same way against the same harness.
+that creates one RayJob per FineTuneJob, run by `kopf run` the same way against the same harness. A
+second baseline, the same bare operator making kubetune's API calls for each job (its children, one
+status patch, one Event), tells the cost of that work from the cost of kubetune itself.
+
+kmock finds the object of each request by scanning every object it stores, which makes each request
+dearer the more objects a run has made; the harness here looks objects up by key instead, for every
+operator alike (`Config.indexed_api`), so the figures show the operators' costs rather than kmock's.
 
 Each job is created without `spec.storage.credentialsSecret`, so the operator skips its S3 preflight
 (it would otherwise need real objects); every other step runs: validation, KubeRay discovery, status,
@@ -35,6 +41,8 @@ class Config:
     jobs: int = 500
     repeats: int = 3
     timeout: float = 300.0
+    # Objects looked up by key in kmock, for both operators alike (see `one_run`).
+    indexed_api: bool = True
 
     @classmethod
     def full(cls) -> Config:
@@ -77,6 +85,11 @@ def kubeconfig(path: Path, server: str) -> Path:
     return path
 
 
+# The operators each run measures: kubetune, the bare kopf baseline, and bare kopf making kubetune's API
+# calls (bench/bare_operator.py): how much of the gap is the work itself.
+KINDS = ("kubetune", "bare", "bare-same-work")
+
+
 def operator_command(kind: str, liveness: str) -> list[str]:
     if kind == "kubetune":
         return [sys.executable, "-m", "kubetune_operator", "--liveness", liveness]
@@ -84,8 +97,10 @@ def operator_command(kind: str, liveness: str) -> list[str]:
     return [sys.executable, "-m", "kopf", "run", script, "--standalone", "--all-namespaces", f"--liveness={liveness}"]
 
 
-def operator_env(config_file: Path) -> dict[str, str]:
+def operator_env(config_file: Path, kind: str = "kubetune") -> dict[str, str]:
     env = dict(os.environ)
+    if kind == "bare-same-work":
+        env["KUBETUNE_BENCH_SAME_WORK"] = "1"
     env.update(
         KUBECONFIG=str(config_file),
         KUBETUNE_METRICS_PORT="0",  # its own free ports: metrics and progress are served, as in production
@@ -103,6 +118,14 @@ class Outcome:
     p99_s: float
     peak_rss_mb: float
     cpu_s: float
+    # CPU of this process (the kmock API server, and the burst's own creates) over the same window.
+    server_cpu_s: float = 0.0
+    # The operator's API requests from the burst's start until the last RayJob exists, by kind.
+    requests: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def requests_total(self) -> int:
+        return sum(self.requests.values())
 
 
 async def one_run(kind: str, config: Config, workdir: Path, index: int) -> Outcome:
@@ -130,6 +153,26 @@ async def one_run(kind: str, config: Config, workdir: Path, index: int) -> Outco
                     self.stored.setdefault((plural, name), time.monotonic())
             return result
 
+        # kmock finds the object of every fetch, create and patch by scanning all stored objects (and
+        # the harness's `current` does the same), so each request costs more the more objects a run
+        # has made: a cost of the emulator, not of either operator, and larger for the operator that
+        # makes more objects. Both sides get this lookup by key (falling back to the scan when it misses).
+        def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list[Any]:  # noqa: N802
+            if config.indexed_api and strict and request.name is not None:
+                found = self._objects._objects.get((request.resource, request.namespace, request.name))
+                if found is not None:
+                    return [found]
+            objs: list[Any] = super()._KubernetesEmulator__get_objs(request, strict)
+            return objs
+
+        def current(self, resource: Any, namespace: str | None, name: str | None) -> dict[str, Any] | None:
+            if config.indexed_api:
+                found = self._objects._objects.get((resource, namespace, name))
+                if found is not None:
+                    return None if found.deleted else dict(found.raw)
+            current: dict[str, Any] | None = super().current(resource, namespace, name)
+            return current
+
     async with TimedApi() as api, kmock.Server(api):
         harness.declare_resources(api)
         server = str(api.url).rstrip("/")
@@ -138,7 +181,10 @@ async def one_run(kind: str, config: Config, workdir: Path, index: int) -> Outco
         log_path = workdir / f"operator-{kind}-{index}.log"
         with open(log_path, "w") as out:
             proc = subprocess.Popen(
-                operator_command(kind, liveness), env=operator_env(config_file), stdout=out, stderr=subprocess.STDOUT
+                operator_command(kind, liveness),
+                env=operator_env(config_file, kind),
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
             try:
                 await _wait(
@@ -151,6 +197,8 @@ async def one_run(kind: str, config: Config, workdir: Path, index: int) -> Outco
                     f"the {kind} operator to watch (log: {log_path})",
                 )
                 cpu_at_start = cpu_seconds(proc.pid)
+                first_request = len(api.log)
+                server_cpu_at_start = time.process_time()
                 client = harness.OperatorHarness(api)
                 names = [f"bench-{i:04d}" for i in range(config.jobs)]
                 await asyncio.gather(*(client.create_job(harness.finetunejob(n), NAMESPACE) for n in names))
@@ -162,6 +210,8 @@ async def one_run(kind: str, config: Config, workdir: Path, index: int) -> Outco
                 )
                 rss = peak_rss_mib(proc.pid) * 1024 * 1024 / 1e6
                 cpu = cpu_seconds(proc.pid) - cpu_at_start
+                server_cpu = time.process_time() - server_cpu_at_start
+                requests = request_counts(harness, api, first_request)
             finally:
                 await asyncio.to_thread(stop_process, proc, 15.0)
     created = {name: t for (plural, name), t in api.stored.items() if plural == "finetunejobs"}
@@ -173,7 +223,20 @@ async def one_run(kind: str, config: Config, workdir: Path, index: int) -> Outco
         p99_s=percentile(latencies, 99),
         peak_rss_mb=rss,
         cpu_s=cpu,
+        server_cpu_s=server_cpu,
+        requests=requests,
     )
+
+
+def request_counts(harness: Any, api: Any, first: int) -> dict[str, int]:
+    """The operator's requests since `first` in the server's log, as "verb resource[/sub]": count."""
+    counts: dict[str, int] = {}
+    for r in harness._requests_since(api, first):
+        if r.user_agent == harness.TEST_USER_AGENT:
+            continue
+        key = f"{r.verb} {r.resource}" + (f"/{r.subresource}" if r.subresource else "")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 async def _wait(done: Any, proc: subprocess.Popen[Any], timeout: float, what: str) -> None:
@@ -188,14 +251,18 @@ async def _wait(done: Any, proc: subprocess.Popen[Any], timeout: float, what: st
 
 def run(config: Config, workdir: Path) -> list[Row]:
     log(f"{NAME}: {config.jobs} FineTuneJobs in one burst, {config.repeats} repeats per operator")
-    outcomes: dict[str, list[Outcome]] = {"kubetune": [], "bare": []}
+    outcomes: dict[str, list[Outcome]] = {kind: [] for kind in KINDS}
     for repeat in range(config.repeats):
-        for kind in ("kubetune", "bare") if repeat % 2 == 0 else ("bare", "kubetune"):
+        shift = repeat % len(KINDS)  # each kind goes first, middle and last in turn
+        for kind in KINDS[shift:] + KINDS[:shift]:
             outcome = asyncio.run(one_run(kind, config, workdir, repeat))
             outcomes[kind].append(outcome)
             log(
                 f"{NAME}: {kind}: all RayJobs after {outcome.total_s:.2f}s, p50 {outcome.p50_s:.2f}s, "
-                f"p99 {outcome.p99_s:.2f}s, peak RSS {outcome.peak_rss_mb:.0f} MB, operator CPU {outcome.cpu_s:.1f}s"
+                f"p99 {outcome.p99_s:.2f}s, peak RSS {outcome.peak_rss_mb:.0f} MB, operator CPU {outcome.cpu_s:.1f}s, "
+                f"API server CPU {outcome.server_cpu_s:.1f}s, "
+                f"{outcome.requests_total / config.jobs:.2f} API requests/job "
+                f"({', '.join(f'{k} {v}' for k, v in sorted(outcome.requests.items()))})"
             )
 
     def values(kind: str, attr: str) -> list[float]:
@@ -204,10 +271,25 @@ def run(config: Config, workdir: Path) -> list[Row]:
     note = (
         f"{config.jobs} jobs created at once; baseline: bare kopf operator creating one RayJob per job "
         "(bench/bare_operator.py); both as separate processes against the same kmock harness"
+        + ("; kmock finds objects by key (both sides)" if config.indexed_api else "; kmock as shipped (scans)")
+    )
+    same_note = (
+        "rows marked 'same API work': the baseline is bare kopf making kubetune's API calls for each job "
+        "(bench/bare_operator.py with KUBETUNE_BENCH_SAME_WORK=1: ServiceAccount, ConfigMap, RayJob, one "
+        "status patch, one Event)"
     )
     burst = f"{config.jobs} jobs: all RayJobs exist after"
     return [
         Row(NAME, burst, "s", values("kubetune", "total_s"), values("bare", "total_s"), ("<=", 1.3), note),
+        Row(
+            NAME,
+            f"{burst} (same API work)",
+            "s",
+            values("kubetune", "total_s"),
+            values("bare-same-work", "total_s"),
+            None,
+            same_note,
+        ),
         Row(NAME, "create → RayJob latency p50", "s", values("kubetune", "p50_s"), values("bare", "p50_s"), None, note),
         Row(
             NAME,
@@ -225,6 +307,33 @@ def run(config: Config, workdir: Path) -> list[Row]:
             "ms",
             [o.cpu_s * 1000 / config.jobs for o in outcomes["kubetune"]],
             [o.cpu_s * 1000 / config.jobs for o in outcomes["bare"]],
+            None,
+            note,
+        ),
+        Row(
+            NAME,
+            "operator CPU time per job (same API work)",
+            "ms",
+            [o.cpu_s * 1000 / config.jobs for o in outcomes["kubetune"]],
+            [o.cpu_s * 1000 / config.jobs for o in outcomes["bare-same-work"]],
+            None,
+            same_note,
+        ),
+        Row(
+            NAME,
+            "API server (kmock) CPU time per job",
+            "ms",
+            [o.server_cpu_s * 1000 / config.jobs for o in outcomes["kubetune"]],
+            [o.server_cpu_s * 1000 / config.jobs for o in outcomes["bare"]],
+            None,
+            note,
+        ),
+        Row(
+            NAME,
+            "operator API requests per job (until the last RayJob)",
+            "",
+            [o.requests_total / config.jobs for o in outcomes["kubetune"]],
+            [o.requests_total / config.jobs for o in outcomes["bare"]],
             None,
             note,
         ),

@@ -41,6 +41,7 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 # RayJob create answered 404 (KubeRay removed meanwhile) forgets it at once.
 KUBERAY_SEEN_SECONDS = 30.0
 DEFAULT_KUBECONFIG = "~/.kube/config"
+KUBE_THREADS = 16  # API calls in flight at once
 
 
 def client_configuration(kubeconfig: str | None = None) -> client.Configuration:
@@ -106,10 +107,33 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
+def pooled(configuration: client.Configuration, threads: int = KUBE_THREADS) -> client.Configuration:
+    """Keep one connection per calling thread: the library's default pool (5 per CPU) is smaller than
+    `Kube`'s thread pool, so under load it closed connections and opened new ones for every call."""
+    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, threads)
+    return configuration
+
+
+def _call_and_decode(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """One blocking API call and its decoded JSON answer, all in the calling thread.
+
+    Reading the body here (not in the event loop) hands the connection back to the pool as soon as
+    the answer is in: read later, the thread's next call found the pool empty and opened a connection.
+    """
+    response = fn(*args, _preload_content=False, **kwargs)
+    data = response.data
+    decoded: dict[str, Any] = json.loads(data) if data else {}
+    return decoded
+
+
+def is_not_found(exc: BaseException) -> bool:
+    return isinstance(exc, ApiException) and exc.status == 404
+
+
 class Kube:
     """The operator's Kubernetes client; every method is safe to call again with the same arguments."""
 
-    def __init__(self, api_client: client.ApiClient, *, threads: int = 16) -> None:
+    def __init__(self, api_client: client.ApiClient, *, threads: int = KUBE_THREADS) -> None:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
@@ -120,14 +144,14 @@ class Kube:
     @classmethod
     def from_environment(cls, kubeconfig: str | None = None) -> Kube:
         """A client with the credentials `client_configuration(kubeconfig)` finds (as kubectl would)."""
-        return cls(client.ApiClient(client_configuration(kubeconfig)))
+        return cls(client.ApiClient(pooled(client_configuration(kubeconfig))))
 
     @classmethod
     def for_server(cls, url: str) -> Kube:
         """A client of an unauthenticated API server at `url` (tests, local emulators)."""
         configuration = client.Configuration()
         configuration.host = url.rstrip("/")
-        return cls(client.ApiClient(configuration))
+        return cls(client.ApiClient(pooled(configuration)))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -137,17 +161,13 @@ class Kube:
         """Run one blocking API call in a thread; the decoded JSON answer."""
         for delay in (*RETRY_DELAYS, None):
             try:
-                call = functools.partial(fn, *args, _preload_content=False, **kwargs)
-                response = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+                call = functools.partial(_call_and_decode, fn, *args, **kwargs)
+                return await asyncio.get_running_loop().run_in_executor(self._executor, call)
             except Exception as exc:
                 if delay is None or not is_transient(exc):
                     raise
                 logger.debug("Kubernetes API call %s failed (%s); retrying in %.1fs", fn.__name__, exc, delay)
                 await asyncio.sleep(delay)
-                continue
-            data = response.data
-            decoded: dict[str, Any] = json.loads(data) if data else {}
-            return decoded
         raise AssertionError("unreachable")
 
     async def _read_or_none(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:

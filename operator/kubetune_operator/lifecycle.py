@@ -383,11 +383,6 @@ def _transition(
 # -- the ways a status changes ---------------------------------------------------------------------------
 
 
-def launching(job: Mapping[str, Any], message: str, *, now: datetime) -> StatusChange:
-    """Preflight passed; the children are about to be created."""
-    return _transition(job, Observation("Launching", "CreatingRayJob", message), now=now, launched=False)
-
-
 def waiting(job: Mapping[str, Any], reason: str, message: str, *, now: datetime) -> StatusChange:
     """The job cannot launch yet but may later (KubeRay missing, S3 unreachable): Pending, retried."""
     return _transition(job, Observation("Pending", reason, message, warning=True), now=now, launched=False)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import socket
@@ -35,6 +36,9 @@ DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 Flag = asyncio.Event | threading.Event
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
 ANNOTATION_PREFIX = "kubetune.dev"
+# gc.set_threshold: allocations between collections of the youngest generation, then how many
+# collections of each generation before one of the next (Python's defaults: 700, 10, 10).
+GC_THRESHOLDS = (20_000, 50, 100)
 
 
 def build_registry(login: LoginFn = kube_login) -> kopf.OperatorRegistry:
@@ -131,9 +135,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper collections for a long-running process that holds every watched object.
+
+    Profiled in a burst of 500 new jobs, Python's cyclic collector took about a third of the
+    operator's CPU: with the default thresholds it ran every 700 allocations, and each collection of
+    the older generations walked all of kopf's, the kubernetes library's and this package's import-time
+    objects again. Those live as long as the process, so they are frozen out of collection, and the
+    generations are collected less often (`GC_THRESHOLDS`). Nearly all of the operator's garbage has no
+    reference cycles and is freed at once by reference counting; the rest waits a little longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def configure_logging(level: str) -> None:
     kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
     logging.getLogger().setLevel(level.upper())
+    # kopf logs two or three routine INFO lines per handler run on every object ("Handler 'launch'
+    # succeeded", "Creation is processed"); the operator's own lines say what happened to each job.
+    # kopf's warnings and errors (a handler failing or retrying) stay; --log-level DEBUG shows all.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
 
 
 async def serve(
@@ -190,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             exc,
         )
         return 1
+    tune_garbage_collector()
     # kopf stops gracefully on SIGTERM/SIGINT; a second Ctrl-C lands here.
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings, kube=kube, liveness_endpoint=args.liveness, peering_name=args.peering))

@@ -1,9 +1,10 @@
 """The operator's steps: launch a job, follow its RayJob, apply or refuse spec edits, expire finished jobs.
 
-Each step reads the job, asks `lifecycle` (pure) what the status should become, and applies that
+Each step takes the job, asks `lifecycle` (pure) what the status should become, and applies that
 through `kube` (side effects). kopf's handlers in `handlers.py` only call these. Status writes for one
-job are serialised by a per-job lock and always computed from a fresh read, so the RayJob watcher and
-the job's own handlers never overwrite each other with stale views.
+job are serialised by a per-job lock and computed from the job as the watch last delivered it with the
+operator's own status writes laid over it (`jobcache`), so the RayJob watcher and the job's own
+handlers never overwrite each other with stale views, and a write needs no fresh read of the job.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from kubetune_operator import lifecycle, s3
 from kubetune_operator.builders import SPEC_DIGEST_ANNOTATION, build_children, spec_digest
 from kubetune_operator.errors import format_validation_error
 from kubetune_operator.hooks import Hooks
-from kubetune_operator.kube import Kube, KubeRayMissingError
+from kubetune_operator.jobcache import JobCache
+from kubetune_operator.kube import Kube, KubeRayMissingError, is_not_found
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
@@ -93,6 +95,7 @@ class Runtime:
     hooks: Hooks = field(default_factory=Hooks)
     clock: Callable[[], datetime] = utc_now
     expiry: Expiry = field(default_factory=Expiry)
+    jobs: JobCache = field(default_factory=JobCache)
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
@@ -100,6 +103,7 @@ class Runtime:
 
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
+        self.jobs.forget(namespace, name)
 
 
 def _ref(job: Mapping[str, Any]) -> tuple[str, str]:
@@ -110,14 +114,24 @@ def _ref(job: Mapping[str, Any]) -> tuple[str, str]:
 async def update_status(
     rt: Runtime, namespace: str, name: str, compute: Callable[[dict[str, Any]], StatusChange]
 ) -> StatusChange:
-    """Read the job afresh, compute its status change, write it and post its events (one job at a time)."""
+    """Compute the job's status change, write it and post its events (one job at a time).
+
+    The job is the cached one (`Runtime.jobs`); read from the server only when the watch has not
+    delivered it yet (e.g. a RayJob seen before its job after a restart).
+    """
     async with rt.lock(namespace, name):
-        job = await rt.kube.get_job(namespace, name)
+        job = rt.jobs.get(namespace, name) or await rt.kube.get_job(namespace, name)
         if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
             return NO_CHANGE
         change = compute(job)
         if change.patch:
-            await rt.kube.patch_job_status(namespace, name, change.patch)
+            try:
+                await rt.kube.patch_job_status(namespace, name, change.patch)
+            except Exception as exc:
+                if is_not_found(exc):  # deleted since the watch last delivered it
+                    return NO_CHANGE
+                raise
+            rt.jobs.wrote(namespace, name, (job.get("metadata") or {}).get("uid"), change.patch)
         for event in change.events:
             rt.kube.post_event(job, event)
         if change.phase_changed:
@@ -161,8 +175,17 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
     if not await rt.kube.kuberay_installed():
         await _wait_for_kuberay(rt, namespace, name)
 
-    first_launch = await rt.kube.get_rayjob(namespace, name) is None
-    if first_launch:
+    # Without spec.storage.credentialsSecret the pods use their own cloud identity (IRSA, workload
+    # identity), which the operator does not have: a check with the operator's identity proves nothing.
+    needs_preflight = bool(job.spec.storage.credentials_secret)
+    if needs_preflight or lifecycle.is_launched(body):
+        # Whether the RayJob exists decides whether to preflight; a launched job (resumed by a
+        # restarted operator) reads its children rather than trying to create them again.
+        first_launch = await rt.kube.get_rayjob(namespace, name) is None
+    else:
+        # A new job without preflight: create at once; a child already there answers 409 and is kept.
+        first_launch = True
+    if first_launch and needs_preflight:
         failure = await _preflight(rt, job, retry=retry)
         if failure is not None:
             logger.warning("%s/%s: preflight failed (%s): %s", namespace, name, failure.reason, failure.message)
@@ -173,18 +196,40 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
                 lambda cur: lifecycle.failed_before_launch(cur, failure.reason, failure.message, now=rt.clock()),
             )
             return
-        res = job.spec.resources
-        gpus = f"{res.gpus_per_worker} GPU(s) each" if res.gpus_per_worker else "CPU only"
-        message = f"Creating RayJob {name}: {res.workers} worker(s), {gpus}"
-        await update_status(rt, namespace, name, lambda cur: lifecycle.launching(cur, message, now=rt.clock()))
 
     try:
-        for child in build_children(job, rt.settings):
-            _, created = await rt.kube.ensure(child, likely_new=first_launch)
-            if created:
-                logger.info("%s/%s: created %s %s", namespace, name, child["kind"], child["metadata"]["name"])
+        rayjob, created = await _ensure_children(rt, job, likely_new=first_launch)
     except KubeRayMissingError:  # removed between the check above and now
         await _wait_for_kuberay(rt, namespace, name)
+    if created:
+        res = job.spec.resources
+        gpus = f"{res.gpus_per_worker} GPU(s) each" if res.gpus_per_worker else "CPU only"
+        logger.info("%s/%s: created %s (%s worker(s), %s)", namespace, name, ", ".join(created), res.workers, gpus)
+    # The status says Launching/RayJobCreated as soon as the RayJob exists (one write, not one before
+    # and one after the children); the RayJob's own watch event then finds nothing to change.
+    await follow_rayjob(rt, rayjob, deleted=False, unless_launched=True)
+
+
+async def _ensure_children(rt: Runtime, job: FineTuneJob, *, likely_new: bool) -> tuple[dict[str, Any], list[str]]:
+    """Get-or-create the job's children: (its RayJob as the server has it, "Kind name" of those created).
+
+    The RayJob comes last, so it never runs before the ServiceAccount and ConfigMap its pods use; those
+    two are created side by side.
+    """
+    *support, rayjob = build_children(job, rt.settings)
+    results = await asyncio.gather(
+        *(rt.kube.ensure(child, likely_new=likely_new) for child in support), return_exceptions=True
+    )
+    created = []
+    for child, result in zip(support, results, strict=True):
+        if isinstance(result, BaseException):
+            raise result
+        if result[1]:
+            created.append(f"{child['kind']} {child['metadata']['name']}")
+    obj, rayjob_created = await rt.kube.ensure(rayjob, likely_new=likely_new)
+    if rayjob_created:
+        created.append(f"RayJob {rayjob['metadata']['name']}")
+    return obj, created
 
 
 async def _wait_for_kuberay(rt: Runtime, namespace: str, name: str) -> NoReturn:
@@ -199,9 +244,6 @@ async def _preflight(rt: Runtime, job: FineTuneJob, *, retry: int) -> s3.Preflig
     namespace, name = job.metadata.namespace or "", job.metadata.name
     storage = job.spec.storage
     if not storage.credentials_secret:
-        # The pods then use their own cloud identity (IRSA, workload identity), which the operator
-        # does not have: checking with the operator's identity would prove nothing.
-        logger.info("%s/%s: no spec.storage.credentialsSecret; S3 preflight skipped", namespace, name)
         return None
     secret = await rt.kube.read_secret(namespace, storage.credentials_secret)
     credentials = s3.credentials_from_secret(storage.credentials_secret, namespace, secret)
@@ -234,8 +276,13 @@ async def _preflight(rt: Runtime, job: FineTuneJob, *, retry: int) -> s3.Preflig
 # -- following the RayJob --------------------------------------------------------------------------------
 
 
-async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool) -> None:
-    """Carry a RayJob's new state (or its deletion) into its FineTuneJob's status."""
+async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool, unless_launched: bool = False) -> None:
+    """Carry a RayJob's new state (or its deletion) into its FineTuneJob's status.
+
+    `unless_launched`: only if the status does not name the RayJob yet. The launch passes the RayJob
+    its create returned, which the RayJob watch may already have followed past: from then on the
+    watch alone, whose events come in order, moves the status.
+    """
     namespace, rayjob_name = _ref(rayjob)
     owner = lifecycle.owner_job_name(rayjob)
     if owner is None:
@@ -252,6 +299,8 @@ async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool) -
     def compute(job: dict[str, Any]) -> StatusChange:
         if owner_uid and (job.get("metadata") or {}).get("uid") != owner_uid:
             return NO_CHANGE  # a RayJob left over from an earlier job of the same name
+        if unless_launched and lifecycle.is_launched(job):
+            return NO_CHANGE
         if deleted:
             return lifecycle.rayjob_deleted(job, rayjob_name, now=rt.clock())
         return lifecycle.follow_rayjob(job, rayjob, now=rt.clock())
@@ -315,6 +364,7 @@ async def observe_job(rt: Runtime, event_type: str | None, body: dict[str, Any])
         rt.forget(namespace, name)
         rt.hooks.deleted(namespace, name)
         return
+    rt.jobs.seen(namespace, name, body)
     rt.hooks.observed(meta, body.get("status") or {})
     delay = lifecycle.expiry_delay(body, now=rt.clock())
     if delay is None or meta.get("deletionTimestamp"):

@@ -60,8 +60,12 @@ def test_control_plane_measures_both_operators_as_processes(tmp_path: Path) -> N
     by_figure = {r.figure: r for r in rows}
     assert by_figure["operator peak RSS"].absolute
     assert all(len(r.product) == len(r.baseline) == 1 for r in rows)
-    # Both operators really ran, as processes of their own, and logged to the run's folder.
-    assert sorted(p.name for p in tmp_path.glob("operator-*.log")) == ["operator-bare-0.log", "operator-kubetune-0.log"]
+    # Every operator really ran, as a process of its own, and logged to the run's folder.
+    assert sorted(p.name for p in tmp_path.glob("operator-*.log")) == [
+        "operator-bare-0.log",
+        "operator-bare-same-work-0.log",
+        "operator-kubetune-0.log",
+    ]
 
 
 @pytest.mark.slow

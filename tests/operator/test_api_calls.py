@@ -35,6 +35,9 @@ OPERATOR_PERMISSIONS = {
 # A job's first launch creates its ServiceAccount and ConfigMap without reading them first; they are
 # read only when they already exist (a launch retried, or resumed by a restarted operator).
 READ_WHEN_PRESENT = {("get", "", "serviceaccounts", None), ("get", "", "configmaps", None)}
+# Status writes start from the job as the watch delivered it; the job is read from the server only by
+# the progress endpoint and for a RayJob event that comes before its job's first watch event (restart).
+READ_WHEN_NOT_WATCHED_YET = {("get", "kubetune.dev", "finetunejobs", None)}
 
 
 @pytest.mark.asyncio
@@ -65,4 +68,35 @@ async def test_a_jobs_whole_life_needs_exactly_the_documented_permissions(op: Op
     await op.wait_for_event("default", "x", "InvalidSpec")
 
     used = {(r.verb, r.group, r.resource, r.subresource) for r in op.operator_requests()}
-    assert used == OPERATOR_PERMISSIONS - READ_WHEN_PRESENT
+    assert used == OPERATOR_PERMISSIONS - READ_WHEN_PRESENT - READ_WHEN_NOT_WATCHED_YET
+
+
+@pytest.mark.asyncio
+async def test_a_new_job_costs_one_request_per_child_one_status_write_and_one_event(op: OperatorHarness) -> None:
+    # What a burst of new jobs asks of the API server, per job: no reads, one write of each kind.
+    op.mark()
+    await op.create_job(finetunejob("irsa"))  # no credentialsSecret: no preflight
+    await op.wait_for_event("default", "irsa", "RayJobCreated")
+    await op.wait_for(
+        lambda: (
+            "kubetune.dev/last-handled-configuration"
+            in ((op.job("default", "irsa") or {}).get("metadata") or {}).get("annotations", {})
+        ),
+        what="kopf's annotations",
+    )
+    await op.settle(1.0)  # the RayJob's own watch event has come and gone
+
+    calls = sorted(
+        (r.verb, r.resource, r.subresource or "")
+        for r in op.operator_requests()
+        if r.verb not in ("list", "watch") and r.name in (None, "irsa", "irsa-trainer", "irsa-trainer-config")
+    )
+    assert calls == [
+        ("create", "configmaps", ""),
+        ("create", "events", ""),
+        ("create", "rayjobs", ""),
+        ("create", "serviceaccounts", ""),
+        ("patch", "finetunejobs", ""),  # kopf's own bookkeeping annotations
+        ("patch", "finetunejobs", "status"),
+    ]
+    assert op.phase("default", "irsa") == "Launching"

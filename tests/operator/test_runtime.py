@@ -114,8 +114,11 @@ async def test_an_operator_log_line_names_the_job_and_what_was_done(
         lambda: any(line.startswith("default/flowers: Launching -> Running: Training is running") for line in logged()),
         what="the log line of the phase change",
     )
-    assert "default/flowers: created ServiceAccount flowers-trainer" in logged()
-    assert "default/flowers: created RayJob flowers" in logged()
+    # One line for the launch: every child created, and the size of the run.
+    assert (
+        "default/flowers: created ServiceAccount flowers-trainer, ConfigMap flowers-trainer-config, "
+        "RayJob flowers (2 worker(s), 1 GPU(s) each)"
+    ) in logged()
 
 
 def test_without_any_cluster_credentials_it_says_so(tmp_path: Path) -> None:
@@ -185,4 +188,7 @@ async def test_the_operator_process_logs_in_with_a_kubeconfig_and_launches_a_job
         log = output.decode()
         assert process.returncode == 0, log
         assert "serving FineTuneJobs in all namespaces" in log
-        assert "team-a/flowers: created RayJob flowers" in log
+        assert (
+            "team-a/flowers: created ServiceAccount flowers-trainer, ConfigMap flowers-trainer-config, RayJob flowers"
+            in log
+        )

@@ -72,7 +72,6 @@ async def test_a_run_from_creation_to_success(op: OperatorHarness) -> None:
     assert status["model"] == "s3://runs/flowers/model.safetensors"
     assert status["observedGeneration"] == 1
     assert op.event_reasons(NS, NAME) == [
-        "CreatingRayJob",
         "RayJobCreated",
         "ClusterStarting",
         "DriverStarting",

@@ -2,13 +2,19 @@
 
 Each class is a colour; an image holds 0-3 filled rectangles. `coco(...)` gives the COCO annotation
 file users would upload, and `pngs(...)` the images, so tests exercise the same path as real data.
+`pretrained_detector()` trains a small SSDlite on the PRETRAIN_CLASSES with plain torch (once: the
+weights are cached under the repo's `.cache/`, keyed by a hash of the recipe).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,3 +87,105 @@ def make_shapes(class_names: list[str], count: int, seed: int, size: int = 96, e
         out.images.append(pixels)
         out.boxes.append(boxes)
     return out
+
+
+DETECTOR = "ssdlite320_mobilenet_v3_large"
+DETECTOR_SIZE = 64
+PRETRAIN_CLASSES = ["red", "green", "blue"]
+FINETUNE_CLASSES = ["yellow", "magenta", "cyan"]
+# Everything that decides the pretrained weights: change any of it and the cache entry changes.
+PRETRAIN_RECIPE: dict[str, Any] = {
+    "architecture": DETECTOR,
+    "classes": PRETRAIN_CLASSES,
+    "images": 384,
+    "imageSeed": 10,
+    "size": DETECTOR_SIZE,
+    "epochs": 20,
+    "batch": 16,
+    "learningRate": 4e-3,
+    "seed": 0,
+}
+CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "kubetune-tests"
+
+
+def as_tensors(shapes: ShapesSet) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Images in [0, 1] and targets as torchvision detectors take them (labels 1..N)."""
+    import torch
+
+    images = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in shapes.images]
+    targets = [
+        {
+            "boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _ in b], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([c + 1 for *_, c in b], dtype=torch.int64),
+        }
+        for b in shapes.boxes
+    ]
+    return images, targets
+
+
+def recipe_key(recipe: dict[str, Any]) -> str:
+    import torch
+    import torchvision
+
+    text = json.dumps({**recipe, "torch": torch.__version__, "torchvision": torchvision.__version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pretrained_detector(cache_dir: Path = CACHE_DIR, recipe: dict[str, Any] = PRETRAIN_RECIPE) -> Path:
+    """Safetensors of an SSDlite trained on the pretraining shapes with plain torch (~2 min on 1 CPU,
+    once; then read from the cache)."""
+    path = cache_dir / f"{recipe['architecture']}-shapes-{recipe_key(recipe)}.safetensors"
+    if path.is_file():
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    from kubetune_trainer.detection_model import create_detector
+
+    threads = torch.get_num_threads()
+    # One thread: on a shared machine more threads spin against each other and run slower.
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(recipe["seed"])
+        model = create_detector(recipe["architecture"], len(recipe["classes"]), recipe["size"])
+        images, targets = as_tensors(
+            make_shapes(recipe["classes"], recipe["images"], recipe["imageSeed"], recipe["size"])
+        )
+        batch, epochs = recipe["batch"], recipe["epochs"]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["learningRate"], weight_decay=1e-4)
+        steps = epochs * (len(images) // batch)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=recipe["learningRate"], total_steps=steps, pct_start=0.1
+        )
+        generator = torch.Generator().manual_seed(recipe["seed"])
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator).tolist()
+            for i in range(0, len(images) - batch + 1, batch):
+                chosen = order[i : i + batch]
+                losses = model([images[j] for j in chosen], [targets[j] for j in chosen])
+                loss = torch.stack(list(losses.values())).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    finally:
+        torch.set_num_threads(threads)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def random_detector(path: Path, classes: int = len(PRETRAIN_CLASSES), seed: int = 1) -> Path:
+    """The same architecture at random initialisation: the baseline's 'base weights'."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kubetune_trainer.detection_model import create_detector
+
+    torch.manual_seed(seed)
+    model = create_detector(DETECTOR, classes, DETECTOR_SIZE)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

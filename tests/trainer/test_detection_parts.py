@@ -1,6 +1,6 @@
 """The detection task's parts, without Ray: COCO files as users have them, detectors by name with base
-weights, the strategies, mAP and the picture of the results. (The end-to-end run is a separate issue
-step; see docs/trainer.md.)"""
+weights, the strategies, mAP and the picture of the results, and the driver's preparation of a run.
+The end-to-end runs are in test_detection_e2e.py."""
 
 from __future__ import annotations
 
@@ -18,16 +18,24 @@ from kubetune_trainer.config import AnnotationsSpec, DataSpec, TrainerConfig
 from kubetune_trainer.data import prepare_images
 from kubetune_trainer.detection_data import (
     DetectionFiles,
+    DetectionIndex,
     build_detection_index,
     collate,
     index_from_wire,
     index_wire,
     parse_coco,
 )
-from kubetune_trainer.detection_eval import mean_average_precision, plot_detections
+from kubetune_trainer.detection_eval import (
+    SCORE_THRESHOLD,
+    best_score_threshold,
+    mean_average_precision,
+    plot_detections,
+)
 from kubetune_trainer.detection_model import apply_detection_strategy, build_detector, create_detector
 from kubetune_trainer.errors import CheckpointError, ConfigError, DataError
-from kubetune_trainer.local import run_local
+from kubetune_trainer.local import summary
+from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, progress_line
+from kubetune_trainer.run import check_inputs, prepare
 from kubetune_trainer.storage import S3Store
 
 SMALL = "ssdlite320_mobilenet_v3_large"
@@ -204,23 +212,56 @@ def test_trainer_config_carries_the_task() -> None:
         TrainerConfig.model_validate({**config.wire(), "task": "classification"})
 
 
-def test_a_detection_run_says_it_cannot_train_yet_before_touching_s3(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_driver_prepares_a_detection_run_from_s3(world: DigitsWorld, tmp_path: Path) -> None:
+    train_set = make_shapes(["red", "green"], count=6, seed=5, size=64)
+    val_set = make_shapes(["red", "green"], count=3, seed=6, size=64)
+    base = f"s3://{DATA_BUCKET}/shapes-driver"
+    world.put_many({f"{base}/images/{k}": v for k, v in {**train_set.pngs("t/"), **val_set.pngs("v/")}.items()})
+    world.put(f"{base}/train.json", json.dumps(train_set.coco("t/")).encode())
+    world.put(f"{base}/val.json", json.dumps(val_set.coco("v/")).encode())
+    weights = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in create_detector(SMALL, num_classes=4).state_dict().items()}, str(weights))
+    world.put("s3://models/shapes-driver/base.safetensors", weights.read_bytes())
     config = TrainerConfig.model_validate(
         {
-            "jobName": "parts",
-            "runName": "parts",
+            "jobName": "driver",
+            "runName": "driver",
             "task": "detection",
-            "model": {"architecture": SMALL, "checkpoint": "s3://bkt/base.safetensors"},
+            "model": {"architecture": SMALL, "checkpoint": "s3://models/shapes-driver/base.safetensors"},
             "data": {
-                "train": "s3://bkt/images/",
-                "annotations": {"train": "s3://bkt/ann/train.json", "validation": "s3://bkt/ann/val.json"},
+                "train": f"{base}/images/",
+                "annotations": {"train": f"{base}/train.json", "validation": f"{base}/val.json"},
+                "imageSize": 64,
             },
-            "output": {"path": "s3://bkt/runs/parts/"},
+            "output": {"path": "s3://results/shapes-driver/"},
+            "storage": {"endpoint": world.endpoint},
         }
     )
-    # Port 9 (discard) has no S3 server: the run must stop before any request.
-    assert run_local(config, s3_endpoint="http://127.0.0.1:9") == 1
-    assert "task: 'detection' jobs cannot be trained by this trainer version yet" in capsys.readouterr().err
+    store = S3Store(world.endpoint, "us-east-1")
+
+    prepared = prepare(config, check_inputs(config, store), here=True)
+
+    assert prepared.detection is not None and prepared.detection.class_names == ["red", "green"]
+    assert (len(prepared.detection.train), len(prepared.detection.validation)) == (6, 3)
+    assert prepared.detection.counts["train"]["imagesCorrupt"] == 0
+    # The model's own transform at data.imageSize, and the base's box classifier (4 classes) replaced.
+    assert prepared.data_config["fixedSize"] == [64, 64] and prepared.data_config["minSize"] == 64
+    assert prepared.weights_report.dropped_keys and not prepared.weights_report.missing_keys
+    assert 0 < prepared.trainable_parameters < prepared.total_parameters
+
+    with pytest.raises(ConfigError, match=r"model\.architecture: 'resnet50' is not a detection architecture"):
+        check_inputs(
+            config.model_copy(update={"model": config.model.model_copy(update={"architecture": "resnet50"})}), store
+        )
+
+
+def test_unreadable_images_leave_the_detection_index_and_are_counted() -> None:
+    samples, names, _, counts = parse_coco(coco_file([{"image_id": 1, "category_id": 3, "bbox": [1, 1, 9, 9]}]), "t")
+    index = DetectionIndex(names, samples, samples[:1], {"train": counts.wire(), "validation": counts.wire()})
+    kept = DetectionIndex.from_wire(index.wire()).without_corrupt({"a/1.png": "OSError: truncated"})
+    assert [s.key for s in kept.train] == ["a/2.png"] and kept.validation == []
+    assert (kept.counts["train"]["imagesCorrupt"], kept.counts["validation"]["imagesCorrupt"]) == (1, 1)
+    assert kept.counts["train"]["boxes"] == 1  # what the file held; the card also counts the boxes kept
 
 
 def test_coco_files_in_s3_become_cached_images_with_their_boxes(world: DigitsWorld, tmp_path: Path) -> None:
@@ -256,3 +297,34 @@ def test_coco_files_in_s3_become_cached_images_with_their_boxes(world: DigitsWor
     elsewhere = data.model_copy(update={"train": f"{base}/nothing-here/"})
     with pytest.raises(DataError, match="none of the images"):
         build_detection_index(store, elsewhere, num_classes=None)
+
+
+def test_progress_lines_and_the_summary_show_map_for_detection(capsys: pytest.CaptureFixture[str]) -> None:
+    update = ProgressUpdate(
+        epoch=3,
+        total_epochs=6,
+        step=36,
+        total_steps=72,
+        percent=50.0,
+        metrics=ProgressMetrics(train_loss=2.5, val_map=0.1234, val_map50=0.4567, images_per_second=20.0),
+    )
+    line = progress_line(update)
+    assert "mAP 0.123 mAP@.5 0.457" in line and "acc" not in line
+    summary(0.0, {"trainLoss": 2.5, "valMap": 0.1234, "valMap50": 0.4567}, 6, "s3://results/det")
+    out = capsys.readouterr().out
+    assert "validation mAP@[.5:.95] 0.123, mAP@.5 0.457" in out and "detections.png" in out
+
+
+def test_the_picture_threshold_is_where_the_boxes_match_best() -> None:
+    targets = [{"boxes": torch.tensor([[10.0, 10, 40, 40], [50, 50, 70, 80]]), "labels": torch.tensor([1, 2])}]
+    # Right boxes with low scores (a short fine-tuning), then a wrong class and a stray box below them.
+    predictions = [
+        {
+            "boxes": torch.tensor([[11.0, 10, 40, 41], [50, 51, 70, 80], [50, 50, 70, 80], [0, 0, 5, 5]]),
+            "labels": torch.tensor([1, 2, 1, 1]),
+            "scores": torch.tensor([0.31, 0.22, 0.2, 0.1]),
+        }
+    ]
+    assert best_score_threshold(predictions, targets) == 0.22
+    stray = [{**predictions[0], "labels": torch.tensor([3, 3, 3, 3])}]
+    assert best_score_threshold(stray, targets) == SCORE_THRESHOLD

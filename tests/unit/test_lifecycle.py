@@ -271,8 +271,10 @@ def test_waiting_is_pending_with_an_event_only_when_the_reason_changes() -> None
     assert job["status"]["phase"] == "Pending"
     assert [(e.type, e.reason) for e in first.events] == [("Warning", "KubeRayNotInstalled")]
     assert not again
-    job = apply(job, lifecycle.launching(job, "Creating RayJob flowers", now=T0))
-    assert (job["status"]["phase"], conditions(job)["Launched"]["reason"]) == ("Launching", "CreatingRayJob")
+    # Once KubeRay is there, the launch creates the RayJob and the status follows it.
+    job = apply(job, launched := lifecycle.follow_rayjob(job, rayjob(), now=T0))
+    assert (job["status"]["phase"], conditions(job)["Launched"]["status"]) == ("Launching", "True")
+    assert [(e.type, e.reason) for e in launched.events] == [("Normal", "RayJobCreated")]
 
 
 def test_messages_are_clipped() -> None:

@@ -148,6 +148,32 @@ class DetectionIndex:
     validation: list[DetectionSample]
     counts: dict[str, dict[str, int]]
 
+    def wire(self) -> dict[str, Any]:
+        return {
+            "classNames": self.class_names,
+            "train": index_wire(self.train),
+            "validation": index_wire(self.validation),
+            "counts": self.counts,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> DetectionIndex:
+        return cls(
+            class_names=list(data["classNames"]),
+            train=index_from_wire(data["train"]),
+            validation=index_from_wire(data["validation"]),
+            counts={part: dict(values) for part, values in data["counts"].items()},
+        )
+
+    def without_corrupt(self, corrupt: Mapping[str, str]) -> DetectionIndex:
+        """Unreadable images dropped (their boxes with them), and counted per part (`imagesCorrupt`)."""
+        train = [s for s in self.train if s.key not in corrupt]
+        validation = [s for s in self.validation if s.key not in corrupt]
+        counts = {part: dict(values) for part, values in self.counts.items()}
+        for part, before, after in (("train", self.train, train), ("validation", self.validation, validation)):
+            counts.setdefault(part, {})["imagesCorrupt"] = len(before) - len(after)
+        return DetectionIndex(self.class_names, train, validation, counts)
+
 
 def _resolve(
     samples: list[DetectionSample], prefix: S3Uri, listing: Mapping[str, tuple[int, str]], counts: AnnotationCounts

@@ -15,6 +15,7 @@ classification loop uses (frozen BatchNorm stays in eval mode, the backbone lear
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,46 @@ def check_detection_architecture(name: str) -> None:
 def create_detector(architecture: str, num_classes: int, image_size: int | None = None) -> nn.Module:
     """The detector for `num_classes` object classes (plus background); never downloads anything.
 
-    `image_size` sets the model's own resize transform (shorter and longer side), for the R-CNN, RetinaNet
-    and FCOS families; SSD models keep their fixed input size.
+    `image_size` sets the model's own resize transform: shorter and longer side for the R-CNN, RetinaNet
+    and FCOS families, the fixed square input of SSD models (whose anchors scale with the input).
     """
     check_detection_architecture(architecture)
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes + 1}
-    if image_size is not None and family(architecture) in ("fasterrcnn", "retinanet", "fcos"):
-        kwargs.update(min_size=image_size, max_size=image_size)
     model: nn.Module = getattr(zoo, architecture)(**kwargs)
     model.kubetune_architecture = architecture  # type: ignore[assignment]
+    if image_size is not None:
+        set_transform(model, transform_config(model) | resized(model, image_size))
     return model
+
+
+def resized(model: nn.Module, image_size: int) -> dict[str, Any]:
+    """The transform settings that make `model` take `image_size`-pixel inputs."""
+    transform: Any = model.transform
+    if family(str(getattr(model, "kubetune_architecture", ""))) == "ssd" or transform.fixed_size:
+        return {"minSize": image_size, "maxSize": image_size, "fixedSize": [image_size, image_size]}
+    return {"minSize": image_size, "maxSize": image_size}
+
+
+def transform_config(model: nn.Module) -> dict[str, Any]:
+    """The model's own resize and normalisation, JSON-ready (model.json `transform`): what a reloaded
+    model needs set on `model.transform` to see images as it did in training."""
+    transform: Any = model.transform
+    return {
+        "minSize": int(transform.min_size[0]),
+        "maxSize": int(transform.max_size),
+        "fixedSize": list(transform.fixed_size) if transform.fixed_size else None,
+        "mean": [float(v) for v in transform.image_mean],
+        "std": [float(v) for v in transform.image_std],
+    }
+
+
+def set_transform(model: nn.Module, config: Mapping[str, Any]) -> None:
+    """Apply a `transform_config` to a torchvision detector (the same attributes its builder sets)."""
+    transform: Any = model.transform
+    transform.min_size = (int(config["minSize"]),)
+    transform.max_size = int(config["maxSize"])
+    fixed = config.get("fixedSize")
+    transform.fixed_size = (int(fixed[0]), int(fixed[1])) if fixed else None
 
 
 def predictor_names(model: nn.Module) -> list[str]:

@@ -3,14 +3,25 @@
     model.safetensors      the final weights (server-side copy of the last checkpoint's)
     model.json             architecture, classes in index order, preprocessing, final metrics, provenance
     history.json           one entry per epoch: trainLoss, valLoss, valAccuracy, imagesPerSecond, learningRate
-    training-curves.png    loss and accuracy per epoch
+    training-curves.png    loss and accuracy (detection: mAP) per epoch
+    detections.png         detection only: validation images with true and predicted boxes
 
-Reload outside the trainer:
+Reload a classifier outside the trainer:
 
     card = json.load(open("model.json"))
     model = timm.create_model(card["architecture"], num_classes=card["numClasses"])
     safetensors.torch.load_model(model, "model.safetensors")
     transform = timm.data.create_transform(**card["dataConfig"], is_training=False)
+
+and a detector (labels are 1..numClasses, `classNames[label - 1]`; 0 is the background):
+
+    model = getattr(torchvision.models.detection, card["architecture"])(
+        weights=None, weights_backbone=None, num_classes=card["numClasses"] + 1)
+    t = card["transform"]
+    model.transform.min_size, model.transform.max_size = (t["minSize"],), t["maxSize"]
+    model.transform.fixed_size = tuple(t["fixedSize"]) if t["fixedSize"] else None
+    safetensors.torch.load_model(model, "model.safetensors")
+    model.eval()(images)   # float RGB tensors in [0, 1]; the model resizes and normalises them
 
 The pieces (history, curves with any panels, the model card's common part) are task-agnostic so other
 tasks (detection) export through the same functions with their own metrics.
@@ -28,6 +39,8 @@ from typing import Any
 from kubetune_trainer.checkpoint import MODEL_FILE, PROGRESS_FILE
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import DatasetIndex
+from kubetune_trainer.detection_data import DetectionIndex
+from kubetune_trainer.detection_eval import SCORE_THRESHOLD
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.storage import S3Store, S3Uri
@@ -36,6 +49,7 @@ MODEL_FORMAT = "kubetune.dev/model/v1"
 HISTORY_FILE = "history.json"
 CARD_FILE = "model.json"
 CURVES_FILE = "training-curves.png"
+DETECTIONS_FILE = "detections.png"
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,10 @@ class Panel:
 CLASSIFICATION_PANELS = (
     Panel("Loss", "cross-entropy", (("trainLoss", "train"), ("valLoss", "validation"))),
     Panel("Validation accuracy", "top-1", (("valAccuracy", "validation"),), percent=True),
+)
+DETECTION_PANELS = (
+    Panel("Loss", "sum of the detector's losses", (("trainLoss", "train"),)),
+    Panel("Validation mAP", "COCO mAP", (("valMap", "mAP@[.5:.95]"), ("valMap50", "mAP@.5")), percent=True),
 )
 
 
@@ -143,9 +161,64 @@ def classification_card(
     }
 
 
+def detection_card(
+    config: TrainerConfig,
+    detection: DetectionIndex,
+    transform: Mapping[str, Any],
+    weights: WeightsReport,
+    history: Sequence[Mapping[str, Any]],
+    finished_at: datetime,
+    score_threshold: float = SCORE_THRESHOLD,
+) -> dict[str, Any]:
+    """model.json of a detector: what rebuilds it outside the trainer (architecture, classes, the model's
+    own transform), its final mAP, the score threshold detections.png draws at (the validation set's
+    best F1), and what the annotations held (boxes kept, clipped and dropped)."""
+    final = dict(history[-1]) if history else {}
+    annotations = config.data.annotations
+    return {
+        "format": MODEL_FORMAT,
+        "task": "detection",
+        "architecture": config.model.architecture,
+        "numClasses": len(detection.class_names),
+        "classNames": detection.class_names,
+        "labels": "label i (1-based) is classNames[i - 1]; 0 is the background",
+        "imageSize": config.data.image_size or int(transform["minSize"]),
+        # torchvision's GeneralizedRCNNTransform settings: min_size, max_size, fixed_size, mean, std.
+        "transform": dict(transform),
+        "scoreThreshold": score_threshold,
+        "metrics": {k: final[k] for k in ("trainLoss", "valMap", "valMap50", "imagesPerSecond") if k in final},
+        "epochs": len(history),
+        "finishedAt": finished_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "baseCheckpoint": config.model.checkpoint,
+        "strategy": config.model.strategy,
+        "trainableLayers": config.model.trainable_layers,
+        "training": config.training.wire(),
+        "weightLoading": weights.wire(),
+        "data": {
+            "train": config.data.train,
+            "validation": config.data.validation or config.data.train,
+            "annotations": annotations.wire() if annotations else None,
+            "trainImages": len(detection.train),
+            "validationImages": len(detection.validation),
+            "trainBoxes": sum(len(s.boxes) for s in detection.train),
+            "validationBoxes": sum(len(s.boxes) for s in detection.validation),
+            # Per annotation file: images, imagesWithoutBoxes, imagesMissing, imagesCorrupt, boxes,
+            # boxesClipped, boxesDroppedEmpty/Outside/UnknownCategory/UnknownImage.
+            "counts": detection.counts,
+        },
+        "job": {"name": config.job_name, "namespace": config.namespace, "runName": config.run_name},
+        "files": {"weights": MODEL_FILE, "history": HISTORY_FILE, "curves": CURVES_FILE, "detections": DETECTIONS_FILE},
+    }
+
+
 def read_history(store: S3Store, checkpoint: S3Uri) -> list[dict[str, Any]]:
-    progress = json.loads(store.get_bytes(checkpoint.join(PROGRESS_FILE)))
-    return list(progress["history"])
+    return list(read_final_progress(store, checkpoint)["history"])
+
+
+def read_final_progress(store: S3Store, checkpoint: S3Uri) -> dict[str, Any]:
+    """The last checkpoint's progress.json: `history`, and `final` (facts about the extra files)."""
+    progress: dict[str, Any] = json.loads(store.get_bytes(checkpoint.join(PROGRESS_FILE)))
+    return progress
 
 
 def export_model(
@@ -155,14 +228,18 @@ def export_model(
     card: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]],
     panels: Sequence[Panel] = CLASSIFICATION_PANELS,
+    extra_files: Sequence[str] = (),
 ) -> S3Uri:
-    """Write the four files under output.path (overwriting: exporting twice gives the same result)."""
+    """Write the files under output.path (overwriting: exporting twice gives the same result).
+
+    `extra_files` are copied from the checkpoint as they are (detections.png)."""
     if len(history) != config.training.epochs:
         raise TrainerError(
             f"the last checkpoint {checkpoint} has {len(history)} epochs of history, expected {config.training.epochs}"
         )
     out = S3Uri.parse(config.output.path)
-    store.copy(checkpoint.join(MODEL_FILE), out.join(MODEL_FILE))
+    for name in (MODEL_FILE, *extra_files):
+        store.copy(checkpoint.join(name), out.join(name))
     store.put_bytes(out.join(HISTORY_FILE), json.dumps(list(history), indent=2).encode(), "application/json")
     store.put_bytes(
         out.join(CURVES_FILE),

@@ -87,11 +87,17 @@ def guarded(action: Callable[[], int]) -> int:
 def summary(started: float, metrics: dict[str, float], epochs: int, output: str) -> None:
     accuracy = metrics.get("valAccuracy")
     loss = metrics.get("valLoss")
-    figures = (
-        f"validation accuracy {accuracy:.2%}, loss {loss:.4f}" if accuracy is not None and loss is not None else ""
-    )
+    mean_ap, mean_ap50 = metrics.get("valMap"), metrics.get("valMap50")
+    files = "model.json, history.json, training-curves.png"
+    if mean_ap is not None and mean_ap50 is not None:
+        figures = f"validation mAP@[.5:.95] {mean_ap:.3f}, mAP@.5 {mean_ap50:.3f}"
+        files += ", detections.png"
+    elif accuracy is not None and loss is not None:
+        figures = f"validation accuracy {accuracy:.2%}, loss {loss:.4f}"
+    else:
+        figures = ""
     print(f"kubetune: trained {epochs} epochs in {format_duration(time.monotonic() - started)}: {figures}")
-    print(f"kubetune: model at {output}/model.safetensors (model.json, history.json, training-curves.png)")
+    print(f"kubetune: model at {output}/model.safetensors ({files})")
 
 
 def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:

@@ -1,9 +1,11 @@
-"""The per-worker training loop that Ray Train runs on every worker.
+"""The per-worker training loop that Ray Train runs on every worker, for every task.
 
 Each worker builds the same model from the node-cached base weights, wraps it for DDP, reads its shard
 of the node-cached images, and per epoch: trains, evaluates exactly (validation sharded without
-padding, sums all-reduced), writes a checkpoint and reports it. On GPU it trains in bf16 (or fp16 with
-a grad scaler) autocast with channels_last; on CPU in fp32 with torch using the worker's CPUs.
+padding; sums all-reduced, or detections gathered), writes a checkpoint and reports it. What differs
+between classification and detection (model, data, step, metrics) comes from a `tasks.Task`. On GPU it
+trains in bf16 (or fp16 with a grad scaler) autocast (classification also channels_last); on CPU in
+fp32 with torch using the worker's CPUs.
 A restarted worker, or a restarted driver with the same run name, resumes from the latest checkpoint:
 weights, optimizer, schedule, RNG, history and epoch, so `history.json` never doubles an epoch.
 """
@@ -36,11 +38,12 @@ from kubetune_trainer.checkpoint import (
     write_checkpoint,
 )
 from kubetune_trainer.config import TrainerConfig, TrainingSpec
-from kubetune_trainer.data import DatasetIndex, datasets, prepare_images
-from kubetune_trainer.model import apply_strategy, build_model, param_groups, set_train_mode
+from kubetune_trainer.data import DatasetIndex, prepare_images
+from kubetune_trainer.model import param_groups, set_train_mode
 from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, worker_reporters
-from kubetune_trainer.steps import Stepper, autocast_for, configure_backends
+from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
+from kubetune_trainer.tasks import Task, task_for
 
 # Test-only fault injection: the driver copies this variable into the plan; rank 0 then raises once,
 # in the first step after epoch N's checkpoint, in an attempt that did not itself resume.
@@ -63,6 +66,8 @@ class RunPlan:
     loader_workers: int = 0
     fault_after_epoch: int | None = None
     relay: Any = field(default=None, repr=False)
+    # Detection runs: the DetectionIndex (boxes per image) on the wire; `index` then lists the images only.
+    detection: dict[str, Any] | None = field(default=None, repr=False)
 
     def loop_config(self, config: TrainerConfig) -> dict[str, Any]:
         return {
@@ -74,6 +79,7 @@ class RunPlan:
             "loaderWorkers": self.loader_workers,
             "faultAfterEpoch": self.fault_after_epoch,
             "relay": self.relay,
+            "detection": self.detection,
         }
 
     @classmethod
@@ -87,6 +93,7 @@ class RunPlan:
             loader_workers=int(raw["loaderWorkers"]),
             fault_after_epoch=raw.get("faultAfterEpoch"),
             relay=raw.get("relay"),
+            detection=raw.get("detection"),
         )
         return TrainerConfig.model_validate(raw["config"]), plan
 
@@ -145,7 +152,9 @@ class _Sums:
         return dict(zip(self.names, values.tolist(), strict=True))
 
 
-def _train_loader(dataset: Any, batch_size: int, seed: int, workers: int, cuda: bool) -> tuple[DataLoader[Any], Any]:
+def _train_loader(
+    dataset: Any, batch_size: int, seed: int, workers: int, cuda: bool, collate_fn: Any = None
+) -> tuple[DataLoader[Any], Any]:
     import ray.train
     import ray.train.torch
 
@@ -164,20 +173,23 @@ def _train_loader(dataset: Any, batch_size: int, seed: int, workers: int, cuda: 
         num_workers=workers,
         pin_memory=cuda,
         persistent_workers=workers > 0,
+        collate_fn=collate_fn,
         # A last batch of one image breaks BatchNorm in training mode.
         drop_last=per_worker > batch_size,
     )
     return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False), sampler
 
 
-def _eval_loader(dataset: Any, batch_size: int, workers: int, cuda: bool) -> DataLoader[Any]:
+def _eval_loader(dataset: Any, batch_size: int, workers: int, cuda: bool, collate_fn: Any = None) -> DataLoader[Any]:
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     # Every image exactly once across workers (a DistributedSampler would pad with repeats).
     shard = Subset(dataset, list(range(ctx.get_world_rank(), len(dataset), ctx.get_world_size())))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=cuda)
+    loader = DataLoader(
+        shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=cuda, collate_fn=collate_fn
+    )
     return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
 
 
@@ -187,15 +199,6 @@ def _set_epoch(sampler: Any, seed: int, epoch: int) -> None:
         sampler.set_epoch(epoch)
     elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
         sampler.generator.manual_seed(seed * 1000 + epoch)
-
-
-def evaluate(stepper: Stepper, loader: Any, device: torch.device) -> tuple[float, float]:
-    """(mean loss, top-1 accuracy) over the whole validation set, summed across all workers."""
-    sums = stepper.eval_sums(loader, device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    loss, correct, count = sums.tolist()
-    return loss / max(count, 1.0), correct / max(count, 1.0)
 
 
 def train_loop(raw: dict[str, Any]) -> None:
@@ -215,23 +218,18 @@ def train_loop(raw: dict[str, Any]) -> None:
 
     store = S3Store(config.storage.endpoint, config.storage.region)
     weights_uri = S3Uri.parse(config.model.checkpoint)
+    task: Task = task_for(config, plan.index, plan.data_config, plan.detection)
     torch.manual_seed(training.seed)
     random.seed(training.seed + rank)
-    model, _ = build_model(
-        config.model.architecture,
-        len(plan.index.class_names),
-        cached_object(store, weights_uri, plan.weights),
-        config.model.checkpoint,
-    )
-    strategy = apply_strategy(model, config.model.strategy, config.model.trainable_layers)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    model, strategy = task.build_model(cached_object(store, weights_uri, plan.weights), device)
     model = ray.train.torch.prepare_model(model)
 
     folder, _ = prepare_images(store, plan.index)
-    train_set, val_set = datasets(folder, plan.index, plan.data_config, config.data.augment)
-    train_loader, sampler = _train_loader(train_set, training.batch_size, training.seed, plan.loader_workers, cuda)
-    val_loader = _eval_loader(val_set, training.batch_size, plan.loader_workers, cuda)
+    train_set, val_set = task.datasets(folder)
+    train_loader, sampler = _train_loader(
+        train_set, training.batch_size, training.seed, plan.loader_workers, cuda, task.collate
+    )
+    val_loader = _eval_loader(val_set, training.batch_size, plan.loader_workers, cuda, task.collate)
     steps_per_epoch = max(1, len(train_loader))
 
     # Parameter names as the model knows them, not as the DDP wrapper prefixes them ("module.").
@@ -239,7 +237,7 @@ def train_loop(raw: dict[str, Any]) -> None:
     optimizer = make_optimizer(groups, training)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(training, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and training.precision == "fp16")
-    stepper = Stepper(model, optimizer, scheduler, scaler, autocast_for(device, training.precision), channels_last=cuda)
+    stepper = task.stepper(model, optimizer, scheduler, scaler, autocast_for(device, training.precision), device)
 
     run_identity = identity(config, plan.index)
     history: list[dict[str, Any]] = []
@@ -258,7 +256,8 @@ def train_loop(raw: dict[str, Any]) -> None:
 
     reporter = worker_reporters(config, plan.relay, rank)
     clock = _Clock(total_steps=training.epochs * steps_per_epoch, done=step)
-    last_val: tuple[float, float] | None = (history[-1]["valLoss"], history[-1]["valAccuracy"]) if history else None
+    # The last finished epoch's validation figures, keyed as in history.json (and ProgressMetrics' wire names).
+    last_val: dict[str, float] = {k: history[-1][k] for k in task.metric_keys if k in history[-1]} if history else {}
     uploader = s3_uploader(store)
 
     def update(epoch: int, phase: str, train_loss: float | None, ips: float | None) -> ProgressUpdate:
@@ -269,12 +268,13 @@ def train_loop(raw: dict[str, Any]) -> None:
             total_steps=clock.total_steps,
             percent=min(100.0, 100.0 * step / max(1, clock.total_steps)),
             eta_seconds=clock.eta(step),
-            metrics=ProgressMetrics(
-                train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
-                val_loss=last_val[0] if last_val else None,
-                val_accuracy=last_val[1] if last_val else None,
-                images_per_second=ips,
-                learning_rate=max(scheduler.get_last_lr()),
+            metrics=ProgressMetrics.model_validate(
+                {
+                    **{k: v for k, v in last_val.items() if math.isfinite(v)},
+                    "trainLoss": train_loss if train_loss is None or math.isfinite(train_loss) else None,
+                    "imagesPerSecond": ips,
+                    "learningRate": max(scheduler.get_last_lr()),
+                }
             ),
             latest_checkpoint=latest,
             phase=phase,
@@ -290,13 +290,14 @@ def train_loop(raw: dict[str, Any]) -> None:
         sums = _Sums(device, ("loss", "count"))
         started = last_report = time.monotonic()
         seen = 0
-        for i, (images, labels) in enumerate(train_loader):
+        for i, (inputs, targets) in enumerate(train_loader):
             if plan.fault_after_epoch == epoch and start_epoch == 0 and rank == 0 and i == 0 and epoch > 0:
                 raise InjectedFaultError(f"injected worker failure after epoch {epoch} ({FAULT_ENV})")
-            loss = stepper.train_step(images, labels)
+            loss = stepper.train_step(inputs, targets)
             step += 1
-            seen += labels.numel()
-            sums.add(loss=loss * labels.numel(), count=float(labels.numel()))
+            count = len(inputs)  # images in the batch: a tensor's first dimension, or a list (detection)
+            seen += count
+            sums.add(loss=loss * count, count=float(count))
             now = time.monotonic()
             if rank == 0 and now - last_report >= REPORT_INTERVAL_S:
                 last_report = now
@@ -305,13 +306,11 @@ def train_loop(raw: dict[str, Any]) -> None:
                 reporter.report(update(epoch + 1, "Training", running[0] / max(running[1], 1.0), ips))
         seconds = time.monotonic() - started
         train = sums.total()
-        val_loss, val_accuracy = evaluate(stepper, val_loader, device)
-        last_val = (val_loss, val_accuracy)
+        last_val = task.evaluate(stepper, val_loader, device)
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
             "trainLoss": train["loss"] / max(train["count"], 1.0),
-            "valLoss": val_loss,
-            "valAccuracy": val_accuracy,
+            **last_val,
             "imagesPerSecond": train["count"] / max(seconds, 1e-9),
             "learningRate": max(scheduler.get_last_lr()),
             "seconds": seconds,
@@ -319,6 +318,8 @@ def train_loop(raw: dict[str, Any]) -> None:
         history.append(entry)
         progress = {**run_identity, "epoch": epoch + 1, "step": step, "history": history}
         with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
+            if rank == 0 and epoch + 1 == training.epochs:
+                progress["final"] = task.final_files(unwrap(model), val_set, device, Path(tmp))
             write_checkpoint(
                 Path(tmp),
                 rank=rank,

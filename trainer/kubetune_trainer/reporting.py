@@ -4,7 +4,8 @@
 what `status.progress` shows. Rank 0 of the workers produces updates; reporters must never slow down or
 break training, so `report` only hands the update on and swallows its own failures.
 
-- ConsoleReporter draws a progress line: epoch, step bar, loss, accuracy, images/s, ETA.
+- ConsoleReporter draws a progress line: epoch, step bar, loss, accuracy (detection: mAP and mAP@.5),
+  images/s, ETA.
 - RelayReporter (in the worker) passes updates to the driver through a Ray queue, so the console line is
   drawn by the driver's terminal rather than interleaved with Ray's worker log prefixes.
 - The operator reporter (kubetune_trainer.operator_reporter, the progress issue) pushes them to the
@@ -89,6 +90,8 @@ def progress_line(update: ProgressUpdate, width: int = 24) -> str:
         parts.append(f"acc {m.val_accuracy:.1%}")
     if m.val_map is not None:
         parts.append(f"mAP {m.val_map:.3f}")
+    if m.val_map50 is not None:
+        parts.append(f"mAP@.5 {m.val_map50:.3f}")
     if m.images_per_second is not None:
         parts.append(f"{m.images_per_second:.0f} img/s")
     parts.append(f"ETA {format_duration(update.eta_seconds)}")

@@ -1,7 +1,8 @@
 """The driver: check inputs, prepare once, run Ray Train, export the model.
 
 1. Checks that need no worker (`check_inputs`): architecture known, base weights and output bucket
-   reachable, the dataset listed and split. Each failure is a TrainerError naming the field or URI.
+   reachable, the dataset listed and split (detection: the COCO files read, sanitised and matched to
+   the listed images). Each failure is a TrainerError naming the field or URI.
 2. `prepare_node`: base weights and images into the node cache, images decode-checked, base weights
    loaded into the architecture. It runs on a node that will host workers — this process for a local
    run, a Ray task with one worker's resources on a cluster — so deterministic failures (an unsafe
@@ -9,7 +10,10 @@
 3. `train`: TorchTrainer with S3 storage `<output.path>/checkpoints`, run name = the job's uid: a new
    driver with the same name resumes the run from its latest checkpoint, and FailureConfig restarts
    failed workers from it.
-4. `export_model` writes model.safetensors, model.json, history.json and training-curves.png.
+4. `export_model` writes model.safetensors, model.json, history.json and training-curves.png (and, for
+   detection, detections.png).
+
+Classification and detection share every step; the task decides the index, the model and the card.
 """
 
 from __future__ import annotations
@@ -24,8 +28,24 @@ from typing import Any
 from kubetune_trainer.cache import cached_object
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import DatasetIndex, build_index, check_corrupt, prepare_images
-from kubetune_trainer.errors import ConfigError, TrainerError
-from kubetune_trainer.export import classification_card, export_model, read_history
+from kubetune_trainer.detection_data import DetectionIndex, build_detection_index
+from kubetune_trainer.detection_eval import SCORE_THRESHOLD
+from kubetune_trainer.detection_model import (
+    apply_detection_strategy,
+    build_detector,
+    check_detection_architecture,
+    transform_config,
+)
+from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.export import (
+    CLASSIFICATION_PANELS,
+    DETECTION_PANELS,
+    DETECTIONS_FILE,
+    classification_card,
+    detection_card,
+    export_model,
+    read_final_progress,
+)
 from kubetune_trainer.loop import RunPlan, fault_from_env, train_loop
 from kubetune_trainer.model import WeightsReport, apply_strategy, build_model, check_architecture, data_config
 from kubetune_trainer.reporting import ProgressReporter, ProgressUpdate
@@ -42,6 +62,8 @@ class Inputs:
 
     index: DatasetIndex
     weights: ObjectInfo
+    # Detection: the boxes of each image (`index` then lists the same images, for the node cache).
+    detection: DetectionIndex | None = None
 
 
 @dataclass
@@ -55,6 +77,7 @@ class Prepared:
     trainable_parameters: int
     total_parameters: int
     stages: tuple[int, int]
+    detection: DetectionIndex | None = None
 
 
 @dataclass
@@ -69,15 +92,16 @@ def store_for(config: TrainerConfig) -> S3Store:
 
 
 def check_inputs(config: TrainerConfig, store: S3Store) -> Inputs:
-    if config.task != "classification":
-        # The detection parts (detection_data, detection_model, detection_eval) are not wired into the Ray
-        # Train loop yet: say so before anything is downloaded, instead of failing on a timm lookup.
-        raise ConfigError(
-            f"task: '{config.task}' jobs cannot be trained by this trainer version yet (classification only)"
-        )
-    check_architecture(config.model.architecture)
+    detection = config.task == "detection"
+    if detection:
+        check_detection_architecture(config.model.architecture)
+    else:
+        check_architecture(config.model.architecture)
     weights = store.head(S3Uri.parse(config.model.checkpoint))
     store.check_bucket(S3Uri.parse(config.output.path), "write the model to")
+    if detection:
+        boxes, images = build_detection_index(store, config.data, config.model.num_classes)
+        return Inputs(images, weights, boxes)
     index = build_index(store, config.data, config.model.num_classes, config.training.seed)
     return Inputs(index, weights)
 
@@ -88,14 +112,23 @@ def prepare_node(config_wire: Mapping[str, Any], index_wire: Mapping[str, Any], 
     index = DatasetIndex.from_wire(index_wire)
     store = store_for(config)
     path = cached_object(store, S3Uri.parse(config.model.checkpoint), weights)
-    model, report = build_model(config.model.architecture, len(index.class_names), path, config.model.checkpoint)
-    plan = apply_strategy(model, config.model.strategy, config.model.trainable_layers)
+    spec = config.model
+    if config.task == "detection":
+        model, report = build_detector(
+            spec.architecture, len(index.class_names), path, spec.checkpoint, config.data.image_size
+        )
+        plan = apply_detection_strategy(model, spec.strategy, spec.trainable_layers)
+        preprocessing = transform_config(model)
+    else:
+        model, report = build_model(spec.architecture, len(index.class_names), path, spec.checkpoint)
+        plan = apply_strategy(model, spec.strategy, spec.trainable_layers)
+        preprocessing = data_config(model, config.data.image_size)
     _, corrupt = prepare_images(store, index)
     check_corrupt(index, corrupt)
     params = dict(model.named_parameters())
     return {
         "weights": report.wire(),
-        "dataConfig": data_config(model, config.data.image_size),
+        "dataConfig": preprocessing,
         "corrupt": corrupt,
         "trainable": sum(params[n].numel() for n in plan.trainable),
         "total": sum(p.numel() for p in params.values()),
@@ -124,6 +157,7 @@ def prepare(config: TrainerConfig, inputs: Inputs, *, here: bool, cpus: float = 
         trainable_parameters=int(found["trainable"]),
         total_parameters=int(found["total"]),
         stages=(int(found["stages"][0]), int(found["stages"][1])),
+        detection=inputs.detection.without_corrupt(found["corrupt"]) if inputs.detection else None,
     )
     for line in prepared.weights_report.log_lines():
         log.info("%s", line)
@@ -135,6 +169,8 @@ def prepare(config: TrainerConfig, inputs: Inputs, *, here: bool, cpus: float = 
         len(index.validation),
         f", {len(index.corrupt)} unreadable skipped" if index.corrupt else "",
     )
+    if prepared.detection is not None:
+        log.info("annotations: %s", annotation_summary(prepared.detection))
     log.info(
         "model: %s, strategy %s, %d of %d stages and the head train: %s of %s parameters",
         config.model.architecture,
@@ -145,6 +181,19 @@ def prepare(config: TrainerConfig, inputs: Inputs, *, here: bool, cpus: float = 
         f"{prepared.total_parameters:,}",
     )
     return prepared
+
+
+def annotation_summary(detection: DetectionIndex) -> str:
+    """`train 48 images (6 without boxes), 96 boxes (2 clipped, 1 dropped); validation …` for the log."""
+    parts = []
+    for part, counts in detection.counts.items():
+        dropped = sum(v for k, v in counts.items() if k.startswith("boxesDropped"))
+        parts.append(
+            f"{part} {counts.get('images', 0)} images ({counts.get('imagesWithoutBoxes', 0)} without boxes, "
+            f"{counts.get('imagesMissing', 0)} missing, {counts.get('imagesCorrupt', 0)} unreadable), "
+            f"{counts.get('boxes', 0)} boxes ({counts.get('boxesClipped', 0)} clipped, {dropped} malformed dropped)"
+        )
+    return "; ".join(parts)
 
 
 def failure_reason(error: BaseException) -> TrainerError | None:
@@ -240,6 +289,7 @@ def train(
         loader_workers=min(8, threads - 1) if use_gpu else 0,
         fault_after_epoch=fault_from_env(),
         relay=relay.queue,
+        detection=prepared.detection.wire() if prepared.detection else None,
     )
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
@@ -270,11 +320,25 @@ def train(
     if result.checkpoint is None:
         raise TrainerError(f"training finished without a checkpoint under {checkpoints}/{config.run_name}/")
     last = S3Uri.from_fs_path(result.checkpoint.path)
-    history = read_history(store, last)
-    card = classification_card(
-        config, prepared.index, prepared.data_config, prepared.weights_report, history, datetime.now(UTC)
-    )
-    output = export_model(store, config, last, card, history)
+    progress = read_final_progress(store, last)
+    history = list(progress["history"])
+    if prepared.detection is not None:
+        final = progress.get("final") or {}
+        card = detection_card(
+            config,
+            prepared.detection,
+            prepared.data_config,
+            prepared.weights_report,
+            history,
+            datetime.now(UTC),
+            score_threshold=float(final.get("scoreThreshold", SCORE_THRESHOLD)),
+        )
+        output = export_model(store, config, last, card, history, DETECTION_PANELS, extra_files=(DETECTIONS_FILE,))
+    else:
+        card = classification_card(
+            config, prepared.index, prepared.data_config, prepared.weights_report, history, datetime.now(UTC)
+        )
+        output = export_model(store, config, last, card, history, CLASSIFICATION_PANELS)
     return Outcome(output=output, metrics=dict(history[-1]), epochs=len(history))
 
 

@@ -1,14 +1,15 @@
 """The training and evaluation steps, in plain torch (no Ray, no S3): what the loop runs per batch.
 
-Kept apart so the benchmark can time exactly the trainer's step against a plain loop, and another task
-(detection) can bring its own step while reusing the loop's checkpointing and reporting. On GPU the
-step runs under bf16 (or fp16 with a grad scaler) autocast on channels_last inputs; on CPU in fp32.
+Kept apart so the benchmark can time exactly the trainer's step against a plain loop. `Stepper` is
+classification's step, `DetectionStepper` detection's (`tasks` picks one; the loop around them is
+shared). On GPU a step runs under bf16 (or fp16 with a grad scaler) autocast (classification on
+channels_last inputs); on CPU in fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,3 +72,30 @@ class Stepper:
                 sums[1] += (logits.argmax(1) == labels).sum()
                 sums[2] += labels.numel()
         return sums
+
+
+@dataclass
+class DetectionStepper:
+    """One optimizer step of a torchvision detector: in training mode it takes images and targets and
+    returns its losses (classification, box regression, objectness…), which are summed."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    autocast: Autocast
+    device: torch.device
+
+    def train_step(self, images: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Like `Stepper.train_step`; images may differ in size (the model's transform batches them)."""
+        images = [image.to(self.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with self.autocast():
+            losses = self.model(images, targets)
+        loss = torch.stack([value.float() for value in losses.values()]).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
