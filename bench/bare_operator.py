@@ -4,7 +4,7 @@
   official client; kopf's default settings (its own annotations, its handler Events); no validation,
   status or watching of the children.
 - With `KUBETUNE_BENCH_SAME_WORK=1`: the same handler making kubetune's API calls for a new job, one
-  after the other: the ServiceAccount, ConfigMap and RayJob kubetune's builders make, one status patch
+  after the other: the ServiceAccount and RayJob kubetune's builders make, one status patch
   (the status kubetune writes once the RayJob exists) and one Event; kopf posts only its errors as
   Events, as kubetune's settings say. It tells the cost of the work itself from kubetune's overhead.
 
@@ -45,7 +45,7 @@ def create_rayjob(body: kopf.Body, name: str, namespace: str | None, memo: Any, 
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"entrypoint": "python -m kubetune_trainer --config /etc/kubetune/trainer-config.json"},
+        "spec": {"entrypoint": "python -m kubetune_trainer"},
     }
     kopf.adopt(child)
     memo["custom"].create_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", child)
@@ -59,9 +59,8 @@ def same_work(body: kopf.Body, name: str, namespace: str, memo: Any) -> None:
     from kubetune_operator.spec import FineTuneJob
 
     job = dict(body)
-    service_account, config_map, rayjob = build_children(FineTuneJob.from_body(job), OperatorSettings.from_env())
+    service_account, rayjob = build_children(FineTuneJob.from_body(job), OperatorSettings.from_env())
     memo["core"].create_namespaced_service_account(namespace, service_account)
-    memo["core"].create_namespaced_config_map(namespace, config_map)
     response = memo["custom"].create_namespaced_custom_object(
         "ray.io", "v1", namespace, "rayjobs", rayjob, _preload_content=False
     )

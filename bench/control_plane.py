@@ -14,7 +14,7 @@ operator alike (`Config.indexed_api`), so the figures show the operators' costs 
 
 Each job is created without `spec.storage.credentialsSecret`, so the operator skips its S3 preflight
 (it would otherwise need real objects); every other step runs: validation, KubeRay discovery, status,
-Events, ServiceAccount, ConfigMap and RayJob. Latency is from the server storing a FineTuneJob to the
+Events, ServiceAccount and RayJob. Latency is from the server storing a FineTuneJob to the
 server storing its RayJob, both read off the server's clock.
 """
 
@@ -275,7 +275,7 @@ def run(config: Config, workdir: Path) -> list[Row]:
     )
     same_note = (
         "rows marked 'same API work': the baseline is bare kopf making kubetune's API calls for each job "
-        "(bench/bare_operator.py with KUBETUNE_BENCH_SAME_WORK=1: ServiceAccount, ConfigMap, RayJob, one "
+        "(bench/bare_operator.py with KUBETUNE_BENCH_SAME_WORK=1: ServiceAccount, RayJob, one "
         "status patch, one Event)"
     )
     burst = f"{config.jobs} jobs: all RayJobs exist after"

@@ -3,6 +3,7 @@
     python bench/gpu.py                                   # ResNet-50, bf16 autocast, channels_last, batch 256
     python bench/gpu.py --batch-size 128 --steps 30       # smaller
     python bench/gpu.py --model test_resnet --device cpu --steps 2   # a check of this script without a GPU
+    python bench/gpu.py --task detection                  # Faster R-CNN ResNet-50 FPN v2, batch 16 at 640 px
 
 Needs only this repository, torch and timm (`pip install timm`): it imports the trainer's torch-only
 modules (`kubetune_trainer.steps`, `kubetune_trainer.model`) from `trainer/`, not the package's other
@@ -14,6 +15,13 @@ each step as a batch from a loader would be:
   `full`, channels_last, AdamW over `model.param_groups` as `loop.make_optimizer` builds it) and
   stepped by `steps.Stepper.train_step` under `steps.autocast_for(device, "bf16")`;
 - plain: `timm.create_model`, AdamW over all parameters, autocast(bf16), forward, loss, backward, step.
+
+With `--task detection` both sides train a torchvision detector (default `fasterrcnn_resnet50_fpn_v2`)
+from random initialisation on the same synthetic images with three boxes each, resized by the model's
+own transform to `--image-size`: kubetune's side is `detection_model.create_detector` with strategy
+`full` and `steps.DetectionStepper.train_step` (what `tasks.DetectionTask` gives the loop), the plain
+side the torchvision builder, autocast, the sum of the model's losses, backward and AdamW. (Needs
+pydantic too: `detection_model` reads the architecture list from the trainer's config module.)
 
 cuDNN autotuning is on for both (`steps.configure_backends`, as the trainer sets it on CUDA; a tuned
 plain loop sets the same flag). Each side runs `--repeats` times, alternating, each time `--warmup`
@@ -41,10 +49,17 @@ LR, WEIGHT_DECAY = 1e-3, 0.05
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="The trainer's training step vs a plain PyTorch loop on one GPU.")
-    parser.add_argument("--model", default="resnet50", help="timm architecture (default resnet50)")
-    parser.add_argument("--batch-size", type=int, help="images per step (default 256 on CUDA, 8 on CPU)")
-    parser.add_argument("--image-size", type=int, help="input size (default 224 on CUDA, 64 on CPU)")
-    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--task", choices=("classification", "detection"), default="classification")
+    parser.add_argument(
+        "--model", help="timm architecture (default resnet50), or torchvision detector (fasterrcnn_resnet50_fpn_v2)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="images per step (default 256 on CUDA, 8 on CPU; detection 16, 2)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="input size (default 224 on CUDA, 64 on CPU; detection 640, 128)"
+    )
+    parser.add_argument("--classes", type=int, help="classes (default 1000; detection 20)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per run (default 50)")
     parser.add_argument("--warmup", type=int, help="untimed steps before each run (default 15 on CUDA, 1 on CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating (default 3)")
@@ -113,6 +128,71 @@ def plain_step(args: argparse.Namespace, device: torch.device, x: torch.Tensor, 
     return step
 
 
+def detection_batch(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Images in [0, 1] and three boxes each with labels 1..classes (0 is the background)."""
+    generator = torch.Generator().manual_seed(0)
+    size = args.image_size
+    images, targets = [], []
+    for _ in range(args.batch_size):
+        images.append(torch.rand(3, size, size, generator=generator).to(device))
+        xy = torch.rand(3, 2, generator=generator) * size * 0.6
+        wh = torch.rand(3, 2, generator=generator) * size * 0.3 + size * 0.05
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(1, args.classes + 1, (3,), generator=generator)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def kubetune_detection_step(args: argparse.Namespace, device: torch.device, x: Any, y: Any) -> Any:
+    """The detector as `tasks.DetectionTask` builds it and `steps.DetectionStepper.train_step`."""
+    from kubetune_trainer.detection_model import apply_detection_strategy, create_detector
+    from kubetune_trainer.model import param_groups, set_train_mode
+    from kubetune_trainer.steps import DetectionStepper, autocast_for
+
+    torch.manual_seed(0)
+    model = create_detector(args.model, args.classes, args.image_size)
+    plan = apply_detection_strategy(model, "full")
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, plan, LR, WEIGHT_DECAY), lr=LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
+    stepper = DetectionStepper(model, optimizer, scheduler, scaler, autocast_for(device, args.precision), device)
+    set_train_mode(model, plan)
+    return lambda: stepper.train_step(x, y)
+
+
+def plain_detection_step(args: argparse.Namespace, device: torch.device, x: Any, y: Any) -> Any:
+    """A plain torchvision detection loop with autocast."""
+    import torchvision.models.detection as zoo
+
+    torch.manual_seed(0)
+    size = args.image_size
+    model = getattr(zoo, args.model)(weights=None, weights_backbone=None, num_classes=args.classes + 1)
+    # The builders' own resize: shorter and longer side, or the fixed square input of SSD models.
+    model.transform.min_size, model.transform.max_size = (size,), size
+    if args.model.startswith("ssd"):
+        model.transform.fixed_size = (size, size)
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
+    enabled = device.type == "cuda" and args.precision != "fp32"
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
+            losses = model(x, y)
+        loss = sum(value.float() for value in losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    return step
+
+
 def images_per_second(step: Callable[[], Any], batch: int, warmup: int, steps: int, device: torch.device) -> float:
     def sync() -> None:
         if device.type == "cuda":
@@ -132,8 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     cuda = device.type == "cuda"
-    args.batch_size = args.batch_size or (256 if cuda else 8)
-    args.image_size = args.image_size or (224 if cuda else 64)
+    detection = args.task == "detection"
+    args.model = args.model or ("fasterrcnn_resnet50_fpn_v2" if detection else "resnet50")
+    args.classes = args.classes or (20 if detection else 1000)
+    args.batch_size = args.batch_size or ((16 if cuda else 2) if detection else (256 if cuda else 8))
+    args.image_size = args.image_size or ((640 if cuda else 128) if detection else (224 if cuda else 64))
     args.warmup = args.warmup if args.warmup is not None else (15 if cuda else 1)
     if not cuda:
         args.precision = "fp32"  # the trainer trains in fp32 on CPU whatever is asked
@@ -145,17 +228,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_backends(device)
     card = torch.cuda.get_device_name(device) if cuda else "CPU (no CUDA)"
     print(
-        f"device: {card}; torch {torch.__version__}, timm {timm.__version__}; {args.model}, batch "
-        f"{args.batch_size} at {args.image_size}px, {args.precision}, channels_last={cuda}; "
+        f"device: {card}; torch {torch.__version__}, timm {timm.__version__}; {args.task} {args.model}, batch "
+        f"{args.batch_size} at {args.image_size}px, {args.precision}, channels_last={cuda and not detection}; "
         f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} runs per side",
         flush=True,
     )
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(device)
-    y = torch.randint(0, args.classes, (args.batch_size,), generator=generator).to(device)
+    x: Any
+    y: Any
+    if detection:
+        x, y = detection_batch(args, device)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(device)
+        y = torch.randint(0, args.classes, (args.batch_size,), generator=generator).to(device)
 
     results: dict[str, list[float]] = {"kubetune": [], "plain": []}
-    builders = {"kubetune": kubetune_step, "plain": plain_step}
+    builders = (
+        {"kubetune": kubetune_detection_step, "plain": plain_detection_step}
+        if detection
+        else {"kubetune": kubetune_step, "plain": plain_step}
+    )
     for repeat in range(args.repeats):
         for side in ("kubetune", "plain") if repeat % 2 == 0 else ("plain", "kubetune"):
             step = builders[side](args, device, x, y)
@@ -171,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": card,
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "task": args.task,
         "model": args.model,
         "batch_size": args.batch_size,
         "image_size": args.image_size,

@@ -1,4 +1,4 @@
-"""FineTuneJob → the objects that run it: a ServiceAccount, a ConfigMap and a KubeRay RayJob (pure).
+"""FineTuneJob → the objects that run it: a ServiceAccount and a KubeRay RayJob (pure).
 
 The operator creates exactly what `build_children` returns, and `kubetune render` prints it, so the
 RayJob's shape lives here and nowhere else. Names are derived from the job's name, so a handler that
@@ -29,10 +29,11 @@ SPEC_DIGEST_ANNOTATION = "kubetune.dev/spec-digest"
 # Spec fields that may change while a job runs: they steer the job, not the run.
 MUTABLE_SPEC_FIELDS = (("runPolicy", "suspend"), ("runPolicy", "ttlSecondsAfterFinished"))
 
-CONFIG_KEY = "trainer-config.json"
-CONFIG_DIR = "/etc/kubetune"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
-ENTRYPOINT = f"python -m kubetune_trainer --config {CONFIG_PATH}"
+# The trainer config travels in the RayJob as the head container's env: the job's driver runs on the
+# head and inherits its env; the Train workers get the config from the driver through Ray Train. (It
+# holds no secret: credentials are secretKeyRef env.) One object fewer per job than a ConfigMap.
+CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
+ENTRYPOINT = "python -m kubetune_trainer"
 TOKEN_AUDIENCE = "kubetune.dev"
 TOKEN_DIR = "/var/run/secrets/kubetune.dev"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
@@ -49,10 +50,6 @@ WORKER_GROUP = "workers"
 def service_account_name(job_name: str) -> str:
     """The per-job ServiceAccount whose projected token authenticates the job's progress updates."""
     return f"{job_name}-trainer"
-
-
-def config_map_name(job_name: str) -> str:
-    return f"{job_name}-trainer-config"
 
 
 def rayjob_name(job_name: str) -> str:
@@ -114,14 +111,17 @@ def build_service_account(job: FineTuneJob, settings: OperatorSettings) -> dict[
     }
 
 
-def build_config_map(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
-    config = trainer_config(job, progress=progress_target(job, settings))
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(job, config_map_name(job.metadata.name)),
-        "data": {CONFIG_KEY: config.model_dump_json(by_alias=True)},
-    }
+def trainer_config_json(job: FineTuneJob, settings: OperatorSettings) -> str:
+    """The TrainerConfig the entrypoint reads from CONFIG_ENV."""
+    return trainer_config(job, progress=progress_target(job, settings)).model_dump_json(by_alias=True)
+
+
+def env_value(text: str) -> str:
+    """`text` as a container env `value` that the process receives verbatim.
+
+    The kubelet expands `$(VAR)` in env values and turns `$$` into `$`; doubling every `$` undoes both.
+    """
+    return text.replace("$", "$$")
 
 
 def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -145,7 +145,6 @@ def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
 
 def _volumes(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
-        {"name": "trainer-config", "configMap": {"name": config_map_name(job.metadata.name)}},
         # Memory-backed /dev/shm: Ray's object store and PyTorch's DataLoader workers share tensors
         # through it, and the container runtime's default of 64Mi is far too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
@@ -162,7 +161,6 @@ def _volumes(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any
 
 def _mounts(settings: OperatorSettings) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
-        {"name": "trainer-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     if settings.progress_base_url:
@@ -204,6 +202,8 @@ def _container(job: FineTuneJob, settings: OperatorSettings, name: str, resource
 def _head_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     compute = {"cpu": settings.head_cpu, "memory": settings.head_memory}
     container = _container(job, settings, "ray-head", {"requests": dict(compute), "limits": dict(compute)})
+    # Only the head: the driver runs there; workers take the config from it through Ray Train.
+    container["env"].append({"name": CONFIG_ENV, "value": env_value(trainer_config_json(job, settings))})
     container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS]
     return {
         # num-cpus 0: Ray schedules no training worker here, only the driver and Ray Train's
@@ -265,5 +265,5 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
 
 
 def build_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Everything the operator creates for `job`, in creation order (the RayJob needs the other two)."""
-    return [build_service_account(job, settings), build_config_map(job, settings), build_rayjob(job, settings)]
+    """Everything the operator creates for `job`, in creation order (the RayJob's pods use the ServiceAccount)."""
+    return [build_service_account(job, settings), build_rayjob(job, settings)]

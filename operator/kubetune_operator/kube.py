@@ -2,7 +2,7 @@
 
 One small async client over the official `kubernetes` library (its blocking calls run in threads), so
 the RBAC the operator needs is read off this file: FineTuneJobs get/delete, their status patch; RayJobs
-get/create/patch; ServiceAccounts and ConfigMaps get/create; Secrets get; API discovery of ray.io/v1.
+get/create/patch; ServiceAccounts get/create; Secrets get; API discovery of ray.io/v1.
 Events go through kopf (`kopf.event`), which creates core/v1 Events. `login` gives kopf the same
 credentials the client uses.
 """
@@ -272,11 +272,6 @@ class Kube:
             return (
                 lambda ns, name, **kw: core.read_namespaced_service_account(name, ns, **kw),
                 core.create_namespaced_service_account,
-            )
-        if kind == ("v1", "ConfigMap"):
-            return (
-                lambda ns, name, **kw: core.read_namespaced_config_map(name, ns, **kw),
-                core.create_namespaced_config_map,
             )
         if kind == (RAYJOB_API_VERSION, RAYJOB_KIND):
             return (

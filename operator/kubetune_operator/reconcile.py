@@ -213,8 +213,9 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
 async def _ensure_children(rt: Runtime, job: FineTuneJob, *, likely_new: bool) -> tuple[dict[str, Any], list[str]]:
     """Get-or-create the job's children: (its RayJob as the server has it, "Kind name" of those created).
 
-    The RayJob comes last, so it never runs before the ServiceAccount and ConfigMap its pods use; those
-    two are created side by side.
+    The RayJob comes last, so it never runs before the ServiceAccount its pods use. (The trainer config
+    is in the RayJob; a job launched before that also has a ConfigMap, which its ownerReference keeps
+    until the job is deleted.)
     """
     *support, rayjob = build_children(job, rt.settings)
     results = await asyncio.gather(

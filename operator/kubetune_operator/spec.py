@@ -324,7 +324,15 @@ class ProgressStatus(StatusModel):
     percent: float | None = Field(default=None, ge=0, le=100, description="Share of all steps done, 0-100.")
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
     metrics: ProgressMetrics | None = Field(default=None, description="The latest training metrics.")
-    latest_checkpoint: str | None = Field(default=None, description="s3:// URI of the newest checkpoint.")
+    latest_checkpoint: str | None = Field(
+        default=None, description="s3:// URI of the newest checkpoint Ray Train committed: a restart resumes from it."
+    )
+    worker_failures: int | None = Field(
+        default=None,
+        ge=0,
+        description="Worker failures in the current attempt; Ray Train restarts the workers from the latest "
+        "checkpoint after each, up to spec.runPolicy.maxRetries (status.restarts counts whole-cluster retries).",
+    )
     updated_at: datetime | None = Field(default=None, description="When the operator accepted this update.")
 
 

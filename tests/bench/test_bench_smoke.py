@@ -141,17 +141,26 @@ def test_median_and_range_are_of_the_samples() -> None:
     assert (stat.median, stat.low, stat.high, stat.n) == (2.5, 1.0, 10.0, 4)
 
 
-def test_gpu_script_runs_standalone_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "task_args",
+    [
+        ["--model", "test_resnet"],
+        ["--task", "detection", "--model", "ssdlite320_mobilenet_v3_large", "--image-size", "64"],
+    ],
+    ids=["classification", "detection"],
+)
+def test_gpu_script_runs_standalone_on_cpu_with_a_tiny_model(tmp_path: Path, task_args: list[str]) -> None:
     import json
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
     out = tmp_path / "gpu.json"
-    args = ["--model", "test_resnet", "--device", "cpu", "--steps", "1", "--repeats", "1", "--json", str(out)]
+    args = [*task_args, "--device", "cpu", "--steps", "1", "--repeats", "1", "--json", str(out)]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "CPU (no CUDA): kubetune" in done.stdout and "ratio" in done.stdout
     result = json.loads(out.read_text())
     assert result["device"] == "CPU (no CUDA)" and result["ratio"] > 0
     assert len(result["images_per_second"]["kubetune"]) == len(result["images_per_second"]["plain"]) == 1
+    assert result["task"] == ("detection" if "detection" in task_args else "classification")

@@ -250,7 +250,7 @@ def _client_uses(module: str, path: Path, tree: ast.Module, namespace: dict[str,
         parent = parents.get(node)
         # api.method(args…), or a call that passes the method on: to_thread(api.method, args…),
         # partial(api.method, …), Watch().stream(api.list_…, …); or a reference kept for later
-        # (`return core.create_namespaced_config_map`), whose arguments are not known here.
+        # (`return core.create_namespaced_service_account`), whose arguments are not known here.
         where = f"{module}:{node.lineno} {api_class}.{node.attr}"
         try:
             if isinstance(parent, ast.Call) and parent.func is node:

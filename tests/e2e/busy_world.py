@@ -39,7 +39,6 @@ BUCKET = "kubetune-e2e"
 FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
 RAYJOBS = ("ray.io", "v1", "rayjobs")
 RAYCLUSTERS = ("ray.io", "v1", "rayclusters")
-CONFIGMAPS = ("", "v1", "configmaps")
 SERVICEACCOUNTS = ("", "v1", "serviceaccounts")
 TERMINAL = ("Succeeded", "Failed")
 SECRET = "e2e-s3"

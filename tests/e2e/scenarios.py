@@ -13,7 +13,6 @@ from typing import Any
 
 from busy_world import (
     BUCKET,
-    CONFIGMAPS,
     DENIED_CHECKPOINT,
     FTJ,
     NS,
@@ -140,7 +139,6 @@ def deleted_while_running(world: World, facts: dict[str, Any]) -> None:
     for what, child in (
         (FTJ, name),
         (RAYJOBS, name),
-        (CONFIGMAPS, f"{name}-trainer-config"),
         (SERVICEACCOUNTS, f"{name}-trainer"),
     ):
         if not world.wait_gone(what, child):

@@ -85,6 +85,8 @@ def test_a_killed_training_worker_resumes_from_the_last_checkpoint_in_the_same_r
     assert checkpoint.endswith(f"/epoch-{epoch:04d}"), checkpoint
     assert epoch >= facts["committed_before_worker_kill"] >= 1
     assert facts["restarts_after_worker_kill"] == 0
+    # The driver told the operator: status.progress counted the worker failure of this attempt.
+    assert any((s.progress or {}).get("workerFailures") == 1 for s in facts["samples"]), "no workerFailures: 1 seen"
 
 
 def test_a_killed_driver_restarts_the_run_from_the_last_checkpoint_and_counts_a_restart(world: World) -> None:

@@ -97,7 +97,6 @@ def test_kubetune_demo_runs_the_job_end_to_end(tmp_path: Path, kubectl_bin: str)
         cluster.wait_for(*FTJ, namespace, name, lambda o: o is None, timeout=60)
         for group, version, plural, child in (
             ("ray.io", "v1", "rayjobs", name),
-            ("", "v1", "configmaps", f"{name}-trainer-config"),
             ("", "v1", "serviceaccounts", f"{name}-trainer"),
         ):
             cluster.wait_for(group, version, plural, namespace, child, lambda o: o is None, timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -176,9 +177,14 @@ def test_the_entrypoint_gets_the_pods_env_files_and_token(cluster: DevCluster) -
         "assert os.environ['AWS_SECRET_ACCESS_KEY'] == 's3cr3t', 'secretKeyRef'; "
         "assert os.environ['JOB_NAMESPACE'] == 'default', 'fieldRef'; "
         "config = json.loads(pathlib.Path(os.environ['CONFIG']).read_text()); "
+        "assert pathlib.Path(config['tokenPath']).is_file(), 'mount path rewritten in a ConfigMap file'; "
+        # The trainer config as the operator passes it: JSON in an env value, `$` escaped as `$$`.
+        "config = json.loads(os.environ['KUBETUNE_TRAINER_CONFIG']); "
+        "d = chr(36); assert config['note'] == d + '5 ' + d + '(JOB_NAMESPACE)', config['note']; "
         "token = pathlib.Path(config['tokenPath']).read_text(); "
         "pathlib.Path('token-copy').write_text(token)"
     )
+    trainer_config = json.dumps({"tokenPath": "/var/run/secrets/kubetune.dev/token", "note": "$5 $(JOB_NAMESPACE)"})
     env = [
         {
             "name": "AWS_SECRET_ACCESS_KEY",
@@ -186,6 +192,7 @@ def test_the_entrypoint_gets_the_pods_env_files_and_token(cluster: DevCluster) -
         },
         {"name": "JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "CONFIG", "value": "/etc/kubetune/trainer-config.json"},
+        {"name": "KUBETUNE_TRAINER_CONFIG", "value": trainer_config.replace("$", "$$")},
     ]
     mounts = [
         {"name": "config", "mountPath": "/etc/kubetune", "readOnly": True},

@@ -58,12 +58,13 @@ async def test_an_update_from_the_jobs_own_trainer_lands_in_the_status(
     token = kmock.issue_token(NS, "cats")
     checkpoint = "s3://models/cats/checkpoints/checkpoint_000001"
 
-    code, answer, _ = await post(base, "cats", update(latestCheckpoint=checkpoint), token)
+    code, answer, _ = await post(base, "cats", update(latestCheckpoint=checkpoint, workerFailures=1), token)
 
     assert (code, answer["applied"]) == (200, True)
     status = kmock.job(NS, "cats")["status"]
     progress = status["progress"]
     assert progress["epoch"] == 1 and progress["totalEpochs"] == 5 and progress["step"] == 10
+    assert progress["workerFailures"] == 1
     assert progress["percent"] == 10 and progress["etaSeconds"] == 90.0
     assert progress["metrics"] == {"trainLoss": 1.5, "imagesPerSecond": 240.0, "learningRate": 0.001}
     assert progress["latestCheckpoint"] == checkpoint

@@ -27,14 +27,12 @@ OPERATOR_PERMISSIONS = {
     ("patch", "ray.io", "rayjobs", None),  # suspend / resume
     ("get", "", "serviceaccounts", None),
     ("create", "", "serviceaccounts", None),
-    ("get", "", "configmaps", None),
-    ("create", "", "configmaps", None),
     ("get", "", "secrets", None),  # preflight reads spec.storage.credentialsSecret
     ("create", "", "events", None),
 }
-# A job's first launch creates its ServiceAccount and ConfigMap without reading them first; they are
-# read only when they already exist (a launch retried, or resumed by a restarted operator).
-READ_WHEN_PRESENT = {("get", "", "serviceaccounts", None), ("get", "", "configmaps", None)}
+# A job's first launch creates its ServiceAccount without reading it first; it is read only when it
+# already exists (a launch retried, or resumed by a restarted operator).
+READ_WHEN_PRESENT = {("get", "", "serviceaccounts", None)}
 # Status writes start from the job as the watch delivered it; the job is read from the server only by
 # the progress endpoint and for a RayJob event that comes before its job's first watch event (restart).
 READ_WHEN_NOT_WATCHED_YET = {("get", "kubetune.dev", "finetunejobs", None)}
@@ -73,7 +71,9 @@ async def test_a_jobs_whole_life_needs_exactly_the_documented_permissions(op: Op
 
 @pytest.mark.asyncio
 async def test_a_new_job_costs_one_request_per_child_one_status_write_and_one_event(op: OperatorHarness) -> None:
-    # What a burst of new jobs asks of the API server, per job: no reads, one write of each kind.
+    # What a burst of new jobs asks of the API server, per job: no reads, one write of each kind. Five:
+    # the ServiceAccount and the RayJob (which carries the trainer config: no ConfigMap), kopf's
+    # annotations, one status write and one Event.
     op.mark()
     await op.create_job(finetunejob("irsa"))  # no credentialsSecret: no preflight
     await op.wait_for_event("default", "irsa", "RayJobCreated")
@@ -92,7 +92,6 @@ async def test_a_new_job_costs_one_request_per_child_one_status_write_and_one_ev
         if r.verb not in ("list", "watch") and r.name in (None, "irsa", "irsa-trainer", "irsa-trainer-config")
     )
     assert calls == [
-        ("create", "configmaps", ""),
         ("create", "events", ""),
         ("create", "rayjobs", ""),
         ("create", "serviceaccounts", ""),

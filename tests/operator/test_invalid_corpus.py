@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_harness import CONFIGMAPS, RAYJOBS, SERVICEACCOUNTS, OperatorHarness, finetunejob
+from operator_harness import RAYJOBS, SERVICEACCOUNTS, OperatorHarness, finetunejob
 
 CORPUS = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "invalid").glob("*.yaml"))
 NAMESPACE = "corpus"
@@ -64,6 +64,7 @@ async def test_every_malformed_job_fails_naming_its_field_while_a_valid_one_laun
             problems.append(f"{path.name}: children were created")
     assert not problems, "\n".join(problems)
 
-    assert op.phase(NAMESPACE, "healthy") == "Launching"
+    # The status is written once the RayJob's create has returned: it may land just after the RayJob.
+    await op.wait_for_phase(NAMESPACE, "healthy", "Launching")
     assert [o["metadata"]["name"] for o in op.list_objects(RAYJOBS)] == ["healthy"]
-    assert [o["metadata"]["name"] for o in op.list_objects(CONFIGMAPS)] == ["healthy-trainer-config"]
+    assert [o["metadata"]["name"] for o in op.list_objects(SERVICEACCOUNTS)] == ["healthy-trainer"]

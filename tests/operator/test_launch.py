@@ -1,8 +1,9 @@
-"""Creating a FineTuneJob: preflight passes, the operator creates its ServiceAccount, ConfigMap and RayJob."""
+"""Creating a FineTuneJob: preflight passes, the operator creates its ServiceAccount and RayJob."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from operator_harness import (
@@ -22,6 +23,10 @@ from kubetune_operator.spec import FineTuneJob
 from kubetune_trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.asyncio
+
+
+def env_value(container: dict[str, Any], name: str) -> str:
+    return str(next(e["value"] for e in container["env"] if e["name"] == name))
 
 
 async def launch(op: OperatorHarness, s3: S3World, name: str = "flowers") -> dict[str, str]:
@@ -45,13 +50,14 @@ async def test_a_valid_job_gets_exactly_the_objects_the_builders_describe(
 
     rayjob = op.rayjob("default", "flowers")
     sa = op.get(SERVICEACCOUNTS, "default", "flowers-trainer")
-    cm = op.get(CONFIGMAPS, "default", "flowers-trainer-config")
-    assert rayjob and sa and cm
-    for created, kind in ((rayjob, "RayJob"), (sa, "ServiceAccount"), (cm, "ConfigMap")):
+    assert rayjob and sa
+    assert op.list_objects(CONFIGMAPS) == []  # the trainer config is in the RayJob
+    for created, kind in ((rayjob, "RayJob"), (sa, "ServiceAccount")):
         assert created["metadata"]["ownerReferences"] == expected[kind]["metadata"]["ownerReferences"]
         assert created["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
     assert rayjob["spec"] == expected["RayJob"]["spec"]
-    config = TrainerConfig.model_validate_json(cm["data"]["trainer-config.json"])
+    (head,) = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    config = TrainerConfig.model_validate_json(env_value(head, "KUBETUNE_TRAINER_CONFIG"))
     assert config.run_name == job["metadata"]["uid"]
     assert config.progress is not None
     assert config.progress.url.endswith("/v1/progress/default/flowers")
@@ -105,7 +111,7 @@ async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> 
             assert len(second.list_objects(SERVICEACCOUNTS, "default")) == 1
             assert second.rayjob("default", "flowers") == rayjob_before
             reads = {r.resource for r in second.operator_requests() if r.verb == "get"}
-            assert {"rayjobs", "serviceaccounts", "configmaps"} <= reads
+            assert {"rayjobs", "serviceaccounts"} <= reads
 
 
 async def test_a_child_left_by_an_interrupted_launch_is_kept_as_it_is(op: OperatorHarness) -> None:
@@ -117,7 +123,26 @@ async def test_a_child_left_by_an_interrupted_launch_is_kept_as_it_is(op: Operat
     await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
     kept = op.get(SERVICEACCOUNTS, "default", "irsa-trainer")
     assert kept is not None and kept["metadata"]["uid"] == left["metadata"]["uid"]
-    assert op.get(CONFIGMAPS, "default", "irsa-trainer-config") is not None
+    assert op.list_objects(CONFIGMAPS) == []
+
+
+async def test_a_job_launched_by_the_previous_version_keeps_its_rayjob_and_configmap(op: OperatorHarness) -> None:
+    """Before the config moved into the RayJob, the operator made a ConfigMap its pods mount: a job of
+    that time, met by this operator, keeps running as launched (ownerReferences delete the ConfigMap)."""
+    old_config = await op.create(
+        CONFIGMAPS,
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "irsa-trainer-config"}, "data": {"a": "b"}},
+    )
+    _, rayjob = build_children(FineTuneJob.from_body(finetunejob("irsa")), FAST_SETTINGS)
+    rayjob["spec"]["entrypoint"] = "python -m kubetune_trainer --config /etc/kubetune/trainer-config.json"
+    old_rayjob = await op.create(RAYJOBS, rayjob)
+    await op.create_job(finetunejob("irsa"))
+    await op.wait_for_event("default", "irsa", "RayJobCreated")
+    await op.settle()
+    assert op.rayjob("default", "irsa") == old_rayjob
+    assert op.get(CONFIGMAPS, "default", "irsa-trainer-config") == old_config
+    assert not [r for r in op.operator_requests() if r.resource == "configmaps"]
+    assert op.phase("default", "irsa") == "Launching"
 
 
 @pytest.mark.asyncio

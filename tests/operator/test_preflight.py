@@ -6,7 +6,7 @@ import socket
 from typing import Any
 
 import pytest
-from operator_harness import CONFIGMAPS, RAYJOBS, SERVICEACCOUNTS, OperatorHarness, finetunejob
+from operator_harness import RAYJOBS, SERVICEACCOUNTS, OperatorHarness, finetunejob
 from s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 pytestmark = pytest.mark.asyncio
@@ -30,7 +30,6 @@ async def failed_with(op: OperatorHarness, name: str, reason: str) -> str:
     assert event["type"] == "Warning"
     assert op.rayjob(NS, name) is None
     assert op.get(SERVICEACCOUNTS, NS, f"{name}-trainer") is None
-    assert op.get(CONFIGMAPS, NS, f"{name}-trainer-config") is None
     message: str = failed["message"]
     return message
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_harness import CONFIGMAPS, FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, finetunejob
+from operator_harness import FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, finetunejob
 
 from kubetune_operator.cli import main as kubetune
 
@@ -20,11 +20,13 @@ def comparable(obj: dict[str, Any]) -> dict[str, Any]:
     obj = json.loads(json.dumps(obj))
     for key in SERVER_FIELDS:
         obj["metadata"].pop(key, None)
-    if obj["kind"] == "ConfigMap":
+    if obj["kind"] == "RayJob":
         # The run name is the job's uid once it has one (so a resumed run finds its checkpoints).
-        config = json.loads(obj["data"]["trainer-config.json"])
-        config.pop("runName")
-        obj["data"]["trainer-config.json"] = config
+        (head,) = obj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+        for env in head["env"]:
+            if env["name"] == "KUBETUNE_TRAINER_CONFIG":
+                env["value"] = json.loads(env["value"])
+                env["value"].pop("runName")
     return obj
 
 
@@ -43,13 +45,12 @@ async def test_render_prints_exactly_what_the_operator_creates(
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))
     rendered = render(path, capsys, "--image", FAST_SETTINGS.trainer_image)
-    assert [obj["kind"] for obj in rendered] == ["ServiceAccount", "ConfigMap", "RayJob"]
+    assert [obj["kind"] for obj in rendered] == ["ServiceAccount", "RayJob"]
 
     await op.create_job(manifest)
     rayjob = await op.wait_for(lambda: op.rayjob("default", "flowers"), what="the RayJob")
     created = [
         op.get(SERVICEACCOUNTS, "default", "flowers-trainer"),
-        op.get(CONFIGMAPS, "default", "flowers-trainer-config"),
         rayjob,
     ]
     assert [comparable(obj) for obj in rendered] == [comparable(obj) for obj in created if obj]
@@ -60,7 +61,7 @@ def test_render_of_several_jobs_and_of_an_invalid_one(tmp_path: Path, capsys: py
     path.write_text(yaml.safe_dump_all([finetunejob("one"), finetunejob("two")]))
     names = [(obj["kind"], obj["metadata"]["name"]) for obj in render(path, capsys)]
     assert ("RayJob", "one") in names and ("RayJob", "two") in names
-    assert len(names) == 6
+    assert len(names) == 4
 
     bad = finetunejob("bad", training={"epochs": 0})
     path.write_text(yaml.safe_dump(bad))

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 from operator_harness import (
-    CONFIGMAPS,
     SERVICEACCOUNTS,
     OperatorHarness,
     fast_settings,
@@ -44,7 +43,6 @@ async def test_without_kuberay_jobs_wait_with_a_clear_reason(caplog: pytest.LogC
             what="a second check for KubeRay",
         )
         assert op.get(SERVICEACCOUNTS, "default", "flowers-trainer") is None
-        assert op.get(CONFIGMAPS, "default", "flowers-trainer-config") is None
         assert len(op.event_reasons("default", "flowers")) == 1  # one Event, not one per retry
 
 
@@ -116,8 +114,7 @@ async def test_an_operator_log_line_names_the_job_and_what_was_done(
     )
     # One line for the launch: every child created, and the size of the run.
     assert (
-        "default/flowers: created ServiceAccount flowers-trainer, ConfigMap flowers-trainer-config, "
-        "RayJob flowers (2 worker(s), 1 GPU(s) each)"
+        "default/flowers: created ServiceAccount flowers-trainer, RayJob flowers (2 worker(s), 1 GPU(s) each)"
     ) in logged()
 
 
@@ -188,7 +185,4 @@ async def test_the_operator_process_logs_in_with_a_kubeconfig_and_launches_a_job
         log = output.decode()
         assert process.returncode == 0, log
         assert "serving FineTuneJobs in all namespaces" in log
-        assert (
-            "team-a/flowers: created ServiceAccount flowers-trainer, ConfigMap flowers-trainer-config, RayJob flowers"
-            in log
-        )
+        assert "team-a/flowers: created ServiceAccount flowers-trainer, RayJob flowers" in log

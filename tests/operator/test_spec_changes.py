@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -87,8 +88,10 @@ async def test_a_mixed_edit_applies_suspend_and_refuses_the_data_change(op: Oper
     assert "spec.runPolicy.suspend" not in refused["message"].split(" changed")[0]
     rayjob = op.rayjob(NS, NAME)
     assert rayjob is not None
-    config_train = rayjob["spec"]["entrypoint"]  # the run itself is untouched: same entrypoint and config
-    assert config_train.endswith("trainer-config.json")
+    # The run itself is untouched: the trainer config in the head's env still names the old data.
+    (head,) = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    config = next(e["value"] for e in head["env"] if e["name"] == "KUBETUNE_TRAINER_CONFIG")
+    assert json.loads(config)["data"]["train"] != "s3://datasets/other/"
 
 
 async def test_a_finished_job_says_edits_have_no_effect(op: OperatorHarness) -> None:

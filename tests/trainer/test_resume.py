@@ -102,6 +102,9 @@ def test_failed_worker_restarts_from_checkpoint_and_frozen_layers_stay(
 
     assert run.returncode == 0, run.stderr
     assert f"resumed from {output}/checkpoints/resume-worker/epoch-0001 after epoch 1" in run.stderr
+    # The driver saw the failure through Ray Train's controller and said what happens next.
+    assert "worker failure 1 (rank 0): InjectedFaultError" in run.stderr, run.stderr
+    assert "Ray Train restarts the workers from the latest checkpoint" in run.stderr
     history = json.loads(pretrained.get(f"{output}/history.json"))
     assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
     checkpoint = pretrained.keys(f"{output}/checkpoints/resume-worker/epoch-0003")

@@ -98,6 +98,23 @@ def test_trainer_entrypoint_rejects_a_bad_config_file(tmp_path: Path, capsys: py
     assert main(["--config", str(tmp_path / "absent.json")]) == 2
 
 
+def test_trainer_entrypoint_reads_the_config_from_its_env_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The RayJob's entrypoint has no --config: the config is KUBETUNE_TRAINER_CONFIG on the head."""
+    from kubetune_trainer.__main__ import main
+
+    monkeypatch.delenv("KUBETUNE_TRAINER_CONFIG", raising=False)
+    assert main([]) == 2
+    assert "no trainer config: pass --config FILE or set KUBETUNE_TRAINER_CONFIG" in capsys.readouterr().err
+    monkeypatch.setenv("KUBETUNE_TRAINER_CONFIG", '{"jobName": "x", "runName": "x"')
+    assert main([]) == 2
+    assert "kubetune: error: $KUBETUNE_TRAINER_CONFIG: Invalid JSON" in capsys.readouterr().err
+    monkeypatch.setenv("KUBETUNE_TRAINER_CONFIG", '{"jobName": "x", "runName": "x", "model": {"architecture": "r"}}')
+    assert main([]) == 2
+    assert "kubetune: error: $KUBETUNE_TRAINER_CONFIG: model.checkpoint: Field required" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_path: Path) -> None:
     """On a cluster the node is prepared by a Ray task; its verdicts reach the driver as TrainerErrors."""

@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from kubetune_operator.builders import (
-    CONFIG_KEY,
-    CONFIG_PATH,
+    CONFIG_ENV,
     JOB_LABEL,
     MANAGED_BY_LABEL,
     QUEUE_LABEL,
@@ -146,10 +145,10 @@ def test_every_rayjob_is_valid_for_kuberay_and_kubernetes(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
-def test_config_map_and_service_account_are_valid_kubernetes_objects(variant: str) -> None:
+def test_the_service_account_is_a_valid_kubernetes_object(variant: str) -> None:
     objs = children(**VARIANTS[variant])
-    for kind in ("ConfigMap", "ServiceAccount"):
-        kubernetes_validate.validate(objs[kind], KUBERNETES_VERSION, strict=True)
+    assert sorted(objs) == ["RayJob", "ServiceAccount"]
+    kubernetes_validate.validate(objs["ServiceAccount"], KUBERNETES_VERSION, strict=True)
 
 
 def test_the_strict_schema_catches_a_misspelt_field() -> None:
@@ -164,7 +163,6 @@ def test_the_strict_schema_catches_a_misspelt_field() -> None:
 def test_children_have_deterministic_names_and_are_owned_by_the_job() -> None:
     objs = children()
     assert objs["ServiceAccount"]["metadata"]["name"] == "flowers-trainer"
-    assert objs["ConfigMap"]["metadata"]["name"] == "flowers-trainer-config"
     assert objs["RayJob"]["metadata"]["name"] == "flowers"
     for obj in objs.values():
         meta = obj["metadata"]
@@ -209,17 +207,20 @@ def _container(group: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
-def test_rayjob_runs_the_trainer_on_the_mounted_config_and_cleans_up() -> None:
+def test_rayjob_runs_the_trainer_on_the_config_in_the_heads_env_and_cleans_up() -> None:
     spec = children()["RayJob"]["spec"]
-    assert spec["entrypoint"] == f"python -m kubetune_trainer --config {CONFIG_PATH}"
+    assert spec["entrypoint"] == "python -m kubetune_trainer"
     assert spec["submissionMode"] == "HTTPMode"
     assert spec["shutdownAfterJobFinishes"] is True
     head, workers = _groups(children()["RayJob"])
+    # The driver runs on the head and inherits its env; the workers get the config from the driver.
+    assert CONFIG_ENV in {e["name"] for e in _container(head)["env"]}
+    assert CONFIG_ENV not in {e["name"] for e in _container(workers)["env"]}
     for group in (head, workers):
         mounts = {m["mountPath"]: m for m in _container(group)["volumeMounts"]}
-        assert CONFIG_PATH.startswith(mounts["/etc/kubetune"]["mountPath"])
+        assert "/etc/kubetune" not in mounts
         volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
-        assert volumes[mounts["/etc/kubetune"]["name"]]["configMap"]["name"] == "flowers-trainer-config"
+        assert not any("configMap" in v for v in volumes.values())
         assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory"}
 
 
@@ -307,7 +308,7 @@ def test_without_a_progress_endpoint_pods_get_no_token_and_no_url() -> None:
     _, workers = _groups(objs["RayJob"])
     assert not any("projected" in v for v in workers["template"]["spec"]["volumes"])
     assert "KUBETUNE_PROGRESS_URL" not in {e["name"] for e in _container(workers)["env"]}
-    assert json.loads(objs["ConfigMap"]["data"][CONFIG_KEY])["progress"] is None
+    assert json.loads(head_config(objs["RayJob"]))["progress"] is None
 
 
 def test_trainer_image_is_the_operators_unless_the_job_names_one() -> None:
@@ -317,13 +318,20 @@ def test_trainer_image_is_the_operators_unless_the_job_names_one() -> None:
     assert _container(workers)["image"] == VARIANTS["image-override"]["image"]
 
 
-# -- the ConfigMap and ServiceAccount --------------------------------------------------------------------
+# -- the trainer config and the ServiceAccount -----------------------------------------------------------
 
 
-def test_config_map_holds_the_trainer_config_with_the_progress_target() -> None:
+def head_config(rayjob: dict[str, Any]) -> str:
+    """The trainer config as the driver's process gets it (the kubelet turns `$$` into `$`)."""
+    head, _ = _groups(rayjob)
+    (value,) = [e["value"] for e in _container(head)["env"] if e["name"] == CONFIG_ENV]
+    return str(value).replace("$$", "$")
+
+
+def test_the_heads_env_holds_the_trainer_config_with_the_progress_target() -> None:
     the_job = job()
-    data = children()["ConfigMap"]["data"]
-    config = TrainerConfig.model_validate_json(data[CONFIG_KEY])
+    text = head_config(children()["RayJob"])
+    config = TrainerConfig.model_validate_json(text)
     expected = trainer_config(
         the_job,
         progress=ProgressTarget(
@@ -332,7 +340,17 @@ def test_config_map_holds_the_trainer_config_with_the_progress_target() -> None:
     )
     assert config == expected
     assert config.run_name == the_job.metadata.uid
-    assert json.loads(data[CONFIG_KEY])["progress"]["tokenPath"] == "/var/run/secrets/kubetune.dev/token"
+    assert json.loads(text)["progress"]["tokenPath"] == "/var/run/secrets/kubetune.dev/token"
+
+
+def test_a_dollar_in_the_config_reaches_the_trainer_verbatim() -> None:
+    """The kubelet expands `$(VAR)` and `$$` in env values: the builder escapes them."""
+    path = "s3://datasets/$(AWS_REGION)/a$$b$/"
+    rayjob = children(data={"train": path})["RayJob"]
+    head, _ = _groups(rayjob)
+    (raw,) = [e["value"] for e in _container(head)["env"] if e["name"] == CONFIG_ENV]
+    assert "$(AWS_REGION)" not in raw.replace("$$", "")
+    assert TrainerConfig.model_validate_json(head_config(rayjob)).data.train == path
 
 
 def test_service_account_mounts_no_api_token() -> None:

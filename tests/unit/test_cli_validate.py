@@ -241,10 +241,9 @@ def test_render_prints_what_the_operator_creates(capsys: pytest.CaptureFixture[s
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [(d["kind"], d["metadata"]["name"], d["metadata"]["namespace"]) for d in docs] == [
         ("ServiceAccount", "flowers-resnet50-head-trainer", "default"),
-        ("ConfigMap", "flowers-resnet50-head-trainer-config", "default"),
         ("RayJob", "flowers-resnet50-head", "default"),
     ]
-    assert "reg.example/t:1" in yaml.safe_dump(docs[2])
+    assert "reg.example/t:1" in yaml.safe_dump(docs[1])
 
 
 def test_render_refuses_an_invalid_job(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,10 @@
-"""`python -m kubetune_trainer --config FILE`: the entrypoint of the RayJob, and of local runs.
+"""`python -m kubetune_trainer [--config FILE]`: the entrypoint of the RayJob, and of local runs.
 
+The TrainerConfig JSON comes from `--config FILE` or, without it, from the environment variable
+KUBETUNE_TRAINER_CONFIG (how the operator's RayJob passes it to the driver on the Ray head).
 Inside a Ray cluster (RAY_ADDRESS set, as for a RayJob's entrypoint) it connects to the cluster and
 trains on its workers; elsewhere, or with --local, it starts a private local Ray instance.
-Exit codes: 0 done, 1 the run failed (one line says why), 2 the config file is unusable.
+Exit codes: 0 done, 1 the run failed (one line says why), 2 the config is missing or unusable.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pydantic import ValidationError
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.local import guarded, run_local, setup_logging, summary, with_endpoint
 from kubetune_trainer.reporting import ConsoleReporter
+
+CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
 
 
 def warn_if_short(workers: int, cpus: float, gpus: int, have: dict[str, float]) -> None:
@@ -66,19 +70,28 @@ def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="trainer config JSON (TrainerConfig)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help=f"trainer config JSON (TrainerConfig); default: ${CONFIG_ENV}"
+    )
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL, overriding the config's")
     parser.add_argument("--local", action="store_true", help="train on a private local Ray even inside a cluster")
     args = parser.parse_args(argv)
+    if args.config is None and not os.environ.get(CONFIG_ENV, "").strip():
+        print(f"kubetune: error: no trainer config: pass --config FILE or set {CONFIG_ENV}", file=sys.stderr)
+        return 2
+    source = str(args.config) if args.config else f"${CONFIG_ENV}"
     try:
-        config = TrainerConfig.model_validate_json(args.config.read_text())
+        text = args.config.read_text() if args.config else os.environ[CONFIG_ENV]
     except OSError as error:
         print(f"kubetune: error: cannot read {args.config}: {error.strerror}", file=sys.stderr)
         return 2
+    try:
+        config = TrainerConfig.model_validate_json(text)
     except ValidationError as error:
         for item in error.errors():
             where = ".".join(str(p) for p in item["loc"])
-            print(f"kubetune: error: {args.config}: {where}: {item['msg']}", file=sys.stderr)
+            at = f"{source}: {where}" if where else source  # invalid JSON has no field path
+            print(f"kubetune: error: {at}: {item['msg']}", file=sys.stderr)
         return 2
     if os.environ.get("RAY_ADDRESS") and not args.local:
         return run_in_cluster(config, s3_endpoint=args.s3_endpoint)

@@ -254,7 +254,7 @@ def train_loop(raw: dict[str, Any]) -> None:
         start_epoch, step, history = int(progress["epoch"]), int(progress["step"]), list(progress["history"])
         latest = str(S3Uri.from_fs_path(resumed.path))
 
-    reporter = worker_reporters(config, plan.relay, rank)
+    reporter = worker_reporters(plan.relay, rank)
     clock = _Clock(total_steps=training.epochs * steps_per_epoch, done=step)
     # The last finished epoch's validation figures, keyed as in history.json (and ProgressMetrics' wire names).
     last_val: dict[str, float] = {k: history[-1][k] for k in task.metric_keys if k in history[-1]} if history else {}
@@ -336,7 +336,8 @@ def train_loop(raw: dict[str, Any]) -> None:
                 checkpoint_dir_name=name,
                 checkpoint_upload_fn=uploader,
             )
-        latest = str(S3Uri.from_fs_path(ctx.get_storage().experiment_fs_path).join(name))
+        # `latest` stays the checkpoint this attempt resumed from: the driver's relay names each new one
+        # once Ray Train has committed it.
         if rank == 0:
             reporter.report(update(epoch + 1, "Checkpointing", entry["trainLoss"], entry["imagesPerSecond"]))
     reporter.close()

@@ -6,10 +6,11 @@ break training, so `report` only hands the update on and swallows its own failur
 
 - ConsoleReporter draws a progress line: epoch, step bar, loss, accuracy (detection: mAP and mAP@.5),
   images/s, ETA.
-- RelayReporter (in the worker) passes updates to the driver through a Ray queue, so the console line is
-  drawn by the driver's terminal rather than interleaved with Ray's worker log prefixes.
-- The operator reporter (kubetune_trainer.operator_reporter, the progress issue) pushes them to the
-  operator; `worker_reporters` builds it when the config names a progress endpoint.
+- RelayReporter (in the worker) passes updates to the driver through a Ray queue (`relay.Relay`), so the
+  console line is drawn by the driver's terminal rather than interleaved with Ray's worker log prefixes,
+  and the committed checkpoint and worker failures that Ray Train's controller sees are added to them.
+- The operator reporter (kubetune_trainer.operator_reporter) pushes them from the driver to the operator
+  when the config names a progress endpoint (`relay.driver_reporters`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 from pydantic import Field
 
-from kubetune_trainer.config import CamelModel, TrainerConfig
+from kubetune_trainer.config import CamelModel
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,15 @@ class ProgressUpdate(CamelModel):
     percent: float = Field(ge=0.0, le=100.0)
     eta_seconds: float | None = Field(default=None, ge=0.0)
     metrics: ProgressMetrics = Field(default_factory=ProgressMetrics)
-    latest_checkpoint: str | None = Field(default=None, description="s3:// URI of the latest checkpoint.")
+    latest_checkpoint: str | None = Field(
+        default=None, description="s3:// URI of the latest checkpoint Ray Train committed (a restart resumes from it)."
+    )
+    worker_failures: int | None = Field(
+        default=None,
+        ge=0,
+        description="Worker failures in this run of the driver; Ray Train restarts the workers from the latest "
+        "checkpoint after each, up to maxFailures (spec.runPolicy.maxRetries).",
+    )
     phase: str | None = Field(
         default=None, description="Resumed, Training or Checkpointing (sent after each epoch's checkpoint)."
     )
@@ -179,23 +188,7 @@ class RelayReporter:
         pass
 
 
-def worker_reporters(config: TrainerConfig, relay: Any | None, rank: int) -> FanOut:
-    """What a worker reports to: the driver's console (when it listens) and the operator (when configured).
-
-    Only rank 0 produces updates; the others get an empty fan-out.
-    """
-    reporters: list[ProgressReporter] = []
-    if rank != 0:
-        return FanOut(reporters)
-    if relay is not None:
-        reporters.append(RelayReporter(relay))
-    if config.progress is not None:
-        try:
-            from kubetune_trainer.operator_reporter import OperatorReporter
-
-            operator = OperatorReporter.from_target(config.progress, rank=rank)
-            if operator is not None:
-                reporters.append(operator)
-        except Exception:
-            log.warning("cannot report progress to %s; training goes on", config.progress.url, exc_info=True)
-    return FanOut(reporters)
+def worker_reporters(relay: Any | None, rank: int) -> FanOut:
+    """What a worker reports to: the driver's relay (`relay.Relay`), which shows the updates and sends them
+    to the operator. Only rank 0 produces updates; the others get an empty fan-out."""
+    return FanOut([RelayReporter(relay)] if rank == 0 and relay is not None else [])

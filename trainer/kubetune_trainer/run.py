@@ -19,7 +19,6 @@ Classification and detection share every step; the task decides the index, the m
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,7 +47,8 @@ from kubetune_trainer.export import (
 )
 from kubetune_trainer.loop import RunPlan, fault_from_env, train_loop
 from kubetune_trainer.model import WeightsReport, apply_strategy, build_model, check_architecture, data_config
-from kubetune_trainer.reporting import ProgressReporter, ProgressUpdate
+from kubetune_trainer.relay import Relay, driver_reporters, run_events
+from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 
 log = logging.getLogger(__name__)
@@ -213,57 +213,6 @@ def failure_reason(error: BaseException) -> TrainerError | None:
     return None
 
 
-class _Relay:
-    """Drains the workers' progress queue into the driver's reporter on a daemon thread."""
-
-    def __init__(self, reporter: ProgressReporter | None) -> None:
-        self.reporter = reporter
-        self.queue: Any = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if reporter is None:
-            return
-        from ray.util.queue import Queue
-
-        # No CPU reserved: the queue must never take a slot from a training worker.
-        self.queue = Queue(maxsize=64, actor_options={"num_cpus": 0})
-        self._thread = threading.Thread(target=self._drain, name="progress-relay", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        from ray.util.queue import Empty
-
-        while not self._stop.is_set():
-            try:
-                item = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:  # the queue actor is gone (shutdown)
-                return
-            self._show(item)
-
-    def _show(self, item: Any) -> None:
-        if self.reporter is not None:
-            self.reporter.report(ProgressUpdate.model_validate(item))
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-            try:  # what arrived after the last poll, e.g. the final epoch's line
-                while True:
-                    self._show(self.queue.get_nowait())
-            except Exception:
-                pass
-        if self.queue is not None:
-            try:
-                self.queue.shutdown()
-            except Exception:
-                log.debug("progress queue shutdown failed", exc_info=True)
-        if self.reporter is not None:
-            self.reporter.close()
-
-
 def train(
     config: TrainerConfig,
     prepared: Prepared,
@@ -279,7 +228,7 @@ def train(
     store = store_for(config)
     checkpoints = S3Uri.parse(config.output.path).join(CHECKPOINTS_DIR)
     threads = max(1, int(cpus_per_worker))
-    relay = _Relay(reporter)
+    relay = Relay(driver_reporters(config, reporter), config.max_failures)
     plan = RunPlan(
         index=prepared.index,
         data_config=prepared.data_config,
@@ -307,6 +256,7 @@ def train(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.output.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=[run_events(relay.queue)],
         ),  # type: ignore[call-arg]  # mypy sees Train V1's RunConfig; V2 (the default) is what runs
     )
     log.info("training run %s: checkpoints under %s/%s/", config.run_name, checkpoints, config.run_name)

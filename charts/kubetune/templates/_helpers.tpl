@@ -87,10 +87,10 @@ ownerReferences let Kubernetes' garbage collector remove them with the job.
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Each job's trainer config (ConfigMap) and its ServiceAccount, whose projected token the trainer uses
-# to authenticate progress updates: get-or-create, never changed afterwards.
+# Each job's ServiceAccount, whose projected token the trainer uses to authenticate progress updates:
+# get-or-create, never changed afterwards. (The trainer config travels in the RayJob.)
 - apiGroups: [""]
-  resources: ["configmaps", "serviceaccounts"]
+  resources: ["serviceaccounts"]
   verbs: ["get", "create"]
 # Preflight reads the Secret named by spec.storage.credentialsSecret to check S3 access before a Ray
 # cluster starts. Only `get`: no list or watch, so the operator never enumerates Secrets.

@@ -5,7 +5,7 @@ The KubeRay stand-in runs a RayJob's head (driver) and workers as local processe
 projected (incl. service-account token) and emptyDir volumes are resolved from the API into a
 sandbox directory. Mount paths do not exist here, so every mount path is rewritten to its sandbox
 directory in the entrypoint, the env values and the text of materialised files (the trainer config
-in a ConfigMap names the token file by its mount path, for instance). `/dev/shm` exists on this
+in the head's env names the token file by its mount path, for instance). `/dev/shm` exists on this
 machine and is left alone.
 """
 
@@ -25,6 +25,19 @@ from kubetune_operator.devcluster.client import AsyncKube, path
 log = logging.getLogger(__name__)
 
 HOST_PATHS = ("/dev/shm",)
+
+
+# As the kubelet expands env values: `$(VAR)` of a variable defined before it, `$$` a literal `$`.
+_ENV_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def _expand(value: str, defined: Mapping[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return defined.get(match.group(1), match.group(0))
+
+    return _ENV_REFERENCE.sub(one, value)
 
 
 class PodNotReadyError(Exception):
@@ -110,9 +123,7 @@ class PodMaterialiser:
         for var in container.get("env") or []:
             name = var["name"]
             if "value" in var:
-                out[name] = re.sub(
-                    r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: out.get(m.group(1), m.group(0)), str(var["value"])
-                )
+                out[name] = _expand(str(var["value"]), out)
                 continue
             source = var.get("valueFrom") or {}
             for ref_key, plural in (("secretKeyRef", "secrets"), ("configMapKeyRef", "configmaps")):
