@@ -41,7 +41,7 @@ class Config:
     # Many short epochs: on a shared machine a median over many epochs resists bursts of load better.
     steps_per_epoch: int = 8
     epochs: int = 6
-    repeats: int = 2
+    repeats: int = 4
 
     @classmethod
     def full(cls) -> Config:
