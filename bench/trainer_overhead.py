@@ -38,10 +38,11 @@ class Config:
     image_size: int = 64
     classes: int = 4
     batch_size: int = 32
-    # Many short epochs: on a shared machine a median over many epochs resists bursts of load better.
-    steps_per_epoch: int = 8
+    # Epochs long enough that the per-epoch work (a checkpoint after each) weighs as in a real run, and
+    # several of them: on a shared machine a median over many epochs resists bursts of load better.
+    steps_per_epoch: int = 24
     epochs: int = 6
-    repeats: int = 4
+    repeats: int = 2
 
     @classmethod
     def full(cls) -> Config:
