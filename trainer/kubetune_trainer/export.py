@@ -116,6 +116,21 @@ def plot_curves(history: Sequence[Mapping[str, Any]], panels: Sequence[Panel], t
     return buffer.getvalue()
 
 
+def _provenance(
+    config: TrainerConfig, weights: WeightsReport, history: Sequence[Mapping[str, Any]], finished_at: datetime
+) -> dict[str, Any]:
+    """Where a model came from, the same for every task."""
+    return {
+        "epochs": len(history),
+        "finishedAt": finished_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "baseCheckpoint": config.model.checkpoint,
+        "strategy": config.model.strategy,
+        "trainableLayers": config.model.trainable_layers,
+        "training": config.training.wire(),
+        "weightLoading": weights.wire(),
+    }
+
+
 def classification_card(
     config: TrainerConfig,
     index: DatasetIndex,
@@ -141,13 +156,7 @@ def classification_card(
         # timm's own keys: timm.data.create_transform(**dataConfig, is_training=False)
         "dataConfig": dict(data_config),
         "metrics": {k: final[k] for k in ("trainLoss", "valLoss", "valAccuracy", "imagesPerSecond") if k in final},
-        "epochs": len(history),
-        "finishedAt": finished_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-        "baseCheckpoint": config.model.checkpoint,
-        "strategy": config.model.strategy,
-        "trainableLayers": config.model.trainable_layers,
-        "training": config.training.wire(),
-        "weightLoading": weights.wire(),
+        **_provenance(config, weights, history, finished_at),
         "data": {
             "train": config.data.train,
             "validation": config.data.validation,
@@ -187,13 +196,7 @@ def detection_card(
         "transform": dict(transform),
         "scoreThreshold": score_threshold,
         "metrics": {k: final[k] for k in ("trainLoss", "valMap", "valMap50", "imagesPerSecond") if k in final},
-        "epochs": len(history),
-        "finishedAt": finished_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-        "baseCheckpoint": config.model.checkpoint,
-        "strategy": config.model.strategy,
-        "trainableLayers": config.model.trainable_layers,
-        "training": config.training.wire(),
-        "weightLoading": weights.wire(),
+        **_provenance(config, weights, history, finished_at),
         "data": {
             "train": config.data.train,
             "validation": config.data.validation or config.data.train,

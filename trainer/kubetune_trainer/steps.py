@@ -34,6 +34,19 @@ def autocast_for(device: torch.device, precision: str) -> Autocast:
     return lambda: torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any, scheduler: Any
+) -> torch.Tensor:
+    """Backward (through the grad scaler, a no-op unless fp16), optimizer and schedule step; the loss,
+    still on the device (reading it would synchronise the GPU every step)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
 @dataclass
 class Stepper:
     """One optimizer step of image classification, and exact evaluation sums."""
@@ -53,12 +66,7 @@ class Stepper:
         (reading it would synchronise the GPU every step)."""
         with self.autocast():
             loss = nn.functional.cross_entropy(self.model(self._input(images)), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return loss.detach()
+        return backward_and_step(loss, self.optimizer, self.scaler, self.scheduler)
 
     def eval_sums(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
         """[summed loss, correct, count] over `batches`, in float64 on `device`, for an all-reduce."""
@@ -93,9 +101,4 @@ class DetectionStepper:
         with self.autocast():
             losses = self.model(images, targets)
         loss = torch.stack([value.float() for value in losses.values()]).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return loss.detach()
+        return backward_and_step(loss, self.optimizer, self.scaler, self.scheduler)
