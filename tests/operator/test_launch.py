@@ -90,7 +90,8 @@ async def test_a_job_without_a_credentials_secret_launches_without_preflight(op:
     # No Secret, no S3 at all: the pods would use their own cloud identity, which the operator cannot test.
     await op.create_job(finetunejob("irsa"))
     await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
-    assert op.phase("default", "irsa") == "Launching"
+    # The status is written once the RayJob exists, a moment after it appears.
+    await op.wait_for_phase("default", "irsa", "Launching")
 
 
 async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> None:
