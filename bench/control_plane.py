@@ -14,7 +14,7 @@ operator alike (`Config.indexed_api`), so the figures show the operators' costs 
 
 Each job is created without `spec.storage.credentialsSecret`, so the operator skips its S3 preflight
 (it would otherwise need real objects); every other step runs: validation, KubeRay discovery, status,
-Events, ServiceAccount and RayJob. Latency is from the server storing a FineTuneJob to the
+Events, the namespace's shared ServiceAccount and the RayJob. Latency is from the server storing a FineTuneJob to the
 server storing its RayJob, both read off the server's clock.
 """
 
@@ -275,8 +275,8 @@ def run(config: Config, workdir: Path) -> list[Row]:
     )
     same_note = (
         "rows marked 'same API work': the baseline is bare kopf making kubetune's API calls for each job "
-        "(bench/bare_operator.py with KUBETUNE_BENCH_SAME_WORK=1: ServiceAccount, RayJob, one "
-        "status patch, one Event)"
+        "(bench/bare_operator.py with KUBETUNE_BENCH_SAME_WORK=1: the shared ServiceAccount once, RayJob, "
+        "one status patch, one Event; kopf's own annotation patch)"
     )
     burst = f"{config.jobs} jobs: all RayJobs exist after"
     return [

@@ -1,9 +1,10 @@
-"""Who sent this bearer token? Asked of the Kubernetes API with a TokenReview.
+"""Who sent this bearer token, for which audience? Asked of the Kubernetes API with a TokenReview.
 
-Trainer pods carry a projected ServiceAccount token with audience `kubetune.dev`; the API server checks
-its signature, expiry, audience and that the ServiceAccount (and pod) it was issued for still exist.
-Authentic answers are cached for a short while, keyed by a hash of the token (never the token itself),
-so a job's updates cost one TokenReview per TTL rather than one each.
+Trainer pods carry a projected ServiceAccount token whose audience names their job
+(`builders.token_audience`); the API server checks its signature, expiry, audience and that the
+ServiceAccount (and pod) it was issued for still exist. Authentic answers are cached for a short while,
+keyed by a hash of the audience and the token (never the token itself), so a job's updates cost one
+TokenReview per TTL rather than one each.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from kubernetes import client
 
 log = logging.getLogger(__name__)
 
-AUDIENCE = "kubetune.dev"
-
 
 class ReviewUnavailableError(Exception):
     """The API server could not review the token (unreachable, or the operator lacks the permission)."""
@@ -35,9 +34,9 @@ class Identity:
     username: str
 
 
-def trainer_username(namespace: str, job: str) -> str:
-    """The identity a job's trainer pods authenticate as: its per-job ServiceAccount `<job>-trainer`."""
-    return f"system:serviceaccount:{namespace}:{job}-trainer"
+def service_account_username(namespace: str, service_account: str) -> str:
+    """The username the API server reports for tokens of a ServiceAccount."""
+    return f"system:serviceaccount:{namespace}:{service_account}"
 
 
 class TokenReviewer:
@@ -47,27 +46,26 @@ class TokenReviewer:
         self,
         api_client: client.ApiClient | None = None,
         *,
-        audience: str = AUDIENCE,
         ttl_s: float = 30.0,
         max_entries: int = 4096,
     ) -> None:
         self._api = client.AuthenticationV1Api(api_client)
-        self.audience = audience
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._cache: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
 
-    async def authenticate(self, token: str) -> Identity | None:
-        """The identity behind `token`, or None when it is not an authentic token for our audience.
+    async def authenticate(self, token: str, audience: str) -> Identity | None:
+        """The identity behind `token`, or None when it is not an authentic token for `audience`.
 
         Raises ReviewUnavailableError when the API server cannot answer, which is not the caller's fault.
         """
-        key = hashlib.sha256(token.encode()).hexdigest()
+        # Keyed by audience too: a token authentic for one job's audience says nothing about another's.
+        key = hashlib.sha256(f"{audience}\0{token}".encode()).hexdigest()
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        identity = await asyncio.to_thread(self._review, token)
+        identity = await asyncio.to_thread(self._review, token, audience)
         if identity is not None:
             self._cache[key] = (now + self._ttl_s, identity)
             self._cache.move_to_end(key)
@@ -75,8 +73,8 @@ class TokenReviewer:
                 self._cache.popitem(last=False)
         return identity
 
-    def _review(self, token: str) -> Identity | None:
-        body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[self.audience]))
+    def _review(self, token: str, audience: str) -> Identity | None:
+        body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
         try:
             response: Any = self._api.create_token_review(body, _preload_content=False)
         except client.ApiException as exc:
@@ -89,7 +87,7 @@ class TokenReviewer:
                 log.debug("token rejected: %s", status["error"])
             return None
         # An API server that does not know audiences would ignore ours; insist that it confirmed it.
-        if self.audience not in (status.get("audiences") or []):
+        if audience not in (status.get("audiences") or []):
             return None
         username = (status.get("user") or {}).get("username")
         return Identity(username=username) if isinstance(username, str) and username else None

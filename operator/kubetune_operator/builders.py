@@ -1,8 +1,9 @@
-"""FineTuneJob → the objects that run it: a ServiceAccount and a KubeRay RayJob (pure).
+"""FineTuneJob → what runs it: a KubeRay RayJob, and its namespace's shared trainer ServiceAccount (pure).
 
-The operator creates exactly what `build_children` returns, and `kubetune render` prints it, so the
-RayJob's shape lives here and nowhere else. Names are derived from the job's name, so a handler that
-runs twice finds what it created the first time.
+The operator creates exactly what `build_children` returns (plus the shared ServiceAccount once per
+namespace), and `kubetune render` prints both (`manifests`), so the RayJob's shape lives here and nowhere
+else. Names are derived from the job's name, so a handler that runs twice finds what it created the first
+time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ MUTABLE_SPEC_FIELDS = (("runPolicy", "suspend"), ("runPolicy", "ttlSecondsAfterF
 # holds no secret: credentials are secretKeyRef env.) One object fewer per job than a ConfigMap.
 CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
 ENTRYPOINT = "python -m kubetune_trainer"
-TOKEN_AUDIENCE = "kubetune.dev"
+# Every job's pods share one ServiceAccount per namespace (one object fewer to create per job); what ties a
+# token to one job is its audience, `token_audience(...)`. Jobs launched by earlier versions had a
+# ServiceAccount `<job>-trainer` and tokens with the bare LEGACY_TOKEN_AUDIENCE.
+TOKEN_AUDIENCE_PREFIX = "kubetune.dev"
+LEGACY_TOKEN_AUDIENCE = TOKEN_AUDIENCE_PREFIX
+TRAINER_COMPONENT = "trainer-identity"
 TOKEN_DIR = "/var/run/secrets/kubetune.dev"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
 PROGRESS_URL_ENV = "KUBETUNE_PROGRESS_URL"
@@ -47,8 +53,17 @@ HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
 WORKER_GROUP = "workers"
 
 
-def service_account_name(job_name: str) -> str:
-    """The per-job ServiceAccount whose projected token authenticates the job's progress updates."""
+def token_audience(namespace: str, name: str, uid: str | None) -> str:
+    """The audience of the projected token that lets a job's pods (and no other's) report its progress.
+
+    The uid makes a token minted for a deleted job useless for a new job of the same name; a job read
+    from a file has none yet (`kubetune render`), and gets its namespace and name instead.
+    """
+    return f"{TOKEN_AUDIENCE_PREFIX}/{uid}" if uid else f"{TOKEN_AUDIENCE_PREFIX}/{namespace}/{name}"
+
+
+def legacy_service_account_name(job_name: str) -> str:
+    """The per-job ServiceAccount of jobs launched by earlier versions (their pods still use it)."""
     return f"{job_name}-trainer"
 
 
@@ -100,13 +115,20 @@ def _metadata(job: FineTuneJob, name: str, extra_labels: dict[str, str] | None =
     return meta
 
 
-def build_service_account(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
-    # No API token is mounted: the pods never call the Kubernetes API; the progress token is a
-    # separate projected volume with its own audience.
+def build_service_account(namespace: str, settings: OperatorSettings) -> dict[str, Any]:
+    """The trainer pods' ServiceAccount, shared by every job in `namespace`.
+
+    No ownerReference: it outlives each job. No API token is mounted: the pods never call the Kubernetes
+    API; the progress token is a separate projected volume with the job's own audience.
+    """
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(job, service_account_name(job.metadata.name)),
+        "metadata": {
+            "name": settings.trainer_service_account,
+            "namespace": namespace,
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY, COMPONENT_LABEL: TRAINER_COMPONENT},
+        },
         "automountServiceAccountToken": False,
     }
 
@@ -150,8 +172,9 @@ def _volumes(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
     if settings.progress_base_url:
+        meta = job.metadata
         token = {
-            "audience": TOKEN_AUDIENCE,
+            "audience": token_audience(meta.namespace or "default", meta.name, meta.uid),
             "expirationSeconds": settings.token_expiration_seconds,
             "path": "token",
         }
@@ -177,7 +200,7 @@ def _pod_template(
     scheduling: dict[str, Any],
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "serviceAccountName": service_account_name(job.metadata.name),
+        "serviceAccountName": settings.trainer_service_account,
         "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": _volumes(job, settings),
@@ -265,5 +288,14 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
 
 
 def build_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Everything the operator creates for `job`, in creation order (the RayJob's pods use the ServiceAccount)."""
-    return [build_service_account(job, settings), build_rayjob(job, settings)]
+    """Everything the operator creates for `job` alone (its pods also need the namespace's shared
+    ServiceAccount, `build_service_account`, which must exist first)."""
+    return [build_rayjob(job, settings)]
+
+
+def manifests(jobs: list[FineTuneJob], settings: OperatorSettings) -> list[dict[str, Any]]:
+    """All a user applies to run `jobs` without the operator: each namespace's shared ServiceAccount
+    (once, first), then each job's children."""
+    namespaces = dict.fromkeys(job.metadata.namespace or "default" for job in jobs)
+    accounts = [build_service_account(namespace, settings) for namespace in namespaces]
+    return accounts + [child for job in jobs for child in build_children(job, settings)]

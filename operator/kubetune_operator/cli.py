@@ -199,18 +199,19 @@ def cmd_render(args: argparse.Namespace) -> int:
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 1
-    from kubetune_operator.builders import build_children
+    from kubetune_operator.builders import manifests
     from kubetune_operator.settings import OperatorSettings
 
     settings = OperatorSettings.from_env()
     if args.image:
         settings = dataclasses.replace(settings, trainer_image=args.image)
-    children = []
-    for job in jobs:
-        if job.metadata.namespace is None:
-            job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": args.namespace})})
-        children += build_children(job, settings)
-    sys.stdout.write(yaml.safe_dump_all(children, sort_keys=False))
+    placed = [
+        job
+        if job.metadata.namespace is not None
+        else job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": args.namespace})})
+        for job in jobs
+    ]
+    sys.stdout.write(yaml.safe_dump_all(manifests(placed, settings), sort_keys=False))
     return 0
 
 

@@ -234,6 +234,17 @@ def _model_schema(model: type[FineTuneJobSpec] | type[FineTuneJobStatus]) -> dic
     return structural(raw, raw.get("$defs", {}))
 
 
+def _status_schema() -> dict[str, Any]:
+    schema = _model_schema(FineTuneJobStatus)
+    # kopf's bookkeeping (kubetune_operator.diffbase): kept, not described; the status model ignores it.
+    schema["properties"]["kopf"] = {
+        "type": "object",
+        "description": "The operator's own bookkeeping (the spec it last handled); not for people or tools.",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    return schema
+
+
 def openapi_schema() -> dict[str, Any]:
     """The openAPIV3Schema of a FineTuneJob."""
     return {
@@ -259,7 +270,7 @@ def openapi_schema() -> dict[str, Any]:
                 },
             },
             "spec": _model_schema(FineTuneJobSpec),
-            "status": _model_schema(FineTuneJobStatus),
+            "status": _status_schema(),
         },
         "x-kubernetes-validations": NAME_RULES,
     }

@@ -79,8 +79,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.resume(*FINETUNEJOBS, registry=registry)
     @kopf.on.create(*FINETUNEJOBS, registry=registry)
     @_counted("launch")
-    async def launch(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
-        await reconcile.launch(runtime_of(memo), plain(body), retry=retry)
+    async def launch(body: kopf.Body, retry: int, reason: str, memo: kopf.Memo, **_: Any) -> None:
+        rt = runtime_of(memo)
+        # A new job's launch writes kopf's diff base with its status: one write per new job, not two.
+        carry = rt.diffbase.encoded(body) if rt.diffbase is not None and reason == kopf.Reason.CREATE else None
+        await reconcile.launch(rt, plain(body), retry=retry, diffbase=carry)
 
     @kopf.on.update(*FINETUNEJOBS, registry=registry)
     @_counted("spec_change")

@@ -23,6 +23,7 @@ import kopf
 from kubernetes.config import ConfigException
 
 from kubetune_operator import handlers, metrics, progress
+from kubetune_operator.diffbase import CarriedDiffBase
 from kubetune_operator.hooks import Hooks
 from kubetune_operator.kube import Kube
 from kubetune_operator.kube import login as kube_login
@@ -63,15 +64,23 @@ def build_runtime(settings: OperatorSettings, kube: Kube, hooks: Hooks | None = 
     return Runtime(settings=settings, kube=kube, hooks=hooks)
 
 
-def kopf_settings() -> kopf.OperatorSettings:
-    """kopf's settings for this operator (tests shorten the timeouts of a copy)."""
+def kopf_settings(runtime: Runtime | None = None) -> kopf.OperatorSettings:
+    """kopf's settings for this operator (tests shorten the timeouts of a copy).
+
+    With `runtime`, the launch's status write carries kopf's diff base (`diffbase.CarriedDiffBase`).
+    """
     settings = kopf.OperatorSettings()
-    # kopf keeps its bookkeeping in annotations under our prefix; the CRD's structural status schema
-    # would prune a status.kopf stanza.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    # kopf's bookkeeping lives in status.kopf (the CRD keeps that stanza): its diff base, which the
+    # launch's status write carries, and a handler's retry state, which a handler that succeeds at
+    # once never writes. (In annotations, kopf would also mark every new job as managed: one more write.)
+    progress = kopf.StatusProgressStorage(name="kopf")
+    settings.persistence.progress_storage = progress
+    diffbase = CarriedDiffBase(
+        progress, legacy=kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
     )
+    settings.persistence.diffbase_storage = diffbase
+    if runtime is not None:
+        runtime.diffbase = diffbase
     # The Events people read come from lifecycle; kopf adds only its handler errors.
     settings.posting.level = logging.ERROR
     settings.posting.reporting_component = "kubetune-operator"
@@ -185,11 +194,12 @@ async def serve(
         settings.trainer_image,
         settings.progress_base_url or "none",
     )
+    runtime = build_runtime(settings, kube, hooks)
     try:
         await run_operator(
-            build_runtime(settings, kube, hooks),
+            runtime,
             registry=build_registry(),
-            settings=kopf_settings(),
+            settings=kopf_settings(runtime),
             liveness_endpoint=liveness_endpoint,
             peering_name=peering_name,
             stop_flag=stop_flag,

@@ -2,10 +2,16 @@
 
     POST /v1/progress/{namespace}/{name}     Authorization: Bearer <projected ServiceAccount token>
 
-Answers: 200 applied (or ignored as stale), 400 malformed or larger than MAX_BODY_BYTES, 401 no or no
-authentic token, 403 a token of anyone but the job's own `<name>-trainer` ServiceAccount, 404 no such job,
-429 more than one update per job per second (Retry-After says when), 503 the API server cannot be asked.
-Every answer is counted in `kubetune_progress_updates_total{result,code}`.
+Answers: 200 applied (or ignored as stale), 400 malformed or larger than MAX_BODY_BYTES, 401 no token, or
+none authentic for the job's audience, 403 an authentic token of anyone but the namespace's trainer
+ServiceAccount, 404 no such job, 429 more than one update per job per second (Retry-After says when), 503
+the API server cannot be asked. Every answer is counted in `kubetune_progress_updates_total{result,code}`.
+
+Only a job's own pods hold a token for its audience, `token_audience(namespace, name, uid)`: the pods of
+every job share one ServiceAccount per namespace, so the audience is what tells jobs apart, and the uid in
+it what tells a job from an earlier one of the same name. Jobs launched by earlier versions run as a
+ServiceAccount `<name>-trainer` with the audience `kubetune.dev`; their tokens are accepted for that job
+alone, so an upgrade does not cut running jobs off.
 
 The merge rule lives in `progress_patch` (pure); reading and patching the job go through the operator's
 Kubernetes client (`kube.Kube`, a `JobStatusStore`).
@@ -26,9 +32,11 @@ import kopf
 import pydantic
 from aiohttp import web
 
-from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, trainer_username
+from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, service_account_username
+from kubetune_operator.builders import LEGACY_TOKEN_AUDIENCE, legacy_service_account_name, token_audience
 from kubetune_operator.handlers import runtime_of
 from kubetune_operator.metrics import METRICS, OperatorMetrics
+from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 from kubetune_operator.spec import ProgressStatus
 from kubetune_trainer.reporting import ProgressUpdate  # pydantic only: no torch or Ray in the operator
 
@@ -137,8 +145,10 @@ class ProgressServer:
         max_body_bytes: int = MAX_BODY_BYTES,
         min_interval_s: float = MIN_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        trainer_service_account: str = DEFAULT_TRAINER_SERVICE_ACCOUNT,
     ) -> None:
         self.reviewer = reviewer
+        self.trainer_service_account = trainer_service_account
         self.jobs = jobs
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -146,6 +156,9 @@ class ProgressServer:
         self._clock = clock
         self._last_update: dict[tuple[str, str], float] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Status writes per job, so an update can tell whether the job it read before its review is
+        # still what this server last wrote (only this server writes status.progress).
+        self._writes: dict[tuple[str, str], int] = {}
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -175,18 +188,27 @@ class ProgressServer:
         token = _bearer(request.headers.get("Authorization", ""))
         if token is None:
             return self._answer("rejected", 401, "a bearer token is required", job, authenticate=True)
+        key = (namespace, name)
+        # The job comes first: its uid is part of the audience its pods' tokens carry.
+        writes = self._writes.get(key, 0)
         try:
-            identity = await self.reviewer.authenticate(token)
+            obj = await self.jobs.get_job(namespace, name)
+        except Exception as exc:
+            log.error("progress for %s: cannot read the job: %s", job, exc)
+            return self._answer("error", 503, "the operator cannot read the job right now", job, retry_after=5)
+        if obj is None:
+            return self._answer("rejected", 404, f"no FineTuneJob {job}", job)
+        uid = (obj.get("metadata") or {}).get("uid")
+        try:
+            refusal = await self._authorize(token, namespace, name, str(uid) if uid else None)
         except ReviewUnavailableError as exc:
             log.error("progress for %s: cannot review its token: %s", job, exc)
             return self._answer("error", 503, "the operator cannot check tokens right now", job, retry_after=5)
-        if identity is None:
-            return self._answer("rejected", 401, "the token is not valid for kubetune.dev", job, authenticate=True)
-        if identity.username != trainer_username(namespace, name):
-            log.warning("progress for %s refused: sent by %s", job, identity.username)
+        if refusal == 401:
+            return self._answer("rejected", 401, "the token is not valid for this job", job, authenticate=True)
+        if refusal == 403:
             return self._answer("rejected", 403, f"this token may not report progress for {job}", job)
 
-        key = (namespace, name)
         now = self._clock()
         last = self._last_update.get(key)
         if last is not None and now - last < self.min_interval_s:
@@ -205,14 +227,33 @@ class ProgressServer:
 
         async with self._locks.setdefault(key, asyncio.Lock()):
             try:
-                return await self._apply(namespace, name, update)
+                # The job read above is current unless another update was written since.
+                fresh = obj if self._writes.get(key, 0) == writes else await self.jobs.get_job(namespace, name)
+                return await self._apply(namespace, name, fresh, update)
             except Exception as exc:
                 log.error("progress for %s: cannot update the status: %s", job, exc)
                 return self._answer("error", 503, "the operator cannot update the job right now", job, retry_after=5)
 
-    async def _apply(self, namespace: str, name: str, update: ProgressUpdate) -> web.Response:
+    async def _authorize(self, token: str, namespace: str, name: str, uid: str | None) -> int | None:
+        """None when `token` may report for the job; else 401 (not authentic for it) or 403 (someone else's)."""
+        identity = await self.reviewer.authenticate(token, token_audience(namespace, name, uid))
+        if identity is not None:
+            wanted = service_account_username(namespace, self.trainer_service_account)
+        else:
+            # A pod of a job launched by an earlier version: its own ServiceAccount, the common audience.
+            identity = await self.reviewer.authenticate(token, LEGACY_TOKEN_AUDIENCE)
+            if identity is None:
+                return 401
+            wanted = service_account_username(namespace, legacy_service_account_name(name))
+        if identity.username != wanted:
+            log.warning("progress for %s/%s refused: sent by %s", namespace, name, identity.username)
+            return 403
+        return None
+
+    async def _apply(
+        self, namespace: str, name: str, obj: Mapping[str, Any] | None, update: ProgressUpdate
+    ) -> web.Response:
         job = f"{namespace}/{name}"
-        obj = await self.jobs.get_job(namespace, name)
         if obj is None:
             return self._answer("rejected", 404, f"no FineTuneJob {job}", job)
         current = (obj.get("status") or {}).get("progress")
@@ -228,7 +269,12 @@ class ProgressServer:
         if "latestCheckpoint" in patch:
             # A resumed or retried run continues from here; the status is where the operator finds it.
             status["latestCheckpoint"] = patch["latestCheckpoint"]
-        await self.jobs.patch_job_status(namespace, name, status)
+        try:
+            await self.jobs.patch_job_status(namespace, name, status)
+        finally:
+            # Counted once the write is done (or failed, perhaps applied): a read that began before
+            # then may not show it.
+            self._writes[(namespace, name)] = self._writes.get((namespace, name), 0) + 1
         self.metrics.observe_progress(namespace, name, merge_patch(current, patch))
         return self._answer("accepted", 200, "applied", job, applied=True)
 
@@ -262,6 +308,7 @@ class ProgressServer:
             return
         for key in [key for key, at in self._last_update.items() if now - at > 60]:
             del self._last_update[key]
+            self._writes.pop(key, None)
             lock = self._locks.get(key)
             if lock is not None and not lock.locked():
                 del self._locks[key]
@@ -293,7 +340,12 @@ def register(registry: kopf.OperatorRegistry, metrics: OperatorMetrics = METRICS
         runtime = runtime_of(memo)
         if runtime.settings.progress_port is None:
             return
-        server = ProgressServer(TokenReviewer(runtime.kube.api_client), runtime.kube, metrics)
+        server = ProgressServer(
+            TokenReviewer(runtime.kube.api_client),
+            runtime.kube,
+            metrics,
+            trainer_service_account=runtime.settings.trainer_service_account,
+        )
         port = await server.start("0.0.0.0", runtime.settings.progress_port)
         servers.append(server)
         logger.info("Serving the progress endpoint on port %d at %s", port, ROUTE)

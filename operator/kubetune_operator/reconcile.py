@@ -23,7 +23,9 @@ import kopf
 from pydantic import ValidationError
 
 from kubetune_operator import lifecycle, s3
-from kubetune_operator.builders import SPEC_DIGEST_ANNOTATION, build_children, spec_digest
+from kubetune_operator.accounts import SharedServiceAccounts
+from kubetune_operator.builders import SPEC_DIGEST_ANNOTATION, build_children, build_service_account, spec_digest
+from kubetune_operator.diffbase import CarriedDiffBase
 from kubetune_operator.errors import format_validation_error
 from kubetune_operator.hooks import Hooks
 from kubetune_operator.jobcache import JobCache
@@ -96,6 +98,10 @@ class Runtime:
     clock: Callable[[], datetime] = utc_now
     expiry: Expiry = field(default_factory=Expiry)
     jobs: JobCache = field(default_factory=JobCache)
+    # The trainer pods' ServiceAccount, made sure of once per namespace rather than once per job.
+    accounts: SharedServiceAccounts = field(default_factory=SharedServiceAccounts)
+    # kopf's diff-base storage, when it lets the launch's status write carry the diff base.
+    diffbase: CarriedDiffBase | None = None
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
@@ -112,12 +118,19 @@ def _ref(job: Mapping[str, Any]) -> tuple[str, str]:
 
 
 async def update_status(
-    rt: Runtime, namespace: str, name: str, compute: Callable[[dict[str, Any]], StatusChange]
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    compute: Callable[[dict[str, Any]], StatusChange],
+    *,
+    diffbase: str | None = None,
 ) -> StatusChange:
     """Compute the job's status change, write it and post its events (one job at a time).
 
     The job is the cached one (`Runtime.jobs`); read from the server only when the watch has not
-    delivered it yet (e.g. a RayJob seen before its job after a restart).
+    delivered it yet (e.g. a RayJob seen before its job after a restart). `diffbase`: kopf's diff base
+    for the job, carried by this write if there is one (see `diffbase.py`); only a handler about to
+    succeed passes it, as kopf then takes the job as handled.
     """
     async with rt.lock(namespace, name):
         job = rt.jobs.get(namespace, name) or await rt.kube.get_job(namespace, name)
@@ -125,13 +138,18 @@ async def update_status(
             return NO_CHANGE
         change = compute(job)
         if change.patch:
+            uid = (job.get("metadata") or {}).get("uid")
+            carry = diffbase if rt.diffbase is not None else None
+            patch = {**change.patch, **CarriedDiffBase.status_fields(carry)} if carry else change.patch
             try:
-                await rt.kube.patch_job_status(namespace, name, change.patch)
+                await rt.kube.patch_job_status(namespace, name, patch)
             except Exception as exc:
                 if is_not_found(exc):  # deleted since the watch last delivered it
                     return NO_CHANGE
                 raise
-            rt.jobs.wrote(namespace, name, (job.get("metadata") or {}).get("uid"), change.patch)
+            rt.jobs.wrote(namespace, name, uid, patch)
+            if carry and rt.diffbase is not None:
+                rt.diffbase.carried(str(uid or ""), carry)
         for event in change.events:
             rt.kube.post_event(job, event)
         if change.phase_changed:
@@ -149,13 +167,19 @@ def invalid_spec_message(exc: ValidationError, namespace: str, name: str) -> str
 # -- launch ----------------------------------------------------------------------------------------------
 
 
-async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
+async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0, diffbase: str | None = None) -> None:
     """Validate, preflight, then create the job's children; on create and on operator restart.
 
     Safe to run any number of times: a finished job is left alone, an invalid one fails once, and a
-    job whose RayJob exists skips preflight and only recreates children that are missing.
+    job whose RayJob exists skips preflight and only recreates children that are missing. `diffbase`
+    (a new job): kopf's diff base, carried by the status write that ends a launch.
     """
     namespace, name = _ref(body)
+    if diffbase and rt.diffbase is not None and _diffbase_written(rt, namespace, name, diffbase):
+        # A watch event from before this launch's own status write (kopf takes it for a new job again,
+        # as it found no diff base in it): this exact spec was launched already.
+        rt.diffbase.carried(str((body.get("metadata") or {}).get("uid") or ""), diffbase)
+        return
     if lifecycle.is_finished(body):
         return
     try:
@@ -168,7 +192,11 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
             return
         logger.warning("%s/%s: not launched: %s", namespace, name, message)
         await update_status(
-            rt, namespace, name, lambda cur: lifecycle.failed_before_launch(cur, "InvalidSpec", message, now=rt.clock())
+            rt,
+            namespace,
+            name,
+            lambda cur: lifecycle.failed_before_launch(cur, "InvalidSpec", message, now=rt.clock()),
+            diffbase=diffbase,
         )
         return
 
@@ -194,6 +222,7 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
                 namespace,
                 name,
                 lambda cur: lifecycle.failed_before_launch(cur, failure.reason, failure.message, now=rt.clock()),
+                diffbase=diffbase,
             )
             return
 
@@ -207,30 +236,26 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0) -> None:
         logger.info("%s/%s: created %s (%s worker(s), %s)", namespace, name, ", ".join(created), res.workers, gpus)
     # The status says Launching/RayJobCreated as soon as the RayJob exists (one write, not one before
     # and one after the children); the RayJob's own watch event then finds nothing to change.
-    await follow_rayjob(rt, rayjob, deleted=False, unless_launched=True)
+    await follow_rayjob(rt, rayjob, deleted=False, unless_launched=True, diffbase=diffbase)
+
+
+def _diffbase_written(rt: Runtime, namespace: str, name: str, diffbase: str) -> bool:
+    cached = rt.jobs.get(namespace, name) or {}
+    return CarriedDiffBase.written_in(cached.get("status") or {}) == diffbase
 
 
 async def _ensure_children(rt: Runtime, job: FineTuneJob, *, likely_new: bool) -> tuple[dict[str, Any], list[str]]:
     """Get-or-create the job's children: (its RayJob as the server has it, "Kind name" of those created).
 
-    The RayJob comes last, so it never runs before the ServiceAccount its pods use. (The trainer config
-    is in the RayJob; a job launched before that also has a ConfigMap, which its ownerReference keeps
-    until the job is deleted.)
+    The namespace's shared ServiceAccount comes first (one check for a whole burst of jobs), so the
+    RayJob's pods never start without it. (The trainer config is in the RayJob; a job launched before
+    that also has a ConfigMap, and one launched before the shared ServiceAccount its own `<job>-trainer`,
+    which their ownerReferences keep until the job is deleted.)
     """
-    *support, rayjob = build_children(job, rt.settings)
-    results = await asyncio.gather(
-        *(rt.kube.ensure(child, likely_new=likely_new) for child in support), return_exceptions=True
-    )
-    created = []
-    for child, result in zip(support, results, strict=True):
-        if isinstance(result, BaseException):
-            raise result
-        if result[1]:
-            created.append(f"{child['kind']} {child['metadata']['name']}")
-    obj, rayjob_created = await rt.kube.ensure(rayjob, likely_new=likely_new)
-    if rayjob_created:
-        created.append(f"RayJob {rayjob['metadata']['name']}")
-    return obj, created
+    await rt.accounts.ensure(rt.kube, build_service_account(job.metadata.namespace or "default", rt.settings))
+    (rayjob,) = build_children(job, rt.settings)
+    obj, created = await rt.kube.ensure(rayjob, likely_new=likely_new)
+    return obj, [f"RayJob {rayjob['metadata']['name']}"] if created else []
 
 
 async def _wait_for_kuberay(rt: Runtime, namespace: str, name: str) -> NoReturn:
@@ -277,12 +302,19 @@ async def _preflight(rt: Runtime, job: FineTuneJob, *, retry: int) -> s3.Preflig
 # -- following the RayJob --------------------------------------------------------------------------------
 
 
-async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool, unless_launched: bool = False) -> None:
+async def follow_rayjob(
+    rt: Runtime,
+    rayjob: dict[str, Any],
+    *,
+    deleted: bool,
+    unless_launched: bool = False,
+    diffbase: str | None = None,
+) -> None:
     """Carry a RayJob's new state (or its deletion) into its FineTuneJob's status.
 
     `unless_launched`: only if the status does not name the RayJob yet. The launch passes the RayJob
     its create returned, which the RayJob watch may already have followed past: from then on the
-    watch alone, whose events come in order, moves the status.
+    watch alone, whose events come in order, moves the status. `diffbase`: see `update_status`.
     """
     namespace, rayjob_name = _ref(rayjob)
     owner = lifecycle.owner_job_name(rayjob)
@@ -306,7 +338,7 @@ async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool, u
             return lifecycle.rayjob_deleted(job, rayjob_name, now=rt.clock())
         return lifecycle.follow_rayjob(job, rayjob, now=rt.clock())
 
-    await update_status(rt, namespace, owner, compute)
+    await update_status(rt, namespace, owner, compute, diffbase=diffbase)
 
 
 # -- spec edits ------------------------------------------------------------------------------------------

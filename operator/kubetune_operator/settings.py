@@ -27,6 +27,7 @@ DEFAULT_TRAINER_REPOSITORY = "ghcr.io/kubetune/kubetune-trainer"
 DEFAULT_PROGRESS_URL = "http://kubetune.kubetune-system.svc:8081"
 # The Ray version baked into the trainer image; KubeRay uses it to pick compatible cluster settings.
 DEFAULT_RAY_VERSION = "2.60.0"
+DEFAULT_TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class OperatorSettings:
 
     trainer_image: str = field(default_factory=lambda: f"{DEFAULT_TRAINER_REPOSITORY}:{package_version()}")
     trainer_image_pull_policy: str = "IfNotPresent"
+    # The ServiceAccount every job's Ray pods run as, one per namespace, created by the operator when
+    # missing; a job's progress token is tied to the job by its audience, not by this account.
+    trainer_service_account: str = DEFAULT_TRAINER_SERVICE_ACCOUNT
     # Base URL of the operator's progress endpoint as trainer pods reach it; each job reports to
     # <base>/v1/progress/<namespace>/<name>. None: jobs get no progress target.
     progress_base_url: str | None = DEFAULT_PROGRESS_URL
@@ -85,6 +89,7 @@ class OperatorSettings:
 _STRING_VARIABLES = {
     "trainer_image": "KUBETUNE_TRAINER_IMAGE",
     "trainer_image_pull_policy": "KUBETUNE_TRAINER_IMAGE_PULL_POLICY",
+    "trainer_service_account": "KUBETUNE_TRAINER_SERVICE_ACCOUNT",
     "progress_base_url": "KUBETUNE_PROGRESS_URL",
     "ray_version": "KUBETUNE_RAY_VERSION",
     "head_cpu": "KUBETUNE_HEAD_CPU",

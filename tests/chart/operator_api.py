@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import kopf
 import kubernetes.client
 import yaml
 
@@ -187,6 +188,20 @@ def _writes_status(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
     return False
 
 
+def _kopf_bookkeeping(group: str, plural: str, kind: str, where: str) -> Use:
+    """Where kopf writes what it keeps for a changing handler, by the operator's own kopf settings."""
+    from kubetune_operator.main import kopf_settings
+
+    persistence = kopf_settings().persistence
+    in_status = isinstance(persistence.diffbase_storage, kopf.StatusDiffBaseStorage) and isinstance(
+        persistence.progress_storage, kopf.StatusProgressStorage
+    )
+    # kopf adds a finalizer (a patch of the object itself) only for deletion handlers.
+    if in_status and kind != "delete":
+        return Use(group, f"{plural}/status", "patch", True, f"{where} (kopf's bookkeeping in status)")
+    return Use(group, plural, "patch", True, f"{where} (finalizers, kopf annotations)")
+
+
 def _kopf_uses(module: str, tree: ast.Module, namespace: dict[str, Any]) -> list[Use]:
     uses: list[Use] = []
     for node in ast.walk(tree):
@@ -205,7 +220,7 @@ def _kopf_uses(module: str, tree: ast.Module, namespace: dict[str, Any]) -> list
                 where = f"{module}:{node.lineno} @{dotted}"
                 uses += [Use(group, plural, verb, True, where) for verb in ("list", "watch")]
                 if kind in KOPF_CHANGING:
-                    uses.append(Use(group, plural, "patch", True, f"{where} (finalizers, kopf annotations)"))
+                    uses.append(_kopf_bookkeeping(group, plural, kind, where))
                     uses.append(Use("", "events", "create", True, f"{where} (kopf posts handler events)"))
                     if _writes_status(node):
                         uses.append(Use(group, f"{plural}/status", "patch", True, f"{where} (result in status)"))

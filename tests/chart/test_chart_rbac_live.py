@@ -30,7 +30,6 @@ NOT_EXERCISED_HERE: dict[Grant, str] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "the harness disables kopf's CRD scanning",
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "the harness disables kopf's CRD scanning",
     ("kubetune.dev", "finetunejobs/finalizers", "update"): "asked by admission for blockOwnerDeletion, not a request",
-    ("", "serviceaccounts", "get"): "read only when a launch resumes over existing children (an operator restart)",
     ("kubetune.dev", "finetunejobs", "get"): "status writes start from the watched job: read by the progress endpoint "
     "(off here) and for a RayJob seen before its job (an operator restart)",
 }

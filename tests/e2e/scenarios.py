@@ -139,13 +139,14 @@ def deleted_while_running(world: World, facts: dict[str, Any]) -> None:
     for what, child in (
         (FTJ, name),
         (RAYJOBS, name),
-        (SERVICEACCOUNTS, f"{name}-trainer"),
     ):
         if not world.wait_gone(what, child):
             leftovers.append(f"{what[2]}/{child}")
     leftovers += [f"rayclusters/{rc}" for rc in world.rayclusters_of(name)]
     leftovers += [f"process {pid}" for pid in world.survivors(ray)]
     facts["leftovers"] = leftovers
+    # The namespace's trainer ServiceAccount is shared by its jobs and stays, by design.
+    facts["service_accounts"] = sorted(sa["metadata"]["name"] for sa in world.cluster.list(*SERVICEACCOUNTS, NS))
 
 
 def _beside_steady(world: World) -> dict[str, Any]:

@@ -156,6 +156,9 @@ def test_deleting_a_running_job_leaves_nothing_behind(world: World) -> None:
     assert facts["phase_when_deleted"] == "Running"
     assert facts["ray_processes_before"], "the job had no Ray cluster to stop"
     assert facts["leftovers"] == []
+    # No ServiceAccount of its own: its pods ran as the namespace's shared one, which stays for the others.
+    assert "deleted-trainer" not in facts["service_accounts"]
+    assert "kubetune-trainer" in facts["service_accounts"]
 
 
 def test_status_progress_never_goes_back_across_a_crash_a_worker_restart_or_a_resume(world: World) -> None:

@@ -92,14 +92,15 @@ def test_kubetune_demo_runs_the_job_end_to_end(tmp_path: Path, kubectl_bin: str)
         checked["reported"] = reported
         checked["evaluated"] = evaluate_exported_model(cluster, spec["output"]["path"], spec["data"]["validation"])
 
-        # Deleting the job leaves none of its children behind.
+        # Deleting the job leaves none of its own objects behind; the namespace's trainer ServiceAccount,
+        # shared by its jobs, stays (and is the only trainer ServiceAccount there).
         cluster.delete(*FTJ, namespace, name)
         cluster.wait_for(*FTJ, namespace, name, lambda o: o is None, timeout=60)
-        for group, version, plural, child in (
-            ("ray.io", "v1", "rayjobs", name),
-            ("", "v1", "serviceaccounts", f"{name}-trainer"),
-        ):
-            cluster.wait_for(group, version, plural, namespace, child, lambda o: o is None, timeout=30)
+        cluster.wait_for("ray.io", "v1", "rayjobs", namespace, name, lambda o: o is None, timeout=30)
+        accounts = [sa["metadata"] for sa in cluster.list("", "v1", "serviceaccounts", namespace)]
+        trainers = [meta["name"] for meta in accounts if "trainer" in meta["name"]]
+        assert trainers == ["kubetune-trainer"], accounts
+        assert not any(meta.get("ownerReferences") for meta in accounts if meta["name"] == "kubetune-trainer")
         checked["cleaned"] = True
 
     out = io.StringIO()

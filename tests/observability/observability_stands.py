@@ -11,7 +11,9 @@ import kmock
 import pytest
 from kmock._internal import apps
 
-from kubetune_operator.auth import trainer_username
+from kubetune_operator.auth import service_account_username
+from kubetune_operator.builders import LEGACY_TOKEN_AUDIENCE, legacy_service_account_name, token_audience
+from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 
 REPO = Path(__file__).resolve().parents[2]
 FTJ = kmock.resource("kubetune.dev/v1alpha1/finetunejobs")
@@ -32,10 +34,11 @@ def tool(name: str) -> Path:
 class AnswersTokenReviews:
     """For a kmock Kubernetes emulator: TokenReview as the virtual resource it is (answered, never stored).
 
-    `issue_token()` plays the kubelet projecting a ServiceAccount token; any other token is forged.
+    `issue_token()` plays the kubelet projecting a ServiceAccount token; any other token is forged. A
+    review succeeds only for the audience the token was issued for, as the API server's does.
     """
 
-    tokens: dict[str, str]  # token → username of the ServiceAccount it was issued for
+    tokens: dict[str, tuple[str, str]]  # token → (username of its ServiceAccount, its audience)
     review_mode: str  # how the API server answers: "ok", "down" (HTTP 500), "no-audiences"
 
     def __attrs_post_init__(self) -> None:
@@ -53,30 +56,53 @@ class AnswersTokenReviews:
         if self.review_mode == "down":
             raise kmock.KubernetesError(status=500, reason="InternalError", message="etcd is on fire")
         spec = request.data["spec"]
-        username = self.tokens.get(spec["token"])
-        audiences = [] if self.review_mode == "no-audiences" else spec.get("audiences", [])
-        status: dict[str, Any] = {"authenticated": username is not None}
-        if username is not None:
+        username, audience = self.tokens.get(spec["token"], (None, None))
+        wanted = spec.get("audiences", [])
+        authentic = username is not None and (not wanted or audience in wanted)
+        audiences = [] if self.review_mode == "no-audiences" else wanted
+        status: dict[str, Any] = {"authenticated": authentic}
+        if authentic:
             status |= {"user": {"username": username, "groups": ["system:serviceaccounts"]}, "audiences": audiences}
         else:
-            status["error"] = "invalid bearer token"
+            status["error"] = "invalid bearer token" if username is None else "token audiences are invalid"
         return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec, "status": status}
 
-    def issue_token(self, namespace: str, job: str) -> str:
-        """A token of the job's trainer ServiceAccount, as the kubelet would project it."""
+    def issue_token(
+        self, namespace: str, job: str, *, service_account: str | None = None, audience: str | None = None
+    ) -> str:
+        """A token as the kubelet projects it into the job's pods: of the namespace's shared trainer
+        ServiceAccount, for the job's audience (by the uid the job has here now, if it exists)."""
+        if audience is None:
+            audience = token_audience(namespace, job, self.job_uid(namespace, job))
+        account = service_account or DEFAULT_TRAINER_SERVICE_ACCOUNT
         token = f"token-{namespace}-{job}-{len(self.tokens)}"
-        self.tokens[token] = trainer_username(namespace, job)
+        self.tokens[token] = (service_account_username(namespace, account), audience)
         return token
+
+    def issue_legacy_token(self, namespace: str, job: str) -> str:
+        """A token of a job launched by an earlier version: its own ServiceAccount, the common audience."""
+        return self.issue_token(
+            namespace, job, service_account=legacy_service_account_name(job), audience=LEGACY_TOKEN_AUDIENCE
+        )
+
+    def job_uid(self, namespace: str, name: str) -> str | None:
+        for (resource, ns, nm), obj in self.objects.items():  # type: ignore[attr-defined]
+            if resource == FTJ and ns == namespace and nm == name and not obj.deleted:
+                uid = (obj.raw.get("metadata") or {}).get("uid")
+                return str(uid) if uid else None
+        return None
 
 
 class Cluster(AnswersTokenReviews, kmock.KubernetesEmulator):
     """kmock's Kubernetes emulator answering TokenReviews, with helpers to add and read FineTuneJobs."""
 
-    def add_job(self, namespace: str, name: str, status: dict[str, Any] | None = None) -> None:
+    def add_job(
+        self, namespace: str, name: str, status: dict[str, Any] | None = None, *, uid: str | None = None
+    ) -> None:
         self.objects[FTJ, namespace, name] = {
             "apiVersion": "kubetune.dev/v1alpha1",
             "kind": "FineTuneJob",
-            "metadata": {"namespace": namespace, "name": name, "uid": f"uid-{name}"},
+            "metadata": {"namespace": namespace, "name": name, "uid": uid or f"uid-{name}"},
             "spec": {},
             "status": status or {"phase": "Running"},
         }

@@ -134,7 +134,7 @@ async def test_progress_and_phases_flow_into_status_and_metrics_until_the_job_is
     assert sample(samples, "kubetune_job_progress_ratio", namespace=NS, name="cats") == 0.5
     assert sample(samples, "kubetune_job_validation_accuracy_ratio", namespace=NS, name="cats") == 0.82
 
-    # dogs' token cannot report for cats.
+    # dogs' token cannot report for cats: it is not for cats' audience.
     request = urllib.request.Request(
         ports.progress_url("cats"),
         data=json.dumps({"epoch": 4, "totalEpochs": 4, "step": 100, "totalSteps": 100, "percent": 100}).encode(),
@@ -143,8 +143,8 @@ async def test_progress_and_phases_flow_into_status_and_metrics_until_the_job_is
     )
     with pytest.raises(urllib.error.HTTPError) as refused:
         await asyncio.to_thread(urllib.request.urlopen, request, None, 10)
-    assert refused.value.code == 403
-    assert (sample(ports.scrape(), "kubetune_progress_updates_total", result="rejected", code="403") or 0) >= 1
+    assert refused.value.code == 401
+    assert (sample(ports.scrape(), "kubetune_progress_updates_total", result="rejected", code="401") or 0) >= 1
 
     # Deleting cats removes every series of it; dogs keeps its own.
     await op.delete("kubetune.dev/v1alpha1/finetunejobs", NS, "cats")

@@ -141,20 +141,62 @@ async def test_a_token_for_another_audience_is_refused_with_401(
     assert counted(metrics, "rejected", 401) == 1
 
 
-async def test_another_jobs_token_is_refused_with_403(
-    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+async def test_another_jobs_token_is_refused(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
 ) -> None:
+    """Every job's pods run as the namespace's one trainer ServiceAccount: the audience tells jobs apart."""
     _, base = progress_server
     kmock.add_job(NS, "cats")
     kmock.add_job(NS, "dogs")
     kmock.add_job("other", "cats")
     dogs_token = kmock.issue_token(NS, "dogs")
+    assert (await post(base, "dogs", update(), dogs_token))[0] == 200  # authentic, and now cached
 
-    assert (await post(base, "cats", update(), dogs_token))[0] == 403
-    # Same job name in another namespace: another ServiceAccount, another job.
-    assert (await post(base, "cats", update(), dogs_token, namespace="other"))[0] == 403
+    assert (await post(base, "cats", update(), dogs_token))[0] == 401
+    # Same job name in another namespace: another job, another audience.
+    assert (await post(base, "cats", update(), dogs_token, namespace="other"))[0] == 401
+    # The job's own audience, but minted for another ServiceAccount of the namespace.
+    stranger = kmock.issue_token(NS, "cats", service_account="default")
+    assert (await post(base, "cats", update(), stranger))[0] == 403
 
     assert "progress" not in kmock.job(NS, "cats")["status"]
+    assert "progress" not in kmock.job("other", "cats")["status"]
+    assert counted(metrics, "rejected", 401) == 2
+    assert counted(metrics, "rejected", 403) == 1
+
+
+async def test_a_job_created_again_under_the_same_name_refuses_the_old_jobs_tokens(
+    kmock: Cluster, progress_server: tuple[Any, str], clock: FakeClock
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats", uid="uid-first")
+    old_token = kmock.issue_token(NS, "cats")
+    assert (await post(base, "cats", update(), old_token))[0] == 200
+
+    kmock.add_job(NS, "cats", uid="uid-second")  # deleted and created again: a new uid
+    clock.advance()
+    assert (await post(base, "cats", update(epoch=2), old_token))[0] == 401
+    assert kmock.job(NS, "cats")["metadata"]["uid"] == "uid-second"
+    new_token = kmock.issue_token(NS, "cats")
+    assert (await post(base, "cats", update(epoch=2), new_token))[0] == 200
+
+
+async def test_pods_of_a_job_launched_by_the_previous_version_still_report(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+) -> None:
+    """Those pods run as the job's own `<job>-trainer` ServiceAccount with the audience `kubetune.dev`."""
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    kmock.add_job(NS, "dogs")
+
+    assert (await post(base, "cats", update(), kmock.issue_legacy_token(NS, "cats")))[0] == 200
+    # Only for that job: another job's old ServiceAccount, or the shared one, may not use that audience.
+    assert (await post(base, "dogs", update(), kmock.issue_legacy_token(NS, "cats")))[0] == 403
+    shared = kmock.issue_token(NS, "dogs", audience="kubetune.dev")
+    assert (await post(base, "dogs", update(), shared))[0] == 403
+
+    assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 10
+    assert "progress" not in kmock.job(NS, "dogs")["status"]
     assert counted(metrics, "rejected", 403) == 2
 
 
@@ -267,4 +309,6 @@ async def test_an_authentic_token_is_reviewed_once_and_then_cached(
     assert (await post(base, "cats", update(), "forged"))[0] == 401
     assert (await post(base, "cats", update(), "forged"))[0] == 401
 
-    assert len(kmock[TOKENREVIEWS]) == 3  # one for the authentic token, one per forged attempt
+    # One for the authentic token; two per forged attempt (the job's audience, then the one of jobs
+    # launched by the previous version).
+    assert len(kmock[TOKENREVIEWS]) == 5

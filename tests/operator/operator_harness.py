@@ -413,7 +413,7 @@ async def running_operator(
 
         registry = build_registry(login=login)
 
-        config = kopf_settings()
+        config = kopf_settings(runtime)
         config.scanning.disabled = True  # resources are declared up front; no CRD objects to scan
         config.watching.reconnect_backoff = 0.05
         config.persistence.consistency_timeout = 0.5

@@ -8,8 +8,10 @@ scanning, so those calls do not appear here.)
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
-from operator_harness import OperatorHarness, finetunejob
+from operator_harness import SERVICEACCOUNTS, OperatorHarness, finetunejob
 from s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 # (verb, API group, resource, subresource)
@@ -17,7 +19,6 @@ OPERATOR_PERMISSIONS = {
     ("list", "kubetune.dev", "finetunejobs", None),
     ("watch", "kubetune.dev", "finetunejobs", None),
     ("get", "kubetune.dev", "finetunejobs", None),
-    ("patch", "kubetune.dev", "finetunejobs", None),  # kopf's bookkeeping annotations
     ("delete", "kubetune.dev", "finetunejobs", None),  # ttlSecondsAfterFinished
     ("patch", "kubetune.dev", "finetunejobs", "status"),
     ("list", "ray.io", "rayjobs", None),
@@ -30,9 +31,6 @@ OPERATOR_PERMISSIONS = {
     ("get", "", "secrets", None),  # preflight reads spec.storage.credentialsSecret
     ("create", "", "events", None),
 }
-# A job's first launch creates its ServiceAccount without reading it first; it is read only when it
-# already exists (a launch retried, or resumed by a restarted operator).
-READ_WHEN_PRESENT = {("get", "", "serviceaccounts", None)}
 # Status writes start from the job as the watch delivered it; the job is read from the server only by
 # the progress endpoint and for a RayJob event that comes before its job's first watch event (restart).
 READ_WHEN_NOT_WATCHED_YET = {("get", "kubetune.dev", "finetunejobs", None)}
@@ -66,36 +64,53 @@ async def test_a_jobs_whole_life_needs_exactly_the_documented_permissions(op: Op
     await op.wait_for_event("default", "x", "InvalidSpec")
 
     used = {(r.verb, r.group, r.resource, r.subresource) for r in op.operator_requests()}
-    assert used == OPERATOR_PERMISSIONS - READ_WHEN_PRESENT - READ_WHEN_NOT_WATCHED_YET
+    assert used == OPERATOR_PERMISSIONS - READ_WHEN_NOT_WATCHED_YET
 
 
 @pytest.mark.asyncio
 async def test_a_new_job_costs_one_request_per_child_one_status_write_and_one_event(op: OperatorHarness) -> None:
-    # What a burst of new jobs asks of the API server, per job: no reads, one write of each kind. Five:
-    # the ServiceAccount and the RayJob (which carries the trainer config: no ConfigMap), kopf's
-    # annotations, one status write and one Event.
+    # What a burst of new jobs asks of the API server, per job: no reads, one write of each kind. Three:
+    # the RayJob (which carries the trainer config: no ConfigMap; its pods run as the namespace's shared
+    # ServiceAccount, made sure of once for all jobs there), one status write that also carries kopf's
+    # diff base, and one Event.
+    await op.create_job(finetunejob("first"))  # the namespace's first job: it pays for the ServiceAccount
+    await op.wait_for_event("default", "first", "RayJobCreated")
     op.mark()
     await op.create_job(finetunejob("irsa"))  # no credentialsSecret: no preflight
     await op.wait_for_event("default", "irsa", "RayJobCreated")
     await op.wait_for(
-        lambda: (
-            "kubetune.dev/last-handled-configuration"
-            in ((op.job("default", "irsa") or {}).get("metadata") or {}).get("annotations", {})
-        ),
-        what="kopf's annotations",
+        lambda: ((op.job("default", "irsa") or {}).get("status") or {}).get("kopf"), what="kopf's diff base"
     )
-    await op.settle(1.0)  # the RayJob's own watch event has come and gone
+    await op.settle(1.0)  # the RayJob's own watch event and kopf's own processing have come and gone
 
     calls = sorted(
         (r.verb, r.resource, r.subresource or "")
         for r in op.operator_requests()
-        if r.verb not in ("list", "watch") and r.name in (None, "irsa", "irsa-trainer", "irsa-trainer-config")
+        if r.verb not in ("list", "watch") and r.name in (None, "irsa", "kubetune-trainer", "irsa-trainer")
     )
     assert calls == [
         ("create", "events", ""),
         ("create", "rayjobs", ""),
-        ("create", "serviceaccounts", ""),
-        ("patch", "finetunejobs", ""),  # kopf's own bookkeeping annotations
-        ("patch", "finetunejobs", "status"),
+        ("patch", "finetunejobs", "status"),  # the launch's status, carrying kopf's diff base
     ]
     assert op.phase("default", "irsa") == "Launching"
+    # kopf keeps no bookkeeping in annotations: it found its diff base in the status the launch wrote.
+    annotations = (op.job("default", "irsa") or {}).get("metadata", {}).get("annotations") or {}
+    assert not [key for key in annotations if key.startswith("kubetune.dev/")]
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_jobs_in_one_namespace_makes_sure_of_its_service_account_once(op: OperatorHarness) -> None:
+    jobs = [f"burst-{i}" for i in range(12)]
+    await asyncio.gather(*(op.create_job(finetunejob(name), "burst") for name in jobs))
+    for name in jobs:
+        await op.wait_for(lambda name=name: op.rayjob("burst", name), what=f"RayJob {name}")  # type: ignore[misc]
+
+    accounts = [(r.verb, r.name) for r in op.operator_requests() if r.resource == "serviceaccounts"]
+    # One read (it is missing) and one create, for all twelve: the jobs launched concurrently waited on
+    # the same check. Every RayJob's pods run as it.
+    assert accounts == [("get", "kubetune-trainer"), ("create", None)]
+    assert op.get(SERVICEACCOUNTS, "burst", "kubetune-trainer") is not None
+    for name in jobs:
+        pod = (op.rayjob("burst", name) or {})["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+        assert pod["serviceAccountName"] == "kubetune-trainer"

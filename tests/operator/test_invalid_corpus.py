@@ -60,11 +60,13 @@ async def test_every_malformed_job_fails_naming_its_field_while_a_valid_one_laun
         field = expected_field(path)
         if failed["reason"] != "InvalidSpec" or field not in failed["message"]:
             problems.append(f"{path.name}: {failed['reason']}: {failed['message']} (expected {field})")
-        if op.rayjob(namespace, name) or op.get(SERVICEACCOUNTS, namespace, f"{name}-trainer"):
+        if op.rayjob(namespace, name):
             problems.append(f"{path.name}: children were created")
     assert not problems, "\n".join(problems)
 
     # The status is written once the RayJob's create has returned: it may land just after the RayJob.
     await op.wait_for_phase(NAMESPACE, "healthy", "Launching")
     assert [o["metadata"]["name"] for o in op.list_objects(RAYJOBS)] == ["healthy"]
-    assert [o["metadata"]["name"] for o in op.list_objects(SERVICEACCOUNTS)] == ["healthy-trainer"]
+    # Only the healthy job's namespace got the shared trainer ServiceAccount.
+    accounts = [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in op.list_objects(SERVICEACCOUNTS)]
+    assert accounts == [(NAMESPACE, "kubetune-trainer")]

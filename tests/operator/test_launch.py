@@ -1,4 +1,5 @@
-"""Creating a FineTuneJob: preflight passes, the operator creates its ServiceAccount and RayJob."""
+"""Creating a FineTuneJob: preflight passes, the operator makes sure of the namespace's trainer
+ServiceAccount and creates the job's RayJob."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from operator_harness import (
 )
 from s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
-from kubetune_operator.builders import build_children
+from kubetune_operator.builders import build_children, build_service_account
 from kubetune_operator.spec import FineTuneJob
 from kubetune_trainer.config import TrainerConfig
 
@@ -49,13 +50,18 @@ async def test_a_valid_job_gets_exactly_the_objects_the_builders_describe(
     expected = {obj["kind"]: obj for obj in build_children(FineTuneJob.from_body(job), FAST_SETTINGS)}
 
     rayjob = op.rayjob("default", "flowers")
-    sa = op.get(SERVICEACCOUNTS, "default", "flowers-trainer")
+    sa = op.get(SERVICEACCOUNTS, "default", "kubetune-trainer")
     assert rayjob and sa
     assert op.list_objects(CONFIGMAPS) == []  # the trainer config is in the RayJob
-    for created, kind in ((rayjob, "RayJob"), (sa, "ServiceAccount")):
-        assert created["metadata"]["ownerReferences"] == expected[kind]["metadata"]["ownerReferences"]
-        assert created["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    assert rayjob["metadata"]["ownerReferences"] == expected["RayJob"]["metadata"]["ownerReferences"]
+    assert rayjob["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
     assert rayjob["spec"] == expected["RayJob"]["spec"]
+    # The pods' ServiceAccount is the namespace's, shared by its jobs: no job owns it.
+    shared = build_service_account("default", FAST_SETTINGS)
+    assert "ownerReferences" not in sa["metadata"]
+    assert sa["metadata"]["labels"] == shared["metadata"]["labels"]
+    assert sa["automountServiceAccountToken"] is False
+    assert [o["metadata"]["name"] for o in op.list_objects(SERVICEACCOUNTS)] == ["kubetune-trainer"]
     (head,) = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     config = TrainerConfig.model_validate_json(env_value(head, "KUBETUNE_TRAINER_CONFIG"))
     assert config.run_name == job["metadata"]["uid"]
@@ -65,10 +71,7 @@ async def test_a_valid_job_gets_exactly_the_objects_the_builders_describe(
     await op.wait_for(lambda: op.phase("default", "flowers") == "Launching")
     await op.wait_for_event("default", "flowers", "RayJobCreated")
     await op.wait_for(
-        lambda: any(
-            r.getMessage().startswith("default/flowers: created ServiceAccount flowers-trainer, ")
-            for r in caplog.records
-        ),
+        lambda: any(r.getMessage().startswith("default/flowers: created RayJob flowers (") for r in caplog.records),
         what="the log line saying the children were created",
     )
 
@@ -115,15 +118,22 @@ async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> 
             assert {"rayjobs", "serviceaccounts"} <= reads
 
 
-async def test_a_child_left_by_an_interrupted_launch_is_kept_as_it_is(op: OperatorHarness) -> None:
-    # A first launch creates without reading first; a child already there (409) is read, not replaced.
+async def test_a_service_account_already_there_is_kept_as_it_is(op: OperatorHarness) -> None:
+    # E.g. one an admin made with a cloud identity's annotation: it is read, never replaced.
     left = await op.create(
-        SERVICEACCOUNTS, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "irsa-trainer"}}
+        SERVICEACCOUNTS,
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "kubetune-trainer", "annotations": {"eks.amazonaws.com/role-arn": "arn:x"}},
+        },
     )
     await op.create_job(finetunejob("irsa"))
     await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
-    kept = op.get(SERVICEACCOUNTS, "default", "irsa-trainer")
+    kept = op.get(SERVICEACCOUNTS, "default", "kubetune-trainer")
     assert kept is not None and kept["metadata"]["uid"] == left["metadata"]["uid"]
+    assert kept["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:x"}
+    assert not [r for r in op.operator_requests() if r.resource == "serviceaccounts" and r.verb == "create"]
     assert op.list_objects(CONFIGMAPS) == []
 
 
@@ -134,7 +144,7 @@ async def test_a_job_launched_by_the_previous_version_keeps_its_rayjob_and_confi
         CONFIGMAPS,
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "irsa-trainer-config"}, "data": {"a": "b"}},
     )
-    _, rayjob = build_children(FineTuneJob.from_body(finetunejob("irsa")), FAST_SETTINGS)
+    (rayjob,) = build_children(FineTuneJob.from_body(finetunejob("irsa")), FAST_SETTINGS)
     rayjob["spec"]["entrypoint"] = "python -m kubetune_trainer --config /etc/kubetune/trainer-config.json"
     old_rayjob = await op.create(RAYJOBS, rayjob)
     await op.create_job(finetunejob("irsa"))

@@ -42,7 +42,7 @@ async def test_without_kuberay_jobs_wait_with_a_clear_reason(caplog: pytest.LogC
             lambda: sum("default/flowers: cannot launch" in r.getMessage() for r in caplog.records) >= 2,
             what="a second check for KubeRay",
         )
-        assert op.get(SERVICEACCOUNTS, "default", "flowers-trainer") is None
+        assert op.get(SERVICEACCOUNTS, "default", "kubetune-trainer") is None
         assert len(op.event_reasons("default", "flowers")) == 1  # one Event, not one per retry
 
 
@@ -112,10 +112,10 @@ async def test_an_operator_log_line_names_the_job_and_what_was_done(
         lambda: any(line.startswith("default/flowers: Launching -> Running: Training is running") for line in logged()),
         what="the log line of the phase change",
     )
-    # One line for the launch: every child created, and the size of the run.
-    assert (
-        "default/flowers: created ServiceAccount flowers-trainer, RayJob flowers (2 worker(s), 1 GPU(s) each)"
-    ) in logged()
+    # One line for the launch: every child created, and the size of the run; one for the namespace's
+    # shared ServiceAccount, made for the first job there.
+    assert "default/flowers: created RayJob flowers (2 worker(s), 1 GPU(s) each)" in logged()
+    assert "default: created ServiceAccount kubetune-trainer, shared by the trainer pods of its jobs" in logged()
 
 
 def test_without_any_cluster_credentials_it_says_so(tmp_path: Path) -> None:
@@ -185,4 +185,5 @@ async def test_the_operator_process_logs_in_with_a_kubeconfig_and_launches_a_job
         log = output.decode()
         assert process.returncode == 0, log
         assert "serving FineTuneJobs in all namespaces" in log
-        assert "team-a/flowers: created ServiceAccount flowers-trainer, RayJob flowers" in log
+        assert "team-a: created ServiceAccount kubetune-trainer" in log
+        assert "team-a/flowers: created RayJob flowers" in log

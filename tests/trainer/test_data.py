@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from digits_world import REGION, DigitsWorld
+from PIL import Image
 
 from kubetune_trainer import data
 from kubetune_trainer.config import DataSpec
@@ -128,3 +131,20 @@ def test_a_dataset_beyond_one_listing_page_gives_the_same_index(
     assert one_page.wire() == paged.wire()
     assert one_page.class_names == ["5", "6", "7", "8", "9"]
     assert (len(one_page.samples), one_page.ignored_objects) == (20, 1)
+
+
+def test_a_truncated_or_garbled_jpeg_is_unreadable_and_a_whole_one_is_not(tmp_path: Path) -> None:
+    # The node cache checks JPEGs with a reduced-scale decode; it must still catch broken files.
+    pixels = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    whole = buffer.getvalue()
+    garbled = bytearray(whole)
+    garbled[len(whole) // 2 : len(whole) // 2 + 64] = b"\xff" * 64
+    files = {"whole.jpg": whole, "truncated.jpg": whole[: len(whole) // 2], "garbled.jpg": bytes(garbled)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+
+    assert data.verify_image(tmp_path / "whole.jpg") is None
+    assert "truncated" in (data.verify_image(tmp_path / "truncated.jpg") or "")
+    assert data.verify_image(tmp_path / "garbled.jpg") is not None

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from kubetune_operator.builders import (
+    COMPONENT_LABEL,
     CONFIG_ENV,
     JOB_LABEL,
     MANAGED_BY_LABEL,
@@ -21,7 +22,10 @@ from kubetune_operator.builders import (
     SPEC_DIGEST_ANNOTATION,
     TOKEN_PATH,
     build_children,
+    build_service_account,
+    manifests,
     spec_digest,
+    token_audience,
 )
 from kubetune_operator.config import trainer_config
 from kubetune_operator.settings import OperatorSettings
@@ -144,11 +148,14 @@ def test_every_rayjob_is_valid_for_kuberay_and_kubernetes(variant: str) -> None:
     assert_valid_rayjob(children(**VARIANTS[variant])["RayJob"])
 
 
+def test_the_shared_service_account_is_a_valid_kubernetes_object() -> None:
+    kubernetes_validate.validate(build_service_account("vision", SETTINGS), KUBERNETES_VERSION, strict=True)
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
-def test_the_service_account_is_a_valid_kubernetes_object(variant: str) -> None:
-    objs = children(**VARIANTS[variant])
-    assert sorted(objs) == ["RayJob", "ServiceAccount"]
-    kubernetes_validate.validate(objs["ServiceAccount"], KUBERNETES_VERSION, strict=True)
+def test_the_rayjob_is_the_only_object_of_the_job_alone(variant: str) -> None:
+    """One object per job: the pods' ServiceAccount is the namespace's, made once for all its jobs."""
+    assert [obj["kind"] for obj in build_children(job(**VARIANTS[variant]), SETTINGS)] == ["RayJob"]
 
 
 def test_the_strict_schema_catches_a_misspelt_field() -> None:
@@ -162,7 +169,6 @@ def test_the_strict_schema_catches_a_misspelt_field() -> None:
 
 def test_children_have_deterministic_names_and_are_owned_by_the_job() -> None:
     objs = children()
-    assert objs["ServiceAccount"]["metadata"]["name"] == "flowers-trainer"
     assert objs["RayJob"]["metadata"]["name"] == "flowers"
     for obj in objs.values():
         meta = obj["metadata"]
@@ -185,6 +191,31 @@ def test_a_manifest_not_yet_stored_renders_without_owner() -> None:
     del body["metadata"]["uid"]
     for obj in build_children(FineTuneJob.from_body(body), SETTINGS):
         assert "ownerReferences" not in obj["metadata"]
+
+
+def test_the_shared_service_account_belongs_to_no_job() -> None:
+    """It outlives every job: no ownerReference (garbage collection would delete it with the first)."""
+    account = build_service_account("vision", SETTINGS)
+    meta = account["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("kubetune-trainer", "vision")
+    assert meta["labels"] == {MANAGED_BY_LABEL: "kubetune", COMPONENT_LABEL: "trainer-identity"}
+    assert "ownerReferences" not in meta and JOB_LABEL not in meta["labels"]
+    assert account["automountServiceAccountToken"] is False
+    renamed = build_service_account("vision", OperatorSettings(trainer_service_account="ml-pods"))
+    assert renamed["metadata"]["name"] == "ml-pods"
+
+
+def test_render_manifests_hold_each_namespaces_account_once_before_the_rayjobs() -> None:
+    second = FineTuneJob.from_body({**manifest(), "metadata": {"name": "birds", "namespace": "vision"}})
+    other = FineTuneJob.from_body({**manifest(), "metadata": {"name": "cars", "namespace": "team-b"}})
+    objs = manifests([job(), second, other], SETTINGS)
+    assert [(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in objs] == [
+        ("ServiceAccount", "vision", "kubetune-trainer"),
+        ("ServiceAccount", "team-b", "kubetune-trainer"),
+        ("RayJob", "vision", "flowers"),
+        ("RayJob", "vision", "birds"),
+        ("RayJob", "team-b", "cars"),
+    ]
 
 
 def test_queue_name_becomes_the_kueue_label() -> None:
@@ -285,21 +316,51 @@ def test_without_a_credentials_secret_the_pods_use_their_own_identity() -> None:
     assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
 
 
-def test_pods_run_as_the_job_service_account_with_a_projected_progress_token() -> None:
+def test_pods_run_as_the_shared_service_account_with_a_token_for_their_job_alone() -> None:
     head, workers = _groups(children()["RayJob"])
     for group in (head, workers):
         pod = group["template"]["spec"]
-        assert pod["serviceAccountName"] == "flowers-trainer"
+        assert pod["serviceAccountName"] == "kubetune-trainer"
         assert pod["automountServiceAccountToken"] is False
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["name"]: m for m in _container(group)["volumeMounts"]}
         token_volume = next(v for v in volumes.values() if "projected" in v)
         (source,) = token_volume["projected"]["sources"]
-        assert source["serviceAccountToken"]["audience"] == "kubetune.dev"
+        # The audience names the job by its uid: a namesake created later is another audience.
+        assert source["serviceAccountToken"]["audience"] == "kubetune.dev/3f1c2d4e-0000-4000-8000-000000000001"
         mount = mounts[token_volume["name"]]
         assert f"{mount['mountPath']}/{source['serviceAccountToken']['path']}" == TOKEN_PATH
         env = {e["name"]: e.get("value") for e in _container(group)["env"]}
         assert env["KUBETUNE_PROGRESS_URL"] == "http://kubetune.kubetune-system.svc:8081/v1/progress/vision/flowers"
+
+
+def _audiences(rayjob: dict[str, Any]) -> set[str]:
+    return {
+        source["serviceAccountToken"]["audience"]
+        for group in _groups(rayjob)
+        for volume in group["template"]["spec"]["volumes"]
+        for source in volume.get("projected", {}).get("sources", [])
+    }
+
+
+def test_each_job_and_each_namesake_of_it_gets_its_own_token_audience() -> None:
+    first = manifest()
+    again = copy.deepcopy(first)
+    again["metadata"]["uid"] = "3f1c2d4e-0000-4000-8000-000000000002"  # deleted and created again
+    other = copy.deepcopy(first)
+    other["metadata"].update(name="birds", uid="3f1c2d4e-0000-4000-8000-000000000003")
+    audiences = [_audiences(build_children(FineTuneJob.from_body(b), SETTINGS)[0]) for b in (first, again, other)]
+    assert all(len(a) == 1 for a in audiences)
+    assert len(set.union(*audiences)) == 3
+
+
+def test_a_job_read_from_a_file_gets_an_audience_from_its_namespace_and_name() -> None:
+    body = manifest()
+    del body["metadata"]["uid"]
+    (rayjob,) = build_children(FineTuneJob.from_body(body), SETTINGS)
+    assert _audiences(rayjob) == {"kubetune.dev/vision/flowers"}
+    assert token_audience("vision", "flowers", None) == "kubetune.dev/vision/flowers"
+    assert token_audience("vision", "flowers", "abc") == "kubetune.dev/abc"
 
 
 def test_without_a_progress_endpoint_pods_get_no_token_and_no_url() -> None:
@@ -318,7 +379,7 @@ def test_trainer_image_is_the_operators_unless_the_job_names_one() -> None:
     assert _container(workers)["image"] == VARIANTS["image-override"]["image"]
 
 
-# -- the trainer config and the ServiceAccount -----------------------------------------------------------
+# -- the trainer config --------------------------------------------------------------------------------------
 
 
 def head_config(rayjob: dict[str, Any]) -> str:
@@ -351,10 +412,6 @@ def test_a_dollar_in_the_config_reaches_the_trainer_verbatim() -> None:
     (raw,) = [e["value"] for e in _container(head)["env"] if e["name"] == CONFIG_ENV]
     assert "$(AWS_REGION)" not in raw.replace("$$", "")
     assert TrainerConfig.model_validate_json(head_config(rayjob)).data.train == path
-
-
-def test_service_account_mounts_no_api_token() -> None:
-    assert children()["ServiceAccount"]["automountServiceAccountToken"] is False
 
 
 def test_nothing_built_contains_a_secret_value() -> None:

@@ -240,7 +240,7 @@ def test_render_prints_what_the_operator_creates(capsys: pytest.CaptureFixture[s
     assert main(["render", str(REPO / "examples" / "classification-head.yaml"), "--image", "reg.example/t:1"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [(d["kind"], d["metadata"]["name"], d["metadata"]["namespace"]) for d in docs] == [
-        ("ServiceAccount", "flowers-resnet50-head-trainer", "default"),
+        ("ServiceAccount", "kubetune-trainer", "default"),  # shared by the namespace's jobs
         ("RayJob", "flowers-resnet50-head", "default"),
     ]
     assert "reg.example/t:1" in yaml.safe_dump(docs[1])

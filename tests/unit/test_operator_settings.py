@@ -28,8 +28,10 @@ def test_the_charts_variables_override_the_defaults() -> None:
             "KUBETUNE_TOKEN_EXPIRATION_SECONDS": "7200",
             "KUBETUNE_PREFLIGHT_BACKOFF_SECONDS": "0.5",
             "KUBETUNE_HEAD_MEMORY": "",  # empty: the default stays
+            "KUBETUNE_TRAINER_SERVICE_ACCOUNT": "ml-pods",
         }
     )
+    assert settings.trainer_service_account == "ml-pods"
     assert settings.trainer_image == "registry.example/trainer@sha256:abc"
     assert settings.progress_url("a", "b") == "http://kt.ops.svc:8081/v1/progress/a/b"
     assert settings.namespaces == ("team-a", "team-b")

@@ -69,12 +69,12 @@ compares these rules with the code). No wildcards. Children are never deleted by
 ownerReferences let Kubernetes' garbage collector remove them with the job.
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# The jobs: listed and watched by kopf, which patches its finalizer and bookkeeping annotations onto
-# them; read back before a status merge; deleted once ttlSecondsAfterFinished has passed.
+# The jobs: listed and watched by kopf; read by the progress endpoint; deleted once
+# ttlSecondsAfterFinished has passed. (kopf keeps its bookkeeping in the status, not in annotations.)
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
-# Phase, conditions and progress.
+  verbs: ["get", "list", "watch", "delete"]
+# Phase, conditions, progress and kopf's bookkeeping (status.kopf).
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
@@ -87,8 +87,9 @@ ownerReferences let Kubernetes' garbage collector remove them with the job.
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Each job's ServiceAccount, whose projected token the trainer uses to authenticate progress updates:
-# get-or-create, never changed afterwards. (The trainer config travels in the RayJob.)
+# The trainer pods' ServiceAccount, one per job namespace (trainer.serviceAccountName), whose projected
+# tokens authenticate progress updates: get-or-create, never changed or deleted. (The trainer config
+# travels in the RayJob.)
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["get", "create"]

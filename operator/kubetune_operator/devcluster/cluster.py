@@ -125,11 +125,12 @@ class OperatorThread:
             self._task = asyncio.current_task()
             registry = build_registry(login=login)
             kube = Kube(client.ApiClient(configuration))
+            runtime = build_runtime(self.settings, kube)
             try:
                 await run_operator(
-                    build_runtime(self.settings, kube),
+                    runtime,
                     registry=registry,
-                    settings=kopf_settings(),
+                    settings=kopf_settings(runtime),
                     stop_flag=self.stop_flag,
                     ready_flag=self.ready,
                 )
