@@ -26,6 +26,20 @@ FIELD_KEY = "last-handled-configuration"
 MAX_CARRIED = 10_000
 
 
+def crd_keeps_bookkeeping(crd: Mapping[str, Any], version: str) -> bool:
+    """Whether the installed CRD keeps `status.kopf` (a CRD from before this change prunes it)."""
+    for served in (crd.get("spec") or {}).get("versions") or []:
+        if served.get("name") != version:
+            continue
+        schema = ((served.get("schema") or {}).get("openAPIV3Schema") or {}).get("properties") or {}
+        status = schema.get("status") or {}
+        stanza = (status.get("properties") or {}).get(STATUS_KEY) or {}
+        return bool(
+            status.get("x-kubernetes-preserve-unknown-fields") or stanza.get("x-kubernetes-preserve-unknown-fields")
+        )
+    return False
+
+
 def _uid(body: Mapping[str, Any]) -> str:
     meta = body.get("metadata")
     return str((meta or {}).get("uid") or "") if isinstance(meta, Mapping) else ""
