@@ -195,6 +195,9 @@ def baseline_run(config: Config, local: Path, data_cfg: dict[str, Any], threads:
 
 def run(config: Config, workdir: Path) -> list[Row]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from kubetune_trainer.config import use_ray_train_env
+
+    use_ray_train_env()  # before ray.init, as `kubetune run --local` does
     import logging
 
     import ray

@@ -15,7 +15,7 @@ from typing import Any
 from kubetune_operator.config import trainer_config
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
-from kubetune_trainer.config import ProgressTarget
+from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget
 
 RAYJOB_API_VERSION = "ray.io/v1"
 RAYJOB_KIND = "RayJob"
@@ -162,6 +162,7 @@ def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     target = progress_target(job, settings)
     if target:
         env.append({"name": PROGRESS_URL_ENV, "value": target.url})
+    env += [{"name": name, "value": value} for name, value in RAY_TRAIN_ENV.items()]
     return env
 
 

@@ -30,7 +30,7 @@ from kubetune_operator.builders import (
 from kubetune_operator.config import trainer_config
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
-from kubetune_trainer.config import ProgressTarget, TrainerConfig
+from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget, TrainerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RAYJOB_CRD = REPO_ROOT.parent / "shared" / "fixtures" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml"
@@ -308,6 +308,15 @@ def test_s3_settings_are_env_and_credentials_only_secret_references() -> None:
             assert "value" not in env[key]
             assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": key, "optional": False}
         assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_every_ray_process_runs_without_the_ray_train_extras_kubetune_does_not_use() -> None:
+    # Polling actors and threads that took CPU from training (bench/findings.md): off on head and workers.
+    head, workers = _groups(children()["RayJob"])
+    for group in (head, workers):
+        env = {e["name"]: e.get("value") for e in _container(group)["env"]}
+        assert {name: env.get(name) for name in RAY_TRAIN_ENV} == RAY_TRAIN_ENV
+        assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == env["RAY_TRAIN_METRICS_ENABLED"] == "0"
 
 
 def test_without_a_credentials_secret_the_pods_use_their_own_identity() -> None:

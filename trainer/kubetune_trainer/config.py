@@ -9,6 +9,7 @@ This module imports pydantic only: the operator image loads it without torch or 
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,6 +22,26 @@ S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
 S3_SEGMENT = r"[^\s/]+"
 S3_OBJECT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})+$"
 S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/?$"
+# Ray Train features kubetune does not use, off in every trainer process (the RayJob's containers, `kubetune
+# run --local`, the trainer alone): Ray Train's own Prometheus metrics (the operator exports progress), the
+# preemption watcher (the loop never asks for preemption info), structured JSON log files and the state
+# actor's reconciliation. Each runs a polling actor or thread beside training; on a 2-core node they took
+# ~5% of the CPU from the training step (bench/findings.md, "Trainer overhead").
+RAY_TRAIN_ENV = {
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+}
+
+
+def use_ray_train_env() -> None:
+    """`RAY_TRAIN_ENV` in this process (and the Ray processes it starts), unless the environment says otherwise."""
+    for name, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.reporting import ConsoleReporter, format_duration
 from kubetune_trainer.storage import resolve_endpoint
@@ -104,6 +104,7 @@ def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
     """Train `config` on a private local Ray instance; the exit code for the CLI."""
     setup_logging()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    use_ray_train_env()  # before ray.init: the Ray processes it starts inherit it
     started = time.monotonic()
     config = with_endpoint(config, s3_endpoint)
 

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune_trainer.cache import cached_object
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.data import DatasetIndex, build_index, check_corrupt, prepare_images
 from kubetune_trainer.detection_data import DetectionIndex, build_detection_index
 from kubetune_trainer.detection_eval import SCORE_THRESHOLD
@@ -222,6 +222,7 @@ def train(
     reporter: ProgressReporter | None = None,
 ) -> Outcome:
     """Run the training on the connected Ray cluster and export the model."""
+    use_ray_train_env()  # read by Ray Train's controller as it starts, in this (the driver's) process
     import ray.train
     from ray.train.torch import TorchTrainer
 
