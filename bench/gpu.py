@@ -111,14 +111,23 @@ def plain_step(args: argparse.Namespace, device: torch.device, x: torch.Tensor, 
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, num_classes=args.classes)
     model = model.to(device).to(memory_format=layout).train()
+    return plain_loop(
+        args, device, model, lambda: torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=layout)), y)
+    )
+
+
+def plain_loop(
+    args: argparse.Namespace, device: torch.device, model: torch.nn.Module, forward: Callable[[], torch.Tensor]
+) -> Callable[[], torch.Tensor]:
+    """One plain AdamW step under autocast (bf16, or fp16 with a grad scaler) around `forward`'s loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.precision == "fp16")
-    enabled = cuda and args.precision != "fp32"
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
+    enabled = device.type == "cuda" and args.precision != "fp32"
 
     def step() -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
-            loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=layout)), y)
+            loss = forward()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -175,22 +184,12 @@ def plain_detection_step(args: argparse.Namespace, device: torch.device, x: Any,
     if args.model.startswith("ssd"):
         model.transform.fixed_size = (size, size)
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
-    enabled = device.type == "cuda" and args.precision != "fp32"
 
-    def step() -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
-            losses = model(x, y)
-        loss = sum(value.float() for value in losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach()
+    def forward() -> torch.Tensor:
+        losses = model(x, y)
+        return torch.stack([value.float() for value in losses.values()]).sum()
 
-    return step
+    return plain_loop(args, device, model, forward)
 
 
 def images_per_second(step: Callable[[], Any], batch: int, warmup: int, steps: int, device: torch.device) -> float:

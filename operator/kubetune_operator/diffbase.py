@@ -19,6 +19,8 @@ from typing import Any
 
 import kopf
 
+from kubetune_operator.jobcache import uid_of
+
 STATUS_KEY = "kopf"
 FIELD_KEY = "last-handled-configuration"
 # Carried records wait for kopf's store right after the handler; a handler that failed after its write
@@ -38,11 +40,6 @@ def crd_keeps_bookkeeping(crd: Mapping[str, Any], version: str) -> bool:
             status.get("x-kubernetes-preserve-unknown-fields") or stanza.get("x-kubernetes-preserve-unknown-fields")
         )
     return False
-
-
-def _uid(body: Mapping[str, Any]) -> str:
-    meta = body.get("metadata")
-    return str((meta or {}).get("uid") or "") if isinstance(meta, Mapping) else ""
 
 
 def _encode(essence: Any) -> str:
@@ -75,7 +72,7 @@ class CarriedDiffBase(kopf.StatusDiffBaseStorage):
         value = stanza.get(FIELD_KEY) if isinstance(stanza, Mapping) else None
         return value if isinstance(value, str) else None
 
-    def carried(self, uid: str, encoded: str) -> None:
+    def carried(self, uid: str | None, encoded: str) -> None:
         """A status write to the job with `uid` stored `encoded`: kopf need not store it again."""
         if not uid:
             return
@@ -85,7 +82,7 @@ class CarriedDiffBase(kopf.StatusDiffBaseStorage):
             self._carried.popitem(last=False)
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
-        if self._carried.pop(_uid(body), None) == _encode(essence):
+        if self._carried.pop(uid_of(body) or "", None) == _encode(essence):
             return
         super().store(body=body, patch=patch, essence=essence)
 

@@ -27,7 +27,7 @@ class _Entry:
     written: dict[str, Any] = field(default_factory=dict)
 
 
-def _uid(body: Mapping[str, Any]) -> str | None:
+def uid_of(body: Mapping[str, Any]) -> str | None:
     meta = body.get("metadata")
     uid = meta.get("uid") if isinstance(meta, Mapping) else None
     return str(uid) if uid else None
@@ -39,7 +39,7 @@ class JobCache:
 
     def seen(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         """The body a watch event delivered (the caller's own copy: it is kept, not copied)."""
-        uid = _uid(body)
+        uid = uid_of(body)
         entry = self._entries.get((namespace, name))
         if entry is None or entry.uid != uid:
             self._entries[(namespace, name)] = _Entry(body, uid)

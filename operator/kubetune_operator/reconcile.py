@@ -28,7 +28,7 @@ from kubetune_operator.builders import SPEC_DIGEST_ANNOTATION, build_children, b
 from kubetune_operator.diffbase import CarriedDiffBase
 from kubetune_operator.errors import format_validation_error
 from kubetune_operator.hooks import Hooks
-from kubetune_operator.jobcache import JobCache
+from kubetune_operator.jobcache import JobCache, uid_of
 from kubetune_operator.kube import Kube, KubeRayMissingError, is_not_found
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
 from kubetune_operator.settings import OperatorSettings
@@ -138,18 +138,16 @@ async def update_status(
             return NO_CHANGE
         change = compute(job)
         if change.patch:
-            uid = (job.get("metadata") or {}).get("uid")
-            carry = diffbase if rt.diffbase is not None else None
-            patch = {**change.patch, **CarriedDiffBase.status_fields(carry)} if carry else change.patch
+            patch = {**change.patch, **CarriedDiffBase.status_fields(diffbase)} if diffbase else change.patch
             try:
                 await rt.kube.patch_job_status(namespace, name, patch)
             except Exception as exc:
                 if is_not_found(exc):  # deleted since the watch last delivered it
                     return NO_CHANGE
                 raise
-            rt.jobs.wrote(namespace, name, uid, patch)
-            if carry and rt.diffbase is not None:
-                rt.diffbase.carried(str(uid or ""), carry)
+            rt.jobs.wrote(namespace, name, uid_of(job), patch)
+            if diffbase and rt.diffbase is not None:
+                rt.diffbase.carried(uid_of(job), diffbase)
         for event in change.events:
             rt.kube.post_event(job, event)
         if change.phase_changed:
@@ -178,7 +176,7 @@ async def launch(rt: Runtime, body: dict[str, Any], *, retry: int = 0, diffbase:
     if diffbase and rt.diffbase is not None and _diffbase_written(rt, namespace, name, diffbase):
         # A watch event from before this launch's own status write (kopf takes it for a new job again,
         # as it found no diff base in it): this exact spec was launched already.
-        rt.diffbase.carried(str((body.get("metadata") or {}).get("uid") or ""), diffbase)
+        rt.diffbase.carried(uid_of(body), diffbase)
         return
     if lifecycle.is_finished(body):
         return
