@@ -9,9 +9,7 @@ the API server cannot be asked. Every answer is counted in `kubetune_progress_up
 
 Only a job's own pods hold a token for its audience, `token_audience(namespace, name, uid)`: the pods of
 every job share one ServiceAccount per namespace, so the audience is what tells jobs apart, and the uid in
-it what tells a job from an earlier one of the same name. Jobs launched by earlier versions run as a
-ServiceAccount `<name>-trainer` with the audience `kubetune.dev`; their tokens are accepted for that job
-alone, so an upgrade does not cut running jobs off.
+it what tells a job from an earlier one of the same name.
 
 The merge rule lives in `progress_patch` (pure); reading and patching the job go through the operator's
 Kubernetes client (`kube.Kube`, a `JobStatusStore`).
@@ -33,7 +31,7 @@ import pydantic
 from aiohttp import web
 
 from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, service_account_username
-from kubetune_operator.builders import LEGACY_TOKEN_AUDIENCE, legacy_service_account_name, token_audience
+from kubetune_operator.builders import token_audience
 from kubetune_operator.handlers import runtime_of
 from kubetune_operator.metrics import METRICS, OperatorMetrics
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
@@ -237,15 +235,9 @@ class ProgressServer:
     async def _authorize(self, token: str, namespace: str, name: str, uid: str | None) -> int | None:
         """None when `token` may report for the job; else 401 (not authentic for it) or 403 (someone else's)."""
         identity = await self.reviewer.authenticate(token, token_audience(namespace, name, uid))
-        if identity is not None:
-            wanted = service_account_username(namespace, self.trainer_service_account)
-        else:
-            # A pod of a job launched by an earlier version: its own ServiceAccount, the common audience.
-            identity = await self.reviewer.authenticate(token, LEGACY_TOKEN_AUDIENCE)
-            if identity is None:
-                return 401
-            wanted = service_account_username(namespace, legacy_service_account_name(name))
-        if identity.username != wanted:
+        if identity is None:
+            return 401
+        if identity.username != service_account_username(namespace, self.trainer_service_account):
             log.warning("progress for %s/%s refused: sent by %s", namespace, name, identity.username)
             return 403
         return None

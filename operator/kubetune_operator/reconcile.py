@@ -246,9 +246,7 @@ async def _ensure_children(rt: Runtime, job: FineTuneJob, *, likely_new: bool) -
     """Get-or-create the job's children: (its RayJob as the server has it, "Kind name" of those created).
 
     The namespace's shared ServiceAccount comes first (one check for a whole burst of jobs), so the
-    RayJob's pods never start without it. (The trainer config is in the RayJob; a job launched before
-    that also has a ConfigMap, and one launched before the shared ServiceAccount its own `<job>-trainer`,
-    which their ownerReferences keep until the job is deleted.)
+    RayJob's pods never start without it.
     """
     await rt.accounts.ensure(rt.kube, build_service_account(job.metadata.namespace or "default", rt.settings))
     (rayjob,) = build_children(job, rt.settings)
