@@ -12,9 +12,9 @@ import hashlib
 import json
 from typing import Any
 
-from kubetune_operator.config import trainer_config
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
+from kubetune_operator.trainer_config import trainer_config
 from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget
 
 RAYJOB_API_VERSION = "ray.io/v1"

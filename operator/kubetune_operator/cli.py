@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune_operator.errors import Loc, field_path, format_validation_error, show
+from kubetune_operator.messages import Loc, field_path, format_validation_error, show
 from kubetune_operator.spec import API_VERSION, GROUP, KIND, FineTuneJob
 
 STDIN = "-"
@@ -227,7 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems or len(jobs) != 1:
         print("\n".join(problems) or f"{args.file}: holds {len(jobs)} {KIND}s; run one at a time", file=sys.stderr)
         return 1
-    from kubetune_operator.config import trainer_config
+    from kubetune_operator.trainer_config import trainer_config
 
     job = jobs[0]
     endpoint = args.s3_endpoint or job.spec.storage.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None

@@ -16,13 +16,17 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator.jobcache import uid_of
-
 STATUS_KEY = "kopf"
 FIELD_KEY = "last-handled-configuration"
 # Carried records wait for kopf's store right after the handler; a handler that failed after its write
 # leaves one behind, so the oldest are dropped past this many.
 MAX_CARRIED = 10_000
+
+
+def uid_of(body: Mapping[str, Any]) -> str | None:
+    meta = body.get("metadata")
+    uid = meta.get("uid") if isinstance(meta, Mapping) else None
+    return str(uid) if uid else None
 
 
 def _encode(essence: Any) -> str:

@@ -22,12 +22,13 @@ from collections.abc import Callable, Sequence
 import kopf
 from kubernetes.config import ConfigException
 
-from kubetune_operator import handlers, metrics, progress
+from kubetune_operator import handlers
 from kubetune_operator.diffbase import CarriedDiffBase
 from kubetune_operator.hooks import Hooks
 from kubetune_operator.kube import Kube
 from kubetune_operator.kube import login as kube_login
-from kubetune_operator.reconcile import Runtime
+from kubetune_operator.metrics import OperatorMetrics, install_hooks
+from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings, package_version, parse_namespaces
 
 logger = logging.getLogger("kubetune_operator")
@@ -51,16 +52,15 @@ def build_registry(login: LoginFn = kube_login) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
     handlers.register(registry)
-    metrics.register(registry)
-    progress.register(registry)
     return registry
 
 
 def build_runtime(settings: OperatorSettings, kube: Kube, hooks: Hooks | None = None) -> Runtime:
     """What the handlers share; the hooks keep the Prometheus metrics in step with every job."""
     hooks = hooks or Hooks()
-    metrics.install_hooks(hooks)
-    return Runtime(settings=settings, kube=kube, hooks=hooks)
+    metrics = OperatorMetrics(process_collectors=True)
+    install_hooks(hooks, metrics)
+    return Runtime(settings=settings, kube=kube, metrics=metrics, hooks=hooks)
 
 
 def kopf_settings(runtime: Runtime | None = None) -> kopf.OperatorSettings:
@@ -77,7 +77,7 @@ def kopf_settings(runtime: Runtime | None = None) -> kopf.OperatorSettings:
     diffbase = CarriedDiffBase(progress)
     settings.persistence.diffbase_storage = diffbase
     if runtime is not None:
-        runtime.diffbase = diffbase
+        runtime.status.diffbase = diffbase
     # The Events people read come from lifecycle; kopf adds only its handler errors.
     settings.posting.level = logging.ERROR
     settings.posting.reporting_component = "kubetune-operator"

@@ -26,14 +26,12 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import kopf
 import pydantic
 from aiohttp import web
 
 from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, service_account_username
 from kubetune_operator.builders import token_audience
-from kubetune_operator.handlers import runtime_of
-from kubetune_operator.metrics import METRICS, OperatorMetrics
+from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 from kubetune_operator.spec import ProgressStatus
 from kubetune_trainer.reporting import ProgressUpdate  # pydantic only: no torch or Ray in the operator
@@ -318,31 +316,3 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
         return None
     body = await request.content.read(limit + 1)
     return None if len(body) > limit else body
-
-
-def register(registry: kopf.OperatorRegistry, metrics: OperatorMetrics = METRICS) -> None:
-    """Serve the progress endpoint on the settings' progress port while the operator runs (none when None).
-
-    Tokens are reviewed and statuses patched through the operator's own Kubernetes client.
-    """
-    servers: list[ProgressServer] = []
-
-    @kopf.on.startup(registry=registry)
-    async def serve_progress_endpoint(memo: Any, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-        runtime = runtime_of(memo)
-        if runtime.settings.progress_port is None:
-            return
-        server = ProgressServer(
-            TokenReviewer(runtime.kube.api_client),
-            runtime.kube,
-            metrics,
-            trainer_service_account=runtime.settings.trainer_service_account,
-        )
-        port = await server.start("0.0.0.0", runtime.settings.progress_port)
-        servers.append(server)
-        logger.info("Serving the progress endpoint on port %d at %s", port, ROUTE)
-
-    @kopf.on.cleanup(registry=registry)
-    async def stop_progress_endpoint(**_: Any) -> None:
-        while servers:
-            await servers.pop().stop()
