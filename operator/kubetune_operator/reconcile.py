@@ -23,7 +23,7 @@ from kubetune_operator.kube import KubeRayMissingError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
 from kubetune_operator.runtime import Runtime
 from kubetune_operator.spec import FineTuneJob
-from kubetune_operator.states import Reason
+from kubetune_operator.states import Phase, Reason
 from kubetune_operator.status_writer import Compute
 
 logger = logging.getLogger("kubetune_operator")
@@ -296,18 +296,20 @@ async def _check_progress(rt: Runtime, job: JobRecord, uid: str) -> None:
     Only when jobs are given a progress target (settings.progress_base_url): without one, none reports.
     """
     meta = job.meta
-    if not rt.settings.progress_base_url or meta.deleting:
+    if not rt.settings.progress_base_url or meta.deleting or lifecycle.phase_of(job) != Phase.RUNNING:
+        # Judged while Running only; a job turning Running shows so in a later watch event.
+        rt.progress_checks.cancel(uid)
         return
     grace = rt.settings.progress_grace_seconds
 
     def compute(current: JobRecord) -> StatusChange:
         return lifecycle.progress_reporting(current, now=rt.clock(), grace=grace)
 
-    current = rt.status.cached(meta.namespace, meta.name) or job
-    if compute(current):
+    current = await rt.status.current(meta.namespace, meta.name)
+    if current is not None and compute(current):
         await rt.status.update(meta.namespace, meta.name, compute)
-        current = rt.status.cached(meta.namespace, meta.name) or current
-    due = lifecycle.progress_deadline(current, grace=grace)
+        current = await rt.status.current(meta.namespace, meta.name)
+    due = lifecycle.progress_deadline(current, grace=grace) if current is not None else None
     if due is None:
         rt.progress_checks.cancel(uid)
         return

@@ -60,7 +60,14 @@ class StatusWriter:
         self.jobs.forget(namespace, name)
 
     def cached(self, namespace: str, name: str) -> JobRecord | None:
+        """The job as last seen with the operator's writes laid over it, without waiting for a write in
+        flight (whose watch event may have come before the write's answer did)."""
         return self.jobs.get(namespace, name)
+
+    async def current(self, namespace: str, name: str) -> JobRecord | None:
+        """The job as the next write would see it: after any write to it in flight."""
+        async with self._lock(namespace, name):
+            return await self._current(namespace, name)
 
     # -- kopf's diff base ------------------------------------------------------------------------------------
 
@@ -97,7 +104,7 @@ class StatusWriter:
         `ends_launch`: this write ends a successful launch, so it carries the diff base offered for the
         job, if any (kopf then takes the job as handled, and has nothing to store itself).
         """
-        async with self._locks.setdefault((namespace, name), asyncio.Lock()):
+        async with self._lock(namespace, name):
             record = await self._current(namespace, name)
             if record is None or record.meta.deleting:
                 return NO_CHANGE
@@ -122,6 +129,9 @@ class StatusWriter:
                     "%s/%s: %s -> %s: %s", namespace, name, change.old_phase or "new", change.new_phase, message
                 )
             return change
+
+    def _lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
 
     async def _current(self, namespace: str, name: str) -> JobRecord | None:
         """The cached job; read from the server only when the watch has not delivered it yet (e.g. a RayJob

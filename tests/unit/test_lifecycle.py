@@ -354,6 +354,65 @@ def test_an_accepted_edit_records_the_generation_it_saw() -> None:
     assert refused.patch["observedGeneration"] == 2
 
 
+# -- progress from the trainer ---------------------------------------------------------------------------
+
+GRACE = 90.0
+
+
+def running_since_t0() -> JobRecord:
+    job, _ = run_through([("Running", "RUNNING")])  # turned Running at T0
+    return job
+
+
+def with_progress(job: JobRecord) -> JobRecord:
+    return job.with_status({**job.status, "progress": {"epoch": 1, "step": 3, "updatedAt": "2026-05-01T12:02:00Z"}})
+
+
+def reporting(job: JobRecord) -> tuple[str, str] | None:
+    found = conditions(job).get("ProgressReporting")
+    return (found["status"], found["reason"]) if found else None
+
+
+def test_a_running_job_that_never_reports_says_so_once_the_grace_is_over() -> None:
+    job = running_since_t0()
+    assert lifecycle.progress_deadline(job, grace=GRACE) == T0 + timedelta(seconds=GRACE)
+    assert not lifecycle.progress_reporting(job, now=T0 + timedelta(seconds=60), grace=GRACE)
+
+    silent = lifecycle.progress_reporting(job, now=T0 + timedelta(seconds=91), grace=GRACE)
+    job = apply(job, silent)
+    assert reporting(job) == ("False", "NoProgressReceived")
+    message = conditions(job)["ProgressReporting"]["message"]
+    assert "status.progress stays empty" in message and "/var/run/secrets/kubetune.dev/token" in message
+    assert [(e.type, e.reason) for e in silent.events] == [("Warning", "NoProgressReceived")]
+    assert "phase" not in silent.patch  # the job keeps running: only the condition says it is silent
+    # Said once: no second write or Event, and nothing left to wait for.
+    assert not lifecycle.progress_reporting(job, now=T0 + timedelta(hours=1), grace=GRACE)
+    assert lifecycle.progress_deadline(job, grace=GRACE) is None
+
+    # Then an update arrives after all: the condition flips, with an Event saying so.
+    job = with_progress(job)
+    heard = lifecycle.progress_reporting(job, now=T0 + timedelta(hours=1), grace=GRACE)
+    job = apply(job, heard)
+    assert reporting(job) == ("True", "ProgressReceived")
+    assert [(e.type, e.reason) for e in heard.events] == [("Normal", "ProgressReceived")]
+    assert not lifecycle.progress_reporting(job, now=T0 + timedelta(hours=2), grace=GRACE)
+
+
+def test_a_job_that_reports_in_time_is_true_without_an_event() -> None:
+    job = with_progress(running_since_t0())
+    assert lifecycle.progress_deadline(job, grace=GRACE) is None
+    change = lifecycle.progress_reporting(job, now=T0 + timedelta(seconds=5), grace=GRACE)
+    assert reporting(apply(job, change)) == ("True", "ProgressReceived")
+    assert not change.events
+
+
+def test_progress_is_only_judged_while_running() -> None:
+    for status in ({"phase": "Launching"}, {"phase": "Suspended"}, {"phase": "Succeeded"}):
+        job = ftj(status)
+        assert lifecycle.progress_deadline(job, grace=GRACE) is None
+        assert not lifecycle.progress_reporting(job, now=T0 + timedelta(days=1), grace=GRACE)
+
+
 # -- what the API server will accept ---------------------------------------------------------------------
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.dev.yaml"
@@ -373,6 +432,12 @@ def test_every_status_written_is_valid_for_the_crd() -> None:
     statuses.append(job.status)
     job = apply(ftj(), lifecycle.failed_before_launch(ftj(), Reason.INVALID_SPEC, "spec.x: bad", now=T0))
     job = apply(job, lifecycle.refuse_spec_change(job, ["spec.model"], now=T0))
+    statuses.append(job.status)
+    job = running_since_t0()
+    job = apply(job, lifecycle.progress_reporting(job, now=T0 + timedelta(hours=1), grace=GRACE))
+    statuses.append(job.status)
+    job = running_since_t0()
+    job = apply(job, lifecycle.progress_reporting(job, now=T0 + timedelta(hours=1), grace=GRACE))
     statuses.append(job.status)
     job = ftj({"phase": "Running"}, suspend=True)
     job = apply(job, lifecycle.follow_rayjob(job, rayjob("Suspended", suspend=True), now=T0))
