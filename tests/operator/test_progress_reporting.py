@@ -77,7 +77,9 @@ def reporting(op: OperatorHarness, name: str) -> tuple[str, str] | None:
 
 async def test_a_trainer_that_never_reports_is_named_in_the_status(op: OperatorHarness, progress_endpoint: str) -> None:
     await running(op, "silent")
-    await op.wait_for(lambda: reporting(op, "silent") == ("False", "NoProgressReceived"), what="ProgressReporting=False")
+    await op.wait_for(
+        lambda: reporting(op, "silent") == ("False", "NoProgressReceived"), what="ProgressReporting=False"
+    )
     condition = op.condition(NS, "silent", "ProgressReporting")
     assert condition is not None and "status.progress stays empty" in condition["message"]
     event = await op.wait_for_event(NS, "silent", "NoProgressReceived")
