@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune_operator.errors import Loc, field_path, format_validation_error, show
+from kubetune_operator.messages import Loc, field_path, format_validation_error, show
 from kubetune_operator.spec import API_VERSION, GROUP, KIND, FineTuneJob
 
 STDIN = "-"
@@ -227,10 +226,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems or len(jobs) != 1:
         print("\n".join(problems) or f"{args.file}: holds {len(jobs)} {KIND}s; run one at a time", file=sys.stderr)
         return 1
-    from kubetune_operator.config import trainer_config
+    from kubetune_operator.trainer_config import trainer_config
 
-    job = jobs[0]
-    endpoint = args.s3_endpoint or job.spec.storage.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     try:
         from kubetune_trainer.local import run_local
     except ModuleNotFoundError as exc:
@@ -239,7 +236,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return run_local(trainer_config(job), s3_endpoint=endpoint)
+    # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
+    return run_local(trainer_config(jobs[0]), s3_endpoint=args.s3_endpoint)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

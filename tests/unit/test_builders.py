@@ -27,9 +27,9 @@ from kubetune_operator.builders import (
     spec_digest,
     token_audience,
 )
-from kubetune_operator.config import trainer_config
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
+from kubetune_operator.trainer_config import trainer_config
 from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget, TrainerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
