@@ -247,7 +247,7 @@ def _resolve(samples: list[DetectionSample], prefix: S3Uri, listing: Mapping[str
         out.samples.append(DetectionSample(key, sample.width, sample.height, sample.boxes, sample.labels))
         why = unsafe_reason(sample.key) or unsafe_reason(key)
         if why is not None:
-            out.refused[key] = f"refused: the file_name {sample.key[:200]!r} {why}"
+            out.refused[key] = f"refused: the file_name {why}"
             continue
         size, etag = listing[key]
         out.cached.append(Sample(key, 0, size, etag))
