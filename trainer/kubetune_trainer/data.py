@@ -35,9 +35,16 @@ from PIL import Image, UnidentifiedImageError
 
 from kubetune_trainer.cache import cache_root, digest, node_lock
 from kubetune_trainer.config import MAX_CLASSES, DataSpec
-from kubetune_trainer.errors import ConfigError, DataError, StorageError
+from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.localpaths import local_path, unsafe_reason
-from kubetune_trainer.storage import DOWNLOAD_THREADS, MAX_LISTED_OBJECTS, ObjectInfo, S3Store, S3Uri
+from kubetune_trainer.storage import (
+    DOWNLOAD_THREADS,
+    MAX_LISTED_OBJECTS,
+    ObjectInfo,
+    S3Store,
+    S3Uri,
+    listing_too_long,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +195,7 @@ def _list_classes(store: S3Store, prefix: S3Uri) -> dict[str, list[ObjectInfo]]:
         with lock:
             total[0] += len(objects)
             if total[0] > MAX_LISTED_OBJECTS:
-                raise StorageError(
-                    f"more than {MAX_LISTED_OBJECTS:,} objects under {prefix}/, the most a listing reads"
-                )
+                raise listing_too_long(prefix, MAX_LISTED_OBJECTS)
         return objects
 
     with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(classes)))) as pool:

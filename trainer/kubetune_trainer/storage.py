@@ -93,6 +93,10 @@ class ObjectInfo:
     etag: str
 
 
+def listing_too_long(prefix: S3Uri, limit: int, what: str = "objects") -> StorageError:
+    return StorageError(f"more than {limit:,} {what} under {prefix}/, the most a listing reads")
+
+
 def resolve_endpoint(spec_endpoint: str | None, override: str | None = None) -> str | None:
     """The S3 endpoint to use: an explicit override (--s3-endpoint) first, then the spec, then AWS_ENDPOINT_URL.
 
@@ -195,7 +199,7 @@ class S3Store:
             for page in pages:
                 names += [common["Prefix"][len(base) :].rstrip("/") for common in page.get("CommonPrefixes", [])]
                 if len(names) > limit:
-                    raise StorageError(f"more than {limit:,} folders under {prefix}/, the most a listing reads")
+                    raise listing_too_long(prefix, limit, "folders")
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, prefix, "list") from None
         return sorted(n for n in names if n)
@@ -223,7 +227,7 @@ class S3Store:
                 for item in page.get("Contents", []):
                     out.append(ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"')))
                 if len(out) > limit:
-                    raise StorageError(f"more than {limit:,} objects under {prefix}/, the most a listing reads")
+                    raise listing_too_long(prefix, limit)
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, prefix, "list") from None
         return out
