@@ -35,3 +35,7 @@ class CheckpointError(TrainerError):
 
 class DataError(TrainerError):
     """The dataset is empty, malformed or has too many unreadable images."""
+
+
+class UnsafeNameError(TrainerError):
+    """A remote name (an S3 key, a COCO file_name) that would not stay inside its local folder."""
