@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from kubernetes import client, config, watch
 
-from kubetune_operator.devcluster.apimachinery import human_duration, jsonpath
-from kubetune_operator.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.apimachinery import human_duration, jsonpath
+from kubetune_dev.devcluster.cluster import DevCluster
 from kubetune_operator.kube import Kube
 from kubetune_operator.main import bookkeeping_in_status
 

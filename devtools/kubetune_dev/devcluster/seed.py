@@ -112,7 +112,7 @@ def base_weights(architecture: str, image_size: int, cache_dir: Path = DEFAULT_C
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
         log.info("base weights: epoch %d loss %.3f", epoch + 1, total / len(y))
     model.eval()
     with torch.no_grad():
@@ -126,7 +126,7 @@ def base_weights(architecture: str, image_size: int, cache_dir: Path = DEFAULT_C
 
 def seed_demo(client: Any, spec: dict[str, Any], cache_dir: Path = DEFAULT_CACHE) -> dict[str, Any]:
     """Put a job's base weights and dataset where its spec says (buckets made as needed)."""
-    from kubetune_operator.devcluster.s3 import ensure_bucket
+    from kubetune_dev.devcluster.s3 import ensure_bucket
 
     model, data, output = spec["model"], spec["data"], spec["output"]
     size = int(data.get("imageSize") or 32)
