@@ -256,7 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from kubetune_dev.demo import DemoOptions
         from kubetune_dev.demo import main as demo_main
     except ModuleNotFoundError as exc:
-        print(DEMO_MISSING.format(missing=exc.name or "a module it imports"), file=sys.stderr)
+        print(DEMO_MISSING.format(missing=(exc.name or "a module it imports").split(".")[0]), file=sys.stderr)
         return 2
     options = DemoOptions(
         workdir=args.workdir, manifest=args.manifest, keep_running=args.keep_running, timeout=args.timeout
