@@ -3,8 +3,8 @@
 The lines are read from the documents themselves (code blocks and inline code), so a new one is tested as
 soon as it is written. Placeholders become real files: `job.yaml`/`other.yaml` a valid example (an invalid
 one for `run --local`, which would otherwise train here), `URL` an address; `[optional]` parts are tried
-with and without. `kubetune demo` lines run the whole demo, so here they are only parsed, and
-tests/e2e/test_demo_cli.py runs each of them through the console script (slow).
+with and without. `kubetune demo` lines (but `--help`) run the whole demo, so here they are only parsed,
+and tests/e2e/test_demo_cli.py runs each of them through the console script (slow).
 """
 
 from __future__ import annotations
@@ -66,15 +66,23 @@ def test_the_documents_show_each_subcommand_with_its_flags() -> None:
         "kubetune run job.yaml --local --s3-endpoint URL",
         "kubetune demo",
         "kubetune demo --keep-running",
+        "kubetune demo --help",
     } <= set(LINES), LINES
+
+
+def runs_the_demo(line: str) -> bool:
+    return line.split()[1] == "demo" and "--help" not in line.split()
 
 
 @pytest.mark.parametrize("line", LINES)
 def test_each_documented_line_parses(line: str) -> None:
-    parser().parse_args(shlex.split(line)[1:])  # exits 2 with a usage message if not
+    try:
+        parser().parse_args(shlex.split(line)[1:])
+    except SystemExit as exited:  # a usage error exits 2; --help exits 0
+        assert exited.code == 0 and "--help" in line, line
 
 
-@pytest.mark.parametrize("line", [line for line in LINES if line.split()[1] == "demo"])
+@pytest.mark.parametrize("line", [line for line in LINES if runs_the_demo(line)])
 def test_each_documented_demo_line_is_run_by_the_demo_tests(line: str) -> None:
     assert line in RUN_BY_THE_DEMO_TESTS
 
@@ -89,12 +97,14 @@ def prepared(line: str, folder: Path) -> list[str]:
     return [{"URL": "http://127.0.0.1:9"}.get(arg, arg) for arg in shlex.split(line)[1:]]
 
 
-@pytest.mark.parametrize("line", [line for line in LINES if line.split()[1] != "demo"])
+@pytest.mark.parametrize("line", [line for line in LINES if not runs_the_demo(line)])
 def test_each_documented_line_works_through_the_console_script(line: str, tmp_path: Path) -> None:
     done = subprocess.run(
         [str(KUBETUNE), *prepared(line, tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
-    if line.split()[1] == "run":
+    if "--help" in line.split():
+        assert done.returncode == 0 and done.stdout.startswith("usage: kubetune"), done.stderr
+    elif line.split()[1] == "run":
         assert done.returncode == 1, done.stderr
         assert "spec.training.epochs: must be >= 1 (got 0)" in done.stderr
     else:
