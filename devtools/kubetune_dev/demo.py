@@ -297,34 +297,33 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
+def stop_signals_handled_by(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` inside the block, to what they went to before after it."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+def signals_raise() -> contextlib.AbstractContextManager[None]:
     """SIGINT and SIGTERM raise `Interrupted` in the main thread while the demo runs.
 
     Set explicitly, whatever this process inherited: a shell starts background jobs with SIGINT ignored,
     and Python keeps it ignored then; SIGTERM's default ends the process without any clean-up at all, so
     the Ray processes (in sessions of their own) would stay behind.
     """
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return stop_signals_handled_by(_raise_interrupted)
 
 
-@contextlib.contextmanager
-def signals_held(out: TextIO) -> Iterator[None]:
+def signals_held(out: TextIO) -> contextlib.AbstractContextManager[None]:
     """While stopping (a few seconds), a second Ctrl-C says so instead of cutting the clean-up short."""
 
     def held(signum: int, frame: FrameType | None) -> None:
         print(f"kubetune demo: {signal.Signals(signum).name}: still stopping ...", file=out, flush=True)
 
-    previous = {sig: signal.signal(sig, held) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return stop_signals_handled_by(held)
 
 
 def main(options: DemoOptions, out: TextIO = sys.stdout) -> int:

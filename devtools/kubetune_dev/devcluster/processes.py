@@ -80,16 +80,23 @@ def adopt_orphans() -> bool:
         return False
 
 
+def send(sig: int, procs: list[ProcInfo], *, group: int | None = None) -> list[ProcInfo]:
+    """`sig` to a process group (if given) and to each of `procs`; returns the procs it reached."""
+    if group is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+    reached = []
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, sig)
+            reached.append(proc)
+    return reached
+
+
 def kill_descendants(pid: int | None = None) -> list[ProcInfo]:
     """SIGKILL every live descendant of `pid` (this process by default); returns those it killed."""
-    killed = []
-    for proc in descendants_of(os.getpid() if pid is None else pid):
-        if not proc.alive:
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(proc.pid, signal.SIGKILL)
-            killed.append(proc)
-    return killed
+    alive = [proc for proc in descendants_of(os.getpid() if pid is None else pid) if proc.alive]
+    return send(signal.SIGKILL, alive)
 
 
 def free_port() -> int:
@@ -163,19 +170,11 @@ class LocalProcess:
         outside = [p for p in self.descendants() if p.pgid != pgid]
         members = [p for p in self._group_members(pgid) + outside if p.alive]
         if self.proc.returncode is None or members:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
-            for member in outside:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(member.pid, signal.SIGTERM)
+            send(signal.SIGTERM, outside, group=pgid)
             if self.proc.returncode is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.proc.wait(), timeout=grace)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            for member in members:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(member.pid, signal.SIGKILL)
+            send(signal.SIGKILL, members, group=pgid)
         if self.proc.returncode is None:
             await self.proc.wait()
         return len(members)
