@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from kubernetes import client, config, watch
 
-from kubetune_operator.devcluster.apimachinery import human_duration, jsonpath
-from kubetune_operator.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.apimachinery import human_duration, jsonpath
+from kubetune_dev.devcluster.cluster import DevCluster
 
 NS = "default"
 FTJ = ("kubetune.dev", "v1alpha1", NS, "finetunejobs")
