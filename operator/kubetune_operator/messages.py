@@ -49,16 +49,19 @@ _LETTERS_DIGITS_DASH = "lowercase letters, digits and '-'"
 PATTERNS_IN_WORDS: dict[str, str] = {
     S3_PREFIX_PATTERN: (
         "must be an s3:// prefix like s3://<bucket>/<path>/: a bucket name of 3-63 lowercase letters, digits, "
-        "'.' or '-', and a path without spaces or empty segments"
+        "'.' or '-', and a path without spaces and without empty, '.' or '..' segments"
     ),
-    S3_OBJECT_PATTERN: "must be an s3:// URI of an object like s3://<bucket>/<key>, without spaces or empty segments",
+    S3_OBJECT_PATTERN: (
+        "must be an s3:// URI of an object like s3://<bucket>/<key>, without spaces and without empty, '.' or '..' "
+        "segments"
+    ),
     CHECKPOINT_PATTERN: (
         "must be an s3:// URI of a .safetensors/.pt/.pth/.bin object like s3://<bucket>/<path>/model.safetensors "
-        "(lowercase bucket name, no spaces)"
+        "(lowercase bucket, no spaces, no empty, . or .. segments)"
     ),
     ANNOTATIONS_PATTERN: (
-        "must be an s3:// URI of a COCO .json file like s3://<bucket>/<path>/train.json (lowercase bucket name, "
-        "no spaces)"
+        "must be an s3:// URI of a COCO .json file like s3://<bucket>/<path>/train.json (lowercase bucket, no "
+        "spaces, no empty, . or .. segments)"
     ),
     ARCHITECTURE_PATTERN: "must be a timm model name: lowercase letters, digits, '_', '.' and '-', e.g. resnet50",
     ENDPOINT_PATTERN: "must be an http:// or https:// URL like https://minio.example.com:9000",
