@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from kubetune_operator.spec import (
+    DISK_SIZE_PATTERN,
     DNS_LABEL,
     IMAGE_PATTERN,
     LABEL_VALUE,
@@ -80,6 +81,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     ),
     LABEL_VALUE: "must be a label value: up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
     QUANTITY_PATTERN: "must be a Kubernetes quantity: a number with an optional unit, e.g. 512Mi, 16Gi or 2G",
+    DISK_SIZE_PATTERN: "must be a whole number of Mi, Gi or Ti above zero, e.g. 500Mi, 20Gi or 2Ti",
     IMAGE_PATTERN: "must be a container image reference without spaces",
     REASON_PATTERN: "must be a CamelCase word",
 }
