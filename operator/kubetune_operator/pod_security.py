@@ -40,28 +40,29 @@ _CACHE_VOLUME = "kubetune-cache"
 _MEBIBYTES = {"Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}
 
 
-def pod_security_context() -> dict[str, Any]:
-    """The pod's securityContext: non-root as the image's user; volumes group-owned by its group."""
+def _as_the_trainer_user() -> dict[str, Any]:
+    """What pod and container both say: the image's own user, never root, the default seccomp filter."""
     return {
         "runAsNonRoot": True,
         "runAsUser": TRAINER_UID,
         "runAsGroup": TRAINER_GID,
-        "fsGroup": TRAINER_GID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The pod's securityContext: volumes are group-owned by the image's group."""
+    return {**_as_the_trainer_user(), "fsGroup": TRAINER_GID}
 
 
 def container_security_context() -> dict[str, Any]:
     """The Ray container's securityContext (KubeRay copies it to the init container it adds to workers)."""
     return {
-        "runAsNonRoot": True,
-        "runAsUser": TRAINER_UID,
-        "runAsGroup": TRAINER_GID,
+        **_as_the_trainer_user(),
         "allowPrivilegeEscalation": False,
         "privileged": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 

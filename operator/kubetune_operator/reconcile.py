@@ -137,22 +137,21 @@ async def _ensure_owned(rt: Runtime, meta: JobMeta, obj: dict[str, Any], *, like
             "deleted, or one made by hand): the job launches once it is gone"
         )
         logger.warning("%s: cannot launch yet: %s", meta.source, message)
-        await rt.status.update(
-            meta.namespace,
-            meta.name,
-            lambda cur: lifecycle.waiting(cur, Reason.PREVIOUS_CHILD_STILL_EXISTS, message, now=rt.clock()),
-        )
-        raise kopf.TemporaryError(message, delay=rt.settings.preflight_backoff_seconds)
+        delay = rt.settings.preflight_backoff_seconds
+        await _wait(rt, meta, Reason.PREVIOUS_CHILD_STILL_EXISTS, message, delay=delay)
 
 
 async def _wait_for_kuberay(rt: Runtime, meta: JobMeta) -> NoReturn:
     logger.error("%s: cannot launch: %s", meta.source, KUBERAY_MISSING)
+    await _wait(rt, meta, Reason.KUBERAY_NOT_INSTALLED, KUBERAY_MISSING, delay=rt.settings.kuberay_retry_seconds)
+
+
+async def _wait(rt: Runtime, meta: JobMeta, reason: Reason, message: str, *, delay: float) -> NoReturn:
+    """The job stays Pending saying why, and the launch is tried again in `delay` seconds."""
     await rt.status.update(
-        meta.namespace,
-        meta.name,
-        lambda cur: lifecycle.waiting(cur, Reason.KUBERAY_NOT_INSTALLED, KUBERAY_MISSING, now=rt.clock()),
+        meta.namespace, meta.name, lambda cur: lifecycle.waiting(cur, reason, message, now=rt.clock())
     )
-    raise kopf.TemporaryError(KUBERAY_MISSING, delay=rt.settings.kuberay_retry_seconds)
+    raise kopf.TemporaryError(message, delay=delay)
 
 
 async def _preflight_passes(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: int) -> bool:
