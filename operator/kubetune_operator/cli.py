@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -230,7 +229,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kubetune_operator.config import trainer_config
 
     job = jobs[0]
-    endpoint = args.s3_endpoint or job.spec.storage.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     try:
         from kubetune_trainer.local import run_local
     except ModuleNotFoundError as exc:
@@ -239,7 +237,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return run_local(trainer_config(job), s3_endpoint=endpoint)
+    # run_local resolves the endpoint: --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL.
+    return run_local(trainer_config(job), s3_endpoint=args.s3_endpoint)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -34,8 +34,7 @@ from shapes_world import (
     pretrained_detector,
     random_detector,
 )
-
-from kubetune_trainer.loop import FAULT_ENV
+from trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
 
 SHAPES = f"s3://{DATA_BUCKET}/shapes-new"
 PRETRAINED_DETECTOR = f"s3://{MODEL_BUCKET}/shapes-rgb/{DETECTOR}.safetensors"
@@ -114,7 +113,7 @@ def finetuned(shapes: Shapes) -> subprocess.CompletedProcess[str]:
     epoch 1 and Ray Train restarts it from that checkpoint."""
     path = shapes.world.workdir / "shapes-finetune.yaml"
     path.write_text(yaml.safe_dump(shapes.manifest("shapes-finetune", PRETRAINED_DETECTOR)))
-    return shapes.world.kubetune_run(path, **{FAULT_ENV: "1"})
+    return shapes.world.kubetune_run(path, **FAIL_ONCE_AFTER_FIRST_EPOCH)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Protocol, TextIO
 
 from pydantic import Field
 
@@ -69,7 +69,6 @@ class ProgressUpdate(CamelModel):
     )
 
 
-@runtime_checkable
 class ProgressReporter(Protocol):
     def report(self, update: ProgressUpdate) -> None: ...
 
