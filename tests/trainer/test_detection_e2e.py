@@ -3,7 +3,7 @@ pretrained on other shapes, `kubetune run FILE --local` and `python -m kubetune_
 on a real local Ray.
 
 Two runs share the work of every test here (module fixtures): fine-tuning from the pretrained detector
-through `kubetune run --local`, interrupted once by the fault hook and resumed; and the same budget
+through `kubetune run --local`, interrupted once by a test fault (trainer_faults.py) and resumed; and the same budget
 from random weights through `python -m kubetune_trainer`. Budget (2 shared CPU cores): SSDlite at 64 px,
 96 training and 24 validation images, 6 epochs of batch 8, head strategy, two DDP workers of one CPU
 each (so the validation predictions are gathered across workers). The pretraining is cached under

@@ -64,7 +64,7 @@ def driver_reporters(config: TrainerConfig, console: ProgressReporter | None) ->
         try:
             from kubetune_trainer.operator_reporter import OperatorReporter
 
-            operator = OperatorReporter.from_target(config.progress, rank=0)
+            operator = OperatorReporter.from_target(config.progress)
             if operator is not None:
                 reporters.append(operator)
         except Exception:

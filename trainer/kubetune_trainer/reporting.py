@@ -123,7 +123,7 @@ class ConsoleReporter:
                 self._write_line(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
                 return
             now = time.monotonic()
-            epoch_done = update.phase in ("Checkpointing", "Finished")
+            epoch_done = update.phase == "Checkpointing"
             new_epoch = update.epoch != self._last_epoch
             if not (epoch_done or new_epoch or now - self._last >= self.interval):
                 return
