@@ -112,6 +112,9 @@ class Worker:
 
 @dataclass
 class Loaders:
+    """This worker's data: its training shard (and the sampler that orders it) and its validation shard;
+    `validation_set` is the whole validation dataset (rank 0 draws the task's final pictures from it)."""
+
     train: Any
     sampler: Any
     validation: Any

@@ -39,7 +39,7 @@ from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.relay import Relay, driver_reporters, run_events
 from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
-from kubetune_trainer.tasks import Task, check_architecture, find_task, task_from_wire
+from kubetune_trainer.tasks import Task, Trained, check_architecture, find_task, task_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,6 @@ def export(config: TrainerConfig, prepared: Prepared, last: S3Uri) -> Outcome:
     history = list(progress["history"])
     task = prepared.task
     final = progress.get("final") or {}
-    card = task.card(prepared.data_config, prepared.weights_report, history, final, datetime.now(UTC))
+    card = task.card(Trained(prepared.data_config, prepared.weights_report, history, final, datetime.now(UTC)))
     output = export_model(store, config, last, card, history, task.panels, extra_files=task.exported_files)
     return Outcome(output=output, metrics=dict(history[-1]), epochs=len(history))

@@ -25,7 +25,7 @@ from typing import Any
 
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.storage import S3Store
-from kubetune_trainer.tasks.base import Stepping, Task
+from kubetune_trainer.tasks.base import Stepping, Task, Trained
 from kubetune_trainer.tasks.classification import ClassificationTask
 from kubetune_trainer.tasks.detection import DetectionTask
 
@@ -34,6 +34,7 @@ __all__ = [
     "DetectionTask",
     "Stepping",
     "Task",
+    "Trained",
     "check_architecture",
     "find_task",
     "task_from_wire",

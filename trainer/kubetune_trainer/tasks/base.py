@@ -8,6 +8,7 @@ plain data (`wire`, `tasks.task_from_wire`). The driver and the loop never ask w
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +20,18 @@ from kubetune_trainer.data import DatasetIndex
 from kubetune_trainer.export import Panel
 from kubetune_trainer.model import TrainablePlan, WeightsReport
 from kubetune_trainer.steps import Autocast
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a model card says beyond the task's own data: how the model sees images (`Task.preprocessing`),
+    how the base weights fitted, the history, what `Task.final_files` returned, when the run finished."""
+
+    preprocessing: Mapping[str, Any]
+    weights: WeightsReport
+    history: Sequence[Mapping[str, Any]]
+    final: Mapping[str, Any]
+    finished_at: datetime
 
 
 class Stepping(Protocol):
@@ -79,13 +92,6 @@ class Task(Protocol):
         """Write extra files of the last checkpoint into `folder` (rank 0); facts about them for the card."""
         ...
 
-    def card(
-        self,
-        preprocessing: Mapping[str, Any],
-        weights: WeightsReport,
-        history: Sequence[Mapping[str, Any]],
-        final: Mapping[str, Any],
-        finished_at: datetime,
-    ) -> dict[str, Any]:
-        """model.json; `final` is what `final_files` returned."""
+    def card(self, trained: Trained) -> dict[str, Any]:
+        """model.json: the task's data and model, and `trained`."""
         ...

@@ -3,8 +3,7 @@ accuracy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from kubetune_trainer.model import (
 )
 from kubetune_trainer.steps import Autocast, Stepper
 from kubetune_trainer.storage import S3Store
+from kubetune_trainer.tasks.base import Trained
 
 
 class ClassificationTask:
@@ -67,15 +67,10 @@ class ClassificationTask:
     def summary(self) -> list[str]:
         return []
 
-    def card(
-        self,
-        preprocessing: Mapping[str, Any],
-        weights: WeightsReport,
-        history: Sequence[Mapping[str, Any]],
-        final: Mapping[str, Any],
-        finished_at: datetime,
-    ) -> dict[str, Any]:
-        return classification_card(self.config, self.index, preprocessing, weights, history, finished_at)
+    def card(self, trained: Trained) -> dict[str, Any]:
+        return classification_card(
+            self.config, self.index, trained.preprocessing, trained.weights, trained.history, trained.finished_at
+        )
 
     # -- the model ----------------------------------------------------------------------------------
 

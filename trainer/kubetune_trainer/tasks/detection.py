@@ -3,8 +3,7 @@ and mAP@.5, and a picture of the final model's detections."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from kubetune_trainer.export import DETECTION_PANELS, DETECTIONS_FILE, Panel, de
 from kubetune_trainer.model import TrainablePlan, WeightsReport
 from kubetune_trainer.steps import Autocast, DetectionStepper
 from kubetune_trainer.storage import S3Store
+from kubetune_trainer.tasks.base import Trained
 
 # Validation images drawn in detections.png.
 PICTURE_IMAGES = 8
@@ -102,17 +102,17 @@ class DetectionTask:
     def summary(self) -> list[str]:
         return [f"annotations: {annotation_summary(self.boxes)}"]
 
-    def card(
-        self,
-        preprocessing: Mapping[str, Any],
-        weights: WeightsReport,
-        history: Sequence[Mapping[str, Any]],
-        final: Mapping[str, Any],
-        finished_at: datetime,
-    ) -> dict[str, Any]:
-        threshold = float(final.get("scoreThreshold", SCORE_THRESHOLD))
+    def card(self, trained: Trained) -> dict[str, Any]:
+        """`scoreThreshold`: the one detections.png was drawn at (`final_files`)."""
+        threshold = float(trained.final.get("scoreThreshold", SCORE_THRESHOLD))
         return detection_card(
-            self.config, self.boxes, preprocessing, weights, history, finished_at, score_threshold=threshold
+            self.config,
+            self.boxes,
+            trained.preprocessing,
+            trained.weights,
+            trained.history,
+            trained.finished_at,
+            score_threshold=threshold,
         )
 
     # -- the model ----------------------------------------------------------------------------------
