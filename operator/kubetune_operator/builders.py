@@ -12,9 +12,9 @@ import hashlib
 import json
 from typing import Any
 
-from kubetune_operator.config import trainer_config
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
+from kubetune_operator.trainer_config import trainer_config
 from kubetune_trainer.config import CONFIG_ENV, RAY_TRAIN_ENV, ProgressTarget
 
 RAYJOB_API_VERSION = "ray.io/v1"
@@ -36,10 +36,8 @@ MUTABLE_SPEC_FIELDS = (("runPolicy", "suspend"), ("runPolicy", "ttlSecondsAfterF
 # per job than a ConfigMap.
 ENTRYPOINT = "python -m kubetune_trainer"
 # Every job's pods share one ServiceAccount per namespace (one object fewer to create per job); what ties a
-# token to one job is its audience, `token_audience(...)`. Jobs launched by earlier versions had a
-# ServiceAccount `<job>-trainer` and tokens with the bare LEGACY_TOKEN_AUDIENCE.
+# token to one job is its audience, `token_audience(...)`.
 TOKEN_AUDIENCE_PREFIX = "kubetune.dev"
-LEGACY_TOKEN_AUDIENCE = TOKEN_AUDIENCE_PREFIX
 TRAINER_COMPONENT = "trainer-identity"
 TOKEN_DIR = "/var/run/secrets/kubetune.dev"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
@@ -60,11 +58,6 @@ def token_audience(namespace: str, name: str, uid: str | None) -> str:
     from a file has none yet (`kubetune render`), and gets its namespace and name instead.
     """
     return f"{TOKEN_AUDIENCE_PREFIX}/{uid}" if uid else f"{TOKEN_AUDIENCE_PREFIX}/{namespace}/{name}"
-
-
-def legacy_service_account_name(job_name: str) -> str:
-    """The per-job ServiceAccount of jobs launched by earlier versions (their pods still use it)."""
-    return f"{job_name}-trainer"
 
 
 def rayjob_name(job_name: str) -> str:

@@ -132,8 +132,8 @@ def from_random(shapes: Shapes) -> subprocess.CompletedProcess[str]:
 
 
 def trainer_config_json(manifest: dict[str, Any]) -> str:
-    from kubetune_operator.config import trainer_config
     from kubetune_operator.spec import FineTuneJob
+    from kubetune_operator.trainer_config import trainer_config
 
     return trainer_config(FineTuneJob.model_validate(manifest)).model_dump_json(by_alias=True, exclude_none=True)
 

@@ -45,6 +45,8 @@ def use_ray_train_env() -> None:
         os.environ.setdefault(name, value)
 
 
+# The most classes a model may have: model.numClasses, class folders, COCO categories.
+MAX_CLASSES = 100_000
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
 ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
@@ -161,7 +163,7 @@ class ModelSpec(SpecSection):
     num_classes: int | None = Field(
         default=None,
         ge=2,
-        le=100_000,
+        le=MAX_CLASSES,
         description="Number of classes of the new task; inferred from the dataset's class folders when omitted.",
     )
     strategy: Literal["head", "partial", "full"] = Field(

@@ -37,6 +37,10 @@ class DataError(TrainerError):
     """The dataset is empty, malformed or has too many unreadable images."""
 
 
+class UnsafeNameError(TrainerError):
+    """A remote name (an S3 key, a COCO file_name) that would not stay inside its local folder."""
+
+
 # Ray Train's header line above a failure's cause; the cause is the line worth showing.
 RAY_FAILURE_HEADER = "Training failed due to"
 
