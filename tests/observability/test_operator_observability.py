@@ -23,7 +23,7 @@ from observability_stands import REPO, AnswersTokenReviews
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.reporting import ProgressUpdate
+from kubetune_trainer.progress_model import ProgressUpdate
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))  # the harness lives with the operator tests
 from operator_harness import (

@@ -30,7 +30,7 @@ from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import OperatorMetrics, serve_metrics
 from kubetune_operator.progress import ProgressServer
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.reporting import ProgressUpdate
+from kubetune_trainer.progress_model import ProgressUpdate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -34,7 +34,8 @@ from kubetune_trainer.detection_eval import (
 from kubetune_trainer.detection_model import apply_detection_strategy, build_detector, create_detector
 from kubetune_trainer.errors import CheckpointError, ConfigError, DataError
 from kubetune_trainer.local import summary
-from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, progress_line
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
+from kubetune_trainer.reporting import progress_line
 from kubetune_trainer.run import check_inputs, prepare
 from kubetune_trainer.storage import S3Store
 from kubetune_trainer.tasks import DetectionTask
