@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import operator_api
-from chart_support import Rendered
+from tests.support import operator_api
+from tests.support.chart_support import Rendered
 
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
 # kopf lists and watches namespaces when it serves a list of them rather than the whole cluster.

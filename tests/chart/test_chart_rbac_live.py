@@ -10,17 +10,13 @@ exercise (listed below with the reason).
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from chart_support import REPO, Rendered
-from moto.server import ThreadedMotoServer
 
-sys.path.insert(0, str(REPO / "tests" / "operator"))
-from operator_harness import FAST_SETTINGS, OperatorHarness, finetunejob, running_operator
-from s3_world import ACCESS_KEY, SECRET_KEY, S3World
+from tests.support.chart_support import Rendered
+from tests.support.operator_harness import FAST_SETTINGS, OperatorHarness, finetunejob, running_operator
+from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 Grant = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 NS, NAME = "default", "flowers"
@@ -33,17 +29,6 @@ NOT_EXERCISED_HERE: dict[Grant, str] = {
     ("kubetune.dev", "finetunejobs", "get"): "status writes start from the watched job: read by the progress endpoint "
     "(off here) and for a RayJob seen before its job (an operator restart)",
 }
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3World]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield S3World(f"http://{host}:{port}")
-    finally:
-        server.stop()
 
 
 async def _set_rayjob(op: OperatorHarness, deployment: str, job: str) -> None:

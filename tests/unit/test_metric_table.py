@@ -98,7 +98,11 @@ def test_history_and_the_card_take_only_the_tables_metrics() -> None:
     with pytest.raises(ValueError, match=r"\['valF1'\] are not in progress_model.METRICS"):
         history_entry(3, {"valF1": 0.5}, 1.0)
     # The learning rate is in the history, not in the card.
-    assert card_metrics({**entry, "learningRate": 0.1}) == {"trainLoss": 0.5, "valAccuracy": 0.9, "imagesPerSecond": 10.0}
+    assert card_metrics({**entry, "learningRate": 0.1}) == {
+        "trainLoss": 0.5,
+        "valAccuracy": 0.9,
+        "imagesPerSecond": 10.0,
+    }
 
 
 # -- a row added to the table shows up in each place -------------------------------------------------
@@ -156,7 +160,9 @@ def test_a_new_row_is_a_gauge_and_a_printer_column() -> None:
     assert gauge_value(metrics, "kubetune_job_validation_f1_ratio", "cats") == 0.75
     metrics.forget_job(NS, "cats")
     assert gauge_value(metrics, "kubetune_job_validation_f1_ratio", "cats") is None
-    column = next(c for c in crd_module.crd()["spec"]["versions"][0]["additionalPrinterColumns"] if c["name"] == "Val-F1")
+    column = next(
+        c for c in crd_module.crd()["spec"]["versions"][0]["additionalPrinterColumns"] if c["name"] == "Val-F1"
+    )
     assert column == {
         "name": "Val-F1",
         "type": "number",

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tests.support.paths import REPO
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 200, 40),
@@ -105,7 +107,7 @@ PRETRAIN_RECIPE: dict[str, Any] = {
     "learningRate": 4e-3,
     "seed": 0,
 }
-CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "kubetune-tests"
+CACHE_DIR = REPO / ".cache" / "kubetune-tests"
 
 
 def as_tensors(shapes: ShapesSet) -> tuple[list[Any], list[dict[str, Any]]]:
