@@ -109,11 +109,12 @@ class OperatorMetrics:
             for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
                 self.registry.register(collector)
         self._declare_job_families(self.registry)
+        self._declare_totals(self.registry)
         self._declare_operator_families(self.registry)
         self._start_series()
 
     def _declare_job_families(self, r: CollectorRegistry) -> None:
-        """The families about jobs: per phase, and per job (which go when the job goes)."""
+        """The gauges about jobs: per phase, and per job (which go when the job goes)."""
         self.jobs = Gauge("kubetune_jobs", "FineTuneJobs by phase.", ["namespace", "phase"], registry=r)
         self.job_phase = Gauge(
             "kubetune_job_phase", "1 for the current phase of each FineTuneJob.", [*JOB_LABELS, "phase"], registry=r
@@ -148,6 +149,9 @@ class OperatorMetrics:
             self.job_eta,
             self.job_last_progress,
         )
+
+    def _declare_totals(self, r: CollectorRegistry) -> None:
+        """What finished jobs add up to: queue and run times, completions, restarts."""
         self.queue_time = Histogram(
             "kubetune_job_queue_duration_seconds",
             "Time from creating a FineTuneJob until its run is Running.",
