@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.chart_support import Rendered
+from tests.support.chart_support import Grant, Rendered, grants
 from tests.support.operator_harness import FAST_SETTINGS, OperatorHarness, finetunejob, running_operator
 from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
-Grant = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 NS, NAME = "default", "flowers"
 
 NOT_EXERCISED_HERE: dict[Grant, str] = {
@@ -57,17 +56,6 @@ async def _whole_life_of_a_job(op: OperatorHarness, s3: S3World) -> None:
     await op.wait_for(lambda: op.job(NS, NAME) is None, timeout=10, what="the job deleted after its TTL")
 
 
-def _granted(roles: list[dict[str, Any]]) -> set[Grant]:
-    return {
-        (group, resource, verb)
-        for role in roles
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
-
-
 @pytest.mark.asyncio
 async def test_every_request_of_a_jobs_life_is_granted_and_every_grant_used(
     rendered: dict[str, Rendered], s3: S3World
@@ -82,7 +70,7 @@ async def test_every_request_of_a_jobs_life_is_granted_and_every_grant_used(
             continue  # discovery documents (/api, /apis/<group>/<version>): every client may read them
         resource = f"{request.resource}/{request.subresource}" if request.subresource else request.resource
         used.setdefault((request.group, resource, request.verb), f"{request.namespace}/{request.name}")
-    granted = _granted(rendered["defaults"].all("ClusterRole"))
+    granted = grants(rendered["defaults"].all("ClusterRole"))
 
     denied = {grant: example for grant, example in used.items() if grant not in granted}
     assert denied == {}, f"the operator would be refused these (grant: an object it was for): {denied}"
