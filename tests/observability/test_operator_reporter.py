@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.reporting import ProgressUpdate
+from kubetune_trainer.progress_model import ProgressUpdate
 
 
 def progress(step: int, **metrics: float) -> ProgressUpdate:
@@ -188,15 +188,6 @@ def test_non_finite_metrics_are_left_out_rather_than_breaking_the_update(operato
     rep.close()
     assert [body["step"] for body in operator.received] == [7]
     assert operator.received[0]["metrics"] == {"imagesPerSecond": 100.0}
-
-
-def test_only_rank_zero_reports(operator: Operator, token: Path) -> None:
-    workers = [reporter(operator.url, token, rank=rank) for rank in range(4)]
-    for rank, rep in enumerate(workers):
-        rep.report(progress(rank + 1))
-    for rep in workers:
-        rep.close()
-    assert [body["step"] for body in operator.received] == [1]
 
 
 def test_a_missing_token_file_is_retried_until_it_appears(operator: Operator, tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ import logging
 import re
 
 import pytest
-from operator_harness import (
+from prometheus_client import generate_latest
+
+from tests.support.operator_harness import (
     EVENTS,
     FINETUNEJOBS,
     NETWORKPOLICIES,
@@ -21,7 +23,6 @@ from operator_harness import (
     finetunejob,
     running_operator,
 )
-from prometheus_client import generate_latest
 
 pytestmark = pytest.mark.asyncio
 

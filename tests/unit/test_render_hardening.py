@@ -15,8 +15,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from pod_security_standards import restricted_violations
 from test_builders import KUBERNETES_VERSION, assert_valid_rayjob
+
+from tests.support.pod_security_standards import restricted_violations
 
 REPO = Path(__file__).resolve().parents[2]
 KUBETUNE = Path(sys.executable).with_name("kubetune")
