@@ -32,8 +32,10 @@ from aiohttp import web
 from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, service_account_username
 from kubetune_operator.builders import token_audience
 from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.pod_additions import service_account_name
+from kubetune_operator.pod_names import HEAD
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
-from kubetune_operator.spec import ProgressStatus
+from kubetune_operator.spec import FineTuneJob, ProgressStatus
 from kubetune_trainer.progress_model import ProgressUpdate  # pydantic only: no torch or Ray in the operator
 
 log = logging.getLogger(__name__)
@@ -195,8 +197,9 @@ class ProgressServer:
         if obj is None:
             return self._answer("rejected", 404, f"no FineTuneJob {job}", job)
         uid = (obj.get("metadata") or {}).get("uid")
+        account = reporting_account(obj, self.trainer_service_account)
         try:
-            refusal = await self._authorize(token, namespace, name, str(uid) if uid else None)
+            refusal = await self._authorize(token, namespace, name, str(uid) if uid else None, account)
         except ReviewUnavailableError as exc:
             log.error("progress for %s: cannot review its token: %s", job, exc)
             return self._answer("error", 503, "the operator cannot check tokens right now", job, retry_after=5)
@@ -230,12 +233,12 @@ class ProgressServer:
                 log.error("progress for %s: cannot update the status: %s", job, exc)
                 return self._answer("error", 503, "the operator cannot update the job right now", job, retry_after=5)
 
-    async def _authorize(self, token: str, namespace: str, name: str, uid: str | None) -> int | None:
+    async def _authorize(self, token: str, namespace: str, name: str, uid: str | None, account: str) -> int | None:
         """None when `token` may report for the job; else 401 (not authentic for it) or 403 (someone else's)."""
         identity = await self.reviewer.authenticate(token, token_audience(namespace, name, uid))
         if identity is None:
             return 401
-        if identity.username != service_account_username(namespace, self.trainer_service_account):
+        if identity.username != service_account_username(namespace, account):
             log.warning("progress for %s/%s refused: sent by %s", namespace, name, identity.username)
             return 403
         return None
@@ -302,6 +305,16 @@ class ProgressServer:
             lock = self._locks.get(key)
             if lock is not None and not lock.locked():
                 del self._locks[key]
+
+
+def reporting_account(obj: Mapping[str, Any], default: str) -> str:
+    """The ServiceAccount the job's head pod runs as (its driver reports progress): the podTemplate's, else
+    the shared trainer account. A spec that no longer parses reports as the shared account."""
+    try:
+        job = FineTuneJob.from_body(dict(obj))
+    except pydantic.ValidationError:
+        return default
+    return service_account_name(job, HEAD, default)
 
 
 def _bearer(header: str) -> str | None:
