@@ -433,8 +433,8 @@ def _both(role: str, field: str) -> str:
     return f"((has(self.{field}) ? self.{field} : []) + (has(self.{role}.{field}) ? self.{role}.{field} : []))"
 
 
-def _merge_cel_rules() -> list[dict[str, Any]]:
-    rules = []
+def _merge_cel_rules() -> list[Any]:
+    rules: list[Any] = []
     for role in ROLES:
         volumes, mounts = _both(role, "spec.volumes"), _both(role, "container.volumeMounts")
         rules.append(
