@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune_trainer import architectures
+
 # An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules. Keys have
 # no whitespace and no empty segments ("a//b"): with at most one trailing slash, "is one prefix inside
 # another" is a plain startsWith after appending "/", which the CRD's CEL rules can express exactly.
@@ -169,9 +171,12 @@ class ModelSpec(SpecSection):
     )
     num_classes: int | None = Field(
         default=None,
-        ge=2,
+        ge=1,
         le=MAX_CLASSES,
-        description="Number of classes of the new task; inferred from the dataset's class folders when omitted.",
+        description=(
+            "Number of classes of the new task (at least 2 for classification; detection may find a single "
+            "class); inferred from the dataset's class folders or COCO categories when omitted."
+        ),
     )
     strategy: Literal["head", "partial", "full"] = Field(
         default="head",
@@ -340,9 +345,21 @@ class StorageSpec(SpecSection):
     )
 
 
+def _unknown_architecture(name: str, known: frozenset[str], what: str) -> ValueError:
+    close = architectures.close_matches(name, known)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    return ValueError(f"model.architecture: '{name}' is not a {what}{hint}")
+
+
 def check_task(task: str, model: ModelSpec, data: DataSpec) -> None:
     """The fields each task accepts; raises ValueError("<field.path>: ...") like the other cross-field rules."""
     detector = model.architecture in DETECTION_ARCHITECTURES
+    if not detector and model.architecture not in architectures.timm_models():
+        if task == "detection":
+            raise _unknown_architecture(model.architecture, frozenset(DETECTION_ARCHITECTURES), "detection model")
+        raise _unknown_architecture(model.architecture, architectures.timm_models(), "timm model")
+    if task == "classification" and model.num_classes == 1:
+        raise ValueError("model.numClasses: must be >= 2 with task classification (1 is allowed for detection)")
     if task == "detection":
         if not detector:
             raise ValueError(
@@ -366,6 +383,11 @@ def _cel_list(items: tuple[str, ...]) -> str:
 
 
 TASK_CEL_RULES = [
+    cel(
+        "self.task == 'detection' || !has(self.model.numClasses) || self.model.numClasses >= 2",
+        "model.numClasses must be >= 2 with task classification (1 is allowed for detection)",
+        ".model.numClasses",
+    ),
     cel(
         "self.task == 'detection' ? has(self.data.annotations) : !has(self.data.annotations)",
         "data.annotations is required with task detection and not allowed with classification",
