@@ -19,6 +19,8 @@ from typing import Any
 from kubetune_operator.pod_additions import add_pod_template, copied_labels, service_account_name
 from kubetune_operator.pod_names import (
     ACCESS_KEY_ID,
+    CA_DIR,
+    CA_VOLUME,
     CACHE_DIR,
     CACHE_DIR_ENV,
     HEAD,
@@ -43,7 +45,7 @@ from kubetune_operator.pod_security import (
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
-from kubetune_trainer.config import CONFIG_ENV, RAY_TRAIN_ENV, ProgressTarget
+from kubetune_trainer.config import CA_BUNDLE_ENV, CONFIG_ENV, RAY_TRAIN_ENV, ProgressTarget
 
 RAYJOB_API_VERSION = "ray.io/v1"
 RAYJOB_KIND = "RayJob"
@@ -154,7 +156,7 @@ def build_service_account(namespace: str, settings: OperatorSettings) -> dict[st
     No ownerReference: it outlives each job. No API token is mounted: the pods never call the Kubernetes
     API; the progress token is a separate projected volume with the job's own audience.
     """
-    return {
+    account: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": {
@@ -164,6 +166,9 @@ def build_service_account(namespace: str, settings: OperatorSettings) -> dict[st
         },
         "automountServiceAccountToken": False,
     }
+    if settings.trainer_service_account_annotations:  # a cloud identity (IRSA, GKE workload identity)
+        account["metadata"]["annotations"] = dict(settings.trainer_service_account_annotations)
+    return account
 
 
 # -- the Ray cluster's token and network ------------------------------------------------------------------
@@ -271,6 +276,8 @@ def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         for key, optional in ((ACCESS_KEY_ID, False), (SECRET_ACCESS_KEY, False), (SESSION_TOKEN, True)):
             ref = {"name": storage.credentials_secret, "key": key, "optional": optional}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    if storage.ca_bundle:
+        env.append(literal_env(CA_BUNDLE_ENV, f"{CA_DIR}/{storage.ca_bundle.key}"))
     target = progress_target(job, settings)
     if target:
         env.append(literal_env(PROGRESS_URL_ENV, target.url))
@@ -285,6 +292,10 @@ def _volumes(job: FineTuneJob, settings: OperatorSettings, component: str) -> li
         {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
         *scratch_volumes(job, component),
     ]
+    ca_bundle = job.spec.storage.ca_bundle
+    if ca_bundle:
+        items = [{"key": ca_bundle.key, "path": ca_bundle.key}]
+        volumes.append({"name": CA_VOLUME, "configMap": {"name": ca_bundle.config_map, "items": items}})
     # The progress token on the head only: its driver alone sends progress.
     if settings.progress_base_url and component == HEAD:
         meta = job.metadata
@@ -297,11 +308,13 @@ def _volumes(job: FineTuneJob, settings: OperatorSettings, component: str) -> li
     return volumes
 
 
-def _mounts(settings: OperatorSettings, component: str) -> list[dict[str, Any]]:
+def _mounts(job: FineTuneJob, settings: OperatorSettings, component: str) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"name": SHM_VOLUME, "mountPath": SHM_DIR},
         *scratch_mounts(component),
     ]
+    if job.spec.storage.ca_bundle:
+        mounts.append({"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True})
     if settings.progress_base_url and component == HEAD:
         mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
     return mounts
@@ -339,7 +352,7 @@ def _container(
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.trainer_image_pull_policy,
         "env": _env(job, settings),
-        "volumeMounts": _mounts(settings, component),
+        "volumeMounts": _mounts(job, settings, component),
         "resources": resources,
         "securityContext": container_security_context(),
     }

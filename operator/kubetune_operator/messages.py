@@ -33,6 +33,7 @@ from kubetune_trainer.config import (
     ANNOTATIONS_PATTERN,
     ARCHITECTURE_PATTERN,
     CHECKPOINT_PATTERN,
+    CONFIG_MAP_KEY,
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
     REGION_PATTERN,
@@ -85,6 +86,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     ENV_NAME: "must be an env var name: letters, digits, '-', '_' and '.', not starting with a digit",
     MOUNT_PATH: "must be an absolute path without empty segments, e.g. /etc/ssl/private-ca",
     r"^[^/](.*[^/])?$": "must be a relative path inside the volume, not starting or ending with '/'",
+    CONFIG_MAP_KEY: "must be a ConfigMap key: letters, digits, '-', '_' and '.'",
 }
 
 # Why a limit is what it is, where that is not obvious from the field.

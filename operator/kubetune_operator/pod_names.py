@@ -5,7 +5,7 @@ would take one over, so these are written down once, here.
 
 from __future__ import annotations
 
-from kubetune_trainer.config import CONFIG_ENV, RAY_TRAIN_ENV
+from kubetune_trainer.config import CA_BUNDLE_ENV, CONFIG_ENV, RAY_TRAIN_ENV
 
 # The Ray container of each pod, named after the pod's component.
 HEAD = "ray-head"
@@ -24,9 +24,12 @@ CACHE_VOLUME = "kubetune-cache"
 # (CACHE_DIR_ENV) rather than rely on the default.
 CACHE_DIR = "/tmp/kubetune-cache"
 CACHE_DIR_ENV = "KUBETUNE_CACHE_DIR"
+# spec.storage.caBundle's ConfigMap, read-only, on every pod; CA_BUNDLE_ENV names the key's file in it.
+CA_VOLUME = "kubetune-ca"
+CA_DIR = "/etc/kubetune/ca"
 
-OPERATOR_VOLUMES = (SHM_VOLUME, TOKEN_VOLUME, TMP_VOLUME, RAY_SESSION_VOLUME, CACHE_VOLUME)
-OPERATOR_MOUNT_PATHS = (SHM_DIR, TOKEN_DIR, TMP_DIR, RAY_SESSION_DIR, CACHE_DIR)
+OPERATOR_VOLUMES = (SHM_VOLUME, TOKEN_VOLUME, TMP_VOLUME, RAY_SESSION_VOLUME, CACHE_VOLUME, CA_VOLUME)
+OPERATOR_MOUNT_PATHS = (SHM_DIR, TOKEN_DIR, TMP_DIR, RAY_SESSION_DIR, CACHE_DIR, CA_DIR)
 
 PROGRESS_URL_ENV = "KUBETUNE_PROGRESS_URL"
 RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -36,7 +39,15 @@ ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 SESSION_TOKEN = "AWS_SESSION_TOKEN"
 # What spec.storage sets: a podTemplate may not say otherwise behind the spec's back.
-STORAGE_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN)
+STORAGE_ENV = (
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    ACCESS_KEY_ID,
+    SECRET_ACCESS_KEY,
+    SESSION_TOKEN,
+    CA_BUNDLE_ENV,
+)
 OPERATOR_ENV = (
     CONFIG_ENV,
     CACHE_DIR_ENV,

@@ -28,10 +28,14 @@ from kubetune_operator.builders import (
 from kubetune_operator.incoming import InvalidJob, JobMeta, JobRecord
 from kubetune_operator.kube import KubeRayMissingError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
+from kubetune_operator.pod_additions import service_account_name
+from kubetune_operator.pod_names import HEAD
 from kubetune_operator.runtime import Runtime
+from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
 from kubetune_operator.states import Phase, Reason
 from kubetune_operator.status_writer import Compute
+from kubetune_trainer.config import StorageSpec
 
 logger = logging.getLogger("kubetune_operator")
 
@@ -64,12 +68,30 @@ async def launch(rt: Runtime, job: JobRecord, *, retry: int = 0) -> None:
     first_launch = await _is_first_launch(rt, job, spec)
     if first_launch and not await _preflight_passes(rt, job.meta, spec, retry=retry):
         return
+    if first_launch and not spec.spec.storage.credentials_secret:
+        _say_preflight_skipped(rt, job.meta, spec)
     rayjob = await _ensure_children(rt, job.meta, spec, likely_new=first_launch)
     # The status says Launching/RayJobCreated as soon as the RayJob exists (one write, not one before
     # and one after the children); the RayJob's own watch event then finds nothing to change.
     found = _rayjob_change(rt, rayjob, deleted=False, unless_launched=True)
     if found is not None:
         await rt.status.update(*found, ends_launch=True)
+
+
+def preflight_skipped_message(spec: FineTuneJob, settings: OperatorSettings) -> str:
+    """Why S3 was not checked before launch: the pods' identity is not the operator's."""
+    account = service_account_name(spec, HEAD, settings.trainer_service_account)
+    return (
+        "S3 preflight skipped: spec.storage.credentialsSecret is not set, so the pods read S3 as ServiceAccount "
+        f"{account} (its cloud identity: IRSA, GKE workload identity), which the operator cannot check as; a "
+        "missing checkpoint or dataset, or denied access, shows once the trainer starts"
+    )
+
+
+def _say_preflight_skipped(rt: Runtime, meta: JobMeta, spec: FineTuneJob) -> None:
+    message = preflight_skipped_message(spec, rt.settings)
+    logger.info("%s: %s", meta.source, message)
+    rt.kube.post_event(meta.reference(), lifecycle.Event("Normal", Reason.PREFLIGHT_SKIPPED, message))
 
 
 async def _refuse_invalid_spec(rt: Runtime, meta: JobMeta, invalid: InvalidJob) -> None:
@@ -180,6 +202,9 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
     credentials = s3.credentials_from_secret(storage.credentials_secret, meta.namespace, secret)
     if isinstance(credentials, s3.PreflightFailure):
         return credentials
+    ca_bundle = await _read_ca_bundle(rt, meta, storage)
+    if isinstance(ca_bundle, s3.PreflightFailure):
+        return ca_bundle
     datasets = {"spec.data.train": spec.spec.data.train}
     if spec.spec.data.validation:
         datasets["spec.data.validation"] = spec.spec.data.validation
@@ -190,6 +215,7 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
         datasets=datasets,
         credentials=credentials,
         timeout=rt.settings.s3_timeout_seconds,
+        ca_bundle=ca_bundle,
     )
     try:
         return await asyncio.get_running_loop().run_in_executor(rt.preflight_pool, check)
@@ -204,6 +230,19 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
             lambda cur: lifecycle.waiting(cur, Reason.STORAGE_UNAVAILABLE, message, now=rt.clock()),
         )
         raise kopf.TemporaryError(message, delay=delay) from exc
+
+
+async def _read_ca_bundle(rt: Runtime, meta: JobMeta, storage: StorageSpec) -> str | s3.PreflightFailure | None:
+    """spec.storage.caBundle's certificates, for preflight to trust the endpoint as the trainer will."""
+    if storage.ca_bundle is None:
+        return None
+    ref = storage.ca_bundle
+    pem = await rt.kube.read_config_map_key(meta.namespace, ref.config_map, ref.key)
+    if pem is None or len(pem.encode()) > s3.MAX_CA_BUNDLE_BYTES:
+        problem = "is missing" if pem is None else f"exceeds {s3.MAX_CA_BUNDLE_BYTES} bytes"
+        message = f"spec.storage.caBundle: key {ref.key} of ConfigMap {meta.namespace}/{ref.config_map} {problem}"
+        return s3.PreflightFailure(Reason.CA_BUNDLE_NOT_FOUND, message)
+    return pem
 
 
 # -- following the RayJob --------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ not answer (unreachable, throttled, 5xx), which the operator retries with backof
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -75,13 +77,13 @@ def credentials_from_secret(
     return Credentials(data[ACCESS_KEY_ID], data[SECRET_ACCESS_KEY], data.get(SESSION_TOKEN) or None)
 
 
-def make_client(storage: StorageSpec, credentials: Credentials, timeout: float) -> S3Client:
+def make_client(storage: StorageSpec, credentials: Credentials, timeout: float, ca_file: str | None = None) -> S3Client:
+    """A client as the trainer's: the spec's addressing style, and `ca_file` (the caBundle) to verify TLS."""
     config = Config(
         connect_timeout=timeout,
         read_timeout=timeout,
         retries={"max_attempts": 2, "mode": "standard"},
-        # S3-compatible stores (MinIO, Ceph, moto) are addressed by path; AWS itself picks for us.
-        s3={"addressing_style": "path" if storage.endpoint else "auto"},
+        s3={"addressing_style": storage.boto_addressing_style()},
     )
     session = boto3.session.Session(
         aws_access_key_id=credentials.access_key_id,
@@ -89,7 +91,7 @@ def make_client(storage: StorageSpec, credentials: Credentials, timeout: float) 
         aws_session_token=credentials.session_token,
         region_name=storage.region,
     )
-    return session.client("s3", endpoint_url=storage.endpoint, config=config)
+    return session.client("s3", endpoint_url=storage.endpoint, config=config, verify=ca_file)
 
 
 def _classify(exc: ClientError, what: str, uri: str, missing: PreflightFailure) -> PreflightFailure:
@@ -142,6 +144,7 @@ def preflight(
     datasets: Mapping[str, str],
     credentials: Credentials,
     timeout: float = 10.0,
+    ca_bundle: str | None = None,
 ) -> PreflightFailure | None:
     """Check the base weights and each dataset prefix (`{"spec.data.train": uri, ...}`); None when all pass.
 
@@ -149,9 +152,10 @@ def preflight(
     with two wrong paths needs one fix, not two round trips.
     """
     try:
-        s3 = make_client(storage, credentials, timeout)
-        failures = [_check_checkpoint(s3, checkpoint)]
-        failures += [_check_dataset(s3, name, uri) for name, uri in datasets.items()]
+        with _ca_file(ca_bundle) as ca_file:
+            s3 = make_client(storage, credentials, timeout, ca_file)
+            failures = [_check_checkpoint(s3, checkpoint)]
+            failures += [_check_dataset(s3, name, uri) for name, uri in datasets.items()]
     except NoCredentialsError as exc:  # cannot happen with explicit keys; kept for clarity of intent
         return PreflightFailure(Reason.ACCESS_DENIED, f"no S3 credentials: {exc}")
     except BotoCoreError as exc:  # connection refused, DNS, timeouts: the store may come back
@@ -160,3 +164,21 @@ def preflight(
     if not found:
         return None
     return PreflightFailure(found[0].reason, "; ".join(f.message for f in found))
+
+
+# A CA bundle is a few certificates; a ConfigMap holds at most 1 MiB anyway.
+MAX_CA_BUNDLE_BYTES = 1024 * 1024
+
+
+@contextlib.contextmanager
+def _ca_file(pem: str | None) -> Iterator[str | None]:
+    """`pem` (the caBundle's certificates) as a file for botocore's `verify`, removed afterwards."""
+    if pem is None:
+        yield None
+        return
+    if len(pem.encode()) > MAX_CA_BUNDLE_BYTES:
+        raise ValueError(f"the CA bundle exceeds {MAX_CA_BUNDLE_BYTES} bytes")
+    with tempfile.NamedTemporaryFile("w", suffix=".pem", prefix="kubetune-ca-") as handle:
+        handle.write(pem)
+        handle.flush()
+        yield handle.name

@@ -57,9 +57,9 @@ def test_the_shipped_names_are_the_installed_timm_and_torchvision() -> None:
     import timm
     import torchvision
 
-    assert architectures.timm_models() == set(timm.list_models()), "run: python -m kubetune_trainer.architectures"
+    assert architectures.timm_models() == set(timm.list_models()), "run: python -m kubetune_trainer.write_architectures"
     detection = set(torchvision.models.list_models(module=torchvision.models.detection))
-    assert architectures.detection_models() == detection, "run: python -m kubetune_trainer.architectures"
+    assert architectures.detection_models() == detection, "run: python -m kubetune_trainer.write_architectures"
     assert set(DETECTION_ARCHITECTURES) <= detection
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from kubetune_operator.builders import build_rayjob, manifests
@@ -278,3 +279,27 @@ def test_the_console_script_names_each_refused_field_from_the_repo_root() -> Non
             path,
             done.stdout,
         )
+
+
+def test_render_of_the_production_example_shows_each_platform_setting() -> None:
+    kubetune = Path(sys.executable).with_name("kubetune")
+    done = subprocess.run(
+        [str(kubetune), "render", "examples/production-cluster.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    (rayjob,) = [d for d in yaml.safe_load_all(done.stdout) if d["kind"] == "RayJob"]
+    assert_valid_rayjob(rayjob)
+    head, workers = pods(rayjob)
+    assert rayjob["metadata"]["labels"]["cost-center"] == "cv-4711"
+    for pod in (head, workers):
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "acme-registry"}]
+        assert pod["spec"]["serviceAccountName"] == "vision-s3-reader"
+        assert pod["metadata"]["labels"]["team"] == "vision"
+        assert "kubetune-ca" in [v["name"] for v in pod["spec"]["volumes"]]
+        assert "AWS_CA_BUNDLE" in [e["name"] for e in pod["spec"]["containers"][0]["env"]]
+    assert head["spec"]["nodeSelector"] == {"node.acme.io/pool": "cpu"}
+    assert workers["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"

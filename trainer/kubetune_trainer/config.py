@@ -320,6 +320,22 @@ class OutputSpec(SpecSection):
     checkpoints_to_keep: int = Field(default=2, ge=1, le=100, description="Most recent checkpoints kept.")
 
 
+CONFIG_MAP_KEY = r"^[-._a-zA-Z0-9]+$"
+# Where the trainer finds a private CA's bundle (boto3 reads it itself; pyarrow is told): the operator
+# mounts storage.caBundle's key and points this at it.
+CA_BUNDLE_ENV = "AWS_CA_BUNDLE"
+AddressingStyle = Literal["auto", "path", "virtual"]
+
+
+class CaBundle(SpecSection):
+    """A ConfigMap key holding the PEM certificates of a private CA."""
+
+    config_map: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="The ConfigMap's name.")
+    key: str = Field(
+        default="ca.crt", pattern=CONFIG_MAP_KEY, max_length=253, description="The key holding the PEM bundle."
+    )
+
+
 class StorageSpec(SpecSection):
     """The S3-compatible object store and how to authenticate to it."""
 
@@ -343,6 +359,24 @@ class StorageSpec(SpecSection):
             "the pods' own identity (IRSA, workload identity) when omitted."
         ),
     )
+    ca_bundle: CaBundle | None = Field(
+        default=None,
+        description=(
+            "A ConfigMap key with the CA certificates (PEM) of an S3 endpoint with a private CA; used by the "
+            "operator's preflight and by the trainer (AWS_CA_BUNDLE). The system's CAs when omitted."
+        ),
+    )
+    addressing_style: Literal["path", "virtual"] | None = Field(
+        default=None,
+        description=(
+            "path (https://endpoint/bucket/key, MinIO and Ceph) or virtual (https://bucket.endpoint/key); "
+            "path with an endpoint, AWS's choice without, when omitted."
+        ),
+    )
+
+    def boto_addressing_style(self) -> AddressingStyle:
+        """What botocore's `s3.addressing_style` gets: S3-compatible stores default to path addressing."""
+        return self.addressing_style or ("path" if self.endpoint else "auto")
 
 
 def _unknown_architecture(name: str, known: frozenset[str], what: str) -> ValueError:
