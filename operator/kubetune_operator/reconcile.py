@@ -9,6 +9,7 @@ again with the same job: the children are get-or-create, and a status already sa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Iterable
@@ -68,30 +69,51 @@ async def launch(rt: Runtime, job: JobRecord, *, retry: int = 0) -> None:
     first_launch = await _is_first_launch(rt, job, spec)
     if first_launch and not await _preflight_passes(rt, job.meta, spec, retry=retry):
         return
-    if first_launch and not spec.spec.storage.credentials_secret:
-        _say_preflight_skipped(rt, job.meta, spec)
+    note = _preflight_note(rt, job.meta, spec) if first_launch else None
     rayjob = await _ensure_children(rt, job.meta, spec, likely_new=first_launch)
     # The status says Launching/RayJobCreated as soon as the RayJob exists (one write, not one before
     # and one after the children); the RayJob's own watch event then finds nothing to change.
     found = _rayjob_change(rt, rayjob, deleted=False, unless_launched=True)
     if found is not None:
-        await rt.status.update(*found, ends_launch=True)
+        namespace, name, compute = found
+        await rt.status.update(namespace, name, _with_status(compute, preflight=note), ends_launch=True)
 
 
 def preflight_skipped_message(spec: FineTuneJob, settings: OperatorSettings) -> str:
     """Why S3 was not checked before launch: the pods' identity is not the operator's."""
     account = service_account_name(spec, HEAD, settings.trainer_service_account)
     return (
-        "S3 preflight skipped: spec.storage.credentialsSecret is not set, so the pods read S3 as ServiceAccount "
+        "Skipped: spec.storage.credentialsSecret is not set, so the pods read S3 as ServiceAccount "
         f"{account} (its cloud identity: IRSA, GKE workload identity), which the operator cannot check as; a "
         "missing checkpoint or dataset, or denied access, shows once the trainer starts"
     )
 
 
-def _say_preflight_skipped(rt: Runtime, meta: JobMeta, spec: FineTuneJob) -> None:
+PREFLIGHT_PASSED = "Passed: the base checkpoint and the datasets are in S3"
+
+
+def _preflight_note(rt: Runtime, meta: JobMeta, spec: FineTuneJob) -> str:
+    """What status.preflight says after a first launch: passed, or skipped and why."""
+    if spec.spec.storage.credentials_secret:
+        return PREFLIGHT_PASSED
     message = preflight_skipped_message(spec, rt.settings)
     logger.info("%s: %s", meta.source, message)
-    rt.kube.post_event(meta.reference(), lifecycle.Event("Normal", Reason.PREFLIGHT_SKIPPED, message))
+    return message
+
+
+def _with_status(compute: Compute, **fields: str | None) -> Compute:
+    """`compute`, whose status patch (if it writes one) also sets `fields` (those not None), in the same write."""
+    extra = {key: value for key, value in fields.items() if value is not None}
+
+    def computed(job: JobRecord) -> StatusChange:
+        change = compute(job)
+        # Written even when the RayJob's watch event moved the phase first (the change is then empty).
+        missing = {key: value for key, value in extra.items() if job.status.get(key) != value}
+        if not missing:
+            return change
+        return dataclasses.replace(change, patch={**change.patch, **missing})
+
+    return computed
 
 
 async def _refuse_invalid_spec(rt: Runtime, meta: JobMeta, invalid: InvalidJob) -> None:

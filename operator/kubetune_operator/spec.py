@@ -325,6 +325,14 @@ class FineTuneJobStatus(StatusModel):
     )
     start_time: datetime | None = Field(default=None, description="When training started.")
     completion_time: datetime | None = Field(default=None, description="When the job succeeded or failed.")
+    preflight: str | None = Field(
+        default=None,
+        max_length=4096,
+        description=(
+            "Whether the S3 inputs were checked before launch: Passed, or Skipped and why (without "
+            "storage.credentialsSecret the pods' own cloud identity reads S3, which the operator cannot check as)."
+        ),
+    )
     restarts: int | None = Field(
         default=None,
         ge=0,

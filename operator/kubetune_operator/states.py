@@ -51,8 +51,6 @@ class Reason(StrEnum):
     ACCESS_DENIED = "AccessDenied"
     STORAGE_ERROR = "StorageError"
     CA_BUNDLE_NOT_FOUND = "CABundleNotFound"
-    # An Event only: no credentialsSecret, so the pods' own cloud identity reads S3 and preflight cannot.
-    PREFLIGHT_SKIPPED = "PreflightSkipped"
     # A Secret or NetworkPolicy of the job's name that another owner holds (a deleted namesake's, still going).
     PREVIOUS_CHILD_STILL_EXISTS = "PreviousChildStillExists"
     # Following the RayJob (lifecycle.observe_rayjob).

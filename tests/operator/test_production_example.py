@@ -1,6 +1,6 @@
 """examples/production-cluster.yaml launched by the operator (kmock): the RayJob carries the pull secret,
 the workload-identity ServiceAccount, the head on CPU nodes, the workers on tainted GPU nodes, the CA
-bundle and the labels, KubeRay's schema accepts it, and the Events say why preflight was skipped. And a
+bundle and the labels, KubeRay's schema accepts it, and the status says why preflight was skipped. And a
 caBundle is read by preflight, which fails the job when it is missing."""
 
 from __future__ import annotations
@@ -57,8 +57,15 @@ async def test_the_production_example_launches_fitted_to_the_cluster(op: Operato
     assert workers["spec"]["nodeSelector"] == {"node.acme.io/pool": "gpu-l4"}
     assert workers["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
-    event = await op.wait_for_event(NS, "retail-convnext", "PreflightSkipped")
-    assert "credentialsSecret is not set" in event["message"] and "vision-s3-reader" in event["message"]
+    preflight = await op.wait_for(lambda: preflight_of(op, NS, "retail-convnext"), what="status.preflight")
+    assert (
+        preflight.startswith("Skipped: spec.storage.credentialsSecret is not set") and "vision-s3-reader" in preflight
+    )
+
+
+def preflight_of(op: OperatorHarness, namespace: str, name: str) -> str | None:
+    found: str | None = ((op.job(namespace, name) or {}).get("status") or {}).get("preflight")
+    return found
 
 
 async def preflighted(op: OperatorHarness, s3: S3World, name: str) -> None:
@@ -89,4 +96,5 @@ async def test_preflight_reads_the_ca_bundle_and_launches(op: OperatorHarness, s
     }
     await op.create(CONFIGMAPS, config_map)
     await preflighted(op, s3, "with-ca")
-    await op.wait_for(lambda: op.rayjob("default", "with-ca"), what="the RayJob")
+    preflight = await op.wait_for(lambda: preflight_of(op, "default", "with-ca"), what="status.preflight")
+    assert preflight.startswith("Passed")
