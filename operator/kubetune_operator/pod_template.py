@@ -251,19 +251,15 @@ class Volume(OwnsFields):
     def _one_source_not_ours(self) -> Volume:
         if self.name in OPERATOR_VOLUMES:
             raise ValueError(f"name: '{self.name}' is one of the operator's volumes ({', '.join(OPERATOR_VOLUMES)})")
-        sources = [s for s in RESTRICTED_VOLUME_SOURCES if getattr(self, _snake(s)) is not None]
+        fields = type(self).model_fields
+        given = {info.alias or name for name, info in fields.items() if getattr(self, name) is not None}
+        sources = [source for source in RESTRICTED_VOLUME_SOURCES if source in given]
         if len(sources) != 1:
             raise ValueError(
                 f"needs exactly one source of {', '.join(RESTRICTED_VOLUME_SOURCES)} (the ones a restricted pod "
                 f"may use); got {', '.join(sources) or 'none'}"
             )
         return self
-
-
-def _snake(name: str) -> str:
-    return {"persistentVolumeClaim": "persistent_volume_claim", "downwardAPI": "downward_api"}.get(
-        name, "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
-    )
 
 
 class PodSpecFragment(OwnsFields):

@@ -214,6 +214,10 @@ def refusal(pod_template: dict[str, Any]) -> list[str]:
             "spec.podTemplate.spec.volumes[0].hostPath",
         ),
         ({"spec": {"volumes": [{"name": "dshm", "emptyDir": {}}]}}, "spec.podTemplate.spec.volumes[0].name"),
+        (
+            {"spec": {"volumes": [{"name": "two", "emptyDir": {}, "secret": {"secretName": "s"}}]}},
+            "spec.podTemplate.spec.volumes[0]: needs exactly one source",
+        ),
         ({"spec": {"securityContext": {"privileged": True}}}, "spec.podTemplate.spec.securityContext.privileged"),
         (
             {"spec": {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}},
