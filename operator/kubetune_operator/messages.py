@@ -33,6 +33,7 @@ from kubetune_operator.spec import (
 from kubetune_trainer.config import (
     ANNOTATIONS_PATTERN,
     ARCHITECTURE_PATTERN,
+    CHECKPOINT_EVERY_PATTERN,
     CHECKPOINT_PATTERN,
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
@@ -79,6 +80,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     QUANTITY_PATTERN: "must be a Kubernetes quantity: a number with an optional unit, e.g. 512Mi, 16Gi or 2G",
     IMAGE_PATTERN: "must be a container image reference without spaces",
     REASON_PATTERN: "must be a CamelCase word",
+    CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
 }
 
 # Why a limit is what it is, where that is not obvious from the field.

@@ -156,7 +156,28 @@ class RunPolicy(SpecSection):
     """Retries, deadlines, suspension and queueing."""
 
     max_retries: int = Field(
-        default=3, ge=0, le=100, description="Worker failures Ray Train recovers from its last checkpoint."
+        default=3,
+        ge=0,
+        le=100,
+        description="Worker failures Ray Train recovers from its last checkpoint (preemptions are counted apart).",
+    )
+    max_preemptions: int | None = Field(
+        default=None,
+        ge=0,
+        le=10000,
+        description=(
+            "Preemptions (a node drained or reclaimed, a pod deleted) the run recovers from, from the checkpoint "
+            "it saves when notified; no limit when omitted. They do not count against maxRetries."
+        ),
+    )
+    preemption_grace_seconds: int = Field(
+        default=60,
+        ge=10,
+        le=3600,
+        description=(
+            "Seconds a preempted Ray pod has to checkpoint the current step before it is killed: its "
+            "terminationGracePeriodSeconds. The checkpoint must be written and uploaded within it."
+        ),
     )
     backoff_limit: int = Field(
         default=0,
@@ -328,6 +349,17 @@ class ProgressStatus(StatusModel):
         ge=0,
         description="Worker failures in the current attempt; Ray Train restarts the workers from the latest "
         "checkpoint after each, up to spec.runPolicy.maxRetries (status.restarts counts whole-cluster retries).",
+    )
+    preemptions: int | None = Field(
+        default=None,
+        ge=0,
+        description="Preemptions in the current attempt; the workers restarted from the checkpoint saved on each, "
+        "up to spec.runPolicy.maxPreemptions (not counted against maxRetries).",
+    )
+    preemption_steps_lost: int | None = Field(
+        default=None,
+        ge=0,
+        description="Optimiser steps the latest preemption lost: done since the checkpoint the run resumed from.",
     )
     updated_at: datetime | None = Field(default=None, description="When the operator accepted this update.")
 

@@ -64,8 +64,21 @@ class ProgressUpdate(CamelModel):
         description="Worker failures in this run of the driver; Ray Train restarts the workers from the latest "
         "checkpoint after each, up to maxFailures (spec.runPolicy.maxRetries).",
     )
+    preemptions: int | None = Field(
+        default=None,
+        ge=0,
+        description="Preemptions in this run of the driver; Ray Train restarts the workers from the checkpoint "
+        "saved on each, up to maxPreemptions (spec.runPolicy.maxPreemptions), apart from maxFailures.",
+    )
+    preemption_steps_lost: int | None = Field(
+        default=None,
+        ge=0,
+        description="Optimizer steps the latest preemption lost: done since the checkpoint the workers resume from.",
+    )
     phase: str | None = Field(
-        default=None, description="Resumed, Training or Checkpointing (sent after each epoch's checkpoint)."
+        default=None,
+        description="Resumed, Training, Checkpointing or Evaluated (after each epoch, with or without its "
+        "checkpoint), or Preempted (the checkpoint of a preemption notice is saved).",
     )
 
 
@@ -122,8 +135,11 @@ class ConsoleReporter:
             if update.phase == "Resumed":
                 self._write_line(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
                 return
+            if update.phase == "Preempted":
+                self._write_line(f"preempted: step {update.step} saved; waiting for Ray Train to restart the workers")
+                return
             now = time.monotonic()
-            epoch_done = update.phase == "Checkpointing"
+            epoch_done = update.phase in ("Checkpointing", "Evaluated")
             new_epoch = update.epoch != self._last_epoch
             if not (epoch_done or new_epoch or now - self._last >= self.interval):
                 return
