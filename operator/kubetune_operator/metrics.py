@@ -172,6 +172,13 @@ class OperatorMetrics:
             ["namespace"],
             registry=r,
         )
+        self.preemptions = Counter(
+            "kubetune_job_preemptions",
+            "Preemptions of FineTuneJob runs (a node drained or reclaimed, a pod deleted) Ray Train restarted the "
+            "workers after, from the checkpoint saved on the notice; not counted in kubetune_job_restarts.",
+            ["namespace"],
+            registry=r,
+        )
         self.reconcile_errors = Counter(
             "kubetune_reconcile_errors", "Errors raised by operator handlers, by handler.", ["handler"], registry=r
         )
@@ -220,6 +227,7 @@ class OperatorMetrics:
                 for outcome in OUTCOMES:
                     self.completed.labels(namespace, outcome)
                 self.restarts.labels(namespace)
+                self.preemptions.labels(namespace)
             state = self._jobs.setdefault((namespace, name), _JobState(namespace=namespace))
             previous = state.phase
             created = parse_time(metadata.get("creationTimestamp"))
@@ -316,6 +324,11 @@ class OperatorMetrics:
     def count_reconcile_error(self, handler: str) -> None:
         """A handler raised (kopf will retry it); `handler` is the handler's fixed id, never a job name."""
         self.reconcile_errors.labels(handler).inc()
+
+    def count_preemptions(self, namespace: str, added: int) -> None:
+        """Preemptions a progress update counted (`lifecycle.preemptions_added`)."""
+        if added > 0:
+            self.preemptions.labels(namespace).inc(added)
 
     def count_progress_update(self, result: str, code: int) -> None:
         """One progress request answered; `result` is one of PROGRESS_RESULTS."""

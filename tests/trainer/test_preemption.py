@@ -76,7 +76,7 @@ def test_sigterm_to_a_worker_checkpoints_the_step_and_the_run_resumes_from_it(
     run = pretrained.kubetune_run(manifest, **SIGTERM_LAST_RANK_MID_EPOCH_2)
 
     assert run.returncode == 0, run.stderr
-    assert "rank 1 got SIGTERM" in run.stderr or "preemption notice (rank 1)" in run.stderr, run.stderr
+    assert "preemption notice" in run.stderr, run.stderr
     # The workers checkpointed a step of epoch 2 and Ray Train restarted them from it: a preemption, not a
     # worker failure, and no step lost.
     resumed = re.search(rf"resumed from {re.escape(pretrained.run_uri('preempt-worker', **spec))}(\S+)", run.stderr)

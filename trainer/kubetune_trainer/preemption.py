@@ -101,7 +101,8 @@ class WorkerNotices:
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
-        self._stop = threading.Event()
+        # Made on the worker (after_init_train_context): the callback is pickled on its way there.
+        self._stop: threading.Event | None = None
 
     def after_init_train_context(self) -> None:
         """Runs on the worker actor's main thread (Ray Train's init_train_context), where handlers can be set."""
@@ -111,11 +112,13 @@ class WorkerNotices:
         self.rank = context.get_world_rank()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.key = notice_key(ray.get_runtime_context().get_job_id())
+        self._stop = threading.Event()
         signal.signal(signal.SIGTERM, self._on_sigterm)
         threading.Thread(target=self._watch_driver, name="kubetune-driver-notice", daemon=True).start()
 
     def before_worker_shutdown(self) -> None:
-        self._stop.set()
+        if self._stop is not None:
+            self._stop.set()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         # The process stays: the checkpoint of the current step is what the grace period is for. Ray Train
@@ -126,6 +129,7 @@ class WorkerNotices:
     def _watch_driver(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_get
 
+        assert self._stop is not None
         while not self._stop.wait(POLL_S):
             try:
                 posted = _internal_kv_get(self.key)

@@ -154,8 +154,10 @@ class RunProgress:
         elif event == FAILURE_EVENT:
             self._failure(item)
         elif event == NOTICE_EVENT:
-            ranks = ", ".join(str(r) for r in item.get("ranks", [])) or "?"
-            log.warning("preemption notice (rank %s): the workers checkpoint the current step", ranks)
+            ranks = ", ".join(str(r) for r in item.get("ranks", []))
+            log.warning(
+                "preemption notice%s: the workers checkpoint the current step", f" (rank {ranks})" if ranks else ""
+            )
         elif event == PREEMPTION_EVENT:
             self._preemption(restarted=bool(item.get("restarted")))
         else:
