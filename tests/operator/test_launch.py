@@ -64,7 +64,7 @@ async def test_a_valid_job_gets_exactly_the_objects_the_builders_describe(
     assert [o["metadata"]["name"] for o in op.list_objects(SERVICEACCOUNTS)] == ["kubetune-trainer"]
     (head,) = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     config = TrainerConfig.model_validate_json(env_value(head, "KUBETUNE_TRAINER_CONFIG"))
-    assert config.run_name == job["metadata"]["uid"]
+    assert config.run_name.startswith("default.flowers.")  # namespace, name, run-shaping digest
     assert config.progress is not None
     assert config.progress.url.endswith("/v1/progress/default/flowers")
 

@@ -163,6 +163,8 @@ class DriverNotice:
         self.grace_s = grace_s
         self.saved = saved
         self.preempted = False
+        self._ending = False
+        self._key: str | None = None
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -173,6 +175,8 @@ class DriverNotice:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._ending:  # from _end_when_saved: the checkpoint is saved (or the deadline passed)
+            raise KeyboardInterrupt
         if self.preempted:
             raise SystemExit(128 + signum)
         self.preempted = True
@@ -181,8 +185,8 @@ class DriverNotice:
             import ray
             from ray.experimental.internal_kv import _internal_kv_put
 
-            key = notice_key(ray.get_runtime_context().get_job_id())
-            _internal_kv_put(key, json.dumps({"deadlineMs": deadline}), overwrite=True)
+            self._key = notice_key(ray.get_runtime_context().get_job_id())
+            _internal_kv_put(self._key, json.dumps({"deadlineMs": deadline}), overwrite=True)
         except Exception:
             log.warning("cannot tell the workers about the preemption; ending now", exc_info=True)
             raise KeyboardInterrupt from None
@@ -192,7 +196,14 @@ class DriverNotice:
     def _end_when_saved(self, deadline: float) -> None:
         while time.time() < deadline and not self.saved():
             time.sleep(0.2)
-        _thread.interrupt_main()
+        if self._key is not None:  # workers Ray Train restarted meanwhile must not checkpoint again
+            with contextlib.suppress(Exception):
+                from ray.experimental.internal_kv import _internal_kv_del
+
+                _internal_kv_del(self._key)
+        self._ending = True
+        # SIGTERM, not interrupt_main's default SIGINT: Ray Train's driver takes SIGINT to abort the run.
+        _thread.interrupt_main(signal.SIGTERM)
 
 
 # -- the pods' preStop hook ------------------------------------------------------------------------------------

@@ -193,8 +193,8 @@ def train(
     try:
         plan = run_plan(prepared, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
         last = fit(torch_trainer(config, plan, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu), config)
-    except KeyboardInterrupt:
-        if not notice.preempted:
+    except (KeyboardInterrupt, TrainerError):
+        if not notice.preempted:  # Ctrl-C, or a failure of its own
             raise
         raise PreemptedError(preempted_message(config, relay)) from None
     finally:
