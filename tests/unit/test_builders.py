@@ -296,6 +296,15 @@ def test_run_policy_maps_to_kuberay_fields() -> None:
     assert "activeDeadlineSeconds" not in defaults
 
 
+def test_every_ray_pod_gets_the_preemption_grace_period_and_passes_sigterm_to_training() -> None:
+    for overrides, grace in (({}, 60), ({"runPolicy": {"preemptionGraceSeconds": 300}}, 300)):
+        for group in _groups(children(**overrides)["RayJob"]):
+            pod = group["template"]["spec"]
+            assert pod["terminationGracePeriodSeconds"] == grace
+            hook = _container(group)["lifecycle"]["preStop"]["exec"]["command"]
+            assert hook == ["python", "-m", "kubetune_trainer.preemption", str(grace)]
+
+
 def test_s3_settings_are_env_and_credentials_only_secret_references() -> None:
     head, workers = _groups(children()["RayJob"])
     for group in (head, workers):
