@@ -163,8 +163,8 @@ def write_checkpoint(folder: Path, **state: Any) -> None:
 
 
 class SnapshotUploads:
-    """Snapshots on their way to S3 through Ray Train's upload thread: how many (`busy`), and waiting for
-    them (`wait`). `uploader` is the `checkpoint_upload_fn` that writes and uploads one snapshot."""
+    """Snapshots on their way to S3 in Ray Train's upload thread: how many (`busy`), and waiting for them
+    (`wait`). `uploader` is the `checkpoint_upload_fn` that writes and uploads one snapshot (`send`)."""
 
     def __init__(self, store: S3Store) -> None:
         self.store = store
@@ -180,24 +180,31 @@ class SnapshotUploads:
         with self._changed:
             self._changed.wait_for(lambda: self._pending <= at_most)
 
-    def uploader(self, snapshot: Snapshot) -> Callable[[Any, str], Any]:
+    def begin(self) -> None:
+        """A snapshot is on its way (`send` will say when it has arrived)."""
         with self._changed:
             self._pending += 1
+
+    def send(self, snapshot: Snapshot, local: Path, target: S3Uri) -> None:
+        """Write `snapshot` into the folder `local`, upload it to `target`, and remove the folder."""
+        try:
+            snapshot.write(local)
+            self.store.upload_dir(local, target)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+            with self._changed:
+                self._pending -= 1
+                self._changed.notify_all()
+
+    def uploader(self, snapshot: Snapshot) -> Callable[[Any, str], Any]:
+        self.begin()
 
         def upload(checkpoint: Any, dir_name: str) -> Any:
             import ray.train
 
-            local = Path(checkpoint.path)
-            try:
-                snapshot.write(local)
-                storage = ray.train.get_context().get_storage()
-                target = f"{storage.experiment_fs_path}/{dir_name}"
-                self.store.upload_dir(local, S3Uri.from_fs_path(target))
-            finally:
-                shutil.rmtree(local, ignore_errors=True)
-                with self._changed:
-                    self._pending -= 1
-                    self._changed.notify_all()
+            storage = ray.train.get_context().get_storage()
+            target = f"{storage.experiment_fs_path}/{dir_name}"
+            self.send(snapshot, Path(checkpoint.path), S3Uri.from_fs_path(target))
             return ray.train.Checkpoint(path=target, filesystem=storage.storage_filesystem)
 
         return upload
