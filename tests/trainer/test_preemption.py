@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import torch
-from digits_world import DigitsWorld
 from safetensors.torch import load
-from trainer_faults import MARK_ENV, MARK_MID_EPOCH_2, SIGTERM_LAST_RANK_MID_EPOCH_2
+
+from tests.support.digits_world import DigitsWorld
+from tests.support.trainer_faults import MARK_ENV, MARK_MID_EPOCH_2, SIGTERM_LAST_RANK_MID_EPOCH_2
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3

@@ -7,7 +7,7 @@ PYTHONPATH). The driver reads the variable and imports each name, so
 a wrong one ends the run at once, and passes the names to the workers in the run plan (a worker on
 another node does not inherit the driver's environment). Each is called as `function(worker, state)`
 (`loop.Worker`, `loop.TrainState`) and may raise: that is how the tests make a worker fail
-(tests/trainer/trainer_faults.py). Nothing in the product sets the variable.
+(tests/support/trainer_faults.py). Nothing in the product sets the variable.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.loaders import EpochOrder, eval_loader, steps_per_epoch, train_loader
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
 from kubetune_trainer.optim import make_optimizer, make_schedule
+from kubetune_trainer.progress_model import history_entry
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Stepping, Task, task_from_wire
@@ -430,16 +431,13 @@ def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[
     """The finished epoch into the history (history.json's entry, in its key order); the next one starts."""
     state.epoch += 1
     state.epoch_samples, state.epoch_so_far = 0, {}
-    state.history.append(
-        {
-            "epoch": state.epoch,
-            "trainLoss": trained.loss,
-            **validation,
-            "imagesPerSecond": trained.images_per_second,
-            "learningRate": state.learning_rate,
-            "seconds": trained.seconds,
-        }
-    )
+    figures = {
+        "trainLoss": trained.loss,
+        **validation,
+        "imagesPerSecond": trained.images_per_second,
+        "learningRate": state.learning_rate,
+    }
+    state.history.append(history_entry(state.epoch, figures, trained.seconds))
 
 
 def save(

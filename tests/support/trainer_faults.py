@@ -1,7 +1,7 @@
 """Faults on demand, through the trainer's test seam (`kubetune_trainer.callbacks`).
 
 Each constant is the environment a run needs for its fault: the driver and its local Ray workers import
-this module (PYTHONPATH).
+this module (the repository on PYTHONPATH).
 
 - `FAIL_ONCE_AFTER_FIRST_EPOCH`: rank 0 raises `InjectedFaultError` once, before the first step after
   epoch 1's checkpoint, in an attempt that did not itself resume; Ray Train then restarts the workers
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.callbacks import CALLBACKS_ENV, STEP_CALLBACKS_ENV
+from tests.support.paths import REPO
 
 FAIL_AFTER_EPOCH = 1
 
@@ -60,9 +61,8 @@ def mark_mid_epoch_2(worker: Any, state: Any) -> None:
 
 def fault_env(variable: str, function: Any) -> dict[str, str]:
     """The environment that makes a `kubetune run --local` (or `python -m kubetune_trainer`) call `function`."""
-    here = str(Path(__file__).resolve().parent)
-    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-    return {variable: f"{Path(__file__).stem}:{function.__name__}", "PYTHONPATH": path}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {variable: f"{__name__}:{function.__name__}", "PYTHONPATH": path}
 
 
 FAIL_ONCE_AFTER_FIRST_EPOCH = fault_env(CALLBACKS_ENV, fail_once_after_first_epoch)
