@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from kubetune_operator.states import Phase
 from kubetune_trainer.config import (
+    DEFAULT_PREEMPTION_GRACE_S,
     DNS_SUBDOMAIN,
+    MAX_PREEMPTION_GRACE_S,
+    MIN_PREEMPTION_GRACE_S,
     TASK_CEL_RULES,
     TASK_DESCRIPTION,
     CamelModel,
@@ -173,9 +176,9 @@ class RunPolicy(SpecSection):
         ),
     )
     preemption_grace_seconds: int = Field(
-        default=60,
-        ge=10,
-        le=3600,
+        default=DEFAULT_PREEMPTION_GRACE_S,
+        ge=MIN_PREEMPTION_GRACE_S,
+        le=MAX_PREEMPTION_GRACE_S,
         description=(
             "Seconds a preempted Ray pod has to checkpoint the current step before it is killed: its "
             "terminationGracePeriodSeconds. The checkpoint must be written and uploaded within it."

@@ -27,6 +27,8 @@ S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/?$"
 # The Ray pods' preStop hook (kubetune_trainer.preemption): it passes a pod's termination on to its Train
 # workers and training driver as SIGTERM; the grace period in seconds follows as its one argument.
 PRESTOP_COMMAND = ("python", "-m", "kubetune_trainer.preemption")
+# runPolicy.preemptionGraceSeconds: the pods' terminationGracePeriodSeconds, and the trainer's deadline.
+MIN_PREEMPTION_GRACE_S, DEFAULT_PREEMPTION_GRACE_S, MAX_PREEMPTION_GRACE_S = 10, 60, 3600
 # The environment variable that holds the TrainerConfig JSON for `python -m kubetune_trainer` without
 # --config: how the operator's RayJob passes it to the driver on the Ray head.
 CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
@@ -523,9 +525,9 @@ class TrainerConfig(CamelModel):
         default=None, ge=0, description="Preemptions the run recovers from (apart from max_failures); None: no limit."
     )
     preemption_grace_seconds: int = Field(
-        default=60,
-        ge=10,
-        le=3600,
+        default=DEFAULT_PREEMPTION_GRACE_S,
+        ge=MIN_PREEMPTION_GRACE_S,
+        le=MAX_PREEMPTION_GRACE_S,
         description="Seconds from a preemption notice (SIGTERM, a Ray node drain) until the node goes.",
     )
     progress: ProgressTarget | None = None
