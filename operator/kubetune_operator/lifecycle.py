@@ -462,7 +462,7 @@ def rayjob_deleted(job: JobRecord, rayjob_name: str, *, now: datetime) -> Status
         return NO_CHANGE
     message = (
         f"RayJob {rayjob_name} was deleted while the job was {phase_of(job) or 'starting'}; "
-        "delete and re-create the FineTuneJob to run it again"
+        "delete and re-create the FineTuneJob to run it again (it resumes from the run's last checkpoint)"
     )
     return _transition(job, Observation(Phase.FAILED, Reason.RAYJOB_DELETED, message), now=now, launched=None)
 
