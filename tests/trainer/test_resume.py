@@ -77,6 +77,16 @@ def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld,
     card = json.loads(pretrained.get(f"{output}/model.json"))
     assert card["epochs"] == epochs and card["metrics"]["valAccuracy"] == history[-1]["valAccuracy"]
 
+    # The same job with `model.resume: never` starts over beside the finished run (a run of its own), and
+    # so does every run of it.
+    never = pretrained.job("resume-driver", **spec, resume="never")
+    third = pretrained.kubetune_run(never)
+
+    assert third.returncode == 0, third.stderr
+    assert "resumed from" not in third.stderr
+    folder = re.search(r"checkpoints under (s3://\S+?)/?$", third.stderr, re.MULTILINE)
+    assert folder and folder[1].startswith(f"{run}.") and len(folder[1]) > len(run) + 30, third.stderr
+
 
 @pytest.mark.slow
 def test_failed_worker_restarts_from_checkpoint_and_frozen_layers_stay(
