@@ -32,6 +32,7 @@ from kubetune_operator.spec import (
 from kubetune_trainer.config import (
     ANNOTATIONS_PATTERN,
     ARCHITECTURE_PATTERN,
+    CHECKPOINT_EVERY_PATTERN,
     CHECKPOINT_PATTERN,
     CONFIG_MAP_KEY,
     DNS_SUBDOMAIN,
@@ -87,6 +88,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     MOUNT_PATH: "must be an absolute path without empty segments, e.g. /etc/ssl/private-ca",
     r"^[^/](.*[^/])?$": "must be a relative path inside the volume, not starting or ending with '/'",
     CONFIG_MAP_KEY: "must be a ConfigMap key: letters, digits, '-', '_' and '.'",
+    CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
 }
 
 # Why a limit is what it is, where that is not obvious from the field.

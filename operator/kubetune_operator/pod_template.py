@@ -274,6 +274,7 @@ class PodSpecFragment(OwnsFields):
             for name in ("hostNetwork", "hostPID", "hostIPC", "hostUsers")
         },
         "restartPolicy": "KubeRay sets it",
+        "terminationGracePeriodSeconds": "the operator sets it from spec.runPolicy (time to checkpoint on preemption)",
         "serviceAccount": "deprecated; use serviceAccountName",
     }
 
@@ -402,6 +403,7 @@ class ContainerFragment(OwnsFields):
         "ports": f"{_OWNED_CONTAINER}: Ray's ports",
         "securityContext": f"{_OWNED_CONTAINER}: it runs restricted",
         "name": f"{_OWNED_CONTAINER}: it names it",
+        "lifecycle": f"{_OWNED_CONTAINER}: its preStop hook checkpoints on preemption",
     }
 
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra env vars.")
