@@ -156,6 +156,12 @@ def owner_uid(rayjob: Mapping[str, Any]) -> str | None:
     return str(uid) if uid else None
 
 
+def belongs_to(rayjob: Mapping[str, Any], job_uid: str | None) -> bool:
+    """Whether `rayjob` is the job's own: its controller is the job with `job_uid`. A RayJob of the same
+    name left by an earlier job (deleted, its RayJob not yet collected) or orphaned (no owner) is not."""
+    return job_uid is None or owner_uid(rayjob) == job_uid
+
+
 def dashboard_url(rayjob_status: Mapping[str, Any]) -> str | None:
     """KubeRay reports host:port of the head service; people click URLs."""
     url = rayjob_status.get("dashboardURL")
@@ -407,6 +413,20 @@ def _transition(
 def waiting(job: JobRecord, reason: Reason, message: str, *, now: datetime) -> StatusChange:
     """The job cannot launch yet but may later (KubeRay missing, S3 unreachable): Pending, retried."""
     return _transition(job, Observation(Phase.PENDING, reason, message, warning=True), now=now, launched=False)
+
+
+def previous_rayjob_message(namespace: str, rayjob: Mapping[str, Any]) -> str:
+    """Why a job waits when a RayJob of its name exists but is not its own (see `belongs_to`)."""
+    name, previous = (rayjob.get("metadata") or {}).get("name", ""), owner_uid(rayjob)
+    if previous:
+        return (
+            f"RayJob {name} still belongs to an earlier FineTuneJob of this name (uid {previous}); this job "
+            "launches once Kubernetes' garbage collector has deleted it"
+        )
+    return (
+        f"RayJob {name} exists but no FineTuneJob owns it (orphaned, or made by hand); this job launches once "
+        f"it is gone: kubectl -n {namespace} delete rayjob {name}"
+    )
 
 
 def failed_before_launch(job: JobRecord, reason: Reason, message: str, *, now: datetime) -> StatusChange:

@@ -58,6 +58,8 @@ async def launch(rt: Runtime, job: JobRecord, *, retry: int = 0) -> None:
     if first_launch and not await _preflight_passes(rt, job.meta, spec, retry=retry):
         return
     rayjob = await _ensure_children(rt, job.meta, spec, likely_new=first_launch)
+    if not lifecycle.belongs_to(rayjob, job.meta.uid):
+        await _wait_for_previous_rayjob(rt, job.meta, rayjob)
     # The status says Launching/RayJobCreated as soon as the RayJob exists (one write, not one before
     # and one after the children); the RayJob's own watch event then finds nothing to change.
     found = _rayjob_change(rt, rayjob, deleted=False, unless_launched=True)
@@ -118,6 +120,18 @@ async def _wait_for_kuberay(rt: Runtime, meta: JobMeta) -> NoReturn:
         lambda cur: lifecycle.waiting(cur, Reason.KUBERAY_NOT_INSTALLED, KUBERAY_MISSING, now=rt.clock()),
     )
     raise kopf.TemporaryError(KUBERAY_MISSING, delay=rt.settings.kuberay_retry_seconds)
+
+
+async def _wait_for_previous_rayjob(rt: Runtime, meta: JobMeta, rayjob: dict[str, Any]) -> NoReturn:
+    """Another job's RayJob holds the name: say so, and launch again once it is gone (a retry)."""
+    message = lifecycle.previous_rayjob_message(meta.namespace, rayjob)
+    logger.warning("%s: cannot launch yet: %s", meta.source, message)
+    await rt.status.update(
+        meta.namespace,
+        meta.name,
+        lambda cur: lifecycle.waiting(cur, Reason.PREVIOUS_RAYJOB_STILL_EXISTS, message, now=rt.clock()),
+    )
+    raise kopf.TemporaryError(message, delay=rt.settings.previous_rayjob_retry_seconds)
 
 
 async def _preflight_passes(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: int) -> bool:
@@ -196,11 +210,10 @@ def _rayjob_change(
         return None
     meta = rayjob.get("metadata") or {}
     rayjob_name = str(meta.get("name") or "")
-    owner_uid = lifecycle.owner_uid(rayjob)
 
     def compute(job: JobRecord) -> StatusChange:
-        if owner_uid and job.meta.uid != owner_uid:
-            return NO_CHANGE  # a RayJob left over from an earlier job of the same name
+        if not lifecycle.belongs_to(rayjob, job.meta.uid):
+            return NO_CHANGE  # left over from an earlier job of the same name, or orphaned
         if unless_launched and lifecycle.is_launched(job):
             return NO_CHANGE
         if deleted:

@@ -60,6 +60,8 @@ class OperatorSettings:
     preflight_backoff_max_seconds: float = 300.0
     # How often a job waiting for KubeRay to be installed checks again.
     kuberay_retry_seconds: float = 60.0
+    # How often a job whose name is still held by an earlier job's RayJob checks whether it is gone.
+    previous_rayjob_retry_seconds: float = 10.0
     # Connect/read timeout of each S3 call in preflight.
     s3_timeout_seconds: float = 10.0
     # How long a Running job may go without an accepted progress update before its status says so
@@ -107,6 +109,7 @@ _NUMBER_VARIABLES = {
     "preflight_backoff_seconds": "KUBETUNE_PREFLIGHT_BACKOFF_SECONDS",
     "preflight_backoff_max_seconds": "KUBETUNE_PREFLIGHT_BACKOFF_MAX_SECONDS",
     "kuberay_retry_seconds": "KUBETUNE_KUBERAY_RETRY_SECONDS",
+    "previous_rayjob_retry_seconds": "KUBETUNE_PREVIOUS_RAYJOB_RETRY_SECONDS",
     "s3_timeout_seconds": "KUBETUNE_S3_TIMEOUT_SECONDS",
     "progress_grace_seconds": "KUBETUNE_PROGRESS_GRACE_SECONDS",
 }

@@ -50,6 +50,8 @@ class Reason(StrEnum):
     DATASET_NOT_FOUND = "DatasetNotFound"
     ACCESS_DENIED = "AccessDenied"
     STORAGE_ERROR = "StorageError"
+    # A RayJob of the job's name that is not the job's own (an earlier namesake's, or an orphan).
+    PREVIOUS_RAYJOB_STILL_EXISTS = "PreviousRayJobStillExists"
     # Following the RayJob (lifecycle.observe_rayjob).
     RAYJOB_CREATED = "RayJobCreated"
     CLUSTER_STARTING = "ClusterStarting"

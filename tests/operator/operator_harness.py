@@ -63,6 +63,7 @@ FAST_SETTINGS = OperatorSettings(
     preflight_backoff_seconds=0.1,
     preflight_backoff_max_seconds=0.5,
     kuberay_retry_seconds=0.3,
+    previous_rayjob_retry_seconds=0.3,
     s3_timeout_seconds=3.0,
     metrics_port=None,
     progress_port=None,
