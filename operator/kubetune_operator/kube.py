@@ -42,6 +42,9 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 KUBERAY_SEEN_SECONDS = 30.0
 DEFAULT_KUBECONFIG = "~/.kube/config"
 KUBE_THREADS = 16  # API calls in flight at once
+# Every API call the operator makes itself (and each TokenReview) gives up after this: (connect, read)
+# seconds. Without it a call to an API server that stopped answering would hold its thread for ever.
+REQUEST_TIMEOUT = (5.0, 30.0)
 
 
 def client_configuration(kubeconfig: str | None = None) -> client.Configuration:
@@ -133,8 +136,15 @@ def is_not_found(exc: BaseException) -> bool:
 class Kube:
     """The operator's Kubernetes client; every method is safe to call again with the same arguments."""
 
-    def __init__(self, api_client: client.ApiClient, *, threads: int = KUBE_THREADS) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        *,
+        threads: int = KUBE_THREADS,
+        request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
+    ) -> None:
         self.api_client = api_client
+        self.request_timeout = request_timeout
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self._kuberay_seen_at: float | None = None
@@ -161,7 +171,7 @@ class Kube:
         """Run one blocking API call in a thread; the decoded JSON answer."""
         for delay in (*RETRY_DELAYS, None):
             try:
-                call = functools.partial(_call_and_decode, fn, *args, **kwargs)
+                call = functools.partial(_call_and_decode, fn, *args, _request_timeout=self.request_timeout, **kwargs)
                 return await asyncio.get_running_loop().run_in_executor(self._executor, call)
             except Exception as exc:
                 if delay is None or not is_transient(exc):

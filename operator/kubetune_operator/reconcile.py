@@ -8,8 +8,6 @@ again with the same job: the children are get-or-create, and a status already sa
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 from collections.abc import Iterable
 from typing import Any, NoReturn
@@ -163,18 +161,18 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
     datasets = {"spec.data.train": spec.spec.data.train}
     if spec.spec.data.validation:
         datasets["spec.data.validation"] = spec.spec.data.validation
-    check = functools.partial(
-        s3.preflight,
-        storage,
-        checkpoint=spec.spec.model.checkpoint,
-        datasets=datasets,
-        credentials=credentials,
-        timeout=rt.settings.s3_timeout_seconds,
-    )
+    settings = rt.settings
     try:
-        return await asyncio.get_running_loop().run_in_executor(rt.preflight_pool, check)
+        async with rt.preflight_slots.hold(meta.namespace):
+            return await s3.preflight(
+                storage,
+                checkpoint=spec.spec.model.checkpoint,
+                datasets=datasets,
+                credentials=credentials,
+                timeout=settings.s3_timeout_seconds,
+                deadline=settings.preflight_deadline_seconds,
+            )
     except s3.TransientS3Error as exc:
-        settings = rt.settings
         delay = min(settings.preflight_backoff_seconds * 2**retry, settings.preflight_backoff_max_seconds)
         message = f"{exc}; preflight retries in {delay:g}s"
         logger.warning("%s: %s", meta.source, message)

@@ -62,8 +62,12 @@ class OperatorSettings:
     kuberay_retry_seconds: float = 60.0
     # How often a job whose name is still held by an earlier job's RayJob checks whether it is gone.
     previous_rayjob_retry_seconds: float = 10.0
-    # Connect/read timeout of each S3 call in preflight.
+    # Connect/read timeout of each S3 call in preflight, and the most one whole preflight may take.
     s3_timeout_seconds: float = 10.0
+    preflight_deadline_seconds: float = 60.0
+    # Preflights running at once, in all and per namespace (one namespace's jobs cannot take every slot).
+    preflights_at_once: int = 8
+    preflights_per_namespace: int = 2
     # How long a Running job may go without an accepted progress update before its status says so
     # (condition ProgressReporting=False, reason NoProgressReceived). Model loading and the first
     # steps come first, so this is well over a minute.
@@ -111,6 +115,9 @@ _NUMBER_VARIABLES = {
     "kuberay_retry_seconds": "KUBETUNE_KUBERAY_RETRY_SECONDS",
     "previous_rayjob_retry_seconds": "KUBETUNE_PREVIOUS_RAYJOB_RETRY_SECONDS",
     "s3_timeout_seconds": "KUBETUNE_S3_TIMEOUT_SECONDS",
+    "preflight_deadline_seconds": "KUBETUNE_PREFLIGHT_DEADLINE_SECONDS",
+    "preflights_at_once": "KUBETUNE_PREFLIGHTS_AT_ONCE",
+    "preflights_per_namespace": "KUBETUNE_PREFLIGHTS_PER_NAMESPACE",
     "progress_grace_seconds": "KUBETUNE_PROGRESS_GRACE_SECONDS",
 }
 
@@ -125,7 +132,15 @@ def _number(variable: str, text: str) -> float | int:
     return int(value) if value.is_integer() and variable in _INTEGER_VARIABLES else value
 
 
-_INTEGER_VARIABLES = frozenset({"KUBETUNE_TOKEN_EXPIRATION_SECONDS", "KUBETUNE_METRICS_PORT", "KUBETUNE_PROGRESS_PORT"})
+_INTEGER_VARIABLES = frozenset(
+    {
+        "KUBETUNE_TOKEN_EXPIRATION_SECONDS",
+        "KUBETUNE_METRICS_PORT",
+        "KUBETUNE_PROGRESS_PORT",
+        "KUBETUNE_PREFLIGHTS_AT_ONCE",
+        "KUBETUNE_PREFLIGHTS_PER_NAMESPACE",
+    }
+)
 
 
 def parse_namespaces(text: str) -> tuple[str, ...]:

@@ -167,11 +167,11 @@ def test_console_on_a_terminal_redraws_one_line() -> None:
     stream = io.StringIO()
     console = ConsoleReporter(stream, tty=True)
     console.report(update())
-    console.report(update(phase="Resumed", epoch=1, latest_checkpoint="s3://r/epoch-0001"))
+    console.report(update(phase="Resumed", epoch=1, latest_checkpoint="s3://runs/epoch-0001"))
     console.close()
     text = stream.getvalue()
     assert text.startswith("\r\x1b[2Kepoch 2/5")
-    assert "resumed from s3://r/epoch-0001 after epoch 1\n" in text
+    assert "resumed from s3://runs/epoch-0001 after epoch 1\n" in text
 
 
 def test_a_failing_reporter_never_stops_the_others() -> None:

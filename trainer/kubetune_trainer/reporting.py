@@ -18,13 +18,21 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Literal, Protocol, TextIO, runtime_checkable
 
 from pydantic import Field
 
-from kubetune_trainer.config import CamelModel
+from kubetune_trainer.config import MAX_EPOCHS, S3_PREFIX_PATTERN, CamelModel
 
 log = logging.getLogger(__name__)
+
+# Bounds of what an update may say: the operator's progress endpoint takes updates from the network.
+# Steps stay integers JSON and the status (int64) hold exactly; a checkpoint URI is an S3 key (at most
+# 1,024 bytes) in a bucket (at most 63 characters).
+MAX_STEPS = 2**53
+MAX_WORKER_FAILURES = 1_000_000
+MAX_CHECKPOINT_URI = len("s3://") + 63 + 1 + 1024
+TrainerPhase = Literal["Resumed", "Training", "Checkpointing", "Finished"]
 
 
 class ProgressMetrics(CamelModel):
@@ -48,23 +56,27 @@ class ProgressMetrics(CamelModel):
 class ProgressUpdate(CamelModel):
     """Where a run is: the message from the trainer to the operator (and the console)."""
 
-    epoch: int = Field(ge=0, description="Current epoch, 1-based (0 before the first starts).")
-    total_epochs: int = Field(ge=1)
-    step: int = Field(ge=0, description="Optimizer steps done in the whole run.")
-    total_steps: int = Field(ge=0)
+    epoch: int = Field(ge=0, le=MAX_EPOCHS, description="Current epoch, 1-based (0 before the first starts).")
+    total_epochs: int = Field(ge=1, le=MAX_EPOCHS)
+    step: int = Field(ge=0, le=MAX_STEPS, description="Optimizer steps done in the whole run.")
+    total_steps: int = Field(ge=0, le=MAX_STEPS)
     percent: float = Field(ge=0.0, le=100.0)
     eta_seconds: float | None = Field(default=None, ge=0.0)
     metrics: ProgressMetrics = Field(default_factory=ProgressMetrics)
     latest_checkpoint: str | None = Field(
-        default=None, description="s3:// URI of the latest checkpoint Ray Train committed (a restart resumes from it)."
+        default=None,
+        pattern=S3_PREFIX_PATTERN,
+        max_length=MAX_CHECKPOINT_URI,
+        description="s3:// URI of the latest checkpoint Ray Train committed (a restart resumes from it).",
     )
     worker_failures: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_WORKER_FAILURES,
         description="Worker failures in this run of the driver; Ray Train restarts the workers from the latest "
         "checkpoint after each, up to maxFailures (spec.runPolicy.maxRetries).",
     )
-    phase: str | None = Field(
+    phase: TrainerPhase | None = Field(
         default=None, description="Resumed, Training or Checkpointing (sent after each epoch's checkpoint)."
     )
 
