@@ -104,6 +104,10 @@ class KubeRayMissingError(Exception):
     """The ray.io/v1 RayJob API does not exist in this cluster: KubeRay is not installed."""
 
 
+class SecretNotReadableError(Exception):
+    """RBAC does not let the operator read this Secret (the chart grants it per namespace, on request)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ApiException):
         return exc.status in TRANSIENT_STATUSES or exc.status == 0
@@ -297,8 +301,16 @@ class Kube:
     # -- Secrets and Events ------------------------------------------------------------------------------
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The Secret's data, decoded; None when there is no such Secret. Never logged."""
-        secret = await self._read_or_none(self.core.read_namespaced_secret, name, namespace)
+        """The Secret's data, decoded; None when there is no such Secret. Never logged.
+
+        Raises SecretNotReadableError when RBAC does not allow the read (403).
+        """
+        try:
+            secret = await self._read_or_none(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as exc:
+            if exc.status == 403:
+                raise SecretNotReadableError(f"the operator may not read Secrets in namespace {namespace}") from None
+            raise
         if secret is None:
             return None
         decoded: dict[str, str] = {}

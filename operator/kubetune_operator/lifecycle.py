@@ -505,6 +505,18 @@ def _set_one(
     return StatusChange(patch, (event,) if event else ())
 
 
+def preflight_skipped(job: JobRecord, secret: str, *, now: datetime) -> StatusChange:
+    """RBAC does not let the operator read the job's credentials Secret: it launches without preflight."""
+    message = (
+        f"Preflight skipped: the operator may not read Secret {secret!r} in namespace {job.meta.namespace!r} "
+        "(RBAC), so S3 access was not checked before the Ray cluster starts; the pods still get the keys. "
+        "To have it checked, let the operator read Secrets in this namespace: the chart's "
+        "rbac.preflightSecrets.namespaces (docs/install.md, Permissions)"
+    )
+    event = Event("Warning", Reason.SECRET_NOT_READABLE, message)
+    return _set_one(job, ConditionType.PREFLIGHT_CHECKED, False, Reason.SECRET_NOT_READABLE, message, event, now=now)
+
+
 def refuse_spec_change(job: JobRecord, fields: list[str], *, now: datetime) -> StatusChange:
     """A spec edit that cannot apply to a launched or finished job: say so, change nothing else."""
     if is_finished(job):

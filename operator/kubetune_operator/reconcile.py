@@ -14,10 +14,10 @@ from typing import Any, NoReturn
 
 import kopf
 
-from kubetune_operator import lifecycle, s3
+from kubetune_operator import allowlist, lifecycle, s3
 from kubetune_operator.builders import SPEC_DIGEST_ANNOTATION, build_children, build_service_account, spec_digest
 from kubetune_operator.incoming import InvalidJob, JobMeta, JobRecord
-from kubetune_operator.kube import KubeRayMissingError
+from kubetune_operator.kube import KubeRayMissingError, SecretNotReadableError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
 from kubetune_operator.runtime import Runtime
 from kubetune_operator.spec import FineTuneJob
@@ -50,6 +50,11 @@ async def launch(rt: Runtime, job: JobRecord, *, retry: int = 0) -> None:
         await _refuse_invalid_spec(rt, job.meta, job.job)
         return
     spec = job.job
+    refusal = None if lifecycle.is_launched(job) else _not_allowed(rt, spec)
+    if refusal is not None:
+        # Before any request on the job's behalf: its Secret is not read, its endpoint never asked.
+        await _refuse(rt, job.meta, *refusal)
+        return
     if not await rt.kube.kuberay_installed():
         await _wait_for_kuberay(rt, job.meta)
     first_launch = await _is_first_launch(rt, job, spec)
@@ -70,11 +75,26 @@ async def _refuse_invalid_spec(rt: Runtime, meta: JobMeta, invalid: InvalidJob) 
         # Edited past the CRD's checks after launch: the run keeps the spec it was launched with.
         logger.warning("%s: the spec is invalid now; its RayJob runs on unchanged: %s", meta.source, invalid.message)
         return
-    logger.warning("%s: not launched: %s", meta.source, invalid.message)
+    await _refuse(rt, meta, Reason.INVALID_SPEC, invalid.message)
+
+
+def _not_allowed(rt: Runtime, spec: FineTuneJob) -> tuple[Reason, str] | None:
+    """The reason and message when the job names an S3 endpoint or an image the operator may not use."""
+    settings = rt.settings
+    message = allowlist.endpoint_refusal(spec.spec.storage.endpoint, settings.s3_endpoint_entries())
+    if message is not None:
+        return Reason.ENDPOINT_NOT_ALLOWED, message
+    message = allowlist.image_refusal(spec.spec.image, settings.trainer_image, settings.allowed_image_registries)
+    return (Reason.IMAGE_NOT_ALLOWED, message) if message is not None else None
+
+
+async def _refuse(rt: Runtime, meta: JobMeta, reason: Reason, message: str) -> None:
+    """Fail a job that can never launch as written (not retried)."""
+    logger.warning("%s: not launched: %s", meta.source, message)
     await rt.status.update(
         meta.namespace,
         meta.name,
-        lambda cur: lifecycle.failed_before_launch(cur, Reason.INVALID_SPEC, invalid.message, now=rt.clock()),
+        lambda cur: lifecycle.failed_before_launch(cur, reason, message, now=rt.clock()),
         ends_launch=True,
     )
 
@@ -149,14 +169,8 @@ async def _preflight_passes(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, re
 
 
 async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: int) -> s3.PreflightFailure | None:
-    # Without spec.storage.credentialsSecret the pods use their own cloud identity (IRSA, workload
-    # identity), which the operator does not have: a check with the operator's identity proves nothing.
-    storage = spec.spec.storage
-    if not storage.credentials_secret:
-        return None
-    secret = await rt.kube.read_secret(meta.namespace, storage.credentials_secret)
-    credentials = s3.credentials_from_secret(storage.credentials_secret, meta.namespace, secret)
-    if isinstance(credentials, s3.PreflightFailure):
+    credentials = await _credentials(rt, meta, spec)
+    if not isinstance(credentials, s3.Credentials):
         return credentials
     datasets = {"spec.data.train": spec.spec.data.train}
     if spec.spec.data.validation:
@@ -165,7 +179,7 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
     try:
         async with rt.preflight_slots.hold(meta.namespace):
             return await s3.preflight(
-                storage,
+                spec.spec.storage,
                 checkpoint=spec.spec.model.checkpoint,
                 datasets=datasets,
                 credentials=credentials,
@@ -182,6 +196,27 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
             lambda cur: lifecycle.waiting(cur, Reason.STORAGE_UNAVAILABLE, message, now=rt.clock()),
         )
         raise kopf.TemporaryError(message, delay=delay) from exc
+
+
+async def _credentials(rt: Runtime, meta: JobMeta, spec: FineTuneJob) -> s3.Credentials | s3.PreflightFailure | None:
+    """The keys preflight checks S3 with, why the job fails instead, or None: no preflight.
+
+    Without spec.storage.credentialsSecret the pods use their own cloud identity (IRSA, workload identity),
+    which the operator does not have: a check with the operator's identity proves nothing. Where RBAC does
+    not let the operator read Secrets, the status says preflight was skipped.
+    """
+    name = spec.spec.storage.credentials_secret
+    if not name:
+        return None
+    try:
+        secret = await rt.kube.read_secret(meta.namespace, name)
+    except SecretNotReadableError:
+        logger.warning("%s: preflight skipped: RBAC does not let the operator read Secrets here", meta.source)
+        await rt.status.update(
+            meta.namespace, meta.name, lambda cur: lifecycle.preflight_skipped(cur, name, now=rt.clock())
+        )
+        return None
+    return s3.credentials_from_secret(name, meta.namespace, secret)
 
 
 # -- following the RayJob --------------------------------------------------------------------------------

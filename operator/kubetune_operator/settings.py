@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from kubetune_operator.allowlist import EndpointEntry, parse_registries
+
 
 def package_version() -> str:
     """The installed kubetune version, which tags the default trainer image."""
@@ -72,7 +74,19 @@ class OperatorSettings:
     # (condition ProgressReporting=False, reason NoProgressReceived). Model loading and the first
     # steps come first, so this is well over a minute.
     progress_grace_seconds: float = 90.0
+    # What a job may name besides the defaults (allowlist.py): S3 endpoints besides AWS's own, as
+    # [scheme://]host[:port] or *.domain; image registries besides the trainer image's, as registry[/path].
+    allowed_s3_endpoints: tuple[str, ...] = ()
+    allowed_image_registries: tuple[str, ...] = ()
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        # A malformed entry stops the operator at startup, naming it, rather than refusing every job.
+        self.s3_endpoint_entries()
+        parse_registries(self.allowed_image_registries)
+
+    def s3_endpoint_entries(self) -> tuple[EndpointEntry, ...]:
+        return tuple(EndpointEntry.parse(text) for text in self.allowed_s3_endpoints)
 
     def progress_url(self, namespace: str, name: str) -> str | None:
         """Where the trainer pods of job `namespace/name` push progress, if anywhere."""
@@ -91,8 +105,9 @@ class OperatorSettings:
         for name, variable in _NUMBER_VARIABLES.items():
             if env.get(variable):
                 overrides[name] = _number(variable, env[variable])
-        if env.get("KUBETUNE_NAMESPACES"):
-            overrides["namespaces"] = parse_namespaces(env["KUBETUNE_NAMESPACES"])
+        for name, variable in _LIST_VARIABLES.items():
+            if env.get(variable):
+                overrides[name] = parse_list(env[variable])
         return cls(**overrides)  # type: ignore[arg-type]
 
 
@@ -105,6 +120,11 @@ _STRING_VARIABLES = {
     "head_cpu": "KUBETUNE_HEAD_CPU",
     "head_memory": "KUBETUNE_HEAD_MEMORY",
     "log_level": "KUBETUNE_LOG_LEVEL",
+}
+_LIST_VARIABLES = {
+    "namespaces": "KUBETUNE_NAMESPACES",
+    "allowed_s3_endpoints": "KUBETUNE_ALLOWED_S3_ENDPOINTS",
+    "allowed_image_registries": "KUBETUNE_ALLOWED_IMAGE_REGISTRIES",
 }
 _NUMBER_VARIABLES = {
     "token_expiration_seconds": "KUBETUNE_TOKEN_EXPIRATION_SECONDS",
@@ -143,7 +163,7 @@ _INTEGER_VARIABLES = frozenset(
 )
 
 
-def parse_namespaces(text: str) -> tuple[str, ...]:
+def parse_list(text: str) -> tuple[str, ...]:
     """`"a, b c"` → `("a", "b", "c")`: commas or whitespace separate, duplicates and blanks drop out."""
     seen: dict[str, None] = {}
     for item in re.split(r"[,\s]+", text):

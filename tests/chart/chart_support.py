@@ -33,6 +33,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "operator": {"watchNamespaces": ["team-a", "team-b"], "logLevel": "DEBUG"},
         "serviceAccount": {"create": False, "name": "kubetune-operator"},
     },
+    "locked-down": {
+        "operator": {
+            "allowedS3Endpoints": ["http://minio.minio.svc.cluster.local:9000", "*.storage.example.com"],
+            "allowedImageRegistries": ["registry.example.com:5000/ml"],
+        },
+        "rbac": {"preflightSecrets": {"namespaces": ["vision", "default"]}},
+    },
+    "secrets-cluster-wide": {"rbac": {"preflightSecrets": {"clusterWide": True}}},
     "custom-images": {
         "operator": {
             "image": {

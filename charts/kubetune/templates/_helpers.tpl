@@ -93,11 +93,6 @@ ownerReferences let Kubernetes' garbage collector remove them with the job.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["get", "create"]
-# Preflight reads the Secret named by spec.storage.credentialsSecret to check S3 access before a Ray
-# cluster starts. Only `get`: no list or watch, so the operator never enumerates Secrets.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
 # Events on the jobs (kubectl describe ftj tells the story); kopf posts core/v1 Events.
 - apiGroups: [""]
   resources: ["events"]
@@ -115,4 +110,15 @@ ownerReferences let Kubernetes' garbage collector remove them with the job.
 - apiGroups: ["authentication.k8s.io"]
   resources: ["tokenreviews"]
   verbs: ["create"]
+{{- end }}
+
+{{/*
+Reading Secrets, granted apart from the rest and only where asked (rbac-preflight-secrets.yaml): preflight
+reads the Secret a job names in spec.storage.credentialsSecret to check S3 before a Ray cluster starts.
+Only `get`: no list or watch, so the operator never enumerates Secrets.
+*/}}
+{{- define "kubetune.preflightSecretRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end }}
