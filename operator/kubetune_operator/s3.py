@@ -25,7 +25,7 @@ import aiohttp
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as SigningCredentials
-from yarl import URL
+from yarl import URL  # aiohttp's own URL type: it sends a URL marked encoded exactly as signed
 
 from kubetune_operator.builders import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN
 from kubetune_operator.states import Reason

@@ -231,6 +231,9 @@ def test_notes_tell_the_next_commands(rendered: dict[str, Rendered]) -> None:
     assert "get ftj -w" in notes
     (example,) = re.findall(r"kubectl apply -f (examples/[\w.-]+\.yaml)", notes)
     assert (REPO / example).exists(), example
+    assert "docs/security.md" in notes and (REPO / "docs" / "security.md").exists()
+    assert "reads no Secret" in notes and "operator.allowedS3Endpoints" in notes
+    assert "may read Secrets, by name and for preflight, in: vision, default" in rendered["locked-down"].notes
 
 
 def test_clashing_ports_are_refused_at_render_time(chart: helm.Chart) -> None:
