@@ -132,24 +132,22 @@ async def _ensure_children(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, lik
 
 async def _wait_for_kuberay(rt: Runtime, meta: JobMeta) -> NoReturn:
     logger.error("%s: cannot launch: %s", meta.source, KUBERAY_MISSING)
-    await rt.status.update(
-        meta.namespace,
-        meta.name,
-        lambda cur: lifecycle.waiting(cur, Reason.KUBERAY_NOT_INSTALLED, KUBERAY_MISSING, now=rt.clock()),
-    )
-    raise kopf.TemporaryError(KUBERAY_MISSING, delay=rt.settings.kuberay_retry_seconds)
+    await _wait(rt, meta, Reason.KUBERAY_NOT_INSTALLED, KUBERAY_MISSING, rt.settings.kuberay_retry_seconds)
 
 
 async def _wait_for_previous_rayjob(rt: Runtime, meta: JobMeta, rayjob: dict[str, Any]) -> NoReturn:
     """Another job's RayJob holds the name: say so, and launch again once it is gone (a retry)."""
     message = lifecycle.previous_rayjob_message(meta.namespace, rayjob)
     logger.warning("%s: cannot launch yet: %s", meta.source, message)
+    await _wait(rt, meta, Reason.PREVIOUS_RAYJOB_STILL_EXISTS, message, rt.settings.previous_rayjob_retry_seconds)
+
+
+async def _wait(rt: Runtime, meta: JobMeta, reason: Reason, message: str, delay: float) -> NoReturn:
+    """The job cannot launch yet: Pending for `reason`, and the launch runs again after `delay` seconds."""
     await rt.status.update(
-        meta.namespace,
-        meta.name,
-        lambda cur: lifecycle.waiting(cur, Reason.PREVIOUS_RAYJOB_STILL_EXISTS, message, now=rt.clock()),
+        meta.namespace, meta.name, lambda cur: lifecycle.waiting(cur, reason, message, now=rt.clock())
     )
-    raise kopf.TemporaryError(message, delay=rt.settings.previous_rayjob_retry_seconds)
+    raise kopf.TemporaryError(message, delay=delay)
 
 
 async def _preflight_passes(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: int) -> bool:

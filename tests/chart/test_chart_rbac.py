@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import operator_api
-from chart_support import Rendered
+from chart_support import Grant, Rendered, grants
 
-Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
 # kopf lists and watches namespaces when it serves a list of them rather than the whole cluster.
 NAMESPACE_SCANNING: set[Grant] = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 # Preflight reads the Secret a job names: granted apart (rbac.preflightSecrets), never by default.
@@ -21,17 +20,6 @@ SECRET_READS: set[Grant] = {("", "secrets", "get")}
 READ_VERBS = {"get", "list", "watch"}
 OPERATOR_ROLE = "kubetune"
 SECRETS_ROLE = "kubetune-preflight-secrets"
-
-
-def _grants(roles: list[dict]) -> set[Grant]:
-    return {
-        (group, resource, verb)
-        for role in roles
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
 
 
 def _named(objects: list[dict], name: str) -> list[dict]:
@@ -74,7 +62,7 @@ def test_cluster_wide_install_grants_exactly_what_the_operator_uses_but_secret_r
 ) -> None:
     where, _ = _needed()
     defaults = rendered["defaults"]
-    granted = _grants(_named(defaults.all("ClusterRole"), OPERATOR_ROLE))
+    granted = grants(_named(defaults.all("ClusterRole"), OPERATOR_ROLE))
     needed = set(where) - SECRET_READS
     assert granted == needed, _report(needed - granted, granted - needed, where)
     binding = defaults.one("ClusterRoleBinding")
@@ -90,14 +78,14 @@ def test_the_default_install_cannot_read_any_secret(rendered: dict[str, Rendered
 def test_namespaced_install_keeps_namespaced_grants_in_the_listed_namespaces(rendered: dict[str, Rendered]) -> None:
     where, cluster_scoped = _needed()
     namespaced = rendered["namespaced"]
-    cluster_granted = _grants(namespaced.all("ClusterRole"))
+    cluster_granted = grants(namespaced.all("ClusterRole"))
     wanted_cluster = cluster_scoped | NAMESPACE_SCANNING
     assert cluster_granted == wanted_cluster, _report(
         wanted_cluster - cluster_granted, cluster_granted - wanted_cluster, where
     )
     wanted_in_namespace = set(where) - cluster_scoped - SECRET_READS
     for role in _named(namespaced.all("Role"), OPERATOR_ROLE):
-        granted = _grants([role])
+        granted = grants([role])
         assert granted == wanted_in_namespace, _report(
             wanted_in_namespace - granted, granted - wanted_in_namespace, where
         )
@@ -109,7 +97,7 @@ def test_secrets_are_read_only_where_the_admin_lists_and_only_by_name(rendered: 
     locked = rendered["locked-down"]
     assert sorted(_secret_readers(locked)) == [f"Role/{ns}/{SECRETS_ROLE}" for ns in ("default", "vision")]
     for role in _named(locked.all("Role"), SECRETS_ROLE):
-        assert _grants([role]) == SECRET_READS
+        assert grants([role]) == SECRET_READS
     bindings = _named(locked.all("RoleBinding"), SECRETS_ROLE)
     assert {b["metadata"]["namespace"] for b in bindings} == {"default", "vision"}
     assert all(

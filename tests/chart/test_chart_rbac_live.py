@@ -17,7 +17,7 @@ from typing import Any
 
 import kmock
 import pytest
-from chart_support import REPO, Rendered
+from chart_support import REPO, Grant, Rendered, grants
 from moto.server import ThreadedMotoServer
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))
@@ -34,7 +34,6 @@ from operator_harness import (
 )
 from s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
-Grant = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 NS, NAME = "default", "flowers"
 
 NOT_EXERCISED_HERE: dict[Grant, str] = {
@@ -54,15 +53,9 @@ def _grant(request: ApiRequest) -> Grant:
 
 def _granted(rendered: Rendered, namespace: str) -> set[Grant]:
     """What the rendered rules allow the operator in `namespace`: its ClusterRoles and that namespace's Roles."""
-    roles = rendered.all("ClusterRole") + [r for r in rendered.all("Role") if r["metadata"]["namespace"] == namespace]
-    return {
-        (group, resource, verb)
-        for role in roles
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+    return grants(
+        rendered.all("ClusterRole") + [r for r in rendered.all("Role") if r["metadata"]["namespace"] == namespace]
+    )
 
 
 class EnforcingApiServer(ApiServer):
