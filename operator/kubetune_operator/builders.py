@@ -15,7 +15,7 @@ from typing import Any
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
-from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget
+from kubetune_trainer.config import CONFIG_ENV, RAY_TRAIN_ENV, ProgressTarget
 
 RAYJOB_API_VERSION = "ray.io/v1"
 RAYJOB_KIND = "RayJob"
@@ -30,10 +30,10 @@ SPEC_DIGEST_ANNOTATION = "kubetune.dev/spec-digest"
 # Spec fields that may change while a job runs: they steer the job, not the run.
 MUTABLE_SPEC_FIELDS = (("runPolicy", "suspend"), ("runPolicy", "ttlSecondsAfterFinished"))
 
-# The trainer config travels in the RayJob as the head container's env: the job's driver runs on the
-# head and inherits its env; the Train workers get the config from the driver through Ray Train. (It
-# holds no secret: credentials are secretKeyRef env.) One object fewer per job than a ConfigMap.
-CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
+# The trainer config travels in the RayJob as the head container's env (CONFIG_ENV, the name the trainer
+# reads): the job's driver runs on the head and inherits its env; the Train workers get the config from
+# the driver through Ray Train. (It holds no secret: credentials are secretKeyRef env.) One object fewer
+# per job than a ConfigMap.
 ENTRYPOINT = "python -m kubetune_trainer"
 # Every job's pods share one ServiceAccount per namespace (one object fewer to create per job); what ties a
 # token to one job is its audience, `token_audience(...)`.

@@ -190,15 +190,6 @@ def test_non_finite_metrics_are_left_out_rather_than_breaking_the_update(operato
     assert operator.received[0]["metrics"] == {"imagesPerSecond": 100.0}
 
 
-def test_only_rank_zero_reports(operator: Operator, token: Path) -> None:
-    workers = [reporter(operator.url, token, rank=rank) for rank in range(4)]
-    for rank, rep in enumerate(workers):
-        rep.report(progress(rank + 1))
-    for rep in workers:
-        rep.close()
-    assert [body["step"] for body in operator.received] == [1]
-
-
 def test_a_missing_token_file_is_retried_until_it_appears(operator: Operator, tmp_path: Path) -> None:
     """The kubelet writes the projected token shortly after the container starts."""
     path = tmp_path / "late-token"

@@ -37,6 +37,7 @@ from kubetune_trainer.local import summary
 from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, progress_line
 from kubetune_trainer.run import check_inputs, prepare
 from kubetune_trainer.storage import S3Store
+from kubetune_trainer.tasks import DetectionTask
 
 SMALL = "ssdlite320_mobilenet_v3_large"
 
@@ -248,9 +249,10 @@ def test_the_driver_prepares_a_detection_run_from_s3(world: DigitsWorld, tmp_pat
 
     prepared = prepare(config, check_inputs(config, store), here=True)
 
-    assert prepared.detection is not None and prepared.detection.class_names == ["red", "green"]
-    assert (len(prepared.detection.train), len(prepared.detection.validation)) == (6, 3)
-    assert prepared.detection.counts["train"]["imagesCorrupt"] == 0
+    assert isinstance(prepared.task, DetectionTask)
+    assert prepared.task.boxes.class_names == ["red", "green"]
+    assert (len(prepared.task.boxes.train), len(prepared.task.boxes.validation)) == (6, 3)
+    assert prepared.task.boxes.counts["train"]["imagesCorrupt"] == 0
     # The model's own transform at data.imageSize, and the base's box classifier (4 classes) replaced.
     assert prepared.data_config["fixedSize"] == [64, 64] and prepared.data_config["minSize"] == 64
     assert prepared.weights_report.dropped_keys and not prepared.weights_report.missing_keys

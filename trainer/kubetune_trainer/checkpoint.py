@@ -162,7 +162,3 @@ def download_checkpoint(store: S3Store, checkpoint: Any, into: Path | None = Non
     folder = into or Path(tempfile.mkdtemp(prefix="kubetune-restore-"))
     store.download_dir(S3Uri.from_fs_path(checkpoint.path), folder, MAX_CHECKPOINT_FILES)
     return folder
-
-
-def checkpoint_uri(checkpoint: Any) -> str:
-    return str(S3Uri.from_fs_path(checkpoint.path))

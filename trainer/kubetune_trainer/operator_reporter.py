@@ -5,8 +5,8 @@ newest update, at most one a second (the operator's limit), and retries with bac
 down or restarting. Updates that are overtaken before they are sent are merged into the newer one, so a
 metric (say the last validation accuracy) is never lost just because a step update followed it.
 
-Only rank 0 sends: the other workers' reporters do nothing. Uses the standard library only; no Kubernetes
-client in the trainer.
+It runs in the driver (`relay.driver_reporters`), which gathers the workers' updates. Uses the standard
+library only; no Kubernetes client in the trainer.
 
 When updates cannot be delivered, the log says so once per outage, as one warning that names what is
 missing (the token, the operator, or its consent) and where it looked, and what the user then sees (no
@@ -90,7 +90,6 @@ class OperatorReporter:
         url: str,
         token_path: str | Path,
         *,
-        rank: int = 0,
         timeout_s: float = 5.0,
         min_interval_s: float = MIN_INTERVAL_S,
         max_backoff_s: float = 30.0,
@@ -98,7 +97,6 @@ class OperatorReporter:
     ) -> None:
         self.url = url
         self.token_path = Path(token_path)
-        self.enabled = rank == 0
         self._timeout_s = timeout_s
         self._min_interval_s = min_interval_s
         self._max_backoff_s = max_backoff_s
@@ -115,16 +113,14 @@ class OperatorReporter:
         self.dropped = 0  # updates the operator refused for good, or left unsent at close
 
     @classmethod
-    def from_target(cls, target: ProgressTarget | None, *, rank: int) -> OperatorReporter | None:
+    def from_target(cls, target: ProgressTarget | None) -> OperatorReporter | None:
         """The reporter for the config's progress target, or None when the job has none (local runs)."""
         if target is None:
             return None
-        return cls(target.url, target.token_path, rank=rank)
+        return cls(target.url, target.token_path)
 
     def report(self, update: ProgressUpdate) -> None:
         """Queue `update` (replacing any not yet sent) and return at once; never raises."""
-        if not self.enabled:
-            return
         try:
             payload = finite(update.model_dump(by_alias=True, exclude_none=True, mode="json"))
             with self._cond:

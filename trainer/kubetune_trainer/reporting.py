@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Literal, Protocol, TextIO, runtime_checkable
+from typing import Any, Literal, Protocol, TextIO
 
 from pydantic import Field
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 MAX_STEPS = 2**53
 MAX_WORKER_FAILURES = 1_000_000
 MAX_CHECKPOINT_URI = len("s3://") + 63 + 1 + 1024
-TrainerPhase = Literal["Resumed", "Training", "Checkpointing", "Finished"]
+TrainerPhase = Literal["Resumed", "Training", "Checkpointing"]
 
 
 class ProgressMetrics(CamelModel):
@@ -81,7 +81,6 @@ class ProgressUpdate(CamelModel):
     )
 
 
-@runtime_checkable
 class ProgressReporter(Protocol):
     def report(self, update: ProgressUpdate) -> None: ...
 
@@ -136,7 +135,7 @@ class ConsoleReporter:
                 self._write_line(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
                 return
             now = time.monotonic()
-            epoch_done = update.phase in ("Checkpointing", "Finished")
+            epoch_done = update.phase == "Checkpointing"
             new_epoch = update.epoch != self._last_epoch
             if not (epoch_done or new_epoch or now - self._last >= self.interval):
                 return
