@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import operator_api
-from chart_support import Grant, Rendered, grants
+from tests.support import operator_api
+from tests.support.chart_support import Grant, Rendered, grants
 
 # kopf lists and watches namespaces when it serves a list of them rather than the whole cluster.
 NAMESPACE_SCANNING: set[Grant] = {("", "namespaces", "list"), ("", "namespaces", "watch")}

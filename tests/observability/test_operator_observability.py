@@ -1,7 +1,7 @@
 """The running operator (kopf, as main.py builds it) serves metrics and the progress endpoint: a trainer's
 updates reach the job's status, status changes reach the metrics, and deleting a job removes its series.
 
-Uses the operator tests' harness (tests/operator/operator_harness.py) over an API server that also
+Uses the operator tests' harness (tests/support/operator_harness.py) over an API server that also
 answers TokenReviews.
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from live_operator import Ports, ReviewingApiServer, live_operator
-from operator_harness import OperatorHarness, finetunejob
 
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.reporting import ProgressUpdate
+from kubetune_trainer.progress_model import ProgressUpdate
+from tests.support.live_operator import Ports, ReviewingApiServer, live_operator
+from tests.support.operator_harness import OperatorHarness, finetunejob
 
 pytestmark = pytest.mark.asyncio
 

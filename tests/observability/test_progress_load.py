@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from live_operator import Ports, ReviewingApiServer, live_operator
-from observability_stands import TOKENREVIEWS, jwt
-from operator_harness import OperatorHarness, finetunejob
 
 from kubetune_operator.progress import MAX_CONNECTIONS, READ_TIMEOUT_S
+from tests.support.live_operator import Ports, ReviewingApiServer, live_operator
+from tests.support.observability_stands import TOKENREVIEWS, jwt
+from tests.support.operator_harness import OperatorHarness, finetunejob
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 

@@ -10,8 +10,9 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-from operator_harness import FAST_SETTINGS, OperatorHarness, finetunejob
-from s3_world import ACCESS_KEY, SECRET_KEY, S3World
+
+from tests.support.operator_harness import FAST_SETTINGS, OperatorHarness, finetunejob
+from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 pytestmark = pytest.mark.asyncio
 

@@ -9,11 +9,11 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
-from operator_harness import SECRETS, OperatorHarness, fast_settings, finetunejob, running_operator
-from s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer
 from kubetune_operator.kube import Kube
+from tests.support.operator_harness import SECRETS, OperatorHarness, fast_settings, finetunejob, running_operator
+from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 pytestmark = pytest.mark.asyncio
 

@@ -7,7 +7,6 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from digits_world import REGION, DigitsWorld
 from PIL import Image
 
 from kubetune_trainer.config import TrainerConfig
@@ -15,8 +14,10 @@ from kubetune_trainer.data import DatasetIndex, Sample
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.export import CLASSIFICATION_PANELS, Panel, classification_card, export_model, plot_curves
 from kubetune_trainer.model import WeightsReport
-from kubetune_trainer.reporting import ConsoleReporter, FanOut, ProgressMetrics, ProgressUpdate, progress_line
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
+from kubetune_trainer.reporting import ConsoleReporter, FanOut, progress_line
 from kubetune_trainer.storage import S3Store, S3Uri
+from tests.support.digits_world import REGION, DigitsWorld
 
 HISTORY = [
     {"epoch": 1, "trainLoss": 1.2, "valLoss": 0.9, "valAccuracy": 0.71, "imagesPerSecond": 900.0, "learningRate": 0.01},

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import sys
 import urllib.request
 from collections.abc import AsyncIterator
 
 import kmock
-from observability_stands import REPO, AnswersTokenReviews
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(REPO / "tests" / "operator"))  # the harness lives with the operator tests
-from operator_harness import ApiServer, OperatorHarness, declare_resources, fast_settings, running_operator
+from tests.support.observability_stands import AnswersTokenReviews
+from tests.support.operator_harness import (
+    ApiServer,
+    OperatorHarness,
+    declare_resources,
+    fast_settings,
+    running_operator,
+)
 
 
 class ReviewingApiServer(AnswersTokenReviews, ApiServer):

@@ -5,13 +5,13 @@ no other test directory uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 CHART_DIR = REPO / "charts" / "kubetune"
 RELEASE = "kubetune"
 NAMESPACE = "kubetune-system"
