@@ -51,11 +51,13 @@ class AnswersTokenReviews:
 
     tokens: dict[str, tuple[str, str]]  # token → (username of its ServiceAccount, its audience)
     review_mode: str  # how the API server answers: "ok", "down" (HTTP 500), "no-audiences"
+    reviews: int  # TokenReviews answered
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # type: ignore[misc]
         self.tokens = {}
         self.review_mode = "ok"
+        self.reviews = 0
         self[TOKENREVIEWS] << self._review  # type: ignore[index]
 
     async def _handle(self, request: Any) -> Any:
@@ -64,6 +66,7 @@ class AnswersTokenReviews:
         return await super()._handle(request)  # type: ignore[misc]
 
     def _review(self, request: Any) -> Any:
+        self.reviews += 1
         if self.review_mode == "down":
             raise kmock.KubernetesError(status=500, reason="InternalError", message="etcd is on fire")
         spec = request.data["spec"]
