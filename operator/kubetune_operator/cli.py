@@ -190,9 +190,46 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for line in problems:
             print(line)
         for job in jobs:
-            print(f"{source}: {job.metadata.name} valid")
+            refusals = _not_allowed(job, args)
+            for message in refusals:
+                print(f"{source}: {job.metadata.name}: {message}")
+            if not refusals:
+                print(f"{source}: {job.metadata.name} valid")
+            failed = failed or bool(refusals)
         failed = failed or bool(problems)
     return 1 if failed else 0
+
+
+def _not_allowed(job: FineTuneJob, args: argparse.Namespace) -> list[str]:
+    """What the operator's allow-lists, as given on the command line, refuse in `job` (allowlist.py)."""
+    from kubetune_operator import allowlist
+    from kubetune_operator.settings import OperatorSettings
+
+    found = []
+    if args.allowed_s3_endpoint is not None:
+        found.append(allowlist.endpoint_refusal(job.spec.storage.endpoint, args.allowed_s3_endpoint))
+    if args.allowed_image_registry is not None:
+        trainer_image = OperatorSettings.from_env().trainer_image
+        found.append(allowlist.image_refusal(job.spec.image, trainer_image, args.allowed_image_registry))
+    return [message for message in found if message is not None]
+
+
+def _endpoint_entry(text: str) -> Any:
+    from kubetune_operator.allowlist import EndpointEntry
+
+    try:
+        return EndpointEntry.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _registry_entry(text: str) -> str:
+    from kubetune_operator.allowlist import parse_registries
+
+    try:
+        return parse_registries([text])[0]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -305,6 +342,22 @@ def _add_validate(sub: Subcommands) -> None:
     )
     validate.add_argument(
         "files", nargs="+", metavar="FILE", help="YAML file(s), any number of documents; '-' reads stdin"
+    )
+    validate.add_argument(
+        "--allowed-s3-endpoint",
+        action="append",
+        type=_endpoint_entry,
+        metavar="ENDPOINT",
+        help="also check spec.storage.endpoint against AWS S3 and these, as the operator's allowedS3Endpoints "
+        "does ([http(s)://]host[:port] or *.domain; repeatable)",
+    )
+    validate.add_argument(
+        "--allowed-image-registry",
+        action="append",
+        type=_registry_entry,
+        metavar="REGISTRY",
+        help="also check spec.image against the trainer image's registry and these, as the operator's "
+        "allowedImageRegistries does (registry[:port][/path]; repeatable)",
     )
     validate.set_defaults(handler=cmd_validate)
 

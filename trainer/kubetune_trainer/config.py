@@ -64,7 +64,8 @@ MAX_EPOCHS = 1000
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
 ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
-ENDPOINT_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+# No user:password@ in the authority: credentials belong in the Secret, never in a spec anyone may read.
+ENDPOINT_PATTERN = r"^https?://[^\s/@]+(/[^\s]*)?$"
 REGION_PATTERN = r"^[a-z0-9\-]{2,32}$"
 # A Kubernetes object name (DNS-1123 subdomain), e.g. of a Secret.
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
