@@ -13,10 +13,12 @@ export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
 setup: $(STAMP) tools
 
 # torch/torchvision resolve to the newest release the machine allows (a local copy where one exists).
-$(STAMP): pyproject.toml
+# kubetune itself, with the trainer and the test tools, and devtools/ (kubetune-dev: the dev cluster and
+# `kubetune demo`), each editable; kubetune-dev's own requirement on kubetune is met by this checkout.
+$(STAMP): pyproject.toml devtools/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[trainer,dev]'
+	$(PY) -m pip install -q -e '.[trainer,dev]' -e ./devtools
 	@touch $@
 
 # Real servers and CLIs the tests drive, unpacked from Debian packages into .tools (no system service).
@@ -43,13 +45,13 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check operator trainer tests bench
-	$(VENV)/bin/ruff format --check operator trainer tests bench
+	$(VENV)/bin/ruff check operator trainer devtools tests bench
+	$(VENV)/bin/ruff format --check operator trainer devtools tests bench
 	$(VENV)/bin/mypy
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format operator trainer tests bench
-	$(VENV)/bin/ruff check --fix operator trainer tests bench
+	$(VENV)/bin/ruff format operator trainer devtools tests bench
+	$(VENV)/bin/ruff check --fix operator trainer devtools tests bench
 
 demo: setup
 	$(VENV)/bin/kubetune demo

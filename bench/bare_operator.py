@@ -60,12 +60,13 @@ def same_work(body: kopf.Body, name: str, namespace: str, memo: Any) -> None:
     # kubetune's own modules only make the request bodies, so both sides send the same bytes.
     from kubetune_operator import lifecycle
     from kubetune_operator.builders import build_children, build_service_account
+    from kubetune_operator.incoming import InvalidJob, receive
     from kubetune_operator.settings import OperatorSettings
-    from kubetune_operator.spec import FineTuneJob
 
-    job = dict(body)
+    job = receive(dict(body))
+    assert not isinstance(job.job, InvalidJob), job.job.message
     settings = OperatorSettings.from_env()
-    (rayjob,) = build_children(FineTuneJob.from_body(job), settings)
+    (rayjob,) = build_children(job.job, settings)
     with memo["accounts_lock"]:  # sync handlers run in threads: one create per namespace
         if namespace not in memo["accounts"]:
             memo["core"].create_namespaced_service_account(namespace, build_service_account(namespace, settings))

@@ -12,7 +12,7 @@ synthetic batch, already on the GPU (so no input pipeline is timed), converted t
 each step as a batch from a loader would be:
 
 - kubetune: the model set up as `loop.train_loop` sets it up on CUDA (`model.create_model`, strategy
-  `full`, channels_last, AdamW over `model.param_groups` as `loop.make_optimizer` builds it) and
+  `full`, channels_last, AdamW over `model.param_groups` as `optim.make_optimizer` builds it) and
   stepped by `steps.Stepper.train_step` under `steps.autocast_for(device, "bf16")`;
 - plain: `timm.create_model`, AdamW over all parameters, autocast(bf16), forward, loss, backward, step.
 

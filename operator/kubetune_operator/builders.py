@@ -12,10 +12,10 @@ import hashlib
 import json
 from typing import Any
 
-from kubetune_operator.config import trainer_config
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
-from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget
+from kubetune_operator.trainer_config import trainer_config
+from kubetune_trainer.config import CONFIG_ENV, RAY_TRAIN_ENV, ProgressTarget
 
 RAYJOB_API_VERSION = "ray.io/v1"
 RAYJOB_KIND = "RayJob"
@@ -30,16 +30,14 @@ SPEC_DIGEST_ANNOTATION = "kubetune.dev/spec-digest"
 # Spec fields that may change while a job runs: they steer the job, not the run.
 MUTABLE_SPEC_FIELDS = (("runPolicy", "suspend"), ("runPolicy", "ttlSecondsAfterFinished"))
 
-# The trainer config travels in the RayJob as the head container's env: the job's driver runs on the
-# head and inherits its env; the Train workers get the config from the driver through Ray Train. (It
-# holds no secret: credentials are secretKeyRef env.) One object fewer per job than a ConfigMap.
-CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
+# The trainer config travels in the RayJob as the head container's env (CONFIG_ENV, the name the trainer
+# reads): the job's driver runs on the head and inherits its env; the Train workers get the config from
+# the driver through Ray Train. (It holds no secret: credentials are secretKeyRef env.) One object fewer
+# per job than a ConfigMap.
 ENTRYPOINT = "python -m kubetune_trainer"
 # Every job's pods share one ServiceAccount per namespace (one object fewer to create per job); what ties a
-# token to one job is its audience, `token_audience(...)`. Jobs launched by earlier versions had a
-# ServiceAccount `<job>-trainer` and tokens with the bare LEGACY_TOKEN_AUDIENCE.
+# token to one job is its audience, `token_audience(...)`.
 TOKEN_AUDIENCE_PREFIX = "kubetune.dev"
-LEGACY_TOKEN_AUDIENCE = TOKEN_AUDIENCE_PREFIX
 TRAINER_COMPONENT = "trainer-identity"
 TOKEN_DIR = "/var/run/secrets/kubetune.dev"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
@@ -60,11 +58,6 @@ def token_audience(namespace: str, name: str, uid: str | None) -> str:
     from a file has none yet (`kubetune render`), and gets its namespace and name instead.
     """
     return f"{TOKEN_AUDIENCE_PREFIX}/{uid}" if uid else f"{TOKEN_AUDIENCE_PREFIX}/{namespace}/{name}"
-
-
-def legacy_service_account_name(job_name: str) -> str:
-    """The per-job ServiceAccount of jobs launched by earlier versions (their pods still use it)."""
-    return f"{job_name}-trainer"
 
 
 def rayjob_name(job_name: str) -> str:

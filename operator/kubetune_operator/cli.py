@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from kubetune_operator.errors import Loc, field_path, format_validation_error, show
+from kubetune_operator.messages import Loc, field_path, format_validation_error, show
 from kubetune_operator.spec import API_VERSION, GROUP, KIND, FineTuneJob
 
 STDIN = "-"
@@ -227,10 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems or len(jobs) != 1:
         print("\n".join(problems) or f"{args.file}: holds {len(jobs)} {KIND}s; run one at a time", file=sys.stderr)
         return 1
-    from kubetune_operator.config import trainer_config
+    from kubetune_operator.trainer_config import trainer_config
 
-    job = jobs[0]
-    endpoint = args.s3_endpoint or job.spec.storage.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     try:
         from kubetune_trainer.local import run_local
     except ModuleNotFoundError as exc:
@@ -239,18 +237,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return run_local(trainer_config(job), s3_endpoint=endpoint)
+    # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
+    return run_local(trainer_config(jobs[0]), s3_endpoint=args.s3_endpoint)
+
+
+# `kubetune demo` lives in the kubetune-dev distribution (devtools/ of a checkout), not in this package.
+DEMO_MISSING = """kubetune demo needs kubetune's development tools, and {missing} is not installed.
+They come with a checkout of the repository, not with the kubetune package: in the checkout, run
+  make setup      (then: make demo)
+or install them into this environment:
+  pip install -e '.[trainer,demo]' -e ./devtools"""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        from kubetune_operator.demo import main as demo_main
+        from kubetune_dev.demo import DemoOptions
+        from kubetune_dev.demo import main as demo_main
     except ModuleNotFoundError as exc:
-        if exc.name != "kubetune_operator.demo":
-            raise
-        print("kubetune demo is not part of this build yet.", file=sys.stderr)
+        print(DEMO_MISSING.format(missing=(exc.name or "a module it imports").split(".")[0]), file=sys.stderr)
         return 2
-    result: int = demo_main(args.args)
+    options = DemoOptions(
+        workdir=args.workdir, manifest=args.manifest, keep_running=args.keep_running, timeout=args.timeout
+    )
+    result: int = demo_main(options)
     return result
 
 
@@ -259,6 +268,16 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
     sys.stdout.write(render_crd())
     return 0
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (got {text!r})") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds (got {text})")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -300,8 +319,37 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
-    demo = sub.add_parser("demo", help="the whole loop on this machine", add_help=False)
-    demo.add_argument("args", nargs=argparse.REMAINDER, help="passed to the demo")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole loop on this machine (from a checkout, after make setup)",
+        description="Run a FineTuneJob end to end on this machine: an embedded Kubernetes API, S3 and a KubeRay "
+        "stand-in on 127.0.0.1, the real operator, and the job followed to the end with a live status table. "
+        "Ctrl-C (or SIGTERM) stops everything it started. Needs the development tools of a checkout "
+        "(devtools/, installed by make setup).",
+    )
+    demo.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help="the FineTuneJob to run (default: examples/demo-finetunejob.yaml of the checkout)",
+    )
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".demo"),
+        metavar="DIR",
+        help="where logs, the kubeconfig and results go (default: .demo)",
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="leave the endpoints up after the job ends, until Ctrl-C"
+    )
+    demo.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=900.0,
+        metavar="SECONDS",
+        help="give up when the job has not ended after this long (default: 900)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_operator.errors import pattern_in_words
+from kubetune_operator.messages import pattern_in_words
 from kubetune_operator.spec import (
     API_VERSION,
     CATEGORIES,

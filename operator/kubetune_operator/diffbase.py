@@ -5,9 +5,6 @@ annotations, kopf's default, that is a second write to every new job right after
 status: measured in a burst of new jobs, each write (and the watch event it causes) costs the operator
 and the API server as much as creating the RayJob does. Kept in the status instead, the launch's status
 write carries it, and kopf's own write is skipped when it would store exactly what was carried.
-
-Jobs launched by a version that kept it in annotations are still read from there, so an upgrade neither
-launches them again nor loses a spec edit made while the operator was down.
 """
 
 from __future__ import annotations
@@ -19,8 +16,6 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator.jobcache import uid_of
-
 STATUS_KEY = "kopf"
 FIELD_KEY = "last-handled-configuration"
 # Carried records wait for kopf's store right after the handler; a handler that failed after its write
@@ -28,18 +23,10 @@ FIELD_KEY = "last-handled-configuration"
 MAX_CARRIED = 10_000
 
 
-def crd_keeps_bookkeeping(crd: Mapping[str, Any], version: str) -> bool:
-    """Whether the installed CRD keeps `status.kopf` (a CRD from before this change prunes it)."""
-    for served in (crd.get("spec") or {}).get("versions") or []:
-        if served.get("name") != version:
-            continue
-        schema = ((served.get("schema") or {}).get("openAPIV3Schema") or {}).get("properties") or {}
-        status = schema.get("status") or {}
-        stanza = (status.get("properties") or {}).get(STATUS_KEY) or {}
-        return bool(
-            status.get("x-kubernetes-preserve-unknown-fields") or stanza.get("x-kubernetes-preserve-unknown-fields")
-        )
-    return False
+def uid_of(body: Mapping[str, Any]) -> str | None:
+    meta = body.get("metadata")
+    uid = meta.get("uid") if isinstance(meta, Mapping) else None
+    return str(uid) if uid else None
 
 
 def _encode(essence: Any) -> str:
@@ -49,10 +36,9 @@ def _encode(essence: Any) -> str:
 class CarriedDiffBase(kopf.StatusDiffBaseStorage):
     """kopf's diff base in `status.kopf.last-handled-configuration`, which a status write may carry."""
 
-    def __init__(self, progress: kopf.ProgressStorage, legacy: kopf.DiffBaseStorage | None = None) -> None:
+    def __init__(self, progress: kopf.ProgressStorage) -> None:
         super().__init__(name=STATUS_KEY, field=f"status.{STATUS_KEY}.{FIELD_KEY}")
         self._progress = progress
-        self._legacy = legacy
         self._carried: OrderedDict[str, str] = OrderedDict()
 
     def encoded(self, body: kopf.Body) -> str:
@@ -85,9 +71,3 @@ class CarriedDiffBase(kopf.StatusDiffBaseStorage):
         if self._carried.pop(uid_of(body) or "", None) == _encode(essence):
             return
         super().store(body=body, patch=patch, essence=essence)
-
-    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
-        found = super().fetch(body=body)
-        if found is None and self._legacy is not None:
-            return self._legacy.fetch(body=body)
-        return found

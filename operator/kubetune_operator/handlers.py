@@ -1,7 +1,9 @@
-"""The kopf handlers: each turns kopf's arguments into plain data and calls one step in `reconcile`.
+"""The kopf handlers: each parses what kopf hands it once (a job body becomes an `incoming.JobRecord`)
+and calls one step in `reconcile`.
 
 `register(registry)` puts them on a registry (main.py's, or a test's), so handlers are never registered
-twice by importing this module. The shared `Runtime` reaches them as `memo.runtime`.
+twice by importing this module. The shared `Runtime` reaches them as `memo.runtime`; its servers
+(metrics, progress) start and stop with the operator.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import kopf
 
 from kubetune_operator import reconcile
 from kubetune_operator.builders import MANAGED_BY, MANAGED_BY_LABEL
+from kubetune_operator.incoming import receive
 from kubetune_operator.kube import RAY_GROUP, RAY_PLURAL, RAY_VERSION
-from kubetune_operator.reconcile import Runtime
+from kubetune_operator.runtime import runtime_of
 from kubetune_operator.spec import GROUP, PLURAL, VERSION
 
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
@@ -38,11 +41,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
-
-
-def runtime_of(memo: Any) -> Runtime:
-    runtime: Runtime = memo["runtime"]
-    return runtime
 
 
 Handler = Callable[..., Awaitable[None]]
@@ -69,12 +67,14 @@ def register(registry: kopf.OperatorRegistry) -> None:
     """Put every FineTuneJob and RayJob handler on `registry`."""
 
     @kopf.on.startup(registry=registry)
-    async def check_kuberay(memo: kopf.Memo, **_: Any) -> None:
-        await reconcile.check_kuberay(runtime_of(memo))
+    async def start(memo: kopf.Memo, **_: Any) -> None:
+        rt = runtime_of(memo)
+        await rt.start()
+        await reconcile.check_kuberay(rt)
 
     @kopf.on.cleanup(registry=registry)
-    async def stop_timers(memo: kopf.Memo, **_: Any) -> None:
-        await runtime_of(memo).expiry.close()
+    async def stop(memo: kopf.Memo, **_: Any) -> None:
+        await runtime_of(memo).close()
 
     @kopf.on.resume(*FINETUNEJOBS, registry=registry)
     @kopf.on.create(*FINETUNEJOBS, registry=registry)
@@ -82,18 +82,18 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def launch(body: kopf.Body, retry: int, reason: str, memo: kopf.Memo, **_: Any) -> None:
         rt = runtime_of(memo)
         # A new job's launch writes kopf's diff base with its status: one write per new job, not two.
-        carry = rt.diffbase.encoded(body) if rt.diffbase is not None and reason == kopf.Reason.CREATE else None
-        await reconcile.launch(rt, plain(body), retry=retry, diffbase=carry)
+        rt.status.offer_diffbase(body, new=reason == kopf.Reason.CREATE)
+        await reconcile.launch(rt, receive(plain(body)), retry=retry)
 
     @kopf.on.update(*FINETUNEJOBS, registry=registry)
     @_counted("spec_change")
     async def spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) -> None:
-        await reconcile.apply_spec_change(runtime_of(memo), plain(body), plain(list(diff)))
+        await reconcile.apply_spec_change(runtime_of(memo), receive(plain(body)), plain(list(diff)))
 
     @kopf.on.event(*FINETUNEJOBS, registry=registry)
     @_counted("job_event")
     async def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await reconcile.observe_job(runtime_of(memo), type, plain(body))
+        await reconcile.observe_job(runtime_of(memo), type, receive(plain(body)))
 
     @kopf.on.event(*RAYJOBS, labels={MANAGED_BY_LABEL: MANAGED_BY}, registry=registry)
     @_counted("rayjob_event")

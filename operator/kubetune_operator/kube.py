@@ -137,7 +137,6 @@ class Kube:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
-        self.extensions = client.ApiextensionsV1Api(api_client)
         self._kuberay_seen_at: float | None = None
         # Threads of its own: slow S3 checks or other blocking work never queue the API calls.
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kubetune-kube")
@@ -227,14 +226,6 @@ class Kube:
         installed = any(item.get("name") == RAY_PLURAL for item in found.get("resources") or [])
         self._kuberay_seen_at = time.monotonic() if installed else None
         return installed
-
-    async def find_crd(self, name: str) -> dict[str, Any] | None:
-        """The CustomResourceDefinition `name`, or None when there is none (listed: kopf's RBAC has no get)."""
-        found = await self._call(
-            self.extensions.list_custom_resource_definition, field_selector=f"metadata.name={name}"
-        )
-        items = [item for item in found.get("items") or [] if (item.get("metadata") or {}).get("name") == name]
-        return items[0] if items else None
 
     async def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read_or_none(

@@ -22,15 +22,14 @@ from collections.abc import Callable, Sequence
 import kopf
 from kubernetes.config import ConfigException
 
-from kubetune_operator import handlers, metrics, progress
-from kubetune_operator.crd import CRD_NAME
-from kubetune_operator.diffbase import CarriedDiffBase, crd_keeps_bookkeeping
+from kubetune_operator import handlers
+from kubetune_operator.diffbase import CarriedDiffBase
 from kubetune_operator.hooks import Hooks
 from kubetune_operator.kube import Kube
 from kubetune_operator.kube import login as kube_login
-from kubetune_operator.reconcile import Runtime
+from kubetune_operator.metrics import OperatorMetrics, install_hooks
+from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings, package_version, parse_namespaces
-from kubetune_operator.spec import VERSION
 
 logger = logging.getLogger("kubetune_operator")
 
@@ -38,7 +37,6 @@ DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 # kopf accepts either kind of event to stop the operator or to say it is ready.
 Flag = asyncio.Event | threading.Event
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
-ANNOTATION_PREFIX = "kubetune.dev"
 # gc.set_threshold: allocations between collections of the youngest generation, then how many
 # collections of each generation before one of the next (Python's defaults: 700, 10, 10).
 GC_THRESHOLDS = (20_000, 50, 100)
@@ -54,39 +52,32 @@ def build_registry(login: LoginFn = kube_login) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
     handlers.register(registry)
-    metrics.register(registry)
-    progress.register(registry)
     return registry
 
 
 def build_runtime(settings: OperatorSettings, kube: Kube, hooks: Hooks | None = None) -> Runtime:
     """What the handlers share; the hooks keep the Prometheus metrics in step with every job."""
     hooks = hooks or Hooks()
-    metrics.install_hooks(hooks)
-    return Runtime(settings=settings, kube=kube, hooks=hooks)
+    metrics = OperatorMetrics(process_collectors=True)
+    install_hooks(hooks, metrics)
+    return Runtime(settings=settings, kube=kube, metrics=metrics, hooks=hooks)
 
 
-def kopf_settings(runtime: Runtime | None = None, *, bookkeeping_in_status: bool = True) -> kopf.OperatorSettings:
+def kopf_settings(runtime: Runtime | None = None) -> kopf.OperatorSettings:
     """kopf's settings for this operator (tests shorten the timeouts of a copy).
 
-    With `runtime`, the launch's status write carries kopf's diff base (`diffbase.CarriedDiffBase`).
-    `bookkeeping_in_status=False` (an installed CRD that prunes status.kopf): annotations, as before.
+    kopf's bookkeeping lives in status.kopf (the CRD keeps that stanza): its diff base, which the
+    launch's status write carries (`diffbase.CarriedDiffBase`; with `runtime`, its status writer does),
+    and a handler's retry state, which a handler that succeeds at once never writes. (In annotations,
+    kopf would also mark every new job as managed: one more write.)
     """
     settings = kopf.OperatorSettings()
-    legacy = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
-    if not bookkeeping_in_status:
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-        settings.persistence.diffbase_storage = legacy
-    else:
-        # kopf's bookkeeping lives in status.kopf (the CRD keeps that stanza): its diff base, which the
-        # launch's status write carries, and a handler's retry state, which a handler that succeeds at
-        # once never writes. (In annotations, kopf would also mark every new job as managed: one more write.)
-        progress = kopf.StatusProgressStorage(name="kopf")
-        settings.persistence.progress_storage = progress
-        diffbase = CarriedDiffBase(progress, legacy=legacy)
-        settings.persistence.diffbase_storage = diffbase
-        if runtime is not None:
-            runtime.diffbase = diffbase
+    progress = kopf.StatusProgressStorage(name="kopf")
+    settings.persistence.progress_storage = progress
+    diffbase = CarriedDiffBase(progress)
+    settings.persistence.diffbase_storage = diffbase
+    if runtime is not None:
+        runtime.status.diffbase = diffbase
     # The Events people read come from lifecycle; kopf adds only its handler errors.
     settings.posting.level = logging.ERROR
     settings.posting.reporting_component = "kubetune-operator"
@@ -125,31 +116,6 @@ async def run_operator(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
-
-
-async def bookkeeping_in_status(kube: Kube) -> bool:
-    """Whether the installed CRD keeps kopf's bookkeeping in status.kopf (Helm never upgrades CRDs).
-
-    A CRD from an older release prunes that stanza: kopf would then find no record of any job it
-    handled, take every event for a new job, and never see a spec edit (suspend). With such a CRD the
-    operator keeps the bookkeeping in annotations, as those releases did, and says how to update it.
-    """
-    try:
-        crd = await kube.find_crd(CRD_NAME)
-    except Exception as exc:  # unreadable (RBAC, an emulator): assume the CRD that ships with this release
-        logger.warning("Could not read the %s CRD (%s); assuming it is this release's", CRD_NAME, exc)
-        return True
-    if crd is None or crd_keeps_bookkeeping(crd, VERSION):
-        return True
-    logger.error(
-        "The installed %s CRD is older than this operator: apply this release's crds/%s.yaml "
-        "(kubectl apply --server-side -f crds/%s.yaml; Helm never upgrades CRDs). Until then kopf keeps "
-        "its bookkeeping in annotations: two more API requests per new job",
-        CRD_NAME,
-        CRD_NAME,
-        CRD_NAME,
-    )
-    return False
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -226,12 +192,11 @@ async def serve(
         settings.progress_base_url or "none",
     )
     runtime = build_runtime(settings, kube, hooks)
-    in_status = await bookkeeping_in_status(kube)
     try:
         await run_operator(
             runtime,
             registry=build_registry(),
-            settings=kopf_settings(runtime, bookkeeping_in_status=in_status),
+            settings=kopf_settings(runtime),
             liveness_endpoint=liveness_endpoint,
             peering_name=peering_name,
             stop_flag=stop_flag,

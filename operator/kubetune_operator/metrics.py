@@ -10,20 +10,15 @@ handlers call one method per change and tests drive them without Kubernetes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import platform
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from importlib import metadata
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-import kopf
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -37,31 +32,25 @@ from prometheus_client import (
     start_http_server,
 )
 
-from kubetune_operator.handlers import runtime_of
 from kubetune_operator.hooks import Hooks
-from kubetune_operator.spec import PHASES, TERMINAL_PHASES
+from kubetune_operator.lifecycle import parse_timestamp
+from kubetune_operator.settings import package_version
+from kubetune_operator.states import PHASES, TERMINAL_PHASES, Phase
 
-OUTCOMES = ("Succeeded", "Failed")
+OUTCOMES = (Phase.SUCCEEDED, Phase.FAILED)
 PROGRESS_RESULTS = ("accepted", "stale", "rejected", "throttled", "error")
 JOB_LABELS = ("namespace", "name")
-RUNNING_OR_DONE = ("Running", *TERMINAL_PHASES)
+RUNNING_OR_DONE = (Phase.RUNNING, *TERMINAL_PHASES)
 
 # Waiting for GPUs (or a Kueue admission) takes seconds to hours; runs take minutes to days.
 QUEUE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
-# `*_created` series double the exposition and no dashboard or alert reads them.
-disable_created_metrics()
-
 DURATION_BUCKETS = (60, 300, 600, 1800, 3600, 7200, 14400, 28800, 57600, 86400, 172800, 345600, 604800)
 
 
 def parse_time(value: Any) -> float | None:
     """Seconds since the epoch of a Kubernetes timestamp (RFC 3339), or None when absent or unreadable."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+    moment = parse_timestamp(value)
+    return moment.timestamp() if moment else None
 
 
 def _number(value: Any) -> float | None:
@@ -92,6 +81,9 @@ class OperatorMetrics:
         clock: Callable[[], float] = time.time,
         process_collectors: bool = True,
     ) -> None:
+        # `*_created` series double the exposition and no dashboard or alert reads them (a setting of
+        # prometheus_client's, for the whole process).
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._clock = clock
         # Jobs that finished before this process started were counted by its predecessor, whose counters
@@ -109,7 +101,7 @@ class OperatorMetrics:
                 r.register(collector)
 
         self.build_info = Info("kubetune_build", "Version of the running kubetune operator.", registry=r)
-        self.build_info.info({"version": _version(), "python_version": platform.python_version()})
+        self.build_info.info({"version": package_version(), "python_version": platform.python_version()})
 
         self.jobs = Gauge("kubetune_jobs", "FineTuneJobs by phase.", ["namespace", "phase"], registry=r)
         self.job_phase = Gauge(
@@ -344,15 +336,8 @@ class OperatorMetrics:
                 with contextlib.suppress(KeyError):
                     self.jobs.remove(namespace, phase)
             return
-        for phase, count in counts.items():
-            self.jobs.labels(namespace, phase).set(count)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("kubetune")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+        for counted, count in counts.items():
+            self.jobs.labels(namespace, counted).set(count)
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
@@ -363,33 +348,8 @@ def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0")
     return start_http_server(port, addr=addr, registry=registry)
 
 
-METRICS = OperatorMetrics(process_collectors=True)
-"""The operator's metrics; handlers and the progress endpoint update this one."""
-
-
-def install_hooks(hooks: Hooks, metrics: OperatorMetrics = METRICS) -> None:
+def install_hooks(hooks: Hooks, metrics: OperatorMetrics) -> None:
     """Keep `metrics` in step with every job the handlers see, delete, or fail on."""
     hooks.job_observed.append(metrics.observe_job)
     hooks.job_deleted.append(metrics.forget_job)
     hooks.handler_failed.append(metrics.count_reconcile_error)
-
-
-def register(registry: kopf.OperatorRegistry, metrics: OperatorMetrics = METRICS) -> None:
-    """Serve `metrics` on the settings' metrics port while the operator runs (none when it is None)."""
-    served: list[WSGIServer] = []
-
-    @kopf.on.startup(registry=registry)
-    async def serve_metrics_port(memo: Any, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-        port = runtime_of(memo).settings.metrics_port
-        if port is None:
-            return
-        server, _thread = serve_metrics(metrics.registry, port)
-        served.append(server)
-        logger.info("Serving Prometheus metrics on port %d at /metrics", server.server_port)
-
-    @kopf.on.cleanup(registry=registry)
-    async def stop_metrics_port(**_: Any) -> None:
-        while served:
-            server = served.pop()
-            await asyncio.to_thread(server.shutdown)
-            server.server_close()

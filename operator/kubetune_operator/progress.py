@@ -9,9 +9,7 @@ the API server cannot be asked. Every answer is counted in `kubetune_progress_up
 
 Only a job's own pods hold a token for its audience, `token_audience(namespace, name, uid)`: the pods of
 every job share one ServiceAccount per namespace, so the audience is what tells jobs apart, and the uid in
-it what tells a job from an earlier one of the same name. Jobs launched by earlier versions run as a
-ServiceAccount `<name>-trainer` with the audience `kubetune.dev`; their tokens are accepted for that job
-alone, so an upgrade does not cut running jobs off.
+it what tells a job from an earlier one of the same name.
 
 The merge rule lives in `progress_patch` (pure); reading and patching the job go through the operator's
 Kubernetes client (`kube.Kube`, a `JobStatusStore`).
@@ -28,14 +26,12 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import kopf
 import pydantic
 from aiohttp import web
 
 from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, service_account_username
-from kubetune_operator.builders import LEGACY_TOKEN_AUDIENCE, legacy_service_account_name, token_audience
-from kubetune_operator.handlers import runtime_of
-from kubetune_operator.metrics import METRICS, OperatorMetrics
+from kubetune_operator.builders import token_audience
+from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 from kubetune_operator.spec import ProgressStatus
 from kubetune_trainer.reporting import ProgressUpdate  # pydantic only: no torch or Ray in the operator
@@ -237,15 +233,9 @@ class ProgressServer:
     async def _authorize(self, token: str, namespace: str, name: str, uid: str | None) -> int | None:
         """None when `token` may report for the job; else 401 (not authentic for it) or 403 (someone else's)."""
         identity = await self.reviewer.authenticate(token, token_audience(namespace, name, uid))
-        if identity is not None:
-            wanted = service_account_username(namespace, self.trainer_service_account)
-        else:
-            # A pod of a job launched by an earlier version: its own ServiceAccount, the common audience.
-            identity = await self.reviewer.authenticate(token, LEGACY_TOKEN_AUDIENCE)
-            if identity is None:
-                return 401
-            wanted = service_account_username(namespace, legacy_service_account_name(name))
-        if identity.username != wanted:
+        if identity is None:
+            return 401
+        if identity.username != service_account_username(namespace, self.trainer_service_account):
             log.warning("progress for %s/%s refused: sent by %s", namespace, name, identity.username)
             return 403
         return None
@@ -326,31 +316,3 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
         return None
     body = await request.content.read(limit + 1)
     return None if len(body) > limit else body
-
-
-def register(registry: kopf.OperatorRegistry, metrics: OperatorMetrics = METRICS) -> None:
-    """Serve the progress endpoint on the settings' progress port while the operator runs (none when None).
-
-    Tokens are reviewed and statuses patched through the operator's own Kubernetes client.
-    """
-    servers: list[ProgressServer] = []
-
-    @kopf.on.startup(registry=registry)
-    async def serve_progress_endpoint(memo: Any, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-        runtime = runtime_of(memo)
-        if runtime.settings.progress_port is None:
-            return
-        server = ProgressServer(
-            TokenReviewer(runtime.kube.api_client),
-            runtime.kube,
-            metrics,
-            trainer_service_account=runtime.settings.trainer_service_account,
-        )
-        port = await server.start("0.0.0.0", runtime.settings.progress_port)
-        servers.append(server)
-        logger.info("Serving the progress endpoint on port %d at %s", port, ROUTE)
-
-    @kopf.on.cleanup(registry=registry)
-    async def stop_progress_endpoint(**_: Any) -> None:
-        while servers:
-            await servers.pop().stop()

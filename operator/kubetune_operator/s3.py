@@ -17,6 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from kubetune_operator.builders import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN
+from kubetune_operator.states import Reason
 from kubetune_trainer.config import StorageSpec, as_prefix
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class Credentials:
 class PreflightFailure:
     """Why the job cannot start; `reason` is the condition reason, `message` says what to fix."""
 
-    reason: str
+    reason: Reason
     message: str
 
 
@@ -61,14 +62,14 @@ def credentials_from_secret(
     """The credentials a Secret holds, or why it cannot be used (never echoing its values)."""
     if data is None:
         return PreflightFailure(
-            "SecretNotFound",
+            Reason.SECRET_NOT_FOUND,
             f"Secret {secret_name!r} (spec.storage.credentialsSecret) does not exist in namespace {namespace!r}; "
             f"create it with {ACCESS_KEY_ID} and {SECRET_ACCESS_KEY}",
         )
     missing = [key for key in (ACCESS_KEY_ID, SECRET_ACCESS_KEY) if not data.get(key)]
     if missing:
         return PreflightFailure(
-            "InvalidSecret",
+            Reason.INVALID_SECRET,
             f"Secret {secret_name!r} (spec.storage.credentialsSecret) has no {' and no '.join(missing)}",
         )
     return Credentials(data[ACCESS_KEY_ID], data[SECRET_ACCESS_KEY], data.get(SESSION_TOKEN) or None)
@@ -97,7 +98,7 @@ def _classify(exc: ClientError, what: str, uri: str, missing: PreflightFailure) 
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in DENIED_CODES or status == 403:
         return PreflightFailure(
-            "AccessDenied",
+            Reason.ACCESS_DENIED,
             f"S3 denied access to {what} {uri} ({code or status}); check the credentials in "
             "spec.storage.credentialsSecret and the bucket's policy",
         )
@@ -105,13 +106,13 @@ def _classify(exc: ClientError, what: str, uri: str, missing: PreflightFailure) 
         return missing
     if status >= 500 or status == 429 or code in {"SlowDown", "RequestTimeout", "Throttling", "ServiceUnavailable"}:
         raise TransientS3Error(f"S3 could not answer for {what} {uri}: {code or status}") from exc
-    return PreflightFailure("StorageError", f"S3 refused the request for {what} {uri}: {code or status}")
+    return PreflightFailure(Reason.STORAGE_ERROR, f"S3 refused the request for {what} {uri}: {code or status}")
 
 
 def _check_checkpoint(s3: S3Client, uri: str) -> PreflightFailure | None:
     bucket, key = split_uri(uri)
     missing = PreflightFailure(
-        "CheckpointNotFound", f"spec.model.checkpoint: no object {uri} (bucket {bucket!r}, key {key!r})"
+        Reason.CHECKPOINT_NOT_FOUND, f"spec.model.checkpoint: no object {uri} (bucket {bucket!r}, key {key!r})"
     )
     try:
         s3.head_object(Bucket=bucket, Key=key)
@@ -124,7 +125,7 @@ def _check_dataset(s3: S3Client, field_name: str, uri: str) -> PreflightFailure 
     bucket, key = split_uri(uri)
     prefix = as_prefix(key) if key else ""
     missing = PreflightFailure(
-        "DatasetNotFound",
+        Reason.DATASET_NOT_FOUND,
         f"{field_name}: no images under {uri} (expected <class>/<image> objects below it)",
     )
     try:
@@ -152,7 +153,7 @@ def preflight(
         failures = [_check_checkpoint(s3, checkpoint)]
         failures += [_check_dataset(s3, name, uri) for name, uri in datasets.items()]
     except NoCredentialsError as exc:  # cannot happen with explicit keys; kept for clarity of intent
-        return PreflightFailure("AccessDenied", f"no S3 credentials: {exc}")
+        return PreflightFailure(Reason.ACCESS_DENIED, f"no S3 credentials: {exc}")
     except BotoCoreError as exc:  # connection refused, DNS, timeouts: the store may come back
         raise TransientS3Error(f"S3 endpoint {storage.endpoint or 'AWS'} is unreachable: {exc}") from exc
     found = [f for f in failures if f is not None]

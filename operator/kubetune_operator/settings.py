@@ -62,6 +62,10 @@ class OperatorSettings:
     kuberay_retry_seconds: float = 60.0
     # Connect/read timeout of each S3 call in preflight.
     s3_timeout_seconds: float = 10.0
+    # How long a Running job may go without an accepted progress update before its status says so
+    # (condition ProgressReporting=False, reason NoProgressReceived). Model loading and the first
+    # steps come first, so this is well over a minute.
+    progress_grace_seconds: float = 90.0
     log_level: str = "INFO"
 
     def progress_url(self, namespace: str, name: str) -> str | None:
@@ -104,6 +108,7 @@ _NUMBER_VARIABLES = {
     "preflight_backoff_max_seconds": "KUBETUNE_PREFLIGHT_BACKOFF_MAX_SECONDS",
     "kuberay_retry_seconds": "KUBETUNE_KUBERAY_RETRY_SECONDS",
     "s3_timeout_seconds": "KUBETUNE_S3_TIMEOUT_SECONDS",
+    "progress_grace_seconds": "KUBETUNE_PROGRESS_GRACE_SECONDS",
 }
 
 

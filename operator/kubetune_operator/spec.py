@@ -9,10 +9,11 @@ through `FineTuneJob`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kubetune_operator.states import Phase
 from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
     TASK_CEL_RULES,
@@ -268,11 +269,6 @@ class StatusModel(CamelModel):
     """A part of the status: lenient on read, so fields a newer or older operator wrote never fail a job."""
 
     model_config = ConfigDict(extra="ignore")
-
-
-Phase = Literal["Pending", "Launching", "Running", "Succeeded", "Failed", "Suspended"]
-PHASES: tuple[str, ...] = get_args(Phase)
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 
 class Condition(StatusModel):

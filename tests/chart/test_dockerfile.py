@@ -182,3 +182,17 @@ def test_trainer_image_holds_what_the_trainer_imports() -> None:
     named = [Requirement(token).name for token in command.group(1).split() if not token.startswith("-")]
     provided = _closure([*named, "ray"])
     assert _distributions(_top_level_imports(trainer)) <= provided
+
+
+def test_no_image_holds_the_dev_tools() -> None:
+    """The dev cluster and the demo (devtools/, kubetune-dev) are not the product: neither image gets them.
+
+    The build context is an allow-list (.dockerignore), so devtools/ never reaches the build; and no stage
+    copies it or installs what only it needs.
+    """
+    allowed = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert not [line for line in allowed if "devtools" in line or "kubetune_dev" in line], allowed
+    for name, stage in _stages().items():
+        instructions = " ".join(args for _, args in stage.instructions)
+        for dev_only in ("devtools", "kubetune_dev", "kubetune-dev", "kmock", "moto", "scikit-learn"):
+            assert dev_only not in instructions, f"stage {name} mentions {dev_only}"

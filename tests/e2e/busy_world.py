@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_operator.devcluster.cluster import DevCluster
-from kubetune_operator.devcluster.processes import descendants_of
-from kubetune_operator.devcluster.s3 import DEMO_CREDENTIALS
-from kubetune_operator.devcluster.seed import seed_demo, split_uri
+from kubetune_dev.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.processes import descendants_of
+from kubetune_dev.devcluster.s3 import DEMO_CREDENTIALS
+from kubetune_dev.devcluster.seed import seed_demo, split_uri
 
 NS = "default"
 BUCKET = "kubetune-e2e"

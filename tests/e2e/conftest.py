@@ -1,4 +1,4 @@
-"""End-to-end tests on the embedded cluster (kubetune_operator.devcluster): real protocols on 127.0.0.1."""
+"""End-to-end tests on the embedded cluster (kubetune_dev.devcluster): real protocols on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_operator.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.cluster import DevCluster
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MANIFEST = REPO / "examples" / "demo-finetunejob.yaml"

@@ -5,7 +5,6 @@ Driven with the official kubernetes client (what the operator's kube.py uses), o
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -13,10 +12,8 @@ from typing import Any
 import pytest
 from kubernetes import client, config, watch
 
-from kubetune_operator.devcluster.apimachinery import human_duration, jsonpath
-from kubetune_operator.devcluster.cluster import DevCluster
-from kubetune_operator.kube import Kube
-from kubetune_operator.main import bookkeeping_in_status
+from kubetune_dev.devcluster.apimachinery import human_duration, jsonpath
+from kubetune_dev.devcluster.cluster import DevCluster
 
 NS = "default"
 FTJ = ("kubetune.dev", "v1alpha1", NS, "finetunejobs")
@@ -164,15 +161,3 @@ def test_secret_string_data_is_stored_as_data(api: client.ApiClient) -> None:
     assert stored.data == {"user": "a3ViZXR1bmU=", "kept": "eA=="} and not stored.string_data
     core.patch_namespaced_secret("creds", NS, {"stringData": {"user": "other"}})
     assert core.read_namespaced_secret("creds", NS).data["user"] == "b3RoZXI="
-
-
-def test_the_operator_finds_the_installed_crd_keeps_its_bookkeeping(api_cluster: DevCluster) -> None:
-    # What `python -m kubetune_operator` checks at startup, against a served CRD listed as kubectl would.
-    kube = Kube(config.new_client_from_config(config_file=str(api_cluster.kubeconfig_path)))
-    try:
-        found = asyncio.run(kube.find_crd("finetunejobs.kubetune.dev"))
-        assert found is not None and found["spec"]["group"] == "kubetune.dev"
-        assert asyncio.run(kube.find_crd("nothing.example.com")) is None
-        assert asyncio.run(bookkeeping_in_status(kube))
-    finally:
-        kube.close()

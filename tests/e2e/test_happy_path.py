@@ -1,8 +1,9 @@
 """`kubetune demo`, end to end: operator -> RayJob -> KubeRay stand-in -> Ray Train -> S3, and back into status.
 
-One slow test (about two minutes on two cores): it runs the demo as `make demo` does, then, while the
-demo's cluster is still up, checks what a user would check: the metrics endpoint, a real kubectl, the
-exported model evaluated outside the trainer, and that deleting the job leaves nothing behind.
+One slow test (about two minutes on two cores): it runs the demo's code in this process (test_demo_cli.py
+runs the console script, as `make demo` does), then, while the demo's cluster is still up, checks what a
+user would check: the metrics endpoint, a real kubectl, the exported model evaluated outside the trainer,
+and that deleting the job leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator import demo
-from kubetune_operator.devcluster.cluster import DevCluster
-from kubetune_operator.devcluster.seed import split_uri
+from kubetune_dev import demo
+from kubetune_dev.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.seed import split_uri
 
 FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
 REPO = Path(__file__).resolve().parents[2]
@@ -104,17 +105,10 @@ def test_kubetune_demo_runs_the_job_end_to_end(tmp_path: Path, kubectl_bin: str)
         checked["cleaned"] = True
 
     out = io.StringIO()
-    args = demo.parse_args(
-        [
-            "--workdir",
-            str(tmp_path / "demo"),
-            "--manifest",
-            str(REPO / "examples" / "demo-finetunejob.yaml"),
-            "--timeout",
-            "480",
-        ]
+    options = demo.DemoOptions(
+        workdir=tmp_path / "demo", manifest=REPO / "examples" / "demo-finetunejob.yaml", timeout=480
     )
-    code = demo.run(args, out, on_finished=while_up)
+    code = demo.run(options, out, on_finished=while_up)
     printed = out.getvalue()
     assert code == 0, printed
 

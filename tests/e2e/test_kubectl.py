@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_operator.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.cluster import DevCluster
 
 FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
 DEMO_MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "demo-finetunejob.yaml"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.cluster import DevCluster
 
 RAYJOB = ("ray.io", "v1", "rayjobs")
 RAYCLUSTER = ("ray.io", "v1", "rayclusters")

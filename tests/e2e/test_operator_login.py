@@ -11,9 +11,9 @@ import threading
 import pytest
 from conftest import demo_manifest
 
+from kubetune_dev.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.processes import free_port
 from kubetune_operator import main
-from kubetune_operator.devcluster.cluster import DevCluster
-from kubetune_operator.devcluster.processes import free_port
 from kubetune_operator.settings import OperatorSettings
 
 

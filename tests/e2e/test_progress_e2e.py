@@ -59,3 +59,6 @@ def test_final_status_progress_matches_history_json(busy_world: World) -> None:
         assert progress["metrics"][key] == pytest.approx(last[key], rel=1e-9, abs=1e-12), key
     assert status["latestCheckpoint"] == progress["latestCheckpoint"]
     assert progress["latestCheckpoint"].rstrip("/").endswith(f"/epoch-{facts['epochs']:04d}")
+    # The status said progress was arriving (and never that it was not).
+    (reporting,) = [c for c in status["conditions"] if c["type"] == "ProgressReporting"]
+    assert (reporting["status"], reporting["reason"]) == ("True", "ProgressReceived")

@@ -10,8 +10,8 @@ import botocore.exceptions
 import pytest
 from botocore.config import Config
 
-from kubetune_operator.devcluster.cluster import DevCluster
-from kubetune_operator.devcluster.s3 import DEMO_CREDENTIALS, ensure_bucket
+from kubetune_dev.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.s3 import DEMO_CREDENTIALS, ensure_bucket
 
 
 @pytest.fixture(scope="module")

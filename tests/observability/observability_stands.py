@@ -12,7 +12,7 @@ import pytest
 from kmock._internal import apps
 
 from kubetune_operator.auth import service_account_username
-from kubetune_operator.builders import LEGACY_TOKEN_AUDIENCE, legacy_service_account_name, token_audience
+from kubetune_operator.builders import token_audience
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,12 +78,6 @@ class AnswersTokenReviews:
         token = f"token-{namespace}-{job}-{len(self.tokens)}"
         self.tokens[token] = (service_account_username(namespace, account), audience)
         return token
-
-    def issue_legacy_token(self, namespace: str, job: str) -> str:
-        """A token of a job launched by an earlier version: its own ServiceAccount, the common audience."""
-        return self.issue_token(
-            namespace, job, service_account=legacy_service_account_name(job), audience=LEGACY_TOKEN_AUDIENCE
-        )
 
     def job_uid(self, namespace: str, name: str) -> str | None:
         for (resource, ns, nm), obj in self.objects.items():  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -189,15 +190,6 @@ def test_non_finite_metrics_are_left_out_rather_than_breaking_the_update(operato
     assert operator.received[0]["metrics"] == {"imagesPerSecond": 100.0}
 
 
-def test_only_rank_zero_reports(operator: Operator, token: Path) -> None:
-    workers = [reporter(operator.url, token, rank=rank) for rank in range(4)]
-    for rank, rep in enumerate(workers):
-        rep.report(progress(rank + 1))
-    for rep in workers:
-        rep.close()
-    assert [body["step"] for body in operator.received] == [1]
-
-
 def test_a_missing_token_file_is_retried_until_it_appears(operator: Operator, tmp_path: Path) -> None:
     """The kubelet writes the projected token shortly after the container starts."""
     path = tmp_path / "late-token"
@@ -207,3 +199,56 @@ def test_a_missing_token_file_is_retried_until_it_appears(operator: Operator, tm
     operator.wait_for(1)
     rep.close()
     assert operator.tokens == ["token-late"]
+
+
+def reporter_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "kubetune_trainer.operator_reporter" and r.levelno >= logging.WARNING
+    ]
+
+
+def test_a_token_that_never_appears_is_one_warning_naming_where_it_looked(
+    operator: Operator, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #13: the demo's trainer looked for its token at a relative path and nobody could tell why
+    progress never arrived. The warning says what is missing, where (absolute), and what it means."""
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.DEBUG, logger="kubetune_trainer.operator_reporter")
+    rep = reporter(operator.url, Path("volumes") / "kubetune-token" / "token", close_timeout_s=1.0)
+    for step in range(1, 30):
+        rep.report(progress(step))
+    rep.close()
+
+    assert rep.sent == 0 and operator.received == []
+    retries = [r for r in caplog.records if "failed" in r.getMessage() and r.levelno < logging.WARNING]
+    assert retries, "it kept trying (below warning level)"
+    (warning,) = reporter_warnings(caplog)
+    assert f"{tmp_path / 'volumes' / 'kubetune-token' / 'token'} cannot be read (No such file or directory)" in warning
+    assert "status.progress" in warning and "stay empty" in warning and "mounts it" in warning
+
+
+def test_an_operator_that_is_down_is_one_warning_naming_its_url(token: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1/progress/vision/cats"
+    caplog.set_level(logging.DEBUG, logger="kubetune_trainer.operator_reporter")
+    rep = reporter(url, token, close_timeout_s=1.0)
+    for step in range(1, 30):
+        rep.report(progress(step))
+    rep.close()
+
+    (warning,) = reporter_warnings(caplog)
+    assert f"cannot reach the operator's progress endpoint at {url}" in warning
+    assert "Connection refused" in warning and "KUBETUNE_PROGRESS_URL" in warning and "status.progress" in warning
+
+
+def test_throttling_is_no_warning(operator: Operator, token: Path, caplog: pytest.LogCaptureFixture) -> None:
+    operator.answers = [(429, {"Retry-After": "0"})] * 3
+    rep = reporter(operator.url, token)
+    rep.report(progress(1))
+    operator.wait_for(1)
+    rep.close()
+    assert reporter_warnings(caplog) == []

@@ -181,25 +181,6 @@ async def test_a_job_created_again_under_the_same_name_refuses_the_old_jobs_toke
     assert (await post(base, "cats", update(epoch=2), new_token))[0] == 200
 
 
-async def test_pods_of_a_job_launched_by_the_previous_version_still_report(
-    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
-) -> None:
-    """Those pods run as the job's own `<job>-trainer` ServiceAccount with the audience `kubetune.dev`."""
-    _, base = progress_server
-    kmock.add_job(NS, "cats")
-    kmock.add_job(NS, "dogs")
-
-    assert (await post(base, "cats", update(), kmock.issue_legacy_token(NS, "cats")))[0] == 200
-    # Only for that job: another job's old ServiceAccount, or the shared one, may not use that audience.
-    assert (await post(base, "dogs", update(), kmock.issue_legacy_token(NS, "cats")))[0] == 403
-    shared = kmock.issue_token(NS, "dogs", audience="kubetune.dev")
-    assert (await post(base, "dogs", update(), shared))[0] == 403
-
-    assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 10
-    assert "progress" not in kmock.job(NS, "dogs")["status"]
-    assert counted(metrics, "rejected", 403) == 2
-
-
 async def test_a_flood_of_updates_is_throttled_with_429(
     kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
 ) -> None:
@@ -309,6 +290,5 @@ async def test_an_authentic_token_is_reviewed_once_and_then_cached(
     assert (await post(base, "cats", update(), "forged"))[0] == 401
     assert (await post(base, "cats", update(), "forged"))[0] == 401
 
-    # One for the authentic token; two per forged attempt (the job's audience, then the one of jobs
-    # launched by the previous version).
-    assert len(kmock[TOKENREVIEWS]) == 5
+    # One for the authentic token; one per forged attempt (a refusal is never cached).
+    assert len(kmock[TOKENREVIEWS]) == 3

@@ -42,7 +42,7 @@ import kopf
 
 from kubetune_operator.kube import Kube
 from kubetune_operator.main import build_registry, build_runtime, kopf_settings, run_operator
-from kubetune_operator.reconcile import Runtime
+from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings
 
 T = TypeVar("T")

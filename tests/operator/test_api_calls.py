@@ -70,7 +70,7 @@ async def test_a_jobs_whole_life_needs_exactly_the_documented_permissions(op: Op
 @pytest.mark.asyncio
 async def test_a_new_job_costs_one_request_per_child_one_status_write_and_one_event(op: OperatorHarness) -> None:
     # What a burst of new jobs asks of the API server, per job: no reads, one write of each kind. Three:
-    # the RayJob (which carries the trainer config: no ConfigMap; its pods run as the namespace's shared
+    # the RayJob (which carries the trainer config; its pods run as the namespace's shared
     # ServiceAccount, made sure of once for all jobs there), one status write that also carries kopf's
     # diff base, and one Event.
     await op.create_job(finetunejob("first"))  # the namespace's first job: it pays for the ServiceAccount
@@ -86,7 +86,7 @@ async def test_a_new_job_costs_one_request_per_child_one_status_write_and_one_ev
     calls = sorted(
         (r.verb, r.resource, r.subresource or "")
         for r in op.operator_requests()
-        if r.verb not in ("list", "watch") and r.name in (None, "irsa", "kubetune-trainer", "irsa-trainer")
+        if r.verb not in ("list", "watch") and r.name in (None, "irsa", "kubetune-trainer")
     )
     assert calls == [
         ("create", "events", ""),

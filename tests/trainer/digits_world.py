@@ -173,8 +173,8 @@ class DigitsWorld:
 
     def config(self, name: str, **spec: Any) -> TrainerConfig:
         """The trainer config `kubetune run --local` derives from the same manifest."""
-        from kubetune_operator.config import trainer_config
         from kubetune_operator.spec import FineTuneJob
+        from kubetune_operator.trainer_config import trainer_config
 
         return trainer_config(FineTuneJob.model_validate(self.manifest(name, **spec)))
 

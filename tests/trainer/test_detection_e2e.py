@@ -3,7 +3,7 @@ pretrained on other shapes, `kubetune run FILE --local` and `python -m kubetune_
 on a real local Ray.
 
 Two runs share the work of every test here (module fixtures): fine-tuning from the pretrained detector
-through `kubetune run --local`, interrupted once by the fault hook and resumed; and the same budget
+through `kubetune run --local`, interrupted once by a test fault (trainer_faults.py) and resumed; and the same budget
 from random weights through `python -m kubetune_trainer`. Budget (2 shared CPU cores): SSDlite at 64 px,
 96 training and 24 validation images, 6 epochs of batch 8, head strategy, two DDP workers of one CPU
 each (so the validation predictions are gathered across workers). The pretraining is cached under
@@ -34,8 +34,7 @@ from shapes_world import (
     pretrained_detector,
     random_detector,
 )
-
-from kubetune_trainer.loop import FAULT_ENV
+from trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
 
 SHAPES = f"s3://{DATA_BUCKET}/shapes-new"
 PRETRAINED_DETECTOR = f"s3://{MODEL_BUCKET}/shapes-rgb/{DETECTOR}.safetensors"
@@ -114,7 +113,7 @@ def finetuned(shapes: Shapes) -> subprocess.CompletedProcess[str]:
     epoch 1 and Ray Train restarts it from that checkpoint."""
     path = shapes.world.workdir / "shapes-finetune.yaml"
     path.write_text(yaml.safe_dump(shapes.manifest("shapes-finetune", PRETRAINED_DETECTOR)))
-    return shapes.world.kubetune_run(path, **{FAULT_ENV: "1"})
+    return shapes.world.kubetune_run(path, **FAIL_ONCE_AFTER_FIRST_EPOCH)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +132,8 @@ def from_random(shapes: Shapes) -> subprocess.CompletedProcess[str]:
 
 
 def trainer_config_json(manifest: dict[str, Any]) -> str:
-    from kubetune_operator.config import trainer_config
     from kubetune_operator.spec import FineTuneJob
+    from kubetune_operator.trainer_config import trainer_config
 
     return trainer_config(FineTuneJob.model_validate(manifest)).model_dump_json(by_alias=True, exclude_none=True)
 

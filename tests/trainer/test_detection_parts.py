@@ -37,6 +37,7 @@ from kubetune_trainer.local import summary
 from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, progress_line
 from kubetune_trainer.run import check_inputs, prepare
 from kubetune_trainer.storage import S3Store
+from kubetune_trainer.tasks import DetectionTask
 
 SMALL = "ssdlite320_mobilenet_v3_large"
 
@@ -61,6 +62,12 @@ def test_coco_quirks_are_counted_not_crashed_on() -> None:
         {"image_id": 1, "category_id": 99, "bbox": [1, 1, 5, 5]},  # unknown category
         {"image_id": 42, "category_id": 7, "bbox": [1, 1, 5, 5]},  # unknown image
         {"image_id": 1, "category_id": 7, "bbox": [1, 1, "x", 5]},  # not numbers
+        {"image_id": 1, "category_id": 7, "bbox": [1, 1, float("nan"), 5]},  # NaN (Python's json reads it)
+        {"image_id": 1, "category_id": 7, "bbox": [float("-inf"), 1, 5, 5]},  # infinite
+        {"image_id": 1, "category_id": 7, "bbox": [1e300, 1, 1e300, 5]},  # beyond any image
+        {"image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5, 5]},  # five numbers
+        {"image_id": [1], "category_id": 7, "bbox": [1, 1, 5, 5]},  # an id that cannot name an image
+        {"image_id": 1, "category_id": {"id": 7}, "bbox": [1, 1, 5, 5]},  # nor a category
     ]
     samples, names, ids, counts = parse_coco(coco_file(annotations), "s3://bkt/train.json")
     # Categories sorted by id: nut (3) is label 1, bolt (7) label 2.
@@ -74,10 +81,11 @@ def test_coco_quirks_are_counted_not_crashed_on() -> None:
         "imagesWithoutBoxes": 1,
         "boxes": 2,
         "boxesClipped": 1,
-        "boxesDroppedEmpty": 3,
+        "boxesDroppedEmpty": 7,
         "boxesDroppedOutside": 1,
-        "boxesDroppedUnknownCategory": 1,
-        "boxesDroppedUnknownImage": 1,
+        "boxesDroppedUnknownCategory": 2,
+        "boxesDroppedUnknownImage": 2,
+        "boxesDroppedOverLimit": 0,
     }
     # The validation file takes the training file's label order, whatever its own order.
     _, val_names, _, _ = parse_coco(coco_file([]), "s3://bkt/val.json", class_ids=ids)
@@ -241,9 +249,10 @@ def test_the_driver_prepares_a_detection_run_from_s3(world: DigitsWorld, tmp_pat
 
     prepared = prepare(config, check_inputs(config, store), here=True)
 
-    assert prepared.detection is not None and prepared.detection.class_names == ["red", "green"]
-    assert (len(prepared.detection.train), len(prepared.detection.validation)) == (6, 3)
-    assert prepared.detection.counts["train"]["imagesCorrupt"] == 0
+    assert isinstance(prepared.task, DetectionTask)
+    assert prepared.task.boxes.class_names == ["red", "green"]
+    assert (len(prepared.task.boxes.train), len(prepared.task.boxes.validation)) == (6, 3)
+    assert prepared.task.boxes.counts["train"]["imagesCorrupt"] == 0
     # The model's own transform at data.imageSize, and the base's box classifier (4 classes) replaced.
     assert prepared.data_config["fixedSize"] == [64, 64] and prepared.data_config["minSize"] == 64
     assert prepared.weights_report.dropped_keys and not prepared.weights_report.missing_keys

@@ -15,8 +15,7 @@ import pytest
 import torch
 from digits_world import PRETRAINED, DigitsWorld
 from safetensors.torch import load
-
-from kubetune_trainer.loop import FAULT_ENV
+from trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
 
 
 def wait_for_checkpoint(world: DigitsWorld, run: str, output: str, proc_alive: object, timeout: float = 300) -> None:
@@ -98,7 +97,7 @@ def test_failed_worker_restarts_from_checkpoint_and_frozen_layers_stay(
         cpus_per_worker=1,
     )
 
-    run = pretrained.kubetune_run(manifest, **{FAULT_ENV: "1"})
+    run = pretrained.kubetune_run(manifest, **FAIL_ONCE_AFTER_FIRST_EPOCH)
 
     assert run.returncode == 0, run.stderr
     assert f"resumed from {output}/checkpoints/resume-worker/epoch-0001 after epoch 1" in run.stderr

@@ -140,5 +140,5 @@ def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_pat
         ray.shutdown()
     assert prepared.data_config["input_size"] == [3, 32, 32]
     assert sorted(prepared.weights_report.dropped_keys) == ["fc.bias", "fc.weight"]
-    assert len(prepared.index.class_names) == 5 and not prepared.index.corrupt
+    assert len(prepared.task.images.class_names) == 5 and not prepared.task.images.corrupt
     assert not victim.exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -13,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubetune_dev import RAYJOB_CRD  # KubeRay's own RayJob CRD, vendored
 from kubetune_operator.builders import (
     COMPONENT_LABEL,
     CONFIG_ENV,
@@ -27,13 +27,11 @@ from kubetune_operator.builders import (
     spec_digest,
     token_audience,
 )
-from kubetune_operator.config import trainer_config
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
+from kubetune_operator.trainer_config import trainer_config
 from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget, TrainerConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RAYJOB_CRD = REPO_ROOT.parent / "shared" / "fixtures" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml"
 # The same Kubernetes version the chart's schemas are pinned to (tests/chart/k8s_schema.py).
 KUBERNETES_VERSION = "1.31.0"
 SETTINGS = OperatorSettings(trainer_image="registry.example/kubetune-trainer:1.2.3")

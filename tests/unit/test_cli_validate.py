@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from kubetune_operator.cli import main
 from kubetune_operator.crd import render_crd
-from kubetune_operator.errors import format_validation_error
+from kubetune_operator.messages import format_validation_error
 from kubetune_operator.spec import FineTuneJob
 
 REPO = Path(__file__).resolve().parents[2]

@@ -21,8 +21,9 @@ from pydantic import ValidationError
 
 from kubetune_operator import crd as crd_module
 from kubetune_operator.crd import CRD_PATH, DOCS_PATH, crd, docs_with_reference, openapi_schema, render_crd
-from kubetune_operator.errors import PATTERNS_IN_WORDS
-from kubetune_operator.spec import MAX_NAME_LENGTH, PHASES, FineTuneJob
+from kubetune_operator.messages import PATTERNS_IN_WORDS
+from kubetune_operator.spec import MAX_NAME_LENGTH, FineTuneJob
+from kubetune_operator.states import PHASES
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

@@ -7,10 +7,8 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator.crd import crd
-from kubetune_operator.diffbase import CarriedDiffBase, crd_keeps_bookkeeping
-from kubetune_operator.main import ANNOTATION_PREFIX, kopf_settings
-from kubetune_operator.spec import VERSION
+from kubetune_operator.diffbase import CarriedDiffBase
+from kubetune_operator.main import kopf_settings
 
 JOB: dict[str, Any] = {
     "apiVersion": "kubetune.dev/v1alpha1",
@@ -65,32 +63,3 @@ def test_the_diff_base_is_read_back_from_the_status_the_launch_wrote() -> None:
     body["status"] = {"phase": "Launching", **CarriedDiffBase.status_fields(encoded)}
     assert diffbase.fetch(body=kopf.Body(body)) == kopf_essence(diffbase, kopf.Body(body))
     assert CarriedDiffBase.written_in(body["status"]) == encoded
-
-
-def test_a_job_from_an_older_version_is_read_from_its_annotation() -> None:
-    # Launched when kopf kept the diff base in annotations: not new to the upgraded operator.
-    legacy = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
-    body = copy.deepcopy(JOB)
-    old_patch = kopf.Patch()
-    legacy.store(body=kopf.Body(body), patch=old_patch, essence=legacy.build(body=kopf.Body(body)))
-    body["metadata"]["annotations"] = dict(old_patch["metadata"]["annotations"])
-
-    found = storage().fetch(body=kopf.Body(body))
-    assert found is not None and found["spec"] == JOB["spec"]
-
-
-def test_the_shipped_crd_keeps_kopfs_bookkeeping_and_an_older_one_does_not() -> None:
-    # Helm never upgrades CRDs: the operator checks, and keeps to annotations with an older CRD.
-    current = crd()
-    assert crd_keeps_bookkeeping(current, VERSION)
-    older = copy.deepcopy(current)
-    for served in older["spec"]["versions"]:
-        del served["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["kopf"]
-    assert not crd_keeps_bookkeeping(older, VERSION)
-    assert not crd_keeps_bookkeeping(current, "v9")
-
-
-def test_with_an_older_crd_kopf_keeps_its_bookkeeping_in_annotations() -> None:
-    settings = kopf_settings(bookkeeping_in_status=False)
-    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
-    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)

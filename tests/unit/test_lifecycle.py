@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from kubetune_operator import lifecycle
+from kubetune_operator.incoming import InvalidJob, JobRecord, receive
 from kubetune_operator.lifecycle import StatusChange
+from kubetune_operator.states import Reason
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 OWNER = {
@@ -23,14 +25,23 @@ OWNER = {
 }
 
 
-def ftj(status: dict[str, Any] | None = None, generation: int = 1, **run_policy: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "flowers", "namespace": "vision", "uid": "u-1", "generation": generation},
-        "spec": {"output": {"path": "s3://runs/flowers/"}, "runPolicy": run_policy},
-        "status": status or {},
-    }
+def ftj(status: dict[str, Any] | None = None, generation: int = 1, **run_policy: Any) -> JobRecord:
+    record = receive(
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "flowers", "namespace": "vision", "uid": "u-1", "generation": generation},
+            "spec": {
+                "model": {"architecture": "resnet18", "checkpoint": "s3://models/resnet18.safetensors"},
+                "data": {"train": "s3://datasets/flowers/train/"},
+                "output": {"path": "s3://runs/flowers/"},
+                "runPolicy": run_policy,
+            },
+            "status": status or {},
+        }
+    )
+    assert not isinstance(record.job, InvalidJob), record.job.message
+    return record
 
 
 def rayjob(deployment: str = "", job_status: str = "", suspend: bool = False, **status: Any) -> dict[str, Any]:
@@ -44,13 +55,13 @@ def rayjob(deployment: str = "", job_status: str = "", suspend: bool = False, **
     }
 
 
-def apply(job: dict[str, Any], change: StatusChange) -> dict[str, Any]:
+def apply(job: JobRecord, change: StatusChange) -> JobRecord:
     """The job as the API server holds it after the merge patch."""
-    return {**job, "status": {**job["status"], **change.patch}}
+    return job.with_status({**job.status, **change.patch})
 
 
-def conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["type"]: c for c in job["status"].get("conditions", [])}
+def conditions(job: JobRecord) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in job.status.get("conditions", [])}
 
 
 def observe(rj: dict[str, Any], **kw: Any) -> tuple[str, str]:
@@ -132,14 +143,14 @@ def test_a_job_waiting_for_kueue_is_pending_queued() -> None:
 # -- following a RayJob ----------------------------------------------------------------------------------
 
 
-def run_through(states: list[tuple[str, str]], job: dict[str, Any] | None = None, **extra: Any) -> list[Any]:
+def run_through(states: list[tuple[str, str]], job: JobRecord | None = None, **extra: Any) -> list[Any]:
     """Feed RayJob states one by one; the (phase, events) after each."""
     job = job or ftj({"phase": "Launching"})
     seen = []
     for i, (deployment, job_status) in enumerate(states):
         change = lifecycle.follow_rayjob(job, rayjob(deployment, job_status, **extra), now=T0 + timedelta(minutes=i))
         job = apply(job, change)
-        seen.append((job["status"]["phase"], [(e.type, e.reason) for e in change.events]))
+        seen.append((job.status["phase"], [(e.type, e.reason) for e in change.events]))
     return [job, seen]
 
 
@@ -163,7 +174,7 @@ def test_a_successful_run_tells_its_story_in_events() -> None:
         ("Running", []),
         ("Succeeded", [("Normal", "TrainingSucceeded")]),
     ]
-    status = job["status"]
+    status = job.status
     assert status["startTime"] == "2026-05-01T12:03:00Z"
     assert status["completionTime"] == "2026-05-01T12:05:00Z"
     assert status["dashboardURL"] == "http://flowers-head-svc.vision.svc.cluster.local:8265"
@@ -191,8 +202,8 @@ def test_last_transition_time_moves_only_when_a_condition_flips() -> None:
 def test_conditions_carry_the_generation_they_saw() -> None:
     job = ftj({"phase": "Launching"}, generation=7)
     job = apply(job, lifecycle.follow_rayjob(job, rayjob("Running", "RUNNING"), now=T0))
-    assert {c["observedGeneration"] for c in job["status"]["conditions"]} == {7}
-    assert job["status"]["observedGeneration"] == 7
+    assert {c["observedGeneration"] for c in job.status["conditions"]} == {7}
+    assert job.status["observedGeneration"] == 7
 
 
 def test_an_unchanged_rayjob_writes_nothing() -> None:
@@ -205,7 +216,7 @@ def test_a_failed_run_is_a_warning_and_final() -> None:
     job, seen = run_through([("Running", "RUNNING"), ("Failed", "FAILED")])
     assert seen[-1] == ("Failed", [("Warning", "RayJobFailed")])
     assert conditions(job)["Failed"]["status"] == "True"
-    assert job["status"]["completionTime"]
+    assert job.status["completionTime"]
     # Whatever KubeRay says afterwards, the outcome stays.
     assert not lifecycle.follow_rayjob(job, rayjob("Running", "RUNNING"), now=T0 + timedelta(hours=1))
 
@@ -219,27 +230,27 @@ def test_completion_time_is_kuberays_end_time_when_it_has_one() -> None:
 def test_restarts_count_each_new_ray_cluster_with_an_event() -> None:
     job = ftj({"phase": "Running"})
     job = apply(job, change := lifecycle.follow_rayjob(job, rayjob("Retrying", "FAILED", failed=1), now=T0))
-    assert job["status"]["restarts"] == 1
+    assert job.status["restarts"] == 1
     assert ("Warning", "Restarted") in [(e.type, e.reason) for e in change.events]
     job = apply(job, lifecycle.follow_rayjob(job, rayjob("Running", "RUNNING", failed=1), now=T0))
     job = apply(job, change := lifecycle.follow_rayjob(job, rayjob("Failed", "FAILED", failed=3), now=T0))
     # Three failed attempts: two restarts, then the final failure.
-    assert job["status"]["restarts"] == 2
-    assert job["status"]["phase"] == "Failed"
+    assert job.status["restarts"] == 2
+    assert job.status["phase"] == "Failed"
 
 
 def test_suspend_and_resume() -> None:
     job = ftj({"phase": "Running"}, suspend=True)
     job = apply(job, change := lifecycle.follow_rayjob(job, rayjob("Running", "RUNNING", suspend=True), now=T0))
-    assert (job["status"]["phase"], [e.reason for e in change.events]) == ("Suspended", ["Suspending"])
+    assert (job.status["phase"], [e.reason for e in change.events]) == ("Suspended", ["Suspending"])
     job = apply(job, change := lifecycle.follow_rayjob(job, rayjob("Suspended", suspend=True), now=T0))
     assert [e.reason for e in change.events] == ["Suspended"]
     assert conditions(job)["Suspended"]["status"] == "True"
-    job["spec"]["runPolicy"]["suspend"] = False
+    job = ftj(dict(job.status), suspend=False)  # resumed: spec.runPolicy.suspend edited back to false
     job = apply(job, lifecycle.follow_rayjob(job, rayjob("Suspended", suspend=False), now=T0))
-    assert (job["status"]["phase"], conditions(job)["Suspended"]["status"]) == ("Launching", "False")
+    assert (job.status["phase"], conditions(job)["Suspended"]["status"]) == ("Launching", "False")
     job = apply(job, lifecycle.follow_rayjob(job, rayjob("Running", "RUNNING"), now=T0))
-    assert job["status"]["phase"] == "Running"
+    assert job.status["phase"] == "Running"
 
 
 def test_a_deleted_rayjob_fails_an_unfinished_job_only() -> None:
@@ -253,10 +264,10 @@ def test_a_deleted_rayjob_fails_an_unfinished_job_only() -> None:
 
 
 def test_invalid_spec_fails_with_the_message_and_completion_time() -> None:
-    change = lifecycle.failed_before_launch(ftj(), "InvalidSpec", "spec.training.epochs: must be >= 1", now=T0)
+    change = lifecycle.failed_before_launch(ftj(), Reason.INVALID_SPEC, "spec.training.epochs: must be >= 1", now=T0)
     job = apply(ftj(), change)
-    assert job["status"]["phase"] == "Failed"
-    assert job["status"]["completionTime"] == "2026-05-01T12:00:00Z"
+    assert job.status["phase"] == "Failed"
+    assert job.status["completionTime"] == "2026-05-01T12:00:00Z"
     conds = conditions(job)
     assert conds["Failed"]["reason"] == conds["Launched"]["reason"] == "InvalidSpec"
     assert conds["Launched"]["status"] == "False"
@@ -266,19 +277,19 @@ def test_invalid_spec_fails_with_the_message_and_completion_time() -> None:
 
 def test_waiting_is_pending_with_an_event_only_when_the_reason_changes() -> None:
     job = ftj()
-    job = apply(job, first := lifecycle.waiting(job, "KubeRayNotInstalled", "install KubeRay", now=T0))
-    again = lifecycle.waiting(job, "KubeRayNotInstalled", "install KubeRay", now=T0 + timedelta(minutes=1))
-    assert job["status"]["phase"] == "Pending"
+    job = apply(job, first := lifecycle.waiting(job, Reason.KUBERAY_NOT_INSTALLED, "install KubeRay", now=T0))
+    again = lifecycle.waiting(job, Reason.KUBERAY_NOT_INSTALLED, "install KubeRay", now=T0 + timedelta(minutes=1))
+    assert job.status["phase"] == "Pending"
     assert [(e.type, e.reason) for e in first.events] == [("Warning", "KubeRayNotInstalled")]
     assert not again
     # Once KubeRay is there, the launch creates the RayJob and the status follows it.
     job = apply(job, launched := lifecycle.follow_rayjob(job, rayjob(), now=T0))
-    assert (job["status"]["phase"], conditions(job)["Launched"]["status"]) == ("Launching", "True")
+    assert (job.status["phase"], conditions(job)["Launched"]["status"]) == ("Launching", "True")
     assert [(e.type, e.reason) for e in launched.events] == [("Normal", "RayJobCreated")]
 
 
 def test_messages_are_clipped() -> None:
-    change = lifecycle.failed_before_launch(ftj(), "InvalidSpec", "x" * 100_000, now=T0)
+    change = lifecycle.failed_before_launch(ftj(), Reason.INVALID_SPEC, "x" * 100_000, now=T0)
     assert len(change.patch["message"]) <= lifecycle.MAX_MESSAGE
     assert len(change.events[0].message) <= lifecycle.MAX_MESSAGE
 
@@ -343,6 +354,65 @@ def test_an_accepted_edit_records_the_generation_it_saw() -> None:
     assert refused.patch["observedGeneration"] == 2
 
 
+# -- progress from the trainer ---------------------------------------------------------------------------
+
+GRACE = 90.0
+
+
+def running_since_t0() -> JobRecord:
+    job, _ = run_through([("Running", "RUNNING")])  # turned Running at T0
+    return job
+
+
+def with_progress(job: JobRecord) -> JobRecord:
+    return job.with_status({**job.status, "progress": {"epoch": 1, "step": 3, "updatedAt": "2026-05-01T12:02:00Z"}})
+
+
+def reporting(job: JobRecord) -> tuple[str, str] | None:
+    found = conditions(job).get("ProgressReporting")
+    return (found["status"], found["reason"]) if found else None
+
+
+def test_a_running_job_that_never_reports_says_so_once_the_grace_is_over() -> None:
+    job = running_since_t0()
+    assert lifecycle.progress_deadline(job, grace=GRACE) == T0 + timedelta(seconds=GRACE)
+    assert not lifecycle.progress_reporting(job, now=T0 + timedelta(seconds=60), grace=GRACE)
+
+    silent = lifecycle.progress_reporting(job, now=T0 + timedelta(seconds=91), grace=GRACE)
+    job = apply(job, silent)
+    assert reporting(job) == ("False", "NoProgressReceived")
+    message = conditions(job)["ProgressReporting"]["message"]
+    assert "status.progress stays empty" in message and "/var/run/secrets/kubetune.dev/token" in message
+    assert [(e.type, e.reason) for e in silent.events] == [("Warning", "NoProgressReceived")]
+    assert "phase" not in silent.patch  # the job keeps running: only the condition says it is silent
+    # Said once: no second write or Event, and nothing left to wait for.
+    assert not lifecycle.progress_reporting(job, now=T0 + timedelta(hours=1), grace=GRACE)
+    assert lifecycle.progress_deadline(job, grace=GRACE) is None
+
+    # Then an update arrives after all: the condition flips, with an Event saying so.
+    job = with_progress(job)
+    heard = lifecycle.progress_reporting(job, now=T0 + timedelta(hours=1), grace=GRACE)
+    job = apply(job, heard)
+    assert reporting(job) == ("True", "ProgressReceived")
+    assert [(e.type, e.reason) for e in heard.events] == [("Normal", "ProgressReceived")]
+    assert not lifecycle.progress_reporting(job, now=T0 + timedelta(hours=2), grace=GRACE)
+
+
+def test_a_job_that_reports_in_time_is_true_without_an_event() -> None:
+    job = with_progress(running_since_t0())
+    assert lifecycle.progress_deadline(job, grace=GRACE) is None
+    change = lifecycle.progress_reporting(job, now=T0 + timedelta(seconds=5), grace=GRACE)
+    assert reporting(apply(job, change)) == ("True", "ProgressReceived")
+    assert not change.events
+
+
+def test_progress_is_only_judged_while_running() -> None:
+    for status in ({"phase": "Launching"}, {"phase": "Suspended"}, {"phase": "Succeeded"}):
+        job = ftj(status)
+        assert lifecycle.progress_deadline(job, grace=GRACE) is None
+        assert not lifecycle.progress_reporting(job, now=T0 + timedelta(days=1), grace=GRACE)
+
+
 # -- what the API server will accept ---------------------------------------------------------------------
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.dev.yaml"
@@ -359,13 +429,19 @@ def test_every_status_written_is_valid_for_the_crd() -> None:
     validator = jsonschema.Draft7Validator(status_schema(), format_checker=jsonschema.FormatChecker())
     statuses = []
     job, _ = run_through([("Running", "RUNNING"), ("Retrying", "FAILED"), ("Complete", "SUCCEEDED")], failed=1)
-    statuses.append(job["status"])
-    job = apply(ftj(), lifecycle.failed_before_launch(ftj(), "InvalidSpec", "spec.x: bad", now=T0))
+    statuses.append(job.status)
+    job = apply(ftj(), lifecycle.failed_before_launch(ftj(), Reason.INVALID_SPEC, "spec.x: bad", now=T0))
     job = apply(job, lifecycle.refuse_spec_change(job, ["spec.model"], now=T0))
-    statuses.append(job["status"])
+    statuses.append(job.status)
+    job = running_since_t0()
+    job = apply(job, lifecycle.progress_reporting(job, now=T0 + timedelta(hours=1), grace=GRACE))
+    statuses.append(job.status)
+    job = running_since_t0()
+    job = apply(job, lifecycle.progress_reporting(job, now=T0 + timedelta(hours=1), grace=GRACE))
+    statuses.append(job.status)
     job = ftj({"phase": "Running"}, suspend=True)
     job = apply(job, lifecycle.follow_rayjob(job, rayjob("Suspended", suspend=True), now=T0))
-    statuses.append(job["status"])
+    statuses.append(job.status)
     for status in statuses:
         errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(status)]
         assert not errors, errors

@@ -11,13 +11,13 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kubetune_operator.config import trainer_config
 from kubetune_operator.spec import (
     Condition,
     FineTuneJob,
     FineTuneJobStatus,
     ProgressStatus,
 )
+from kubetune_operator.trainer_config import trainer_config
 from kubetune_trainer.config import TrainerConfig, prefixes_overlap
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,11 +18,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import CONFIG_ENV, TrainerConfig
 from kubetune_trainer.local import guarded, run_local, setup_logging, summary, with_endpoint
 from kubetune_trainer.reporting import ConsoleReporter
-
-CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
 
 
 def warn_if_short(workers: int, cpus: float, gpus: int, have: dict[str, float]) -> None:

@@ -15,9 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kubetune_trainer.errors import StorageError
+from kubetune_trainer.localpaths import local_path
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 
 CACHE_DIR_ENV = "KUBETUNE_CACHE_DIR"
+# The largest object (base weights) a node caches: far above any vision model's weights, far below a disk.
+MAX_OBJECT_BYTES = 64 * 1024**3
 
 
 def cache_root() -> Path:
@@ -44,9 +48,14 @@ def node_lock(path: Path) -> Iterator[None]:
 
 
 def cached_object(store: S3Store, uri: S3Uri, info: ObjectInfo, root: Path | None = None) -> Path:
-    """The local path of `uri` (as described by `info`), downloading it once per node."""
+    """The local path of `uri` (as described by `info`), downloading it once per node.
+
+    The file keeps the object's name (its suffix says how to read it), and that name must stay in its
+    entry (UnsafeNameError otherwise); an object over MAX_OBJECT_BYTES is refused before any download."""
+    if info.size > MAX_OBJECT_BYTES:
+        raise StorageError(f"{uri} is {info.size:,} bytes, more than the {MAX_OBJECT_BYTES:,} bytes a node caches")
     entry = (root or cache_root()) / "objects" / digest(store.endpoint, uri, info.etag, info.size)
-    path = entry / (uri.name or "object")
+    path = local_path(entry, uri.name or "object", str(uri))
     if path.is_file() and path.stat().st_size == info.size:
         return path
     with node_lock(entry):

@@ -8,7 +8,9 @@ A checkpoint is a folder, `<output.path>/checkpoints/<run name>/epoch-NNNN/`:
     rng-rank<R>.pt        each worker's random-number generator state
 
 Every file is read without unpickling code (safetensors, JSON, `torch.load(weights_only=True)`), even
-though the trainer wrote them: the bucket is not trusted more than the base weights are. Ray Train
+though the trainer wrote them: the bucket is not trusted more than the base weights are. For the same
+reason a download keeps every file inside its folder (a key with a ".." segment fails the run, naming
+it) and progress.json is read only up to MAX_PROGRESS_BYTES. Ray Train
 merges the workers' files into one folder; the upload goes through boto3 (multipart, parallel) rather
 than Ray's default pyarrow copy, and Ray keeps the bookkeeping (run snapshot, `checkpointsToKeep`).
 """
@@ -26,14 +28,18 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.storage import S3Store, S3Uri
+from kubetune_trainer.errors import CheckpointError, ConfigError
+from kubetune_trainer.storage import MAX_READ_BYTES, S3Store, S3Uri
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
 # What must match for a checkpoint to be resumed by this run.
 IDENTITY_KEYS = ("architecture", "classNames", "strategy", "trainableLayers")
+# progress.json holds one short history entry per epoch (at most 1,000): a few hundred KiB at most.
+MAX_PROGRESS_BYTES = MAX_READ_BYTES
+# Files of one checkpoint: a handful, plus one RNG state per worker.
+MAX_CHECKPOINT_FILES = 100_000
 
 
 def checkpoint_dir_name(epoch: int) -> str:
@@ -92,7 +98,16 @@ def write_checkpoint(
 
 
 def read_progress(folder: Path) -> dict[str, Any]:
-    progress: dict[str, Any] = json.loads((folder / PROGRESS_FILE).read_text())
+    """The checkpoint's progress.json; CheckpointError when it is too big or not a JSON object."""
+    path = folder / PROGRESS_FILE
+    if path.stat().st_size > MAX_PROGRESS_BYTES:
+        raise CheckpointError(f"{path.name} of the checkpoint is larger than the {MAX_PROGRESS_BYTES:,} bytes allowed")
+    try:
+        progress = json.loads(path.read_text())
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{path.name} of the checkpoint is not JSON: {str(error)[:200]}") from None
+    if not isinstance(progress, dict):
+        raise CheckpointError(f"{path.name} of the checkpoint is not a JSON object")
     return progress
 
 
@@ -145,9 +160,5 @@ def s3_uploader(store: S3Store) -> Callable[[Any, str], Any]:
 def download_checkpoint(store: S3Store, checkpoint: Any, into: Path | None = None) -> Path:
     """A Ray checkpoint on S3 (filesystem path "bucket/key") into a local folder, through boto3."""
     folder = into or Path(tempfile.mkdtemp(prefix="kubetune-restore-"))
-    store.download_dir(S3Uri.from_fs_path(checkpoint.path), folder)
+    store.download_dir(S3Uri.from_fs_path(checkpoint.path), folder, MAX_CHECKPOINT_FILES)
     return folder
-
-
-def checkpoint_uri(checkpoint: Any) -> str:
-    return str(S3Uri.from_fs_path(checkpoint.path))

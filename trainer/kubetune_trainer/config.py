@@ -22,6 +22,9 @@ S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
 S3_SEGMENT = r"[^\s/]+"
 S3_OBJECT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})+$"
 S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/?$"
+# The environment variable that holds the TrainerConfig JSON for `python -m kubetune_trainer` without
+# --config: how the operator's RayJob passes it to the driver on the Ray head.
+CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
 # Ray Train features kubetune does not use, off in every trainer process (the RayJob's containers, `kubetune
 # run --local`, the trainer alone): Ray Train's own Prometheus metrics (the operator exports progress), the
 # preemption watcher (the loop never asks for preemption info), structured JSON log files and the state
@@ -42,7 +45,8 @@ def use_ray_train_env() -> None:
         os.environ.setdefault(name, value)
 
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# The most classes a model may have: model.numClasses, class folders, COCO categories.
+MAX_CLASSES = 100_000
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
 ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
@@ -159,7 +163,7 @@ class ModelSpec(SpecSection):
     num_classes: int | None = Field(
         default=None,
         ge=2,
-        le=100_000,
+        le=MAX_CLASSES,
         description="Number of classes of the new task; inferred from the dataset's class folders when omitted.",
     )
     strategy: Literal["head", "partial", "full"] = Field(

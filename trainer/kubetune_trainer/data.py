@@ -6,6 +6,11 @@ then downloads the listed images once into a local cache with many boto3 threads
 as it arrives; unreadable ones are skipped and counted, and more than MAX_CORRUPT_FRACTION of them
 fails the run. Training reads local files through a plain torch DataLoader.
 
+Whoever can write to the bucket chooses the keys and the bytes, so both are bounded: a key that would
+leave the cache folder (`localpaths`) is refused at listing and counted like an unreadable image, as is
+an image over MAX_IMAGE_BYTES (never downloaded), over MAX_IMAGE_PIXELS (never decoded) or in another
+format than IMAGE_FORMATS (PIL would otherwise open whatever it recognises, EPS or PSD included).
+
 Why a node cache rather than Ray Data streaming from S3: fine-tuning sets are small enough to fit a
 node's disk, are read once per epoch for several epochs, and a map-style dataset keeps the
 DistributedSampler's exact sharding, seeded shuffling and exact resume; the download is paid once per
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import random
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,17 +31,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from kubetune_trainer.cache import cache_root, digest, node_lock
-from kubetune_trainer.config import DataSpec
+from kubetune_trainer.config import MAX_CLASSES, DataSpec
 from kubetune_trainer.errors import ConfigError, DataError
-from kubetune_trainer.storage import DOWNLOAD_THREADS, ObjectInfo, S3Store, S3Uri
+from kubetune_trainer.localpaths import local_path, unsafe_reason
+from kubetune_trainer.storage import (
+    DOWNLOAD_THREADS,
+    MAX_LISTED_OBJECTS,
+    ObjectInfo,
+    S3Store,
+    S3Uri,
+    listing_too_long,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# What PIL may open an image as, whatever its suffix says (a phone's JPEG may be a PNG inside).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_CORRUPT_FRACTION = 0.01
+EXAMPLES = 5  # unreadable images named in a message
+# PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS, where it only warns), made a refusal
+# whatever a library sets PIL's to: 0.25 GiB as RGB. A file over MAX_IMAGE_BYTES is not even downloaded.
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 LIST_THREADS = 16
 FIRST_PAGE_KEYS = 1000  # S3's largest page
 
@@ -114,13 +135,47 @@ def is_image(key: str) -> bool:
     return key.lower().endswith(IMAGE_SUFFIXES)
 
 
-def list_image_folder(store: S3Store, prefix: S3Uri) -> tuple[dict[str, list[ObjectInfo]], int]:
-    """Images per class folder under `prefix` (nested folders belong to their class) and the count of
-    other objects ignored in them.
+@dataclass
+class Listing:
+    """An ImageFolder as listed: images per class folder, other objects ignored, and the image keys
+    refused because they would leave the cache folder (key → why)."""
+
+    by_class: dict[str, list[ObjectInfo]]
+    ignored: int
+    refused: dict[str, str]
+
+
+def refusal(key: str) -> str | None:
+    """Why an image key cannot be cached (counted like an unreadable image), or None."""
+    reason = unsafe_reason(key)
+    return f"refused: the key {reason}" if reason else None
+
+
+def list_image_folder(store: S3Store, prefix: S3Uri) -> Listing:
+    """Images per class folder under `prefix` (nested folders belong to their class), the count of
+    other objects ignored in them, and the image keys refused (a folder named "." or ".." is no class:
+    its images are refused).
 
     A dataset that fits one listing page is listed with that one request; a bigger one is listed per
     class folder in parallel, since S3 pages through one prefix 1,000 keys at a time.
     """
+    listed = _list_classes(store, prefix)
+    if not listed:
+        raise DataError(
+            f"no class folders under {prefix}/: expected images at {prefix}/<class>/<image>{'.jpg/.jpeg/.png/.webp'}"
+        )
+    out = Listing({}, 0, {})
+    for name in sorted(listed):
+        images = sorted((o for o in listed[name] if is_image(o.key)), key=lambda o: o.key)
+        out.ignored += len(listed[name]) - len(images)
+        out.refused.update((o.key, why) for o in images if (why := refusal(o.key)))
+        if unsafe_reason(name) is None:
+            out.by_class[name] = [o for o in images if o.key not in out.refused]
+    return out
+
+
+def _list_classes(store: S3Store, prefix: S3Uri) -> dict[str, list[ObjectInfo]]:
+    """Every object under `prefix` by class folder, at most MAX_LISTED_OBJECTS in all."""
     base = f"{prefix.key}/" if prefix.key else ""
     first, complete = store.list_first_page(prefix, FIRST_PAGE_KEYS)
     listed: dict[str, list[ObjectInfo]] = {}
@@ -129,22 +184,22 @@ def list_image_folder(store: S3Store, prefix: S3Uri) -> tuple[dict[str, list[Obj
             name, sep, _ = info.key[len(base) :].partition("/")
             if sep and name:  # files directly under the prefix belong to no class
                 listed.setdefault(name, []).append(info)
-    else:
-        classes = store.list_folders(prefix)
-        with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(classes)))) as pool:
-            listed = dict(zip(classes, pool.map(lambda c: store.list_objects(prefix.join(c)), classes), strict=True))
-    if not listed:
-        raise DataError(
-            f"no class folders under {prefix}/: expected images at {prefix}/<class>/<image>{'.jpg/.jpeg/.png/.webp'}"
-        )
-    by_class: dict[str, list[ObjectInfo]] = {}
-    ignored = 0
-    for name in sorted(listed):
-        objects = listed[name]
-        images = sorted((o for o in objects if is_image(o.key)), key=lambda o: o.key)
-        ignored += len(objects) - len(images)
-        by_class[name] = images
-    return by_class, ignored
+        return listed
+    classes = store.list_folders(prefix, MAX_CLASSES)
+    total = [0]
+    lock = threading.Lock()
+
+    def list_class(name: str) -> list[ObjectInfo]:
+        # Each listing may take what the finished ones left; at most LIST_THREADS run past the limit at once.
+        objects = store.list_objects(prefix.join(name), MAX_LISTED_OBJECTS - total[0])
+        with lock:
+            total[0] += len(objects)
+            if total[0] > MAX_LISTED_OBJECTS:
+                raise listing_too_long(prefix, MAX_LISTED_OBJECTS)
+        return objects
+
+    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(classes)))) as pool:
+        return dict(zip(classes, pool.map(list_class, classes), strict=True))
 
 
 def split_per_class(
@@ -169,7 +224,8 @@ def split_per_class(
 def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: int) -> DatasetIndex:
     """List the dataset, name the classes and split it: everything the workers need to load it."""
     train_prefix = S3Uri.parse(data.train)
-    by_class, ignored = list_image_folder(store, train_prefix)
+    listing = list_image_folder(store, train_prefix)
+    by_class, ignored, refused = listing.by_class, listing.ignored, dict(listing.refused)
     empty = [c for c, images in by_class.items() if not images]
     if empty:
         raise DataError(
@@ -186,8 +242,10 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
         validation_prefix = S3Uri.parse(data.validation)
         if validation_prefix.bucket != train_prefix.bucket:
             raise ConfigError(f"data.validation: must be in the bucket of data.train ({train_prefix.bucket})")
-        val_by_class, val_ignored = list_image_folder(store, validation_prefix)
-        ignored += val_ignored
+        val_listing = list_image_folder(store, validation_prefix)
+        val_by_class = val_listing.by_class
+        ignored += val_listing.ignored
+        refused.update(val_listing.refused)
         unknown = sorted(set(val_by_class) - set(class_names))
         if unknown:
             raise DataError(
@@ -203,7 +261,9 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
     def samples(split: Mapping[str, Sequence[ObjectInfo]]) -> list[Sample]:
         return [Sample(o.key, label[c], o.size, o.etag) for c in sorted(split) for o in split[c]]
 
-    index = DatasetIndex(train_prefix.bucket, class_names, samples(train_split), samples(val_split), ignored)
+    index = DatasetIndex(
+        train_prefix.bucket, class_names, samples(train_split), samples(val_split), ignored, corrupt=refused
+    )
     if not index.validation:
         raise DataError(
             f"no validation images: give data.validation or put at least 2 images per class in {train_prefix}/"
@@ -219,6 +279,18 @@ def dataset_dir(store: S3Store, index: DatasetIndex, root: Path | None = None) -
     return (root or cache_root()) / "datasets" / digest(store.endpoint, index.bucket, index.cache_key)
 
 
+def open_image(path: Path | str) -> Image.Image:
+    """PIL's image of `path` (header read, not decoded yet), refused unless it is one of IMAGE_FORMATS
+    and within MAX_IMAGE_PIXELS."""
+    image = Image.open(path, formats=IMAGE_FORMATS)
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed"
+        )
+    return image
+
+
 def verify_image(path: Path) -> str | None:
     """None when the image decodes, else why not.
 
@@ -226,10 +298,12 @@ def verify_image(path: Path) -> str | None:
     file fails just the same, for a fraction of a full decode (which the first epoch does anyway).
     """
     try:
-        with Image.open(path) as image:
-            if image.format == "JPEG":
+        with open_image(path) as image:
+            if image.format in ("JPEG", "MPO"):
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.convert("RGB")
+    except UnidentifiedImageError:
+        return f"UnidentifiedImageError: not a {', '.join(IMAGE_FORMATS)} image"
     except Exception as error:  # PIL raises many types for bad files; any of them means unreadable.
         return f"{type(error).__name__}: {error}".splitlines()[0][:200]
     return None
@@ -237,16 +311,23 @@ def verify_image(path: Path) -> str | None:
 
 def prepare_images(store: S3Store, index: DatasetIndex, root: Path | None = None) -> tuple[Path, dict[str, str]]:
     """Download and decode-check the images of `index` once per node; returns the folder and the
-    unreadable images (key → reason). Other processes on the node wait for the first one, then find
-    every image already checked in the folder's `checked.json`."""
+    unreadable images (key → reason; the index's own `corrupt`, e.g. keys refused at listing, included).
+    Other processes on the node wait for the first one, then find every image already checked in the
+    folder's `checked.json`."""
     folder = dataset_dir(store, index, root)
     checked_file = folder / "checked.json"
+    folder.mkdir(parents=True, exist_ok=True)  # even when every image is refused unread
     with node_lock(folder):
         checked: dict[str, str | None] = json.loads(checked_file.read_text()) if checked_file.is_file() else {}
-        todo = [s for s in index.samples if s.key not in checked or not (folder / s.key).is_file()]
+        todo = [s for s in index.samples if _needs_check(folder, index.bucket, s, checked)]
 
         def ensure(sample: Sample) -> tuple[str, str | None]:
-            path = folder / sample.key
+            why = refusal(sample.key)
+            if why is not None:
+                return sample.key, why
+            if sample.size > MAX_IMAGE_BYTES:
+                return sample.key, f"refused: {sample.size:,} bytes, more than the {MAX_IMAGE_BYTES:,} allowed"
+            path = local_path(folder, sample.key, f"s3://{index.bucket}/{sample.key}")
             if not (path.is_file() and path.stat().st_size == sample.size):
                 store.download_file(S3Uri(index.bucket, sample.key), path, size=sample.size)
             return sample.key, verify_image(path)
@@ -257,16 +338,23 @@ def prepare_images(store: S3Store, index: DatasetIndex, root: Path | None = None
             tmp = checked_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(checked))
             os.replace(tmp, checked_file)
-    corrupt = {s.key: reason for s in index.samples if (reason := checked.get(s.key))}
+    corrupt = {**index.corrupt, **{s.key: reason for s in index.samples if (reason := checked.get(s.key))}}
     return folder, corrupt
+
+
+def _needs_check(folder: Path, bucket: str, sample: Sample, checked: Mapping[str, str | None]) -> bool:
+    """Not checked yet, or found readable but its file is gone since (a readable image's key is safe)."""
+    if sample.key not in checked:
+        return True
+    return checked[sample.key] is None and not local_path(folder, sample.key, f"s3://{bucket}/{sample.key}").is_file()
 
 
 def check_corrupt(index: DatasetIndex, corrupt: Mapping[str, str]) -> None:
     """Fail when more than MAX_CORRUPT_FRACTION of the images are unreadable; else log what is skipped."""
     if not corrupt:
         return
-    total = len(index.samples)
-    examples = "; ".join(f"s3://{index.bucket}/{k} ({why})" for k, why in sorted(corrupt.items())[:3])
+    total = len({s.key for s in index.samples} | set(corrupt))  # refused keys never became samples
+    examples = "; ".join(f"s3://{index.bucket}/{k} ({why})" for k, why in sorted(corrupt.items())[:EXAMPLES])
     share = len(corrupt) / total
     if share > MAX_CORRUPT_FRACTION:
         raise DataError(
@@ -291,7 +379,7 @@ class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[i]) as image:
+        with open_image(self.paths[i]) as image:
             rgb = image.convert("RGB")
         return self.transform(rgb), self.labels[i]
 
@@ -317,6 +405,9 @@ def datasets(
     folder: Path, index: DatasetIndex, data_cfg: Mapping[str, Any], augment: bool
 ) -> tuple[ImageFiles, ImageFiles]:
     train_tf, eval_tf = build_transforms(data_cfg, augment)
-    train = ImageFiles([folder / s.key for s in index.train], [s.label for s in index.train], train_tf)
-    validation = ImageFiles([folder / s.key for s in index.validation], [s.label for s in index.validation], eval_tf)
-    return train, validation
+
+    def files(samples: Sequence[Sample], transform: Callable[[Any], Any]) -> ImageFiles:
+        paths = [local_path(folder, s.key, f"s3://{index.bucket}/{s.key}") for s in samples]
+        return ImageFiles(paths, [s.label for s in samples], transform)
+
+    return files(index.train, train_tf), files(index.validation, eval_tf)

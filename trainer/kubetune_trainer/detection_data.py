@@ -7,6 +7,12 @@ images without boxes stay as negatives, boxes are clipped to their image, and bo
 (zero or negative size, wholly outside the image) or of an unknown category are dropped. Each of these
 is counted and reported (`model.json`: `data.annotations`).
 
+Whoever can write to the bucket writes these files, so everything in them is bounded: the file's size
+(refused from the object's size, before it is read), the counts of images, annotations and categories,
+image sides and box coordinates (finite, within MAX_IMAGE_SIDE), boxes per image (the rest dropped and
+counted), and `file_name`s, which must stay inside the cache folder (`localpaths`; an image whose name
+would not is refused and counted like an unreadable one).
+
 Classes are the COCO categories sorted by id (their names in that order in `model.json`); the model's
 label of a category is its position + 1, 0 being the background torchvision detectors reserve.
 """
@@ -21,12 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from kubetune_trainer.config import DataSpec
-from kubetune_trainer.data import DatasetIndex, Sample
+from kubetune_trainer.config import MAX_CLASSES, DataSpec
+from kubetune_trainer.data import DatasetIndex, Sample, open_image
 from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.localpaths import local_path, unsafe_reason
 from kubetune_trainer.storage import S3Store, S3Uri
+
+# Bounds on an annotation file. COCO 2017's instances_train2017.json is 448 MB with 118,287 images and
+# 860,001 annotations (at most 93 per image); Objects365's 1.7 million images fit too.
+MAX_ANNOTATION_BYTES = 512 * 1024 * 1024
+MAX_IMAGES = 2_000_000
+MAX_ANNOTATIONS = 20_000_000
+MAX_BOXES_PER_IMAGE = 1000
+MAX_IMAGE_SIDE = 100_000  # pixels; also the bound on a box coordinate's magnitude
+MAX_NAME_LENGTH = 256  # of a category name
 
 
 @dataclass
@@ -52,6 +67,7 @@ class AnnotationCounts:
     boxes_dropped_outside: int = 0
     boxes_dropped_unknown_category: int = 0
     boxes_dropped_unknown_image: int = 0
+    boxes_dropped_over_limit: int = 0
 
     def wire(self) -> dict[str, int]:
         return {_camel(k): v for k, v in asdict(self).items()}
@@ -63,9 +79,54 @@ def _camel(name: str) -> str:
 
 
 def _number(value: Any) -> float | None:
+    """A finite number within ±MAX_IMAGE_SIDE, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
-    return float(value)
+    return float(value) if abs(value) <= MAX_IMAGE_SIDE else None
+
+
+def _id(value: Any) -> int | str | None:
+    """A COCO id (a number or a string), else None: a list or an object cannot name anything."""
+    return value if isinstance(value, int | str) and not isinstance(value, bool) else None
+
+
+def _load_coco(raw: bytes | str, source: str) -> dict[str, Any]:
+    """The file's JSON object, with its lists within MAX_IMAGES and MAX_ANNOTATIONS."""
+    try:
+        coco = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{source} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise DataError(f"{source} is not a COCO annotation file: it is nested too deeply") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise DataError(f"{source} is not a COCO annotation file: it has no 'images' list")
+    for key, limit in (("images", MAX_IMAGES), ("annotations", MAX_ANNOTATIONS), ("categories", MAX_CLASSES)):
+        if isinstance(coco.get(key), list) and len(coco[key]) > limit:
+            raise DataError(f"{source}: {len(coco[key]):,} {key}, more than the {limit:,} allowed")
+    return coco
+
+
+def _categories(coco: Mapping[str, Any], source: str) -> dict[int, str]:
+    categories: dict[int, str] = {}
+    for c in coco.get("categories") or []:
+        if isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c["id"], bool):
+            name = str(c.get("name", c["id"]))
+            if len(name) > MAX_NAME_LENGTH:
+                raise DataError(f"{source}: category {c['id']}'s name is longer than {MAX_NAME_LENGTH} characters")
+            categories[c["id"]] = name
+    return categories
+
+
+def _image(image: Any, source: str) -> tuple[int | str, DetectionSample]:
+    if not isinstance(image, dict) or _id(image.get("id")) is None or not isinstance(image.get("file_name"), str):
+        raise DataError(f"{source}: every image needs an 'id' and a 'file_name' (got {str(image)[:120]})")
+    width, height = _number(image.get("width")), _number(image.get("height"))
+    if not width or not height or width <= 0 or height <= 0:
+        raise DataError(
+            f"{source}: image {image['file_name'][:200]!r} needs a positive width and height "
+            f"of at most {MAX_IMAGE_SIDE:,} pixels"
+        )
+    return image["id"], DetectionSample(key=image["file_name"], width=int(width), height=int(height))
 
 
 def parse_coco(
@@ -76,17 +137,8 @@ def parse_coco(
     `class_ids` fixes the label order (the validation file uses the training file's categories); when
     omitted it is the file's categories sorted by id.
     """
-    try:
-        coco = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{source} is not valid JSON: {error}") from None
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-        raise DataError(f"{source} is not a COCO annotation file: it has no 'images' list")
-    categories = {
-        c["id"]: str(c.get("name", c["id"]))
-        for c in coco.get("categories") or []
-        if isinstance(c, dict) and isinstance(c.get("id"), int)
-    }
+    coco = _load_coco(raw, source)
+    categories = _categories(coco, source)
     ids = list(class_ids) if class_ids is not None else sorted(categories)
     if not ids:
         raise DataError(f"{source} has no categories: a detection job needs at least one object class")
@@ -94,27 +146,24 @@ def parse_coco(
     label_of = {cid: position + 1 for position, cid in enumerate(ids)}
 
     counts = AnnotationCounts()
-    samples: dict[Any, DetectionSample] = {}
-    for image in coco["images"]:
-        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
-            raise DataError(f"{source}: every image needs an 'id' and a 'file_name' (got {str(image)[:120]})")
-        width, height = _number(image.get("width")), _number(image.get("height"))
-        if not width or not height or width <= 0 or height <= 0:
-            raise DataError(f"{source}: image {image['file_name']!r} needs a positive width and height")
-        samples[image["id"]] = DetectionSample(key=image["file_name"], width=int(width), height=int(height))
+    samples = dict(_image(image, source) for image in coco["images"])
     counts.images = len(samples)
 
     for annotation in coco.get("annotations") or []:
         if not isinstance(annotation, dict):
             counts.boxes_dropped_empty += 1
             continue
-        sample = samples.get(annotation.get("image_id"))
+        image_id, category_id = _id(annotation.get("image_id")), _id(annotation.get("category_id"))
+        sample = samples.get(image_id) if image_id is not None else None
         if sample is None:
             counts.boxes_dropped_unknown_image += 1
             continue
-        label = label_of.get(annotation.get("category_id"))
+        label = label_of.get(category_id) if isinstance(category_id, int) else None
         if label is None:
             counts.boxes_dropped_unknown_category += 1
+            continue
+        if len(sample.boxes) >= MAX_BOXES_PER_IMAGE:
+            counts.boxes_dropped_over_limit += 1
             continue
         bbox = annotation.get("bbox")
         values = [_number(v) for v in bbox] if isinstance(bbox, list) and len(bbox) == 4 else []
@@ -175,23 +224,34 @@ class DetectionIndex:
         return DetectionIndex(self.class_names, train, validation, counts)
 
 
-def _resolve(
-    samples: list[DetectionSample], prefix: S3Uri, listing: Mapping[str, tuple[int, str]], counts: AnnotationCounts
-) -> tuple[list[DetectionSample], list[Sample], int]:
-    """Samples with full keys, their cache entries, and how many images the annotations name but S3 lacks."""
+@dataclass
+class Resolved:
+    """One annotation file's images matched to the listing: samples with full keys, their cache entries,
+    how many the file names but S3 lacks, and those refused for a name that would leave the cache
+    (kept in `samples`, so that dropping them as unreadable counts them; key → why)."""
+
+    samples: list[DetectionSample]
+    cached: list[Sample]
+    missing: int
+    refused: dict[str, str]
+
+
+def _resolve(samples: list[DetectionSample], prefix: S3Uri, listing: Mapping[str, tuple[int, str]]) -> Resolved:
     base = f"{prefix.key}/" if prefix.key else ""
-    found: list[DetectionSample] = []
-    cached: list[Sample] = []
-    missing = 0
+    out = Resolved([], [], 0, {})
     for sample in samples:
-        key = base + sample.key.lstrip("/")
+        key = base + sample.key
         if key not in listing:
-            missing += 1
+            out.missing += 1
+            continue
+        out.samples.append(DetectionSample(key, sample.width, sample.height, sample.boxes, sample.labels))
+        why = unsafe_reason(sample.key) or unsafe_reason(key)
+        if why is not None:
+            out.refused[key] = f"refused: the file_name {why}"
             continue
         size, etag = listing[key]
-        found.append(DetectionSample(key, sample.width, sample.height, sample.boxes, sample.labels))
-        cached.append(Sample(key, 0, size, etag))
-    return found, cached, missing
+        out.cached.append(Sample(key, 0, size, etag))
+    return out
 
 
 def build_detection_index(
@@ -210,7 +270,10 @@ def build_detection_index(
             f"(got {data.validation})"
         )
     sources = (data.annotations.train, data.annotations.validation)
-    raw_train, raw_val = (store.get_bytes(S3Uri.parse(uri)) for uri in sources)
+    raw_train, raw_val = (
+        store.get_bytes(S3Uri.parse(uri), MAX_ANNOTATION_BYTES, f"data.annotations.{part}")
+        for uri, part in zip(sources, ("train", "validation"), strict=True)
+    )
     train, names, ids, train_counts = parse_coco(raw_train, sources[0])
     validation, _, _, val_counts = parse_coco(raw_val, sources[1], class_ids=ids)
     if num_classes is not None and num_classes != len(names):
@@ -218,20 +281,24 @@ def build_detection_index(
     listing: dict[str, tuple[int, str]] = {}
     for prefix in {train_prefix, val_prefix}:
         listing.update({o.key: (o.size, o.etag) for o in store.list_objects(prefix)})
-    train, train_cache, train_missing = _resolve(train, train_prefix, listing, train_counts)
-    validation, val_cache, val_missing = _resolve(validation, val_prefix, listing, val_counts)
-    for part, kept, prefix, source in (
-        ("train", train, train_prefix, sources[0]),
-        ("validation", validation, val_prefix, sources[1]),
+    found = _resolve(train, train_prefix, listing), _resolve(validation, val_prefix, listing)
+    for part, kept, prefix, source in zip(
+        ("train", "validation"), found, (train_prefix, val_prefix), sources, strict=True
     ):
-        if not kept:
+        if not kept.samples:
             raise DataError(f"none of the images {source} names is under {prefix} ({part})")
     counts = {
-        "train": {**train_counts.wire(), "imagesMissing": train_missing},
-        "validation": {**val_counts.wire(), "imagesMissing": val_missing},
+        "train": {**train_counts.wire(), "imagesMissing": found[0].missing},
+        "validation": {**val_counts.wire(), "imagesMissing": found[1].missing},
     }
-    index = DetectionIndex(class_names=names, train=train, validation=validation, counts=counts)
-    images = DatasetIndex(bucket=train_prefix.bucket, class_names=names, train=train_cache, validation=val_cache)
+    index = DetectionIndex(class_names=names, train=found[0].samples, validation=found[1].samples, counts=counts)
+    images = DatasetIndex(
+        bucket=train_prefix.bucket,
+        class_names=names,
+        train=found[0].cached,
+        validation=found[1].cached,
+        corrupt={**found[0].refused, **found[1].refused},
+    )
     return index, images
 
 
@@ -245,6 +312,7 @@ class DetectionFiles(torch.utils.data.Dataset[tuple[torch.Tensor, dict[str, torc
     def __init__(self, folder: Path, samples: Sequence[DetectionSample], flip: bool = False) -> None:
         self.folder = folder
         self.samples = list(samples)
+        self.paths = [local_path(folder, s.key, s.key) for s in self.samples]
         self.flip = flip
 
     def __len__(self) -> int:
@@ -254,7 +322,7 @@ class DetectionFiles(torch.utils.data.Dataset[tuple[torch.Tensor, dict[str, torc
         import torchvision.transforms.functional as tf
 
         sample = self.samples[i]
-        with Image.open(self.folder / sample.key) as image:
+        with open_image(self.paths[i]) as image:
             tensor = tf.to_tensor(image.convert("RGB"))
         boxes = torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(sample.labels, dtype=torch.int64)

@@ -64,15 +64,6 @@ def mean_average_precision(
     return {"valMap": _finite(result["map"]), "valMap50": _finite(result["map_50"])}
 
 
-def evaluate_detector(
-    model: nn.Module,
-    batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict[str, torch.Tensor]]]],
-    device: torch.device,
-) -> dict[str, float]:
-    predictions, targets = predict(model, batches, device)
-    return mean_average_precision(predictions, targets)
-
-
 def best_score_threshold(
     predictions: Sequence[dict[str, torch.Tensor]],
     targets: Sequence[dict[str, torch.Tensor]],

@@ -27,7 +27,6 @@ from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.model import (
     TrainablePlan,
     WeightsReport,
-    _under,
     frozen_norm_modules,
     load_base_weights,
     read_state_dict,
@@ -172,7 +171,3 @@ def apply_detection_strategy(model: nn.Module, strategy: str, trainable_layers: 
         stages_total=len(stages),
         frozen_modules=frozen_norm_modules(model),
     )
-
-
-def is_predictor_key(model: nn.Module, key: str) -> bool:
-    return _under(key, predictor_names(model))

@@ -35,3 +35,21 @@ class CheckpointError(TrainerError):
 
 class DataError(TrainerError):
     """The dataset is empty, malformed or has too many unreadable images."""
+
+
+class UnsafeNameError(TrainerError):
+    """A remote name (an S3 key, a COCO file_name) that would not stay inside its local folder."""
+
+
+# Ray Train's header line above a failure's cause; the cause is the line worth showing.
+RAY_FAILURE_HEADER = "Training failed due to"
+
+
+def error_line(error: BaseException, *, with_type: bool = False) -> str:
+    """One line for an unexpected error, at most 300 characters: its last non-blank line (Ray puts the cause
+    last), prefixed with its type when `with_type`; its type alone when it has no text."""
+    lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(RAY_FAILURE_HEADER)]
+    last = lines[-1].strip() if lines else ""
+    if with_type:
+        return f"{type(error).__name__}: {last}"[:300]
+    return (last or type(error).__name__)[:300]

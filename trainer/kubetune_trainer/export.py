@@ -214,10 +214,6 @@ def detection_card(
     }
 
 
-def read_history(store: S3Store, checkpoint: S3Uri) -> list[dict[str, Any]]:
-    return list(read_final_progress(store, checkpoint)["history"])
-
-
 def read_final_progress(store: S3Store, checkpoint: S3Uri) -> dict[str, Any]:
     """The last checkpoint's progress.json: `history`, and `final` (facts about the extra files)."""
     progress: dict[str, Any] = json.loads(store.get_bytes(checkpoint.join(PROGRESS_FILE)))

@@ -5,8 +5,13 @@ newest update, at most one a second (the operator's limit), and retries with bac
 down or restarting. Updates that are overtaken before they are sent are merged into the newer one, so a
 metric (say the last validation accuracy) is never lost just because a step update followed it.
 
-Only rank 0 sends: the other workers' reporters do nothing. Uses the standard library only; no Kubernetes
-client in the trainer.
+It runs in the driver (`relay.driver_reporters`), which gathers the workers' updates. Uses the standard
+library only; no Kubernetes client in the trainer.
+
+When updates cannot be delivered, the log says so once per outage, as one warning that names what is
+missing (the token, the operator, or its consent) and where it looked, and what the user then sees (no
+status.progress, no kubetune_job_* metrics); retries and the undelivered last update are logged below
+warning level. Throttling (429) is the operator's normal pacing, not an outage.
 """
 
 from __future__ import annotations
@@ -57,11 +62,23 @@ def finite(payload: Payload) -> Payload:
     return out
 
 
-class _RetryError(Exception):
-    """The update could not be delivered now; `delay` is how long the operator asked us to wait, if it did."""
+# What a user sees while updates do not arrive, and that training itself is not affected.
+CONSEQUENCE = (
+    "Until it does, the job's status.progress and its kubetune_job_* metrics stay empty; "
+    "training goes on, and the reporter retries in the background."
+)
 
-    def __init__(self, reason: str, delay: float | None = None) -> None:
+
+class _RetryError(Exception):
+    """The update could not be delivered now.
+
+    `problem` is the warning a user reads (None: a transient hiccup or throttling, not worth a warning);
+    `delay` is how long the operator asked us to wait, if it did.
+    """
+
+    def __init__(self, reason: str, *, problem: str | None = None, delay: float | None = None) -> None:
         super().__init__(reason)
+        self.problem = problem
         self.delay = delay
 
 
@@ -73,7 +90,6 @@ class OperatorReporter:
         url: str,
         token_path: str | Path,
         *,
-        rank: int = 0,
         timeout_s: float = 5.0,
         min_interval_s: float = MIN_INTERVAL_S,
         max_backoff_s: float = 30.0,
@@ -81,7 +97,6 @@ class OperatorReporter:
     ) -> None:
         self.url = url
         self.token_path = Path(token_path)
-        self.enabled = rank == 0
         self._timeout_s = timeout_s
         self._min_interval_s = min_interval_s
         self._max_backoff_s = max_backoff_s
@@ -93,20 +108,19 @@ class OperatorReporter:
         self._thread: threading.Thread | None = None
         self._next_send = 0.0
         self._failures = 0
+        self._warned = False  # this outage was reported (reset when updates get through again)
         self.sent = 0  # delivered updates, for logs and tests
         self.dropped = 0  # updates the operator refused for good, or left unsent at close
 
     @classmethod
-    def from_target(cls, target: ProgressTarget | None, *, rank: int) -> OperatorReporter | None:
+    def from_target(cls, target: ProgressTarget | None) -> OperatorReporter | None:
         """The reporter for the config's progress target, or None when the job has none (local runs)."""
         if target is None:
             return None
-        return cls(target.url, target.token_path, rank=rank)
+        return cls(target.url, target.token_path)
 
     def report(self, update: ProgressUpdate) -> None:
         """Queue `update` (replacing any not yet sent) and return at once; never raises."""
-        if not self.enabled:
-            return
         try:
             payload = finite(update.model_dump(by_alias=True, exclude_none=True, mode="json"))
             with self._cond:
@@ -135,7 +149,11 @@ class OperatorReporter:
             if self._pending is not None:
                 self.dropped += 1
                 self._pending = None
-                log.warning("progress: the operator did not take the last update before the trainer finished")
+                # Already explained when the outage began: not a second warning for the same cause.
+                log.log(
+                    logging.INFO if self._warned else logging.WARNING,
+                    "progress: the operator did not take the last update before the trainer finished",
+                )
 
     # -- the sender thread ---------------------------------------------------------------------------------
 
@@ -155,10 +173,7 @@ class OperatorReporter:
                 self._failures += 1
                 with self._cond:
                     self._pending = merge(payload, self._pending) if self._pending else payload
-                if self._failures == 1:
-                    log.warning("progress: could not reach the operator (%s); retrying in the background", retry)
-                else:
-                    log.debug("progress: retry %d failed: %s", self._failures, retry)
+                self._tell(retry)
                 delay = retry.delay if retry.delay is not None else self._backoff()
             except Exception:
                 self.dropped += 1
@@ -166,13 +181,16 @@ class OperatorReporter:
             self._next_send = time.monotonic() + self._min_interval_s
             self._wait(delay)
 
+    def _tell(self, retry: _RetryError) -> None:
+        """One warning per outage, for a problem a user can act on; the rest at debug level."""
+        if retry.problem is not None and not self._warned:
+            self._warned = True
+            log.warning("progress: %s %s", retry.problem, CONSEQUENCE)
+        else:
+            log.debug("progress: try %d failed: %s", self._failures, retry)
+
     def _send(self, payload: Payload) -> None:
-        try:
-            token = self.token_path.read_text().strip()  # read each time: the kubelet rotates it
-        except OSError as exc:
-            raise _RetryError(f"no token at {self.token_path}: {exc.strerror}") from None
-        if not token:  # caught between the file's creation and its write
-            raise _RetryError(f"empty token at {self.token_path}")
+        token = self._read_token()
         request = urllib.request.Request(
             self.url,
             data=json.dumps(payload, allow_nan=False).encode(),
@@ -194,13 +212,35 @@ class OperatorReporter:
                 return
             if exc.code == 429:
                 raise _RetryError("throttled", delay=_retry_after(exc.headers)) from None
-            raise _RetryError(f"HTTP {exc.code}: {detail}") from None
+            problem = f"the operator at {self.url} did not accept this job's progress (HTTP {exc.code}: {detail})."
+            raise _RetryError(f"HTTP {exc.code}: {detail}", problem=problem) from None
         except (urllib.error.URLError, OSError) as exc:  # refused, reset, DNS, timeout
-            raise _RetryError(str(getattr(exc, "reason", exc))) from None
+            reason = str(getattr(exc, "reason", exc))
+            problem = (
+                f"cannot reach the operator's progress endpoint at {self.url} ({reason}): is the operator "
+                "running, and is its progress URL (KUBETUNE_PROGRESS_URL) reachable from this pod?"
+            )
+            raise _RetryError(reason, problem=problem) from None
         if self._failures:
-            log.info("progress: the operator is reachable again after %d failed tries", self._failures)
+            log.info("progress: the operator took this job's progress again after %d failed tries", self._failures)
         self._failures = 0
+        self._warned = False
         self.sent += 1
+
+    def _read_token(self) -> str:
+        """The job's token, read each time: the kubelet rotates it."""
+        try:
+            token = self.token_path.read_text().strip()
+        except OSError as exc:
+            problem = (
+                f"no token to send it with: {self.token_path.absolute()} cannot be read ({exc.strerror}). The operator "
+                "gives each job's pods a projected ServiceAccount token there (progress.tokenPath of the trainer "
+                "config); check that the pod mounts it."
+            )
+            raise _RetryError(f"no token at {self.token_path}: {exc.strerror}", problem=problem) from None
+        if not token:  # caught between the file's creation and its write: the next try has it
+            raise _RetryError(f"empty token at {self.token_path}")
+        return token
 
     def _backoff(self) -> float:
         base = min(self._max_backoff_s, 0.5 * 2 ** min(self._failures - 1, 10))

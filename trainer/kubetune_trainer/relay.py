@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.errors import error_line
 from kubetune_trainer.reporting import FanOut, ProgressReporter, ProgressUpdate
 from kubetune_trainer.storage import S3Uri
 
@@ -28,12 +29,6 @@ log = logging.getLogger(__name__)
 EVENT = "kubetuneEvent"
 CHECKPOINT_EVENT = "checkpoint"
 FAILURE_EVENT = "workerFailure"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 def run_events(queue: Any) -> Any:
@@ -56,7 +51,7 @@ def run_events(queue: Any) -> Any:
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             ranks = sorted(worker_exceptions)
-            reason = _first_line(worker_exceptions[ranks[0]]) if ranks else "unknown"
+            reason = error_line(worker_exceptions[ranks[0]], with_type=True) if ranks else "unknown"
             self._put({EVENT: FAILURE_EVENT, "ranks": ranks, "reason": reason})
 
     return RunEvents(queue)
@@ -69,7 +64,7 @@ def driver_reporters(config: TrainerConfig, console: ProgressReporter | None) ->
         try:
             from kubetune_trainer.operator_reporter import OperatorReporter
 
-            operator = OperatorReporter.from_target(config.progress, rank=0)
+            operator = OperatorReporter.from_target(config.progress)
             if operator is not None:
                 reporters.append(operator)
         except Exception:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Protocol, TextIO
 
 from pydantic import Field
 
@@ -69,7 +69,6 @@ class ProgressUpdate(CamelModel):
     )
 
 
-@runtime_checkable
 class ProgressReporter(Protocol):
     def report(self, update: ProgressUpdate) -> None: ...
 
@@ -124,7 +123,7 @@ class ConsoleReporter:
                 self._write_line(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
                 return
             now = time.monotonic()
-            epoch_done = update.phase in ("Checkpointing", "Finished")
+            epoch_done = update.phase == "Checkpointing"
             new_epoch = update.epoch != self._last_epoch
             if not (epoch_done or new_epoch or now - self._last >= self.interval):
                 return

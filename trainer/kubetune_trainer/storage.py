@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from kubetune_trainer.errors import StorageError
+from kubetune_trainer.localpaths import local_path
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -39,6 +40,11 @@ TRANSFER_CONFIG = TransferConfig(
 # Enough pooled connections for the parallel image downloads and multipart parts together.
 MAX_POOL_CONNECTIONS = 64
 DOWNLOAD_THREADS = 32
+# Bounds on what one read takes from a bucket, whoever wrote to it: a listing stops at MAX_LISTED_OBJECTS
+# keys (ImageNet-1k's 1.28 million images fit), and an object read into memory at MAX_READ_BYTES unless
+# the caller gives its own limit (annotation files do).
+MAX_LISTED_OBJECTS = 2_000_000
+MAX_READ_BYTES = 64 * MiB
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,10 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+
+
+def listing_too_long(prefix: S3Uri, limit: int, what: str = "objects") -> StorageError:
+    return StorageError(f"more than {limit:,} {what} under {prefix}/, the most a listing reads")
 
 
 def resolve_endpoint(spec_endpoint: str | None, override: str | None = None) -> str | None:
@@ -177,8 +187,9 @@ class S3Store:
         except BotoCoreError as error:
             raise self._storage_error(error, uri, action) from None
 
-    def list_folders(self, prefix: S3Uri) -> list[str]:
-        """Names of the "folders" directly under `prefix` (S3 common prefixes), sorted."""
+    def list_folders(self, prefix: S3Uri, limit: int = MAX_LISTED_OBJECTS) -> list[str]:
+        """Names of the "folders" directly under `prefix` (S3 common prefixes), sorted; StorageError
+        when there are more than `limit`."""
         names: list[str] = []
         base = f"{prefix.key}/" if prefix.key else ""
         try:
@@ -186,8 +197,9 @@ class S3Store:
                 Bucket=prefix.bucket, Prefix=base, Delimiter="/"
             )
             for page in pages:
-                for common in page.get("CommonPrefixes", []):
-                    names.append(common["Prefix"][len(base) :].rstrip("/"))
+                names += [common["Prefix"][len(base) :].rstrip("/") for common in page.get("CommonPrefixes", [])]
+                if len(names) > limit:
+                    raise listing_too_long(prefix, limit, "folders")
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, prefix, "list") from None
         return sorted(n for n in names if n)
@@ -205,14 +217,17 @@ class S3Store:
         ]
         return objects, not page.get("IsTruncated", False)
 
-    def list_objects(self, prefix: S3Uri) -> list[ObjectInfo]:
-        """Every object under `prefix` (recursively), keys in full."""
+    def list_objects(self, prefix: S3Uri, limit: int = MAX_LISTED_OBJECTS) -> list[ObjectInfo]:
+        """Every object under `prefix` (recursively), keys in full; StorageError when there are more
+        than `limit` (the listing stops there rather than filling memory)."""
         out: list[ObjectInfo] = []
         base = f"{prefix.key}/" if prefix.key else ""
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base):
                 for item in page.get("Contents", []):
                     out.append(ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"')))
+                if len(out) > limit:
+                    raise listing_too_long(prefix, limit)
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, prefix, "list") from None
         return out
@@ -224,18 +239,21 @@ class S3Store:
 
         With the object's `size` known (from a listing) and below the multipart threshold, one GET does
         it: boto3's download_file would first HEAD the object and set up a transfer manager, which
-        doubles the requests and the time of a cold node cache full of small images.
+        doubles the requests and the time of a cold node cache full of small images. With `size` known,
+        an object that has grown beyond it since it was listed is refused, not written.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(fd)
         try:
             if size is not None and size < TRANSFER_CONFIG.multipart_threshold:
-                body = self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
+                response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
                 with open(tmp, "wb") as out:
-                    for chunk in body.iter_chunks(MiB):
+                    for chunk in self._bounded_chunks(response, uri, size):
                         out.write(chunk)
             else:
+                if size is not None and (now := self.head(uri).size) > size:
+                    raise self._grown(uri, now, size)
                 self.client.download_file(uri.bucket, uri.key, tmp, Config=TRANSFER_CONFIG)
             os.replace(tmp, path)
         except (ClientError, BotoCoreError) as error:
@@ -244,12 +262,35 @@ class S3Store:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def get_bytes(self, uri: S3Uri) -> bytes:
+    def get_bytes(self, uri: S3Uri, max_bytes: int = MAX_READ_BYTES, field: str = "") -> bytes:
+        """The object's content; an object over `max_bytes` is refused from its size, before its body is
+        read (StorageError naming `field`, the URI and the limit)."""
         try:
-            body: bytes = self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            return b"".join(self._bounded_chunks(response, uri, max_bytes, field))
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, uri, "read") from None
-        return body
+
+    def _bounded_chunks(self, response: Any, uri: S3Uri, limit: int, field: str = "") -> Iterator[bytes]:
+        """The body of a GET response, refused (closed unread) when it is longer than `limit` bytes."""
+        body = response["Body"]
+        size = int(response.get("ContentLength") or 0)
+        read = 0
+        try:
+            if size > limit:
+                raise self._grown(uri, size, limit, field)
+            for chunk in body.iter_chunks(MiB):
+                read += len(chunk)
+                if read > limit:
+                    raise self._grown(uri, read, limit, field)
+                yield chunk
+        finally:
+            body.close()
+
+    @staticmethod
+    def _grown(uri: S3Uri, size: int, limit: int, field: str = "") -> StorageError:
+        where = f"{field}: " if field else ""
+        return StorageError(f"{where}{uri} is {size:,} bytes or more, more than the {limit:,} bytes allowed")
 
     def put_bytes(self, uri: S3Uri, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
@@ -299,11 +340,17 @@ class S3Store:
                 pass
         return targets
 
-    def download_dir(self, prefix: S3Uri, local_dir: Path) -> list[Path]:
-        """Download every object under `prefix` into `local_dir`, keeping relative paths."""
-        objects = self.list_objects(prefix)
+    def download_dir(self, prefix: S3Uri, local_dir: Path, max_objects: int = MAX_LISTED_OBJECTS) -> list[Path]:
+        """Download every object under `prefix` into `local_dir`, keeping relative paths.
+
+        A key whose relative path would leave `local_dir` (an empty, "." or ".." segment) fails the whole
+        download with UnsafeNameError naming it, before anything is written; "folder" marker objects (keys
+        ending in "/") are skipped.
+        """
+        objects = [o for o in self.list_objects(prefix, max_objects) if not o.key.endswith("/")]
         base = f"{prefix.key}/" if prefix.key else ""
-        items = [(S3Uri(prefix.bucket, o.key), local_dir / o.key[len(base) :]) for o in objects]
+        uris = [S3Uri(prefix.bucket, o.key) for o in objects]
+        items = [(uri, local_path(local_dir, uri.key[len(base) :], str(uri))) for uri in uris]
         self.download_many(items, threads=min(len(items), 8) or 1)
         return [path for _, path in items]
 

@@ -24,9 +24,9 @@ __all__ = ["DevCluster"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so `python -m kubetune_operator.devcluster.<module>` and light imports stay light.
+    # Lazy, so `python -m kubetune_dev.devcluster.<module>` and light imports stay light.
     if name == "DevCluster":
-        from kubetune_operator.devcluster.cluster import DevCluster
+        from kubetune_dev.devcluster.cluster import DevCluster
 
         return DevCluster
     raise AttributeError(name)

@@ -25,7 +25,7 @@ import aiohttp
 import aiohttp.web
 from moto.server import ThreadedMotoServer
 
-from kubetune_operator.devcluster.processes import free_port
+from kubetune_dev.devcluster.processes import free_port
 
 log = logging.getLogger(__name__)
 

@@ -37,19 +37,20 @@ from typing import Any, TypeVar
 import yaml
 from kmock._internal import rendering
 
-from kubetune_operator.devcluster.client import AsyncKube, path
-from kubetune_operator.devcluster.kubeapi import RAYJOB_FALLBACK_KIND, EmbeddedKubeAPI, kubeconfig, serve
-from kubetune_operator.devcluster.kuberay import KubeRayStandIn
-from kubetune_operator.devcluster.loopthread import LoopThread
-from kubetune_operator.devcluster.processes import free_port
-from kubetune_operator.devcluster.s3 import DEMO_CREDENTIALS, FaultyS3Proxy, MotoS3, s3_client
+from kubetune_dev import RAYJOB_CRD
+from kubetune_dev.devcluster.client import AsyncKube, path
+from kubetune_dev.devcluster.kubeapi import EmbeddedKubeAPI, kubeconfig, serve
+from kubetune_dev.devcluster.kuberay import KubeRayStandIn
+from kubetune_dev.devcluster.loopthread import LoopThread
+from kubetune_dev.devcluster.processes import free_port
+from kubetune_dev.devcluster.s3 import DEMO_CREDENTIALS, FaultyS3Proxy, MotoS3, s3_client
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# The checkout this package sits in (devtools/kubetune_dev/devcluster/ -> the repository root).
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FTJ_CRD = Path("crds") / "finetunejobs.kubetune.dev.yaml"
-RAYJOB_CRD = Path("..") / "shared" / "fixtures" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml"
 
 
 def find_file(relative: Path, *, roots: tuple[Path, ...] = ()) -> Path | None:
@@ -181,7 +182,9 @@ class DevCluster:
         namespace: str = "default",
     ) -> None:
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-dev-"))
+        # Absolute: the kubeconfig, logs and pods' volumes under it are handed to processes that run
+        # in other folders.
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-dev-")).resolve()
         self.with_s3 = s3
         self.with_kuberay = kuberay
         self.start_ray = start_ray
@@ -238,37 +241,51 @@ class DevCluster:
     async def _start_api(self) -> str:
         await self.api.__aenter__()
         self.api.install_crd(finetunejob_crd())
-        rayjob_crd = find_file(RAYJOB_CRD)
-        if rayjob_crd is not None:
-            self.api.install_crd_file(rayjob_crd)
-        else:
-            log.warning("%s not found: serving RayJobs without their schema", RAYJOB_CRD)
-            self.api.register(RAYJOB_FALLBACK_KIND)
+        self.api.install_crd_file(RAYJOB_CRD)  # vendored with this package: KubeRay's own schema
         self._runner, port = await serve(self.api, port=self.api_port)
         return f"http://127.0.0.1:{port}"
 
-    def stop(self) -> None:
-        self.stop_operator()
+    def stop(self) -> list[str]:
+        """Stop everything the cluster started; returns what was running, one line each (the demo says it).
+
+        The Ray runs first: they are the processes, and a Ctrl-C'd demo must not leave them behind
+        whatever happens after.
+        """
+        stopped = self._stop_kuberay()
+        if self.operator is not None:
+            stopped.append("the operator")
+            self.stop_operator()
+        if self.operator_process is not None and self.operator_process.poll() is None:
+            stopped.append(f"the operator process (pid {self.operator_process.pid})")
         self.stop_operator_process()
         if self.loop is not None:
-            if self.kuberay is not None:
-                with contextlib.suppress(Exception):
-                    self.on_loop(self.kuberay.close(), timeout=60)
-            if self._kuberay_task is not None:
-                self._kuberay_task.cancel()
             if self.s3_faults is not None:
                 with contextlib.suppress(Exception):
                     self.on_loop(self.s3_faults.stop())
             with contextlib.suppress(Exception):
                 self.on_loop(self._stop_api())
+            stopped.append(f"the Kubernetes API at {self.api_url}")
             self.loop.stop()
             self.loop = None
         if self.moto is not None:
+            stopped.append(f"S3 (moto) at {self.s3_url}")
             self.moto.stop()
             self.moto = None
         self._restore_env()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        return stopped
+
+    def _stop_kuberay(self) -> list[str]:
+        """Stop the KubeRay stand-in and every run it started; one line per run stopped, and its own."""
+        task, self._kuberay_task = self._kuberay_task, None
+        if self.loop is None or self.kuberay is None or task is None:
+            return []
+        before = len(self.kuberay.stopped)
+        with contextlib.suppress(Exception):
+            self.on_loop(self.kuberay.close(), timeout=60)
+        task.cancel()
+        return [*self.kuberay.stopped[before:], "the KubeRay stand-in"]
 
     async def _stop_api(self) -> None:
         if self._kube is not None:

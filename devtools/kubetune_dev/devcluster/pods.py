@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_operator.devcluster.client import AsyncKube, path
+from kubetune_dev.devcluster.client import AsyncKube, path
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ class Sandbox:
 
     root: Path
     mounts: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Absolute, whatever the working directory: the driver runs in a folder of its own, and a mount
+        # path rewritten to a relative folder would point nowhere there.
+        self.root = self.root.resolve()
 
     def rewrite(self, text: str) -> str:
         for mount in sorted(self.mounts, key=len, reverse=True):

@@ -2,8 +2,8 @@
 
 - Digits 5-9 as an ImageFolder of PNGs (`<prefix>/<class>/<n>.png`), split into train and validation.
 - Base weights: a timm model trained from scratch on digits 0-4 (the "pretrained" model the job
-  fine-tunes), saved as safetensors and cached under `.cache/kubetune-demo/` so only the first run
-  pays for it. torch and timm are imported only here, and only when base weights must be made.
+  fine-tunes), saved as safetensors and cached under `.cache/kubetune-demo/` of the working directory
+  (the repository root for `make demo`) so only the first run pays for it. torch and timm are imported only here, and only when base weights must be made.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def upload_imagefolder(
 
 def base_weights(architecture: str, image_size: int, cache_dir: Path = DEFAULT_CACHE, *, epochs: int = 8) -> Path:
     """Safetensors of `architecture` trained on digits 0-4 (cached; made on first use, ~seconds on CPU)."""
+    cache_dir = cache_dir.resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{architecture}-digits-0-4-{image_size}px.safetensors"
     if target.exists():
@@ -112,7 +113,7 @@ def base_weights(architecture: str, image_size: int, cache_dir: Path = DEFAULT_C
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
         log.info("base weights: epoch %d loss %.3f", epoch + 1, total / len(y))
     model.eval()
     with torch.no_grad():
@@ -126,7 +127,7 @@ def base_weights(architecture: str, image_size: int, cache_dir: Path = DEFAULT_C
 
 def seed_demo(client: Any, spec: dict[str, Any], cache_dir: Path = DEFAULT_CACHE) -> dict[str, Any]:
     """Put a job's base weights and dataset where its spec says (buckets made as needed)."""
-    from kubetune_operator.devcluster.s3 import ensure_bucket
+    from kubetune_dev.devcluster.s3 import ensure_bucket
 
     model, data, output = spec["model"], spec["data"], spec["output"]
     size = int(data.get("imageSize") or 32)

@@ -42,10 +42,10 @@ from typing import Any
 
 import yaml
 
-from kubetune_operator.devcluster.apimachinery import now_rfc3339, parse_time
-from kubetune_operator.devcluster.client import AsyncKube, path
-from kubetune_operator.devcluster.pods import PodMaterialiser, PodNotReadyError, Sandbox, container_cpus, main_container
-from kubetune_operator.devcluster.processes import LocalProcess, RayHead, venv_path_env
+from kubetune_dev.devcluster.apimachinery import now_rfc3339, parse_time
+from kubetune_dev.devcluster.client import AsyncKube, path
+from kubetune_dev.devcluster.pods import PodMaterialiser, PodNotReadyError, Sandbox, container_cpus, main_container
+from kubetune_dev.devcluster.processes import LocalProcess, RayHead, venv_path_env
 
 log = logging.getLogger(__name__)
 
@@ -408,14 +408,38 @@ class RayJobController:
         run, self.run = self.run, None
         if run is None:
             return
-        if run.driver is not None:
-            await run.driver.stop()
-        if run.head is not None:
-            await run.head.stop()
+        stopped, cancelled = await _stop_together(run, self.standin.stop_grace)
+        if stopped:
+            log.info(
+                "rayjob %s/%s: stopped its driver and Ray cluster (%d processes)", self.namespace, self.name, stopped
+            )
+            self.standin.stopped.append(
+                f"RayJob {self.namespace}/{self.name}: its driver and Ray cluster ({stopped} processes)"
+            )
         name = self.status.get("rayClusterName")
         if name and not self.gone:
             with contextlib.suppress(Exception):
                 await self.kube.delete(path(*RAYCLUSTERS, self.namespace, name))
+        if cancelled:
+            raise asyncio.CancelledError
+
+
+async def _stop_together(run: Run, grace: float) -> tuple[int, bool]:
+    """Stop a run's driver and Ray cluster; (how many processes that stopped, whether we were cancelled).
+
+    Together, as a pod's containers stop in parallel: a Ctrl-C'd demo waits for the slower, not both.
+    A stop once begun is finished even if the controller is cancelled meanwhile (the stand-in closing
+    while a finished job's cluster is being stopped); the caller goes on with the cancellation after.
+    Cut short between SIGTERM and SIGKILL, the Ray cluster would outlive everything.
+    """
+    parts = [part for part in (run.driver, run.head) if part is not None]
+    stopping = asyncio.gather(*(part.stop(grace) for part in parts))
+    cancelled = False
+    while True:
+        try:
+            return sum(await asyncio.shield(stopping)), cancelled
+        except asyncio.CancelledError:
+            cancelled = True
 
 
 class KubeRayStandIn:
@@ -423,11 +447,15 @@ class KubeRayStandIn:
 
     def __init__(self, api_url: str, workdir: Path, *, start_ray: bool = True, inherit_env: bool = True) -> None:
         self.kube = AsyncKube(api_url)
-        self.workdir = workdir
+        self.workdir = workdir.resolve()  # every path handed to a driver or Ray is absolute
         self.start_ray = start_ray
         self.inherit_env = inherit_env
         self.controllers: dict[str, RayJobController] = {}
         self.temp_dirs: list[Path] = []  # Ray heads' socket dirs, swept again at the end
+        self.stopped: list[str] = []  # what stopping runs ended, one line per run (for whoever stops us)
+        # Seconds a run's processes get between SIGTERM and SIGKILL, as a pod's grace period (a Ray head
+        # drains for up to 30 s); `close` shortens it, as nothing will use what they would finish.
+        self.stop_grace = 5.0
 
     def controller(self, namespace: str, name: str) -> RayJobController | None:
         for ctl in self.controllers.values():
@@ -460,7 +488,8 @@ class KubeRayStandIn:
         else:
             ctl.update(obj)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 1.0) -> None:
+        self.stop_grace = grace
         tasks = [ctl.task for ctl in self.controllers.values() if ctl.task is not None]
         for task in tasks:
             task.cancel()

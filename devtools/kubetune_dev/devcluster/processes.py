@@ -2,12 +2,15 @@
 
 Each runs in its own session (process group), so stopping it stops everything it started; neither is
 ever stopped with `ray stop`, which would end every Ray instance on the machine (other tests' too).
+`adopt_orphans` and `kill_descendants` are the last line for a process that must leave nothing behind
+(`kubetune demo`): processes whose parent died are re-parented to it, so none escapes the final sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -18,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
 
 @dataclass(frozen=True)
 class ProcInfo:
@@ -25,6 +30,11 @@ class ProcInfo:
     ppid: int
     pgid: int
     cmdline: str
+    state: str = "R"  # /proc/<pid>/stat's state: "Z" is a zombie (gone, waiting to be reaped)
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("Z", "X")
 
 
 def processes() -> list[ProcInfo]:
@@ -39,7 +49,7 @@ def processes() -> list[ProcInfo]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        out.append(ProcInfo(int(entry.name), int(fields[1]), int(fields[2]), cmdline))
+        out.append(ProcInfo(int(entry.name), int(fields[1]), int(fields[2]), cmdline, fields[0]))
     return out
 
 
@@ -54,6 +64,39 @@ def descendants_of(pid: int) -> list[ProcInfo]:
             out.append(child)
             stack.append(child.pid)
     return out
+
+
+def adopt_orphans() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux's child subreaper).
+
+    Ray's processes outlive their parents at times (a worker whose raylet was killed first); re-parented
+    here instead of to init, they stay descendants of this process, so `kill_descendants` still finds
+    them. Returns whether the kernel agreed (False elsewhere than Linux).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def send(sig: int, procs: list[ProcInfo], *, group: int | None = None) -> list[ProcInfo]:
+    """`sig` to a process group (if given) and to each of `procs`; returns the procs it reached."""
+    if group is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+    reached = []
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, sig)
+            reached.append(proc)
+    return reached
+
+
+def kill_descendants(pid: int | None = None) -> list[ProcInfo]:
+    """SIGKILL every live descendant of `pid` (this process by default); returns those it killed."""
+    alive = [proc for proc in descendants_of(os.getpid() if pid is None else pid) if proc.alive]
+    return send(signal.SIGKILL, alive)
 
 
 def free_port() -> int:
@@ -114,34 +157,27 @@ class LocalProcess:
         assert self.proc is not None
         return await self.proc.wait()
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0) -> int:
         """SIGTERM the whole group and every descendant, SIGKILL what is left after `grace` seconds.
 
         Descendants too: Ray starts each worker (Train workers, actors) in a process group of its own,
         and one left running after its raylet died goes on for a while (writing checkpoints to S3, say)
-        where a deleted pod's would be gone.
+        where a deleted pod's would be gone. Returns how many live processes it stopped.
         """
         if self.proc is None:
-            return
+            return 0
         pgid = self.proc.pid
         outside = [p for p in self.descendants() if p.pgid != pgid]
-        members = self._group_members(pgid) + outside
+        members = [p for p in self._group_members(pgid) + outside if p.alive]
         if self.proc.returncode is None or members:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
-            for member in outside:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(member.pid, signal.SIGTERM)
+            send(signal.SIGTERM, outside, group=pgid)
             if self.proc.returncode is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.proc.wait(), timeout=grace)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            for member in members:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(member.pid, signal.SIGKILL)
+            send(signal.SIGKILL, members, group=pgid)
         if self.proc.returncode is None:
             await self.proc.wait()
+        return len(members)
 
     def descendants(self) -> list[ProcInfo]:
         return descendants_of(self.proc.pid) if self.proc else []
@@ -190,12 +226,13 @@ class RayHead(LocalProcess):
         ]
         super().__init__(argv, venv_path_env(env), workdir, workdir / "ray-head.log")
 
-    async def stop(self, grace: float = 5.0) -> None:
-        await super().stop(grace)
+    async def stop(self, grace: float = 5.0) -> int:
+        stopped = await super().stop(grace)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self.temp_dir.exists():  # a Ray process that was still exiting wrote one last file
             await asyncio.sleep(1.0)
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return stopped
 
     @property
     def address(self) -> str:

@@ -39,7 +39,7 @@ import kmock
 import yaml
 from kmock._internal import rendering
 
-from kubetune_operator.devcluster.apimachinery import (
+from kubetune_dev.devcluster.apimachinery import (
     AGE_COLUMN,
     Column,
     ResourceKind,
@@ -123,25 +123,6 @@ RAYCLUSTER_KIND = ResourceKind(
         )
     },
 )
-# The minimal registration used when the RayJob CRD file is missing.
-RAYJOB_FALLBACK_KIND = ResourceKind(
-    "ray.io",
-    "rayjobs",
-    "RayJob",
-    "rayjob",
-    True,
-    ("v1",),
-    categories=("all",),
-    subresources=("status",),
-    columns={
-        "v1": (
-            Column("Job Status", "string", ".status.jobStatus"),
-            Column("Deployment Status", "string", ".status.jobDeploymentStatus"),
-            AGE_COLUMN,
-        )
-    },
-)
-
 OPENAPI_PROTOBUF = "application/octet-stream"  # an empty protobuf document
 LOG_LIMIT = 20_000  # watch events kept for resuming watches; older resource versions get 410 Gone
 

@@ -1,0 +1,107 @@
+"""The fixed words of a FineTuneJob's status, and the KubeRay states they follow: one definition each.
+
+Each is a `StrEnum`, so it is written to the status, Events and metrics as its plain value, and a value
+read back from the API (a str) compares equal to its member. KubeRay may report a state this operator
+does not know: such values stay plain strings, compared against these members, never converted.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    """`status.phase`: where a job is in its life."""
+
+    PENDING = "Pending"
+    LAUNCHING = "Launching"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+PHASES: tuple[Phase, ...] = tuple(Phase)
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class ConditionType(StrEnum):
+    """`status.conditions[].type`: one condition per aspect of the job."""
+
+    LAUNCHED = "Launched"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+    PROGRESS_REPORTING = "ProgressReporting"
+
+
+class Reason(StrEnum):
+    """Why a condition (and the phase) is what it is; also the reason of the Event that says so."""
+
+    # Before launch: the spec, KubeRay, and the S3 preflight (kubetune_operator.s3).
+    INVALID_SPEC = "InvalidSpec"
+    KUBERAY_NOT_INSTALLED = "KubeRayNotInstalled"
+    STORAGE_UNAVAILABLE = "StorageUnavailable"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    INVALID_SECRET = "InvalidSecret"
+    CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
+    DATASET_NOT_FOUND = "DatasetNotFound"
+    ACCESS_DENIED = "AccessDenied"
+    STORAGE_ERROR = "StorageError"
+    # Following the RayJob (lifecycle.observe_rayjob).
+    RAYJOB_CREATED = "RayJobCreated"
+    CLUSTER_STARTING = "ClusterStarting"
+    WAITING_FOR_SUBMISSION = "WaitingForSubmission"
+    DRIVER_STARTING = "DriverStarting"
+    TRAINING_RUNNING = "TrainingRunning"
+    RETRYING = "Retrying"
+    TRAINING_SUCCEEDED = "TrainingSucceeded"
+    TRAINING_FAILED = "TrainingFailed"
+    JOB_STOPPED = "JobStopped"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SUBMISSION_FAILED = "SubmissionFailed"
+    RAYJOB_FAILED = "RayJobFailed"
+    RAYJOB_VALIDATION_FAILED = "RayJobValidationFailed"
+    RAYJOB_DELETED = "RayJobDeleted"
+    UNKNOWN_RAYJOB_STATE = "UnknownRayJobState"
+    SUSPENDING = "Suspending"
+    SUSPENDED = "Suspended"
+    QUEUED = "Queued"
+    RESUMING = "Resuming"
+    RESTARTED = "Restarted"  # an Event only: KubeRay started a new Ray cluster
+    # Spec edits after launch.
+    SPEC_CHANGE_REFUSED = "SpecChangeRefused"  # the Event of a refusal
+    IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
+    JOB_FINISHED = "JobFinished"
+    SPEC_MATCHES_RUN = "SpecMatchesRun"
+    # Progress from the trainer.
+    NO_PROGRESS_RECEIVED = "NoProgressReceived"
+    PROGRESS_RECEIVED = "ProgressReceived"
+
+
+class JobDeploymentStatus(StrEnum):
+    """KubeRay's `RayJob.status.jobDeploymentStatus`: where the Ray cluster and the submission are."""
+
+    NONE = ""  # not reported yet
+    NEW = "New"
+    INITIALIZING = "Initializing"
+    WAITING = "Waiting"
+    RUNNING = "Running"
+    RETRYING = "Retrying"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+    VALIDATION_FAILED = "ValidationFailed"
+    SUSPENDING = "Suspending"
+    SUSPENDED = "Suspended"
+
+
+class JobStatus(StrEnum):
+    """KubeRay's `RayJob.status.jobStatus`: the Ray job's own state (the training driver's)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"

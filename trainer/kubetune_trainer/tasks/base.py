@@ -1,0 +1,97 @@
+"""The `Task` protocol: everything that differs between what a run can learn, for every step of a run.
+
+A task is what the run learns *on which data*: `tasks.find_task` builds one on the driver (architecture
+checked, dataset listed, annotations read), and it travels to the node preparation and the workers as
+plain data (`wire`, `tasks.task_from_wire`). The driver and the loop never ask which task they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from kubetune_trainer.data import DatasetIndex
+from kubetune_trainer.export import Panel
+from kubetune_trainer.model import TrainablePlan, WeightsReport
+from kubetune_trainer.steps import Autocast
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a model card says beyond the task's own data: how the model sees images (`Task.preprocessing`),
+    how the base weights fitted, the history, what `Task.final_files` returned, when the run finished."""
+
+    preprocessing: Mapping[str, Any]
+    weights: WeightsReport
+    history: Sequence[Mapping[str, Any]]
+    final: Mapping[str, Any]
+    finished_at: datetime
+
+
+class Stepping(Protocol):
+    def train_step(self, inputs: Any, targets: Any) -> torch.Tensor: ...
+
+
+class Task(Protocol):
+    """One task's steps. The driver: `images`, `without_corrupt`, `summary`, `build_model`,
+    `preprocessing`, `card`, `panels`, `exported_files`. The workers: `build_model`, `datasets`, `collate`,
+    `stepper`, `evaluate` (figures keyed as in history.json: `metric_keys`) and `final_files`."""
+
+    metric_keys: tuple[str, ...]
+    # The panels of training-curves.png, and the files of the last checkpoint the export publishes.
+    panels: tuple[Panel, ...]
+    exported_files: tuple[str, ...]
+
+    @property
+    def collate(self) -> Callable[[Any], Any] | None: ...
+
+    @property
+    def images(self) -> DatasetIndex:
+        """Every image of the run, with the class names: what each node caches and decode-checks."""
+        ...
+
+    def wire(self) -> dict[str, Any]:
+        """The task's data as plain JSON-ready data (it crosses Ray); `tasks.task_from_wire` reads it."""
+        ...
+
+    def without_corrupt(self, corrupt: Mapping[str, str]) -> Task:
+        """The same task without the images that did not decode (key -> reason)."""
+        ...
+
+    def summary(self) -> list[str]:
+        """Lines for the driver's log about the task's own data (beyond the image counts)."""
+        ...
+
+    def build_model(self, weights: Path, device: torch.device) -> tuple[nn.Module, WeightsReport, TrainablePlan]:
+        """The architecture with the base weights from the local file `weights`, the strategy applied."""
+        ...
+
+    def preprocessing(self, model: nn.Module) -> dict[str, Any]:
+        """How the model sees images, JSON-ready: the workers' transforms and the model card take it."""
+        ...
+
+    def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any]:
+        """Training and validation datasets over the node's cached images in `folder`."""
+        ...
+
+    def stepper(
+        self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, autocast: Autocast, device: torch.device
+    ) -> Stepping: ...
+
+    def evaluate(self, stepper: Any, loader: Any, device: torch.device) -> dict[str, float]:
+        """The validation figures of an epoch, exact over all workers (every worker gets the same)."""
+        ...
+
+    def final_files(self, model: nn.Module, validation: Any, device: torch.device, folder: Path) -> dict[str, Any]:
+        """Write extra files of the last checkpoint into `folder` (rank 0); facts about them for the card."""
+        ...
+
+    def card(self, trained: Trained) -> dict[str, Any]:
+        """model.json: the task's data and model, and `trained`."""
+        ...

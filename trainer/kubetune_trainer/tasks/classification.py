@@ -1,0 +1,108 @@
+"""Image classification: timm models, an ImageFolder layout in S3, cross-entropy; validation loss and top-1
+accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.data import DatasetIndex, build_index, datasets
+from kubetune_trainer.export import CLASSIFICATION_PANELS, Panel, classification_card
+from kubetune_trainer.model import (
+    TrainablePlan,
+    WeightsReport,
+    apply_strategy,
+    build_model,
+    check_architecture,
+    data_config,
+)
+from kubetune_trainer.steps import Autocast, Stepper
+from kubetune_trainer.storage import S3Store
+from kubetune_trainer.tasks.base import Trained
+
+
+class ClassificationTask:
+    """A classification run on the images of `index` (class folders, split into train and validation)."""
+
+    metric_keys: tuple[str, ...] = ("valLoss", "valAccuracy")
+    panels: tuple[Panel, ...] = CLASSIFICATION_PANELS
+    exported_files: tuple[str, ...] = ()
+    collate: Callable[[Any], Any] | None = None
+
+    def __init__(self, config: TrainerConfig, index: DatasetIndex) -> None:
+        self.config = config
+        self.index = index
+
+    # -- the driver ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_architecture(name: str) -> None:
+        check_architecture(name)
+
+    @classmethod
+    def find(cls, config: TrainerConfig, store: S3Store) -> ClassificationTask:
+        """List the class folders and split them (`data.build_index`)."""
+        return cls(config, build_index(store, config.data, config.model.num_classes, config.training.seed))
+
+    @classmethod
+    def from_wire(cls, config: TrainerConfig, data: Mapping[str, Any]) -> ClassificationTask:
+        return cls(config, DatasetIndex.from_wire(data["index"]))
+
+    def wire(self) -> dict[str, Any]:
+        return {"index": self.index.wire()}
+
+    @property
+    def images(self) -> DatasetIndex:
+        return self.index
+
+    def without_corrupt(self, corrupt: Mapping[str, str]) -> ClassificationTask:
+        return ClassificationTask(self.config, self.index.without_corrupt(corrupt))
+
+    def summary(self) -> list[str]:
+        return []
+
+    def card(self, trained: Trained) -> dict[str, Any]:
+        return classification_card(
+            self.config, self.index, trained.preprocessing, trained.weights, trained.history, trained.finished_at
+        )
+
+    # -- the model ----------------------------------------------------------------------------------
+
+    def build_model(self, weights: Path, device: torch.device) -> tuple[nn.Module, WeightsReport, TrainablePlan]:
+        spec = self.config.model
+        model, report = build_model(spec.architecture, len(self.index.class_names), weights, spec.checkpoint)
+        plan = apply_strategy(model, spec.strategy, spec.trainable_layers)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model, report, plan
+
+    def preprocessing(self, model: nn.Module) -> dict[str, Any]:
+        """timm's data config for the model, at `data.imageSize` when set."""
+        return data_config(model, self.config.data.image_size)
+
+    # -- the workers --------------------------------------------------------------------------------
+
+    def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any]:
+        return datasets(folder, self.index, preprocessing, self.config.data.augment)
+
+    def stepper(
+        self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, autocast: Autocast, device: torch.device
+    ) -> Stepper:
+        return Stepper(model, optimizer, scheduler, scaler, autocast, channels_last=device.type == "cuda")
+
+    def evaluate(self, stepper: Stepper, loader: Any, device: torch.device) -> dict[str, float]:
+        """Mean loss and top-1 accuracy over the whole validation set, summed across all workers."""
+        sums = stepper.eval_sums(loader, device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        loss, correct, count = sums.tolist()
+        return {"valLoss": loss / max(count, 1.0), "valAccuracy": correct / max(count, 1.0)}
+
+    def final_files(self, model: nn.Module, validation: Any, device: torch.device, folder: Path) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,105 @@
+"""A worker's side of progress: rank 0 builds `ProgressUpdate`s and hands them to the driver's relay.
+
+Rank 0 reports about once a second while an epoch trains (`REPORT_INTERVAL_S`; its running mean loss,
+no collective mid-epoch), after each checkpoint, and once when it resumed. The other ranks report
+nothing (`reporting.worker_reporters`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, worker_reporters
+
+if TYPE_CHECKING:
+    from kubetune_trainer.loop import TrainState
+
+REPORT_INTERVAL_S = 1.0
+
+
+@dataclass
+class _Clock:
+    """ETA from the pace of this attempt (a resumed run does not count the steps it skipped)."""
+
+    total_steps: int
+    done: int
+    started: float = field(default_factory=time.monotonic)
+
+    def eta(self, step: int) -> float | None:
+        ran = step - self.done
+        if ran <= 0:
+            return None
+        return (time.monotonic() - self.started) / ran * max(0, self.total_steps - step)
+
+
+class WorkerProgress:
+    """What this worker says about the run, from the loop's `TrainState` (step, history, the checkpoint it
+    resumed from, the learning rate); only rank 0 says anything."""
+
+    def __init__(
+        self,
+        relay: Any,
+        rank: int,
+        total_epochs: int,
+        steps_per_epoch: int,
+        metric_keys: Sequence[str],
+        state: TrainState,
+    ) -> None:
+        self.reporter = worker_reporters(relay, rank)
+        self.enabled = rank == 0
+        self.total_epochs = total_epochs
+        self.clock = _Clock(total_steps=total_epochs * steps_per_epoch, done=state.step)
+        # The last finished epoch's validation figures, keyed as in history.json (and ProgressMetrics' wire names).
+        last = state.history[-1] if state.history else {}
+        self.last_val: dict[str, float] = {k: last[k] for k in metric_keys if k in last}
+
+    def update(
+        self, state: TrainState, epoch: int, phase: str, train_loss: float | None, ips: float | None
+    ) -> ProgressUpdate:
+        step, total = state.step, self.clock.total_steps
+        return ProgressUpdate(
+            epoch=epoch,
+            total_epochs=self.total_epochs,
+            step=step,
+            total_steps=total,
+            percent=min(100.0, 100.0 * step / max(1, total)),
+            eta_seconds=self.clock.eta(step),
+            metrics=ProgressMetrics.model_validate(
+                {
+                    **{k: v for k, v in self.last_val.items() if math.isfinite(v)},
+                    "trainLoss": train_loss if train_loss is None or math.isfinite(train_loss) else None,
+                    "imagesPerSecond": ips,
+                    "learningRate": state.learning_rate,
+                }
+            ),
+            # The checkpoint this attempt resumed from: the driver's relay names each new one once Ray
+            # Train has committed it.
+            latest_checkpoint=state.resumed_from,
+            phase=phase,
+        )
+
+    def resumed(self, state: TrainState) -> None:
+        if not self.enabled:
+            return
+        print(f"kubetune: resumed from {state.resumed_from} after epoch {state.epoch}", flush=True)
+        self.reporter.report(self.update(state, state.epoch, "Resumed", None, None))
+
+    def training(self, state: TrainState, running_loss: float, ips: float) -> None:
+        """Mid-epoch (`state.epoch` epochs done): rank 0's running mean loss and all workers' throughput."""
+        if self.enabled:
+            self.reporter.report(self.update(state, state.epoch + 1, "Training", running_loss, ips))
+
+    def checkpointed(self, state: TrainState, validation: Mapping[str, float]) -> None:
+        """After the checkpoint of the epoch `state.history[-1]` describes, with its validation figures."""
+        self.last_val = dict(validation)
+        if self.enabled:
+            entry = state.history[-1]
+            update = self.update(state, state.epoch, "Checkpointing", entry["trainLoss"], entry["imagesPerSecond"])
+            self.reporter.report(update)
+
+    def close(self) -> None:
+        self.reporter.close()
