@@ -161,8 +161,10 @@ def train_transform(policy: str, size: int, dc: dict[str, Any], eval_tf: Any) ->
         return timm.data.create_transform(
             input_size=(3, size, size), is_training=True, mean=mean, std=std, interpolation=dc["interpolation"]
         )
-    if policy == "none":
-        return eval_tf
+    if policy in ("none", "light", "standard", "strong"):
+        from kubetune_trainer.augment import build_transforms as product_transforms
+
+        return product_transforms(dc, policy)[0]
     if policy == "plain":
         return plain_transform(size, mean, std)
     parts = policy.split(":")
@@ -235,13 +237,13 @@ def range_test(
     """Smith's LR range test: the LR grows exponentially from lo to hi over `steps` steps (all groups
     keeping their ratios); returns the (lr, smoothed loss) curve until the loss diverges."""
     from kubetune_trainer.model import apply_strategy, data_config
-    from kubetune_trainer.data import build_transforms
+    from kubetune_trainer.augment import build_transforms
 
     task = TASKS[task_name]
     train_data, _ = task_data(task_name)
     model, _ = build(task, recipe, seed)
     dc = data_config(model, task.size)
-    _, eval_tf = build_transforms(dc, False)
+    _, eval_tf = build_transforms(dc, "none")
     eval_tf2 = eval_tf if recipe.eval_crop else plain_transform(task.size, dc["mean"], dc["std"])
     train_tf = train_transform(recipe.augment, task.size, dc, eval_tf2)
     plan = apply_strategy(model, "full")
@@ -284,7 +286,7 @@ def range_test(
 
 def run(task_name: str, recipe: Recipe, seed: int) -> dict[str, Any]:
     from kubetune_trainer.model import apply_strategy, data_config, set_train_mode
-    from kubetune_trainer.data import build_transforms
+    from kubetune_trainer.augment import build_transforms
 
     task = TASKS[task_name]
     train_data, val_data = task_data(task_name)
@@ -295,7 +297,7 @@ def run(task_name: str, recipe: Recipe, seed: int) -> dict[str, Any]:
         recipe = replace(recipe, lr=picked)
     model, _ = build(task, recipe, seed)
     dc = data_config(model, task.size)
-    _, eval_tf = build_transforms(dc, False)
+    _, eval_tf = build_transforms(dc, "none")
     if recipe.kind == "plain":
         tf = plain_transform(task.size, dc["mean"], dc["std"])
         train_tf = eval_tf2 = tf
@@ -465,6 +467,8 @@ def run_detection(recipe: Recipe, seed: int, epochs: int = 8, batch: int = 16) -
         recipe = replace(recipe, lr=picked, auto_div=0.0)
     out = _run_detection(recipe, seed, epochs, batch)
     out["picked"] = picked
+    if picked is not None:
+        out["sweep"] = sweep
     return out
 
 
@@ -486,8 +490,15 @@ def _run_detection(recipe: Recipe, seed: int, epochs: int, batch: int, sweep: in
     if recipe.kind == "plain":
         groups = [{"params": list(model.parameters()), "lr": recipe.lr, "weight_decay": 0.01}]
     else:
+        from kubetune_trainer.detection_model import detector_stages
+
+        det_stages = [[n for n in g if n in set(plan.backbone)] for g in detector_stages(model)]
+        det_stages = [g for g in det_stages if g]
+        parts = [(plan.head, 1.0)] + [
+            (g, recipe.backbone_scale * recipe.llrd ** (len(det_stages) - 1 - i)) for i, g in enumerate(det_stages)
+        ]
         groups = []
-        for names, scale in ((plan.head, 1.0), (plan.backbone, recipe.backbone_scale)):
+        for names, scale in parts:
             for decay in (True, False):
                 chosen = [params[n] for n in names if (params[n].ndim > 1) == decay]
                 if chosen:

@@ -120,8 +120,9 @@ def textures(count: int, seed: int, size: int = 64) -> LabelledImages:
 
 
 def _shape_points(kind: int, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    corners: list[tuple[float, float]]
     if kind == 1:  # square
-        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        corners = [(-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)]
         scale = r / math.sqrt(2) * 1.15
     elif kind == 2:  # triangle
         corners = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]

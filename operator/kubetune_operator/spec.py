@@ -308,6 +308,23 @@ class ProgressMetrics(StatusModel):
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
 
 
+class TrainingStatus(StatusModel):
+    """What the run trains with, as the trainer decided it (model.json's effectiveTraining has the same)."""
+
+    learning_rate: float | None = Field(
+        default=None, description="Peak learning rate of the head, reached after the warm-up."
+    )
+    learning_rate_source: str | None = Field(
+        default=None,
+        description="spec (spec.training.learningRate) or rangeTest (chosen by the learning-rate range test).",
+    )
+    backbone_learning_rates: list[float] | None = Field(
+        default=None, description="Peak learning rate of each trained backbone stage, input side first."
+    )
+    warmup_steps: int | None = Field(default=None, ge=0, description="Steps of linear warm-up before the peak.")
+    augment: str | None = Field(default=None, description="The training augmentation (spec.data.augment) at this size.")
+
+
 class ProgressStatus(StatusModel):
     """How far training is, as the trainer last reported it."""
 
@@ -328,6 +345,9 @@ class ProgressStatus(StatusModel):
         ge=0,
         description="Worker failures in the current attempt; Ray Train restarts the workers from the latest "
         "checkpoint after each, up to spec.runPolicy.maxRetries (status.restarts counts whole-cluster retries).",
+    )
+    training: TrainingStatus | None = Field(
+        default=None, description="The effective learning rates and augmentation of the run."
     )
     updated_at: datetime | None = Field(default=None, description="When the operator accepted this update.")
 

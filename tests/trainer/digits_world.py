@@ -198,7 +198,7 @@ class DigitsWorld:
         model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy}
         if trainable_layers is not None:
             model["trainableLayers"] = trainable_layers
-        data: dict[str, Any] = {"train": train, "imageSize": IMAGE_SIZE, "augment": False}
+        data: dict[str, Any] = {"train": train, "imageSize": IMAGE_SIZE, "augment": "none"}
         if validation:
             data["validation"] = validation
         manifest = {

@@ -98,6 +98,16 @@ def detection_flips(policy: str) -> bool:
     return policy != "none"
 
 
+def detection_augment(policy: str) -> dict[str, Any]:
+    """What a detection run's policy does, in the shape of `AugmentPlan.wire`."""
+    flip = detection_flips(policy)
+    return {
+        "policy": policy,
+        "flip": flip,
+        "description": f"{policy}: {'horizontal flips' if flip else 'no augmentation'}",
+    }
+
+
 def build_transforms(data_cfg: Mapping[str, Any], policy: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
     """(train, eval) transforms for timm's data config (input size, interpolation, mean/std, crop)."""
     import timm.data

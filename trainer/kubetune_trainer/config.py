@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 # An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules. Keys have
@@ -167,10 +167,10 @@ class ModelSpec(SpecSection):
         description="Number of classes of the new task; inferred from the dataset's class folders when omitted.",
     )
     strategy: Literal["head", "partial", "full"] = Field(
-        default="head",
+        default="full",
         description=(
-            "What trains: head (only the new classifier), partial (the last trainableLayers stages "
-            "and the head), full (everything, with a lower learning rate for the backbone)."
+            "What trains: full (everything; the backbone's learning rate follows backboneLearningRateScale and "
+            "layerDecay), partial (the last trainableLayers stages and the head), head (only the new classifier)."
         ),
     )
     trainable_layers: int | None = Field(
@@ -248,7 +248,14 @@ class DataSpec(SpecSection):
         le=1024,
         description="Square input size in pixels; the model's own default when omitted.",
     )
-    augment: bool = Field(default=True, description="Random resized crops and flips during training.")
+    augment: Literal["none", "light", "standard", "strong"] = Field(
+        default="light",
+        description=(
+            "Training augmentation, scaled to the image size: none; light (random shifts of up to 1/8 of the "
+            "side); standard (random resized crops and flips); strong (smaller crops, flips and colour "
+            "jitter: timm's ImageNet recipe at 224 px). Detection flips with every policy but none."
+        ),
+    )
 
     @model_validator(mode="after")
     def _validation_apart_from_train(self) -> DataSpec:
@@ -260,8 +267,13 @@ class DataSpec(SpecSection):
         return self
 
 
+# Defaults measured on the fine-tuning quality benchmark (bench/quality.py; docs/trainer.md, "Defaults").
+LAYER_DECAY = 0.8
+# Without warmupEpochs, the warm-up takes this share of the run's steps.
+WARMUP_FRACTION = 0.2
+
 WARMUP_RULE = cel(
-    "self.warmupEpochs < self.epochs",
+    "!has(self.warmupEpochs) || self.warmupEpochs < self.epochs",
     "warmupEpochs must be less than epochs",
     ".warmupEpochs",
 )
@@ -274,8 +286,30 @@ class TrainingSpec(SpecSection):
 
     epochs: int = Field(default=10, ge=1, le=1000, description="Passes over the training data.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
-    learning_rate: float = Field(
-        default=1e-3, gt=0.0, le=10.0, description="Peak learning rate, reached at the end of warm-up."
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=10.0,
+        description=(
+            "Peak learning rate of the new head, reached at the end of warm-up (the backbone's follows "
+            "backboneLearningRateScale and layerDecay). Omitted: chosen by a learning-rate range test on the "
+            "job's data before training (`kubetune tune-lr` runs the same test alone)."
+        ),
+    )
+    backbone_learning_rate_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="The top backbone stage's learning rate as a fraction of the head's (strategies partial and full).",
+    )
+    layer_decay: float = Field(
+        default=LAYER_DECAY,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Layer-wise learning-rate decay: each backbone stage below the top one learns this much slower "
+            "than the stage above it (1: every stage alike)."
+        ),
     )
     optimizer: Literal["adamw", "sgd"] = Field(
         default="adamw", description="Optimiser: adamw (AdamW) or sgd (SGD with momentum)."
@@ -284,17 +318,30 @@ class TrainingSpec(SpecSection):
     scheduler: Literal["cosine", "constant", "step"] = Field(
         default="cosine", description="Learning-rate schedule after warm-up: cosine decay, constant, or step decay."
     )
-    warmup_epochs: int = Field(
-        default=0, ge=0, le=100, description="Epochs of linear learning-rate warm-up; less than epochs."
+    warmup_epochs: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Epochs of linear learning-rate warm-up, less than epochs; omitted: the first fifth of the steps.",
     )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         default="bf16", description="Mixed precision on GPU; CPU runs always use fp32."
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, shuffling and initialisation.")
 
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _auto_is_absent(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            raise ValueError(
+                "leave learningRate out to have it chosen by a learning-rate range test on the job's data "
+                "(a number otherwise)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _warmup_before_end(self) -> TrainingSpec:
-        if self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmupEpochs: must be less than epochs ({self.epochs}) (got {self.warmup_epochs})")
         return self
 

@@ -39,9 +39,11 @@ from kubetune_trainer.checkpoint import (
 )
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import prepare_images
+from kubetune_trainer.export import RANGE_TEST_FILE
 from kubetune_trainer.loaders import eval_loader, set_epoch, train_loader
+from kubetune_trainer.lr_range import START_LR, RangeTest, cycle, find_learning_rate, plot_range_test
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
-from kubetune_trainer.optim import make_optimizer, make_schedule
+from kubetune_trainer.optim import effective_training, make_optimizer, make_schedule
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Stepping, Task, task_from_wire
@@ -141,6 +143,8 @@ class TrainState:
     step: int = 0  # optimizer steps done in the whole run
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None  # the checkpoint this attempt resumed from
+    # What the run trains with (`optim.effective_training`): model.json and the status report it.
+    effective: dict[str, Any] = field(default_factory=dict)
 
     @property
     def learning_rate(self) -> float:
@@ -148,7 +152,13 @@ class TrainState:
 
     def progress(self) -> dict[str, Any]:
         """progress.json of the checkpoint: what the run is, epochs and steps done, the history so far."""
-        return {**self.identity, "epoch": self.epoch, "step": self.step, "history": self.history}
+        return {
+            **self.identity,
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "effective": self.effective,
+        }
 
 
 @dataclass
@@ -183,9 +193,11 @@ def train_loop(raw: dict[str, Any]) -> None:
     worker = start_worker(raw)
     model, trainable = build_model(worker)
     loaders = make_loaders(worker)
-    state = new_state(worker, model, trainable, loaders.steps_per_epoch)
-    resume(worker, state)
     training = worker.config.training
+    state = new_state(worker, model, trainable, loaders.steps_per_epoch, training.learning_rate)
+    resume(worker, state)
+    if state.resumed_from is None and training.learning_rate is None:
+        state = new_state(worker, model, trainable, loaders.steps_per_epoch, None, range_test(worker, state, loaders))
     progress = WorkerProgress(
         worker.plan.relay, worker.rank, training.epochs, loaders.steps_per_epoch, worker.task.metric_keys, state
     )
@@ -241,11 +253,27 @@ def make_loaders(worker: Worker) -> Loaders:
     return Loaders(train, sampler, validation, val_set)
 
 
-def new_state(worker: Worker, model: nn.Module, trainable: TrainablePlan, steps_per_epoch: int) -> TrainState:
-    """Optimizer, schedule, grad scaler and the task's step around `model`, at step 0."""
+def new_state(
+    worker: Worker,
+    model: nn.Module,
+    trainable: TrainablePlan,
+    steps_per_epoch: int,
+    learning_rate: float | None,
+    tested: RangeTest | None = None,
+) -> TrainState:
+    """Optimizer, schedule, grad scaler and the task's step around `model`, at step 0, at `learning_rate`
+    or the range test's choice (`tested`); with neither, a placeholder until `resume` or the test sets it."""
     training = worker.config.training
+    rate = learning_rate if learning_rate is not None else tested.chosen if tested is not None else START_LR
     # Parameter names as the model knows them, not as the DDP wrapper prefixes them ("module.").
-    groups = param_groups(unwrap(model), trainable, training.learning_rate, training.weight_decay)
+    groups = param_groups(
+        unwrap(model),
+        trainable,
+        rate,
+        training.weight_decay,
+        training.backbone_learning_rate_scale,
+        training.layer_decay,
+    )
     optimizer = make_optimizer(groups, training)
     scheduler = make_schedule(optimizer, training, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=worker.cuda and training.precision == "fp16")
@@ -258,7 +286,34 @@ def new_state(worker: Worker, model: nn.Module, trainable: TrainablePlan, steps_
         "strategy": spec.strategy,
         "trainableLayers": spec.trainable_layers,
     }
-    return TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity)
+    augment = worker.task.augmentation(worker.plan.data_config)
+    effective = effective_training(
+        training, trainable, rate, steps_per_epoch, augment, tested.wire() if tested is not None else None
+    )
+    return TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity, effective=effective)
+
+
+def range_test(worker: Worker, state: TrainState, loaders: Loaders) -> RangeTest:
+    """The learning-rate range test on this run's model and data (every worker in step, each step's loss
+    averaged over them, so all choose the same rate); rank 0 publishes its curve under output.path."""
+    seed = worker.config.training.seed
+
+    def mean_across_workers(loss: float) -> float:
+        if worker.world == 1:
+            return loss
+        value = torch.tensor([loss], dtype=torch.float64, device=worker.device)
+        dist.all_reduce(value)
+        return float(value.item()) / worker.world
+
+    batches = cycle(loaders.train, lambda epoch: set_epoch(loaders.sampler, seed + 1, epoch))
+    tested = find_learning_rate(
+        worker.task, worker.config, state.model, state.trainable, batches, worker.device, mean_across_workers
+    )
+    if worker.rank == 0:
+        title = f"{worker.config.job_name}: learning-rate range test ({len(tested.losses)} steps)"
+        picture = S3Uri.parse(worker.config.output.path).join(RANGE_TEST_FILE)
+        worker.store.put_bytes(picture, plot_range_test(tested, title), "image/png")
+    return tested
 
 
 def resume(worker: Worker, state: TrainState) -> None:
@@ -281,6 +336,7 @@ def resume(worker: Worker, state: TrainState) -> None:
             scaler=state.scaler,
         )
     state.epoch, state.step, state.history = int(progress["epoch"]), int(progress["step"]), list(progress["history"])
+    state.effective = dict(progress.get("effective") or state.effective)
     state.resumed_from = where
 
 

@@ -16,11 +16,20 @@ and the normalisation statistics are put back as they were before the run proper
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from kubetune_trainer.config import TrainerConfig
+    from kubetune_trainer.model import TrainablePlan
+    from kubetune_trainer.tasks.base import Task
 
 START_LR = 1e-6
 END_LR = 1.0
@@ -29,7 +38,6 @@ DIVERGENCE = 4.0
 SMOOTHING = 0.05
 # Fewer steps than this leave too few points between START_LR and END_LR to find a minimum.
 MIN_STEPS = 20
-PICTURE = "lr-range-test.png"
 
 
 def sweep_factor(steps: int) -> Callable[[int], float]:
@@ -117,8 +125,49 @@ def cycle(loader: Iterable[Any], set_epoch: Callable[[int], None] = lambda epoch
         epoch += 1
 
 
-def plot_range_test(test: RangeTest, path: Path, title: str) -> None:
-    """The loss against the learning rate (log scale), smoothed, with the chosen rate marked."""
+def find_learning_rate(
+    task: Task,
+    config: TrainerConfig,
+    model: nn.Module,
+    trainable: TrainablePlan,
+    batches: Iterator[tuple[Any, Any]],
+    device: torch.device,
+    mean_across_workers: Callable[[float], float] = lambda loss: loss,
+    steps: int = STEPS,
+) -> RangeTest:
+    """The range test on `model` with the run's own optimizer, parameter groups (their ratios to the
+    head's rate), precision and training step; the model is as it was afterwards (weights and buffers)."""
+    import torch
+
+    from kubetune_trainer.checkpoint import unwrap
+    from kubetune_trainer.model import param_groups, set_train_mode
+    from kubetune_trainer.optim import make_optimizer, make_schedule
+    from kubetune_trainer.steps import autocast_for
+
+    training = config.training
+    saved = copy.deepcopy(model.state_dict())
+    groups = param_groups(
+        unwrap(model),
+        trainable,
+        1.0,
+        training.weight_decay,
+        training.backbone_learning_rate_scale,
+        training.layer_decay,
+    )
+    optimizer = make_optimizer(groups, training)
+    schedule = make_schedule(optimizer, training, 1, factor=sweep_factor(steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and training.precision == "fp16")
+    stepper = task.stepper(model, optimizer, schedule, scaler, autocast_for(device, training.precision), device)
+    set_train_mode(model, trainable)
+    try:
+        return run_range_test(stepper.train_step, batches, steps, mean_across_workers)
+    finally:
+        model.load_state_dict(saved)
+        optimizer.zero_grad(set_to_none=True)
+
+
+def plot_range_test(test: RangeTest, title: str) -> bytes:
+    """PNG: the loss against the learning rate (log scale), smoothed, with the chosen rate marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,5 +185,7 @@ def plot_range_test(test: RangeTest, path: Path, title: str) -> None:
     top = max(test.smoothed[: max(1, len(test.smoothed) // 2)] or [1.0])
     axes.set_ylim(bottom=0, top=top * 1.6)
     figure.tight_layout()
-    figure.savefig(path, format="png")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
     plt.close(figure)
+    return buffer.getvalue()

@@ -18,13 +18,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Protocol, TextIO
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol, TextIO
 
 from pydantic import Field
 
 from kubetune_trainer.config import CamelModel
 
 log = logging.getLogger(__name__)
+
+# The most backbone stages a progress update lists (timm groups a ViT-H's 32 blocks into 32 stages).
+MAX_STAGES = 256
 
 
 class ProgressMetrics(CamelModel):
@@ -43,6 +47,35 @@ class ProgressMetrics(CamelModel):
     )
     images_per_second: float | None = Field(default=None, ge=0.0, description="Training throughput, all workers.")
     learning_rate: float | None = Field(default=None, ge=0.0, description="Current peak learning rate.")
+
+
+class TrainingSettings(CamelModel):
+    """What the run trains with, once decided: the learning rates it uses and the augmentation."""
+
+    learning_rate: float = Field(ge=0.0, description="Peak learning rate of the head, reached after the warm-up.")
+    learning_rate_source: Literal["spec", "rangeTest"] = Field(
+        description="spec (training.learningRate) or rangeTest (chosen by the learning-rate range test)."
+    )
+    backbone_learning_rates: list[float] = Field(
+        default_factory=list,
+        max_length=MAX_STAGES,
+        description="Peak learning rate of each trained backbone stage, input side first.",
+    )
+    warmup_steps: int = Field(ge=0, description="Steps of linear warm-up before the peak.")
+    augment: str = Field(max_length=256, description="The training augmentation (data.augment) at this image size.")
+
+    @classmethod
+    def from_effective(cls, effective: Mapping[str, Any]) -> TrainingSettings | None:
+        """From the loop's `effective_training` block; None before it exists."""
+        if not effective:
+            return None
+        return cls(
+            learning_rate=effective["learningRate"],
+            learning_rate_source=effective["learningRateSource"],
+            backbone_learning_rates=list(effective["backboneLearningRates"])[:MAX_STAGES],
+            warmup_steps=effective["warmupSteps"],
+            augment=str(effective["augment"].get("description", ""))[:256],
+        )
 
 
 class ProgressUpdate(CamelModel):
@@ -66,6 +99,9 @@ class ProgressUpdate(CamelModel):
     )
     phase: str | None = Field(
         default=None, description="Resumed, Training or Checkpointing (sent after each epoch's checkpoint)."
+    )
+    training: TrainingSettings | None = Field(
+        default=None, description="The effective learning rates and augmentation of the run."
     )
 
 
@@ -106,6 +142,17 @@ def progress_line(update: ProgressUpdate, width: int = 24) -> str:
     return " ".join(parts)
 
 
+def settings_line(training: TrainingSettings) -> str:
+    """`learning rate 0.0043 (range test), backbone 0.0018-0.0043, 19 warm-up steps; augment light: …`"""
+    source = "range test" if training.learning_rate_source == "rangeTest" else "training.learningRate"
+    rates = training.backbone_learning_rates
+    backbone = f", backbone {min(rates):.2g}-{max(rates):.2g}" if rates else ", backbone frozen"
+    return (
+        f"learning rate {training.learning_rate:.2g} ({source}){backbone}, {training.warmup_steps} warm-up steps; "
+        f"augment {training.augment}"
+    )
+
+
 class ConsoleReporter:
     """A progress line on a terminal (redrawn in place), or a line every `interval` seconds in a log."""
 
@@ -116,9 +163,13 @@ class ConsoleReporter:
         self._last = 0.0
         self._last_epoch = -1
         self._open_line = False
+        self._settings_shown = False
 
     def report(self, update: ProgressUpdate) -> None:
         try:
+            if update.training is not None and not self._settings_shown:
+                self._settings_shown = True
+                self._write_line(settings_line(update.training))
             if update.phase == "Resumed":
                 self._write_line(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
                 return

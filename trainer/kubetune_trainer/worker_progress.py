@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, worker_reporters
+from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, TrainingSettings, worker_reporters
 
 if TYPE_CHECKING:
     from kubetune_trainer.loop import TrainState
@@ -80,6 +80,7 @@ class WorkerProgress:
             # Train has committed it.
             latest_checkpoint=state.resumed_from,
             phase=phase,
+            training=TrainingSettings.from_effective(state.effective),
         )
 
     def resumed(self, state: TrainState) -> None:
