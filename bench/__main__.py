@@ -2,7 +2,7 @@
 
     python -m bench                 # everything, full size (about 15 minutes on 2 cores)
     python -m bench --quick         # smaller and fewer repeats (a few minutes)
-    python -m bench --only storage  # one benchmark (trainer, storage, pipeline, control-plane)
+    python -m bench --only storage  # one benchmark (trainer, storage, pipeline, control-plane, quality)
     python -m bench --render bench/out/run-.../results.json   # the page again, e.g. after editing findings.md
 
 Raw samples go to bench/out/results.json. Findings written by hand (profiles, fixes with their before
@@ -26,7 +26,7 @@ from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench import checkpoint_storage, control_plane, input_pipeline, trainer_overhead
+from bench import checkpoint_storage, control_plane, input_pipeline, quality, trainer_overhead
 from bench.common import REPO, Row, host_facts, log, markdown_table
 
 BENCHMARKS: dict[str, ModuleType] = {
@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "storage": checkpoint_storage,
     "pipeline": input_pipeline,
     "control-plane": control_plane,
+    "quality": quality,
 }
 RESULTS = REPO / "bench" / "results.md"
 FINDINGS = REPO / "bench" / "findings.md"
@@ -118,7 +119,8 @@ def render(
         f"- Versions: {host['versions']}",
         "",
         "Each figure: median of repeated runs with min–max; ratio = kubetune median / baseline median, "  # noqa: RUF001
-        "measured in the same run. A target on a ratio reads ≥ for throughput and ≤ for a duration.",
+        "measured in the same run. A target on a ratio reads ≥ for throughput and ≤ for a duration; a target on "
+        "a difference (Quality) compares kubetune median minus baseline median, shown in the ratio column.",
         "",
         markdown_table(rows),
         "",
@@ -154,6 +156,7 @@ def rerender(raw: Path, results: Path) -> int:
             goal=(r["goal"][0], r["goal"][1]) if r["goal"] else None,
             note=r["note"],
             absolute=r.get("absolute", False),
+            difference=r.get("difference", False),
         )
         for r in data["rows"]
     ]

@@ -18,13 +18,16 @@ so a recipe costs its minute of CPU once per machine.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -223,6 +226,11 @@ def split(images: LabelledImages, validation: float, seed: int) -> tuple[Labelle
     return parts[0], parts[1]
 
 
+def subset(images: LabelledImages, count: int) -> LabelledImages:
+    """The first `count` images."""
+    return LabelledImages(images.class_names, images.images[:count], images.labels[:count])
+
+
 # -- pretrained base models -------------------------------------------------------------------------
 
 
@@ -289,3 +297,15 @@ def random_classifier(architecture: str, num_classes: int, path: Path, seed: int
     torch.manual_seed(seed)
     save_model(timm.create_model(architecture, num_classes=num_classes), str(path))
     return path
+
+
+# -- the tests' detection world ----------------------------------------------------------------------
+
+
+def detection_world() -> ModuleType:
+    """tests/trainer/shapes_world.py: coloured boxes on noise, and an SSDlite pretrained on three colours
+    (cached under .cache/kubetune-tests/); the detection task of the benchmark fine-tunes it to three others."""
+    folder = str(Path(__file__).resolve().parent.parent / "tests" / "trainer")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    return importlib.import_module("shapes_world")

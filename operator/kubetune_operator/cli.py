@@ -1,7 +1,8 @@
-"""`kubetune`: validate, render and run FineTuneJobs, print the CRD, run the demo.
+"""`kubetune`: validate, render and run FineTuneJobs, find a job's learning rate, print the CRD, run the demo.
 
 Each subcommand is a few lines of glue around the functions the operator itself uses: the spec model
-(validate), the builders (render), trainer_config and the trainer's local runner (run --local).
+(validate), the builders (render), trainer_config and the trainer's local runner (run --local) and
+range test (tune-lr --local).
 """
 
 from __future__ import annotations
@@ -223,22 +224,51 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    jobs, problems = read_jobs(args.file)
-    if problems or len(jobs) != 1:
-        print("\n".join(problems) or f"{args.file}: holds {len(jobs)} {KIND}s; run one at a time", file=sys.stderr)
+    job = one_job(args.file)
+    if job is None:
         return 1
     from kubetune_operator.trainer_config import trainer_config
 
     try:
         from kubetune_trainer.local import run_local
     except ModuleNotFoundError as exc:
+        print(TRAINER_MISSING.format(command="run", missing=exc.name), file=sys.stderr)
+        return 2
+    # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
+    return run_local(trainer_config(job), s3_endpoint=args.s3_endpoint)
+
+
+TRAINER_MISSING = "kubetune {command} --local needs the trainer ({missing} is missing): pip install 'kubetune[trainer]'"
+
+
+def one_job(name: str) -> FineTuneJob | None:
+    """The one valid job in file `name`; None, with the problems said on stderr, otherwise."""
+    jobs, problems = read_jobs(name)
+    if problems or len(jobs) != 1:
+        print("\n".join(problems) or f"{name}: holds {len(jobs)} {KIND}s; run one at a time", file=sys.stderr)
+        return None
+    return jobs[0]
+
+
+def cmd_tune_lr(args: argparse.Namespace) -> int:
+    if not args.local:
         print(
-            f"kubetune run --local needs the trainer ({exc.name} is missing): pip install 'kubetune[trainer]'",
+            f"kubetune tune-lr runs on this machine only, so it needs --local: kubetune tune-lr {args.file} --local",
             file=sys.stderr,
         )
         return 2
-    # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
-    return run_local(trainer_config(jobs[0]), s3_endpoint=args.s3_endpoint)
+    job = one_job(args.file)
+    if job is None:
+        return 1
+    from kubetune_operator.trainer_config import trainer_config
+
+    try:
+        from kubetune_trainer.tune_lr import tune_lr_local
+    except ModuleNotFoundError as exc:
+        print(TRAINER_MISSING.format(command="tune-lr", missing=exc.name), file=sys.stderr)
+        return 2
+    picture = args.plot or Path(f"{job.metadata.name}-lr-range-test.png")
+    return tune_lr_local(trainer_config(job), s3_endpoint=args.s3_endpoint, steps=args.steps, picture=picture)
 
 
 # `kubetune demo` lives in the kubetune-dev distribution (devtools/ of a checkout), not in this package.
@@ -280,6 +310,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _range_test_steps(text: str) -> int:
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps") from None
+    if not 20 <= steps <= 1000:
+        raise argparse.ArgumentTypeError(f"{steps} steps: use 20 to 1000")
+    return steps
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kubetune", description="Fine-tune computer-vision models on Kubernetes.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -318,6 +358,33 @@ def parser() -> argparse.ArgumentParser:
         help="S3 endpoint (default: spec.storage.endpoint, then AWS_ENDPOINT_URL, then AWS S3)",
     )
     run.set_defaults(handler=cmd_run)
+
+    tune = sub.add_parser(
+        "tune-lr",
+        help="find a learning rate for a job on this machine (--local)",
+        description="Run the learning-rate range test of a FineTuneJob on this machine: a few steps on the job's "
+        "data while the learning rate grows from 1e-6 to 1; print the rate a run would choose (the bottom of the "
+        "smoothed loss curve) and write the curve as a PNG. A job without training.learningRate runs the same test "
+        "before it trains.",
+    )
+    tune.add_argument("file", metavar="FILE", help="FineTuneJob YAML with one job; '-' reads stdin")
+    tune.add_argument("--local", action="store_true", help="run here (required)")
+    tune.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint (default: spec.storage.endpoint, then AWS_ENDPOINT_URL, then AWS S3)",
+    )
+    tune.add_argument(
+        "--steps",
+        type=_range_test_steps,
+        default=100,
+        metavar="N",
+        help="steps of the sweep, 20-1000 (default: 100, as a run does)",
+    )
+    tune.add_argument(
+        "--plot", type=Path, metavar="PNG", help="where the curve goes (default: <job name>-lr-range-test.png)"
+    )
+    tune.set_defaults(handler=cmd_tune_lr)
 
     demo = sub.add_parser(
         "demo",
