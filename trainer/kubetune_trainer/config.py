@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 # An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules. Keys have
@@ -272,6 +272,21 @@ LAYER_DECAY = 0.8
 # Without warmupEpochs, the warm-up takes this share of the run's steps.
 WARMUP_FRACTION = 0.2
 
+# training.learningRate: a number, or "auto" for the range test. A CRD type is one type, so the schema
+# leaves the node untyped (x-kubernetes-preserve-unknown-fields) and says which values pass in anyOf's
+# value validations: the string auto, or a number in (0, 10]. minLength 1 with maxLength 0 fails every
+# string, so the second branch holds numbers only (the API server still rejects other strings, and the
+# model rejects booleans and objects too).
+AUTO = "auto"
+MAX_LEARNING_RATE = 10.0
+LEARNING_RATE_SCHEMA: dict[str, Any] = {
+    "x-kubernetes-preserve-unknown-fields": True,
+    "anyOf": [
+        {"enum": [AUTO]},
+        {"exclusiveMinimum": 0.0, "maximum": MAX_LEARNING_RATE, "minLength": 1, "maxLength": 0},
+    ],
+}
+
 WARMUP_RULE = cel(
     "!has(self.warmupEpochs) || self.warmupEpochs < self.epochs",
     "warmupEpochs must be less than epochs",
@@ -286,14 +301,15 @@ class TrainingSpec(SpecSection):
 
     epochs: int = Field(default=10, ge=1, le=1000, description="Passes over the training data.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
-    learning_rate: float | None = Field(
+    learning_rate: Annotated[float | None, WithJsonSchema(LEARNING_RATE_SCHEMA)] = Field(
         default=None,
         gt=0.0,
-        le=10.0,
+        le=MAX_LEARNING_RATE,
         description=(
             "Peak learning rate of the new head, reached at the end of warm-up (the backbone's follows "
-            "backboneLearningRateScale and layerDecay). Omitted: chosen by a learning-rate range test on the "
-            "job's data before training (`kubetune tune-lr` runs the same test alone)."
+            "backboneLearningRateScale and layerDecay): a number, or auto (the same as leaving it out) to have "
+            "a learning-rate range test on the job's data choose it before training (`kubetune tune-lr` runs "
+            "the same test alone)."
         ),
     )
     backbone_learning_rate_scale: float = Field(
@@ -331,12 +347,12 @@ class TrainingSpec(SpecSection):
 
     @field_validator("learning_rate", mode="before")
     @classmethod
-    def _auto_is_absent(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            raise ValueError(
-                "leave learningRate out to have it chosen by a learning-rate range test on the job's data "
-                "(a number otherwise)"
-            )
+    def _auto_is_the_range_test(cls, value: Any) -> Any:
+        """`auto` and an omitted learningRate mean the same: the range test chooses it (None here)."""
+        if isinstance(value, str) and value == AUTO:
+            return None
+        if isinstance(value, str):
+            raise ValueError(f"must be a number or {AUTO} (got {value!r})")
         return value
 
     @model_validator(mode="after")
