@@ -9,7 +9,7 @@ Four tasks, made offline (`bench/worlds.py`), each with its own base model pretr
 - small images: digits of 18-26 px anywhere in a 32 px noisy frame of another colour (10 classes, 1,200
   training images), from the same textures model;
 - detection: coloured boxes (yellow, magenta, cyan; 64 px, 192 training images) from an SSDlite
-  pretrained on red, green and blue boxes (tests/trainer/shapes_world.py).
+  pretrained on red, green and blue boxes (tests/support/shapes_world.py).
 
 kubetune's side is the trainer as `kubetune run --local` runs it (`run.check_inputs`, `run.prepare`,
 `run.train`: the workers' loop on a local Ray instance, S3 on moto) with a job that sets only what a user

@@ -20,11 +20,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import transforms as T
+from torchvision import transforms
 
 from bench import worlds
 
@@ -150,7 +149,7 @@ class Images(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
 
 
 def plain_transform(size: int, mean: Any, std: Any) -> Callable[[Any], torch.Tensor]:
-    return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(mean, std)])
+    return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def train_transform(policy: str, size: int, dc: dict[str, Any], eval_tf: Any) -> Any:
@@ -172,25 +171,27 @@ def train_transform(policy: str, size: int, dc: dict[str, Any], eval_tf: Any) ->
     if parts[0] in ("tshift", "tflip"):  # after the eval transform: same scale as evaluation
         ops = [eval_tf]
         if parts[0] == "tshift":
-            ops.append(T.RandomCrop(size, padding=max(1, round(float(parts[1]) * size)), padding_mode="reflect"))
+            ops.append(
+                transforms.RandomCrop(size, padding=max(1, round(float(parts[1]) * size)), padding_mode="reflect")
+            )
         if "flip" in parts:
-            ops.append(T.RandomHorizontalFlip())
-        return T.Compose(ops)
+            ops.append(transforms.RandomHorizontalFlip())
+        return transforms.Compose(ops)
     if parts[0] == "rrc":
-        ops.append(T.RandomResizedCrop(size, scale=(float(parts[1]), 1.0), ratio=(3 / 4, 4 / 3)))
+        ops.append(transforms.RandomResizedCrop(size, scale=(float(parts[1]), 1.0), ratio=(3 / 4, 4 / 3)))
     elif parts[0] == "shift":
         pad = max(1, round(float(parts[1]) * size))
-        ops += [T.Resize((size, size)), T.RandomCrop(size, padding=pad, padding_mode="reflect")]
+        ops += [transforms.Resize((size, size)), transforms.RandomCrop(size, padding=pad, padding_mode="reflect")]
     elif parts[0] == "flip":
-        ops.append(T.Resize((size, size)))
+        ops.append(transforms.Resize((size, size)))
     if "flip" in parts:
-        ops.append(T.RandomHorizontalFlip())
+        ops.append(transforms.RandomHorizontalFlip())
     if "cj" in parts:
-        ops.append(T.ColorJitter(0.4, 0.4, 0.4))
+        ops.append(transforms.ColorJitter(0.4, 0.4, 0.4))
     if "cj2" in parts:
-        ops.append(T.ColorJitter(0.2, 0.2, 0.2))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(ops)
+        ops.append(transforms.ColorJitter(0.2, 0.2, 0.2))
+    ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(ops)
 
 
 def build(task: TaskDef, recipe: Recipe, seed: int) -> tuple[nn.Module, Any]:
@@ -236,8 +237,8 @@ def range_test(
 ) -> dict[str, Any]:
     """Smith's LR range test: the LR grows exponentially from lo to hi over `steps` steps (all groups
     keeping their ratios); returns the (lr, smoothed loss) curve until the loss diverges."""
-    from kubetune_trainer.model import apply_strategy, data_config
     from kubetune_trainer.augment import build_transforms
+    from kubetune_trainer.model import apply_strategy, data_config
 
     task = TASKS[task_name]
     train_data, _ = task_data(task_name)
@@ -285,8 +286,8 @@ def range_test(
 
 
 def run(task_name: str, recipe: Recipe, seed: int) -> dict[str, Any]:
-    from kubetune_trainer.model import apply_strategy, data_config, set_train_mode
     from kubetune_trainer.augment import build_transforms
+    from kubetune_trainer.model import apply_strategy, data_config
 
     task = TASKS[task_name]
     train_data, val_data = task_data(task_name)
@@ -337,12 +338,9 @@ def run(task_name: str, recipe: Recipe, seed: int) -> dict[str, Any]:
 
     step = 0
     torch.manual_seed(seed)
-    curve = []
-    for epoch in range(task.epochs):
-        if recipe.kind == "plain":
-            model.train()
-        else:
-            model.train()
+    accuracies: list[float] = []
+    for _ in range(task.epochs):
+        model.train()
         for images, labels in loader:
             in_head = step < head_steps
             for g, base, head in zip(optimizer.param_groups, base_lrs, is_head, strict=True):
@@ -360,8 +358,8 @@ def run(task_name: str, recipe: Recipe, seed: int) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
             step += 1
-        curve.append(evaluate(model, val_loader))
-    return {"accuracy": curve[-1], "curve": curve, "picked": picked}
+        accuracies.append(evaluate(model, val_loader))
+    return {"accuracy": accuracies[-1], "curve": accuracies, "picked": picked}
 
 
 def pick(lrs: list[float], losses: list[float]) -> float:
@@ -450,8 +448,7 @@ def parse(spec: str) -> tuple[str, list[str], list[int], dict[str, Any]]:
 
 @cache
 def det_data(n_train: int = 192, n_val: int = 64) -> tuple[Any, Any]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "trainer"))
-    from shapes_world import DETECTOR_SIZE, FINETUNE_CLASSES, as_tensors, make_shapes
+    from tests.support.shapes_world import DETECTOR_SIZE, FINETUNE_CLASSES, as_tensors, make_shapes
 
     train = as_tensors(make_shapes(FINETUNE_CLASSES, n_train, seed=20, size=DETECTOR_SIZE))
     val = as_tensors(make_shapes(FINETUNE_CLASSES, n_val, seed=21, size=DETECTOR_SIZE))
@@ -459,7 +456,6 @@ def det_data(n_train: int = 192, n_val: int = 64) -> tuple[Any, Any]:
 
 
 def run_detection(recipe: Recipe, seed: int, epochs: int = 8, batch: int = 16) -> dict[str, Any]:
-    (train_x, train_y), (val_x, val_y) = det_data()
     picked = None
     if recipe.auto_div > 0:
         sweep = _run_detection(replace(recipe, auto_div=0.0, lr=1.0), seed, epochs, batch, sweep=recipe.rt_steps)
@@ -474,10 +470,9 @@ def run_detection(recipe: Recipe, seed: int, epochs: int = 8, batch: int = 16) -
 
 def _run_detection(recipe: Recipe, seed: int, epochs: int, batch: int, sweep: int = 0) -> dict[str, Any]:
     (train_x, train_y), (val_x, val_y) = det_data()
-    from shapes_world import DETECTOR, DETECTOR_SIZE, FINETUNE_CLASSES, pretrained_detector
-
     from kubetune_trainer.detection_eval import mean_average_precision, predict
     from kubetune_trainer.detection_model import apply_detection_strategy, build_detector, create_detector
+    from tests.support.shapes_world import DETECTOR, DETECTOR_SIZE, FINETUNE_CLASSES, pretrained_detector
 
     torch.manual_seed(seed)
     if recipe.random_init:

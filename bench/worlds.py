@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,9 +302,6 @@ def random_classifier(architecture: str, num_classes: int, path: Path, seed: int
 
 
 def detection_world() -> ModuleType:
-    """tests/trainer/shapes_world.py: coloured boxes on noise, and an SSDlite pretrained on three colours
+    """tests/support/shapes_world.py: coloured boxes on noise, and an SSDlite pretrained on three colours
     (cached under .cache/kubetune-tests/); the detection task of the benchmark fine-tunes it to three others."""
-    folder = str(Path(__file__).resolve().parent.parent / "tests" / "trainer")
-    if folder not in sys.path:
-        sys.path.append(folder)
-    return importlib.import_module("shapes_world")
+    return importlib.import_module("tests.support.shapes_world")

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_harness import FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, finetunejob
 
 from kubetune_operator.cli import main as kubetune
+from tests.support.operator_harness import FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, finetunejob
 
 # Set by the API server or only knowable once the job exists there.
 SERVER_FIELDS = ("uid", "creationTimestamp", "resourceVersion", "generation", "ownerReferences")
@@ -48,7 +48,9 @@ async def test_render_prints_exactly_what_the_operator_creates(
     op: OperatorHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # learningRate auto: the range test chooses the rate, in the trainer (the config carries none).
-    manifest = finetunejob("flowers", runPolicy={"queueName": "gpu", "backoffLimit": 1}, training={"learningRate": "auto"})
+    manifest = finetunejob(
+        "flowers", runPolicy={"queueName": "gpu", "backoffLimit": 1}, training={"learningRate": "auto"}
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))
     rendered = render(path, capsys, "--image", FAST_SETTINGS.trainer_image)

@@ -26,7 +26,8 @@ from kubetune_trainer.lr_range import (
 )
 from kubetune_trainer.model import apply_strategy, create_model
 from kubetune_trainer.optim import effective_training, warmup_steps
-from kubetune_trainer.reporting import TrainingSettings, settings_line
+from kubetune_trainer.progress_model import TrainingSettings
+from kubetune_trainer.reporting import settings_line
 from kubetune_trainer.tasks import ClassificationTask
 
 

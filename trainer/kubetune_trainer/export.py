@@ -43,6 +43,7 @@ from kubetune_trainer.detection_data import DetectionIndex
 from kubetune_trainer.detection_eval import SCORE_THRESHOLD
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.model import WeightsReport
+from kubetune_trainer.progress_model import card_metrics
 from kubetune_trainer.storage import S3Store, S3Uri
 
 MODEL_FORMAT = "kubetune.dev/model/v1"
@@ -156,7 +157,7 @@ def classification_card(
         "cropPct": data_config.get("crop_pct"),
         # timm's own keys: timm.data.create_transform(**dataConfig, is_training=False)
         "dataConfig": dict(data_config),
-        "metrics": {k: final[k] for k in ("trainLoss", "valLoss", "valAccuracy", "imagesPerSecond") if k in final},
+        "metrics": card_metrics(final),
         **_provenance(config, weights, history, finished_at),
         "data": {
             "train": config.data.train,
@@ -196,7 +197,7 @@ def detection_card(
         # torchvision's GeneralizedRCNNTransform settings: min_size, max_size, fixed_size, mean, std.
         "transform": dict(transform),
         "scoreThreshold": score_threshold,
-        "metrics": {k: final[k] for k in ("trainLoss", "valMap", "valMap50", "imagesPerSecond") if k in final},
+        "metrics": card_metrics(final),
         **_provenance(config, weights, history, finished_at),
         "data": {
             "train": config.data.train,

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, TrainingSettings, worker_reporters
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate, TrainingSettings
+from kubetune_trainer.reporting import worker_reporters
 
 if TYPE_CHECKING:
     from kubetune_trainer.loop import TrainState

@@ -31,6 +31,7 @@ from kubetune_trainer.detection_model import (
 )
 from kubetune_trainer.export import DETECTION_PANELS, DETECTIONS_FILE, Panel, detection_card
 from kubetune_trainer.model import TrainablePlan, WeightsReport
+from kubetune_trainer.progress_model import validation_keys
 from kubetune_trainer.steps import Autocast, DetectionStepper
 from kubetune_trainer.storage import S3Store
 from kubetune_trainer.tasks.base import Trained
@@ -65,7 +66,7 @@ class DetectionTask:
     """A detection run: the boxes of each image (`boxes`) and the same images listed for the node cache
     (`images`, a `DatasetIndex` with the same keys)."""
 
-    metric_keys: tuple[str, ...] = ("valMap", "valMap50")
+    metric_keys: tuple[str, ...] = validation_keys("detection")
     panels: tuple[Panel, ...] = DETECTION_PANELS
     exported_files: tuple[str, ...] = (DETECTIONS_FILE,)
     collate: Callable[[Any], Any] | None = staticmethod(collate)
