@@ -9,7 +9,8 @@ accuracy, detection COCO mAP@[.5:.95] (`detection_eval.mean_average_precision`, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,40 +30,33 @@ def _tensors(data: LabelledImages, size: int, mean: Sequence[float], std: Sequen
     return tf.normalize(images, list(mean), list(std))
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What both sides of a comparison get: the image size, epochs, batch size and seed, and the plain
+    loop's one learning rate."""
+
+    size: int
+    epochs: int
+    batch: int
+    lr: float
+    seed: int
+
+
 def classification(
-    architecture: str,
-    weights: Path | None,
-    train: LabelledImages,
-    validation: LabelledImages,
-    *,
-    size: int,
-    epochs: int,
-    batch: int,
-    lr: float,
-    seed: int,
+    architecture: str, weights: Path | None, train: LabelledImages, validation: LabelledImages, budget: Budget
 ) -> float:
-    """Top-1 validation accuracy after `epochs` of the plain loop (`weights` None: random initialisation)."""
+    """Top-1 validation accuracy after the plain loop's epochs (`weights` None: random initialisation)."""
     from kubetune_trainer.model import create_model, data_config, load_base_weights, read_state_dict
 
-    torch.manual_seed(seed)
+    torch.manual_seed(budget.seed)
     model = create_model(architecture, len(train.class_names))
     if weights is not None:
         load_base_weights(model, read_state_dict(weights, str(weights)), str(weights))
-    cfg = data_config(model, size)
-    x, y = _tensors(train, size, cfg["mean"], cfg["std"]), torch.tensor(train.labels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x) - batch + 1 if len(x) > batch else 1, batch):
-            chosen = order[i : i + batch]
-            loss = nn.functional.cross_entropy(model(x[chosen]), y[chosen])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    cfg = data_config(model, budget.size)
+    x, y = _tensors(train, budget.size, cfg["mean"], cfg["std"]), torch.tensor(train.labels)
+    _train(model, len(x), budget, lambda chosen: nn.functional.cross_entropy(model(x[chosen]), y[chosen]))
     model.eval()
-    vx, vy = _tensors(validation, size, cfg["mean"], cfg["std"]), torch.tensor(validation.labels)
+    vx, vy = _tensors(validation, budget.size, cfg["mean"], cfg["std"]), torch.tensor(validation.labels)
     with torch.no_grad():
         correct = sum(int((model(vx[i : i + 256]).argmax(1) == vy[i : i + 256]).sum()) for i in range(0, len(vx), 256))
     return correct / len(vx)
@@ -73,33 +67,38 @@ def detection(
     weights: Path | None,
     train: tuple[list[Any], list[Any]],
     validation: tuple[list[Any], list[Any]],
-    *,
     classes: int,
-    size: int,
-    epochs: int,
-    batch: int,
-    lr: float,
-    seed: int,
+    budget: Budget,
 ) -> float:
-    """COCO mAP@[.5:.95] on the validation images after `epochs` of the plain loop; images in [0, 1] and
+    """COCO mAP@[.5:.95] on the validation images after the plain loop's epochs; images in [0, 1] and
     torchvision targets (labels 1..classes), as `DetectionFiles` gives them."""
     from kubetune_trainer.detection_eval import mean_average_precision, predict
     from kubetune_trainer.detection_model import build_detector
 
-    torch.manual_seed(seed)
-    model, _ = build_detector(architecture, classes, weights, str(weights), size)
+    torch.manual_seed(budget.seed)
+    model, _ = build_detector(architecture, classes, weights, str(weights), budget.size)
     images, targets = train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+
+    def batch_loss(chosen: torch.Tensor) -> torch.Tensor:
+        losses = model([images[j] for j in chosen.tolist()], [targets[j] for j in chosen.tolist()])
+        return torch.stack(list(losses.values())).sum()
+
+    _train(model, len(images), budget, batch_loss)
+    predictions, truths = predict(model, [validation], torch.device("cpu"))
+    return mean_average_precision(predictions, truths)["valMap"]
+
+
+def _train(model: nn.Module, samples: int, budget: Budget, batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """AdamW over every parameter at `budget.lr`, full batches in a seeded order each epoch (the last
+    partial one dropped, unless there is only one)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr)
+    generator = torch.Generator().manual_seed(budget.seed)
+    batch = budget.batch
+    for _ in range(budget.epochs):
         model.train()
-        order = torch.randperm(len(images), generator=generator).tolist()
-        for i in range(0, len(images) - batch + 1, batch):
-            chosen = order[i : i + batch]
-            losses = model([images[j] for j in chosen], [targets[j] for j in chosen])
-            loss = torch.stack(list(losses.values())).sum()
+        order = torch.randperm(samples, generator=generator)
+        for i in range(0, samples - batch + 1 if samples > batch else 1, batch):
+            loss = batch_loss(order[i : i + batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    predictions, truths = predict(model, [validation], torch.device("cpu"))
-    return mean_average_precision(predictions, truths)["valMap"]

@@ -50,27 +50,8 @@ OUT_BUCKET = "quality-runs"
 ARCHITECTURE = "test_resnet"
 NOMINAL_LR = 1e-3
 MARGIN = 0.02  # the most kubetune's median may fall below the best of the plain loop's grid
-TEXTURES_BASE = {
-    "architecture": ARCHITECTURE,
-    "world": "textures",
-    "images": 6400,
-    "imageSeed": 100,
-    "size": 64,
-    "epochs": 12,
-    "batch": 64,
-    "learningRate": 3e-3,
-    "seed": 0,
-}
-DIGITS_BASE = {
-    "architecture": ARCHITECTURE,
-    "world": "digits-0-4",
-    "size": 32,
-    "epochs": 3,
-    "batch": 32,
-    "learningRate": 3e-3,
-    "seed": 0,
-    "flip": False,
-}
+TEXTURES_BASE = worlds.TEXTURES_BASE
+DIGITS_BASE = worlds.DIGITS_0_4_BASE
 
 
 @dataclass(frozen=True)
@@ -223,6 +204,7 @@ def kubetune_run(config: Any, detection: bool) -> tuple[float, dict[str, Any]]:
 
 def plain_run(task: Task, lr: float, seed: int, epochs: int, pretrained: bool = True) -> float:
     weights = base_weights(task) if pretrained else None
+    budget = plain_loop.Budget(size=task.size, epochs=epochs, batch=task.batch, lr=lr, seed=seed)
     if task.detection:
         shapes = worlds.detection_world()
         train, validation = detection_data()
@@ -231,25 +213,11 @@ def plain_run(task: Task, lr: float, seed: int, epochs: int, pretrained: bool = 
             weights,
             shapes.as_tensors(train),
             shapes.as_tensors(validation),
-            classes=len(shapes.FINETUNE_CLASSES),
-            size=task.size,
-            epochs=epochs,
-            batch=task.batch,
-            lr=lr,
-            seed=seed,
+            len(shapes.FINETUNE_CLASSES),
+            budget,
         )
     train_images, val_images = classification_data(task.name)
-    return plain_loop.classification(
-        ARCHITECTURE,
-        weights,
-        train_images,
-        val_images,
-        size=task.size,
-        epochs=epochs,
-        batch=task.batch,
-        lr=lr,
-        seed=seed,
-    )
+    return plain_loop.classification(ARCHITECTURE, weights, train_images, val_images, budget)
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------

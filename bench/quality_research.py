@@ -26,41 +26,14 @@ from torch import nn
 from torchvision import transforms
 
 from bench import worlds
+from bench.quality import Task
 
 ARCH = "test_resnet"
-TEXTURES = {
-    "architecture": ARCH,
-    "world": "textures",
-    "images": 3200,
-    "imageSeed": 100,
-    "size": 64,
-    "epochs": 6,
-    "batch": 64,
-    "learningRate": 3e-3,
-    "seed": 0,
-}
-DIGITS04 = {
-    "architecture": ARCH,
-    "world": "digits-0-4",
-    "size": 32,
-    "epochs": 3,
-    "batch": 32,
-    "learningRate": 3e-3,
-    "seed": 0,
-    "flip": False,
-}
+TEXTURES = worlds.TEXTURES_LIGHT_BASE
+DIGITS04 = worlds.DIGITS_0_4_BASE
 
 
-@dataclass(frozen=True)
-class TaskDef:
-    name: str
-    size: int
-    epochs: int
-    base: dict[str, Any]
-    batch: int = 32
-
-
-TEXTURES2 = {**TEXTURES, "images": 6400, "epochs": 12}
+TEXTURES2 = worlds.TEXTURES_BASE
 PROBE: dict[str, Any] = {
     "far": {"min_size": 0.4, "max_size": 0.7, "rotation": 25.0, "noise": 12.0},
     "small": ((18, 26), 1200, 8.0),
@@ -78,22 +51,22 @@ PROBE: dict[str, Any] = {
     "small-big600": ((14, 20), 600, 15.0),
 }
 TASKS = {
-    "far-few": TaskDef("far-few", 64, 20, TEXTURES2),
-    "small-few": TaskDef("small-few", 32, 15, TEXTURES2),
-    "small-e10": TaskDef("small-e10", 32, 10, TEXTURES2),
-    "small-f": TaskDef("small-f", 32, 6, TEXTURES2),
-    "far-e": TaskDef("far-e", 64, 5, TEXTURES2),
-    "far-e2": TaskDef("far-e2", 64, 5, TEXTURES2),
-    "small-e": TaskDef("small-e", 32, 6, TEXTURES2),
-    "far-big2": TaskDef("far-big2", 64, 5, TEXTURES2),
-    "small-big2": TaskDef("small-big2", 32, 8, TEXTURES2),
-    "far-big": TaskDef("far-big", 64, 5, TEXTURES),
-    "far-10": TaskDef("far-10", 64, 10, TEXTURES),
-    "small-big": TaskDef("small-big", 32, 8, TEXTURES),
-    "small-big600": TaskDef("small-big600", 32, 8, TEXTURES),
-    "near": TaskDef("near", 32, 3, DIGITS04),
-    "far": TaskDef("far", 64, 5, TEXTURES2),
-    "small": TaskDef("small", 32, 6, TEXTURES2),
+    "far-few": Task("far-few", "far-few", 64, 20, 32, TEXTURES2),
+    "small-few": Task("small-few", "small-few", 32, 15, 32, TEXTURES2),
+    "small-e10": Task("small-e10", "small-e10", 32, 10, 32, TEXTURES2),
+    "small-f": Task("small-f", "small-f", 32, 6, 32, TEXTURES2),
+    "far-e": Task("far-e", "far-e", 64, 5, 32, TEXTURES2),
+    "far-e2": Task("far-e2", "far-e2", 64, 5, 32, TEXTURES2),
+    "small-e": Task("small-e", "small-e", 32, 6, 32, TEXTURES2),
+    "far-big2": Task("far-big2", "far-big2", 64, 5, 32, TEXTURES2),
+    "small-big2": Task("small-big2", "small-big2", 32, 8, 32, TEXTURES2),
+    "far-big": Task("far-big", "far-big", 64, 5, 32, TEXTURES),
+    "far-10": Task("far-10", "far-10", 64, 10, 32, TEXTURES),
+    "small-big": Task("small-big", "small-big", 32, 8, 32, TEXTURES),
+    "small-big600": Task("small-big600", "small-big600", 32, 8, 32, TEXTURES),
+    "near": Task("near", "near", 32, 3, 32, DIGITS04),
+    "far": Task("far", "far", 64, 5, 32, TEXTURES2),
+    "small": Task("small", "small", 32, 6, 32, TEXTURES2),
 }
 
 
@@ -194,13 +167,13 @@ def train_transform(policy: str, size: int, dc: dict[str, Any], eval_tf: Any) ->
     return transforms.Compose(ops)
 
 
-def build(task: TaskDef, recipe: Recipe, seed: int) -> tuple[nn.Module, Any]:
+def build(task: Task, recipe: Recipe, seed: int) -> tuple[nn.Module, Any]:
     from kubetune_trainer.model import create_model, load_base_weights, read_state_dict
 
     n = len(task_data(task.name)[0].class_names)
     torch.manual_seed(seed)
     model = create_model(ARCH, n)
-    if not recipe.random_init:
+    if not recipe.random_init and task.base is not None:
         path = worlds.pretrained_classifier(task.base)
         load_base_weights(model, read_state_dict(path, "base"), "base")
     return model, n

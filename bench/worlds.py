@@ -6,8 +6,8 @@ Each world is a family of images with labels, drawn with numpy and PIL in millis
   noise) in random colours: the family a far-domain base model is pretrained on;
 - `shapes`: one filled shape (circle, square, triangle, plus; random size, rotation, colour, position)
   on a noisy background: a far-domain task for a textures base (the issue's 64 px, 4 classes);
-- `small_digits`: scikit-learn's 8x8 digits, scaled to 10-16 px and dropped anywhere in a 32 px noisy
-  frame: small images whose object covers a fifth of the frame or less;
+- `small_digits`: scikit-learn's 8x8 digits, scaled up (the benchmark: 18-26 px) and dropped anywhere in
+  a 32 px noisy frame of another colour: small images whose object is off-centre;
 - `digits`: scikit-learn's digits as 32 px images: the near-domain pair (0-4 for the base, 5-9 new).
 
 `pretrained_classifier(recipe)` trains a timm model on one world with plain torch and caches its
@@ -36,6 +36,32 @@ CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "kubetune-bench"
 TEXTURE_CLASSES = ("grating-0", "grating-45", "grating-90", "grating-135", "checker", "dots", "blobs", "grain")
 SHAPE_CLASSES = ("circle", "square", "triangle", "plus")
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
+
+# Base models (`pretrained_classifier` recipes): test_resnet on textures, the base of the far-domain and
+# small-image tasks, and on digits 0-4, the near-domain task's.
+TEXTURES_BASE: dict[str, Any] = {
+    "architecture": "test_resnet",
+    "world": "textures",
+    "images": 6400,
+    "imageSeed": 100,
+    "size": 64,
+    "epochs": 12,
+    "batch": 64,
+    "learningRate": 3e-3,
+    "seed": 0,
+}
+# Half the images and epochs (about half a minute, once): the tests' textures base.
+TEXTURES_LIGHT_BASE: dict[str, Any] = {**TEXTURES_BASE, "images": 3200, "epochs": 6}
+DIGITS_0_4_BASE: dict[str, Any] = {
+    "architecture": "test_resnet",
+    "world": "digits-0-4",
+    "size": 32,
+    "epochs": 3,
+    "batch": 32,
+    "learningRate": 3e-3,
+    "seed": 0,
+    "flip": False,
+}
 
 
 @dataclass

@@ -14,13 +14,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 from kubetune_operator.messages import Loc, field_path, format_validation_error, show
 from kubetune_operator.spec import API_VERSION, GROUP, KIND, FineTuneJob
+
+if TYPE_CHECKING:
+    from kubetune_trainer.config import TrainerConfig
 
 STDIN = "-"
 # A FineTuneJob has a few hundred values at most; a YAML alias bomb expands to billions.
@@ -217,58 +220,57 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if not args.local:
-        print(
-            f"kubetune run trains on this machine only, so it needs --local: kubetune run {args.file} --local\n"
-            f"To train on a cluster, apply the job: kubectl apply -f {args.file}",
-            file=sys.stderr,
-        )
-        return 2
-    job = one_job(args.file)
-    if job is None:
-        return 1
-    from kubetune_operator.trainer_config import trainer_config
-
+    config = local_config(
+        args,
+        f"kubetune run trains on this machine only, so it needs --local: kubetune run {args.file} --local\n"
+        f"To train on a cluster, apply the job: kubectl apply -f {args.file}",
+    )
+    if isinstance(config, int):
+        return config
     try:
         from kubetune_trainer.local import run_local
     except ModuleNotFoundError as exc:
-        print(TRAINER_MISSING.format(command="run", missing=exc.name), file=sys.stderr)
-        return 2
+        return trainer_missing("run", exc)
     # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
-    return run_local(trainer_config(job), s3_endpoint=args.s3_endpoint)
-
-
-TRAINER_MISSING = "kubetune {command} --local needs the trainer ({missing} is missing): pip install 'kubetune[trainer]'"
-
-
-def one_job(name: str) -> FineTuneJob | None:
-    """The one valid job in file `name`; None, with the problems said on stderr, otherwise."""
-    jobs, problems = read_jobs(name)
-    if problems or len(jobs) != 1:
-        print("\n".join(problems) or f"{name}: holds {len(jobs)} {KIND}s; run one at a time", file=sys.stderr)
-        return None
-    return jobs[0]
+    return run_local(config, s3_endpoint=args.s3_endpoint)
 
 
 def cmd_tune_lr(args: argparse.Namespace) -> int:
-    if not args.local:
-        print(
-            f"kubetune tune-lr runs on this machine only, so it needs --local: kubetune tune-lr {args.file} --local",
-            file=sys.stderr,
-        )
-        return 2
-    job = one_job(args.file)
-    if job is None:
-        return 1
-    from kubetune_operator.trainer_config import trainer_config
-
+    config = local_config(
+        args,
+        f"kubetune tune-lr runs on this machine only, so it needs --local: kubetune tune-lr {args.file} --local",
+    )
+    if isinstance(config, int):
+        return config
     try:
         from kubetune_trainer.tune_lr import tune_lr_local
     except ModuleNotFoundError as exc:
-        print(TRAINER_MISSING.format(command="tune-lr", missing=exc.name), file=sys.stderr)
+        return trainer_missing("tune-lr", exc)
+    picture = args.plot or Path(f"{config.job_name}-lr-range-test.png")
+    return tune_lr_local(config, s3_endpoint=args.s3_endpoint, steps=args.steps, picture=picture)
+
+
+def local_config(args: argparse.Namespace, needs_local: str) -> TrainerConfig | int:
+    """The TrainerConfig of the one job in `args.file` for a command that runs here, or its exit code:
+    2 without --local (saying `needs_local`), 1 when the file holds no single valid job (problems on stderr)."""
+    if not args.local:
+        print(needs_local, file=sys.stderr)
         return 2
-    picture = args.plot or Path(f"{job.metadata.name}-lr-range-test.png")
-    return tune_lr_local(trainer_config(job), s3_endpoint=args.s3_endpoint, steps=args.steps, picture=picture)
+    jobs, problems = read_jobs(args.file)
+    if problems or len(jobs) != 1:
+        print("\n".join(problems) or f"{args.file}: holds {len(jobs)} {KIND}s; run one at a time", file=sys.stderr)
+        return 1
+    from kubetune_operator.trainer_config import trainer_config
+
+    return trainer_config(jobs[0])
+
+
+def trainer_missing(command: str, error: ModuleNotFoundError) -> int:
+    print(
+        f"kubetune {command} --local needs the trainer ({error.name} is missing): pip install 'kubetune[trainer]'",
+        file=sys.stderr,
+    )
+    return 2
 
 
 # `kubetune demo` lives in the kubetune-dev distribution (devtools/ of a checkout), not in this package.

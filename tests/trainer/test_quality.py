@@ -26,18 +26,6 @@ from tests.support.digits_world import DATA_BUCKET, KUBETUNE, MODEL_BUCKET, Digi
 
 pytestmark = pytest.mark.slow
 
-# A lighter textures model than the benchmark's (3,200 images, 6 epochs: about half a minute, once).
-TEXTURES = {
-    "architecture": "test_resnet",
-    "world": "textures",
-    "images": 3200,
-    "imageSeed": 100,
-    "size": 64,
-    "epochs": 6,
-    "batch": 64,
-    "learningRate": 3e-3,
-    "seed": 0,
-}
 TRAIN = f"s3://{DATA_BUCKET}/shapes/train"
 VALIDATION = f"s3://{DATA_BUCKET}/shapes/val"
 BASE = f"s3://{MODEL_BUCKET}/textures/test_resnet.safetensors"
@@ -50,7 +38,7 @@ class FarDomain:
 
     def __init__(self, world: DigitsWorld) -> None:
         self.world = world
-        self.weights = worlds.pretrained_classifier(TEXTURES)
+        self.weights = worlds.pretrained_classifier(worlds.TEXTURES_LIGHT_BASE)
         self.train = worlds.shapes(400, 1, min_size=0.4, max_size=0.7, rotation=25.0, noise=12.0)
         self.validation = worlds.shapes(200, 2, min_size=0.4, max_size=0.7, rotation=25.0, noise=12.0)
         world.put_many(self.train.pngs(TRAIN) | self.validation.pngs(VALIDATION))
@@ -89,17 +77,8 @@ def defaults_run(far: FarDomain) -> dict[str, Any]:
 
 def test_defaults_beat_a_plain_loop_at_the_same_budget(far: FarDomain, defaults_run: dict[str, Any]) -> None:
     accuracy = defaults_run["card"]["metrics"]["valAccuracy"]
-    plain = plain_loop.classification(
-        "test_resnet",
-        far.weights,
-        far.train,
-        far.validation,
-        size=64,
-        epochs=EPOCHS,
-        batch=BATCH,
-        lr=1e-3,
-        seed=SEED,
-    )
+    budget = plain_loop.Budget(size=64, epochs=EPOCHS, batch=BATCH, lr=1e-3, seed=SEED)
+    plain = plain_loop.classification("test_resnet", far.weights, far.train, far.validation, budget)
     print(f"far domain, {EPOCHS} epochs: kubetune defaults {accuracy:.3f}, plain loop at lr 1e-3 {plain:.3f}")
     assert accuracy >= plain + 0.03, f"kubetune {accuracy:.3f} vs plain loop {plain:.3f}"
 
