@@ -133,7 +133,7 @@ def test_the_effective_settings_name_every_rate_and_where_it_came_from() -> None
     plan = apply_strategy(model, "partial", 2)
     training = TrainingSpec(epochs=5, layerDecay=0.5)
     augment = {"policy": "light", "description": "light: shifts up to 4 px at 32 px"}
-    effective = effective_training(training, plan, 0.004, 10, augment, {"chosen": 0.004, "steps": 100})
+    effective = effective_training(training, plan, (0.004, 1.0), 10, augment, {"chosen": 0.004, "steps": 100})
     assert effective["learningRateSource"] == "rangeTest"
     assert effective["backboneLearningRates"] == pytest.approx([0.002, 0.004])
     assert (effective["warmupSteps"], effective["totalSteps"]) == (10, 50)

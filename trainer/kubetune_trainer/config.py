@@ -271,6 +271,10 @@ class DataSpec(SpecSection):
 
 # Defaults measured on the fine-tuning quality benchmark (bench/quality.py; docs/trainer.md, "Defaults").
 LAYER_DECAY = 0.8
+# The top backbone stage's share of the head's rate when backboneLearningRateScale is omitted. A detector's
+# new heads (and FPN) take the range test's rate, its pretrained backbone a tenth of it: at the full rate
+# the backbone's features were lost (mAP 0.13 against 0.31; docs/trainer.md).
+BACKBONE_SCALE: dict[Task, float] = {"classification": 1.0, "detection": 0.1}
 # Without warmupEpochs, the warm-up takes this share of the run's steps.
 WARMUP_FRACTION = 0.2
 
@@ -314,11 +318,14 @@ class TrainingSpec(SpecSection):
             "the same test alone)."
         ),
     )
-    backbone_learning_rate_scale: float = Field(
-        default=1.0,
+    backbone_learning_rate_scale: float | None = Field(
+        default=None,
         gt=0.0,
         le=1.0,
-        description="The top backbone stage's learning rate as a fraction of the head's (strategies partial and full).",
+        description=(
+            "The top backbone stage's learning rate as a fraction of the head's (strategies partial and full); "
+            "omitted: 1 for classification, 0.1 for detection."
+        ),
     )
     layer_decay: float = Field(
         default=LAYER_DECAY,
@@ -356,6 +363,12 @@ class TrainingSpec(SpecSection):
         if isinstance(value, str):
             raise ValueError(f"must be a number or {AUTO} (got {value!r})")
         return value
+
+    def backbone_scale(self, task: Task) -> float:
+        """backboneLearningRateScale, or the task's default (BACKBONE_SCALE) when it is omitted."""
+        return (
+            self.backbone_learning_rate_scale if self.backbone_learning_rate_scale is not None else BACKBONE_SCALE[task]
+        )
 
     @model_validator(mode="after")
     def _warmup_before_end(self) -> TrainingSpec:

@@ -272,7 +272,7 @@ def new_state(
         trainable,
         rate,
         training.weight_decay,
-        training.backbone_learning_rate_scale,
+        training.backbone_scale(worker.config.task),
         training.layer_decay,
     )
     optimizer = make_optimizer(groups, training)
@@ -289,7 +289,12 @@ def new_state(
     }
     augment = worker.task.augmentation(worker.plan.data_config)
     effective = effective_training(
-        training, trainable, rate, steps_per_epoch, augment, tested.wire() if tested is not None else None
+        training,
+        trainable,
+        (rate, training.backbone_scale(worker.config.task)),
+        steps_per_epoch,
+        augment,
+        tested.wire() if tested is not None else None,
     )
     return TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity, effective=effective)
 

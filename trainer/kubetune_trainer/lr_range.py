@@ -151,7 +151,7 @@ def find_learning_rate(
         trainable,
         1.0,
         training.weight_decay,
-        training.backbone_learning_rate_scale,
+        training.backbone_scale(config.task),
         training.layer_decay,
     )
     optimizer = make_optimizer(groups, training)

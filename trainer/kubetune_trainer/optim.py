@@ -64,7 +64,7 @@ def make_schedule(
 def effective_training(
     training: TrainingSpec,
     trainable: TrainablePlan,
-    learning_rate: float,
+    rates: tuple[float, float],
     steps_per_epoch: int,
     augment: Mapping[str, Any],
     range_test: Mapping[str, Any] | None = None,
@@ -72,7 +72,8 @@ def effective_training(
     """What the run trains with, as model.json (`effectiveTraining`) and the status (`progress.training`)
     say it: the head's peak rate and where it came from, each trained backbone stage's (input side
     first), the warm-up, and the augmentation."""
-    scales = stage_scales(len(trainable.backbone_stages), training.backbone_learning_rate_scale, training.layer_decay)
+    learning_rate, backbone_scale = rates  # the head's, and the top backbone stage's share of it
+    scales = stage_scales(len(trainable.backbone_stages), backbone_scale, training.layer_decay)
     out: dict[str, Any] = {
         "learningRate": learning_rate,
         "learningRateSource": "rangeTest" if range_test is not None else "spec",
