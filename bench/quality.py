@@ -18,7 +18,8 @@ other field at its default, so no learning rate (the range test chooses it), aug
 strategy `full`, layer-wise decay 0.8, a warm-up over the first fifth. Its figure is the last epoch's
 validation accuracy (detection: valMap) from model.json. The baseline is `bench/plain_loop.py`: every
 parameter at one constant learning rate with AdamW, no augmentation, at 1e-3 (the learning rate a user
-types, and kubetune's old default) and over a grid of rates; from random weights for reference. The
+types, and kubetune's old default) and over a grid of rates (3e-4, 1e-3, 3e-3); from random weights for
+reference. Three seeds per task, two for detection (its runs take four times as long on 2 cores). The
 range test's steps (100 before training) are not counted in kubetune's budget; the grid's runs are not
 counted in the baseline's.
 
