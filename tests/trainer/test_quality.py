@@ -99,26 +99,21 @@ def test_the_run_says_which_rates_and_augmentation_it_used(far: FarDomain, defau
 
 
 def test_tune_lr_prints_a_rate_and_draws_the_curve(far: FarDomain, tmp_path: Path) -> None:
-    picture = tmp_path / "curve.png"
+    """`kubetune tune-lr job.yaml --local --s3-endpoint URL` as documented, from the job's folder, on defaults."""
+    (tmp_path / "job.yaml").write_text(far.manifest("far-tune").read_text())
     done = subprocess.run(
-        [
-            str(KUBETUNE),
-            "tune-lr",
-            str(far.manifest("far-tune")),
-            "--local",
-            "--s3-endpoint",
-            far.world.endpoint,
-            "--steps",
-            "60",
-            "--plot",
-            str(picture),
-        ],
+        [str(KUBETUNE), "tune-lr", "job.yaml", "--local", "--s3-endpoint", far.world.endpoint],
+        cwd=tmp_path,
         env=far.world.env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "kubetune: 60 steps from 1e-06" in done.stdout or "(stopped: the loss diverged)" in done.stdout
-    assert "kubetune: learning rate " in done.stdout and "training.learningRate: " in done.stdout
-    assert Image.open(picture).format == "PNG"
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("kubetune: ") and " steps from 1e-06 to " in lines[0], done.stdout
+    chosen = float(lines[1].split("training.learningRate: ")[1].rstrip(")"))
+    assert 1e-5 < chosen < 0.1 and lines[1].startswith("kubetune: learning rate ")
+    # The curve, under the documented default name, in the folder it ran in.
+    assert lines[2] == "kubetune: curve in far-tune-lr-range-test.png"
+    assert Image.open(tmp_path / "far-tune-lr-range-test.png").format == "PNG"
