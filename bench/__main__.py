@@ -147,7 +147,7 @@ def render(
 
 def _table_and_setups(page: str) -> tuple[list[str], dict[str, str]]:
     """A results page's table rows (`| Benchmark | …`) and its set-up sections by benchmark name."""
-    lines = page.splitlines()
+    lines = page.split("\n## Set-ups\n", 1)[0].splitlines()  # the results table, not the findings' tables
     table = [line for line in lines if line.startswith("| ") and not line.startswith(("| Benchmark |", "| ---"))]
     setups: dict[str, str] = {}
     body = page.split("\n## Set-ups\n", 1)[-1].split("\n## ", 1)[0]
@@ -172,7 +172,9 @@ def carry_over(old: str, new: str, ran: set[str]) -> str:
     findings = new.split("\n## Set-ups\n", 1)[1].split("\n## ", 1)
     carried = sorted({row.split(" | ")[0].removeprefix("| ") for row in kept}, key=order.index)
     note = f"- Rows of {', '.join(carried)}: carried over from the earlier run ({date.removeprefix('- Date: ')})\n"
-    parts = [head.rstrip("\n") + "\n" + (note if carried else ""), header, *rows, "", "## Set-ups", ""]
+    if carried:  # among the header's facts, after the versions
+        head = head.replace("\n\nEach figure:", "\n" + note + "\nEach figure:", 1)
+    parts = [head.rstrip("\n") + "\n", header, *rows, "", "## Set-ups", ""]
     parts += [setups[name] + "\n" for name in order if name in setups]
     if len(findings) > 1:
         parts += ["## " + findings[1]]

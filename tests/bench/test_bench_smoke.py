@@ -173,9 +173,8 @@ def test_a_partial_run_keeps_the_other_benchmarks_rows_and_set_ups() -> None:
 
     def page(rows: list[Row], day: int) -> str:
         started = datetime(2026, 1, day, 3, 4, tzinfo=UTC)
-        return render(
-            rows, {}, {"x": 1.0}, quick=False, host=host_facts(), started=started, findings="## Findings\n\nkept"
-        )
+        findings = "## Findings\n\nkept\n\n| Figure | Before |\n| --- | --- |\n| a table of the findings | 1 |"
+        return render(rows, {}, {"x": 1.0}, quick=False, host=host_facts(), started=started, findings=findings)
 
     old = page(
         [
@@ -186,14 +185,14 @@ def test_a_partial_run_keeps_the_other_benchmarks_rows_and_set_ups() -> None:
     )
     new = page([Row(quality.NAME, "far: accuracy", "accuracy", [0.9], [0.6], (">=", 1.0), "new quality")], 2)
     merged = carry_over(old, new, {quality.NAME})
-    table = [line for line in merged.splitlines() if line.startswith("| ")]
+    table = [line for line in merged.split("## Set-ups")[0].splitlines() if line.startswith("| ")]
     assert table[2].startswith(f"| {trainer_overhead.NAME} | throughput | 10.0 images/s |")
     assert table[3].startswith(f"| {quality.NAME} | far: accuracy | 0.900 accuracy |") and len(table) == 4
     assert "2026-01-02 03:04 UTC" in merged and f"Rows of {trainer_overhead.NAME}: carried over" in merged
     assert "2026-01-01 03:04 UTC" in merged
     assert "- trainer set-up" in merged and "- new quality" in merged and "old quality" not in merged
     assert merged.index(f"### {trainer_overhead.NAME}") < merged.index(f"### {quality.NAME}")
-    assert merged.rstrip().endswith("kept")
+    assert merged.rstrip().endswith("| a table of the findings | 1 |") and "kept" in merged
 
 
 def test_quality_targets_read_against_the_plain_loop_at_one_rate_and_the_best_of_the_grid() -> None:
