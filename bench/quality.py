@@ -101,7 +101,7 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(seeds=(0, 1), grid=(1e-3, 3e-3))
+        return cls(seeds=(0, 1))
 
     @classmethod
     def tiny(cls) -> Config:
