@@ -76,6 +76,23 @@ async def test_an_update_from_the_jobs_own_trainer_lands_in_the_status(
     assert metrics.registry.get_sample_value("kubetune_job_progress_ratio", {"namespace": NS, "name": "cats"}) == 0.1
 
 
+async def test_the_effective_learning_rates_and_augmentation_land_in_the_status(
+    kmock: Cluster, progress_server: tuple[Any, str]
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    training = {
+        "learningRate": 0.0043,
+        "learningRateSource": "rangeTest",
+        "backboneLearningRates": [0.0018, 0.0022, 0.0028, 0.0034, 0.0043],
+        "warmupSteps": 19,
+        "augment": "light: shifts up to 8 px at 64 px",
+    }
+    code, _, _ = await post(base, "cats", update(training=training), kmock.issue_token(NS, "cats"))
+    assert code == 200
+    assert kmock.job(NS, "cats")["status"]["progress"]["training"] == training
+
+
 async def test_later_updates_merge_metrics_and_older_ones_are_ignored(
     kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
 ) -> None:

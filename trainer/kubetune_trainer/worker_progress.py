@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate, TrainerPhase
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate, TrainerPhase, TrainingSettings
 from kubetune_trainer.reporting import worker_reporters
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class WorkerProgress:
             # Train has committed it.
             latest_checkpoint=state.resumed_from,
             phase=phase,
+            training=TrainingSettings.from_effective(state.effective),
         )
 
     def resumed(self, state: TrainState) -> None:
