@@ -353,8 +353,8 @@ class FineTuneJobStatus(StatusModel):
         default=None,
         max_length=4096,
         description=(
-            "Whether the S3 inputs were checked before launch: Passed, or Skipped and why (without "
-            "storage.credentialsSecret the pods' own cloud identity reads S3, which the operator cannot check as)."
+            "Set when the S3 inputs were not checked before launch because storage.credentialsSecret is not "
+            "set: the pods' own cloud identity reads S3, which the operator cannot check as."
         ),
     )
     restarts: int | None = Field(
