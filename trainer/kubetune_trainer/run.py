@@ -30,10 +30,11 @@ import torch
 
 from kubetune_trainer.cache import cached_object
 from kubetune_trainer.callbacks import callback_names_from_env
+from kubetune_trainer.checkpoint import MODEL_FILE
 from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.data import check_corrupt, prepare_images
 from kubetune_trainer.errors import TrainerError, error_line
-from kubetune_trainer.export import export_model, read_final_progress
+from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_final_progress
 from kubetune_trainer.loop import RunPlan, train_loop
 from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.relay import Relay, driver_reporters, run_events
@@ -70,9 +71,11 @@ class Prepared:
 
 @dataclass
 class Outcome:
-    output: S3Uri
+    model: S3Uri  # the weights under output.path
     metrics: dict[str, Any]
     epochs: int
+    # Beside the weights: the card, history and curves, and the task's own (detection: detections.png).
+    files: tuple[str, ...]
 
 
 def store_for(config: TrainerConfig) -> S3Store:
@@ -262,4 +265,5 @@ def export(config: TrainerConfig, prepared: Prepared, last: S3Uri) -> Outcome:
     final = progress.get("final") or {}
     card = task.card(Trained(prepared.data_config, prepared.weights_report, history, final, datetime.now(UTC)))
     output = export_model(store, config, last, card, history, task.panels, extra_files=task.exported_files)
-    return Outcome(output=output, metrics=dict(history[-1]), epochs=len(history))
+    files = (*PUBLISHED_FILES, *task.exported_files)
+    return Outcome(output.join(MODEL_FILE), metrics=dict(history[-1]), epochs=len(history), files=files)
