@@ -2,7 +2,7 @@
 
     python -m bench                 # everything, full size (about 15 minutes on 2 cores)
     python -m bench --quick         # smaller and fewer repeats (a few minutes)
-    python -m bench --only storage  # one benchmark (trainer, storage, pipeline, control-plane)
+    python -m bench --only storage  # one benchmark (trainer, storage, checkpoint-blocking, pipeline, control-plane)
     python -m bench --render bench/out/run-.../results.json   # the page again, e.g. after editing findings.md
 
 Raw samples go to bench/out/results.json. Findings written by hand (profiles, fixes with their before
@@ -26,12 +26,13 @@ from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench import checkpoint_storage, control_plane, input_pipeline, trainer_overhead
+from bench import checkpoint_blocking, checkpoint_storage, control_plane, input_pipeline, trainer_overhead
 from bench.common import REPO, Row, host_facts, log, markdown_table
 
 BENCHMARKS: dict[str, ModuleType] = {
     "trainer": trainer_overhead,
     "storage": checkpoint_storage,
+    "checkpoint-blocking": checkpoint_blocking,
     "pipeline": input_pipeline,
     "control-plane": control_plane,
 }

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import re
 import sys
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,8 +238,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    job = jobs[0]
+    if job.spec.model.resume == "never" and not job.metadata.uid:
+        # A file has no uid: each local run of a job that never resumes is a run of its own.
+        job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"uid": str(uuid.uuid4())})})
     # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
-    return run_local(trainer_config(jobs[0]), s3_endpoint=args.s3_endpoint)
+    return run_local(trainer_config(job), s3_endpoint=args.s3_endpoint)
 
 
 # `kubetune demo` lives in the kubetune-dev distribution (devtools/ of a checkout), not in this package.

@@ -3,9 +3,10 @@
 One small async client over the official `kubernetes` library (its blocking calls run in threads), so
 the RBAC the operator needs is read off this file: FineTuneJobs get/delete, their status patch; RayJobs
 get/create/patch; ServiceAccounts get/create; Secrets get (preflight) and get/create (each job's Ray
-token); NetworkPolicies get/create; API discovery of ray.io/v1.
-Events go through kopf (`kopf.event`), which creates core/v1 Events. `login` gives kopf the same
-credentials the client uses.
+token); NetworkPolicies get/create; Events create (the progress endpoint's); API discovery of ray.io/v1.
+Events go through kopf (`kopf.event`), which creates core/v1 Events, inside kopf's handlers; outside them
+(the progress endpoint) `create_event` creates the same kind of Event itself. `login` gives kopf the
+same credentials the client uses.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
@@ -43,6 +45,8 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 KUBERAY_SEEN_SECONDS = 30.0
 DEFAULT_KUBECONFIG = "~/.kube/config"
 KUBE_THREADS = 16  # API calls in flight at once
+# The "From" of the operator's Events (kopf's settings.posting.reporting_component, main.py).
+REPORTING_COMPONENT = "kubetune-operator"
 
 
 def client_configuration(kubeconfig: str | None = None) -> client.Configuration:
@@ -310,6 +314,31 @@ class Kube:
             except (binascii.Error, UnicodeDecodeError):
                 continue  # not text: cannot be a credential
         return decoded
+
+    async def create_event(self, job: Mapping[str, Any], event: Event) -> None:
+        """An Event on `job`, as `post_event` makes it, from outside kopf's handlers (the progress endpoint)."""
+        meta = job.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        now = datetime.now(UTC).isoformat()
+        body = {
+            "metadata": {"namespace": namespace, "generateName": f"{meta.get('name')}."},
+            "type": event.type,
+            "reason": str(event.reason),
+            "message": event.message,
+            "reportingComponent": REPORTING_COMPONENT,
+            "source": {"component": REPORTING_COMPONENT},
+            "involvedObject": {
+                "apiVersion": job.get("apiVersion"),
+                "kind": job.get("kind"),
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._call(self.core.create_namespaced_event, namespace, body)
 
     def post_event(self, job: Mapping[str, Any], event: Event) -> None:
         """An Event on `job` (kopf posts it in the background; needs the operator's context)."""

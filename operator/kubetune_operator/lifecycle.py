@@ -462,7 +462,7 @@ def rayjob_deleted(job: JobRecord, rayjob_name: str, *, now: datetime) -> Status
         return NO_CHANGE
     message = (
         f"RayJob {rayjob_name} was deleted while the job was {phase_of(job) or 'starting'}; "
-        "delete and re-create the FineTuneJob to run it again"
+        "delete and re-create the FineTuneJob to run it again (it resumes from the run's last checkpoint)"
     )
     return _transition(job, Observation(Phase.FAILED, Reason.RAYJOB_DELETED, message), now=now, launched=None)
 
@@ -579,6 +579,33 @@ def progress_reporting(job: JobRecord, *, now: datetime, grace: float) -> Status
     )
     event = Event("Warning", Reason.NO_PROGRESS_RECEIVED, clip(message))
     return _set_one(job, ConditionType.PROGRESS_REPORTING, False, Reason.NO_PROGRESS_RECEIVED, message, event, now=now)
+
+
+def preemptions_added(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> int:
+    """Preemptions counted in `status.progress` between `before` and `after`.
+
+    `preemptions` counts those of the current attempt of the driver: a fall (a new attempt) adds none,
+    a rise by n adds n.
+    """
+    old, new = (before or {}).get("preemptions"), after.get("preemptions")
+    old = old if isinstance(old, int) else 0
+    return new - old if isinstance(new, int) and new > old else 0
+
+
+def preemption_event(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> Event | None:
+    """The Event of the preemption(s) the trainer counted in `status.progress` (`before` -> `after`), if any."""
+    if not preemptions_added(before, after):
+        return None
+    new = after["preemptions"]
+    lost = after.get("preemptionStepsLost")
+    lost_text = f"{lost} step(s) lost" if isinstance(lost, int) else "the steps lost are not known"
+    message = (
+        f"Preemption {new} of this run (a node drained or reclaimed, or a pod deleted): Ray Train restarted the "
+        f"workers from the checkpoint they saved on the notice ({after.get('latestCheckpoint') or 'none yet'}); "
+        f"{lost_text}, at most the steps since the last checkpoint. spec.runPolicy.maxPreemptions bounds "
+        "preemptions, apart from maxRetries"
+    )
+    return Event("Warning", Reason.PREEMPTED, clip(message))
 
 
 # -- spec edits and expiry -------------------------------------------------------------------------------

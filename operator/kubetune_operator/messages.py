@@ -34,6 +34,7 @@ from kubetune_operator.spec import (
 from kubetune_trainer.config import (
     ANNOTATIONS_PATTERN,
     ARCHITECTURE_PATTERN,
+    CHECKPOINT_EVERY_PATTERN,
     CHECKPOINT_PATTERN,
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
@@ -84,6 +85,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     DISK_SIZE_PATTERN: "must be a whole number of Mi, Gi or Ti above zero, e.g. 500Mi, 20Gi or 2Ti",
     IMAGE_PATTERN: "must be a container image reference without spaces",
     REASON_PATTERN: "must be a CamelCase word",
+    CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
 }
 
 # Why a limit is what it is, where that is not obvious from the field.

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, service_account_username
 from kubetune_operator.builders import token_audience
+from kubetune_operator.lifecycle import Event, preemption_event, preemptions_added
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 from kubetune_operator.spec import ProgressStatus
@@ -52,6 +53,9 @@ class JobStatusStore(Protocol):
     async def patch_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """Merge `status` into the job's status (a JSON merge patch of `{"status": status}`)."""
 
+    async def create_event(self, job: Mapping[str, Any], event: Event) -> None:
+        """An Event on the job (its object as `get_job` read it)."""
+
 
 # -- the merge rule (pure) -----------------------------------------------------------------------------------
 
@@ -67,11 +71,15 @@ def progress_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, no
 
     An update at the same position is applied (an evaluation reports after the last step of its epoch).
     Fields the update leaves out keep their current values, metrics one by one: that is what a JSON merge
-    patch of the returned dict does.
+    patch of the returned dict does. An older update still brings its new counts (COUNTS): workers
+    restarted from a checkpoint report from behind the furthest point, and the restart is news.
     """
     fields = update.model_dump(by_alias=True, exclude_none=True, mode="json")
     if position(fields) < position(current):
-        return None
+        counts = {key: fields[key] for key in COUNTS if key in fields and fields[key] != (current or {}).get(key)}
+        if not counts:
+            return None
+        fields = {**(current or {}), **counts}
     # The wire message may carry more than the status keeps (e.g. the trainer's own phase); validating
     # against the model the CRD's status schema is generated from keeps exactly what the API server keeps.
     kept = {key: value for key, value in fields.items() if key in _PROGRESS_KEYS and key != "updatedAt"}
@@ -79,6 +87,8 @@ def progress_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, no
     return ProgressStatus.model_validate(kept).model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+# What the driver counts in an attempt: an update from behind the furthest point still carries them.
+COUNTS = ("workerFailures", "preemptions", "preemptionStepsLost")
 _PROGRESS_KEYS = frozenset(field.alias or name for name, field in ProgressStatus.model_fields.items())
 
 
@@ -265,8 +275,26 @@ class ProgressServer:
             # Counted once the write is done (or failed, perhaps applied): a read that began before
             # then may not show it.
             self._writes[(namespace, name)] = self._writes.get((namespace, name), 0) + 1
-        self.metrics.observe_progress(namespace, name, merge_patch(current, patch))
+        merged = merge_patch(current, patch)
+        self.metrics.observe_progress(namespace, name, merged)
+        await self._announce_preemption(obj, current, merged)
         return self._answer("accepted", 200, "applied", job, applied=True)
+
+    async def _announce_preemption(
+        self, obj: Mapping[str, Any], before: Mapping[str, Any] | None, after: Mapping[str, Any]
+    ) -> None:
+        """A preemption the update counted: its Event and kubetune_job_preemptions_total (best effort)."""
+        event = preemption_event(before, after)
+        if event is None:
+            return
+        meta = obj.get("metadata") or {}
+        self.metrics.count_preemptions(str(meta.get("namespace") or ""), preemptions_added(before, after))
+        try:
+            await self.jobs.create_event(obj, event)
+        except Exception as exc:  # the status says it already; the Event is the news
+            log.warning(
+                "progress for %s/%s: cannot post the preemption Event: %s", meta.get("namespace"), meta.get("name"), exc
+            )
 
     def _answer(
         self,

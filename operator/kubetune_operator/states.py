@@ -81,6 +81,7 @@ class Reason(StrEnum):
     # Progress from the trainer.
     NO_PROGRESS_RECEIVED = "NoProgressReceived"
     PROGRESS_RECEIVED = "ProgressReceived"
+    PREEMPTED = "Preempted"  # an Event only: Ray Train restarted the workers after a preemption
 
 
 class JobDeploymentStatus(StrEnum):

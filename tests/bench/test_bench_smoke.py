@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from bench import checkpoint_storage, control_plane, input_pipeline, trainer_overhead
+from bench import checkpoint_blocking, checkpoint_storage, control_plane, input_pipeline, trainer_overhead
 from bench.__main__ import render, run_all
 from bench.common import Row, Stat, host_facts, markdown_table
 from tests.support.paths import REPO
@@ -46,6 +46,13 @@ def test_checkpoint_storage_compares_save_and_load_with_boto3(tmp_path: Path) ->
     rows = run_tiny(checkpoint_storage, tmp_path)
     assert {r.figure for r in rows} >= {"save (upload)", "load (download)"}
     assert all(r.baseline for r in rows)
+
+
+def test_checkpoint_blocking_compares_the_async_upload_with_a_synchronous_one(tmp_path: Path) -> None:
+    rows = run_tiny(checkpoint_blocking, tmp_path)
+    blocked = next(r for r in rows if r.figure.startswith("steps blocked by checkpoints"))
+    assert blocked.absolute and blocked.goal == ("<=", checkpoint_blocking.TARGET_PERCENT)
+    assert all(0 <= share <= 100 for share in blocked.product + blocked.baseline)
 
 
 def test_input_pipeline_compares_cold_and_warm_epochs_with_local_disk(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from kubetune_trainer.config import TrainerConfig
 from tests.support.operator_harness import (
     CONFIGMAPS,
     FAST_SETTINGS,
+    FINETUNEJOBS,
     NETWORKPOLICIES,
     RAYJOBS,
     SECRETS,
@@ -69,7 +70,7 @@ async def test_a_valid_job_gets_exactly_the_objects_the_builders_describe(
     assert [o["metadata"]["name"] for o in op.list_objects(SERVICEACCOUNTS)] == ["kubetune-trainer"]
     (head,) = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     config = TrainerConfig.model_validate_json(env_value(head, "KUBETUNE_TRAINER_CONFIG"))
-    assert config.run_name == job["metadata"]["uid"]
+    assert config.run_name.startswith("default.flowers.")  # namespace, name, run-shaping digest
     assert config.progress is not None
     assert config.progress.url.endswith("/v1/progress/default/flowers")
 
@@ -100,6 +101,37 @@ async def test_a_job_without_a_credentials_secret_launches_without_preflight(op:
     await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
     # The status is written once the RayJob exists, a moment after it appears.
     await op.wait_for_phase("default", "irsa", "Launching")
+
+
+def run_name_of(rayjob: dict[str, Any]) -> str:
+    (head,) = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    return TrainerConfig.model_validate_json(env_value(head, "KUBETUNE_TRAINER_CONFIG")).run_name
+
+
+async def test_a_failed_job_deleted_and_applied_again_continues_its_run(op: OperatorHarness) -> None:
+    """As the Failed message advises: the new job (a new uid) trains under the same run name, so its trainer
+    resumes from the run's last committed checkpoint (docs/trainer.md, run identity)."""
+    await op.create_job(finetunejob("irsa"))
+    first = await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
+    first_uid = (op.job("default", "irsa") or {})["metadata"]["uid"]
+    await op.set_rayjob_status("default", "irsa", jobDeploymentStatus="Failed", jobStatus="FAILED")
+    await op.wait_for_phase("default", "irsa", "Failed")
+    await op.delete(FINETUNEJOBS, "default", "irsa")
+    await op.wait_for(lambda: op.job("default", "irsa") is None, what="the job gone")
+    for kind in (RAYJOBS, SECRETS, NETWORKPOLICIES):  # the garbage collector's part: their owner is gone
+        for child in op.list_objects(kind, "default"):
+            if any(ref["uid"] == first_uid for ref in child["metadata"].get("ownerReferences", [])):
+                await op.delete(kind, "default", child["metadata"]["name"])
+
+    await op.create_job(finetunejob("irsa"))
+    second = await op.wait_for(
+        lambda: (r := op.rayjob("default", "irsa")) and r["metadata"]["uid"] != first["metadata"]["uid"] and r,
+        what="the new job's RayJob",
+    )
+
+    assert (op.job("default", "irsa") or {})["metadata"]["uid"] != first_uid
+    assert run_name_of(second) == run_name_of(first)
+    assert run_name_of(first).startswith("default.irsa.")
 
 
 async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> None:

@@ -39,11 +39,16 @@ class PodTokens:
         return Identity(service_account_username(NS, "kubetune-trainer")) if token == POD_TOKEN else None
 
 
+@pytest.fixture
+def endpoint_metrics() -> OperatorMetrics:
+    return OperatorMetrics(process_collectors=False)
+
+
 @pytest_asyncio.fixture
-async def progress_endpoint(op: OperatorHarness) -> AsyncIterator[str]:
+async def progress_endpoint(op: OperatorHarness, endpoint_metrics: OperatorMetrics) -> AsyncIterator[str]:
     """The real progress endpoint, writing to the same API server the operator watches."""
     kube = Kube.for_server(str(op.api.url))
-    server = ProgressServer(PodTokens(), kube, OperatorMetrics(process_collectors=False))  # type: ignore[arg-type]
+    server = ProgressServer(PodTokens(), kube, endpoint_metrics)  # type: ignore[arg-type]
     port = await server.start("127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -59,9 +64,10 @@ async def running(op: OperatorHarness, name: str) -> None:
     await op.wait_for_phase(NS, name, "Running")
 
 
-async def report(endpoint: str, name: str, step: int) -> int:
-    """One update as the job's trainer sends it."""
+async def report(endpoint: str, name: str, step: int, **counts: int) -> int:
+    """One update as the job's trainer sends it (`counts`: e.g. preemptions, preemptionStepsLost)."""
     update: dict[str, Any] = {"epoch": 1, "totalEpochs": 2, "step": step, "totalSteps": 20, "percent": step * 5}
+    update.update(counts)
     headers = {"Authorization": f"Bearer {POD_TOKEN}", "Content-Type": "application/json"}
     async with (
         aiohttp.ClientSession() as session,
@@ -104,3 +110,29 @@ async def test_a_trainer_that_reports_is_true_and_stays_so(op: OperatorHarness, 
     assert reporting(op, "chatty") == ("True", "ProgressReceived")
     assert "NoProgressReceived" not in op.event_reasons(NS, "chatty")
     assert "ProgressReceived" not in op.event_reasons(NS, "chatty")  # no news: it reported from the start
+
+
+async def test_a_preemption_the_trainer_counts_shows_in_status_an_event_and_the_counter(
+    op: OperatorHarness, progress_endpoint: str, endpoint_metrics: OperatorMetrics
+) -> None:
+    await running(op, "spot")
+    assert await report(progress_endpoint, "spot", step=6) == 200
+
+    # The workers restarted from the step saved on the notice (step 6): the update comes from no further on.
+    await op.settle(1.1)  # one update per second and job
+    assert await report(progress_endpoint, "spot", step=6, preemptions=1, preemptionStepsLost=0) == 200
+
+    event = await op.wait_for_event(NS, "spot", "Preempted")
+    assert event["type"] == "Warning"
+    assert "Preemption 1 of this run" in event["message"] and "0 step(s) lost" in event["message"], event
+    progress = (op.job(NS, "spot") or {})["status"]["progress"]
+    assert (progress["preemptions"], progress["preemptionStepsLost"]) == (1, 0)
+    assert endpoint_metrics.registry.get_sample_value("kubetune_job_preemptions_total", {"namespace": NS}) == 1
+
+    # A second preemption that lost steps: its workers report from behind the furthest point; it still counts.
+    await op.settle(1.1)
+    assert await report(progress_endpoint, "spot", step=4, preemptions=2, preemptionStepsLost=2) == 200
+    await op.wait_for(lambda: len([e for e in op.events(NS, "spot") if e["reason"] == "Preempted"]) == 2)
+    progress = (op.job(NS, "spot") or {})["status"]["progress"]
+    assert (progress["step"], progress["preemptions"], progress["preemptionStepsLost"]) == (6, 2, 2)
+    assert endpoint_metrics.registry.get_sample_value("kubetune_job_preemptions_total", {"namespace": NS}) == 2

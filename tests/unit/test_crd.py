@@ -251,6 +251,8 @@ CEL_CASES = [
     ({"data": {"annotations": DETECTION_ANNOTATIONS}}, "data.annotations is required"),
     ({"task": "detection", "data": {"annotations": DETECTION_ANNOTATIONS}}, "model.architecture must be"),
     ({"model": {"architecture": "fcos_resnet50_fpn"}}, "model.architecture must be"),
+    ({"training": {"checkpointEvery": "0s"}}, "checkpointEvery must be 'epoch' or a duration"),
+    ({"training": {"checkpointEvery": "169h"}}, "checkpointEvery must be 'epoch' or a duration"),
 ]
 
 
@@ -287,6 +289,8 @@ def test_each_cel_rule_rejects_what_its_python_twin_rejects(edit: dict[str, Any]
     [
         {"spec": {"model": {"strategy": "partial", "trainableLayers": 2}}},
         {"spec": {"training": {"epochs": 3, "warmupEpochs": 2}}},
+        {"spec": {"training": {"checkpointEvery": "1h30m"}}},
+        {"spec": {"training": {"checkpointEvery": "168h"}}},
         # Siblings that merely share a string prefix do not overlap: data/train vs data/train-2.
         {"spec": {"output": {"path": "s3://bkt/data/train-runs/"}, "data": {"validation": "s3://bkt/data/training"}}},
         {"spec": {"resources": {"tolerations": [{"operator": "Exists"}, {"key": "k", "value": "v"}]}}},

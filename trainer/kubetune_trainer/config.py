@@ -9,6 +9,8 @@ This module imports pydantic only: the operator image loads it without torch or 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Annotated, Any, Literal
 
@@ -27,17 +29,22 @@ S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
 S3_SEGMENT = r"(?:[^\s/.][^\s/]*|\.[^\s/.][^\s/]*|\.\.[^\s/]+)"
 S3_OBJECT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})+$"
 S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/?$"
+# The Ray pods' preStop hook (kubetune_trainer.preemption): it passes a pod's termination on to its Train
+# workers and training driver as SIGTERM; the grace period in seconds follows as its one argument.
+PRESTOP_COMMAND = ("python", "-m", "kubetune_trainer.preemption")
+# runPolicy.preemptionGraceSeconds: the pods' terminationGracePeriodSeconds, and the trainer's deadline.
+MIN_PREEMPTION_GRACE_S, DEFAULT_PREEMPTION_GRACE_S, MAX_PREEMPTION_GRACE_S = 10, 60, 3600
 # The environment variable that holds the TrainerConfig JSON for `python -m kubetune_trainer` without
 # --config: how the operator's RayJob passes it to the driver on the Ray head.
 CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
 # Ray Train features kubetune does not use, off in every trainer process (the RayJob's containers, `kubetune
-# run --local`, the trainer alone): Ray Train's own Prometheus metrics (the operator exports progress), the
-# preemption watcher (the loop never asks for preemption info), structured JSON log files and the state
-# actor's reconciliation. Each runs a polling actor or thread beside training; on a 2-core node they took
-# ~5% of the CPU from the training step (bench/findings.md, "Trainer overhead").
+# run --local`, the trainer alone): Ray Train's own Prometheus metrics (the operator exports progress),
+# structured JSON log files and the state actor's reconciliation. Each runs a polling actor or thread beside
+# training; on a 2-core node they took ~5% of the CPU from the training step (bench/findings.md, "Trainer
+# overhead"). Ray Train's preemption watcher stays on: a Ray node drain (autoscaler, `ray drain-node`) is
+# one of the preemption notices the loop acts on (`preemption.py`).
 RAY_TRAIN_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
@@ -186,6 +193,15 @@ class ModelSpec(SpecSection):
         le=64,
         description="Number of backbone stages, counted from the top, that train with strategy 'partial'.",
     )
+    resume: Literal["auto", "never"] = Field(
+        default="auto",
+        description=(
+            "auto: continue from the last committed checkpoint of the job's run in output.path, also when the job "
+            "was deleted and applied again under the same name with the same task, model, data, optimizer and "
+            "seed; never: start over (a run of this job object alone, which its own retries and resumes still "
+            "continue)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _strategy_needs_layers(self) -> ModelSpec:
@@ -272,12 +288,35 @@ WARMUP_RULE = cel(
     "warmupEpochs must be less than epochs",
     ".warmupEpochs",
 )
+# training.checkpointEvery: "epoch", or a duration in hours, minutes and seconds ("10m", "1h30m", "90s").
+EPOCH = "epoch"
+CHECKPOINT_EVERY_PATTERN = r"^(epoch|[0-9]{1,6}h([0-9]{1,6}m)?([0-9]{1,6}s)?|[0-9]{1,6}m([0-9]{1,6}s)?|[0-9]{1,6}s)$"
+MIN_CHECKPOINT_INTERVAL_S = 1
+MAX_CHECKPOINT_INTERVAL_S = 7 * 24 * 3600
+CHECKPOINT_EVERY_RULE = cel(
+    f"self.checkpointEvery == '{EPOCH}' || (duration(self.checkpointEvery) >= duration('{MIN_CHECKPOINT_INTERVAL_S}s')"
+    f" && duration(self.checkpointEvery) <= duration('{MAX_CHECKPOINT_INTERVAL_S}s'))",
+    "checkpointEvery must be 'epoch' or a duration from 1s to 168h",
+    ".checkpointEvery",
+)
+_DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds of a duration written as CHECKPOINT_EVERY_PATTERN allows ("1h30m" -> 5400)."""
+    total, digits = 0, ""
+    for char in text:
+        if char.isdigit():
+            digits += char
+        else:
+            total, digits = total + int(digits) * _DURATION_UNITS[char], ""
+    return total
 
 
 class TrainingSpec(SpecSection):
     """How to train: epochs, batch, optimiser and schedule."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [WARMUP_RULE]})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [WARMUP_RULE, CHECKPOINT_EVERY_RULE]})
 
     epochs: int = Field(default=10, ge=1, le=MAX_EPOCHS, description="Passes over the training data.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
@@ -298,12 +337,36 @@ class TrainingSpec(SpecSection):
         default="bf16", description="Mixed precision on GPU; CPU runs always use fp32."
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, shuffling and initialisation.")
+    checkpoint_every: str = Field(
+        default=EPOCH,
+        pattern=CHECKPOINT_EVERY_PATTERN,
+        max_length=24,
+        description=(
+            "When to checkpoint: epoch (after every epoch), or a duration such as 10m or 1h30m (from 1s to 168h): "
+            "whenever that long has passed since the last checkpoint, mid-epoch or at an epoch's end, and after "
+            "the last epoch. Checkpoints upload in the background; a preemption also checkpoints."
+        ),
+    )
 
     @model_validator(mode="after")
     def _warmup_before_end(self) -> TrainingSpec:
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmupEpochs: must be less than epochs ({self.epochs}) (got {self.warmup_epochs})")
         return self
+
+    @model_validator(mode="after")
+    def _checkpoint_interval_bounded(self) -> TrainingSpec:
+        seconds = self.checkpoint_interval_s
+        if seconds is not None and not MIN_CHECKPOINT_INTERVAL_S <= seconds <= MAX_CHECKPOINT_INTERVAL_S:
+            raise ValueError(
+                f"checkpointEvery: must be '{EPOCH}' or a duration from 1s to 168h (got {self.checkpoint_every})"
+            )
+        return self
+
+    @property
+    def checkpoint_interval_s(self) -> int | None:
+        """Seconds between time-based checkpoints; None for one per epoch."""
+        return None if self.checkpoint_every == EPOCH else duration_seconds(self.checkpoint_every)
 
 
 class OutputSpec(SpecSection):
@@ -384,6 +447,47 @@ TASK_DESCRIPTION = (
 )
 
 
+# What identifies a run's checkpoints, beyond the job's namespace and name (`run_digest`): what makes them
+# unloadable into, or meaningless for, another spec. The task, the model (base weights, architecture,
+# classes, strategy; not `resume`), the data (images, annotations, split, size, augmentation), and of the
+# training the optimizer (its state must load) and the seed (it splits train from validation). The other
+# training fields (epochs, learning rate and schedule, batch size, precision, checkpointEvery) may change
+# between a job and the same job applied again: it continues its run, e.g. to train longer.
+RUN_SHAPING = {"model": None, "data": None, "training": ("optimizer", "seed")}
+NOT_RUN_SHAPING = {"model": ("resume",)}
+RUN_DIGEST_LENGTH = 12
+
+
+def run_digest(task: str, model: ModelSpec, data: DataSpec, training: TrainingSpec) -> str:
+    """A digest of what a run's checkpoints belong to (RUN_SHAPING): another digest is another run.
+
+    Resources, the run policy, storage access, the image, the output's retention and the training fields
+    left out are not in it: a re-created job with more memory, another worker count, a fixed image or a
+    lower learning rate still continues its run.
+    """
+    sections: dict[str, Any] = {"task": task}
+    for name, section in (("model", model), ("data", data), ("training", training)):
+        fields = section.model_dump(by_alias=True, mode="json")
+        kept = RUN_SHAPING[name]
+        sections[name] = {
+            key: value
+            for key, value in fields.items()
+            if (kept is None or key in kept) and key not in NOT_RUN_SHAPING.get(name, ())
+        }
+    canonical = json.dumps(sections, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_DIGEST_LENGTH]
+
+
+def run_name(namespace: str, name: str, digest: str, uid: str | None = None) -> str:
+    """`<namespace>.<name>.<digest>`, and `.<uid>` for a job that never resumes another job's run.
+
+    Neither a namespace (a DNS label) nor a job name holds a ".", so the parts never run together. The
+    same job applied again under the same name, with the same run-shaping spec, gets the same name and
+    continues from the run's last committed checkpoint; another spec gets another name (and a fresh run).
+    """
+    return ".".join(part for part in (namespace, name, digest, uid) if part)
+
+
 class ProgressTarget(CamelModel):
     """Where the trainer pushes progress updates (the operator's endpoint), if anywhere."""
 
@@ -406,7 +510,14 @@ class TrainerConfig(CamelModel):
     namespace: str | None = Field(default=None, description="The FineTuneJob's namespace.")
     task: Task = Field(default="classification", description=TASK_DESCRIPTION)
     run_name: str = Field(
-        description="Ray Train run name: the job's uid, so a restarted driver resumes from its checkpoints."
+        min_length=1,
+        max_length=200,
+        pattern=r"^[a-z0-9][a-z0-9.\-]*$",
+        description=(
+            "Ray Train run name, the folder of the run's checkpoints under <output.path>/checkpoints/: "
+            "<namespace>.<name>.<digest of the run-shaping spec> (`run_name`), so a restarted driver, or the "
+            "same job applied again, resumes from the run's last checkpoint."
+        ),
     )
     model: ModelSpec
     data: DataSpec
@@ -415,6 +526,15 @@ class TrainerConfig(CamelModel):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     max_failures: int = Field(default=3, ge=0, description="Worker-failure restarts from the last checkpoint.")
+    max_preemptions: int | None = Field(
+        default=None, ge=0, description="Preemptions the run recovers from (apart from max_failures); None: no limit."
+    )
+    preemption_grace_seconds: int = Field(
+        default=DEFAULT_PREEMPTION_GRACE_S,
+        ge=MIN_PREEMPTION_GRACE_S,
+        le=MAX_PREEMPTION_GRACE_S,
+        description="Seconds from a preemption notice (SIGTERM, a Ray node drain) until the node goes.",
+    )
     progress: ProgressTarget | None = None
 
     @model_validator(mode="after")

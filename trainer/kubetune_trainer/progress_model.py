@@ -35,7 +35,8 @@ from kubetune_trainer.config import MAX_EPOCHS, S3_PREFIX_PATTERN, CamelModel, T
 MAX_STEPS = 2**53
 MAX_WORKER_FAILURES = 1_000_000
 MAX_CHECKPOINT_URI = len("s3://") + 63 + 1 + 1024
-TrainerPhase = Literal["Resumed", "Training", "Checkpointing"]
+MAX_PREEMPTIONS = 1_000_000
+TrainerPhase = Literal["Resumed", "Training", "Checkpointing", "Evaluated", "Preempted"]
 
 BOTH: tuple[Task, ...] = ("classification", "detection")
 
@@ -178,8 +179,23 @@ class ProgressUpdate(CamelModel):
         description="Worker failures in the current attempt; Ray Train restarts the workers from the latest "
         "checkpoint after each, up to spec.runPolicy.maxRetries (status.restarts counts whole-cluster retries).",
     )
+    preemptions: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_PREEMPTIONS,
+        description="Preemptions in the current attempt; Ray Train restarts the workers from the checkpoint saved "
+        "on each notice, up to spec.runPolicy.maxPreemptions (not counted against maxRetries).",
+    )
+    preemption_steps_lost: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_STEPS,
+        description="Optimiser steps the latest preemption lost: done since the checkpoint the workers resumed from.",
+    )
     phase: TrainerPhase | None = Field(
-        default=None, description="Resumed, Training or Checkpointing (sent after each epoch's checkpoint)."
+        default=None,
+        description="Resumed, Training, Checkpointing or Evaluated (after each epoch, with or without its "
+        "checkpoint), or Preempted (the checkpoint of a preemption notice is saved).",
     )
 
 

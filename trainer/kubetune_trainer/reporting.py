@@ -62,14 +62,23 @@ class ConsoleReporter:
         self._last = 0.0
         self._last_epoch = -1
         self._open_line = False
+        self._said: str | None = None  # the last one-off line: the relay hands an update on again with each event
+
+    def _say(self, line: str) -> None:
+        if line != self._said:
+            self._said = line
+            self._write_line(line)
 
     def report(self, update: ProgressUpdate) -> None:
         try:
             if update.phase == "Resumed":
-                self._write_line(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
+                self._say(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
+                return
+            if update.phase == "Preempted":
+                self._say(f"preempted: step {update.step} saved; waiting for Ray Train to restart the workers")
                 return
             now = time.monotonic()
-            epoch_done = update.phase == "Checkpointing"
+            epoch_done = update.phase in ("Checkpointing", "Evaluated")
             new_epoch = update.epoch != self._last_epoch
             if not (epoch_done or new_epoch or now - self._last >= self.interval):
                 return

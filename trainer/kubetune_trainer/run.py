@@ -8,9 +8,11 @@
    loaded into the architecture. It runs on a node that will host workers — this process for a local
    run, a Ray task with one worker's resources on a cluster — so deterministic failures (an unsafe
    pickle, too many corrupt images) end the run at once instead of being retried as worker failures.
-3. `train`: TorchTrainer with S3 storage `<output.path>/checkpoints`, run name = the job's uid: a new
-   driver with the same name resumes the run from its latest checkpoint, and FailureConfig restarts
-   failed workers from it.
+3. `train`: TorchTrainer with S3 storage `<output.path>/checkpoints`, run name `config.run_name`
+   (namespace, name and the digest of the run-shaping spec): a new driver with the same name resumes
+   the run from its latest checkpoint, and FailureConfig restarts failed workers from it (`maxRetries`)
+   and preempted ones from the checkpoint they saved on the notice (`maxPreemptions`, apart). SIGTERM to
+   the driver makes the workers checkpoint the current step, then ends the run (`PreemptedError`).
 4. `export`: model.safetensors, model.json, history.json and training-curves.png (and the task's extra
    files: detection's detections.png).
 
@@ -29,15 +31,16 @@ from typing import Any
 import torch
 
 from kubetune_trainer.cache import cached_object
-from kubetune_trainer.callbacks import callback_names_from_env
+from kubetune_trainer.callbacks import STEP_CALLBACKS_ENV, callback_names_from_env
 from kubetune_trainer.checkpoint import MODEL_FILE
 from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.data import check_corrupt, prepare_images
-from kubetune_trainer.errors import TrainerError, error_line
+from kubetune_trainer.errors import PreemptedError, TrainerError, error_line
 from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_final_progress
 from kubetune_trainer.loop import RunPlan, train_loop
 from kubetune_trainer.model import WeightsReport
-from kubetune_trainer.relay import Relay, driver_reporters, run_events
+from kubetune_trainer.preemption import DriverNotice, worker_callback
+from kubetune_trainer.relay import Relay, driver_reporters, run_events, run_states
 from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Task, Trained, check_architecture, find_task, task_from_wire
@@ -188,12 +191,27 @@ def train(
     """Run the training on the connected Ray cluster and export the model."""
     use_ray_train_env()  # read by Ray Train's controller as it starts, in this (the driver's) process
     relay = Relay(driver_reporters(config, reporter), config.max_failures)
+    notice = DriverNotice(config.preemption_grace_seconds, relay.progress.saved_on_notice)
+    notice.install()
     try:
         plan = run_plan(prepared, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
         last = fit(torch_trainer(config, plan, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu), config)
+    except (KeyboardInterrupt, TrainerError):
+        if not notice.preempted:  # Ctrl-C, or a failure of its own
+            raise
+        raise PreemptedError(preempted_message(config, relay)) from None
     finally:
+        notice.uninstall()
         relay.close()  # the last updates shown and sent before the export's lines
     return export(config, prepared, last)
+
+
+def preempted_message(config: TrainerConfig, relay: Relay) -> str:
+    """What a driver ended by SIGTERM leaves: the checkpoint to resume from."""
+    progress = relay.progress
+    where = progress.committed or f"{checkpoints_uri(config)}/{config.run_name}/ (none committed yet)"
+    saved = "the workers checkpointed the current step" if progress.saved_on_notice() else "no new checkpoint in time"
+    return f"SIGTERM: {saved}; the run resumes from {where} when it runs again"
 
 
 def run_plan(prepared: Prepared, relay: Relay, *, cpus_per_worker: float, use_gpu: bool) -> RunPlan:
@@ -207,6 +225,7 @@ def run_plan(prepared: Prepared, relay: Relay, *, cpus_per_worker: float, use_gp
         # On CPU the decoding would take cores from the training threads; on GPU it must keep up.
         loader_workers=min(8, threads - 1) if use_gpu else 0,
         callbacks=callback_names_from_env(),
+        step_callbacks=callback_names_from_env(STEP_CALLBACKS_ENV),
         relay=relay.queue,
     )
 
@@ -217,6 +236,7 @@ def torch_trainer(config: TrainerConfig, plan: RunPlan, relay: Relay, *, cpus_pe
     from ray.train.torch import TorchTrainer
 
     resources: dict[str, float] = {"CPU": cpus_per_worker}
+    preemptions = -1 if config.max_preemptions is None else config.max_preemptions
     if use_gpu:
         resources["GPU"] = float(config.scaling.gpus_per_worker or 1)
     return TorchTrainer(
@@ -230,10 +250,17 @@ def torch_trainer(config: TrainerConfig, plan: RunPlan, relay: Relay, *, cpus_pe
             storage_path=checkpoints_uri(config).fs_path,
             storage_filesystem=store_for(config).arrow_filesystem(),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.output.checkpoints_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # Preemptions have a budget of their own (-1: no limit), apart from the failures'.
+            failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]  # V1 to mypy
+                max_failures=config.max_failures, max_preemption_failures=preemptions
+            ),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=[run_events(relay.queue)],
-        ),  # type: ignore[call-arg]  # mypy sees Train V1's RunConfig; V2 (the default) is what runs
+            callbacks=[
+                run_events(relay.queue),
+                run_states(relay.queue),
+                worker_callback(config.preemption_grace_seconds),
+            ],
+        ),
     )
 
 

@@ -525,15 +525,16 @@ class DevCluster:
 
     # --- Ray ------------------------------------------------------------------------------------
 
-    def kill_train_worker(self, namespace: str, rayjob: str) -> int | None:
-        """SIGKILL one Ray Train worker of a RayJob's cluster; returns its pid (None if none yet)."""
+    def kill_train_worker(self, namespace: str, rayjob: str, sig: int = signal.SIGKILL) -> int | None:
+        """`sig` (SIGKILL: a crash; SIGTERM: a preemption notice, as a pod's preStop hook passes it on) to one
+        Ray Train worker of a RayJob's cluster; returns its pid (None if none yet)."""
         assert self.kuberay is not None
         ctl = self.kuberay.controller(namespace, rayjob)
         head = ctl.run.head if ctl and ctl.run else None
         workers = head.train_workers() if head else []
         if not workers:
             return None
-        os.kill(workers[0].pid, signal.SIGKILL)
+        os.kill(workers[0].pid, sig)
         return workers[0].pid
 
     def kill_driver(self, namespace: str, rayjob: str) -> int | None:
