@@ -156,6 +156,12 @@ def owner_uid(rayjob: Mapping[str, Any]) -> str | None:
     return str(uid) if uid else None
 
 
+def belongs_to(rayjob: Mapping[str, Any], job_uid: str | None) -> bool:
+    """Whether `rayjob` is the job's own: its controller is the job with `job_uid`. A RayJob of the same
+    name left by an earlier job (deleted, its RayJob not yet collected) or orphaned (no owner) is not."""
+    return job_uid is None or owner_uid(rayjob) == job_uid
+
+
 def dashboard_url(rayjob_status: Mapping[str, Any]) -> str | None:
     """KubeRay reports host:port of the head service; people click URLs."""
     url = rayjob_status.get("dashboardURL")
@@ -409,6 +415,25 @@ def waiting(job: JobRecord, reason: Reason, message: str, *, now: datetime) -> S
     return _transition(job, Observation(Phase.PENDING, reason, message, warning=True), now=now, launched=False)
 
 
+def previous_owner_message(namespace: str, child: Mapping[str, Any]) -> str:
+    """Why a job waits when one of its children's names (its RayJob, Secret or NetworkPolicy) is held by
+    an object that is not its own (see `belongs_to`)."""
+    kind, name, previous = (
+        child.get("kind") or "RayJob",
+        (child.get("metadata") or {}).get("name", ""),
+        owner_uid(child),
+    )
+    if previous:
+        return (
+            f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {previous}); this job "
+            "launches once Kubernetes' garbage collector has deleted it"
+        )
+    return (
+        f"{kind} {name} exists but no FineTuneJob owns it (orphaned, or made by hand); this job launches once "
+        f"it is gone: kubectl -n {namespace} delete {kind.lower()} {name}"
+    )
+
+
 def failed_before_launch(job: JobRecord, reason: Reason, message: str, *, now: datetime) -> StatusChange:
     """The job can never launch as written (invalid spec, missing data): Failed, not retried."""
     return _transition(job, Observation(Phase.FAILED, reason, message), now=now, launched=False)
@@ -483,6 +508,18 @@ def _set_one(
     )
     patch = {"conditions": conditions, **_generation_patch(job)}
     return StatusChange(patch, (event,) if event else ())
+
+
+def preflight_skipped(job: JobRecord, secret: str, *, now: datetime) -> StatusChange:
+    """RBAC does not let the operator read the job's credentials Secret: it launches without preflight."""
+    message = (
+        f"Preflight skipped: the operator may not read Secret {secret!r} in namespace {job.meta.namespace!r} "
+        "(RBAC), so S3 access was not checked before the Ray cluster starts; the pods still get the keys. "
+        "To have it checked, let the operator read Secrets in this namespace: the chart's "
+        "rbac.preflightSecrets.namespaces (docs/install.md, Permissions)"
+    )
+    event = Event("Warning", Reason.SECRET_NOT_READABLE, message)
+    return _set_one(job, ConditionType.PREFLIGHT_CHECKED, False, Reason.SECRET_NOT_READABLE, message, event, now=now)
 
 
 def refuse_spec_change(job: JobRecord, fields: list[str], *, now: datetime) -> StatusChange:

@@ -29,7 +29,7 @@ from kubetune_operator.kube import REPORTING_COMPONENT, Kube
 from kubetune_operator.kube import login as kube_login
 from kubetune_operator.metrics import OperatorMetrics, install_hooks
 from kubetune_operator.runtime import Runtime
-from kubetune_operator.settings import OperatorSettings, package_version, parse_namespaces
+from kubetune_operator.settings import OperatorSettings, package_version, parse_list
 
 logger = logging.getLogger("kubetune_operator")
 
@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = OperatorSettings.from_env()
     if args.namespace:
-        settings = dataclasses.replace(settings, namespaces=parse_namespaces(",".join(args.namespace)))
+        settings = dataclasses.replace(settings, namespaces=parse_list(",".join(args.namespace)))
     configure_logging(args.log_level or settings.log_level)
     try:
         kube = Kube.from_environment()

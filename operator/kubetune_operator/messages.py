@@ -66,7 +66,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
         "spaces, no empty, . or .. segments)"
     ),
     ARCHITECTURE_PATTERN: "must be a timm model name: lowercase letters, digits, '_', '.' and '-', e.g. resnet50",
-    ENDPOINT_PATTERN: "must be an http:// or https:// URL like https://minio.example.com:9000",
+    ENDPOINT_PATTERN: (
+        "must be an http:// or https:// URL like https://minio.example.com:9000, without user:password@ "
+        "(the keys go in the Secret spec.storage.credentialsSecret names)"
+    ),
     REGION_PATTERN: f"must be a region name of 2-32 {_LETTERS_DIGITS_DASH}, e.g. us-east-1",
     DNS_SUBDOMAIN: (
         "must be a Kubernetes object name: lowercase letters, digits, '-' and '.', "
@@ -98,6 +101,7 @@ _ROOTS: dict[str, type[BaseModel]] = {
     model.__name__: model for model in (FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, TrainerConfig)
 }
 
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]*@")
 _CROSS_FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*): (.*)$", re.DOTALL)
 _WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -251,6 +255,8 @@ def show(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
+        # Credentials in a URL (https://user:password@host) never reach a message: it lands in the status.
+        value = _URL_CREDENTIALS.sub(r"\1***@", value)
         if len(value) > MAX_SHOWN:
             return repr(value[:MAX_SHOWN])[:-1] + "…" + repr(value)[-1] + f", {len(value)} characters"
         return repr(value)

@@ -177,17 +177,75 @@ async def test_a_service_account_already_there_is_kept_as_it_is(op: OperatorHarn
     assert not [r for r in op.operator_requests() if r.resource == "serviceaccounts" and r.verb == "create"]
 
 
-async def test_a_rayjob_already_there_is_adopted_as_it_is(op: OperatorHarness) -> None:
-    """Get-or-create: a RayJob of the job's name (made by hand, or by an operator that died before its
-    status write) is followed, never replaced or updated."""
+async def test_a_rayjob_of_the_job_already_there_is_adopted_as_it_is() -> None:
+    """Get-or-create: a RayJob the job owns (made by an operator that died before its status write) is
+    followed, never replaced or updated."""
+    async with serving_api() as api:
+        async with running_operator(api=api) as first:
+            job = await first.create_job(finetunejob("irsa", runPolicy={"suspend": True}))
+        # While the operator is down: its RayJob, as an operator that died after creating it left it.
+        rayjob = build_rayjob(FineTuneJob.from_body(job), FAST_SETTINGS)
+        rayjob["spec"]["entrypoint"] = "python -m kubetune_trainer --config /etc/kubetune/trainer-config.json"
+        async with running_operator(api=api) as op:
+            old_rayjob = await op.create(RAYJOBS, rayjob)
+            await op.patch_job_spec("default", "irsa", {"runPolicy": {"suspend": False}})
+            await op.wait_for_event("default", "irsa", "RayJobCreated")
+            await op.settle()
+            assert op.rayjob("default", "irsa") == old_rayjob
+            assert op.phase("default", "irsa") == "Launching"
+
+
+async def previous_rayjob_waiting(op: OperatorHarness, name: str) -> str:
+    """The Launched condition's message, once the job waits for a RayJob of its name that is not its own."""
+    await op.wait_for_phase("default", name, "Pending")
+    launched = await op.wait_for(lambda: op.condition("default", name, "Launched"))
+    assert (launched["status"], launched["reason"]) == ("False", "PreviousRayJobStillExists"), launched
+    event = await op.wait_for_event("default", name, "PreviousRayJobStillExists")
+    assert event["type"] == "Warning"
+    message: str = launched["message"]
+    return message
+
+
+async def test_a_job_created_again_waits_for_its_predecessors_rayjob_then_launches(op: OperatorHarness) -> None:
+    """Deleted and created again while the old RayJob still exists (the garbage collector is slow, here
+    absent): the new job says why it waits, and launches once the old RayJob is gone."""
+    first = await op.create_job(finetunejob("irsa"))
+    await op.wait_for_phase("default", "irsa", "Launching")
+    await op.delete(FINETUNEJOBS, "default", "irsa")
+    await op.wait_for(lambda: op.job("default", "irsa") is None)
+    # The garbage collector has removed the old job's Secret and NetworkPolicy, not yet its RayJob
+    # (a leftover Secret or NetworkPolicy holds the launch back the same way: test_ray_cluster_guards).
+    await op.delete(SECRETS, "default", "irsa-ray-token")
+    await op.delete(NETWORKPOLICIES, "default", "irsa-ray")
+
+    second = await op.create_job(finetunejob("irsa"))
+    message = await previous_rayjob_waiting(op, "irsa")
+    assert first["metadata"]["uid"] in message and "garbage collector" in message
+    old = op.rayjob("default", "irsa")
+    assert old is not None and old["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"]
+
+    await op.delete(RAYJOBS, "default", "irsa")
+    new = await op.wait_for(lambda: op.rayjob("default", "irsa"), what="the new job's RayJob")
+    assert new["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"]
+    await op.wait_for_phase("default", "irsa", "Launching")
+    launched = op.condition("default", "irsa", "Launched")
+    assert launched is not None and launched["reason"] == "RayJobCreated"
+
+
+async def test_an_orphaned_rayjob_of_the_jobs_name_is_not_adopted(op: OperatorHarness) -> None:
+    """A RayJob no job owns (its job deleted with --cascade=orphan, or made by hand) may hold another run's
+    state: the job waits, saying how to remove it, and follows none of its states."""
     rayjob = build_rayjob(FineTuneJob.from_body(finetunejob("irsa")), FAST_SETTINGS)
-    rayjob["spec"]["entrypoint"] = "python -m kubetune_trainer --config /etc/kubetune/trainer-config.json"
-    old_rayjob = await op.create(RAYJOBS, rayjob)
+    assert "ownerReferences" not in rayjob["metadata"]
+    orphan = await op.create(RAYJOBS, rayjob)
     await op.create_job(finetunejob("irsa"))
-    await op.wait_for_event("default", "irsa", "RayJobCreated")
+
+    message = await previous_rayjob_waiting(op, "irsa")
+    assert "kubectl -n default delete rayjob irsa" in message
+    await op.set_rayjob_status("default", "irsa", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
     await op.settle()
-    assert op.rayjob("default", "irsa") == old_rayjob
-    assert op.phase("default", "irsa") == "Launching"
+    assert op.phase("default", "irsa") == "Pending"
+    assert (op.rayjob("default", "irsa") or {}).get("spec") == orphan["spec"]
 
 
 @pytest.mark.asyncio

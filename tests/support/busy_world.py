@@ -240,7 +240,7 @@ class World:
                     "train": BASE["train"],
                     "validation": BASE["validation"],
                     "imageSize": 32,
-                    "augment": False,
+                    "augment": "none",
                 },
                 "training": {
                     "epochs": epochs,

@@ -199,7 +199,7 @@ class DigitsWorld:
         model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy, "resume": resume}
         if trainable_layers is not None:
             model["trainableLayers"] = trainable_layers
-        data: dict[str, Any] = {"train": train, "imageSize": IMAGE_SIZE, "augment": augment}
+        data: dict[str, Any] = {"train": train, "imageSize": IMAGE_SIZE, "augment": "light" if augment else "none"}
         if validation:
             data["validation"] = validation
         manifest = {

@@ -86,7 +86,7 @@ class Shapes:
                         "validation": f"{SHAPES}/annotations/val.json",
                     },
                     "imageSize": DETECTOR_SIZE,
-                    "augment": True,
+                    "augment": "light",
                 },
                 "training": {
                     "epochs": EPOCHS,

@@ -164,13 +164,14 @@ def test_no_package_imports_what_its_image_or_its_users_lack() -> None:
     assert not contract, "the contract imports pydantic and the standard library only:\n  " + "\n  ".join(contract)
 
 
-def test_the_operator_imports_the_trainer_only_for_the_contract_and_run_local() -> None:
+def test_the_operator_imports_the_trainer_only_for_the_contract_and_the_local_commands() -> None:
     crossing = {
         (i.target, i.lazy)
         for i in imports()
         if i.source.startswith("kubetune_operator.") and i.target.startswith("kubetune_trainer")
     }
-    assert crossing <= {(name, False) for name in CONTRACT} | {("kubetune_trainer.local", True)}, crossing
+    when_run = {("kubetune_trainer.local", True), ("kubetune_trainer.tune_lr", True)}  # run --local, tune-lr
+    assert crossing <= {(name, False) for name in CONTRACT} | when_run, crossing
 
 
 MODULES_SECTION = re.compile(r"^## Modules\n(.*?)^## ", re.S | re.M)

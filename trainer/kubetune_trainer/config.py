@@ -14,7 +14,7 @@ import json
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 # An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules. Keys have
@@ -64,7 +64,8 @@ MAX_EPOCHS = 1000
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
 ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
-ENDPOINT_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+# No user:password@ in the authority: credentials belong in the Secret, never in a spec anyone may read.
+ENDPOINT_PATTERN = r"^https?://[^\s/@]+(/[^\s]*)?$"
 REGION_PATTERN = r"^[a-z0-9\-]{2,32}$"
 # A Kubernetes object name (DNS-1123 subdomain), e.g. of a Secret.
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -181,10 +182,10 @@ class ModelSpec(SpecSection):
         description="Number of classes of the new task; inferred from the dataset's class folders when omitted.",
     )
     strategy: Literal["head", "partial", "full"] = Field(
-        default="head",
+        default="full",
         description=(
-            "What trains: head (only the new classifier), partial (the last trainableLayers stages "
-            "and the head), full (everything, with a lower learning rate for the backbone)."
+            "What trains: full (everything; the backbone's learning rate follows backboneLearningRateScale and "
+            "layerDecay), partial (the last trainableLayers stages and the head), head (only the new classifier)."
         ),
     )
     trainable_layers: int | None = Field(
@@ -271,7 +272,14 @@ class DataSpec(SpecSection):
         le=1024,
         description="Square input size in pixels; the model's own default when omitted.",
     )
-    augment: bool = Field(default=True, description="Random resized crops and flips during training.")
+    augment: Literal["none", "light", "standard", "strong"] = Field(
+        default="light",
+        description=(
+            "Training augmentation, scaled to the image size: none; light (random shifts of up to 1/8 of the "
+            "side); standard (random resized crops and flips); strong (smaller crops, flips and colour "
+            "jitter: timm's ImageNet recipe at 224 px). Detection flips with every policy but none."
+        ),
+    )
 
     @model_validator(mode="after")
     def _validation_apart_from_train(self) -> DataSpec:
@@ -283,8 +291,32 @@ class DataSpec(SpecSection):
         return self
 
 
+# Defaults measured on the fine-tuning quality benchmark (bench/quality.py; docs/trainer.md, "Defaults").
+LAYER_DECAY = 0.8
+# The top backbone stage's share of the head's rate when backboneLearningRateScale is omitted. A detector's
+# new heads (and FPN) take the range test's rate, its pretrained backbone a tenth of it: at the full rate
+# the backbone's features were lost (mAP 0.13 against 0.31; docs/trainer.md).
+BACKBONE_SCALE: dict[Task, float] = {"classification": 1.0, "detection": 0.1}
+# Without warmupEpochs, the warm-up takes this share of the run's steps.
+WARMUP_FRACTION = 0.2
+
+# training.learningRate: a number, or "auto" for the range test. A CRD type is one type, so the schema
+# leaves the node untyped (x-kubernetes-preserve-unknown-fields) and says which values pass in anyOf's
+# value validations: the string auto, or a number in (0, 10]. minLength 1 with maxLength 0 fails every
+# string, so the second branch holds numbers only (the API server still rejects other strings, and the
+# model rejects booleans and objects too).
+AUTO = "auto"
+MAX_LEARNING_RATE = 10.0
+LEARNING_RATE_SCHEMA: dict[str, Any] = {
+    "x-kubernetes-preserve-unknown-fields": True,
+    "anyOf": [
+        {"enum": [AUTO]},
+        {"exclusiveMinimum": 0.0, "maximum": MAX_LEARNING_RATE, "minLength": 1, "maxLength": 0},
+    ],
+}
+
 WARMUP_RULE = cel(
-    "self.warmupEpochs < self.epochs",
+    "!has(self.warmupEpochs) || self.warmupEpochs < self.epochs",
     "warmupEpochs must be less than epochs",
     ".warmupEpochs",
 )
@@ -320,8 +352,34 @@ class TrainingSpec(SpecSection):
 
     epochs: int = Field(default=10, ge=1, le=MAX_EPOCHS, description="Passes over the training data.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
-    learning_rate: float = Field(
-        default=1e-3, gt=0.0, le=10.0, description="Peak learning rate, reached at the end of warm-up."
+    learning_rate: Annotated[float | None, WithJsonSchema(LEARNING_RATE_SCHEMA)] = Field(
+        default=None,
+        gt=0.0,
+        le=MAX_LEARNING_RATE,
+        description=(
+            "Peak learning rate of the new head, reached at the end of warm-up (the backbone's follows "
+            "backboneLearningRateScale and layerDecay): a number, or auto (the same as leaving it out) to have "
+            "a learning-rate range test on the job's data choose it before training (`kubetune tune-lr` runs "
+            "the same test alone)."
+        ),
+    )
+    backbone_learning_rate_scale: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "The top backbone stage's learning rate as a fraction of the head's (strategies partial and full); "
+            "omitted: 1 for classification, 0.1 for detection."
+        ),
+    )
+    layer_decay: float = Field(
+        default=LAYER_DECAY,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Layer-wise learning-rate decay: each backbone stage below the top one learns this much slower "
+            "than the stage above it (1: every stage alike)."
+        ),
     )
     optimizer: Literal["adamw", "sgd"] = Field(
         default="adamw", description="Optimiser: adamw (AdamW) or sgd (SGD with momentum)."
@@ -330,8 +388,11 @@ class TrainingSpec(SpecSection):
     scheduler: Literal["cosine", "constant", "step"] = Field(
         default="cosine", description="Learning-rate schedule after warm-up: cosine decay, constant, or step decay."
     )
-    warmup_epochs: int = Field(
-        default=0, ge=0, le=100, description="Epochs of linear learning-rate warm-up; less than epochs."
+    warmup_epochs: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Epochs of linear learning-rate warm-up, less than epochs; omitted: the first fifth of the steps.",
     )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         default="bf16", description="Mixed precision on GPU; CPU runs always use fp32."
@@ -348,9 +409,25 @@ class TrainingSpec(SpecSection):
         ),
     )
 
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _auto_is_the_range_test(cls, value: Any) -> Any:
+        """`auto` and an omitted learningRate mean the same: the range test chooses it (None here)."""
+        if isinstance(value, str) and value == AUTO:
+            return None
+        if isinstance(value, str):
+            raise ValueError(f"must be a number or {AUTO} (got {value!r})")
+        return value
+
+    def backbone_scale(self, task: Task) -> float:
+        """backboneLearningRateScale, or the task's default (BACKBONE_SCALE) when it is omitted."""
+        return (
+            self.backbone_learning_rate_scale if self.backbone_learning_rate_scale is not None else BACKBONE_SCALE[task]
+        )
+
     @model_validator(mode="after")
     def _warmup_before_end(self) -> TrainingSpec:
-        if self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmupEpochs: must be less than epochs ({self.epochs}) (got {self.warmup_epochs})")
         return self
 

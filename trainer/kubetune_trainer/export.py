@@ -52,6 +52,7 @@ CARD_FILE = "model.json"
 CURVES_FILE = "training-curves.png"
 # What every export writes beside the model (MODEL_FILE), in the order the summary names them.
 PUBLISHED_FILES = (CARD_FILE, HISTORY_FILE, CURVES_FILE)
+RANGE_TEST_FILE = "lr-range-test.png"  # written by the workers' range test (`lr_range`), not by the export
 DETECTIONS_FILE = "detections.png"
 
 
@@ -215,6 +216,18 @@ def detection_card(
         "job": {"name": config.job_name, "namespace": config.namespace, "runName": config.run_name},
         "files": {"weights": MODEL_FILE, "history": HISTORY_FILE, "curves": CURVES_FILE, "detections": DETECTIONS_FILE},
     }
+
+
+def with_effective_training(card: Mapping[str, Any], effective: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The card with what the run trained with (`optim.effective_training`: learning rates and where they
+    came from, warm-up, augmentation), and the range test's picture among its files when there was one."""
+    out = dict(card)
+    if not effective:
+        return out
+    out["effectiveTraining"] = dict(effective)
+    if "rangeTest" in effective:
+        out["files"] = {**out.get("files", {}), "rangeTest": RANGE_TEST_FILE}
+    return out
 
 
 def read_final_progress(store: S3Store, checkpoint: S3Uri) -> dict[str, Any]:

@@ -48,9 +48,11 @@ from kubetune_trainer.checkpoint import (
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import prepare_images
 from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.export import RANGE_TEST_FILE
 from kubetune_trainer.loaders import EpochOrder, eval_loader, steps_per_epoch, train_loader
+from kubetune_trainer.lr_range import START_LR, RangeTest, cycle, find_learning_rate, plot_range_test
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
-from kubetune_trainer.optim import make_optimizer, make_schedule
+from kubetune_trainer.optim import effective_training, make_optimizer, make_schedule
 from kubetune_trainer.progress_model import history_entry
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
@@ -165,6 +167,8 @@ class TrainState:
     # figures so far over all workers (loss sum, images, seconds), as the latest mid-epoch checkpoint saw them.
     epoch_samples: int = 0
     epoch_so_far: dict[str, float] = field(default_factory=dict)
+    # What the run trains with (`optim.effective_training`): model.json and the status report it.
+    effective: dict[str, Any] = field(default_factory=dict)
 
     @property
     def learning_rate(self) -> float:
@@ -180,6 +184,7 @@ class TrainState:
             "history": self.history,
             "epochSamples": self.epoch_samples,
             "epochSoFar": self.epoch_so_far,
+            "effective": self.effective,
         }
 
 
@@ -217,9 +222,11 @@ def train_loop(raw: dict[str, Any]) -> None:
     worker = start_worker(raw)
     model, trainable = build_model(worker)
     loaders = make_loaders(worker)
-    state = new_state(worker, model, trainable, loaders.steps_per_epoch)
-    resume(worker, state)
     training = worker.config.training
+    state = new_state(worker, model, trainable, loaders.steps_per_epoch, training.learning_rate)
+    resume(worker, state)
+    if state.resumed_from is None and training.learning_rate is None:
+        state = new_state(worker, model, trainable, loaders.steps_per_epoch, None, range_test(worker, state, loaders))
     progress = WorkerProgress(
         worker.plan.relay, worker.rank, training.epochs, loaders.steps_per_epoch, worker.task.metric_keys, state
     )
@@ -294,11 +301,27 @@ def make_loaders(worker: Worker) -> Loaders:
     return Loaders(train, order, validation, val_set, steps_per_epoch(order, training.batch_size))
 
 
-def new_state(worker: Worker, model: nn.Module, trainable: TrainablePlan, steps_per_epoch: int) -> TrainState:
-    """Optimizer, schedule, grad scaler and the task's step around `model`, at step 0."""
+def new_state(
+    worker: Worker,
+    model: nn.Module,
+    trainable: TrainablePlan,
+    steps_per_epoch: int,
+    learning_rate: float | None,
+    tested: RangeTest | None = None,
+) -> TrainState:
+    """Optimizer, schedule, grad scaler and the task's step around `model`, at step 0, at `learning_rate`
+    or the range test's choice (`tested`); with neither, a placeholder until `resume` or the test sets it."""
     training = worker.config.training
+    rate = learning_rate if learning_rate is not None else tested.chosen if tested is not None else START_LR
     # Parameter names as the model knows them, not as the DDP wrapper prefixes them ("module.").
-    groups = param_groups(unwrap(model), trainable, training.learning_rate, training.weight_decay)
+    groups = param_groups(
+        unwrap(model),
+        trainable,
+        rate,
+        training.weight_decay,
+        training.backbone_scale(worker.config.task),
+        training.layer_decay,
+    )
     optimizer = make_optimizer(groups, training)
     scheduler = make_schedule(optimizer, training, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=worker.cuda and training.precision == "fp16")
@@ -311,7 +334,38 @@ def new_state(worker: Worker, model: nn.Module, trainable: TrainablePlan, steps_
         "strategy": spec.strategy,
         "trainableLayers": spec.trainable_layers,
     }
-    return TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity)
+    augment = worker.task.augmentation(worker.plan.data_config)
+    effective = effective_training(
+        training,
+        trainable,
+        (rate, training.backbone_scale(worker.config.task)),
+        steps_per_epoch,
+        augment,
+        tested.wire() if tested is not None else None,
+    )
+    return TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity, effective=effective)
+
+
+def range_test(worker: Worker, state: TrainState, loaders: Loaders) -> RangeTest:
+    """The learning-rate range test on this run's model and data (every worker in step, each step's loss
+    averaged over them, so all choose the same rate); rank 0 publishes its curve under output.path."""
+
+    def mean_across_workers(loss: float) -> float:
+        if worker.world == 1:
+            return loss
+        value = torch.tensor([loss], dtype=torch.float64, device=worker.device)
+        dist.all_reduce(value)
+        return float(value.item()) / worker.world
+
+    batches = cycle(loaders.train, lambda epoch: loaders.sampler.set_epoch(epoch))
+    tested = find_learning_rate(
+        worker.task, worker.config, state.model, state.trainable, batches, worker.device, mean_across_workers
+    )
+    if worker.rank == 0:
+        title = f"{worker.config.job_name}: learning-rate range test ({len(tested.losses)} steps)"
+        picture = S3Uri.parse(worker.config.output.path).join(RANGE_TEST_FILE)
+        worker.store.put_bytes(picture, plot_range_test(tested, title), "image/png")
+    return tested
 
 
 def resume(worker: Worker, state: TrainState) -> None:
@@ -337,6 +391,8 @@ def resume(worker: Worker, state: TrainState) -> None:
     state.epoch_samples = int(progress.get("epochSamples", 0))
     state.epoch_so_far = {k: float(v) for k, v in dict(progress.get("epochSoFar") or {}).items()}
     state.resumed_from, state.saved_step = where, state.step
+    state.effective = dict(progress.get("effective") or state.effective)
+    state.resumed_from = where
 
 
 class Epoch:

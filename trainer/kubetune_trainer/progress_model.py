@@ -36,6 +36,9 @@ MAX_STEPS = 2**53
 MAX_WORKER_FAILURES = 1_000_000
 MAX_CHECKPOINT_URI = len("s3://") + 63 + 1 + 1024
 MAX_PREEMPTIONS = 1_000_000
+# The most backbone stages a progress update lists (timm groups a ViT-H's 32 blocks into 32 stages).
+MAX_STAGES = 256
+MAX_AUGMENT_TEXT = 256
 TrainerPhase = Literal["Resumed", "Training", "Checkpointing", "Evaluated", "Preempted"]
 
 BOTH: tuple[Task, ...] = ("classification", "detection")
@@ -156,6 +159,38 @@ else:
     )
 
 
+class TrainingSettings(CamelModel):
+    """What the run trains with, once decided: the learning rates it uses and the augmentation (model.json's
+    effectiveTraining says the same, in more detail)."""
+
+    learning_rate: float = Field(ge=0.0, description="Peak learning rate of the head, reached after the warm-up.")
+    learning_rate_source: Literal["spec", "rangeTest"] = Field(
+        description="spec (training.learningRate) or rangeTest (chosen by the learning-rate range test)."
+    )
+    backbone_learning_rates: list[float] = Field(
+        default_factory=list,
+        max_length=MAX_STAGES,
+        description="Peak learning rate of each trained backbone stage, input side first.",
+    )
+    warmup_steps: int = Field(ge=0, le=MAX_STEPS, description="Steps of linear warm-up before the peak.")
+    augment: str = Field(
+        max_length=MAX_AUGMENT_TEXT, description="The training augmentation (data.augment) at this image size."
+    )
+
+    @classmethod
+    def from_effective(cls, effective: Mapping[str, Any]) -> TrainingSettings | None:
+        """From the loop's `effective_training` block; None before it exists."""
+        if not effective:
+            return None
+        return cls(
+            learning_rate=effective["learningRate"],
+            learning_rate_source=effective["learningRateSource"],
+            backbone_learning_rates=list(effective["backboneLearningRates"])[:MAX_STAGES],
+            warmup_steps=effective["warmupSteps"],
+            augment=str(effective["augment"].get("description", ""))[:MAX_AUGMENT_TEXT],
+        )
+
+
 class ProgressUpdate(CamelModel):
     """Where a run is: the message from the trainer to the operator (and the console)."""
 
@@ -196,6 +231,9 @@ class ProgressUpdate(CamelModel):
         default=None,
         description="Resumed, Training, Checkpointing or Evaluated (after each epoch, with or without its "
         "checkpoint), or Preempted (the checkpoint of a preemption notice is saved).",
+    )
+    training: TrainingSettings | None = Field(
+        default=None, description="The effective learning rates and augmentation of the run."
     )
 
 

@@ -36,7 +36,7 @@ from kubetune_trainer.checkpoint import MODEL_FILE
 from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.data import check_corrupt, prepare_images
 from kubetune_trainer.errors import PreemptedError, TrainerError, error_line
-from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_final_progress
+from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_final_progress, with_effective_training
 from kubetune_trainer.loop import RunPlan, train_loop
 from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.preemption import DriverNotice, worker_callback
@@ -291,6 +291,7 @@ def export(config: TrainerConfig, prepared: Prepared, last: S3Uri) -> Outcome:
     task = prepared.task
     final = progress.get("final") or {}
     card = task.card(Trained(prepared.data_config, prepared.weights_report, history, final, datetime.now(UTC)))
+    card = with_effective_training(card, progress.get("effective"))
     output = export_model(store, config, last, card, history, task.panels, extra_files=task.exported_files)
     files = (*PUBLISHED_FILES, *task.exported_files)
     return Outcome(output.join(MODEL_FILE), metrics=dict(history[-1]), epochs=len(history), files=files)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate, TrainerPhase, TrainingSettings
 from kubetune_trainer.reporting import worker_reporters
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class WorkerProgress:
         self.last_val: dict[str, float] = {k: last[k] for k in metric_keys if k in last}
 
     def update(
-        self, state: TrainState, epoch: int, phase: str, train_loss: float | None, ips: float | None
+        self, state: TrainState, epoch: int, phase: TrainerPhase, train_loss: float | None, ips: float | None
     ) -> ProgressUpdate:
         step, total = state.step, self.clock.total_steps
         return ProgressUpdate(
@@ -82,6 +82,7 @@ class WorkerProgress:
             # Train has committed it.
             latest_checkpoint=state.resumed_from,
             phase=phase,
+            training=TrainingSettings.from_effective(state.effective),
         )
 
     def resumed(self, state: TrainState) -> None:
@@ -102,7 +103,7 @@ class WorkerProgress:
         self.last_val = dict(validation)
         if self.enabled:
             entry = state.history[-1]
-            phase = "Checkpointing" if saved else "Evaluated"
+            phase: TrainerPhase = "Checkpointing" if saved else "Evaluated"
             self.reporter.report(self.update(state, state.epoch, phase, entry["trainLoss"], entry["imagesPerSecond"]))
 
     def preempted(self, state: TrainState) -> None:

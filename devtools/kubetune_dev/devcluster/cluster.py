@@ -51,6 +51,8 @@ T = TypeVar("T")
 # The checkout this package sits in (devtools/kubetune_dev/devcluster/ -> the repository root).
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FTJ_CRD = Path("crds") / "finetunejobs.kubetune.dev.yaml"
+# The S3 endpoints the cluster's operator allows jobs to name: its own (moto, and the fault proxy).
+LOCAL_S3 = "http://127.0.0.1"
 
 
 def find_file(relative: Path, *, roots: tuple[Path, ...] = ()) -> Path | None:
@@ -87,6 +89,8 @@ class OperatorThread:
         self.kubeconfig = kubeconfig
         self.metrics_port = int(overrides.pop("metrics_port", 0) or free_port())
         self.progress_port = int(overrides.pop("progress_port", 0) or free_port())
+        # The cluster's S3 (and the proxy that injects its faults) listen on 127.0.0.1.
+        overrides.setdefault("allowed_s3_endpoints", (LOCAL_S3,))
         self.settings = dataclasses.replace(
             OperatorSettings.from_env(),
             namespaces=tuple(namespaces),
@@ -500,6 +504,7 @@ class DevCluster:
             "KUBETUNE_PROGRESS_PORT": str(progress_port),
             "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{progress_port}",
             "KUBETUNE_LIVENESS_URL": f"http://127.0.0.1:{free_port()}/healthz",
+            "KUBETUNE_ALLOWED_S3_ENDPOINTS": LOCAL_S3,
         }
         with log_path.open("ab") as out:
             self.operator_process = subprocess.Popen(

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kubetune_trainer.augment import augment_plan
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import DatasetIndex, build_index, datasets
 from kubetune_trainer.export import CLASSIFICATION_PANELS, Panel, classification_card
@@ -91,6 +92,9 @@ class ClassificationTask:
 
     def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any]:
         return datasets(folder, self.index, preprocessing, self.config.data.augment)
+
+    def augmentation(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
+        return augment_plan(self.config.data.augment, int(preprocessing["input_size"][-1])).wire()
 
     def stepper(
         self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, autocast: Autocast, device: torch.device
