@@ -50,7 +50,7 @@ def test_a_job_deleted_and_applied_again_continues_its_run() -> None:
     [
         {"model": {"checkpoint": "s3://models/base/other.safetensors"}},
         {"model": {"architecture": "resnet18"}},
-        {"model": {"strategy": "full"}},
+        {"model": {"strategy": "head"}},
         {"data": {"train": "s3://datasets/flowers-v2/train/"}},
         {"data": {"imageSize": 160}},
         {"training": {"seed": 7}},
