@@ -310,7 +310,9 @@ async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool) -
     """Carry a RayJob's new state (or its deletion) into its FineTuneJob's status."""
     found = _rayjob_change(rt, rayjob, deleted=deleted)
     if found is not None:
-        await rt.status.update(*found)
+        # The job's own RayJob exists, so its launch is done: when this event's write comes before the
+        # launch's own (a busy operator), it carries kopf's diff base instead, and kopf writes nothing.
+        await rt.status.update(*found, ends_launch=not deleted)
 
 
 def _rayjob_change(

@@ -60,7 +60,7 @@ def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
             use_gpu=scaling.gpus_per_worker > 0,
             reporter=ConsoleReporter(),
         )
-        summary(started, outcome.metrics, outcome.epochs, str(outcome.output))
+        summary(started, outcome)
         return 0
 
     return guarded(run)

@@ -50,6 +50,8 @@ MODEL_FORMAT = "kubetune.dev/model/v1"
 HISTORY_FILE = "history.json"
 CARD_FILE = "model.json"
 CURVES_FILE = "training-curves.png"
+# What every export writes beside the model (MODEL_FILE), in the order the summary names them.
+PUBLISHED_FILES = (CARD_FILE, HISTORY_FILE, CURVES_FILE)
 RANGE_TEST_FILE = "lr-range-test.png"  # written by the workers' range test (`lr_range`), not by the export
 DETECTIONS_FILE = "detections.png"
 

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
 from kubetune_trainer.config import TrainerConfig, use_ray_train_env
@@ -20,6 +20,9 @@ from kubetune_trainer.errors import PreemptedError, TrainerError
 from kubetune_trainer.progress_model import summary_parts
 from kubetune_trainer.reporting import ConsoleReporter, format_duration
 from kubetune_trainer.storage import resolve_endpoint
+
+if TYPE_CHECKING:  # run imports torch and Ray: only when a run starts
+    from kubetune_trainer.run import Outcome
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -88,14 +91,13 @@ def guarded(action: Callable[[], int]) -> int:
         return 130
 
 
-def summary(started: float, metrics: dict[str, float], epochs: int, output: str) -> None:
-    parts = summary_parts(metrics)
+def summary(started: float, outcome: Outcome) -> None:
+    """The run's last two lines: the final validation figures, and where the model and its files are."""
+    parts = summary_parts(outcome.metrics)
     figures = "validation " + ", ".join(parts) if parts else ""
-    files = "model.json, history.json, training-curves.png"
-    if "valMap" in metrics:
-        files += ", detections.png"
-    print(f"kubetune: trained {epochs} epochs in {format_duration(time.monotonic() - started)}: {figures}")
-    print(f"kubetune: model at {output}/model.safetensors ({files})")
+    took = format_duration(time.monotonic() - started)
+    print(f"kubetune: trained {outcome.epochs} epochs in {took}: {figures}")
+    print(f"kubetune: model at {outcome.model} ({', '.join(outcome.files)})")
 
 
 def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
@@ -138,7 +140,7 @@ def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
         finally:
             if started_ray:
                 ray.shutdown()
-        summary(started, outcome.metrics, outcome.epochs, str(outcome.output))
+        summary(started, outcome)
         return 0
 
     return guarded(run)

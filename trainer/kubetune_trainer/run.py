@@ -32,10 +32,11 @@ import torch
 
 from kubetune_trainer.cache import cached_object
 from kubetune_trainer.callbacks import STEP_CALLBACKS_ENV, callback_names_from_env
+from kubetune_trainer.checkpoint import MODEL_FILE
 from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.data import check_corrupt, prepare_images
 from kubetune_trainer.errors import PreemptedError, TrainerError, error_line
-from kubetune_trainer.export import export_model, read_final_progress, with_effective_training
+from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_final_progress, with_effective_training
 from kubetune_trainer.loop import RunPlan, train_loop
 from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.preemption import DriverNotice, worker_callback
@@ -73,9 +74,11 @@ class Prepared:
 
 @dataclass
 class Outcome:
-    output: S3Uri
+    model: S3Uri  # the weights under output.path
     metrics: dict[str, Any]
     epochs: int
+    # Beside the weights: the card, history and curves, and the task's own (detection: detections.png).
+    files: tuple[str, ...]
 
 
 def store_for(config: TrainerConfig) -> S3Store:
@@ -290,4 +293,5 @@ def export(config: TrainerConfig, prepared: Prepared, last: S3Uri) -> Outcome:
     card = task.card(Trained(prepared.data_config, prepared.weights_report, history, final, datetime.now(UTC)))
     card = with_effective_training(card, progress.get("effective"))
     output = export_model(store, config, last, card, history, task.panels, extra_files=task.exported_files)
-    return Outcome(output=output, metrics=dict(history[-1]), epochs=len(history))
+    files = (*PUBLISHED_FILES, *task.exported_files)
+    return Outcome(output.join(MODEL_FILE), metrics=dict(history[-1]), epochs=len(history), files=files)
