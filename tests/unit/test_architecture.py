@@ -32,7 +32,7 @@ FORBIDDEN = {
     "kubetune_trainer": {"kubernetes", "kopf", "kubetune_operator", "kubetune_dev", "kmock", "moto"},
 }
 # The contract both product packages read: pydantic and the standard library only.
-CONTRACT = ("kubetune_trainer.config", "kubetune_trainer.progress_model")
+CONTRACT = ("kubetune_trainer.config", "kubetune_trainer.progress_model", "kubetune_trainer.architectures")
 CONTRACT_MAY_IMPORT = {"pydantic", *sys.stdlib_module_names}
 
 MAX_FUNCTION_LINES = 60

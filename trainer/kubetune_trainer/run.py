@@ -82,7 +82,7 @@ class Outcome:
 
 
 def store_for(config: TrainerConfig) -> S3Store:
-    return S3Store(config.storage.endpoint, config.storage.region)
+    return S3Store(config.storage.endpoint, config.storage.region, config.storage.boto_addressing_style())
 
 
 def check_inputs(config: TrainerConfig, store: S3Store) -> Inputs:
