@@ -312,7 +312,26 @@ async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool) -
     if found is not None:
         # The job's own RayJob exists, so its launch is done: when this event's write comes before the
         # launch's own (a busy operator), it carries kopf's diff base instead, and kopf writes nothing.
-        await rt.status.update(*found, ends_launch=not deleted)
+        namespace, name, compute = found
+        await rt.status.update(namespace, name, _noting_skipped_preflight(rt, compute), ends_launch=not deleted)
+
+
+def _noting_skipped_preflight(rt: Runtime, compute: Compute) -> Compute:
+    """`compute`, whose write also says why preflight was skipped when the launch's own write has yet to:
+    the first write of a launch carries everything it says (one write per new job)."""
+
+    def computed(job: JobRecord) -> StatusChange:
+        change = compute(job)
+        spec = job.job
+        if not change.patch or isinstance(spec, InvalidJob) or job.status.get("preflight"):
+            return change
+        if spec.spec.storage.credentials_secret:
+            return change
+        return dataclasses.replace(
+            change, patch={**change.patch, "preflight": preflight_skipped_message(spec, rt.settings)}
+        )
+
+    return computed
 
 
 def _rayjob_change(
