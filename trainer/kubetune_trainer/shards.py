@@ -152,6 +152,8 @@ def scan_shard(store: S3Store, shard: ObjectInfo, bucket: str) -> ShardScan:
                 scan.refused[info.name] = why
             elif key not in scan.samples:
                 scan.samples[key] = ShardSample(member_name(info), info.size)
+            else:
+                scan.ignored += 1  # a second image of the sample: the first one is its image
             continue
         if extension not in LABEL_EXTENSIONS or reader is None or key in labels:
             scan.ignored += 1
