@@ -149,6 +149,10 @@ def classification_index(store: S3Store, config: TrainerConfig) -> DatasetIndex:
     if data_format(config.task, data) == "imagefolder":
         return build_index(store, data, config.model.num_classes, config.training.seed)
     train = read_part(store, data, "train", boxes=False)
+    if not train.images:
+        raise DataError(
+            f"data.train: {train.where} holds no readable image with a label ({len(train.refused)} refused)"
+        )
     class_names = class_order({i.label for i in train.images})
     check_class_count(config.model.num_classes, class_names, f"labels of {train.where}")
     label = {name: n for n, name in enumerate(class_names)}
