@@ -18,10 +18,10 @@ import pytest
 from kubetune_trainer import shards
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import check_corrupt, prepare_images
-from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.errors import ConfigError, DataError, StorageError
 from kubetune_trainer.formats import class_order, classification_index, detection_index
 from kubetune_trainer.manifest import covering_prefixes
-from kubetune_trainer.storage import S3Store
+from kubetune_trainer.storage import S3Store, S3Uri
 from tests.support.digits_world import REGION, DigitsWorld, digit_png, tar_bytes
 
 
@@ -282,3 +282,15 @@ def test_covering_prefixes_stay_few_and_do_not_nest(monkeypatch: pytest.MonkeyPa
     assert covering_prefixes(keys) == ["b", "a/0", "a/1", "a/2", "a/3", "a/4"]
     monkeypatch.setattr("kubetune_trainer.manifest.MAX_LISTINGS", 3)
     assert covering_prefixes(keys) == ["a", "b"]
+
+
+def test_a_shard_read_stops_at_its_listed_size(world: DigitsWorld, store: S3Store, png: bytes) -> None:
+    """A shard that grew since it was listed is not read past the listed size (whoever wrote it meanwhile)."""
+    body = tar_bytes([("a.png", png), ("a.cls", b"1")])
+    world.put("s3://datasets/wds-grown/s.tar", body)
+    listed = store.list_objects(S3Uri("datasets", "wds-grown"))[0]
+    world.put("s3://datasets/wds-grown/s.tar", tar_bytes([(f"{n}.png", png) for n in range(50)]))
+    with pytest.raises(
+        StorageError, match=r"s3://datasets/wds-grown/s.tar is more than the .* bytes it was listed with"
+    ):
+        shards.scan_shard(store, listed, "datasets")
