@@ -187,7 +187,13 @@ def train_loop(raw: dict[str, Any]) -> None:
     resume(worker, state)
     training = worker.config.training
     progress = WorkerProgress(
-        worker.plan.relay, worker.rank, training.epochs, loaders.steps_per_epoch, worker.task.metric_keys, state
+        worker.plan.relay,
+        worker.rank,
+        training.epochs,
+        loaders.steps_per_epoch,
+        worker.task.metric_keys,
+        state,
+        worker.config.selected_metric,
     )
     callbacks = load_callbacks(worker.plan.callbacks)
     if state.resumed_from is not None:

@@ -67,6 +67,11 @@ class ProgressUpdate(CamelModel):
     phase: str | None = Field(
         default=None, description="Resumed, Training or Checkpointing (sent after each epoch's checkpoint)."
     )
+    best_epoch: int | None = Field(
+        default=None,
+        ge=1,
+        description="The epoch whose checkpoint is the best so far by training.selectBy: the one the export takes.",
+    )
 
 
 class ProgressReporter(Protocol):
