@@ -233,7 +233,11 @@ class FineTuneJobSpec(SpecSection):
     @model_validator(mode="after")
     def _output_apart_from_data(self) -> FineTuneJobSpec:
         data = self.data
-        for field, prefix in (("data.train", data.train), ("data.validation", data.validation), ("data.test", data.test)):
+        for field, prefix in (
+            ("data.train", data.train),
+            ("data.validation", data.validation),
+            ("data.test", data.test),
+        ):
             if prefix and prefixes_overlap(self.output.path, prefix):
                 raise ValueError(
                     f"output.path: must not overlap {field} ({prefix}): checkpoints and results would be read "
@@ -386,7 +390,9 @@ class FineTuneJobStatus(StatusModel):
     latest_checkpoint: str | None = Field(
         default=None, description="s3:// URI of the newest checkpoint; a resumed run continues from it."
     )
-    model: ModelStatus | None = Field(default=None, description="The exported model and its report, once the job succeeded.")
+    model: ModelStatus | None = Field(
+        default=None, description="The exported model and its report, once the job succeeded."
+    )
     start_time: datetime | None = Field(default=None, description="When training started.")
     completion_time: datetime | None = Field(default=None, description="When the job succeeded or failed.")
     restarts: int | None = Field(

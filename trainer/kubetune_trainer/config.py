@@ -110,6 +110,7 @@ def selected_metric(task: str, chosen: str | None) -> str:
     """The history key that picks a run's best checkpoint: `training.selectBy`, or the task's default."""
     return chosen or SELECT_BY[task][0]
 
+
 # torchvision's detection zoo: the models a detection job can fine-tune (built by name, without downloads).
 DETECTION_ARCHITECTURES: tuple[str, ...] = (
     "fasterrcnn_resnet50_fpn",
@@ -404,7 +405,7 @@ class OutputSpec(SpecSection):
         description="Checkpoints kept: the best ones by training.selectBy, and always the latest (to resume from).",
     )
     formats: list[ExportFormat] = Field(
-        default_factory=lambda: ["safetensors"],
+        default_factory=lambda: list[ExportFormat](["safetensors"]),
         min_length=1,
         max_length=3,
         description=(

@@ -83,6 +83,8 @@ class DatasetIndex:
     corrupt: dict[str, str] = field(default_factory=dict)
     # Digest of the full listing (keys, ETags, sizes): names the node cache of this dataset.
     cache_key: str = ""
+    # data.test's images: judged once after training with the exported model (not trained or validated on).
+    test: list[Sample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.cache_key:
@@ -90,7 +92,7 @@ class DatasetIndex:
 
     @property
     def samples(self) -> list[Sample]:
-        return self.train + self.validation
+        return self.train + self.validation + self.test
 
     def wire(self) -> dict[str, Any]:
         # Tuples rather than dicts: an index can hold a million samples.
@@ -99,6 +101,7 @@ class DatasetIndex:
             "classNames": self.class_names,
             "train": [[s.key, s.label, s.size, s.etag] for s in self.train],
             "validation": [[s.key, s.label, s.size, s.etag] for s in self.validation],
+            "test": [[s.key, s.label, s.size, s.etag] for s in self.test],
             "ignoredObjects": self.ignored_objects,
             "corrupt": self.corrupt,
             "cacheKey": self.cache_key,
@@ -114,6 +117,7 @@ class DatasetIndex:
             ignored_objects=int(data.get("ignoredObjects", 0)),
             corrupt=dict(data.get("corrupt", {})),
             cache_key=str(data.get("cacheKey", "")),
+            test=[Sample(k, int(lbl), int(sz), e) for k, lbl, sz, e in data.get("test", [])],
         )
 
     def without_corrupt(self, corrupt: Mapping[str, str]) -> DatasetIndex:
@@ -125,6 +129,7 @@ class DatasetIndex:
             ignored_objects=self.ignored_objects,
             corrupt=dict(corrupt),
             cache_key=self.cache_key,
+            test=[s for s in self.test if s.key not in corrupt],
         )
 
 
@@ -221,6 +226,22 @@ def split_per_class(
     return train, validation
 
 
+def list_subset(
+    store: S3Store, uri: str, field_name: str, train_prefix: S3Uri, class_names: Sequence[str]
+) -> tuple[dict[str, list[ObjectInfo]], int, dict[str, str]]:
+    """data.validation's or data.test's class folders: in train's bucket, each one a class of train."""
+    prefix = S3Uri.parse(uri)
+    if prefix.bucket != train_prefix.bucket:
+        raise ConfigError(f"{field_name}: must be in the bucket of data.train ({train_prefix.bucket})")
+    listing = list_image_folder(store, prefix)
+    unknown = sorted(set(listing.by_class) - set(class_names))
+    if unknown:
+        raise DataError(
+            f"class folder(s) {', '.join(repr(c) for c in unknown)} under {prefix}/ are not classes of {train_prefix}/"
+        )
+    return listing.by_class, listing.ignored, dict(listing.refused)
+
+
 def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: int) -> DatasetIndex:
     """List the dataset, name the classes and split it: everything the workers need to load it."""
     train_prefix = S3Uri.parse(data.train)
@@ -239,22 +260,19 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
             f"{train_prefix}/ ({', '.join(class_names[:10])}{', …' if len(class_names) > 10 else ''})"
         )
     if data.validation:
-        validation_prefix = S3Uri.parse(data.validation)
-        if validation_prefix.bucket != train_prefix.bucket:
-            raise ConfigError(f"data.validation: must be in the bucket of data.train ({train_prefix.bucket})")
-        val_listing = list_image_folder(store, validation_prefix)
-        val_by_class = val_listing.by_class
-        ignored += val_listing.ignored
-        refused.update(val_listing.refused)
-        unknown = sorted(set(val_by_class) - set(class_names))
-        if unknown:
-            raise DataError(
-                f"class folder(s) {', '.join(repr(c) for c in unknown)} under {validation_prefix}/ are not "
-                f"classes of {train_prefix}/"
-            )
+        val_by_class, val_ignored, val_refused = list_subset(
+            store, data.validation, "data.validation", train_prefix, class_names
+        )
+        ignored += val_ignored
+        refused.update(val_refused)
         train_split, val_split = dict(by_class), val_by_class
     else:
         train_split, val_split = split_per_class(by_class, data.validation_split, seed)
+    test_split: dict[str, list[ObjectInfo]] = {}
+    if data.test:
+        test_split, test_ignored, test_refused = list_subset(store, data.test, "data.test", train_prefix, class_names)
+        ignored += test_ignored
+        refused.update(test_refused)
 
     label = {name: i for i, name in enumerate(class_names)}
 
@@ -262,7 +280,13 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
         return [Sample(o.key, label[c], o.size, o.etag) for c in sorted(split) for o in split[c]]
 
     index = DatasetIndex(
-        train_prefix.bucket, class_names, samples(train_split), samples(val_split), ignored, corrupt=refused
+        train_prefix.bucket,
+        class_names,
+        samples(train_split),
+        samples(val_split),
+        ignored,
+        corrupt=refused,
+        test=samples(test_split),
     )
     if not index.validation:
         raise DataError(
@@ -401,13 +425,16 @@ def build_transforms(data_cfg: Mapping[str, Any], augment: bool) -> tuple[Callab
     return train_tf, eval_tf
 
 
+def image_files(
+    folder: Path, index: DatasetIndex, samples: Sequence[Sample], transform: Callable[[Any], Any]
+) -> ImageFiles:
+    """`samples` of `index` as a dataset over the node cache in `folder`."""
+    paths = [local_path(folder, s.key, f"s3://{index.bucket}/{s.key}") for s in samples]
+    return ImageFiles(paths, [s.label for s in samples], transform)
+
+
 def datasets(
     folder: Path, index: DatasetIndex, data_cfg: Mapping[str, Any], augment: bool
 ) -> tuple[ImageFiles, ImageFiles]:
     train_tf, eval_tf = build_transforms(data_cfg, augment)
-
-    def files(samples: Sequence[Sample], transform: Callable[[Any], Any]) -> ImageFiles:
-        paths = [local_path(folder, s.key, f"s3://{index.bucket}/{s.key}") for s in samples]
-        return ImageFiles(paths, [s.label for s in samples], transform)
-
-    return files(index.train, train_tf), files(index.validation, eval_tf)
+    return image_files(folder, index, index.train, train_tf), image_files(folder, index, index.validation, eval_tf)

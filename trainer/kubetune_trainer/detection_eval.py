@@ -1,4 +1,4 @@
-"""Detection results: COCO mAP@[.5:.95] and mAP@.5, and a picture of what the model finds.
+"""Detection results: COCO mAP@[.5:.95] and mAP@.5, box matching, and the operating score threshold.
 
 mAP comes from torchmetrics' MeanAveragePrecision on the pycocotools backend, i.e. COCO's own
 evaluation; predictions are made with the model's own transforms (it resizes and normalises inside).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,47 +115,3 @@ def best_score_threshold(
         if f1 > best_f1:
             best_f1, best = f1, score
     return round(max(best, MIN_SCORE_THRESHOLD), 4)
-
-
-def plot_detections(
-    images: Sequence[torch.Tensor],
-    predictions: Sequence[dict[str, torch.Tensor]],
-    targets: Sequence[dict[str, torch.Tensor]],
-    class_names: Sequence[str],
-    path: Path,
-    score_threshold: float = SCORE_THRESHOLD,
-    columns: int = 4,
-) -> None:
-    """A grid of images with true boxes (green, dashed) and predicted boxes (orange, with class and score)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    count = max(1, len(images))
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, prediction, target in zip(axes.flat, images, predictions, targets, strict=False):
-        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-        for box in target["boxes"].tolist():
-            ax.add_patch(_rect(Rectangle, box, "limegreen", "--"))
-        for box, label, score in zip(
-            prediction["boxes"].tolist(), prediction["labels"].tolist(), prediction["scores"].tolist(), strict=True
-        ):
-            if score < score_threshold:
-                continue
-            ax.add_patch(_rect(Rectangle, box, "orange", "-"))
-            name = class_names[label - 1] if 0 < label <= len(class_names) else str(label)
-            ax.text(box[0], box[1], f"{name} {score:.2f}", color="black", fontsize=7, backgroundcolor="orange")
-    fig.suptitle(f"true boxes: green dashed; predicted (score >= {score_threshold}): orange")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _rect(rectangle: Any, box: Sequence[float], colour: str, style: str) -> Any:
-    x1, y1, x2, y2 = box
-    return rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linestyle=style, linewidth=1.5)

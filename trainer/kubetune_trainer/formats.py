@@ -131,7 +131,10 @@ def detector_onnx(model: nn.Module, dataset: Any, folder: Path, threshold: float
             image = dataset[i][0]
             reference = {k: v.numpy() for k, v in model([image])[0].items()}
             boxes, labels, scores = session.run(None, {"images": image.numpy()})
-            mine, theirs = _kept(reference, threshold), _kept({"boxes": boxes, "labels": labels, "scores": scores}, threshold)
+            mine, theirs = (
+                _kept(reference, threshold),
+                _kept({"boxes": boxes, "labels": labels, "scores": scores}, threshold),
+            )
             same += int(
                 mine[0].shape == theirs[0].shape
                 and bool((mine[1] == theirs[1]).all())
@@ -140,8 +143,16 @@ def detector_onnx(model: nn.Module, dataset: Any, folder: Path, threshold: float
     check = {"images": len(indices), "sameDetections": same, "scoreThreshold": threshold, "runtime": "onnxruntime"}
     if same != len(indices):
         path.unlink()
-        raise ValueError(f"the ONNX model's detections differ on {len(indices) - same} of {len(indices)} validation images")
-    return {"file": ONNX_FILE, "opset": OPSET, "input": "images", "outputs": ["boxes", "labels", "scores"], "check": check}
+        raise ValueError(
+            f"the ONNX model's detections differ on {len(indices) - same} of {len(indices)} validation images"
+        )
+    return {
+        "file": ONNX_FILE,
+        "opset": OPSET,
+        "input": "images",
+        "outputs": ["boxes", "labels", "scores"],
+        "check": check,
+    }
 
 
 def detector_torchscript(model: nn.Module, folder: Path) -> dict[str, Any]:

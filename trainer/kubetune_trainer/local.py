@@ -11,14 +11,17 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TextIO
 
 from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
-from kubetune_trainer.config import TrainerConfig, use_ray_train_env
+from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, use_ray_train_env
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.reporting import ConsoleReporter, format_duration
 from kubetune_trainer.storage import resolve_endpoint
+
+if TYPE_CHECKING:
+    from kubetune_trainer.run import Outcome
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -84,7 +87,17 @@ def guarded(action: Callable[[], int]) -> int:
         return 130
 
 
-def summary(started: float, metrics: dict[str, float], epochs: int, output: str) -> None:
+def summary(
+    started: float,
+    metrics: dict[str, float],
+    epochs: int,
+    output: str,
+    *,
+    best_epoch: int | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    mlflow: str | None = None,
+) -> None:
+    """The run's last lines: the exported epoch's validation figures, the judged split's, where it all is."""
     accuracy = metrics.get("valAccuracy")
     loss = metrics.get("valLoss")
     mean_ap, mean_ap50 = metrics.get("valMap"), metrics.get("valMap50")
@@ -96,8 +109,27 @@ def summary(started: float, metrics: dict[str, float], epochs: int, output: str)
         figures = f"validation accuracy {accuracy:.2%}, loss {loss:.4f}"
     else:
         figures = ""
-    print(f"kubetune: trained {epochs} epochs in {format_duration(time.monotonic() - started)}: {figures}")
+    chosen = f" (epoch {best_epoch}, the best)" if best_epoch and best_epoch != epochs else ""
+    print(f"kubetune: trained {epochs} epochs in {format_duration(time.monotonic() - started)}: {figures}{chosen}")
     print(f"kubetune: model at {output}/model.safetensors ({files})")
+    if evaluation:
+        judged = ", ".join(f"{name} {value:.4f}" for name, value in evaluation["metrics"].items())
+        print(f"kubetune: on the {evaluation['split']} set: {judged}")
+        print(f"kubetune: report at {output}/{OUTPUT_FILES['report']}")
+    if mlflow:
+        print(f"kubetune: MLflow: {mlflow}")
+
+
+def outcome_summary(started: float, outcome: Outcome) -> None:
+    summary(
+        started,
+        outcome.metrics,
+        outcome.epochs,
+        str(outcome.output),
+        best_epoch=outcome.best_epoch,
+        evaluation=outcome.evaluation,
+        mlflow=outcome.mlflow,
+    )
 
 
 def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
@@ -140,7 +172,7 @@ def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
         finally:
             if started_ray:
                 ray.shutdown()
-        summary(started, outcome.metrics, outcome.epochs, str(outcome.output))
+        outcome_summary(started, outcome)
         return 0
 
     return guarded(run)

@@ -112,13 +112,11 @@ class Worker:
 
 @dataclass
 class Loaders:
-    """This worker's data: its training shard (and the sampler that orders it) and its validation shard;
-    `validation_set` is the whole validation dataset (rank 0 draws the task's final pictures from it)."""
+    """This worker's data: its training shard (and the sampler that orders it) and its validation shard."""
 
     train: Any
     sampler: Any
     validation: Any
-    validation_set: Any
 
     @property
     def steps_per_epoch(self) -> int:
@@ -204,7 +202,7 @@ def train_loop(raw: dict[str, Any]) -> None:
         trained = train_one_epoch(worker, state, loaders, progress)
         validation = evaluate(worker, state, loaders)
         record_epoch(state, trained, validation)
-        save(worker, state, loaders.validation_set)
+        save(worker, state)
         progress.checkpointed(state, validation)
     progress.close()
 
@@ -244,7 +242,7 @@ def make_loaders(worker: Worker) -> Loaders:
     workers = worker.plan.loader_workers
     train, sampler = train_loader(train_set, training.batch_size, training.seed, workers, worker.cuda, task.collate)
     validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, task.collate)
-    return Loaders(train, sampler, validation, val_set)
+    return Loaders(train, sampler, validation)
 
 
 def new_state(worker: Worker, model: nn.Module, trainable: TrainablePlan, steps_per_epoch: int) -> TrainState:
@@ -338,15 +336,14 @@ def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[
     )
 
 
-def save(worker: Worker, state: TrainState, validation_set: Any) -> None:
-    """This worker's part of the epoch's checkpoint (the last one with the task's extra files), reported to
-    Ray Train with the epoch's figures; Ray commits it once every worker has reported."""
+def save(worker: Worker, state: TrainState) -> None:
+    """This worker's part of the epoch's checkpoint, reported to Ray Train with the epoch's figures (the
+    retention ranks checkpoints by one of them, training.selectBy); Ray commits it once every worker has
+    reported."""
     import ray.train
 
     progress = state.progress()
     with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
-        if worker.rank == 0 and state.epoch == worker.config.training.epochs:
-            progress["final"] = worker.task.final_files(unwrap(state.model), validation_set, worker.device, Path(tmp))
         write_checkpoint(
             Path(tmp),
             rank=worker.rank,

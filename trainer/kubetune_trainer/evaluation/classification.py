@@ -105,7 +105,7 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_
     k = min(TOP_K, n)
     confidence = probabilities.max(axis=1) if len(labels) else np.zeros(0)
     return {
-        "images": int(len(labels)),
+        "images": len(labels),
         "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
         "topK": k,
         "topKAccuracy": top_k_accuracy(probabilities, labels, k),

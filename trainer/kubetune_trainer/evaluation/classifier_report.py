@@ -60,7 +60,9 @@ def judge_classifier(
         for c in metrics["perClass"]
     ]
     for name, avg in metrics["averages"].items():
-        rows.append([f"{name} average", number(avg["precision"]), number(avg["recall"]), number(avg["f1"]), len(labels)])
+        rows.append(
+            [f"{name} average", number(avg["precision"]), number(avg["recall"]), number(avg["f1"]), len(labels)]
+        )
     sections = [
         Section(
             f"Results on the {split} set",
@@ -88,7 +90,10 @@ def judge_classifier(
                     "Expected calibration error: how far the top-1 probability is from the accuracy it "
                     f"predicts, over {len(metrics['calibration']['bins'])} confidence bins (0 is perfect)."
                 ),
-                figure(reliability_png(metrics["calibration"]["bins"], metrics["calibration"]["ece"]), "reliability diagram"),
+                figure(
+                    reliability_png(metrics["calibration"]["bins"], metrics["calibration"]["ece"]),
+                    "reliability diagram",
+                ),
             ),
         ),
         Section(

@@ -1,7 +1,7 @@
 """A detector's figures on a held-out split: COCO's own evaluation (pycocotools through torchmetrics).
 
 Per class AP@[.5:.95] and AP@.5, mAP by object size (COCO's small < 32², medium < 96², large; the area
-is the box's), precision–recall curves at IoU .5 (COCO's 101 recall points, interpolated precision), and
+is the box's), precision-recall curves at IoU .5 (COCO's 101 recall points, interpolated precision), and
 the images to look at: each true box that no prediction above the operating threshold found (a miss) and
 each such prediction that matched no true box (a false positive), at IoU .5 and the same class.
 """
@@ -33,7 +33,9 @@ def _curve(precision: torch.Tensor) -> list[float] | None:
 
 
 def coco_figures(
-    predictions: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]], class_names: Sequence[str]
+    predictions: Sequence[dict[str, torch.Tensor]],
+    targets: Sequence[dict[str, torch.Tensor]],
+    class_names: Sequence[str],
 ) -> dict[str, Any]:
     """mAP, mAP@.5, mAP@.75, mAP by size, and per class AP, AP@.5, true boxes and the PR curve at IoU .5."""
     from torchmetrics.detection import MeanAveragePrecision
@@ -94,7 +96,7 @@ def worst_images(
 ) -> list[dict[str, Any]]:
     """The images with the most misses and false positives at `threshold`, worst first (index, misses,
     false positives: indices into the image's true boxes and predictions)."""
-    found = []
+    found: list[dict[str, Any]] = []
     for i, (prediction, target) in enumerate(zip(predictions, targets, strict=True)):
         misses, false_positives = errors(prediction, target, threshold)
         if misses or false_positives:

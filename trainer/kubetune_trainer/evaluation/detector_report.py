@@ -1,4 +1,4 @@
-"""A detector judged on one split: COCO figures, precision–recall curves, its misses and false positives.
+"""A detector judged on one split: COCO figures, precision-recall curves, its misses and false positives.
 
 The operating threshold (`scoreThreshold` in model.json) is chosen on the validation set (the best F1,
 `detection_eval.best_score_threshold`), never on the test set it is then judged on; detections.png
@@ -62,9 +62,17 @@ def errors_png(
     tiles = []
     for found in worst_images(predictions, targets, threshold, ERROR_IMAGES):
         i, p, t = found["index"], predictions[found["index"]], targets[found["index"]]
-        boxes = [Box(t["boxes"][j].tolist(), MISSED, "--", f"missed {_name(class_names, int(t['labels'][j]))}") for j in found["misses"]]
+        boxes = [
+            Box(t["boxes"][j].tolist(), MISSED, "--", f"missed {_name(class_names, int(t['labels'][j]))}")
+            for j in found["misses"]
+        ]
         boxes += [
-            Box(p["boxes"][j].tolist(), WRONG, "-", f"{_name(class_names, int(p['labels'][j]))} {float(p['scores'][j]):.2f}")
+            Box(
+                p["boxes"][j].tolist(),
+                WRONG,
+                "-",
+                f"{_name(class_names, int(p['labels'][j]))} {float(p['scores'][j]):.2f}",
+            )
             for j in found["falsePositives"]
         ]
         caption = f"{len(found['misses'])} missed, {len(found['falsePositives'])} false"
@@ -116,19 +124,31 @@ def judge_detector(
         Section(
             "mAP by object size",
             (
-                table(["size (box area, pixels²)", "mAP@[.5:.95]"], [
-                    ["small (< 32²)", number(sizes["small"])],
-                    ["medium (32² – 96²)", number(sizes["medium"])],
-                    ["large (> 96²)", number(sizes["large"])],
-                ]),
-                paragraph("– : no true box of that size in the set.", "muted"),
+                table(
+                    ["size (box area, pixels²)", "mAP@[.5:.95]"],
+                    [
+                        ["small (< 32²)", number(sizes["small"])],
+                        ["medium (32² - 96²)", number(sizes["medium"])],
+                        ["large (> 96²)", number(sizes["large"])],
+                    ],
+                ),
+                paragraph("n/a: no true box of that size in the set.", "muted"),
             ),
         ),
-        Section("Precision–recall", (figure(pr_curves_png(metrics["perClass"], metrics["recallPoints"]), "precision-recall curves"),)),
+        Section(
+            "Precision-recall",
+            (figure(pr_curves_png(metrics["perClass"], metrics["recallPoints"]), "precision-recall curves"),),
+        ),
         Section(
             "Misses and false positives",
-            (figure(errors_png(evaluated, predictions, targets, class_names, threshold), "misses and false positives"),),
+            (
+                figure(
+                    errors_png(evaluated, predictions, targets, class_names, threshold), "misses and false positives"
+                ),
+            ),
         ),
     ]
     files = {DETECTIONS_FILE: detections_png(evaluated, predictions, class_names, threshold)}
-    return Judged(metrics=metrics, headline=headline, sections=sections, files=files, card={"scoreThreshold": threshold})
+    return Judged(
+        metrics=metrics, headline=headline, sections=sections, files=files, card={"scoreThreshold": threshold}
+    )

@@ -67,7 +67,15 @@ def reliability_png(bins: Sequence[Mapping[str, Any]], ece: float) -> bytes:
     accuracy = [b["accuracy"] or 0.0 for b in bins]
     confidence = [b["confidence"] if b["confidence"] is not None else c for b, c in zip(bins, centres, strict=True)]
     top.bar(centres, accuracy, width=width * 0.95, color="#4c72b0", label="accuracy")
-    top.bar(centres, np.subtract(confidence, accuracy), bottom=accuracy, width=width * 0.95, color="#dd8452", alpha=0.5, label="gap")
+    top.bar(
+        centres,
+        np.subtract(confidence, accuracy),
+        bottom=accuracy,
+        width=width * 0.95,
+        color="#dd8452",
+        alpha=0.5,
+        label="gap",
+    )
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
@@ -116,7 +124,9 @@ def grid_png(tiles: Sequence[Tile], title: str, columns: int = 4) -> bytes:
         for box in tile.boxes:
             x1, y1, x2, y2 = box.xyxy
             ax.add_patch(
-                Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=box.colour, linestyle=box.style, linewidth=1.5)
+                Rectangle(
+                    (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=box.colour, linestyle=box.style, linewidth=1.5
+                )
             )
             if box.label:
                 ax.text(x1, y1, box.label, fontsize=6, color="black", backgroundcolor=box.colour)
@@ -142,7 +152,7 @@ def pr_curves_png(per_class: Sequence[Mapping[str, Any]], recall: Sequence[float
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
-    ax.set_title("Precision–recall at IoU 0.5")
+    ax.set_title("Precision-recall at IoU 0.5")
     ax.grid(True, alpha=0.3)
     if drawn and drawn <= 20:
         ax.legend(loc="lower left", fontsize=7)

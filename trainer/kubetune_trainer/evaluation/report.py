@@ -46,11 +46,11 @@ def esc(text: object) -> str:
 
 
 def percent(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:.{digits}%}"
+    return "n/a" if value is None else f"{value:.{digits}%}"
 
 
 def number(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def paragraph(text: str, css: str = "") -> str:
