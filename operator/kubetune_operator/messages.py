@@ -36,6 +36,7 @@ from kubetune_trainer.config import (
     CHECKPOINT_PATTERN,
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
+    MLFLOW_URI_PATTERN,
     REGION_PATTERN,
     S3_OBJECT_PATTERN,
     S3_PREFIX_PATTERN,
@@ -43,6 +44,7 @@ from kubetune_trainer.config import (
 )
 
 Loc = tuple[str | int, ...]
+URL_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
 MAX_SHOWN = 60
 
 _LETTERS_DIGITS_DASH = "lowercase letters, digits and '-'"
@@ -62,6 +64,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     ),
     ARCHITECTURE_PATTERN: "must be a timm model name: lowercase letters, digits, '_', '.' and '-', e.g. resnet50",
     ENDPOINT_PATTERN: "must be an http:// or https:// URL like https://minio.example.com:9000",
+    MLFLOW_URI_PATTERN: (
+        "must be an http:// or https:// URL like https://mlflow.example.com:5000, without credentials "
+        "(user:password@) or spaces"
+    ),
     REGION_PATTERN: f"must be a region name of 2-32 {_LETTERS_DIGITS_DASH}, e.g. us-east-1",
     DNS_SUBDOMAIN: (
         "must be a Kubernetes object name: lowercase letters, digits, '-' and '.', "
@@ -244,6 +250,7 @@ def show(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
+        value = URL_CREDENTIALS.sub(r"\1***@", value)  # never echo a password given in a URL
         if len(value) > MAX_SHOWN:
             return repr(value[:MAX_SHOWN])[:-1] + "…" + repr(value)[-1] + f", {len(value)} characters"
         return repr(value)

@@ -27,11 +27,26 @@ def fail_once_after_first_epoch(worker: Any, state: Any) -> None:
         raise InjectedFaultError(f"injected worker failure after epoch {state.epoch}")
 
 
-def fault_env() -> dict[str, str]:
-    """The environment that makes a `kubetune run --local` (or `python -m kubetune_trainer`) fail once."""
+def spoil_the_last_epoch(worker: Any, state: Any) -> None:
+    """An epoch callback: before the last epoch, seeded noise on every weight (frozen ones too), so the last
+    epoch is the worst one and the best checkpoint is an earlier one."""
+    import torch
+
+    if state.epoch == worker.config.training.epochs - 1:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in state.model.parameters():
+                noise = torch.randn(parameter.shape, generator=generator) * parameter.detach().abs().mean()
+                parameter.add_(noise.to(parameter.device) * 3)
+
+
+def fault_env(callback: Any = fail_once_after_first_epoch) -> dict[str, str]:
+    """The environment that makes a `kubetune run --local` (or `python -m kubetune_trainer`) call `callback`
+    before each epoch (by default: fail once)."""
     here = str(Path(__file__).resolve().parent)
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-    return {CALLBACKS_ENV: f"{Path(__file__).stem}:{fail_once_after_first_epoch.__name__}", "PYTHONPATH": path}
+    return {CALLBACKS_ENV: f"{Path(__file__).stem}:{callback.__name__}", "PYTHONPATH": path}
 
 
 FAIL_ONCE_AFTER_FIRST_EPOCH = fault_env()
+SPOIL_THE_LAST_EPOCH = fault_env(spoil_the_last_epoch)

@@ -358,7 +358,7 @@ class TrainingSpec(SpecSection):
 
 ExportFormat = Literal["safetensors", "onnx", "torchscript"]
 FORMATS_RULE = cel(
-    "'safetensors' in self.formats",
+    "!has(self.formats) || 'safetensors' in self.formats",
     "formats must include safetensors (the model's weights are always exported); add onnx and/or torchscript",
     ".formats",
 )

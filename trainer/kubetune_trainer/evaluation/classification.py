@@ -16,7 +16,7 @@ import numpy as np
 
 TOP_K = 5
 CALIBRATION_BINS = 15
-WORST_MISTAKES = 16
+WORST_MISTAKES = 12
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -63,25 +63,28 @@ def reliability_png(bins: Sequence[Mapping[str, Any]], ece: float) -> bytes:
         2, 1, figsize=(5.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
     )
     width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
-    centres = [b["lower"] + width / 2 for b in bins]
-    accuracy = [b["accuracy"] or 0.0 for b in bins]
-    confidence = [b["confidence"] if b["confidence"] is not None else c for b, c in zip(bins, centres, strict=True)]
+    held = [b for b in bins if b["count"]]  # an empty bin has no accuracy: nothing is drawn for it
+    centres = [b["lower"] + width / 2 for b in held]
+    accuracy = [float(b["accuracy"]) for b in held]
+    confidence = [float(b["confidence"]) for b in held]
     top.bar(centres, accuracy, width=width * 0.95, color="#4c72b0", label="accuracy")
+    # The gap to the mean confidence, outlined (above a bar: over-confident; inside it: under-confident).
     top.bar(
         centres,
         np.subtract(confidence, accuracy),
         bottom=accuracy,
         width=width * 0.95,
-        color="#dd8452",
-        alpha=0.5,
-        label="gap",
+        color="none",
+        edgecolor="#c44e52",
+        hatch="//",
+        label="gap to the mean confidence",
     )
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.set_title(f"Reliability diagram (ECE {ece:.3f})")
     top.legend(loc="upper left", fontsize=8)
-    bottom.bar(centres, [b["count"] for b in bins], width=width * 0.95, color="#8c8c8c")
+    bottom.bar(centres, [b["count"] for b in held], width=width * 0.95, color="#8c8c8c")
     bottom.set_xlim(0, 1)
     bottom.set_xlabel("confidence (top-1 probability)")
     bottom.set_ylabel("images")
@@ -108,19 +111,20 @@ class Tile:
     caption_colour: str = "black"
 
 
-def grid_png(tiles: Sequence[Tile], title: str, columns: int = 4) -> bytes:
-    """Images in a grid, each with its caption and boxes; an empty grid says so."""
+def grid_png(tiles: Sequence[Tile], title: str, columns: int = 3) -> bytes:
+    """Images in a grid, each with its caption and boxes; an empty grid says so. Three columns and large
+    captions: the picture is shrunk to a phone's width and the captions must stay readable there."""
     from matplotlib.patches import Rectangle
 
     plt = _pyplot()
     columns = max(1, min(columns, len(tiles)))
     rows = max(1, math.ceil(len(tiles) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.0 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, tile in zip(axes.flat, tiles, strict=False):
         ax.imshow(tile.image)
-        ax.set_title(tile.caption, fontsize=8, color=tile.caption_colour)
+        ax.set_title(tile.caption, fontsize=12, color=tile.caption_colour)
         for box in tile.boxes:
             x1, y1, x2, y2 = box.xyxy
             ax.add_patch(
@@ -129,10 +133,10 @@ def grid_png(tiles: Sequence[Tile], title: str, columns: int = 4) -> bytes:
                 )
             )
             if box.label:
-                ax.text(x1, y1, box.label, fontsize=6, color="black", backgroundcolor=box.colour)
+                ax.text(x1, y1, box.label, fontsize=9, color="black", backgroundcolor=box.colour)
     if not tiles:
         axes[0, 0].text(0.5, 0.5, "none", ha="center", va="center")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return _png(fig)
 

@@ -35,6 +35,8 @@ figure { margin: 1rem 0; }
 figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
 figcaption { color: var(--muted); font-size: .85rem; margin-top: .25rem; }
 code { font-size: .85rem; word-break: break-all; }
+dt { font-weight: 600; margin-top: .5rem; }
+dd { margin: 0 0 0 1rem; word-break: break-word; }
 """
 
 # Only inline styles and data: images: the page can fetch nothing and run nothing.
@@ -68,6 +70,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def facts(items: Sequence[tuple[str, str]]) -> str:
+    """(term, text) pairs that wrap on a narrow screen: what a table too wide for a phone would hold."""
+    body = "".join(f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>" for term, text in items)
+    return f"<dl>{body}</dl>"
 
 
 def figure(png: bytes, alt: str, caption: str = "") -> str:

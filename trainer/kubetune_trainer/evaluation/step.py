@@ -26,7 +26,7 @@ from kubetune_trainer.checkpoint import MODEL_FILE
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig
 from kubetune_trainer.data import prepare_images
 from kubetune_trainer.evaluation.judged import VALIDATION, Judged
-from kubetune_trainer.evaluation.report import Section, cards, figure, number, paragraph, render, table
+from kubetune_trainer.evaluation.report import Section, cards, facts, figure, number, paragraph, render
 from kubetune_trainer.export import plot_curves
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Task, task_from_wire
@@ -86,23 +86,27 @@ def training_section(config: TrainerConfig, task: Task, history: Sequence[Mappin
 
 
 def exports_section(exports: Mapping[str, Mapping[str, Any]]) -> Section:
-    rows: list[list[object]] = [["safetensors", OUTPUT_FILES["weights"], "the weights (model.json says how to load)"]]
-    for name, facts in exports.items():
-        if "error" in facts:
-            rows.append([name, "n/a", facts["error"]])
+    """Each file under output.path a server can load, and how the copy was checked against the model."""
+    items = [(f"safetensors: {OUTPUT_FILES['weights']}", "the weights; model.json says how to rebuild the model")]
+    for name, made in exports.items():
+        if "error" in made:
+            items.append((f"{name}: not made", str(made["error"])))
             continue
-        check = facts.get("check") or {}
+        check = made.get("check") or {}
         if "sameTop1" in check:
             note = (
-                f"onnxruntime: same top-1 on {check['sameTop1']} of {check['images']} validation images, "
-                f"largest logit difference {check['maxAbsLogitDifference']:.2e}"
+                f"checked with onnxruntime: the same top-1 on {check['sameTop1']} of {check['images']} validation "
+                f"images, largest logit difference {check['maxAbsLogitDifference']:.2e}"
             )
         elif "sameDetections" in check:
-            note = f"onnxruntime: same detections on {check['sameDetections']} of {check['images']} validation images"
+            note = (
+                f"checked with onnxruntime: the same detections on {check['sameDetections']} of {check['images']} "
+                "validation images"
+            )
         else:
-            note = str(facts.get("how", ""))
-        rows.append([name, facts.get("file", ""), note])
-    return Section("Exported files", (table(["format", "file", "check"], rows),))
+            note = str(made.get("how", ""))
+        items.append((f"{name}: {made.get('file', '')}", note))
+    return Section("Exported files", (facts(items),))
 
 
 def report_html(
