@@ -1,6 +1,6 @@
 """Control plane: a burst of FineTuneJobs against kmock's API server, until every RayJob exists.
 
-The API server is the operator tests' harness (`tests/operator/operator_harness.py`: kmock plus the
+The API server is the operator tests' harness (`tests/support/operator_harness.py`: kmock plus the
 metadata a real server stamps), in this process; the operator runs as it ships, `python -m
 kubetune_operator`, in a process of its own that reaches the server through a kubeconfig, so its peak
 resident memory is its own (VmHWM). The baseline is a bare kopf operator (`bench/bare_operator.py`)
@@ -58,11 +58,8 @@ class Config:
 
 
 def _harness() -> Any:
-    """The operator tests' harness module (tests/operator is no package)."""
-    path = str(REPO / "tests" / "operator")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import operator_harness
+    """The operator tests' harness module (tests/support/operator_harness.py), imported when a run needs it."""
+    from tests.support import operator_harness
 
     return operator_harness
 

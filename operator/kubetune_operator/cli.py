@@ -283,7 +283,15 @@ def _positive_seconds(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kubetune", description="Fine-tune computer-vision models on Kubernetes.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_validate, _add_render, _add_run, _add_demo, _add_crd):
+        add_command(sub)
+    return top
 
+
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns; argparse names it no other way
+
+
+def _add_validate(sub: Subcommands) -> None:
     validate = sub.add_parser(
         "validate",
         help="check FineTuneJob manifests offline",
@@ -295,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(handler=cmd_validate)
 
+
+def _add_render(sub: Subcommands) -> None:
     render = sub.add_parser(
         "render",
         help="print the objects the operator would create for a job",
@@ -305,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--namespace", default="default", help="namespace of jobs that name none (default: default)")
     render.set_defaults(handler=cmd_render)
 
+
+def _add_run(sub: Subcommands) -> None:
     run = sub.add_parser(
         "run",
         help="train a job on this machine (--local)",
@@ -319,6 +331,8 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
+
+def _add_demo(sub: Subcommands) -> None:
     demo = sub.add_parser(
         "demo",
         help="the whole loop on this machine (from a checkout, after make setup)",
@@ -352,9 +366,10 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
+
+def _add_crd(sub: Subcommands) -> None:
     crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     crd.set_defaults(handler=cmd_crd)
-    return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from kubetune_operator.spec import (
     FineTuneJobSpec,
     FineTuneJobStatus,
 )
+from kubetune_trainer.progress_model import METRICS
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 CRD_PATH = Path("crds") / f"{CRD_NAME}.yaml"
@@ -100,8 +101,9 @@ _ORDER = {
     )
 }
 
-# The printer columns `kubectl get ftj` shows; `-o wide` adds the priority-1 ones.
-PRINTER_COLUMNS: list[dict[str, Any]] = [
+# The printer columns `kubectl get ftj` shows; `-o wide` adds the priority-1 ones. The metrics' columns
+# (between Epoch and Age) are the rows of the contract's metric table that name one.
+FIRST_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "The job's phase."},
     {
         "name": "Progress",
@@ -115,18 +117,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".status.progress.epoch",
         "description": "The epoch in progress.",
     },
-    {
-        "name": "Val-Acc",
-        "type": "number",
-        "jsonPath": ".status.progress.metrics.valAccuracy",
-        "description": "Top-1 validation accuracy (0-1) after the latest epoch.",
-    },
-    {
-        "name": "Val-mAP",
-        "type": "number",
-        "jsonPath": ".status.progress.metrics.valMap",
-        "description": "Detection: COCO mAP@[.5:.95] (0-1) after the latest epoch.",
-    },
+]
+LAST_COLUMNS: list[dict[str, Any]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
         "name": "Model",
@@ -143,6 +135,22 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "The latest event, for people.",
     },
 ]
+
+
+def printer_columns() -> list[dict[str, Any]]:
+    """The CRD's additionalPrinterColumns."""
+    metric_columns = [
+        {
+            "name": metric.column,
+            "type": "number",
+            "jsonPath": f".status.progress.metrics.{metric.key}",
+            "description": metric.description,
+        }
+        for metric in METRICS
+        if metric.column
+    ]
+    return [*FIRST_COLUMNS, *metric_columns, *LAST_COLUMNS]
+
 
 NAME_RULES = [
     {
@@ -302,7 +310,7 @@ def crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": printer_columns(),
                     "schema": {"openAPIV3Schema": openapi_schema()},
                 }
             ],

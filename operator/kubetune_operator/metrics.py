@@ -36,6 +36,7 @@ from kubetune_operator.hooks import Hooks
 from kubetune_operator.lifecycle import parse_timestamp
 from kubetune_operator.settings import package_version
 from kubetune_operator.states import PHASES, TERMINAL_PHASES, Phase
+from kubetune_trainer.progress_model import METRICS
 
 OUTCOMES = (Phase.SUCCEEDED, Phase.FAILED)
 PROGRESS_RESULTS = ("accepted", "stale", "rejected", "throttled", "error")
@@ -71,6 +72,15 @@ class _JobState:
     last_alive: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Times:
+    """A job's times from its metadata and status, in seconds since the epoch."""
+
+    created: float | None
+    started: float | None
+    completed: float | None
+
+
 class OperatorMetrics:
     """All kubetune_ families in one registry, and the state needed to update them from status dicts."""
 
@@ -95,14 +105,16 @@ class OperatorMetrics:
         self._phase_counts: dict[str, dict[str, int]] = {}
         self._namespaces: set[str] = set()
         self._lock = threading.Lock()
-        r = self.registry
         if process_collectors:
             for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-                r.register(collector)
+                self.registry.register(collector)
+        self._declare_job_families(self.registry)
+        self._declare_totals(self.registry)
+        self._declare_operator_families(self.registry)
+        self._start_series()
 
-        self.build_info = Info("kubetune_build", "Version of the running kubetune operator.", registry=r)
-        self.build_info.info({"version": package_version(), "python_version": platform.python_version()})
-
+    def _declare_job_families(self, r: CollectorRegistry) -> None:
+        """The gauges about jobs: per phase, and per job (which go when the job goes)."""
         self.jobs = Gauge("kubetune_jobs", "FineTuneJobs by phase.", ["namespace", "phase"], registry=r)
         self.job_phase = Gauge(
             "kubetune_job_phase", "1 for the current phase of each FineTuneJob.", [*JOB_LABELS, "phase"], registry=r
@@ -114,33 +126,12 @@ class OperatorMetrics:
             "kubetune_job_progress_ratio", "Fraction of the run's training steps done (0 to 1).", JOB_LABELS, registry=r
         )
         self.job_epoch = Gauge("kubetune_job_epoch", "Current epoch of the run (1-based).", JOB_LABELS, registry=r)
-        self.job_train_loss = Gauge(
-            "kubetune_job_train_loss", "Latest training loss reported by the run.", JOB_LABELS, registry=r
-        )
-        self.job_val_loss = Gauge(
-            "kubetune_job_validation_loss", "Latest validation loss reported by the run.", JOB_LABELS, registry=r
-        )
-        self.job_val_accuracy = Gauge(
-            "kubetune_job_validation_accuracy_ratio",
-            "Latest validation accuracy (0 to 1) reported by the run.",
-            JOB_LABELS,
-            registry=r,
-        )
-        self.job_val_map = Gauge(
-            "kubetune_job_validation_map_ratio",
-            "Latest COCO mAP@[.5:.95] (0 to 1) reported by a detection run.",
-            JOB_LABELS,
-            registry=r,
-        )
-        self.job_val_map50 = Gauge(
-            "kubetune_job_validation_map50_ratio",
-            "Latest COCO mAP@.5 (0 to 1) reported by a detection run.",
-            JOB_LABELS,
-            registry=r,
-        )
-        self.job_images_per_second = Gauge(
-            "kubetune_job_images_per_second", "Training throughput of the whole run.", JOB_LABELS, registry=r
-        )
+        # One gauge per metric of the contract's table that names one, by the metric's key in status.progress.
+        self.job_metrics = {
+            metric.key: Gauge(metric.gauge.name, metric.gauge.help, JOB_LABELS, registry=r)
+            for metric in METRICS
+            if metric.gauge
+        }
         self.job_eta = Gauge(
             "kubetune_job_eta_seconds", "Estimated time until the run finishes training.", JOB_LABELS, registry=r
         )
@@ -150,6 +141,17 @@ class OperatorMetrics:
             JOB_LABELS,
             registry=r,
         )
+        self._per_job = (
+            self.job_created,
+            self.job_progress,
+            self.job_epoch,
+            *self.job_metrics.values(),
+            self.job_eta,
+            self.job_last_progress,
+        )
+
+    def _declare_totals(self, r: CollectorRegistry) -> None:
+        """What finished jobs add up to: queue and run times, completions, restarts."""
         self.queue_time = Histogram(
             "kubetune_job_queue_duration_seconds",
             "Time from creating a FineTuneJob until its run is Running.",
@@ -172,6 +174,11 @@ class OperatorMetrics:
             ["namespace"],
             registry=r,
         )
+
+    def _declare_operator_families(self, r: CollectorRegistry) -> None:
+        """The families about the operator itself."""
+        self.build_info = Info("kubetune_build", "Version of the running kubetune operator.", registry=r)
+        self.build_info.info({"version": package_version(), "python_version": platform.python_version()})
         self.reconcile_errors = Counter(
             "kubetune_reconcile_errors", "Errors raised by operator handlers, by handler.", ["handler"], registry=r
         )
@@ -181,20 +188,9 @@ class OperatorMetrics:
             ["result", "code"],
             registry=r,
         )
-        self._per_job = (
-            self.job_created,
-            self.job_progress,
-            self.job_epoch,
-            self.job_train_loss,
-            self.job_val_loss,
-            self.job_val_accuracy,
-            self.job_val_map,
-            self.job_val_map50,
-            self.job_images_per_second,
-            self.job_eta,
-            self.job_last_progress,
-        )
-        # Series that exist from the start, so rate() and increase() see the first event too.
+
+    def _start_series(self) -> None:
+        """Series that exist from the start, so rate() and increase() see the first event too."""
         for outcome in OUTCOMES:
             self.run_duration.labels(outcome)
         for result, code in (("accepted", 200), ("stale", 200), ("throttled", 429)):
@@ -212,64 +208,80 @@ class OperatorMetrics:
         and duration histograms and the completion counter once per job and process.
         """
         namespace, name = str(metadata.get("namespace") or ""), str(metadata["name"])
-        phase = status.get("phase")
+        phase = status.get("phase") if isinstance(status.get("phase"), str) else None
+        progress = status.get("progress")
+        progress = progress if isinstance(progress, Mapping) else {}
+        times = _Times(
+            created=parse_time(metadata.get("creationTimestamp")),
+            started=parse_time(status.get("startTime")),
+            completed=parse_time(status.get("completionTime")),
+        )
         with self._lock:
-            if namespace not in self._namespaces:
-                # Counters at 0 from the first sight of a namespace, so increase() sees its first completion.
-                self._namespaces.add(namespace)
-                for outcome in OUTCOMES:
-                    self.completed.labels(namespace, outcome)
-                self.restarts.labels(namespace)
+            self._first_sight_of(namespace)
             state = self._jobs.setdefault((namespace, name), _JobState(namespace=namespace))
             previous = state.phase
-            created = parse_time(metadata.get("creationTimestamp"))
-            started = parse_time(status.get("startTime"))
-            completed = parse_time(status.get("completionTime"))
-            if created is not None:
-                self.job_created.labels(namespace, name).set(created)
-            if isinstance(phase, str) and phase != previous:
-                if previous is not None:
-                    self.job_phase.remove(namespace, name, previous)
-                self.job_phase.labels(namespace, name, phase).set(1)
-                state.phase = phase
-                self._move_phase(namespace, previous, phase)
-
-            live = previous is not None  # this process saw the job before this change
-            if phase in RUNNING_OR_DONE and started is not None and not state.queue_observed:
-                state.queue_observed = True
-                fresh = (live and previous not in RUNNING_OR_DONE) or started >= self._started_at
-                if fresh and created is not None:
-                    self.queue_time.observe(max(0.0, started - created))
+            if times.created is not None:
+                self.job_created.labels(namespace, name).set(times.created)
+            self._observe_phase(namespace, name, state, phase)
+            self._observe_queue_time(state, previous, phase, times)
             # The status remembers the last progress across operator restarts: the gauges start from it.
-            progress = status.get("progress")
-            progress = progress if isinstance(progress, Mapping) else {}
             if progress:
                 self._set_progress(namespace, name, progress)
-            if phase == "Running":
-                alive = max(started or 0.0, parse_time(progress.get("updatedAt")) or 0.0)
+            if phase == Phase.RUNNING:
+                alive = max(times.started or 0.0, parse_time(progress.get("updatedAt")) or 0.0)
                 if alive > state.last_alive:
                     state.last_alive = alive
                     self.job_last_progress.labels(namespace, name).set(alive)
-            if phase in TERMINAL_PHASES and not state.finish_observed:
-                state.finish_observed = True
-                fresh = (live and previous not in TERMINAL_PHASES) or (
-                    completed is not None and completed >= self._started_at
-                )
-                if fresh:
-                    self.completed.labels(namespace, phase).inc()
-                    if started is not None and completed is not None:
-                        self.run_duration.labels(phase).observe(max(0.0, completed - started))
-            if phase == "Succeeded":  # done, whatever the last progress update estimated
-                self.job_progress.labels(namespace, name).set(1.0)
-                self.job_eta.labels(namespace, name).set(0.0)
-            if isinstance(phase, str) and phase not in TERMINAL_PHASES:
-                state.finish_observed = False  # a job resumed after failing may finish again
+            self._observe_end(namespace, name, state, previous, phase, times)
+            self._observe_restarts(namespace, state, status.get("restarts"))
 
-            restarts = status.get("restarts")
-            if isinstance(restarts, int) and not isinstance(restarts, bool):
-                if state.restarts is not None and restarts > state.restarts:
-                    self.restarts.labels(namespace).inc(restarts - state.restarts)
-                state.restarts = restarts
+    def _first_sight_of(self, namespace: str) -> None:
+        """Counters at 0 from the first sight of a namespace, so increase() sees its first completion."""
+        if namespace not in self._namespaces:
+            self._namespaces.add(namespace)
+            for outcome in OUTCOMES:
+                self.completed.labels(namespace, outcome)
+            self.restarts.labels(namespace)
+
+    def _observe_phase(self, namespace: str, name: str, state: _JobState, phase: str | None) -> None:
+        if phase is not None and phase != state.phase:
+            if state.phase is not None:
+                self.job_phase.remove(namespace, name, state.phase)
+            self.job_phase.labels(namespace, name, phase).set(1)
+            self._move_phase(namespace, state.phase, phase)
+            state.phase = phase
+
+    def _observe_queue_time(self, state: _JobState, previous: str | None, phase: str | None, times: _Times) -> None:
+        """Creation → Running, once per job: seen happen here (`previous` is what this process saw before),
+        or after this process started."""
+        if phase in RUNNING_OR_DONE and times.started is not None and not state.queue_observed:
+            state.queue_observed = True
+            seen = previous is not None and previous not in RUNNING_OR_DONE
+            if (seen or times.started >= self._started_at) and times.created is not None:
+                self.queue_time.observe(max(0.0, times.started - times.created))
+
+    def _observe_end(
+        self, namespace: str, name: str, state: _JobState, previous: str | None, phase: str | None, times: _Times
+    ) -> None:
+        """A finished job is counted once per process (again only after it ran again), with its duration."""
+        if phase in TERMINAL_PHASES and not state.finish_observed:
+            state.finish_observed = True
+            seen = previous is not None and previous not in TERMINAL_PHASES
+            if seen or (times.completed is not None and times.completed >= self._started_at):
+                self.completed.labels(namespace, phase).inc()
+                if times.started is not None and times.completed is not None:
+                    self.run_duration.labels(phase).observe(max(0.0, times.completed - times.started))
+        if phase == Phase.SUCCEEDED:  # done, whatever the last progress update estimated
+            self.job_progress.labels(namespace, name).set(1.0)
+            self.job_eta.labels(namespace, name).set(0.0)
+        if phase is not None and phase not in TERMINAL_PHASES:
+            state.finish_observed = False  # a job resumed after failing may finish again
+
+    def _observe_restarts(self, namespace: str, state: _JobState, restarts: Any) -> None:
+        if isinstance(restarts, int) and not isinstance(restarts, bool):
+            if state.restarts is not None and restarts > state.restarts:
+                self.restarts.labels(namespace).inc(restarts - state.restarts)
+            state.restarts = restarts
 
     def observe_progress(self, namespace: str, name: str, progress: Mapping[str, Any]) -> None:
         """Record a job's progress as merged into `status.progress` (camelCase keys, as on the wire)."""
@@ -284,12 +296,7 @@ class OperatorMetrics:
             (self.job_progress, None if percent is None else min(1.0, max(0.0, percent / 100.0))),
             (self.job_epoch, _number(progress.get("epoch"))),
             (self.job_eta, _number(progress.get("etaSeconds"))),
-            (self.job_train_loss, _number(metrics.get("trainLoss"))),
-            (self.job_val_loss, _number(metrics.get("valLoss"))),
-            (self.job_val_accuracy, _number(metrics.get("valAccuracy"))),
-            (self.job_val_map, _number(metrics.get("valMap"))),
-            (self.job_val_map50, _number(metrics.get("valMap50"))),
-            (self.job_images_per_second, _number(metrics.get("imagesPerSecond"))),
+            *((gauge, _number(metrics.get(key))) for key, gauge in self.job_metrics.items()),
         ]
         for gauge, value in values:
             if value is not None:

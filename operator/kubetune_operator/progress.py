@@ -34,7 +34,7 @@ from kubetune_operator.builders import token_audience
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 from kubetune_operator.spec import ProgressStatus
-from kubetune_trainer.reporting import ProgressUpdate  # pydantic only: no torch or Ray in the operator
+from kubetune_trainer.progress_model import ProgressUpdate  # pydantic only: no torch or Ray in the operator
 
 log = logging.getLogger(__name__)
 

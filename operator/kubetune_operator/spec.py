@@ -8,10 +8,11 @@ through `FineTuneJob`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from kubetune_operator.states import Phase
 from kubetune_trainer.config import (
@@ -31,6 +32,7 @@ from kubetune_trainer.config import (
     prefixes_overlap,
     prefixes_overlap_cel,
 )
+from kubetune_trainer.progress_model import ProgressUpdate, metrics_model
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -298,53 +300,36 @@ class Condition(StatusModel):
     )
 
 
-class ProgressMetrics(StatusModel):
-    """The latest training metrics the trainer reported."""
-
-    train_loss: float | None = Field(default=None, description="Mean training loss of the latest epoch.")
-    val_loss: float | None = Field(default=None, description="Validation loss after the latest epoch.")
-    val_accuracy: float | None = Field(
-        default=None, description="Top-1 validation accuracy after the latest epoch, as a fraction (0-1)."
-    )
-    val_map: float | None = Field(
-        default=None, description="Detection: COCO mAP@[.5:.95] after the latest epoch, as a fraction (0-1)."
-    )
-    val_map50: float | None = Field(
-        default=None, description="Detection: COCO mAP@.5 after the latest epoch, as a fraction (0-1)."
-    )
-    images_per_second: float | None = Field(
-        default=None, description="Training throughput over all workers, in images per second."
-    )
-    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+def optional_fields(model: type[BaseModel], *, without: Collection[str] = ()) -> dict[str, Any]:
+    """`model`'s fields, each optional (default None) with its rules and description: for a model that
+    holds what `model` said last, in part (create_model's field definitions)."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if name in without:
+            continue
+        kind: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (kind | None, Field(default=None, description=info.description))
+    return fields
 
 
-class ProgressStatus(StatusModel):
-    """How far training is, as the trainer last reported it."""
-
-    epoch: int | None = Field(default=None, ge=0, description="The epoch in progress, counting from 1.")
-    total_epochs: int | None = Field(
-        default=None, ge=0, description="Epochs the run will train (spec.training.epochs)."
+# status.progress: what the trainer last reported (the contract's ProgressUpdate, but for the trainer's own
+# phase), read leniently as the rest of the status is, and when the operator accepted it.
+_STATUS_METRICS = metrics_model("ProgressMetrics", StatusModel, "The latest training metrics the trainer reported.")
+_PROGRESS_FIELDS: dict[str, Any] = {
+    **optional_fields(ProgressUpdate, without=("phase",)),
+    "metrics": (_STATUS_METRICS | None, Field(default=None, description="The latest training metrics.")),
+    "updated_at": (datetime | None, Field(default=None, description="When the operator accepted this update.")),
+}
+if TYPE_CHECKING:  # built from the contract's model; for mypy, a StatusModel
+    ProgressStatus = StatusModel
+else:
+    ProgressStatus = create_model(
+        "ProgressStatus",
+        __base__=StatusModel,
+        __module__=__name__,
+        __doc__="How far training is, as the trainer last reported it.",
+        **_PROGRESS_FIELDS,
     )
-    step: int | None = Field(default=None, ge=0, description="Optimiser steps done in this run.")
-    total_steps: int | None = Field(default=None, ge=0, description="Optimiser steps the whole run will take.")
-    percent: float | None = Field(default=None, ge=0, le=100, description="Share of all steps done, 0-100.")
-    eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
-    metrics: ProgressMetrics | None = Field(default=None, description="The latest training metrics.")
-    latest_checkpoint: str | None = Field(
-        default=None, description="s3:// URI of the newest checkpoint Ray Train committed: a restart resumes from it."
-    )
-    worker_failures: int | None = Field(
-        default=None,
-        ge=0,
-        description="Worker failures in the current attempt; Ray Train restarts the workers from the latest "
-        "checkpoint after each, up to spec.runPolicy.maxRetries (status.restarts counts whole-cluster retries).",
-    )
-    best_epoch: int | None = Field(
-        default=None,
-        ge=1,
-        description="The epoch whose checkpoint is the best so far by spec.training.selectBy (the one exported).",
-    )
-    updated_at: datetime | None = Field(default=None, description="When the operator accepted this update.")
 
 
 class ModelStatus(StatusModel):

@@ -17,6 +17,7 @@ import pytest
 from bench import checkpoint_storage, control_plane, input_pipeline, trainer_overhead
 from bench.__main__ import render, run_all
 from bench.common import Row, Stat, host_facts, markdown_table
+from tests.support.paths import REPO
 
 
 def check_rows(rows: list[Row], benchmark: str) -> None:
@@ -154,7 +155,7 @@ def test_gpu_script_runs_standalone_on_cpu_with_a_tiny_model(tmp_path: Path, tas
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
+    script = REPO / "bench" / "gpu.py"
     out = tmp_path / "gpu.json"
     args = [*task_args, "--device", "cpu", "--steps", "1", "--repeats", "1", "--json", str(out)]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import helm_python as helm
 import pytest
-from chart_support import CHART_DIR, VALUE_SETS, Rendered, render
+
+from tests.support.chart_support import CHART_DIR, VALUE_SETS, Rendered, render
 
 
 @pytest.fixture(scope="session")

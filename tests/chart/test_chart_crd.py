@@ -5,7 +5,9 @@ from __future__ import annotations
 import helm_python as helm
 import kubernetes_validate
 import yaml
-from chart_support import CHART_DIR, KUBERNETES_VERSION, REPO
+
+from tests.support.chart_support import CHART_DIR, KUBERNETES_VERSION
+from tests.support.paths import REPO
 
 CRD_FILE = "finetunejobs.kubetune.dev.yaml"
 REPO_CRD = REPO / "crds" / CRD_FILE

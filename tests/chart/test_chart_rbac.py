@@ -9,23 +9,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import operator_api
-from chart_support import Rendered
+from tests.support import operator_api
+from tests.support.chart_support import Grant, Rendered, grants
 
-Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
 # kopf lists and watches namespaces when it serves a list of them rather than the whole cluster.
 NAMESPACE_SCANNING: set[Grant] = {("", "namespaces", "list"), ("", "namespaces", "watch")}
-
-
-def _grants(roles: list[dict]) -> set[Grant]:
-    return {
-        (group, resource, verb)
-        for role in roles
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
 
 
 def _needed() -> tuple[dict[Grant, list[str]], set[Grant]]:
@@ -51,7 +39,7 @@ def _report(missing: set[Grant], unused: set[Grant], where: dict[Grant, list[str
 def test_cluster_wide_install_grants_exactly_what_the_operator_uses(rendered: dict[str, Rendered]) -> None:
     where, _ = _needed()
     defaults = rendered["defaults"]
-    granted = _grants(defaults.all("ClusterRole"))
+    granted = grants(defaults.all("ClusterRole"))
     needed = set(where)
     assert granted == needed, _report(needed - granted, granted - needed, where)
     binding = defaults.one("ClusterRoleBinding")
@@ -62,14 +50,14 @@ def test_cluster_wide_install_grants_exactly_what_the_operator_uses(rendered: di
 def test_namespaced_install_keeps_namespaced_grants_in_the_listed_namespaces(rendered: dict[str, Rendered]) -> None:
     where, cluster_scoped = _needed()
     namespaced = rendered["namespaced"]
-    cluster_granted = _grants(namespaced.all("ClusterRole"))
+    cluster_granted = grants(namespaced.all("ClusterRole"))
     wanted_cluster = cluster_scoped | NAMESPACE_SCANNING
     assert cluster_granted == wanted_cluster, _report(
         wanted_cluster - cluster_granted, cluster_granted - wanted_cluster, where
     )
     wanted_in_namespace = set(where) - cluster_scoped
     for role in namespaced.all("Role"):
-        granted = _grants([role])
+        granted = grants([role])
         assert granted == wanted_in_namespace, _report(
             wanted_in_namespace - granted, granted - wanted_in_namespace, where
         )

@@ -10,19 +10,14 @@ exercise (listed below with the reason).
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from chart_support import REPO, Rendered
-from moto.server import ThreadedMotoServer
 
-sys.path.insert(0, str(REPO / "tests" / "operator"))
-from operator_harness import FAST_SETTINGS, OperatorHarness, finetunejob, running_operator
-from s3_world import ACCESS_KEY, SECRET_KEY, S3World
+from tests.support.chart_support import Grant, Rendered, grants
+from tests.support.operator_harness import FAST_SETTINGS, OperatorHarness, finetunejob, running_operator
+from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
-Grant = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 NS, NAME = "default", "flowers"
 
 NOT_EXERCISED_HERE: dict[Grant, str] = {
@@ -33,17 +28,6 @@ NOT_EXERCISED_HERE: dict[Grant, str] = {
     ("kubetune.dev", "finetunejobs", "get"): "status writes start from the watched job: read by the progress endpoint "
     "(off here) and for a RayJob seen before its job (an operator restart)",
 }
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3World]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield S3World(f"http://{host}:{port}")
-    finally:
-        server.stop()
 
 
 async def _set_rayjob(op: OperatorHarness, deployment: str, job: str) -> None:
@@ -72,17 +56,6 @@ async def _whole_life_of_a_job(op: OperatorHarness, s3: S3World) -> None:
     await op.wait_for(lambda: op.job(NS, NAME) is None, timeout=10, what="the job deleted after its TTL")
 
 
-def _granted(roles: list[dict[str, Any]]) -> set[Grant]:
-    return {
-        (group, resource, verb)
-        for role in roles
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
-
-
 @pytest.mark.asyncio
 async def test_every_request_of_a_jobs_life_is_granted_and_every_grant_used(
     rendered: dict[str, Rendered], s3: S3World
@@ -97,7 +70,7 @@ async def test_every_request_of_a_jobs_life_is_granted_and_every_grant_used(
             continue  # discovery documents (/api, /apis/<group>/<version>): every client may read them
         resource = f"{request.resource}/{request.subresource}" if request.subresource else request.resource
         used.setdefault((request.group, resource, request.verb), f"{request.namespace}/{request.name}")
-    granted = _granted(rendered["defaults"].all("ClusterRole"))
+    granted = grants(rendered["defaults"].all("ClusterRole"))
 
     denied = {grant: example for grant, example in used.items() if grant not in granted}
     assert denied == {}, f"the operator would be refused these (grant: an object it was for): {denied}"

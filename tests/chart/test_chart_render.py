@@ -10,7 +10,9 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from chart_support import CHART_DIR, KUBERNETES_VERSION, NAMESPACE, REPO, VALUE_SETS, Rendered, render
+
+from tests.support.chart_support import CHART_DIR, KUBERNETES_VERSION, NAMESPACE, VALUE_SETS, Rendered, render
+from tests.support.paths import REPO
 
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 

@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 import helm_python as helm
-import k8s_schema
 import pytest
-from chart_support import CHART_DIR, KUBERNETES_VERSION, NAMESPACE, VALUE_SETS
+
+from tests.support import k8s_schema
+from tests.support.chart_support import CHART_DIR, KUBERNETES_VERSION, NAMESPACE, VALUE_SETS
 
 WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
 

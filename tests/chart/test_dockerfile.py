@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import operator_api
 import yaml
-from chart_support import CHART_DIR, REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.support import operator_api
+from tests.support.chart_support import CHART_DIR
+from tests.support.paths import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 PIN = re.compile(r"(?<![\w/.-])([A-Za-z][A-Za-z0-9_.-]*)==([0-9][^\s\"']*)")

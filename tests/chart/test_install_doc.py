@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from chart_support import REPO, Rendered
+from tests.support.chart_support import Rendered
+from tests.support.paths import REPO
 
 DOC = REPO / "docs" / "install.md"
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from kubetune_dev.devcluster.cluster import DevCluster
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DEMO_MANIFEST = REPO / "examples" / "demo-finetunejob.yaml"
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -84,7 +84,7 @@ def busy_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     Session-wide, so the fault tests and the progress test share its jobs and one operator.
     """
-    from busy_world import World
+    from tests.support.busy_world import World
 
     with DevCluster(workdir=tmp_path_factory.mktemp("busy")) as cluster:
         world = World(cluster)

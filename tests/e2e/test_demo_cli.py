@@ -32,7 +32,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 JOB = "digits-demo"
 JOB_URL = f"/apis/kubetune.dev/v1alpha1/namespaces/default/finetunejobs/{JOB}"

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from busy_world import BUCKET, DENIED_CHECKPOINT, RESUMED, World, condition, progress_of, status_of
-from scenarios import (
+
+from tests.support.busy_world import BUCKET, DENIED_CHECKPOINT, RESUMED, World, condition, progress_of, status_of
+from tests.support.scenarios import (
     FAULTS,
     access_denied,
     deleted_while_running,

@@ -21,9 +21,9 @@ import pytest
 from kubetune_dev import demo
 from kubetune_dev.devcluster.cluster import DevCluster
 from kubetune_dev.devcluster.seed import split_uri
+from tests.support.paths import REPO
 
 FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def evaluate_exported_model(cluster: DevCluster, output_uri: str, validation_uri: str) -> float:

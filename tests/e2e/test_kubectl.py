@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kubetune_dev.devcluster.cluster import DevCluster
+from tests.support.paths import REPO
 
 FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
-DEMO_MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "demo-finetunejob.yaml"
+DEMO_MANIFEST = REPO / "examples" / "demo-finetunejob.yaml"
 Kubectl = Any  # the `kubectl` fixture (conftest.Kubectl)
 
 

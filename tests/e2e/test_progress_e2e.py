@@ -11,8 +11,9 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
-from busy_world import World
-from scenarios import steady
+
+from tests.support.busy_world import World
+from tests.support.scenarios import steady
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from kubernetes import client
-from observability_stands import Cluster, FakeClock
 
 from kubetune_operator.auth import TokenReviewer
 from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.progress import ProgressServer
+from tests.support.observability_stands import Cluster, FakeClock
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from observability_stands import REPO, tool
+
+from tests.support.observability_stands import tool
+from tests.support.paths import REPO
 
 RULES = REPO / "charts" / "kubetune" / "alerts" / "kubetune-rules.yaml"
 RULE_TESTS = Path(__file__).with_name("rules_test.yaml")

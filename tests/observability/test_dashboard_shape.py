@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from observability_stands import REPO
+from tests.support.paths import REPO
 
 DASHBOARD = REPO / "charts" / "kubetune" / "dashboards" / "kubetune.json"
 

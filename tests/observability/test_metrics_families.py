@@ -9,10 +9,10 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from observability_stands import tool
 from prometheus_client import generate_latest
 
 from kubetune_operator.metrics import OperatorMetrics, serve_metrics
+from tests.support.observability_stands import tool
 
 NS = "vision"
 T0 = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)  # after the test's "process start": these are live events

@@ -1,7 +1,7 @@
 """The running operator (kopf, as main.py builds it) serves metrics and the progress endpoint: a trainer's
 updates reach the job's status, status changes reach the metrics, and deleting a job removes its series.
 
-Uses the operator tests' harness (tests/operator/operator_harness.py) over an API server that also
+Uses the operator tests' harness (tests/support/operator_harness.py) over an API server that also
 answers TokenReviews.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -19,14 +18,12 @@ from pathlib import Path
 import kmock
 import pytest
 import pytest_asyncio
-from observability_stands import REPO, AnswersTokenReviews
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.reporting import ProgressUpdate
-
-sys.path.insert(0, str(REPO / "tests" / "operator"))  # the harness lives with the operator tests
-from operator_harness import (
+from kubetune_trainer.progress_model import ProgressUpdate
+from tests.support.observability_stands import AnswersTokenReviews
+from tests.support.operator_harness import (
     ApiServer,
     OperatorHarness,
     declare_resources,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.reporting import ProgressUpdate
+from kubetune_trainer.progress_model import ProgressUpdate
 
 
 def progress(step: int, **metrics: float) -> ProgressUpdate:

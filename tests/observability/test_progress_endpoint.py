@@ -7,9 +7,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from observability_stands import TOKENREVIEWS, Cluster, FakeClock
 
 from kubetune_operator.metrics import OperatorMetrics
+from tests.support.observability_stands import TOKENREVIEWS, Cluster, FakeClock
 
 pytestmark = pytest.mark.asyncio
 

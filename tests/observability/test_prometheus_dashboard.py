@@ -23,14 +23,15 @@ import pytest
 import pytest_asyncio
 import yaml
 from kubernetes import client
-from observability_stands import REPO, Cluster, tool
 
 from kubetune_operator.auth import TokenReviewer
 from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import OperatorMetrics, serve_metrics
 from kubetune_operator.progress import ProgressServer
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.reporting import ProgressUpdate
+from kubetune_trainer.progress_model import ProgressUpdate
+from tests.support.observability_stands import Cluster, tool
+from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from operator_harness import FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, serving_api
 
 from kubetune_operator.accounts import SharedServiceAccounts
 from kubetune_operator.builders import build_service_account
 from kubetune_operator.kube import Kube
+from tests.support.operator_harness import FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, serving_api
 
 pytestmark = pytest.mark.asyncio
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from operator_harness import SERVICEACCOUNTS, OperatorHarness, finetunejob
-from s3_world import ACCESS_KEY, SECRET_KEY, S3World
+
+from tests.support.operator_harness import SERVICEACCOUNTS, OperatorHarness, finetunejob
+from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 # (verb, API group, resource, subresource)
 OPERATOR_PERMISSIONS = {

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_harness import RAYJOBS, SERVICEACCOUNTS, OperatorHarness, finetunejob
 
-CORPUS = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "invalid").glob("*.yaml"))
+from tests.support.operator_harness import RAYJOBS, SERVICEACCOUNTS, OperatorHarness, finetunejob
+from tests.support.paths import REPO
+
+CORPUS = sorted((REPO / "tests" / "fixtures" / "invalid").glob("*.yaml"))
 NAMESPACE = "corpus"
 
 

@@ -7,7 +7,11 @@ import logging
 from typing import Any
 
 import pytest
-from operator_harness import (
+
+from kubetune_operator.builders import build_children, build_service_account
+from kubetune_operator.spec import FineTuneJob
+from kubetune_trainer.config import TrainerConfig
+from tests.support.operator_harness import (
     CONFIGMAPS,
     FAST_SETTINGS,
     RAYJOBS,
@@ -17,11 +21,7 @@ from operator_harness import (
     running_operator,
     serving_api,
 )
-from s3_world import ACCESS_KEY, SECRET_KEY, S3World
-
-from kubetune_operator.builders import build_children, build_service_account
-from kubetune_operator.spec import FineTuneJob
-from kubetune_trainer.config import TrainerConfig
+from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 pytestmark = pytest.mark.asyncio
 

@@ -6,8 +6,9 @@ import socket
 from typing import Any
 
 import pytest
-from operator_harness import RAYJOBS, OperatorHarness, finetunejob
-from s3_world import ACCESS_KEY, SECRET_KEY, S3World
+
+from tests.support.operator_harness import RAYJOBS, OperatorHarness, finetunejob
+from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 pytestmark = pytest.mark.asyncio
 

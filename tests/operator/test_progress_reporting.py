@@ -9,13 +9,13 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from operator_harness import OperatorHarness, fast_settings, finetunejob
 
 from kubetune_operator.auth import Identity, service_account_username
 from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.progress import ProgressServer
 from kubetune_operator.settings import OperatorSettings
+from tests.support.operator_harness import OperatorHarness, fast_settings, finetunejob
 
 pytestmark = pytest.mark.asyncio
 

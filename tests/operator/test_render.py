@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_harness import FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, finetunejob
 
 from kubetune_operator.cli import main as kubetune
+from tests.support.operator_harness import FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, finetunejob
 
 # Set by the API server or only knowable once the job exists there.
 SERVER_FIELDS = ("uid", "creationTimestamp", "resourceVersion", "generation", "ownerReferences")

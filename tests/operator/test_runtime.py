@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from operator_harness import (
+
+from tests.support.operator_harness import (
     SERVICEACCOUNTS,
     OperatorHarness,
     fast_settings,

@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from operator_harness import OperatorHarness, finetunejob
+
+from tests.support.operator_harness import OperatorHarness, finetunejob
 
 pytestmark = pytest.mark.asyncio
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_harness import RAYJOBS, OperatorHarness, finetunejob
+
+from tests.support.operator_harness import RAYJOBS, OperatorHarness, finetunejob
 
 pytestmark = pytest.mark.asyncio
 

@@ -21,7 +21,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 # What the product needs and the dev tools add: none of it may come with a plain install.
 DEV_ONLY = {"kmock", "moto", "scikit-learn", "torch", "ray", "timm", "pytest"}
 NOT_COPIED = (".venv", ".tools", ".git", ".demo", ".cache", "*.egg-info", "__pycache__", "build", "dist", ".*_cache")

@@ -1,21 +1,20 @@
-"""Fixtures of the trainer tests: one moto S3 server, one digits dataset and one pretrained model per session.
+"""Fixtures of the trainer tests: one digits dataset and one pretrained model per session.
 
 - `trainer_env` (autouse): test credentials and the session's node cache in the environment, for the
   code under test that runs in this process (and the Ray processes it starts); restored after each test.
-- `s3_endpoint` (session): moto's S3 server over real HTTP.
-- `world` (session): a `DigitsWorld` with the buckets made; `digits` adds the digits 5-9 dataset and
-  `pretrained` the test_resnet weights trained on digits 0-4, `small_digits` a 300-image ImageFolder
-  (each built once, on first use).
+- `world` (session): a `DigitsWorld` (tests.support.digits_world) with the buckets made, on the session's
+  moto server (`moto_endpoint`, tests/conftest.py); `digits` adds the digits 5-9 dataset and `pretrained`
+  the test_resnet weights trained on digits 0-4, `small_digits` a 300-image ImageFolder (each built once,
+  on first use).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from digits_world import CREDENTIALS, SMALL_TRAIN, DigitsWorld
-from moto.server import ThreadedMotoServer
+
+from tests.support.digits_world import CREDENTIALS, SMALL_TRAIN, DigitsWorld
 
 
 @pytest.fixture(scope="session")
@@ -34,19 +33,8 @@ def trainer_env(monkeypatch: pytest.MonkeyPatch, node_cache: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def world(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, node_cache: Path) -> DigitsWorld:
-    return DigitsWorld(s3_endpoint, tmp_path_factory.mktemp("digits"), node_cache)
+def world(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory, node_cache: Path) -> DigitsWorld:
+    return DigitsWorld(moto_endpoint, tmp_path_factory.mktemp("digits"), node_cache)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from digits_world import DATA_BUCKET, REGION, DigitsWorld
 from PIL import Image
-from shapes_world import make_shapes
 
 from kubetune_trainer import checkpoint, data, detection_data
 from kubetune_trainer.config import AnnotationsSpec, DataSpec
@@ -20,6 +18,8 @@ from kubetune_trainer.data import build_index, prepare_images, verify_image
 from kubetune_trainer.detection_data import MAX_BOXES_PER_IMAGE, build_detection_index, parse_coco
 from kubetune_trainer.errors import CheckpointError, DataError, StorageError
 from kubetune_trainer.storage import S3Store, S3Uri
+from tests.support.digits_world import DATA_BUCKET, REGION, DigitsWorld
+from tests.support.shapes_world import make_shapes
 
 
 @pytest.fixture

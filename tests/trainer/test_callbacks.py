@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import trainer_faults
 
 from kubetune_trainer.callbacks import CALLBACKS_ENV, callback_names_from_env, load_callbacks
 from kubetune_trainer.errors import ConfigError
+from tests.support import trainer_faults
+
+FAULTS = trainer_faults.__name__
 
 
 def test_the_fault_callback_loads_by_the_name_the_tests_give(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,9 +26,9 @@ def test_without_the_variable_the_loop_gets_no_callbacks(monkeypatch: pytest.Mon
     ("value", "says"),
     [
         ("no_such_module_here:f", "cannot load 'no_such_module_here:f'"),
-        ("trainer_faults:missing", "cannot load 'trainer_faults:missing'"),
-        ("trainer_faults", "'trainer_faults' is not a function (expected module:function)"),
-        ("trainer_faults:FAIL_AFTER_EPOCH", "is not a function"),
+        (f"{FAULTS}:missing", f"cannot load '{FAULTS}:missing'"),
+        (FAULTS, f"'{FAULTS}' is not a function (expected module:function)"),
+        (f"{FAULTS}:FAIL_AFTER_EPOCH", "is not a function"),
     ],
 )
 def test_a_wrong_callback_name_ends_the_run_naming_the_variable(

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from digits_world import REGION, DigitsWorld
 from PIL import Image
 
 from kubetune_trainer import data
@@ -15,6 +14,7 @@ from kubetune_trainer.config import DataSpec
 from kubetune_trainer.data import build_index, check_corrupt, datasets, prepare_images, split_per_class
 from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.storage import ObjectInfo, S3Store
+from tests.support.digits_world import REGION, DigitsWorld
 
 
 @pytest.fixture

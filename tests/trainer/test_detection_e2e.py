@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 import yaml
-from digits_world import DATA_BUCKET, MODEL_BUCKET, DigitsWorld
 from PIL import Image
-from shapes_world import (
+
+from tests.support.digits_world import DATA_BUCKET, MODEL_BUCKET, DigitsWorld
+from tests.support.shapes_world import (
     DETECTOR,
     DETECTOR_SIZE,
     FINETUNE_CLASSES,
@@ -34,7 +35,7 @@ from shapes_world import (
     pretrained_detector,
     random_detector,
 )
-from trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
+from tests.support.trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
 
 SHAPES = f"s3://{DATA_BUCKET}/shapes-new"
 PRETRAINED_DETECTOR = f"s3://{MODEL_BUCKET}/shapes-rgb/{DETECTOR}.safetensors"
@@ -286,7 +287,7 @@ def pycocotools_figures(card: dict[str, Any], weights: Path, judged: ShapesSet) 
 def test_the_test_set_report_agrees_with_pycocotools_and_opens_in_a_browser(
     shapes: Shapes, finetuned: subprocess.CompletedProcess[str], tmp_path: Path
 ) -> None:
-    from browser import keep_screenshot, open_page
+    from tests.support.browser import keep_screenshot, open_page
 
     assert finetuned.returncode == 0, finetuned.stderr
     output = "s3://results/detection/shapes-finetune"

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from digits_world import DATA_BUCKET, DigitsWorld
 from PIL import Image
 from safetensors.torch import save_file
-from shapes_world import make_shapes
 
 from kubetune_trainer.config import AnnotationsSpec, DataSpec, TrainerConfig
 from kubetune_trainer.data import prepare_images
@@ -35,10 +33,13 @@ from kubetune_trainer.detection_model import apply_detection_strategy, build_det
 from kubetune_trainer.errors import CheckpointError, ConfigError, DataError
 from kubetune_trainer.evaluation.detector_report import detections_png
 from kubetune_trainer.local import summary
-from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, progress_line
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
+from kubetune_trainer.reporting import progress_line
 from kubetune_trainer.run import check_inputs, prepare
 from kubetune_trainer.storage import S3Store
 from kubetune_trainer.tasks import DetectionTask
+from tests.support.digits_world import DATA_BUCKET, DigitsWorld
+from tests.support.shapes_world import make_shapes
 
 SMALL = "ssdlite320_mobilenet_v3_large"
 

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from browser import keep_screenshot, open_page
-from digits_world import CREDENTIALS, SMALL_TRAIN, DigitsWorld
 from PIL import Image
-from trainer_faults import SPOIL_THE_LAST_EPOCH
+
+from tests.support.browser import keep_screenshot, open_page
+from tests.support.digits_world import CREDENTIALS, SMALL_TRAIN, DigitsWorld
+from tests.support.trainer_faults import SPOIL_THE_LAST_EPOCH
 
 EPOCHS = 3
 TEST = "s3://datasets/digits-test"

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from browser import keep_screenshot, open_page
 from torch import nn
 
 from kubetune_trainer.evaluation.classification import classification_metrics, worst_mistakes
@@ -18,6 +17,7 @@ from kubetune_trainer.evaluation.figures import confusion_png, reliability_png
 from kubetune_trainer.evaluation.report import Section, cards, figure, paragraph, render, table
 from kubetune_trainer.formats import ONNX_FILE, TORCHSCRIPT_FILE, export_classifier
 from kubetune_trainer.selection import best_epoch, checkpoint_config
+from tests.support.browser import keep_screenshot, open_page
 
 CLASSES = ["cat", "dog", "fox", "owl", "yak", "emu", "gnu"]
 

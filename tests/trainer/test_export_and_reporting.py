@@ -7,7 +7,6 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from digits_world import REGION, DigitsWorld
 from PIL import Image
 
 from kubetune_trainer.config import TrainerConfig
@@ -15,8 +14,10 @@ from kubetune_trainer.data import DatasetIndex, Sample
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.export import CLASSIFICATION_PANELS, Panel, classification_card, export_model, plot_curves
 from kubetune_trainer.model import WeightsReport
-from kubetune_trainer.reporting import ConsoleReporter, FanOut, ProgressMetrics, ProgressUpdate, progress_line
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
+from kubetune_trainer.reporting import ConsoleReporter, FanOut, progress_line
 from kubetune_trainer.storage import S3Store, S3Uri
+from tests.support.digits_world import REGION, DigitsWorld
 
 HISTORY = [
     {"epoch": 1, "trainLoss": 1.2, "valLoss": 0.9, "valAccuracy": 0.71, "imagesPerSecond": 900.0, "learningRate": 0.01},
@@ -173,11 +174,11 @@ def test_console_on_a_terminal_redraws_one_line() -> None:
     stream = io.StringIO()
     console = ConsoleReporter(stream, tty=True)
     console.report(update())
-    console.report(update(phase="Resumed", epoch=1, latest_checkpoint="s3://r/epoch-0001"))
+    console.report(update(phase="Resumed", epoch=1, latest_checkpoint="s3://runs/epoch-0001"))
     console.close()
     text = stream.getvalue()
     assert text.startswith("\r\x1b[2Kepoch 2/5")
-    assert "resumed from s3://r/epoch-0001 after epoch 1\n" in text
+    assert "resumed from s3://runs/epoch-0001 after epoch 1\n" in text
 
 
 def test_a_failing_reporter_never_stops_the_others() -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from digits_world import DigitsWorld
 
 from kubetune_trainer.local import local_resources, setup_logging, with_endpoint
+from tests.support.digits_world import DigitsWorld
 
 
 def test_gpus_asked_without_cuda_train_on_cpu_with_a_warning(

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
+from kubetune_trainer.progress_model import ProgressUpdate
 from kubetune_trainer.relay import CHECKPOINT_EVENT, EVENT, FAILURE_EVENT, RunProgress
-from kubetune_trainer.reporting import ProgressUpdate
 
 RUN = "s3://results/job/checkpoints/uid"
 

@@ -13,8 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from digits_world import DATA_BUCKET, REGION, DigitsWorld, digit_png
-from shapes_world import make_shapes
 
 from kubetune_trainer import data
 from kubetune_trainer.cache import cached_object
@@ -25,6 +23,8 @@ from kubetune_trainer.detection_data import DetectionFiles, build_detection_inde
 from kubetune_trainer.errors import DataError, UnsafeNameError
 from kubetune_trainer.localpaths import local_path, unsafe_reason
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
+from tests.support.digits_world import DATA_BUCKET, REGION, DigitsWorld, digit_png
+from tests.support.shapes_world import make_shapes
 
 UNSAFE = {
     "": "is empty",

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from digits_world import DATA_BUCKET, KUBETUNE, MODEL_BUCKET, OUT_BUCKET, DigitsWorld, digit_png
-from shapes_world import DETECTOR, DETECTOR_SIZE, make_shapes, random_detector
+
+from tests.support.digits_world import DATA_BUCKET, KUBETUNE, MODEL_BUCKET, OUT_BUCKET, DigitsWorld, digit_png
+from tests.support.shapes_world import DETECTOR, DETECTOR_SIZE, make_shapes, random_detector
 
 pytestmark = pytest.mark.slow
 

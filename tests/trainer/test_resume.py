@@ -13,9 +13,10 @@ import time
 
 import pytest
 import torch
-from digits_world import PRETRAINED, DigitsWorld
 from safetensors.torch import load
-from trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
+
+from tests.support.digits_world import PRETRAINED, DigitsWorld
+from tests.support.trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
 
 
 def wait_for_checkpoint(world: DigitsWorld, run: str, output: str, proc_alive: object, timeout: float = 300) -> None:

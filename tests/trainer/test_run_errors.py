@@ -6,10 +6,10 @@ import pickle
 from pathlib import Path
 
 import pytest
-from digits_world import HI_TRAIN, DigitsWorld
 
 from kubetune_trainer.local import run_local
 from kubetune_trainer.storage import S3Store, S3Uri
+from tests.support.digits_world import HI_TRAIN, DigitsWorld
 
 PLACEHOLDER = "s3://models/placeholder/weights.safetensors"
 

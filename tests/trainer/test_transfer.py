@@ -18,8 +18,9 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from digits_world import HI_VAL, PRETRAINED, RANDOM_INIT, DigitsWorld
 from PIL import Image
+
+from tests.support.digits_world import HI_VAL, PRETRAINED, RANDOM_INIT, DigitsWorld
 
 EPOCHS = 2
 OUTPUTS = {"pretrained": "s3://results/transfer/pretrained", "random": "s3://results/transfer/random"}

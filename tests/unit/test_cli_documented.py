@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from kubetune_operator.cli import parser
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SUBCOMMANDS = ("validate", "render", "run", "demo", "crd")

@@ -16,8 +16,8 @@ from kubetune_operator.cli import main
 from kubetune_operator.crd import render_crd
 from kubetune_operator.messages import format_validation_error
 from kubetune_operator.spec import FineTuneJob
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 CORPUS = sorted((REPO / "tests" / "fixtures" / "invalid").glob("*.yaml"))
 KUBETUNE = Path(sys.executable).with_name("kubetune")

@@ -24,8 +24,8 @@ from kubetune_operator.crd import CRD_PATH, DOCS_PATH, crd, docs_with_reference,
 from kubetune_operator.messages import PATTERNS_IN_WORDS
 from kubetune_operator.spec import MAX_NAME_LENGTH, FineTuneJob
 from kubetune_operator.states import PHASES
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 CORPUS = sorted((REPO / "tests" / "fixtures" / "invalid").glob("*.yaml"))
 SCHEMA = openapi_schema()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -14,6 +13,7 @@ from kubetune_operator import lifecycle
 from kubetune_operator.incoming import InvalidJob, JobRecord, receive
 from kubetune_operator.lifecycle import StatusChange
 from kubetune_operator.states import Reason
+from tests.support.paths import REPO
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 OWNER = {
@@ -429,7 +429,7 @@ def test_progress_is_only_judged_while_running() -> None:
 
 # -- what the API server will accept ---------------------------------------------------------------------
 
-CRD = Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.dev.yaml"
+CRD = REPO / "crds" / "finetunejobs.kubetune.dev.yaml"
 
 
 def status_schema() -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,8 @@ from kubetune_operator.spec import (
 )
 from kubetune_operator.trainer_config import trainer_config
 from kubetune_trainer.config import TrainerConfig, prefixes_overlap
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 MINIMAL: dict[str, Any] = {

@@ -5,7 +5,7 @@ driver and the workers, e.g. through PYTHONPATH). The driver reads the variable 
 a wrong one ends the run at once, and passes the names to the workers in the run plan (a worker on
 another node does not inherit the driver's environment). Each is called as `function(worker, state)`
 (`loop.Worker`, `loop.TrainState`) and may raise: that is how the tests make a worker fail
-(tests/trainer/trainer_faults.py). Nothing in the product sets the variable.
+(tests/support/trainer_faults.py). Nothing in the product sets the variable.
 """
 
 from __future__ import annotations

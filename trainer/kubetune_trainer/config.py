@@ -57,6 +57,8 @@ OUTPUT_FILES = {
 
 # The most classes a model may have: model.numClasses, class folders, COCO categories.
 MAX_CLASSES = 100_000
+# The most epochs a run may have (spec.training.epochs, and what a progress update may say).
+MAX_EPOCHS = 1000
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
 ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
@@ -321,7 +323,7 @@ class TrainingSpec(SpecSection):
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [WARMUP_RULE]})
 
-    epochs: int = Field(default=10, ge=1, le=1000, description="Passes over the training data.")
+    epochs: int = Field(default=10, ge=1, le=MAX_EPOCHS, description="Passes over the training data.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
     learning_rate: float = Field(
         default=1e-3, gt=0.0, le=10.0, description="Peak learning rate, reached at the end of warm-up."

@@ -46,6 +46,7 @@ from kubetune_trainer.detection_eval import SCORE_THRESHOLD
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.evaluation.detector_report import DETECTIONS_FILE
 from kubetune_trainer.model import WeightsReport
+from kubetune_trainer.progress_model import card_metrics
 from kubetune_trainer.storage import S3Store, S3Uri
 
 MODEL_FORMAT = "kubetune.dev/model/v1"
@@ -166,7 +167,7 @@ def classification_card(
         "cropPct": data_config.get("crop_pct"),
         # timm's own keys: timm.data.create_transform(**dataConfig, is_training=False)
         "dataConfig": dict(data_config),
-        "metrics": {k: final[k] for k in ("trainLoss", "valLoss", "valAccuracy", "imagesPerSecond") if k in final},
+        "metrics": card_metrics(final),
         **_provenance(config, weights, history, finished_at, best_epoch),
         "data": {
             "train": config.data.train,
@@ -209,7 +210,7 @@ def detection_card(
         # torchvision's GeneralizedRCNNTransform settings: min_size, max_size, fixed_size, mean, std.
         "transform": dict(transform),
         "scoreThreshold": score_threshold,
-        "metrics": {k: final[k] for k in ("trainLoss", "valMap", "valMap50", "imagesPerSecond") if k in final},
+        "metrics": card_metrics(final),
         **_provenance(config, weights, history, finished_at, best_epoch),
         "data": {
             "train": config.data.train,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, use_ray_train_env
 from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.progress_model import summary_parts
 from kubetune_trainer.reporting import ConsoleReporter, format_duration
 from kubetune_trainer.storage import resolve_endpoint
 
@@ -98,17 +99,11 @@ def summary(
     mlflow: str | None = None,
 ) -> None:
     """The run's last lines: the exported epoch's validation figures, the judged split's, where it all is."""
-    accuracy = metrics.get("valAccuracy")
-    loss = metrics.get("valLoss")
-    mean_ap, mean_ap50 = metrics.get("valMap"), metrics.get("valMap50")
+    parts = summary_parts(metrics)
+    figures = "validation " + ", ".join(parts) if parts else ""
     files = "model.json, history.json, training-curves.png"
-    if mean_ap is not None and mean_ap50 is not None:
-        figures = f"validation mAP@[.5:.95] {mean_ap:.3f}, mAP@.5 {mean_ap50:.3f}"
+    if "valMap" in metrics:
         files += ", detections.png"
-    elif accuracy is not None and loss is not None:
-        figures = f"validation accuracy {accuracy:.2%}, loss {loss:.4f}"
-    else:
-        figures = ""
     chosen = f" (epoch {best_epoch}, the best)" if best_epoch and best_epoch != epochs else ""
     print(f"kubetune: trained {epochs} epochs in {format_duration(time.monotonic() - started)}: {figures}{chosen}")
     print(f"kubetune: model at {output}/model.safetensors ({files})")

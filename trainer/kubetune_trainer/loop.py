@@ -42,6 +42,7 @@ from kubetune_trainer.data import prepare_images
 from kubetune_trainer.loaders import eval_loader, set_epoch, train_loader
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
 from kubetune_trainer.optim import make_optimizer, make_schedule
+from kubetune_trainer.progress_model import history_entry
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Stepping, Task, task_from_wire
@@ -324,16 +325,13 @@ def evaluate(worker: Worker, state: TrainState, loaders: Loaders) -> dict[str, f
 def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[str, float]) -> None:
     """The finished epoch into the history (history.json's entry, in its key order)."""
     state.epoch += 1
-    state.history.append(
-        {
-            "epoch": state.epoch,
-            "trainLoss": trained.loss,
-            **validation,
-            "imagesPerSecond": trained.images_per_second,
-            "learningRate": state.learning_rate,
-            "seconds": trained.seconds,
-        }
-    )
+    figures = {
+        "trainLoss": trained.loss,
+        **validation,
+        "imagesPerSecond": trained.images_per_second,
+        "learningRate": state.learning_rate,
+    }
+    state.history.append(history_entry(state.epoch, figures, trained.seconds))
 
 
 def save(worker: Worker, state: TrainState) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.config import ProgressTarget
-from kubetune_trainer.reporting import ProgressUpdate
+from kubetune_trainer.progress_model import ProgressUpdate
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import error_line
-from kubetune_trainer.reporting import FanOut, ProgressReporter, ProgressUpdate
+from kubetune_trainer.progress_model import ProgressUpdate
+from kubetune_trainer.reporting import FanOut, ProgressReporter
 from kubetune_trainer.storage import S3Uri
 
 log = logging.getLogger(__name__)

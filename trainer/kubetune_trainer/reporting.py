@@ -1,7 +1,7 @@
-"""Progress of a run: one message shape, and reporters that show or send it.
+"""Progress of a run: reporters that show or send its `ProgressUpdate`s.
 
-`ProgressUpdate` is the message the operator's progress endpoint accepts (camelCase on the wire) and
-what `status.progress` shows. Rank 0 of the workers produces updates; reporters must never slow down or
+`ProgressUpdate` (progress_model.py) is the message the operator's progress endpoint accepts and what
+`status.progress` shows. Rank 0 of the workers produces updates; reporters must never slow down or
 break training, so `report` only hands the update on and swallows its own failures.
 
 - ConsoleReporter draws a progress line: epoch, step bar, loss, accuracy (detection: mAP and mAP@.5),
@@ -20,58 +20,9 @@ import sys
 import time
 from typing import Any, Protocol, TextIO
 
-from pydantic import Field
-
-from kubetune_trainer.config import CamelModel
+from kubetune_trainer.progress_model import ProgressUpdate, console_parts
 
 log = logging.getLogger(__name__)
-
-
-class ProgressMetrics(CamelModel):
-    """The latest figures; validation ones come from the last finished epoch."""
-
-    train_loss: float | None = Field(default=None, description="Mean training loss of the current epoch so far.")
-    val_loss: float | None = Field(default=None, description="Validation loss of the last finished epoch.")
-    val_accuracy: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="Validation top-1 accuracy of the last finished epoch."
-    )
-    val_map: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="Detection: COCO mAP@[.5:.95] of the last finished epoch."
-    )
-    val_map50: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="Detection: COCO mAP@.5 of the last finished epoch."
-    )
-    images_per_second: float | None = Field(default=None, ge=0.0, description="Training throughput, all workers.")
-    learning_rate: float | None = Field(default=None, ge=0.0, description="Current peak learning rate.")
-
-
-class ProgressUpdate(CamelModel):
-    """Where a run is: the message from the trainer to the operator (and the console)."""
-
-    epoch: int = Field(ge=0, description="Current epoch, 1-based (0 before the first starts).")
-    total_epochs: int = Field(ge=1)
-    step: int = Field(ge=0, description="Optimizer steps done in the whole run.")
-    total_steps: int = Field(ge=0)
-    percent: float = Field(ge=0.0, le=100.0)
-    eta_seconds: float | None = Field(default=None, ge=0.0)
-    metrics: ProgressMetrics = Field(default_factory=ProgressMetrics)
-    latest_checkpoint: str | None = Field(
-        default=None, description="s3:// URI of the latest checkpoint Ray Train committed (a restart resumes from it)."
-    )
-    worker_failures: int | None = Field(
-        default=None,
-        ge=0,
-        description="Worker failures in this run of the driver; Ray Train restarts the workers from the latest "
-        "checkpoint after each, up to maxFailures (spec.runPolicy.maxRetries).",
-    )
-    phase: str | None = Field(
-        default=None, description="Resumed, Training or Checkpointing (sent after each epoch's checkpoint)."
-    )
-    best_epoch: int | None = Field(
-        default=None,
-        ge=1,
-        description="The epoch whose checkpoint is the best so far by training.selectBy: the one the export takes.",
-    )
 
 
 class ProgressReporter(Protocol):
@@ -96,17 +47,7 @@ def progress_line(update: ProgressUpdate, width: int = 24) -> str:
         f"epoch {update.epoch}/{update.total_epochs}",
         f"[{'#' * filled}{'-' * (width - filled)}] {update.percent:3.0f}%",
     ]
-    m = update.metrics
-    if m.train_loss is not None:
-        parts.append(f"loss {m.train_loss:.4f}")
-    if m.val_accuracy is not None:
-        parts.append(f"acc {m.val_accuracy:.1%}")
-    if m.val_map is not None:
-        parts.append(f"mAP {m.val_map:.3f}")
-    if m.val_map50 is not None:
-        parts.append(f"mAP@.5 {m.val_map50:.3f}")
-    if m.images_per_second is not None:
-        parts.append(f"{m.images_per_second:.0f} img/s")
+    parts.extend(console_parts(update.metrics))
     parts.append(f"ETA {format_duration(update.eta_seconds)}")
     return " ".join(parts)
 

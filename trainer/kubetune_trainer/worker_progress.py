@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.reporting import ProgressMetrics, ProgressUpdate, worker_reporters
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
+from kubetune_trainer.reporting import worker_reporters
 from kubetune_trainer.selection import best_epoch
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from kmock._internal import rendering
 from kubetune_dev.devcluster.apimachinery import (
     AGE_COLUMN,
     Column,
+    LabelRequirement,
     ResourceKind,
     apply_defaults,
     kind_from_crd,
@@ -213,6 +214,27 @@ def fold_string_data(secret: dict[str, Any]) -> None:
 def _random_suffix(length: int = 5) -> str:
     # Kubernetes' generateName alphabet (no vowels, no confusable digits).
     return "".join(secrets.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(length))
+
+
+def watch_filter(
+    namespace: str | None,
+    name: str | None,
+    labels: Iterable[LabelRequirement],
+    fields: Iterable[tuple[str, str, str]],
+) -> Callable[[Mapping[str, Any]], bool]:
+    """Whether an object is one a watch asked for: its namespace and name (when given), and its selectors."""
+    labels, fields = list(labels), list(fields)
+
+    def wanted(obj: Mapping[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
+        return (
+            (namespace is None or meta.get("namespace") == namespace)
+            and (name is None or meta.get("name") == name)
+            and matches_labels(obj, labels)
+            and matches_fields(obj, fields)
+        )
+
+    return wanted
 
 
 @attrs.define(kw_only=True)
@@ -539,8 +561,9 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
     async def _watch(
         self, kind: ResourceKind, version: str, namespace: str | None, request: kmock.Request
     ) -> AsyncIterator[Any]:
+        """A watch: the objects there now (from resourceVersion 0) or the events since, then each change
+        until timeoutSeconds; 410 Expired when the events since are no longer kept."""
         params = request.params
-        as_table = wants_table(request.headers.get("Accept"))
         try:
             labels = parse_label_selector(params.get("labelSelector"))
             fields = parse_field_selector(params.get("fieldSelector"))
@@ -549,26 +572,10 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
         timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
         deadline = time.monotonic() + timeout if timeout else None
         since = params.get("resourceVersion") or "0"
+        wanted = watch_filter(namespace, request.name, labels, fields)
 
         def render(event_type: str, obj: Mapping[str, Any]) -> dict[str, Any]:
-            versioned = self._versioned(kind, version, obj)
-            if as_table:
-                versioned = table(
-                    [versioned],
-                    kind.columns.get(version, (AGE_COLUMN,)),
-                    resource_version=versioned["metadata"].get("resourceVersion", ""),
-                    include_object=params.get("includeObject", "Metadata"),
-                )
-            return {"type": event_type, "object": versioned}
-
-        def wanted(obj: Mapping[str, Any]) -> bool:
-            meta = obj.get("metadata") or {}
-            return (
-                (namespace is None or meta.get("namespace") == namespace)
-                and (request.name is None or meta.get("name") == request.name)
-                and matches_labels(obj, labels)
-                and matches_fields(obj, fields)
-            )
+            return self._watch_event(kind, version, request, event_type, obj)
 
         yield b""  # send the headers now: the stream is open even while nothing happens
         position = self._rv
@@ -577,20 +584,53 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
                 yield render("ADDED", obj)
         else:
             position = int(since) if since.isdigit() else self._rv
-            oldest = self._log[0][0] if self._log else self._rv + 1
-            if len(self._log) == self._log.maxlen and position < oldest - 1:
-                yield {
-                    "type": "ERROR",
-                    "object": {
-                        "apiVersion": "v1",
-                        "kind": "Status",
-                        "status": "Failure",
-                        "code": 410,
-                        "reason": "Expired",
-                        "message": f"too old resource version: {position} ({oldest - 1})",
-                    },
-                }
+            expired = self._expired(position)
+            if expired is not None:
+                yield expired
                 return
+        async for event in self._events_after(position, kind, wanted, render, deadline):
+            yield event
+
+    def _watch_event(
+        self, kind: ResourceKind, version: str, request: kmock.Request, event_type: str, obj: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """One watch event, its object as a Table when the client asked for one."""
+        versioned = self._versioned(kind, version, obj)
+        if wants_table(request.headers.get("Accept")):
+            versioned = table(
+                [versioned],
+                kind.columns.get(version, (AGE_COLUMN,)),
+                resource_version=versioned["metadata"].get("resourceVersion", ""),
+                include_object=request.params.get("includeObject", "Metadata"),
+            )
+        return {"type": event_type, "object": versioned}
+
+    def _expired(self, position: int) -> dict[str, Any] | None:
+        """The 410 Expired error event when the events after `position` are no longer kept, else None."""
+        oldest = self._log[0][0] if self._log else self._rv + 1
+        if not (len(self._log) == self._log.maxlen and position < oldest - 1):
+            return None
+        return {
+            "type": "ERROR",
+            "object": {
+                "apiVersion": "v1",
+                "kind": "Status",
+                "status": "Failure",
+                "code": 410,
+                "reason": "Expired",
+                "message": f"too old resource version: {position} ({oldest - 1})",
+            },
+        }
+
+    async def _events_after(
+        self,
+        position: int,
+        kind: ResourceKind,
+        wanted: Callable[[Mapping[str, Any]], bool],
+        render: Callable[[str, Mapping[str, Any]], dict[str, Any]],
+        deadline: float | None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The wanted events of `kind` after `position`, as they happen, until `deadline`."""
         while True:
             for rv, which, event in list(self._log):
                 if rv > position:

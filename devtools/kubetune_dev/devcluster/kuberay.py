@@ -35,10 +35,10 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -156,112 +156,138 @@ class RayJobController:
 
     async def reconcile(self) -> float | None:
         """One step; returns how long to wait before the next (None: until something changes)."""
-        meta = self.obj["metadata"]
-        if meta.get("deletionTimestamp"):
-            await self.stop_run()
-            finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
-            await self.kube.merge_patch(self.url, {"metadata": {"finalizers": finalizers or None}})
-            self.gone = True
+        if self.obj["metadata"].get("deletionTimestamp"):
+            await self._on_deleted()
             return None
-        status = self.status
-        deployment = status.get("jobDeploymentStatus") or ""
-        suspend = bool(self.spec.get("suspend"))
+        deployment = self.status.get("jobDeploymentStatus") or ""
+        step = self._STEPS.get(deployment)
+        if step is None:
+            log.warning("rayjob %s/%s: unknown jobDeploymentStatus %r", self.namespace, self.name, deployment)
+            return None
+        return await step(self)
 
-        if deployment in ("", "New"):
-            if FINALIZER not in (meta.get("finalizers") or []):
-                patched = await self.kube.merge_patch(
-                    self.url, {"metadata": {"finalizers": [*(meta.get("finalizers") or []), FINALIZER]}}
-                )
-                if patched is None:
-                    self.gone = True
-                    return None
-                self.obj = patched
-            cluster = f"{self.name}-{_suffix()}"
-            await self.patch_status(
-                {
-                    "jobDeploymentStatus": "Initializing",
-                    "jobId": self.spec.get("jobId") or f"{self.name}-{_suffix()}",
-                    "rayClusterName": cluster,
-                    "startTime": status.get("startTime") or now_rfc3339(),
-                    "failed": status.get("failed", 0),
-                    "succeeded": status.get("succeeded", 0),
-                }
+    async def _on_deleted(self) -> None:
+        """Stop the run, then let the deletion finish (the finalizer's work)."""
+        await self.stop_run()
+        finalizers = [f for f in self.obj["metadata"].get("finalizers") or [] if f != FINALIZER]
+        await self.kube.merge_patch(self.url, {"metadata": {"finalizers": finalizers or None}})
+        self.gone = True
+
+    async def _on_new(self) -> float | None:
+        """The finalizer on, a cluster named, the job started: Initializing."""
+        meta, status = self.obj["metadata"], self.status
+        if FINALIZER not in (meta.get("finalizers") or []):
+            patched = await self.kube.merge_patch(
+                self.url, {"metadata": {"finalizers": [*(meta.get("finalizers") or []), FINALIZER]}}
             )
-            return 0
+            if patched is None:
+                self.gone = True
+                return None
+            self.obj = patched
+        await self.patch_status(
+            {
+                "jobDeploymentStatus": "Initializing",
+                "jobId": self.spec.get("jobId") or f"{self.name}-{_suffix()}",
+                "rayClusterName": f"{self.name}-{_suffix()}",
+                "startTime": status.get("startTime") or now_rfc3339(),
+                "failed": status.get("failed", 0),
+                "succeeded": status.get("succeeded", 0),
+            }
+        )
+        return 0
 
-        if deployment == "Initializing":
-            if suspend:
-                await self.patch_status({"jobDeploymentStatus": "Suspending"})
-                return 0
-            if self._deadline_passed():
-                return await self.fail_deadline()
+    async def _suspended_or_late(self) -> float | None:
+        """Suspending when asked to, Failed past the deadline; None when neither."""
+        if self.spec.get("suspend"):
+            await self.patch_status({"jobDeploymentStatus": "Suspending"})
+            return 0
+        if self._deadline_passed():
+            return await self.fail_deadline()
+        return None
+
+    async def _on_initializing(self) -> float | None:
+        """The cluster up and the entrypoint submitted: Running."""
+        stopped = await self._suspended_or_late()
+        if stopped is not None:
+            return stopped
+        try:
+            await self.start_run()
+        except PodNotReadyError as exc:
+            log.warning("rayjob %s/%s: pods not ready: %s", self.namespace, self.name, exc)
+            return RETRY_PENDING_POD
+        await self.patch_status(
+            {
+                "jobDeploymentStatus": "Running",
+                "jobStatus": "RUNNING",
+                "dashboardURL": f"{self.status.get('rayClusterName')}-head-svc.{self.namespace}.svc.cluster.local:8265",
+                "rayJobInfo": {"startTime": now_rfc3339()},
+            }
+        )
+        return 0
+
+    async def _on_running(self) -> float | None:
+        """Watch the driver; its exit code decides the end (`finish`)."""
+        stopped = await self._suspended_or_late()
+        if stopped is not None:
+            return stopped
+        if self.run is None or self.run.driver is None:
+            # The stand-in restarted (or lost the run): resubmit, as KubeRay's HTTP mode does.
             try:
                 await self.start_run()
-            except PodNotReadyError as exc:
-                log.warning("rayjob %s/%s: pods not ready: %s", self.namespace, self.name, exc)
+            except PodNotReadyError:
                 return RETRY_PENDING_POD
-            await self.patch_status(
-                {
-                    "jobDeploymentStatus": "Running",
-                    "jobStatus": "RUNNING",
-                    "dashboardURL": f"{status.get('rayClusterName')}-head-svc.{self.namespace}.svc.cluster.local:8265",
-                    "rayJobInfo": {"startTime": now_rfc3339()},
-                }
-            )
+        driver = self.run.driver if self.run else None
+        if driver is None or driver.running:
+            return 1.0 if self.spec.get("activeDeadlineSeconds") else None
+        return await self.finish(await driver.wait())
+
+    async def _on_stopping(self) -> float | None:
+        """Suspending or Retrying: the cluster deleted and the job's fields reset; Suspended, or New again."""
+        deployment = self.status.get("jobDeploymentStatus")
+        await self.stop_run()
+        await self.patch_status(
+            {
+                "jobDeploymentStatus": "Suspended" if deployment == "Suspending" else "New",
+                "jobStatus": "",
+                "rayClusterName": "",
+                "dashboardURL": "",
+                "jobId": "",
+                "message": "",
+                "reason": "",
+                "rayJobInfo": None,
+            }
+        )
+        return 0
+
+    async def _on_suspended(self) -> float | None:
+        if not self.spec.get("suspend"):
+            await self.patch_status({"jobDeploymentStatus": "New", "jobStatus": ""})
             return 0
-
-        if deployment == "Running":
-            if suspend:
-                await self.patch_status({"jobDeploymentStatus": "Suspending"})
-                return 0
-            if self._deadline_passed():
-                return await self.fail_deadline()
-            if self.run is None or self.run.driver is None:
-                # The stand-in restarted (or lost the run): resubmit, as KubeRay's HTTP mode does.
-                try:
-                    await self.start_run()
-                except PodNotReadyError:
-                    return RETRY_PENDING_POD
-            driver = self.run.driver if self.run else None
-            if driver is None or driver.running:
-                deadline = self.spec.get("activeDeadlineSeconds")
-                return 1.0 if deadline else None
-            code = await driver.wait()
-            return await self.finish(code)
-
-        if deployment in ("Suspending", "Retrying"):
-            await self.stop_run()
-            await self.patch_status(
-                {
-                    "jobDeploymentStatus": "Suspended" if deployment == "Suspending" else "New",
-                    "jobStatus": "",
-                    "rayClusterName": "",
-                    "dashboardURL": "",
-                    "jobId": "",
-                    "message": "",
-                    "reason": "",
-                    "rayJobInfo": None,
-                }
-            )
-            return 0
-
-        if deployment == "Suspended":
-            if not suspend:
-                await self.patch_status({"jobDeploymentStatus": "New", "jobStatus": ""})
-                return 0
-            return None
-
-        if deployment in ("Complete", "Failed"):
-            if self.run is not None and self.spec.get("shutdownAfterJobFinishes"):
-                ttl = float(self.spec.get("ttlSecondsAfterFinished") or 0)
-                end = parse_time(status.get("endTime") or "")
-                left = ttl - (time.time() - end.timestamp()) if end else 0
-                if left > 0:
-                    return left
-                await self.stop_run()
-            return None
-        log.warning("rayjob %s/%s: unknown jobDeploymentStatus %r", self.namespace, self.name, deployment)
         return None
+
+    async def _on_finished(self) -> float | None:
+        """Complete or Failed: with shutdownAfterJobFinishes, the cluster goes after ttlSecondsAfterFinished."""
+        if self.run is not None and self.spec.get("shutdownAfterJobFinishes"):
+            ttl = float(self.spec.get("ttlSecondsAfterFinished") or 0)
+            end = parse_time(self.status.get("endTime") or "")
+            left = ttl - (time.time() - end.timestamp()) if end else 0
+            if left > 0:
+                return left
+            await self.stop_run()
+        return None
+
+    # What each jobDeploymentStatus leads to, as KubeRay's RayJob controller does it.
+    _STEPS: ClassVar[dict[str, Callable[[RayJobController], Awaitable[float | None]]]] = {
+        "": _on_new,
+        "New": _on_new,
+        "Initializing": _on_initializing,
+        "Running": _on_running,
+        "Suspending": _on_stopping,
+        "Retrying": _on_stopping,
+        "Suspended": _on_suspended,
+        "Complete": _on_finished,
+        "Failed": _on_finished,
+    }
 
     async def finish(self, code: int) -> float:
         status = self.status

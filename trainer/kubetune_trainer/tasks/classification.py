@@ -25,6 +25,7 @@ from kubetune_trainer.model import (
     check_architecture,
     data_config,
 )
+from kubetune_trainer.progress_model import validation_keys
 from kubetune_trainer.steps import Autocast, Stepper
 from kubetune_trainer.storage import S3Store
 from kubetune_trainer.tasks.base import Trained
@@ -33,7 +34,7 @@ from kubetune_trainer.tasks.base import Trained
 class ClassificationTask:
     """A classification run on the images of `index` (class folders, split into train and validation)."""
 
-    metric_keys: tuple[str, ...] = ("valLoss", "valAccuracy")
+    metric_keys: tuple[str, ...] = validation_keys("classification")
     panels: tuple[Panel, ...] = CLASSIFICATION_PANELS
     collate: Callable[[Any], Any] | None = None
 

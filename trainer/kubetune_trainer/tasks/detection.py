@@ -27,6 +27,7 @@ from kubetune_trainer.evaluation.judged import TEST, VALIDATION, Judged
 from kubetune_trainer.export import DETECTION_PANELS, Panel, detection_card
 from kubetune_trainer.formats import export_detector
 from kubetune_trainer.model import TrainablePlan, WeightsReport
+from kubetune_trainer.progress_model import validation_keys
 from kubetune_trainer.steps import Autocast, DetectionStepper
 from kubetune_trainer.storage import S3Store
 from kubetune_trainer.tasks.base import Trained
@@ -58,7 +59,7 @@ class DetectionTask:
     """A detection run: the boxes of each image (`boxes`) and the same images listed for the node cache
     (`images`, a `DatasetIndex` with the same keys)."""
 
-    metric_keys: tuple[str, ...] = ("valMap", "valMap50")
+    metric_keys: tuple[str, ...] = validation_keys("detection")
     panels: tuple[Panel, ...] = DETECTION_PANELS
     collate: Callable[[Any], Any] | None = staticmethod(collate)
 

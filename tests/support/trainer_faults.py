@@ -1,7 +1,7 @@
 """A worker failure on demand, through the trainer's test seam (`kubetune_trainer.callbacks`).
 
 `FAIL_ONCE_AFTER_FIRST_EPOCH` is the environment a run needs for it: the driver and its local Ray workers
-import this module (PYTHONPATH), and rank 0 raises `InjectedFaultError` once, before the first step after
+import this module (the repository on PYTHONPATH), and rank 0 raises `InjectedFaultError` once, before the first step after
 epoch 1's checkpoint, in an attempt that did not itself resume; Ray Train then restarts the workers from
 that checkpoint.
 """
@@ -9,10 +9,10 @@ that checkpoint.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.callbacks import CALLBACKS_ENV
+from tests.support.paths import REPO
 
 FAIL_AFTER_EPOCH = 1
 
@@ -43,9 +43,8 @@ def spoil_the_last_epoch(worker: Any, state: Any) -> None:
 def fault_env(callback: Any = fail_once_after_first_epoch) -> dict[str, str]:
     """The environment that makes a `kubetune run --local` (or `python -m kubetune_trainer`) call `callback`
     before each epoch (by default: fail once)."""
-    here = str(Path(__file__).resolve().parent)
-    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-    return {CALLBACKS_ENV: f"{Path(__file__).stem}:{callback.__name__}", "PYTHONPATH": path}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {CALLBACKS_ENV: f"{__name__}:{callback.__name__}", "PYTHONPATH": path}
 
 
 FAIL_ONCE_AFTER_FIRST_EPOCH = fault_env()

@@ -14,8 +14,8 @@ from kmock._internal import apps
 from kubetune_operator.auth import service_account_username
 from kubetune_operator.builders import token_audience
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 FTJ = kmock.resource("kubetune.dev/v1alpha1/finetunejobs")
 TOKENREVIEWS = "post /apis/authentication.k8s.io/v1/tokenreviews"
 

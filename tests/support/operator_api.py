@@ -28,10 +28,12 @@ import kopf
 import kubernetes.client
 import yaml
 
+from tests.support.paths import REPO
+
 PACKAGE = "kubetune_operator"
 # The operator imports the trainer's pydantic-only contract modules too (config, reporting).
 OWN_PACKAGES = frozenset({PACKAGE, "kubetune_trainer"})
-EXAMPLE_JOB = Path(__file__).resolve().parents[2] / "examples" / "classification-head.yaml"
+EXAMPLE_JOB = REPO / "examples" / "classification-head.yaml"
 KOPF_WATCHING = {"event", "index"}
 KOPF_CHANGING = {"resume", "create", "update", "delete", "field", "timer", "daemon"}
 KOPF_EVENT_POSTERS = {"event", "info", "warn", "exception"}

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from busy_world import (
+from tests.support.busy_world import (
     BUCKET,
     DENIED_CHECKPOINT,
     FTJ,

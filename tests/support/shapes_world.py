@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tests.support.paths import REPO
+from tests.support.pretraining import torch_threads, train_plainly
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 200, 40),
@@ -105,7 +108,7 @@ PRETRAIN_RECIPE: dict[str, Any] = {
     "learningRate": 4e-3,
     "seed": 0,
 }
-CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "kubetune-tests"
+CACHE_DIR = REPO / ".cache" / "kubetune-tests"
 
 
 def as_tensors(shapes: ShapesSet) -> tuple[list[Any], list[dict[str, Any]]]:
@@ -142,35 +145,29 @@ def pretrained_detector(cache_dir: Path = CACHE_DIR, recipe: dict[str, Any] = PR
 
     from kubetune_trainer.detection_model import create_detector
 
-    threads = torch.get_num_threads()
     # One thread: on a shared machine more threads spin against each other and run slower.
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         torch.manual_seed(recipe["seed"])
         model = create_detector(recipe["architecture"], len(recipe["classes"]), recipe["size"])
         images, targets = as_tensors(
             make_shapes(recipe["classes"], recipe["images"], recipe["imageSeed"], recipe["size"])
         )
-        batch, epochs = recipe["batch"], recipe["epochs"]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["learningRate"], weight_decay=1e-4)
-        steps = epochs * (len(images) // batch)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=recipe["learningRate"], total_steps=steps, pct_start=0.1
+
+        def batch_loss(chosen: list[int]) -> Any:
+            losses = model([images[j] for j in chosen], [targets[j] for j in chosen])
+            return torch.stack(list(losses.values())).sum()
+
+        train_plainly(
+            model,
+            batch_loss,
+            len(images),
+            epochs=recipe["epochs"],
+            batch=recipe["batch"],
+            learning_rate=recipe["learningRate"],
+            weight_decay=1e-4,
+            seed=recipe["seed"],
+            drop_last=True,
         )
-        generator = torch.Generator().manual_seed(recipe["seed"])
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(images), generator=generator).tolist()
-            for i in range(0, len(images) - batch + 1, batch):
-                chosen = order[i : i + batch]
-                losses = model([images[j] for j in chosen], [targets[j] for j in chosen])
-                loss = torch.stack(list(losses.values())).sum()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    finally:
-        torch.set_num_threads(threads)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))

@@ -21,7 +21,8 @@ from typing import Any
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots a person can look at (ignored by git)
 FLAGS = [
     "--headless",

@@ -5,13 +5,13 @@ no other test directory uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 CHART_DIR = REPO / "charts" / "kubetune"
 RELEASE = "kubetune"
 NAMESPACE = "kubetune-system"
@@ -100,3 +100,18 @@ def render(chart: helm.Chart, values: dict[str, Any], *, namespace: str = NAMESP
             continue
         objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
     return Rendered(objects=objects, notes=notes)
+
+
+Grant = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
+
+
+def grants(roles: list[dict[str, Any]]) -> set[Grant]:
+    """Every (apiGroup, resource, verb) the rules of `roles` allow."""
+    return {
+        (group, resource, verb)
+        for role in roles
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }

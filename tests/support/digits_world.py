@@ -24,6 +24,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from tests.support.pretraining import torch_threads, train_plainly
+
 if TYPE_CHECKING:
     from kubetune_trainer.config import TrainerConfig
 
@@ -137,26 +139,17 @@ class DigitsWorld:
         samples = self.digits(range(0, 5))
         x = torch.stack([transform(Image.open(io.BytesIO(digit_png(p)))) for p, _ in samples])
         y = torch.tensor([t for _, t in samples])
-        threads = torch.get_num_threads()
-        torch.set_num_threads(2)
-        try:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-            epochs, batch = 3, 32
-            steps = epochs * ((len(x) + batch - 1) // batch)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-            generator = torch.Generator().manual_seed(0)
-            model.train()
-            for _ in range(epochs):
-                order = torch.randperm(len(x), generator=generator)
-                for i in range(0, len(x), batch):
-                    idx = order[i : i + batch]
-                    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(2):
+            train_plainly(
+                model,
+                lambda chosen: torch.nn.functional.cross_entropy(model(x[chosen]), y[chosen]),
+                len(x),
+                epochs=3,
+                batch=32,
+                learning_rate=3e-3,
+                weight_decay=0.05,
+                seed=0,
+            )
         path = self.workdir / "pretrained.safetensors"
         save_model(model, str(path))
         self.put(PRETRAINED, path.read_bytes())

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from pathlib import Path
 from typing import Any
+
+from tests.support.paths import REPO
 
 KUBERNETES_VERSION = "1.31.0"
 K8S_PREFIX = "io.k8s."
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "values.schema.json"
+SCHEMA_PATH = REPO / "charts" / "kubetune" / "values.schema.json"
 
 
 def _all_definitions() -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""kubetune's tests: one folder per layer, with the helpers they share in `tests.support`."""
