@@ -42,6 +42,7 @@ PRETRAINED_DETECTOR = f"s3://{MODEL_BUCKET}/shapes-rgb/{DETECTOR}.safetensors"
 RANDOM_DETECTOR = f"s3://{MODEL_BUCKET}/shapes-random/{DETECTOR}.safetensors"
 EPOCHS = 6
 TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES = 96, 24, 24
+FINETUNED_OUTPUT = "s3://results/detection/shapes-finetune"
 HISTORY_KEYS = ["epoch", "trainLoss", "valMap", "valMap50", "imagesPerSecond", "learningRate", "seconds"]
 
 pytestmark = pytest.mark.slow
@@ -290,8 +291,7 @@ def test_the_test_set_report_agrees_with_pycocotools_and_opens_in_a_browser(
     from tests.support.browser import keep_screenshot, open_page
 
     assert finetuned.returncode == 0, finetuned.stderr
-    output = "s3://results/detection/shapes-finetune"
-    card = card_of(shapes.world, "shapes-finetune")
+    output, card = FINETUNED_OUTPUT, card_of(shapes.world, "shapes-finetune")
     evaluation = json.loads(shapes.world.get(f"{output}/evaluation.json"))
     assert evaluation["split"] == "test" and evaluation["epoch"] == card["epoch"]
     metrics = evaluation["metrics"]

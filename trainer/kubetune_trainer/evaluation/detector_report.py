@@ -97,11 +97,22 @@ def judge_detector(
     metrics = coco_figures(predictions, targets, class_names)
     metrics["scoreThreshold"] = threshold
     metrics["atThreshold"] = error_counts(predictions, targets, threshold)
-    headline = {"map": metrics["map"], "map50": metrics["map50"]}
+    errors = errors_png(evaluated, predictions, targets, class_names, threshold)
+    files = {DETECTIONS_FILE: detections_png(evaluated, predictions, class_names, threshold)}
+    return Judged(
+        metrics=metrics,
+        headline={"map": metrics["map"], "map50": metrics["map50"]},
+        sections=detector_sections(metrics, split, errors),
+        files=files,
+        card={"scoreThreshold": threshold},
+    )
+
+
+def detector_sections(metrics: dict[str, Any], split: str, errors: bytes) -> list[Section]:
+    """The report's parts about a detector: headline figures, per class, by size, PR curves, the errors."""
+    threshold, counts, sizes = metrics["scoreThreshold"], metrics["atThreshold"], metrics["bySize"]
     rows = [[c["class"], c["boxes"], number(c["ap"]), number(c["ap50"])] for c in metrics["perClass"]]
-    sizes = metrics["bySize"]
-    counts = metrics["atThreshold"]
-    sections = [
+    return [
         Section(
             f"Results on the {split} set",
             (
@@ -139,16 +150,5 @@ def judge_detector(
             "Precision-recall",
             (figure(pr_curves_png(metrics["perClass"], metrics["recallPoints"]), "precision-recall curves"),),
         ),
-        Section(
-            "Misses and false positives",
-            (
-                figure(
-                    errors_png(evaluated, predictions, targets, class_names, threshold), "misses and false positives"
-                ),
-            ),
-        ),
+        Section("Misses and false positives", (figure(errors, "misses and false positives"),)),
     ]
-    files = {DETECTIONS_FILE: detections_png(evaluated, predictions, class_names, threshold)}
-    return Judged(
-        metrics=metrics, headline=headline, sections=sections, files=files, card={"scoreThreshold": threshold}
-    )
