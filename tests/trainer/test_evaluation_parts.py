@@ -15,7 +15,7 @@ from torch import nn
 from kubetune_trainer.evaluation.classification import classification_metrics, worst_mistakes
 from kubetune_trainer.evaluation.figures import confusion_png, reliability_png
 from kubetune_trainer.evaluation.report import Section, cards, figure, paragraph, render, table
-from kubetune_trainer.formats import ONNX_FILE, TORCHSCRIPT_FILE, export_classifier
+from kubetune_trainer.formats import ONNX_FILE, TORCHSCRIPT_FILE, export_classifier, export_detector
 from kubetune_trainer.selection import best_epoch, checkpoint_config
 from tests.support.browser import keep_screenshot, open_page
 
@@ -140,6 +140,30 @@ def test_a_format_that_cannot_be_made_is_a_message_not_a_failed_run(tmp_path: Pa
     made = export_classifier(NoTrace().eval(), ["safetensors", "onnx"], [(torch.rand(3, 16, 16), 0)] * 4, tmp_path, 16)
     assert made["onnx"]["error"].startswith("could not export onnx: ")
     assert not (tmp_path / ONNX_FILE).exists(), "a copy that fails its check is not published"
+
+
+def test_a_detectors_onnx_copy_finds_the_boxes_the_model_finds(tmp_path: Path) -> None:
+    """SSD returns boxes, scores, labels (R-CNN boxes, labels, scores): the copy's outputs keep the names."""
+    import onnxruntime
+    import torchvision.models.detection as zoo
+
+    torch.manual_seed(0)
+    model = zoo.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3).eval()
+    model.transform.fixed_size = (64, 64)
+    with torch.no_grad():  # a head that tells boxes apart (a fresh one scores every box alike)
+        for parameter in model.head.parameters():
+            parameter.add_(torch.randn(parameter.shape) * 0.5)
+    dataset = [(torch.rand(3, 64, 64), {}) for _ in range(3)]
+    made = export_detector(model, ["safetensors", "onnx"], dataset, tmp_path, threshold=0.99)["onnx"]
+    assert made["outputs"] == ["boxes", "scores", "labels"] and made["check"]["sameDetections"] == 3, made
+    session = onnxruntime.InferenceSession(str(tmp_path / ONNX_FILE), providers=["CPUExecutionProvider"])
+    got = dict(zip(made["outputs"], session.run(made["outputs"], {"images": dataset[0][0].numpy()}), strict=True))
+    with torch.no_grad():
+        expected = model([dataset[0][0]])[0]
+    kept = expected["scores"].numpy() >= 0.99
+    assert kept.sum() > 0 and np.array_equal(
+        np.sort(got["labels"][got["scores"] >= 0.99]), np.sort(expected["labels"].numpy()[kept])
+    )
 
 
 def test_the_report_page_shows_its_pictures_and_no_injected_markup(tmp_path: Path) -> None:
