@@ -65,7 +65,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-# Ray's image runs as its `ray` user (uid 1000, gid 100), which owns the Python environment.
+# Ray's image runs as its `ray` user (uid 1000, gid 100), which owns the Python environment. Numeric,
+# so Kubernetes can check runAsNonRoot: the operator runs every Ray pod as exactly this user
+# (kubetune_operator/pod_security.py), with a read-only root filesystem and emptyDirs for /tmp, Ray's
+# session dir /tmp/ray and the node cache /tmp/kubetune-cache.
 USER 1000:100
 WORKDIR /home/ray
 # Packages new to the image are pinned here; the ones named without a version (pydantic, boto3,

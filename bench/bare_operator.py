@@ -34,6 +34,7 @@ def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
     config.load_kube_config()
     memo["core"] = client.CoreV1Api()
     memo["custom"] = client.CustomObjectsApi()
+    memo["networking"] = client.NetworkingV1Api()
     memo["accounts"] = set()
     memo["accounts_lock"] = threading.Lock()
     if SAME_WORK:
@@ -59,18 +60,26 @@ def create_rayjob(body: kopf.Body, name: str, namespace: str | None, memo: Any, 
 def same_work(body: kopf.Body, name: str, namespace: str, memo: Any) -> None:
     # kubetune's own modules only make the request bodies, so both sides send the same bytes.
     from kubetune_operator import lifecycle
-    from kubetune_operator.builders import build_children, build_service_account
+    from kubetune_operator.builders import (
+        build_children,
+        build_ray_token_secret,
+        build_service_account,
+        new_ray_token,
+    )
     from kubetune_operator.incoming import InvalidJob, receive
     from kubetune_operator.settings import OperatorSettings
 
     job = receive(dict(body))
     assert not isinstance(job.job, InvalidJob), job.job.message
     settings = OperatorSettings.from_env()
-    (rayjob,) = build_children(job.job, settings)
+    *guards, rayjob = build_children(job.job, settings)
     with memo["accounts_lock"]:  # sync handlers run in threads: one create per namespace
         if namespace not in memo["accounts"]:
             memo["core"].create_namespaced_service_account(namespace, build_service_account(namespace, settings))
             memo["accounts"].add(namespace)
+    memo["core"].create_namespaced_secret(namespace, build_ray_token_secret(job.job, new_ray_token()))
+    for guard in guards:  # the job's NetworkPolicy
+        memo["networking"].create_namespaced_network_policy(namespace, guard)
     response = memo["custom"].create_namespaced_custom_object(
         "ray.io", "v1", namespace, "rayjobs", rayjob, _preload_content=False
     )

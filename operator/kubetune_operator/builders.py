@@ -1,17 +1,32 @@
-"""FineTuneJob → what runs it: a KubeRay RayJob, and its namespace's shared trainer ServiceAccount (pure).
+"""FineTuneJob → what runs it: a KubeRay RayJob, its NetworkPolicy and Ray token Secret, and its
+namespace's shared trainer ServiceAccount (pure).
 
-The operator creates exactly what `build_children` returns (plus the shared ServiceAccount once per
-namespace), and `kubetune render` prints both (`manifests`), so the RayJob's shape lives here and nowhere
-else. Names are derived from the job's name, so a handler that runs twice finds what it created the first
-time.
+The operator creates exactly what `build_children` returns, after the job's Ray token Secret
+(`build_ray_token_secret`, with a token the operator draws at launch) and the namespace's shared
+ServiceAccount; `kubetune render` prints them all (`manifests`, the Secret without its token), so the
+RayJob's shape lives here and nowhere else. Names are derived from the job's name, so a handler that runs
+twice finds what it created the first time.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import secrets
 from typing import Any
 
+from kubetune_operator.pod_security import (
+    CACHE_DIR,
+    CACHE_DIR_ENV,
+    HEAD,
+    WORKER,
+    container_security_context,
+    ephemeral_storage_request,
+    pod_security_context,
+    scratch_mounts,
+    scratch_volumes,
+)
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
@@ -48,7 +63,27 @@ SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 SESSION_TOKEN = "AWS_SESSION_TOKEN"
 
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
+DASHBOARD_PORT = 8265
 WORKER_GROUP = "workers"
+
+# Ray token authentication (Ray >= 2.52, KubeRay >= 1.5): with RAY_AUTH_MODE=token every Ray service of
+# the cluster (GCS, raylets, the dashboard and its Jobs API, the client server) refuses a caller without
+# the token. KubeRay reads the token from the Secret `authOptions.secretName` names, key `auth_token`, to
+# submit the run; the pods get it as RAY_AUTH_TOKEN from the same key.
+RAY_TOKEN_SECRET_SUFFIX = "-ray-token"
+RAY_TOKEN_KEY = "auth_token"
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+RAY_AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+NETWORK_POLICY_SUFFIX = "-ray"
+# The label every namespace carries with its own name (Kubernetes >= 1.21).
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+# What `kubetune render` says instead of a token: it prints the Secret without one (applied as it is, the
+# pods do not start), as a token printed there would be known to whoever reads the output.
+RENDER_TOKEN_NOTE_ANNOTATION = "kubetune.dev/note"
+RENDER_TOKEN_NOTE = (
+    f"the operator generates {RAY_TOKEN_KEY} at launch; kubetune render leaves it out. To run without the "
+    f"operator, add one: kubectl create secret generic <name> --from-literal={RAY_TOKEN_KEY}=$(openssl rand -hex 32)"
+)
 
 
 def token_audience(namespace: str, name: str, uid: str | None) -> str:
@@ -126,6 +161,80 @@ def build_service_account(namespace: str, settings: OperatorSettings) -> dict[st
     }
 
 
+# -- the Ray cluster's token and network ------------------------------------------------------------------
+
+
+def ray_token_secret_name(job_name: str) -> str:
+    return job_name + RAY_TOKEN_SECRET_SUFFIX
+
+
+def build_ray_token_secret(job: FineTuneJob, token: str | None) -> dict[str, Any]:
+    """The Secret holding the job's Ray token, owned by the job (it goes when the job goes).
+
+    `token` is drawn by the operator at launch (`new_ray_token`) and nowhere else written down: not in the
+    RayJob, the status, Events or logs. None (`kubetune render`) leaves the data out and says so.
+    """
+    secret: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(job, ray_token_secret_name(job.metadata.name)),
+        "type": "Opaque",
+    }
+    if token is None:
+        secret["metadata"]["annotations"] = {RENDER_TOKEN_NOTE_ANNOTATION: RENDER_TOKEN_NOTE}
+    else:
+        secret["data"] = {RAY_TOKEN_KEY: base64.b64encode(token.encode()).decode()}
+    return secret
+
+
+def new_ray_token() -> str:
+    """A fresh Ray token: 256 random bits as hex, as Ray's own `ray get-auth-token --generate` makes."""
+    return secrets.token_hex(32)
+
+
+def ray_auth_options(job: FineTuneJob) -> dict[str, Any]:
+    """KubeRay's `rayClusterSpec.authOptions`: token auth with the job's Secret (KubeRay makes none)."""
+    return {"mode": "token", "secretName": ray_token_secret_name(job.metadata.name)}
+
+
+def ray_auth_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """Token auth in every Ray process of the pod, whatever KubeRay adds: the token only as a reference."""
+    ref = {"name": ray_token_secret_name(job.metadata.name), "key": RAY_TOKEN_KEY}
+    return [
+        literal_env(RAY_AUTH_MODE_ENV, "token"),
+        {"name": RAY_AUTH_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}},
+    ]
+
+
+def network_policy_name(job_name: str) -> str:
+    return job_name + NETWORK_POLICY_SUFFIX
+
+
+def build_network_policy(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Who may connect to the job's Ray pods: the job's own pods, on any port (the GCS, raylets, object
+    managers and workers listen on many), and KubeRay's operator on the dashboard port, which it submits
+    the run through. Nothing else; egress is left alone (S3, the progress endpoint, DNS).
+    """
+    own_pods = {"podSelector": {"matchLabels": job_labels(job)}}
+    kuberay: dict[str, Any] = {"podSelector": {"matchLabels": dict(settings.kuberay_pod_labels)}}
+    kuberay["namespaceSelector"] = (
+        {"matchLabels": {NAMESPACE_NAME_LABEL: settings.kuberay_namespace}} if settings.kuberay_namespace else {}
+    )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, network_policy_name(job.metadata.name)),
+        "spec": {
+            "podSelector": {"matchLabels": job_labels(job)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own_pods]},
+                {"from": [kuberay], "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]},
+            ],
+        },
+    }
+
+
 def trainer_config_json(job: FineTuneJob, settings: OperatorSettings) -> str:
     """The TrainerConfig the entrypoint reads from CONFIG_ENV."""
     return trainer_config(job, progress=progress_target(job, settings)).model_dump_json(by_alias=True)
@@ -139,14 +248,19 @@ def env_value(text: str) -> str:
     return text.replace("$", "$$")
 
 
+def literal_env(name: str, value: str) -> dict[str, Any]:
+    """An env var with a literal value, written so the kubelet's `$(VAR)` expansion leaves it as it is."""
+    return {"name": name, "value": env_value(value)}
+
+
 def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     storage = job.spec.storage
     env: list[dict[str, Any]] = [
-        {"name": "AWS_REGION", "value": storage.region},
-        {"name": "AWS_DEFAULT_REGION", "value": storage.region},
+        literal_env("AWS_REGION", storage.region),
+        literal_env("AWS_DEFAULT_REGION", storage.region),
     ]
     if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+        env.append(literal_env("AWS_ENDPOINT_URL", storage.endpoint))
     if storage.credentials_secret:
         # Credentials only ever as references: the RayJob, and anything that prints it, holds no secret.
         for key, optional in ((ACCESS_KEY_ID, False), (SECRET_ACCESS_KEY, False), (SESSION_TOKEN, True)):
@@ -154,18 +268,20 @@ def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     target = progress_target(job, settings)
     if target:
-        env.append({"name": PROGRESS_URL_ENV, "value": target.url})
-    env += [{"name": name, "value": value} for name, value in RAY_TRAIN_ENV.items()]
-    return env
+        env.append(literal_env(PROGRESS_URL_ENV, target.url))
+    env += [literal_env(name, value) for name, value in RAY_TRAIN_ENV.items()]
+    return env + ray_auth_env(job)
 
 
-def _volumes(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+def _volumes(job: FineTuneJob, settings: OperatorSettings, component: str) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
         # Memory-backed /dev/shm: Ray's object store and PyTorch's DataLoader workers share tensors
         # through it, and the container runtime's default of 64Mi is far too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        *scratch_volumes(job, component),
     ]
-    if settings.progress_base_url:
+    # The progress token on the head only: its driver alone sends progress.
+    if settings.progress_base_url and component == HEAD:
         meta = job.metadata
         token = {
             "audience": token_audience(meta.namespace or "default", meta.name, meta.uid),
@@ -176,11 +292,12 @@ def _volumes(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any
     return volumes
 
 
-def _mounts(settings: OperatorSettings) -> list[dict[str, Any]]:
+def _mounts(settings: OperatorSettings, component: str) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"name": "dshm", "mountPath": "/dev/shm"},
+        *scratch_mounts(component),
     ]
-    if settings.progress_base_url:
+    if settings.progress_base_url and component == HEAD:
         mounts.append({"name": "kubetune-token", "mountPath": TOKEN_DIR, "readOnly": True})
     return mounts
 
@@ -196,8 +313,9 @@ def _pod_template(
     spec: dict[str, Any] = {
         "serviceAccountName": settings.trainer_service_account,
         "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": _volumes(job, settings),
+        "volumes": _volumes(job, settings, component),
         **scheduling,
     }
     if job.spec.resources.priority_class_name:
@@ -205,28 +323,33 @@ def _pod_template(
     return {"metadata": {"labels": {**job_labels(job), COMPONENT_LABEL: component}}, "spec": spec}
 
 
-def _container(job: FineTuneJob, settings: OperatorSettings, name: str, resources: dict[str, Any]) -> dict[str, Any]:
+def _container(
+    job: FineTuneJob, settings: OperatorSettings, component: str, resources: dict[str, Any]
+) -> dict[str, Any]:
+    """The Ray container of a `component` (HEAD or WORKER) pod, named after it."""
+    resources["requests"]["ephemeral-storage"] = ephemeral_storage_request(job, component)
     return {
-        "name": name,
+        "name": component,
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.trainer_image_pull_policy,
         "env": _env(job, settings),
-        "volumeMounts": _mounts(settings),
+        "volumeMounts": _mounts(settings, component),
         "resources": resources,
+        "securityContext": container_security_context(),
     }
 
 
 def _head_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     compute = {"cpu": settings.head_cpu, "memory": settings.head_memory}
-    container = _container(job, settings, "ray-head", {"requests": dict(compute), "limits": dict(compute)})
+    container = _container(job, settings, HEAD, {"requests": dict(compute), "limits": dict(compute)})
     # Only the head: the driver runs there; workers take the config from it through Ray Train.
-    container["env"].append({"name": CONFIG_ENV, "value": env_value(trainer_config_json(job, settings))})
+    container["env"].append(literal_env(CONFIG_ENV, trainer_config_json(job, settings)))
     container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS]
     return {
         # num-cpus 0: Ray schedules no training worker here, only the driver and Ray Train's
         # controller (which asks for no CPU), so the head needs no GPU node.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-        "template": _pod_template(job, settings, component="ray-head", container=container, scheduling={}),
+        "template": _pod_template(job, settings, component=HEAD, container=container, scheduling={}),
     }
 
 
@@ -235,7 +358,8 @@ def _worker_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any
     compute: dict[str, str] = {"cpu": str(res.cpus_per_worker), "memory": res.memory_per_worker}
     if res.gpus_per_worker > 0:
         compute["nvidia.com/gpu"] = str(res.gpus_per_worker)
-    container = _container(job, settings, "ray-worker", {"requests": dict(compute), "limits": dict(compute)})
+    container = _container(job, settings, WORKER, {"requests": dict(compute), "limits": dict(compute)})
+    container["env"].append(literal_env(CACHE_DIR_ENV, CACHE_DIR))
     scheduling: dict[str, Any] = {}
     if res.node_selector:
         scheduling["nodeSelector"] = dict(res.node_selector)
@@ -250,7 +374,7 @@ def _worker_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any
         # KubeRay reads the GPU count from the container's limits; the CPU count is said explicitly so
         # Ray's view matches the pod's request even where the node has more cores.
         "rayStartParams": {"num-cpus": str(res.cpus_per_worker)},
-        "template": _pod_template(job, settings, component="ray-worker", container=container, scheduling=scheduling),
+        "template": _pod_template(job, settings, component=WORKER, container=container, scheduling=scheduling),
     }
 
 
@@ -271,6 +395,7 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
         "suspend": policy.suspend,
         "rayClusterSpec": {
             "rayVersion": settings.ray_version,
+            "authOptions": ray_auth_options(job),
             "enableInTreeAutoscaling": False,
             "headGroupSpec": _head_group(job, settings),
             "workerGroupSpecs": [_worker_group(job, settings)],
@@ -282,14 +407,21 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
 
 
 def build_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Everything the operator creates for `job` alone (its pods also need the namespace's shared
-    ServiceAccount, `build_service_account`, which must exist first)."""
-    return [build_rayjob(job, settings)]
+    """Everything the operator creates for `job` alone, in the order it creates them, the RayJob last.
+
+    Before them come the namespace's shared ServiceAccount (`build_service_account`) and the job's Ray
+    token Secret (`build_ray_token_secret`, whose token the operator draws at launch): the RayJob's pods
+    need both.
+    """
+    network_policy = [build_network_policy(job, settings)] if settings.network_policy else []
+    return [*network_policy, build_rayjob(job, settings)]
 
 
 def manifests(jobs: list[FineTuneJob], settings: OperatorSettings) -> list[dict[str, Any]]:
-    """All a user applies to run `jobs` without the operator: each namespace's shared ServiceAccount
-    (once, first), then each job's children."""
+    """All a user applies to run `jobs`: each namespace's shared ServiceAccount (once, first), then each
+    job's Ray token Secret, without its token (`RENDER_TOKEN_NOTE`), and its children."""
     namespaces = dict.fromkeys(job.metadata.namespace or "default" for job in jobs)
     accounts = [build_service_account(namespace, settings) for namespace in namespaces]
-    return accounts + [child for job in jobs for child in build_children(job, settings)]
+    return accounts + [
+        child for job in jobs for child in [build_ray_token_secret(job, None), *build_children(job, settings)]
+    ]

@@ -2,7 +2,8 @@
 
 One small async client over the official `kubernetes` library (its blocking calls run in threads), so
 the RBAC the operator needs is read off this file: FineTuneJobs get/delete, their status patch; RayJobs
-get/create/patch; ServiceAccounts get/create; Secrets get; API discovery of ray.io/v1.
+get/create/patch; ServiceAccounts get/create; Secrets get (preflight) and get/create (each job's Ray
+token); NetworkPolicies get/create; API discovery of ray.io/v1.
 Events go through kopf (`kopf.event`), which creates core/v1 Events. `login` gives kopf the same
 credentials the client uses.
 """
@@ -137,6 +138,7 @@ class Kube:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self._kuberay_seen_at: float | None = None
         # Threads of its own: slow S3 checks or other blocking work never queue the API calls.
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kubetune-kube")
@@ -267,11 +269,21 @@ class Kube:
 
     def _accessors(self, kind: tuple[str, str]) -> tuple[Callable[..., Any], Callable[..., Any]]:
         """(read(namespace, name), create(namespace, body)) for a kind the operator creates."""
-        core, custom = self.core, self.custom
+        core, custom, networking = self.core, self.custom, self.networking
         if kind == ("v1", "ServiceAccount"):
             return (
                 lambda ns, name, **kw: core.read_namespaced_service_account(name, ns, **kw),
                 core.create_namespaced_service_account,
+            )
+        if kind == ("v1", "Secret"):  # the job's Ray token: created once, read back only on a conflict
+            return (
+                lambda ns, name, **kw: core.read_namespaced_secret(name, ns, **kw),
+                core.create_namespaced_secret,
+            )
+        if kind == ("networking.k8s.io/v1", "NetworkPolicy"):
+            return (
+                lambda ns, name, **kw: networking.read_namespaced_network_policy(name, ns, **kw),
+                networking.create_namespaced_network_policy,
             )
         if kind == (RAYJOB_API_VERSION, RAYJOB_KIND):
             return (

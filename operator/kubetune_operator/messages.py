@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from kubetune_operator.spec import (
+    DISK_SIZE_PATTERN,
     DNS_LABEL,
     IMAGE_PATTERN,
     LABEL_VALUE,
@@ -51,16 +52,19 @@ _LETTERS_DIGITS_DASH = "lowercase letters, digits and '-'"
 PATTERNS_IN_WORDS: dict[str, str] = {
     S3_PREFIX_PATTERN: (
         "must be an s3:// prefix like s3://<bucket>/<path>/: a bucket name of 3-63 lowercase letters, digits, "
-        "'.' or '-', and a path without spaces or empty segments"
+        "'.' or '-', and a path without spaces and without empty, '.' or '..' segments"
     ),
-    S3_OBJECT_PATTERN: "must be an s3:// URI of an object like s3://<bucket>/<key>, without spaces or empty segments",
+    S3_OBJECT_PATTERN: (
+        "must be an s3:// URI of an object like s3://<bucket>/<key>, without spaces and without empty, '.' or '..' "
+        "segments"
+    ),
     CHECKPOINT_PATTERN: (
         "must be an s3:// URI of a .safetensors/.pt/.pth/.bin object like s3://<bucket>/<path>/model.safetensors "
-        "(lowercase bucket name, no spaces)"
+        "(lowercase bucket, no spaces, no empty, . or .. segments)"
     ),
     ANNOTATIONS_PATTERN: (
-        "must be an s3:// URI of a COCO .json file like s3://<bucket>/<path>/train.json (lowercase bucket name, "
-        "no spaces)"
+        "must be an s3:// URI of a COCO .json file like s3://<bucket>/<path>/train.json (lowercase bucket, no "
+        "spaces, no empty, . or .. segments)"
     ),
     ARCHITECTURE_PATTERN: "must be a timm model name: lowercase letters, digits, '_', '.' and '-', e.g. resnet50",
     ENDPOINT_PATTERN: "must be an http:// or https:// URL like https://minio.example.com:9000",
@@ -83,6 +87,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     ),
     LABEL_VALUE: "must be a label value: up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
     QUANTITY_PATTERN: "must be a Kubernetes quantity: a number with an optional unit, e.g. 512Mi, 16Gi or 2G",
+    DISK_SIZE_PATTERN: "must be a whole number of Mi, Gi or Ti above zero, e.g. 500Mi, 20Gi or 2Ti",
     IMAGE_PATTERN: "must be a container image reference without spaces",
     REASON_PATTERN: "must be a CamelCase word",
 }

@@ -17,7 +17,14 @@ from typing import Any, NoReturn
 import kopf
 
 from kubetune_operator import lifecycle, s3
-from kubetune_operator.builders import SPEC_DIGEST_ANNOTATION, build_children, build_service_account, spec_digest
+from kubetune_operator.builders import (
+    SPEC_DIGEST_ANNOTATION,
+    build_children,
+    build_ray_token_secret,
+    build_service_account,
+    new_ray_token,
+    spec_digest,
+)
 from kubetune_operator.incoming import InvalidJob, JobMeta, JobRecord
 from kubetune_operator.kube import KubeRayMissingError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
@@ -96,7 +103,12 @@ async def _ensure_children(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, lik
     RayJob's pods never start without it.
     """
     await rt.accounts.ensure(rt.kube, build_service_account(meta.namespace or "default", rt.settings))
-    (rayjob,) = build_children(spec, rt.settings)
+    # The Ray token first (a fresh one, kept only if no Secret is there yet), then the NetworkPolicy:
+    # the RayJob's pods and KubeRay's submission need the one, and should never run without the other.
+    await _ensure_owned(rt, meta, build_ray_token_secret(spec, new_ray_token()), likely_new=likely_new)
+    *guards, rayjob = build_children(spec, rt.settings)
+    for guard in guards:
+        await _ensure_owned(rt, meta, guard, likely_new=likely_new)
     try:
         obj, created = await rt.kube.ensure(rayjob, likely_new=likely_new)
     except KubeRayMissingError:  # removed between the check and now
@@ -110,14 +122,36 @@ async def _ensure_children(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, lik
     return obj
 
 
+async def _ensure_owned(rt: Runtime, meta: JobMeta, obj: dict[str, Any], *, likely_new: bool) -> None:
+    """Get-or-create one of the job's own objects (never logged: a Secret's data comes back too); one
+    that is there and not the job's (an earlier job of this name, still being deleted; one made by hand)
+    keeps the job Pending until it is gone."""
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    found, created = await rt.kube.ensure(obj, likely_new=likely_new)
+    if created:
+        logger.info("%s: created %s %s", meta.source, kind, name)
+        return
+    if meta.uid and lifecycle.owner_uid(found) != meta.uid:
+        message = (
+            f"{kind} {name} exists and is not this job's (an earlier job of this name that is still being "
+            "deleted, or one made by hand): the job launches once it is gone"
+        )
+        logger.warning("%s: cannot launch yet: %s", meta.source, message)
+        delay = rt.settings.preflight_backoff_seconds
+        await _wait(rt, meta, Reason.PREVIOUS_CHILD_STILL_EXISTS, message, delay=delay)
+
+
 async def _wait_for_kuberay(rt: Runtime, meta: JobMeta) -> NoReturn:
     logger.error("%s: cannot launch: %s", meta.source, KUBERAY_MISSING)
+    await _wait(rt, meta, Reason.KUBERAY_NOT_INSTALLED, KUBERAY_MISSING, delay=rt.settings.kuberay_retry_seconds)
+
+
+async def _wait(rt: Runtime, meta: JobMeta, reason: Reason, message: str, *, delay: float) -> NoReturn:
+    """The job stays Pending saying why, and the launch is tried again in `delay` seconds."""
     await rt.status.update(
-        meta.namespace,
-        meta.name,
-        lambda cur: lifecycle.waiting(cur, Reason.KUBERAY_NOT_INSTALLED, KUBERAY_MISSING, now=rt.clock()),
+        meta.namespace, meta.name, lambda cur: lifecycle.waiting(cur, reason, message, now=rt.clock())
     )
-    raise kopf.TemporaryError(KUBERAY_MISSING, delay=rt.settings.kuberay_retry_seconds)
+    raise kopf.TemporaryError(message, delay=delay)
 
 
 async def _preflight_passes(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: int) -> bool:

@@ -67,6 +67,14 @@ class OperatorSettings:
     # steps come first, so this is well over a minute.
     progress_grace_seconds: float = 90.0
     log_level: str = "INFO"
+    # A NetworkPolicy per job (builders.build_network_policy): Ray's ports admit the job's own pods, and
+    # the dashboard port KubeRay's operator as well (it submits the run and polls it over HTTP). False
+    # leaves the pods' network to the cluster's own policies.
+    network_policy: bool = True
+    # Where KubeRay's operator pods run (None: any namespace) and labels they all carry (KubeRay's Helm
+    # chart labels them app.kubernetes.io/name: kuberay-operator).
+    kuberay_namespace: str | None = None
+    kuberay_pod_labels: tuple[tuple[str, str], ...] = (("app.kubernetes.io/name", "kuberay-operator"),)
 
     def progress_url(self, namespace: str, name: str) -> str | None:
         """Where the trainer pods of job `namespace/name` push progress, if anywhere."""
@@ -87,6 +95,12 @@ class OperatorSettings:
                 overrides[name] = _number(variable, env[variable])
         if env.get("KUBETUNE_NAMESPACES"):
             overrides["namespaces"] = parse_namespaces(env["KUBETUNE_NAMESPACES"])
+        if env.get("KUBETUNE_NETWORK_POLICY"):
+            overrides["network_policy"] = parse_bool("KUBETUNE_NETWORK_POLICY", env["KUBETUNE_NETWORK_POLICY"])
+        if env.get("KUBETUNE_KUBERAY_POD_LABELS"):
+            overrides["kuberay_pod_labels"] = parse_labels(
+                "KUBETUNE_KUBERAY_POD_LABELS", env["KUBETUNE_KUBERAY_POD_LABELS"]
+            )
         return cls(**overrides)  # type: ignore[arg-type]
 
 
@@ -99,6 +113,7 @@ _STRING_VARIABLES = {
     "head_cpu": "KUBETUNE_HEAD_CPU",
     "head_memory": "KUBETUNE_HEAD_MEMORY",
     "log_level": "KUBETUNE_LOG_LEVEL",
+    "kuberay_namespace": "KUBETUNE_KUBERAY_NAMESPACE",
 }
 _NUMBER_VARIABLES = {
     "token_expiration_seconds": "KUBETUNE_TOKEN_EXPIRATION_SECONDS",
@@ -132,3 +147,27 @@ def parse_namespaces(text: str) -> tuple[str, ...]:
         if item:
             seen[item] = None
     return tuple(seen)
+
+
+_TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
+
+
+def parse_bool(variable: str, text: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no, on/off, in any case); anything else is an error naming `variable`."""
+    word = text.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"{variable}: must be true or false (got {text!r})")
+
+
+def parse_labels(variable: str, text: str) -> tuple[tuple[str, str], ...]:
+    """`"a=b, c=d"` → `(("a", "b"), ("c", "d"))`: pod labels as a NetworkPolicy selects them."""
+    labels: dict[str, str] = {}
+    for item in re.split(r"[,\s]+", text):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{variable}: must be key=value pairs separated by commas (got {text!r})")
+        labels[key] = value
+    return tuple(labels.items())

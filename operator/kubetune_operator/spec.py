@@ -53,6 +53,8 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+# Disk sizes: a whole, non-zero number of Mi, Gi or Ti (what the builders add up, exactly).
+DISK_SIZE_PATTERN = r"^[1-9][0-9]{0,5}(Mi|Gi|Ti)$"
 IMAGE_PATTERN = r"^\S+$"
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MAX_GPUS_PER_WORKER = 16
@@ -151,6 +153,15 @@ class ResourcesSpec(SpecSection):
     )
     priority_class_name: str | None = Field(
         default=None, pattern=DNS_SUBDOMAIN, max_length=253, description="PriorityClass of all Ray pods."
+    )
+    cache_size: str = Field(
+        default="20Gi",
+        pattern=DISK_SIZE_PATTERN,
+        description=(
+            "Disk for each worker pod's node cache (the dataset's images and the base weights, downloaded once "
+            "per node): the size limit of its emptyDir. Each worker pod requests this much ephemeral storage "
+            "and 4Gi more for /tmp and Ray's session dir."
+        ),
     )
 
 

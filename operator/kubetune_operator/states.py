@@ -50,6 +50,8 @@ class Reason(StrEnum):
     DATASET_NOT_FOUND = "DatasetNotFound"
     ACCESS_DENIED = "AccessDenied"
     STORAGE_ERROR = "StorageError"
+    # A Secret or NetworkPolicy of the job's name that another owner holds (a deleted namesake's, still going).
+    PREVIOUS_CHILD_STILL_EXISTS = "PreviousChildStillExists"
     # Following the RayJob (lifecycle.observe_rayjob).
     RAYJOB_CREATED = "RayJobCreated"
     CLUSTER_STARTING = "ClusterStarting"

@@ -71,6 +71,7 @@ def test_no_wildcards_and_secrets_are_only_read_by_name(rendered: dict[str, Rend
                     assert "*" not in rule[key], f"{value_set}: wildcard in {rule}"
                 assert not rule.get("nonResourceURLs"), f"{value_set}: {rule}"
                 if "secrets" in rule["resources"]:
-                    # Preflight reads the one Secret a job names; list/watch would expose them all.
-                    assert rule["verbs"] == ["get"], f"{value_set}: {rule}"
+                    # Preflight reads the one Secret a job names, and each job's Ray token Secret is
+                    # created (and read back when there); list/watch would expose them all.
+                    assert rule["verbs"] == ["get", "create"], f"{value_set}: {rule}"
                     assert rule["resources"] == ["secrets"]

@@ -19,6 +19,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from kubetune_operator import pod_security
 from tests.support import operator_api
 from tests.support.chart_support import CHART_DIR
 from tests.support.paths import REPO
@@ -85,6 +86,9 @@ def test_operator_and_trainer_targets_run_as_numeric_non_root_users() -> None:
         assert uid.isdigit() and int(uid) > 0 and gid.isdigit(), f"{name}: USER {user}"
     # The chart runs the operator as the image's own user, so files it may read line up.
     assert stages["operator"].all("USER")[-1] == "{0}:{0}".format(values["operator"]["podSecurityContext"]["runAsUser"])
+    # The operator runs every Ray pod as the trainer image's own user (runAsNonRoot needs a numeric one),
+    # which owns the image's Python environment.
+    assert stages["trainer"].all("USER")[-1] == f"{pod_security.TRAINER_UID}:{pod_security.TRAINER_GID}"
 
 
 def test_operator_image_is_slim_python_without_torch_or_ray() -> None:

@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kubetune_dev.devcluster.cluster import DevCluster
 from tests.support.paths import REPO
-
-DEMO_MANIFEST = REPO / "examples" / "demo-finetunejob.yaml"
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -72,10 +69,6 @@ def api_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster
 @pytest.fixture()
 def kubectl(kubectl_bin: str, api_cluster: DevCluster) -> Kubectl:
     return Kubectl(kubectl_bin, api_cluster.kubeconfig_path)
-
-
-def demo_manifest() -> dict[str, Any]:
-    return dict(yaml.safe_load(DEMO_MANIFEST.read_text()))
 
 
 @pytest.fixture(scope="session")

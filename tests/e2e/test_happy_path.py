@@ -93,11 +93,25 @@ def test_kubetune_demo_runs_the_job_end_to_end(tmp_path: Path, kubectl_bin: str)
         checked["reported"] = reported
         checked["evaluated"] = evaluate_exported_model(cluster, spec["output"]["path"], spec["data"]["validation"])
 
+        # The run's Ray cluster ran with token auth (the stand-in's head and the driver with the Secret's
+        # token), behind the job's NetworkPolicy.
+        rayjob = cluster.get("ray.io", "v1", "rayjobs", namespace, name) or {}
+        assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": f"{name}-ray-token"}
+        guards = [
+            ("", "v1", "secrets", f"{name}-ray-token"),
+            ("networking.k8s.io", "v1", "networkpolicies", f"{name}-ray"),
+        ]
+        for group, version, plural, guard in guards:
+            obj = cluster.get(group, version, plural, namespace, guard)
+            assert obj and obj["metadata"]["ownerReferences"][0]["uid"] == meta["uid"], (plural, obj)
+
         # Deleting the job leaves none of its own objects behind; the namespace's trainer ServiceAccount,
         # shared by its jobs, stays (and is the only trainer ServiceAccount there).
         cluster.delete(*FTJ, namespace, name)
         cluster.wait_for(*FTJ, namespace, name, lambda o: o is None, timeout=60)
         cluster.wait_for("ray.io", "v1", "rayjobs", namespace, name, lambda o: o is None, timeout=30)
+        for group, version, plural, guard in guards:
+            cluster.wait_for(group, version, plural, namespace, guard, lambda o: o is None, timeout=30)
         accounts = [sa["metadata"] for sa in cluster.list("", "v1", "serviceaccounts", namespace)]
         trainers = [meta["name"] for meta in accounts if "trainer" in meta["name"]]
         assert trainers == ["kubetune-trainer"], accounts

@@ -8,10 +8,9 @@ from typing import Any
 import yaml
 
 from kubetune_dev.devcluster.cluster import DevCluster
-from tests.support.paths import REPO
+from tests.support.paths import DEMO_MANIFEST
 
 FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
-DEMO_MANIFEST = REPO / "examples" / "demo-finetunejob.yaml"
 Kubectl = Any  # the `kubectl` fixture (conftest.Kubectl)
 
 

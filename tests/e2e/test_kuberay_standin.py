@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +16,7 @@ from typing import Any
 import pytest
 
 from kubetune_dev.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.processes import venv_path_env
 
 RAYJOB = ("ray.io", "v1", "rayjobs")
 RAYCLUSTER = ("ray.io", "v1", "rayclusters")
@@ -280,3 +285,74 @@ def test_the_entrypoint_runs_on_a_ray_cluster_of_the_specs_size(tmp_path: Path) 
         # shutdownAfterJobFinishes: the cluster's processes are gone with its RayCluster object.
         ray_cluster.wait_for(*RAYCLUSTER, NS, running["rayClusterName"], lambda o: o is None, timeout=30)
         assert head is not None and head.pid is not None and not alive(head.pid)
+
+
+# -- token authentication (authOptions), as KubeRay v1.7 does it --------------------------------------------
+
+
+def test_token_auth_gives_every_process_the_secrets_token(cluster: DevCluster) -> None:
+    check = (
+        "import os; "
+        "assert os.environ['RAY_AUTH_MODE'] == 'token', os.environ.get('RAY_AUTH_MODE'); "
+        "print('token', os.environ['RAY_AUTH_TOKEN'])"
+    )
+    job = rayjob("authed", python(check))
+    job["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token", "secretName": "authed-token"}
+    cluster.create(job)
+    # KubeRay cannot submit without the Secret: the job waits for it.
+    wait_status(cluster, "authed", "Initializing")
+    with pytest.raises(TimeoutError):
+        wait_status(cluster, "authed", ("Running", *TERMINAL), timeout=4)
+    cluster.create_secret("authed-token", {"auth_token": "s3cr3t-ray-token"})
+    status = wait_status(cluster, "authed", TERMINAL, timeout=30)
+    assert status["jobDeploymentStatus"] == "Complete", cluster.driver_log(NS, "authed")
+    assert "token s3cr3t-ray-token" in cluster.driver_log(NS, "authed")
+
+
+def test_token_auth_without_a_secret_name_gets_a_secret_of_its_own(cluster: DevCluster) -> None:
+    job = rayjob("self-made", python("import os; print('mode', os.environ['RAY_AUTH_MODE'])"))
+    job["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token"}
+    cluster.create(job)
+    status = wait_status(cluster, "self-made", TERMINAL, timeout=30)
+    assert status["jobDeploymentStatus"] == "Complete", cluster.driver_log(NS, "self-made")
+    assert "mode token" in cluster.driver_log(NS, "self-made")
+    secret = cluster.get("", "v1", "secrets", NS, status["rayClusterName"])
+    assert secret is not None and len(base64.b64decode(secret["data"]["auth_token"])) >= 32
+
+
+def ray_client(address: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A Ray client outside the cluster: connects to `address` and runs one task."""
+    code = f"import ray; ray.init(address={address!r}); print('in', ray.get(ray.remote(lambda: 1).remote()))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_ray_cluster_with_token_auth_refuses_a_client_without_the_token(tmp_path: Path) -> None:
+    token = secrets.token_hex(32)
+    job = rayjob(
+        "guarded",
+        python(
+            "import ray, time; ray.init(); print('ray ok', ray.get(ray.remote(lambda: 6 * 7).remote()), flush=True); time.sleep(300)"
+        ),
+    )
+    job["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token", "secretName": "guarded-ray-token"}
+    with DevCluster(workdir=tmp_path, s3=False) as ray_cluster:
+        ray_cluster.create_secret("guarded-ray-token", {"auth_token": token})
+        ray_cluster.create(job)
+        wait_status(ray_cluster, "guarded", "Running", timeout=120)
+        deadline = time.monotonic() + 120
+        while "ray ok 42" not in ray_cluster.driver_log(NS, "guarded"):
+            assert time.monotonic() < deadline, ray_cluster.driver_log(NS, "guarded")
+            time.sleep(0.5)
+        ctl = ray_cluster.kuberay.controller(NS, "guarded") if ray_cluster.kuberay else None
+        assert ctl and ctl.run and ctl.run.head
+        outside = {k: v for k, v in venv_path_env(os.environ).items() if not k.startswith("RAY_AUTH")}
+        outside["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of this machine's to fall back on
+        refused = ray_client(ctl.run.head.address, {**outside, "RAY_AUTH_MODE": "disabled"})
+        assert refused.returncode != 0 and "in 1" not in refused.stdout
+        wrong = ray_client(ctl.run.head.address, {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})
+        assert wrong.returncode != 0 and "in 1" not in wrong.stdout
+        admitted = ray_client(ctl.run.head.address, {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        assert admitted.returncode == 0 and "in 1" in admitted.stdout, admitted.stderr[-2000:]
+        ray_cluster.delete(*RAYJOB, NS, "guarded")
+        ray_cluster.wait_for(*RAYJOB, NS, "guarded", lambda o: o is None, timeout=60)

@@ -9,12 +9,13 @@ import sys
 import threading
 
 import pytest
-from conftest import demo_manifest
+import yaml
 
 from kubetune_dev.devcluster.cluster import DevCluster
 from kubetune_dev.devcluster.processes import free_port
 from kubetune_operator import main
 from kubetune_operator.settings import OperatorSettings
+from tests.support.paths import DEMO_MANIFEST
 
 
 def test_the_embedded_operator_logs_in_with_the_kubeconfig_set_after_import(
@@ -29,7 +30,7 @@ def test_the_embedded_operator_logs_in_with_the_kubeconfig_set_after_import(
     stop = threading.Event()
     thread = threading.Thread(target=lambda: asyncio.run(main.serve(settings, stop_flag=stop)), daemon=True)
     thread.start()
-    manifest = demo_manifest()
+    manifest = dict(yaml.safe_load(DEMO_MANIFEST.read_text()))
     manifest["metadata"]["name"] = "login-check"
     try:
         api_cluster.create(manifest)

@@ -30,11 +30,16 @@ OPERATOR_PERMISSIONS = {
     ("get", "", "serviceaccounts", None),
     ("create", "", "serviceaccounts", None),
     ("get", "", "secrets", None),  # preflight reads spec.storage.credentialsSecret
+    ("create", "", "secrets", None),  # each job's Ray token
+    ("get", "networking.k8s.io", "networkpolicies", None),  # a launched job's, when a restarted operator resumes it
+    ("create", "networking.k8s.io", "networkpolicies", None),  # each job's NetworkPolicy
     ("create", "", "events", None),
 }
 # Status writes start from the job as the watch delivered it; the job is read from the server only by
 # the progress endpoint and for a RayJob event that comes before its job's first watch event (restart).
 READ_WHEN_NOT_WATCHED_YET = {("get", "kubetune.dev", "finetunejobs", None)}
+# A new job's children are created without a read first; a resumed job's are read (test_launch.py).
+READ_WHEN_RESUMED = {("get", "networking.k8s.io", "networkpolicies", None)}
 
 
 @pytest.mark.asyncio
@@ -65,15 +70,15 @@ async def test_a_jobs_whole_life_needs_exactly_the_documented_permissions(op: Op
     await op.wait_for_event("default", "x", "InvalidSpec")
 
     used = {(r.verb, r.group, r.resource, r.subresource) for r in op.operator_requests()}
-    assert used == OPERATOR_PERMISSIONS - READ_WHEN_NOT_WATCHED_YET
+    assert used == OPERATOR_PERMISSIONS - READ_WHEN_NOT_WATCHED_YET - READ_WHEN_RESUMED
 
 
 @pytest.mark.asyncio
 async def test_a_new_job_costs_one_request_per_child_one_status_write_and_one_event(op: OperatorHarness) -> None:
-    # What a burst of new jobs asks of the API server, per job: no reads, one write of each kind. Three:
-    # the RayJob (which carries the trainer config; its pods run as the namespace's shared
-    # ServiceAccount, made sure of once for all jobs there), one status write that also carries kopf's
-    # diff base, and one Event.
+    # What a burst of new jobs asks of the API server, per job: no reads, one write of each kind. Five:
+    # the Ray token Secret, the NetworkPolicy, the RayJob (which carries the trainer config; its pods run
+    # as the namespace's shared ServiceAccount, made sure of once for all jobs there), one status write
+    # that also carries kopf's diff base, and one Event.
     await op.create_job(finetunejob("first"))  # the namespace's first job: it pays for the ServiceAccount
     await op.wait_for_event("default", "first", "RayJobCreated")
     op.mark()
@@ -91,7 +96,9 @@ async def test_a_new_job_costs_one_request_per_child_one_status_write_and_one_ev
     )
     assert calls == [
         ("create", "events", ""),
+        ("create", "networkpolicies", ""),
         ("create", "rayjobs", ""),
+        ("create", "secrets", ""),
         ("patch", "finetunejobs", "status"),  # the launch's status, carrying kopf's diff base
     ]
     assert op.phase("default", "irsa") == "Launching"

@@ -8,13 +8,15 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.builders import build_children, build_service_account
+from kubetune_operator.builders import build_children, build_rayjob, build_service_account
 from kubetune_operator.spec import FineTuneJob
 from kubetune_trainer.config import TrainerConfig
 from tests.support.operator_harness import (
     CONFIGMAPS,
     FAST_SETTINGS,
+    NETWORKPOLICIES,
     RAYJOBS,
+    SECRETS,
     SERVICEACCOUNTS,
     OperatorHarness,
     finetunejob,
@@ -56,6 +58,9 @@ async def test_a_valid_job_gets_exactly_the_objects_the_builders_describe(
     assert rayjob["metadata"]["ownerReferences"] == expected["RayJob"]["metadata"]["ownerReferences"]
     assert rayjob["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
     assert rayjob["spec"] == expected["RayJob"]["spec"]
+    policy = op.get(NETWORKPOLICIES, "default", "flowers-ray")
+    assert policy and policy["spec"] == expected["NetworkPolicy"]["spec"]
+    assert policy["metadata"]["ownerReferences"] == rayjob["metadata"]["ownerReferences"]
     # The pods' ServiceAccount is the namespace's, shared by its jobs: no job owns it.
     shared = build_service_account("default", FAST_SETTINGS)
     assert "ownerReferences" not in sa["metadata"]
@@ -102,6 +107,8 @@ async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> 
         async with running_operator(api=api) as first:
             await launch(first, s3)
             rayjob_before = first.rayjob("default", "flowers")
+            token_before = first.get(SECRETS, "default", "flowers-ray-token")
+            assert token_before is not None
         # A restarted operator resumes every job: the same handler runs again for this one.
         async with running_operator(api=api) as second:
             await second.wait_for(
@@ -115,7 +122,9 @@ async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> 
             assert len(second.list_objects(SERVICEACCOUNTS, "default")) == 1
             assert second.rayjob("default", "flowers") == rayjob_before
             reads = {r.resource for r in second.operator_requests() if r.verb == "get"}
-            assert {"rayjobs", "serviceaccounts"} <= reads
+            assert {"rayjobs", "serviceaccounts", "secrets", "networkpolicies"} <= reads
+            # The Ray cluster's token stays the one its pods and KubeRay were given.
+            assert second.get(SECRETS, "default", "flowers-ray-token") == token_before
 
 
 async def test_a_service_account_already_there_is_kept_as_it_is(op: OperatorHarness) -> None:
@@ -139,7 +148,7 @@ async def test_a_service_account_already_there_is_kept_as_it_is(op: OperatorHarn
 async def test_a_rayjob_already_there_is_adopted_as_it_is(op: OperatorHarness) -> None:
     """Get-or-create: a RayJob of the job's name (made by hand, or by an operator that died before its
     status write) is followed, never replaced or updated."""
-    (rayjob,) = build_children(FineTuneJob.from_body(finetunejob("irsa")), FAST_SETTINGS)
+    rayjob = build_rayjob(FineTuneJob.from_body(finetunejob("irsa")), FAST_SETTINGS)
     rayjob["spec"]["entrypoint"] = "python -m kubetune_trainer --config /etc/kubetune/trainer-config.json"
     old_rayjob = await op.create(RAYJOBS, rayjob)
     await op.create_job(finetunejob("irsa"))

@@ -10,16 +10,27 @@ import pytest
 import yaml
 
 from kubetune_operator.cli import main as kubetune
-from tests.support.operator_harness import FAST_SETTINGS, SERVICEACCOUNTS, OperatorHarness, finetunejob
+from tests.support.operator_harness import (
+    FAST_SETTINGS,
+    NETWORKPOLICIES,
+    SECRETS,
+    SERVICEACCOUNTS,
+    OperatorHarness,
+    finetunejob,
+)
 
 # Set by the API server or only knowable once the job exists there.
 SERVER_FIELDS = ("uid", "creationTimestamp", "resourceVersion", "generation", "ownerReferences")
+JOB_OBJECTS = (("Secret", "{}-ray-token"), ("NetworkPolicy", "{}-ray"), ("RayJob", "{}"))
 
 
 def comparable(obj: dict[str, Any]) -> dict[str, Any]:
     obj = json.loads(json.dumps(obj))
     for key in SERVER_FIELDS:
         obj["metadata"].pop(key, None)
+    if obj["kind"] == "Secret":
+        # The operator's holds the token it drew; render's holds none, and a note saying so.
+        assert bool(obj.pop("data", None)) != bool(obj["metadata"].pop("annotations", None))
     if obj["kind"] == "RayJob":
         # The run name is the job's uid once it has one (so a resumed run finds its checkpoints).
         (head,) = obj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
@@ -51,12 +62,14 @@ async def test_render_prints_exactly_what_the_operator_creates(
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))
     rendered = render(path, capsys, "--image", FAST_SETTINGS.trainer_image)
-    assert [obj["kind"] for obj in rendered] == ["ServiceAccount", "RayJob"]
+    assert [obj["kind"] for obj in rendered] == ["ServiceAccount", "Secret", "NetworkPolicy", "RayJob"]
 
     await op.create_job(manifest)
     rayjob = await op.wait_for(lambda: op.rayjob("default", "flowers"), what="the RayJob")
     created = [
         op.get(SERVICEACCOUNTS, "default", "kubetune-trainer"),
+        op.get(SECRETS, "default", "flowers-ray-token"),
+        op.get(NETWORKPOLICIES, "default", "flowers-ray"),
         rayjob,
     ]
     assert [comparable(obj) for obj in rendered] == [comparable(obj) for obj in created if obj]
@@ -66,8 +79,11 @@ def test_render_of_several_jobs_and_of_an_invalid_one(tmp_path: Path, capsys: py
     path = tmp_path / "jobs.yaml"
     path.write_text(yaml.safe_dump_all([finetunejob("one"), finetunejob("two")]))
     names = [(obj["kind"], obj["metadata"]["name"]) for obj in render(path, capsys)]
-    # The namespace's shared ServiceAccount once, then one RayJob per job.
-    assert names == [("ServiceAccount", "kubetune-trainer"), ("RayJob", "one"), ("RayJob", "two")]
+    # The namespace's shared ServiceAccount once, then each job's Ray token Secret, NetworkPolicy and RayJob.
+    assert names == [
+        ("ServiceAccount", "kubetune-trainer"),
+        *[(kind, name.format(job)) for job in ("one", "two") for kind, name in JOB_OBJECTS],
+    ]
 
     bad = finetunejob("bad", training={"epochs": 0})
     path.write_text(yaml.safe_dump(bad))

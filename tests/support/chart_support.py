@@ -32,6 +32,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "namespaced": {
         "operator": {"watchNamespaces": ["team-a", "team-b"], "logLevel": "DEBUG"},
         "serviceAccount": {"create": False, "name": "kubetune-operator"},
+        "trainer": {"networkPolicy": {"kuberayNamespace": "kuberay-system"}},
     },
     "custom-images": {
         "operator": {

@@ -53,6 +53,7 @@ SECRETS = "v1/secrets"
 EVENTS = "v1/events"
 CONFIGMAPS = "v1/configmaps"
 SERVICEACCOUNTS = "v1/serviceaccounts"
+NETWORKPOLICIES = "networking.k8s.io/v1/networkpolicies"
 TEST_USER_AGENT = "kubetune-tests"  # the tests' own writes, told apart from the operator's
 
 # Operator settings for tests: retries and backoffs short, and no metrics or progress servers (their

@@ -5,3 +5,5 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# The manifest `make demo` applies: the e2e tests run the job a new user runs first.
+DEMO_MANIFEST = REPO / "examples" / "demo-finetunejob.yaml"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import re
 from functools import cache
 from typing import Any
 
@@ -22,8 +24,11 @@ from kubetune_operator.builders import (
     SPEC_DIGEST_ANNOTATION,
     TOKEN_PATH,
     build_children,
+    build_ray_token_secret,
+    build_rayjob,
     build_service_account,
     manifests,
+    new_ray_token,
     spec_digest,
     token_audience,
 )
@@ -151,9 +156,10 @@ def test_the_shared_service_account_is_a_valid_kubernetes_object() -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
-def test_the_rayjob_is_the_only_object_of_the_job_alone(variant: str) -> None:
-    """One object per job: the pods' ServiceAccount is the namespace's, made once for all its jobs."""
-    assert [obj["kind"] for obj in build_children(job(**VARIANTS[variant]), SETTINGS)] == ["RayJob"]
+def test_the_job_alone_has_its_network_policy_and_rayjob(variant: str) -> None:
+    """Besides its Ray token Secret: the pods' ServiceAccount is the namespace's, made once for all its jobs."""
+    kinds = [obj["kind"] for obj in build_children(job(**VARIANTS[variant]), SETTINGS)]
+    assert kinds == ["NetworkPolicy", "RayJob"]
 
 
 def test_the_strict_schema_catches_a_misspelt_field() -> None:
@@ -166,8 +172,9 @@ def test_the_strict_schema_catches_a_misspelt_field() -> None:
 
 
 def test_children_have_deterministic_names_and_are_owned_by_the_job() -> None:
-    objs = children()
-    assert objs["RayJob"]["metadata"]["name"] == "flowers"
+    objs = {**children(), "Secret": build_ray_token_secret(job(), "t")}
+    names = {kind: obj["metadata"]["name"] for kind, obj in objs.items()}
+    assert names == {"RayJob": "flowers", "NetworkPolicy": "flowers-ray", "Secret": "flowers-ray-token"}
     for obj in objs.values():
         meta = obj["metadata"]
         assert meta["namespace"] == "vision"
@@ -187,7 +194,8 @@ def test_children_have_deterministic_names_and_are_owned_by_the_job() -> None:
 def test_a_manifest_not_yet_stored_renders_without_owner() -> None:
     body = manifest()
     del body["metadata"]["uid"]
-    for obj in build_children(FineTuneJob.from_body(body), SETTINGS):
+    the_job = FineTuneJob.from_body(body)
+    for obj in [build_ray_token_secret(the_job, None), *build_children(the_job, SETTINGS)]:
         assert "ownerReferences" not in obj["metadata"]
 
 
@@ -203,16 +211,19 @@ def test_the_shared_service_account_belongs_to_no_job() -> None:
     assert renamed["metadata"]["name"] == "ml-pods"
 
 
-def test_render_manifests_hold_each_namespaces_account_once_before_the_rayjobs() -> None:
+def test_render_manifests_hold_each_namespaces_account_once_before_each_jobs_objects() -> None:
     second = FineTuneJob.from_body({**manifest(), "metadata": {"name": "birds", "namespace": "vision"}})
     other = FineTuneJob.from_body({**manifest(), "metadata": {"name": "cars", "namespace": "team-b"}})
     objs = manifests([job(), second, other], SETTINGS)
+    per_job = [("Secret", "{}-ray-token"), ("NetworkPolicy", "{}-ray"), ("RayJob", "{}")]
     assert [(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in objs] == [
         ("ServiceAccount", "vision", "kubetune-trainer"),
         ("ServiceAccount", "team-b", "kubetune-trainer"),
-        ("RayJob", "vision", "flowers"),
-        ("RayJob", "vision", "birds"),
-        ("RayJob", "team-b", "cars"),
+        *[
+            (kind, ns, name.format(job_name))
+            for ns, job_name in (("vision", "flowers"), ("vision", "birds"), ("team-b", "cars"))
+            for kind, name in per_job
+        ],
     ]
 
 
@@ -259,7 +270,8 @@ def test_workers_get_the_requested_gpus_cpus_and_memory_and_the_head_no_gpu() ->
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
     resources = _container(workers)["resources"]
     expected = {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}
-    assert resources == {"requests": expected, "limits": expected}
+    # Compute: requests = limits. Disk: a request only (the node cache and scratch space, pod_security.py).
+    assert resources == {"requests": {**expected, "ephemeral-storage": "24Gi"}, "limits": expected}
     assert workers["rayStartParams"]["num-cpus"] == "8"
     head_resources = _container(head)["resources"]
     assert "nvidia.com/gpu" not in head_resources["requests"] | head_resources["limits"]
@@ -323,12 +335,17 @@ def test_without_a_credentials_secret_the_pods_use_their_own_identity() -> None:
     assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
 
 
-def test_pods_run_as_the_shared_service_account_with_a_token_for_their_job_alone() -> None:
+def test_pods_run_as_the_shared_service_account_and_the_head_has_a_token_for_its_job_alone() -> None:
     head, workers = _groups(children()["RayJob"])
     for group in (head, workers):
         pod = group["template"]["spec"]
         assert pod["serviceAccountName"] == "kubetune-trainer"
         assert pod["automountServiceAccountToken"] is False
+    # Only the head's driver sends progress: the workers mount no progress token (nor any other).
+    assert not any("projected" in v for v in workers["template"]["spec"]["volumes"])
+    assert TOKEN_PATH.rsplit("/", 1)[0] not in {m["mountPath"] for m in _container(workers)["volumeMounts"]}
+    for group in (head,):
+        pod = group["template"]["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["name"]: m for m in _container(group)["volumeMounts"]}
         token_volume = next(v for v in volumes.values() if "projected" in v)
@@ -356,7 +373,7 @@ def test_each_job_and_each_namesake_of_it_gets_its_own_token_audience() -> None:
     again["metadata"]["uid"] = "3f1c2d4e-0000-4000-8000-000000000002"  # deleted and created again
     other = copy.deepcopy(first)
     other["metadata"].update(name="birds", uid="3f1c2d4e-0000-4000-8000-000000000003")
-    audiences = [_audiences(build_children(FineTuneJob.from_body(b), SETTINGS)[0]) for b in (first, again, other)]
+    audiences = [_audiences(build_rayjob(FineTuneJob.from_body(b), SETTINGS)) for b in (first, again, other)]
     assert all(len(a) == 1 for a in audiences)
     assert len(set.union(*audiences)) == 3
 
@@ -364,7 +381,7 @@ def test_each_job_and_each_namesake_of_it_gets_its_own_token_audience() -> None:
 def test_a_job_read_from_a_file_gets_an_audience_from_its_namespace_and_name() -> None:
     body = manifest()
     del body["metadata"]["uid"]
-    (rayjob,) = build_children(FineTuneJob.from_body(body), SETTINGS)
+    rayjob = build_rayjob(FineTuneJob.from_body(body), SETTINGS)
     assert _audiences(rayjob) == {"kubetune.dev/vision/flowers"}
     assert token_audience("vision", "flowers", None) == "kubetune.dev/vision/flowers"
     assert token_audience("vision", "flowers", "abc") == "kubetune.dev/abc"
@@ -421,6 +438,35 @@ def test_a_dollar_in_the_config_reaches_the_trainer_verbatim() -> None:
     assert TrainerConfig.model_validate_json(head_config(rayjob)).data.train == path
 
 
+def kubelet_env(container: dict[str, Any]) -> dict[str, str]:
+    """The literal env values as the process gets them: the kubelet turns `$(VAR)` of a variable defined
+    earlier into its value and `$$` into `$`."""
+    out: dict[str, str] = {}
+    reference = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+    for var in container["env"]:
+        if "value" in var:
+            out[var["name"]] = reference.sub(
+                lambda m: "$" if m.group(0) == "$$" else out.get(m.group(1), m.group(0)), var["value"]
+            )
+        else:
+            out[var["name"]] = f"<{var['name']} from a Secret>"
+    return out
+
+
+def test_a_dollar_in_any_env_value_reaches_the_process_verbatim() -> None:
+    # `$(AWS_REGION)` would expand to the region, a variable defined before the endpoint.
+    endpoint = "http://minio.storage:9000/$(AWS_REGION)/a$$b$"
+    settings = OperatorSettings(progress_base_url="http://progress.example/$(AWS_REGION)")
+    rayjob = build_rayjob(job(storage={"endpoint": endpoint}), settings)
+    for group in _groups(rayjob):
+        env = kubelet_env(_container(group))
+        assert env["AWS_ENDPOINT_URL"] == endpoint
+        assert env["KUBETUNE_PROGRESS_URL"] == "http://progress.example/$(AWS_REGION)/v1/progress/vision/flowers"
+        literal = {v["name"]: v["value"] for v in _container(group)["env"] if "value" in v}
+        for name, value in literal.items():  # every `$` of every literal written as `$$`
+            assert re.sub(r"\$\$", "", value).count("$") == 0, (name, value)
+
+
 def test_nothing_built_contains_a_secret_value() -> None:
     text = yaml.safe_dump_all(build_children(job(), SETTINGS))
     assert "secretKeyRef" in text
@@ -437,3 +483,79 @@ def test_spec_digest_ignores_suspend_and_ttl_but_not_what_shapes_the_run() -> No
     assert spec_digest(job(training={"epochs": 3})) != base
     assert spec_digest(job(resources={"workers": 2})) != base
     assert children()["RayJob"]["metadata"]["annotations"][SPEC_DIGEST_ANNOTATION] == base
+
+
+# -- the Ray cluster's token, network and pods -----------------------------------------------------------
+
+
+def test_the_ray_token_secret_holds_the_token_drawn_at_launch_and_render_holds_none() -> None:
+    token = new_ray_token()
+    assert re.fullmatch(r"[0-9a-f]{64}", token) and token != new_ray_token()
+    secret = build_ray_token_secret(job(), token)
+    kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
+    assert secret["data"] == {"auth_token": base64.b64encode(token.encode()).decode()}  # KubeRay's key
+    rendered = build_ray_token_secret(job(), None)
+    assert "data" not in rendered and "stringData" not in rendered
+    assert "kubetune render leaves it out" in rendered["metadata"]["annotations"]["kubetune.dev/note"]
+    # The RayJob names the Secret, never the token.
+    rayjob = children()["RayJob"]
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "flowers-ray-token"}
+    assert token not in json.dumps(rayjob)
+
+
+def test_the_network_policy_admits_the_jobs_pods_and_kuberay_to_the_dashboard() -> None:
+    policy = children()["NetworkPolicy"]
+    kubernetes_validate.validate(policy, KUBERNETES_VERSION, strict=True)
+    labels = {MANAGED_BY_LABEL: "kubetune", JOB_LABEL: "flowers"}
+    assert policy["spec"]["podSelector"] == {"matchLabels": labels}
+    assert policy["spec"]["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": labels}}]},
+        {
+            "from": [
+                {
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+                    "namespaceSelector": {},
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": 8265}],
+        },
+    ]
+    placed = OperatorSettings(kuberay_namespace="ray-system", kuberay_pod_labels=(("app", "kuberay"),))
+    (_, kuberay) = build_children(job(), placed)[0]["spec"]["ingress"]
+    assert kuberay["from"] == [
+        {
+            "podSelector": {"matchLabels": {"app": "kuberay"}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}},
+        }
+    ]
+    assert [o["kind"] for o in build_children(job(), OperatorSettings(network_policy=False))] == ["RayJob"]
+
+
+def test_every_pod_runs_as_the_trainer_images_user_and_writes_only_to_empty_dirs() -> None:
+    head, workers = _groups(children(resources={"cacheSize": "500Gi"})["RayJob"])
+    for group in (head, workers):
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == 1000 and pod["securityContext"]["runAsGroup"] == 100
+        context = _container(group)["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True and context["capabilities"] == {"drop": ["ALL"]}
+    head_volumes = {v["name"]: v for v in head["template"]["spec"]["volumes"]}
+    assert "kubetune-cache" not in head_volumes  # the head trains nothing: no node cache
+    assert _container(head)["resources"]["requests"]["ephemeral-storage"] == "4Gi"
+    worker_volumes = {v["name"]: v for v in workers["template"]["spec"]["volumes"]}
+    assert worker_volumes["kubetune-cache"]["emptyDir"] == {"sizeLimit": "500Gi"}
+    assert _container(workers)["resources"]["requests"]["ephemeral-storage"] == "504Gi"
+    assert "ephemeral-storage" not in _container(workers)["resources"]["limits"]
+
+
+@pytest.mark.parametrize(
+    ("cache_size", "asked"), [("20Gi", "24Gi"), ("512Mi", "4608Mi"), ("1Ti", "1028Gi"), ("1020Gi", "1Ti")]
+)
+def test_the_ephemeral_storage_request_is_the_cache_and_the_scratch_space(cache_size: str, asked: str) -> None:
+    _, workers = _groups(children(resources={"cacheSize": cache_size})["RayJob"])
+    assert _container(workers)["resources"]["requests"]["ephemeral-storage"] == asked
+
+
+@pytest.mark.parametrize("cache_size", ["0Gi", "20", "1.5Gi", "20G", "20gi", "1000000Gi"])
+def test_a_cache_size_that_is_no_whole_disk_size_is_refused(cache_size: str) -> None:
+    with pytest.raises(ValueError, match="cacheSize"):
+        job(resources={"cacheSize": cache_size})

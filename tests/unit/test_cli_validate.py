@@ -194,7 +194,7 @@ def test_every_error_of_a_document_is_reported(capsys: pytest.CaptureFixture[str
     ]
     assert lines[-1].endswith(
         "unknown field (allowed: workers, gpusPerWorker, cpusPerWorker, memoryPerWorker, nodeSelector, "
-        "tolerations, priorityClassName)"
+        "tolerations, priorityClassName, cacheSize)"
     )
 
 
@@ -246,9 +246,11 @@ def test_render_prints_what_the_operator_creates(capsys: pytest.CaptureFixture[s
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [(d["kind"], d["metadata"]["name"], d["metadata"]["namespace"]) for d in docs] == [
         ("ServiceAccount", "kubetune-trainer", "default"),  # shared by the namespace's jobs
+        ("Secret", "flowers-resnet50-head-ray-token", "default"),  # without the token, drawn at launch
+        ("NetworkPolicy", "flowers-resnet50-head-ray", "default"),
         ("RayJob", "flowers-resnet50-head", "default"),
     ]
-    assert "reg.example/t:1" in yaml.safe_dump(docs[1])
+    assert "reg.example/t:1" in yaml.safe_dump(docs[3])
 
 
 def test_render_refuses_an_invalid_job(capsys: pytest.CaptureFixture[str]) -> None:

@@ -47,6 +47,29 @@ def test_a_bad_number_names_its_variable(value: str) -> None:
         OperatorSettings.from_env({"KUBETUNE_KUBERAY_RETRY_SECONDS": value})
 
 
+def test_the_network_policy_settings() -> None:
+    defaults = OperatorSettings.from_env({})
+    assert defaults.network_policy is True and defaults.kuberay_namespace is None
+    assert defaults.kuberay_pod_labels == (("app.kubernetes.io/name", "kuberay-operator"),)
+    settings = OperatorSettings.from_env(
+        {
+            "KUBETUNE_NETWORK_POLICY": "False",
+            "KUBETUNE_KUBERAY_NAMESPACE": "ray-system",
+            "KUBETUNE_KUBERAY_POD_LABELS": "app=kuberay, tier=control",
+        }
+    )
+    assert settings.network_policy is False and settings.kuberay_namespace == "ray-system"
+    assert settings.kuberay_pod_labels == (("app", "kuberay"), ("tier", "control"))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("KUBETUNE_NETWORK_POLICY", "maybe"), ("KUBETUNE_KUBERAY_POD_LABELS", "app")]
+)
+def test_a_bad_network_policy_setting_names_its_variable(variable: str, value: str) -> None:
+    with pytest.raises(ValueError, match=variable):
+        OperatorSettings.from_env({variable: value})
+
+
 def test_namespace_lists() -> None:
     assert parse_namespaces("a,b,,c  a") == ("a", "b", "c")
     assert parse_namespaces(" ") == ()

@@ -96,6 +96,29 @@ def test_prefixes_overlap_by_whole_segments(a: str, b: str, overlap: bool) -> No
     assert prefixes_overlap(b, a) is overlap
 
 
+@pytest.mark.parametrize(
+    ("section", "field", "uri"),
+    [
+        ("data", "train", "s3://datasets/flowers/../birds/train/"),
+        ("data", "train", "s3://datasets/flowers/train/.."),
+        ("data", "validation", "s3://datasets/./flowers/val/"),
+        ("output", "path", "s3://runs/flowers/./"),
+        ("model", "checkpoint", "s3://models/../base/resnet50.safetensors"),
+    ],
+)
+def test_s3_uris_with_dot_segments_are_refused_naming_the_field(section: str, field: str, uri: str) -> None:
+    # Every local path the trainer makes from a key refuses '.' and '..' segments, and "inside another
+    # prefix" is a plain prefix test: a spec must not hold them at all.
+    with pytest.raises(ValidationError) as caught:
+        FineTuneJob.from_body(job_with(**{section: {field: uri}}))
+    assert [error["loc"] for error in caught.value.errors()] == [("spec", section, field)]
+
+
+def test_dots_inside_a_segment_name_are_plain_names() -> None:
+    uri = "s3://datasets/.hidden/...three/v1..2/flowers./"
+    assert FineTuneJob.from_body(job_with(data={"train": uri})).spec.data.train == uri
+
+
 def test_output_may_sit_beside_the_data() -> None:
     body = job_with(data={"validation": "s3://datasets/flowers/val/"}, output={"path": "s3://datasets/flowers-runs/"})
     assert FineTuneJob.from_body(body).spec.output.path == "s3://datasets/flowers-runs/"

@@ -25,7 +25,7 @@ MAX_OBJECT_BYTES = 64 * 1024**3
 
 
 def cache_root() -> Path:
-    """KUBETUNE_CACHE_DIR, else <tmp>/kubetune-cache (an emptyDir in the pods)."""
+    """KUBETUNE_CACHE_DIR, else <tmp>/kubetune-cache (in the worker pods: an emptyDir there, with a size limit)."""
     root = Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "kubetune-cache")
     root.mkdir(parents=True, exist_ok=True)
     return root

@@ -18,8 +18,13 @@ from pydantic.alias_generators import to_camel
 # An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules. Keys have
 # no whitespace and no empty segments ("a//b"): with at most one trailing slash, "is one prefix inside
 # another" is a plain startsWith after appending "/", which the CRD's CEL rules can express exactly.
+# No segment is "." or "..": S3 keeps them as names, but every local path the trainer makes from a key
+# refuses them (localpaths.py), so a prefix holding one could only fail the run, and "inside another
+# prefix" would stop meaning what it says. Written without look-arounds, which neither the API server's
+# regular expressions (RE2) nor pydantic's support: a segment that does not start with ".", or starts
+# with "." and a character other than ".", or with ".." and at least one more character.
 S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
-S3_SEGMENT = r"[^\s/]+"
+S3_SEGMENT = r"(?:[^\s/.][^\s/]*|\.[^\s/.][^\s/]*|\.\.[^\s/]+)"
 S3_OBJECT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})+$"
 S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/?$"
 # The environment variable that holds the TrainerConfig JSON for `python -m kubetune_trainer` without

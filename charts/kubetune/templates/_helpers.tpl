@@ -94,10 +94,15 @@ ownerReferences let Kubernetes' garbage collector remove them with the job.
   resources: ["serviceaccounts"]
   verbs: ["get", "create"]
 # Preflight reads the Secret named by spec.storage.credentialsSecret to check S3 access before a Ray
-# cluster starts. Only `get`: no list or watch, so the operator never enumerates Secrets.
+# cluster starts; each job's Ray token Secret (<job>-ray-token, owned by the job) is created once, and
+# read back when it is already there. No list or watch: the operator never enumerates Secrets.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get"]
+  verbs: ["get", "create"]
+# Each job's NetworkPolicy (<job>-ray, owned by the job): get-or-create, never changed or deleted.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
 # Events on the jobs (kubectl describe ftj tells the story); kopf posts core/v1 Events.
 - apiGroups: [""]
   resources: ["events"]

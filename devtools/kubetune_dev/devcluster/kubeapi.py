@@ -81,6 +81,8 @@ BUILTIN_KINDS: tuple[ResourceKind, ...] = (
     ResourceKind("", "services", "Service", "service", True, ("v1",), ("svc",), ("all",), subresources=("status",)),
     ResourceKind("events.k8s.io", "events", "Event", "event", True, ("v1",), ("ev",)),
     ResourceKind("coordination.k8s.io", "leases", "Lease", "lease", True, ("v1",)),
+    # Stored, not enforced: every process of the dev cluster shares this machine's loopback.
+    ResourceKind("networking.k8s.io", "networkpolicies", "NetworkPolicy", "networkpolicy", True, ("v1",), ("netpol",)),
     ResourceKind(
         "apiextensions.k8s.io",
         "customresourcedefinitions",

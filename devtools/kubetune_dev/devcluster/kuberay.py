@@ -23,7 +23,8 @@ another, and "the Ray cluster is gone" is observable (the RayCluster object, the
 
 Environment: the driver gets the head container's resolved env over this process's env (the demo
 passes credentials that way), and the Ray head gets the worker group's env on top (Train workers run
-there). See `pods` for volumes and mount-path rewriting.
+there). See `pods` for volumes and mount-path rewriting. `authOptions` token auth is honoured as KubeRay
+does (`kuberay_auth`): the Ray head runs with the Secret's token, and the driver is submitted with it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ import yaml
 
 from kubetune_dev.devcluster.apimachinery import now_rfc3339, parse_time
 from kubetune_dev.devcluster.client import AsyncKube, path
+from kubetune_dev.devcluster.kuberay_auth import (
+    MODE_ENV,
+    TOKEN_ENV,
+    ensure_generated_secret,
+    submission_token,
+    token_secret_name,
+    with_token_auth,
+)
 from kubetune_dev.devcluster.pods import PodMaterialiser, PodNotReadyError, Sandbox, container_cpus, main_container
 from kubetune_dev.devcluster.processes import LocalProcess, RayHead, venv_path_env
 
@@ -344,9 +353,10 @@ class RayJobController:
         await self.stop_run()
         self.attempts += 1
         cluster_spec = dict(self.spec.get("rayClusterSpec") or {})
+        token_secret = await self.token_secret(cluster_spec)
         head_group = dict(cluster_spec.get("headGroupSpec") or {})
         head_template = dict(head_group.get("template") or {})
-        head_container = main_container(head_template)
+        head_container = with_token_auth(main_container(head_template), token_secret)
         workdir = self.standin.workdir / self.namespace / self.name / f"attempt-{self.attempts}"
         shutil.rmtree(workdir, ignore_errors=True)
         sandbox = Sandbox(workdir)
@@ -358,7 +368,7 @@ class RayJobController:
         num_cpus = container_cpus(head_container, head_group.get("rayStartParams") or {})
         for group in workers:
             template = dict(group.get("template") or {})
-            container = main_container(template)
+            container = with_token_auth(main_container(template), token_secret)
             worker_pod = PodMaterialiser(self.kube, self.namespace, f"{self.name}-worker-{_suffix()}", sandbox)
             await worker_pod.volumes(template, container)
             worker_env.update(await worker_pod.env(container))
@@ -370,6 +380,9 @@ class RayJobController:
         base.pop("RAY_ADDRESS", None)
         runtime_env = yaml.safe_load(self.spec.get("runtimeEnvYAML") or "") or {}
         driver_env = {**base, **head_env, **{k: str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}}
+        if token_secret is not None:  # KubeRay submits with the token it reads from the Secret
+            token = await submission_token(self.kube, self.namespace, token_secret)
+            driver_env.update({MODE_ENV: "token", TOKEN_ENV: token})
         run = Run(sandbox)
         self.run = run
         if self.standin.start_ray:
@@ -389,6 +402,26 @@ class RayJobController:
         await run.driver.start()
         log.info("rayjob %s/%s: driver pid %s runs %r", self.namespace, self.name, run.driver.pid, entrypoint)
 
+    async def token_secret(self, cluster_spec: Mapping[str, Any]) -> str | None:
+        """The Secret of the cluster's Ray token (None: token auth off), made as KubeRay makes one when
+        `authOptions` names none."""
+        cluster = str(self.status.get("rayClusterName") or self.name)
+        name = token_secret_name(cluster_spec, cluster)
+        if name is not None and not (cluster_spec.get("authOptions") or {}).get("secretName"):
+            await ensure_generated_secret(self.kube, self.namespace, name, self.owner_reference())
+        return name
+
+    def owner_reference(self) -> dict[str, Any]:
+        """This RayJob as the controller of what the stand-in makes for it."""
+        return {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayJob",
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
     async def ensure_raycluster(self, cluster_spec: Mapping[str, Any], num_cpus: int) -> None:
         name = self.status.get("rayClusterName")
         if not name:
@@ -400,16 +433,7 @@ class RayJobController:
                 "name": name,
                 "namespace": self.namespace,
                 "labels": {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": self.name},
-                "ownerReferences": [
-                    {
-                        "apiVersion": "ray.io/v1",
-                        "kind": "RayJob",
-                        "name": self.name,
-                        "uid": self.uid,
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
+                "ownerReferences": [self.owner_reference()],
             },
             "spec": dict(cluster_spec),
         }

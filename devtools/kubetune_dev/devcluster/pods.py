@@ -5,8 +5,10 @@ The KubeRay stand-in runs a RayJob's head (driver) and workers as local processe
 projected (incl. service-account token) and emptyDir volumes are resolved from the API into a
 sandbox directory. Mount paths do not exist here, so every mount path is rewritten to its sandbox
 directory in the entrypoint, the env values and the text of materialised files (the trainer config
-in the head's env names the token file by its mount path, for instance). `/dev/shm` exists on this
-machine and is left alone.
+in the head's env names the token file by its mount path, for instance). `/dev/shm` and `/tmp` exist on
+this machine and are left alone: this machine's /tmp stands in for a pod's /tmp emptyDir, and Ray's
+session dir (`/tmp/ray` in a pod) is a folder of its own per Ray head (`processes.RayHead`). Nothing here
+enforces a pod's securityContext, an emptyDir's sizeLimit or an ephemeral-storage request.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from kubetune_dev.devcluster.client import AsyncKube, path
 
 log = logging.getLogger(__name__)
 
-HOST_PATHS = ("/dev/shm",)
+HOST_PATHS = ("/dev/shm", "/tmp", "/tmp/ray")
 
 
 # As the kubelet expands env values: `$(VAR)` of a variable defined before it, `$$` a literal `$`.

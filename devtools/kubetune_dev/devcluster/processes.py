@@ -115,7 +115,9 @@ def venv_path_env(env: Mapping[str, str]) -> dict[str, str]:
     # machine's outward address, where the head (started with --node-ip-address=127.0.0.1) is not.
     out.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray turns token auth on when it finds ~/.ray/auth_token (any local ray.init() leaves one), for
-    # the head but not for a driver given an address: say it once for both (loopback only anyway).
+    # the head but not for a driver given an address: say it once for both. A RayJob whose
+    # `authOptions` asks for token auth (every one the operator makes) sets RAY_AUTH_MODE=token and the
+    # token itself (kuberay_auth.py), which this leaves as it is.
     out.setdefault("RAY_AUTH_MODE", "disabled")
     out.setdefault("PYTHONUNBUFFERED", "1")
     return out
