@@ -2,7 +2,9 @@
 
     python -m bench                 # everything, full size (about 15 minutes on 2 cores)
     python -m bench --quick         # smaller and fewer repeats (a few minutes)
-    python -m bench --only storage  # one benchmark (trainer, storage, pipeline, control-plane)
+    python -m bench --only storage  # one benchmark (trainer, storage, checkpoint-blocking, pipeline,
+                                    # control-plane, quality);
+                                    # the others' rows and set-ups stay as the results page had them
     python -m bench --render bench/out/run-.../results.json   # the page again, e.g. after editing findings.md
 
 Raw samples go to bench/out/results.json. Findings written by hand (profiles, fixes with their before
@@ -26,14 +28,23 @@ from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench import checkpoint_storage, control_plane, input_pipeline, trainer_overhead
+from bench import (
+    checkpoint_blocking,
+    checkpoint_storage,
+    control_plane,
+    input_pipeline,
+    quality,
+    trainer_overhead,
+)
 from bench.common import REPO, Row, host_facts, log, markdown_table
 
 BENCHMARKS: dict[str, ModuleType] = {
     "trainer": trainer_overhead,
     "storage": checkpoint_storage,
+    "checkpoint-blocking": checkpoint_blocking,
     "pipeline": input_pipeline,
     "control-plane": control_plane,
+    "quality": quality,
 }
 RESULTS = REPO / "bench" / "results.md"
 FINDINGS = REPO / "bench" / "findings.md"
@@ -118,7 +129,8 @@ def render(
         f"- Versions: {host['versions']}",
         "",
         "Each figure: median of repeated runs with min–max; ratio = kubetune median / baseline median, "  # noqa: RUF001
-        "measured in the same run. A target on a ratio reads ≥ for throughput and ≤ for a duration.",
+        "measured in the same run. A target on a ratio reads ≥ for throughput and ≤ for a duration; a target on "
+        "a difference (Quality) compares kubetune median minus baseline median, shown in the ratio column.",
         "",
         markdown_table(rows),
         "",
@@ -142,6 +154,42 @@ def render(
     return "\n".join(lines)
 
 
+def _table_and_setups(page: str) -> tuple[list[str], dict[str, str]]:
+    """A results page's table rows (`| Benchmark | …`) and its set-up sections by benchmark name."""
+    lines = page.split("\n## Set-ups\n", 1)[0].splitlines()  # the results table, not the findings' tables
+    table = [line for line in lines if line.startswith("| ") and not line.startswith(("| Benchmark |", "| ---"))]
+    setups: dict[str, str] = {}
+    body = page.split("\n## Set-ups\n", 1)[-1].split("\n## ", 1)[0]
+    for section in body.split("\n### ")[1:]:
+        setups[section.split(" (", 1)[0]] = "### " + section.rstrip("\n")
+    return table, setups
+
+
+def carry_over(old: str, new: str, ran: set[str]) -> str:
+    """The new page with the rows and set-ups of the benchmarks this run left out (`--only`) carried over
+    from the old page, in the order of BENCHMARKS, and a line that says they are from an earlier run."""
+    old_rows, old_setups = _table_and_setups(old)
+    new_rows, new_setups = _table_and_setups(new)
+    order = [module.NAME for module in BENCHMARKS.values()]
+    kept = [row for row in old_rows if row.split(" | ")[0].removeprefix("| ") not in ran]
+    rows = sorted(kept + new_rows, key=lambda row: order.index(row.split(" | ")[0].removeprefix("| ")))
+    setups = {**{k: v for k, v in old_setups.items() if k not in ran}, **new_setups}
+    date = next((line for line in old.splitlines() if line.startswith("- Date: ")), "- Date: unknown")
+    head, rest = new.split("\n| Benchmark |", 1)
+    header_rows, _ = rest.split("\n\n", 1)
+    header = "| Benchmark |" + "\n".join(header_rows.splitlines()[:2])
+    findings = new.split("\n## Set-ups\n", 1)[1].split("\n## ", 1)
+    carried = sorted({row.split(" | ")[0].removeprefix("| ") for row in kept}, key=order.index)
+    note = f"- Rows of {', '.join(carried)}: carried over from the earlier run ({date.removeprefix('- Date: ')})\n"
+    if carried:  # among the header's facts, after the versions
+        head = head.replace("\n\nEach figure:", "\n" + note + "\nEach figure:", 1)
+    parts = [head.rstrip("\n") + "\n", header, *rows, "", "## Set-ups", ""]
+    parts += [setups[name] + "\n" for name in order if name in setups]
+    if len(findings) > 1:
+        parts += ["## " + findings[1]]
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
 def rerender(raw: Path, results: Path) -> int:
     data = json.loads(raw.read_text())
     rows = [
@@ -154,6 +202,7 @@ def rerender(raw: Path, results: Path) -> int:
             goal=(r["goal"][0], r["goal"][1]) if r["goal"] else None,
             note=r["note"],
             absolute=r.get("absolute", False),
+            difference=r.get("difference", False),
         )
         for r in data["rows"]
     ]
@@ -186,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, failures, seconds = run_all(names, args.quick, workdir, keep=args.keep)
     findings = FINDINGS.read_text() if FINDINGS.is_file() else None
     text = render(rows, failures, seconds, quick=args.quick, host=host, started=started, findings=findings)
+    if args.only and args.results.is_file():
+        text = carry_over(args.results.read_text(), text, {BENCHMARKS[name].NAME for name in names})
     args.results.write_text(text)
     (workdir / "results.json").write_text(
         json.dumps(

@@ -85,6 +85,8 @@ class Row:
     note: str = ""
     # The goal is on kubetune's own median (p99 < 2 s), not on the ratio, even with a baseline beside it.
     absolute: bool = False
+    # The goal is on kubetune's median minus the baseline's (accuracy: at most 0.02 below), not the ratio.
+    difference: bool = False
 
     @property
     def product_stat(self) -> Stat:
@@ -104,6 +106,9 @@ class Row:
     @property
     def compared(self) -> float:
         """What the goal is checked against: the ratio when there is a baseline, else the median."""
+        base = self.baseline_stat
+        if self.difference and base is not None:
+            return self.product_stat.median - base.median
         ratio = self.ratio
         return ratio if ratio is not None and not self.absolute else self.product_stat.median
 
@@ -120,6 +125,8 @@ class Row:
             return ""
         op, bound = self.goal
         symbol = {">=": "≥", "<=": "≤", "<": "<"}[op]
+        if self.baseline and self.difference:
+            return f"difference {symbol} {bound:+g}"
         if self.baseline and not self.absolute:
             return f"ratio {symbol} {bound:g}"
         return f"{symbol} {bound:g} {self.unit}"
@@ -135,6 +142,7 @@ class Row:
             "goal": list(self.goal) if self.goal else None,
             "met": self.met,
             "absolute": self.absolute,
+            "difference": self.difference,
             "note": self.note,
         }
 
@@ -147,10 +155,11 @@ def markdown_table(rows: Sequence[Row]) -> str:
     for row in rows:
         base = row.baseline_stat
         ratio = row.ratio
+        compared = f"{row.compared:+.3f}" if row.difference and base else f"{ratio:.2f}" if ratio is not None else "—"
         met = {True: "yes", False: "**no**", None: ""}[row.met]
         lines.append(
             f"| {row.benchmark} | {row.figure} | {row.product_stat.text()} {row.unit} | "
-            f"{base.text() + ' ' + row.unit if base else '—'} | {f'{ratio:.2f}' if ratio is not None else '—'} | "
+            f"{base.text() + ' ' + row.unit if base else '—'} | {compared} | "
             f"{row.target_text()} | {met} |"
         )
     return "\n".join(lines)

@@ -148,7 +148,7 @@ class _Paths:
         store = S3Store(self.endpoint, REGION)
         index = build_index(store, self.spec, None, seed=42)
         folder, _corrupt = prepare_images(store, index, root=cache)
-        return datasets(folder, index, self.cfg, augment=True)[0]
+        return datasets(folder, index, self.cfg, augment="strong")[0]
 
     def epoch(self, dataset: Any) -> int:
         return epoch(loader_for(dataset, self.batch_size))
@@ -197,7 +197,7 @@ def run(config: Config, workdir: Path) -> list[Row]:
             "train": f"s3://{BUCKET}/{PREFIX}/",
             "validation": f"s3://{BUCKET}/{VAL_PREFIX}/",
             "imageSize": config.image_size,
-            "augment": True,
+            "augment": "strong",
         }
     )
     samples: dict[str, list[float]] = {

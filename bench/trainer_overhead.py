@@ -119,7 +119,7 @@ def trainer_config(config: Config, uris: dict[str, str], endpoint: str, run: str
                 "train": uris["train"],
                 "validation": uris["validation"],
                 "imageSize": config.image_size,
-                "augment": False,
+                "augment": "none",
             },
             "training": {
                 "epochs": config.epochs,

@@ -1,18 +1,29 @@
-"""Who sent this bearer token, for which audience? Asked of the Kubernetes API with a TokenReview.
+"""Who sent this bearer token, for which job? Asked of the Kubernetes API with a TokenReview.
 
 Trainer pods carry a projected ServiceAccount token whose audience names their job
-(`builders.token_audience`); the API server checks its signature, expiry, audience and that the
-ServiceAccount (and pod) it was issued for still exist. Authentic answers are cached for a short while,
-keyed by a hash of the audience and the token (never the token itself), so a job's updates cost one
-TokenReview per TTL rather than one each.
+(`builders.token_audience`: `kubetune.dev/<job uid>`); the API server checks its signature, expiry,
+audience and that the ServiceAccount (and pod) it was issued for still exist.
+
+The token's own claims say which job it claims to be for (`claimed_job_uid`, read without trusting
+them); only the TokenReview for that audience decides. So a request is authenticated before anything
+about the job is looked up, and a token that is not even a JWT for a kubetune audience costs no
+TokenReview at all.
+
+Answers are cached, keyed by a hash of the audience and the token (never the token itself): authentic
+ones for `ttl_s`, so a job's updates cost one TokenReview per TTL rather than one each; refusals for
+`failure_ttl_s`, so a forged token sent again and again costs one. Both caches are bounded, concurrent
+reviews of the same token share one request, and at most `max_in_flight` reviews run at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,7 +31,16 @@ from typing import Any
 
 from kubernetes import client
 
+from kubetune_operator.builders import TOKEN_AUDIENCE_PREFIX
+from kubetune_operator.kube import REQUEST_TIMEOUT
+
 log = logging.getLogger(__name__)
+
+# A projected ServiceAccount token is about 1 KB; aiohttp refuses header lines over 8 KiB anyway.
+MAX_TOKEN_LENGTH = 8 * 1024
+# `kubetune.dev/<uid>`: a Kubernetes uid (a UUID); `kubetune.dev/<namespace>/<name>` (what `kubetune
+# render` writes for a job without a uid) names no job the operator runs.
+_JOB_AUDIENCE = re.compile(rf"^{re.escape(TOKEN_AUDIENCE_PREFIX)}/([A-Za-z0-9][-A-Za-z0-9]{{0,63}})$")
 
 
 class ReviewUnavailableError(Exception):
@@ -39,6 +59,50 @@ def service_account_username(namespace: str, service_account: str) -> str:
     return f"system:serviceaccount:{namespace}:{service_account}"
 
 
+def claimed_job_uid(token: str) -> str | None:
+    """The job uid the token's audience names, read from its (unverified) JWT claims; None when it is not
+    a JWT naming exactly one kubetune job audience. Only picks which audience to ask the TokenReview about."""
+    parts = token.split(".")
+    if len(token) > MAX_TOKEN_LENGTH or len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, RecursionError):
+        return None
+    audiences = claims.get("aud") if isinstance(claims, dict) else None
+    if isinstance(audiences, str):
+        audiences = [audiences]
+    if not isinstance(audiences, list):
+        return None
+    uids = {m.group(1) for aud in audiences if isinstance(aud, str) and (m := _JOB_AUDIENCE.match(aud))}
+    return uids.pop() if len(uids) == 1 else None
+
+
+class _Answers:
+    """A bounded cache of TokenReview answers, each kept until its own expiry."""
+
+    def __init__(self, ttl_s: float, max_entries: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> tuple[bool, Identity | None]:
+        """(found, answer)."""
+        hit = self._entries.get(key)
+        if hit is None or hit[0] <= now:
+            return False, None
+        return True, hit[1]
+
+    def put(self, key: str, answer: Identity | None, now: float) -> None:
+        self._entries[key] = (now + self.ttl_s, answer)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class TokenReviewer:
     """Authenticates bearer tokens through the Kubernetes TokenReview API."""
 
@@ -47,39 +111,61 @@ class TokenReviewer:
         api_client: client.ApiClient | None = None,
         *,
         ttl_s: float = 30.0,
+        failure_ttl_s: float = 10.0,
         max_entries: int = 4096,
+        max_in_flight: int = 8,
+        request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
     ) -> None:
         self._api = client.AuthenticationV1Api(api_client)
-        self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._cache: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        self._request_timeout = request_timeout
+        # Separate caches: a flood of forged tokens cannot push the authentic ones out.
+        self.authentic = _Answers(ttl_s, max_entries)
+        self.refused = _Answers(failure_ttl_s, max_entries)
+        self._pending: dict[str, asyncio.Future[Identity | None]] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
 
     async def authenticate(self, token: str, audience: str) -> Identity | None:
         """The identity behind `token`, or None when it is not an authentic token for `audience`.
 
-        Raises ReviewUnavailableError when the API server cannot answer, which is not the caller's fault.
+        Raises ReviewUnavailableError when the API server cannot answer, which is not the caller's fault
+        (and is not cached).
         """
         # Keyed by audience too: a token authentic for one job's audience says nothing about another's.
         key = hashlib.sha256(f"{audience}\0{token}".encode()).hexdigest()
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        identity = await asyncio.to_thread(self._review, token, audience)
-        if identity is not None:
-            self._cache[key] = (now + self._ttl_s, identity)
-            self._cache.move_to_end(key)
-            while len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
+        for answers in (self.authentic, self.refused):
+            found, identity = answers.get(key, time.monotonic())
+            if found:
+                return identity
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            async with self._slots:
+                identity = await asyncio.to_thread(self._review, token, audience)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when no one else waited
+            raise
+        finally:
+            del self._pending[key]
+        (self.authentic if identity is not None else self.refused).put(key, identity, time.monotonic())
+        future.set_result(identity)
         return identity
 
     def _review(self, token: str, audience: str) -> Identity | None:
         body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
         try:
-            response: Any = self._api.create_token_review(body, _preload_content=False)
+            response: Any = self._api.create_token_review(
+                body, _preload_content=False, _request_timeout=self._request_timeout
+            )
         except client.ApiException as exc:
             raise ReviewUnavailableError(f"TokenReview failed: HTTP {exc.status} {exc.reason}") from None
-        except Exception as exc:  # urllib3 connection errors and the like
+        except Exception as exc:  # urllib3 connection errors, timeouts and the like
             raise ReviewUnavailableError(f"TokenReview failed: {type(exc).__name__}: {exc}") from None
         status = _json(response).get("status") or {}
         if not status.get("authenticated"):

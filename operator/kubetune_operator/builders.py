@@ -30,7 +30,7 @@ from kubetune_operator.pod_security import (
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
-from kubetune_trainer.config import CONFIG_ENV, RAY_TRAIN_ENV, ProgressTarget
+from kubetune_trainer.config import CONFIG_ENV, PRESTOP_COMMAND, RAY_TRAIN_ENV, ProgressTarget
 
 RAYJOB_API_VERSION = "ray.io/v1"
 RAYJOB_KIND = "RayJob"
@@ -313,6 +313,8 @@ def _pod_template(
     spec: dict[str, Any] = {
         "serviceAccountName": settings.trainer_service_account,
         "automountServiceAccountToken": False,
+        # A drained or reclaimed node's pods get this long to checkpoint the current step (see _container).
+        "terminationGracePeriodSeconds": job.spec.run_policy.preemption_grace_seconds,
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": _volumes(job, settings, component),
@@ -335,6 +337,11 @@ def _container(
         "env": _env(job, settings),
         "volumeMounts": _mounts(settings, component),
         "resources": resources,
+        # The pod's main process (`ray start`) does not pass SIGTERM on: the hook sends it to the pod's Ray
+        # Train workers and training driver, which checkpoint the current step (kubetune_trainer.preemption).
+        "lifecycle": {
+            "preStop": {"exec": {"command": [*PRESTOP_COMMAND, str(job.spec.run_policy.preemption_grace_seconds)]}}
+        },
         "securityContext": container_security_context(),
     }
 

@@ -1,7 +1,8 @@
-"""`kubetune`: validate, render and run FineTuneJobs, print the CRD, run the demo.
+"""`kubetune`: validate, render and run FineTuneJobs, find a job's learning rate, print the CRD, run the demo.
 
 Each subcommand is a few lines of glue around the functions the operator itself uses: the spec model
-(validate), the builders (render), trainer_config and the trainer's local runner (run --local).
+(validate), the builders (render), trainer_config and the trainer's local runner (run --local) and
+range test (tune-lr --local).
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ import argparse
 import dataclasses
 import re
 import sys
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 from kubetune_operator.messages import Loc, field_path, format_validation_error, show
 from kubetune_operator.spec import API_VERSION, GROUP, KIND, FineTuneJob
+
+if TYPE_CHECKING:
+    from kubetune_trainer.config import TrainerConfig
 
 STDIN = "-"
 # A FineTuneJob has a few hundred values at most; a YAML alias bomb expands to billions.
@@ -189,9 +194,46 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for line in problems:
             print(line)
         for job in jobs:
-            print(f"{source}: {job.metadata.name} valid")
+            refusals = _not_allowed(job, args)
+            for message in refusals:
+                print(f"{source}: {job.metadata.name}: {message}")
+            if not refusals:
+                print(f"{source}: {job.metadata.name} valid")
+            failed = failed or bool(refusals)
         failed = failed or bool(problems)
     return 1 if failed else 0
+
+
+def _not_allowed(job: FineTuneJob, args: argparse.Namespace) -> list[str]:
+    """What the operator's allow-lists, as given on the command line, refuse in `job` (allowlist.py)."""
+    from kubetune_operator import allowlist
+    from kubetune_operator.settings import OperatorSettings
+
+    found = []
+    if args.allowed_s3_endpoint is not None:
+        found.append(allowlist.endpoint_refusal(job.spec.storage.endpoint, args.allowed_s3_endpoint))
+    if args.allowed_image_registry is not None:
+        trainer_image = OperatorSettings.from_env().trainer_image
+        found.append(allowlist.image_refusal(job.spec.image, trainer_image, args.allowed_image_registry))
+    return [message for message in found if message is not None]
+
+
+def _endpoint_entry(text: str) -> Any:
+    from kubetune_operator.allowlist import EndpointEntry
+
+    try:
+        return EndpointEntry.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _registry_entry(text: str) -> str:
+    from kubetune_operator.allowlist import parse_registries
+
+    try:
+        return parse_registries([text])[0]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -216,12 +258,41 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    config = local_config(
+        args,
+        f"kubetune run trains on this machine only, so it needs --local: kubetune run {args.file} --local\n"
+        f"To train on a cluster, apply the job: kubectl apply -f {args.file}",
+    )
+    if isinstance(config, int):
+        return config
+    try:
+        from kubetune_trainer.local import run_local
+    except ModuleNotFoundError as exc:
+        return trainer_missing("run", exc)
+    # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
+    return run_local(config, s3_endpoint=args.s3_endpoint)
+
+
+def cmd_tune_lr(args: argparse.Namespace) -> int:
+    config = local_config(
+        args,
+        f"kubetune tune-lr runs on this machine only, so it needs --local: kubetune tune-lr {args.file} --local",
+    )
+    if isinstance(config, int):
+        return config
+    try:
+        from kubetune_trainer.tune_lr import tune_lr_local
+    except ModuleNotFoundError as exc:
+        return trainer_missing("tune-lr", exc)
+    picture = args.plot or Path(f"{config.job_name}-lr-range-test.png")
+    return tune_lr_local(config, s3_endpoint=args.s3_endpoint, steps=args.steps, picture=picture)
+
+
+def local_config(args: argparse.Namespace, needs_local: str) -> TrainerConfig | int:
+    """The TrainerConfig of the one job in `args.file` for a command that runs here, or its exit code:
+    2 without --local (saying `needs_local`), 1 when the file holds no single valid job (problems on stderr)."""
     if not args.local:
-        print(
-            f"kubetune run trains on this machine only, so it needs --local: kubetune run {args.file} --local\n"
-            f"To train on a cluster, apply the job: kubectl apply -f {args.file}",
-            file=sys.stderr,
-        )
+        print(needs_local, file=sys.stderr)
         return 2
     jobs, problems = read_jobs(args.file)
     if problems or len(jobs) != 1:
@@ -229,16 +300,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from kubetune_operator.trainer_config import trainer_config
 
-    try:
-        from kubetune_trainer.local import run_local
-    except ModuleNotFoundError as exc:
-        print(
-            f"kubetune run --local needs the trainer ({exc.name} is missing): pip install 'kubetune[trainer]'",
-            file=sys.stderr,
-        )
-        return 2
-    # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
-    return run_local(trainer_config(jobs[0]), s3_endpoint=args.s3_endpoint)
+    job = jobs[0]
+    if job.spec.model.resume == "never" and not job.metadata.uid:
+        # A file has no uid: each local run of a job that never resumes is a run of its own.
+        job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"uid": str(uuid.uuid4())})})
+    return trainer_config(job)
+
+
+def trainer_missing(command: str, error: ModuleNotFoundError) -> int:
+    print(
+        f"kubetune {command} --local needs the trainer ({error.name} is missing): pip install 'kubetune[trainer]'",
+        file=sys.stderr,
+    )
+    return 2
 
 
 # `kubetune demo` lives in the kubetune-dev distribution (devtools/ of a checkout), not in this package.
@@ -280,10 +354,20 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _range_test_steps(text: str) -> int:
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps") from None
+    if not 20 <= steps <= 1000:
+        raise argparse.ArgumentTypeError(f"{steps} steps: use 20 to 1000")
+    return steps
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kubetune", description="Fine-tune computer-vision models on Kubernetes.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_validate, _add_render, _add_run, _add_demo, _add_crd):
+    for add_command in (_add_validate, _add_render, _add_run, _add_tune_lr, _add_demo, _add_crd):
         add_command(sub)
     return top
 
@@ -300,6 +384,22 @@ def _add_validate(sub: Subcommands) -> None:
     )
     validate.add_argument(
         "files", nargs="+", metavar="FILE", help="YAML file(s), any number of documents; '-' reads stdin"
+    )
+    validate.add_argument(
+        "--allowed-s3-endpoint",
+        action="append",
+        type=_endpoint_entry,
+        metavar="ENDPOINT",
+        help="also check spec.storage.endpoint against AWS S3 and these, as the operator's allowedS3Endpoints "
+        "does ([http(s)://]host[:port] or *.domain; repeatable)",
+    )
+    validate.add_argument(
+        "--allowed-image-registry",
+        action="append",
+        type=_registry_entry,
+        metavar="REGISTRY",
+        help="also check spec.image against the trainer image's registry and these, as the operator's "
+        "allowedImageRegistries does (registry[:port][/path]; repeatable)",
     )
     validate.set_defaults(handler=cmd_validate)
 
@@ -330,6 +430,35 @@ def _add_run(sub: Subcommands) -> None:
         help="S3 endpoint (default: spec.storage.endpoint, then AWS_ENDPOINT_URL, then AWS S3)",
     )
     run.set_defaults(handler=cmd_run)
+
+
+def _add_tune_lr(sub: Subcommands) -> None:
+    tune = sub.add_parser(
+        "tune-lr",
+        help="find a learning rate for a job on this machine (--local)",
+        description="Run the learning-rate range test of a FineTuneJob on this machine: a few steps on the job's "
+        "data while the learning rate grows from 1e-6 to 1; print the rate a run would choose (the bottom of the "
+        "smoothed loss curve) and write the curve as a PNG. A job without training.learningRate runs the same test "
+        "before it trains.",
+    )
+    tune.add_argument("file", metavar="FILE", help="FineTuneJob YAML with one job; '-' reads stdin")
+    tune.add_argument("--local", action="store_true", help="run here (required)")
+    tune.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint (default: spec.storage.endpoint, then AWS_ENDPOINT_URL, then AWS S3)",
+    )
+    tune.add_argument(
+        "--steps",
+        type=_range_test_steps,
+        default=100,
+        metavar="N",
+        help="steps of the sweep, 20-1000 (default: 100, as a run does)",
+    )
+    tune.add_argument(
+        "--plot", type=Path, metavar="PNG", help="where the curve goes (default: <job name>-lr-range-test.png)"
+    )
+    tune.set_defaults(handler=cmd_tune_lr)
 
 
 def _add_demo(sub: Subcommands) -> None:

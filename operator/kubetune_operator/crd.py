@@ -4,7 +4,8 @@
 keeps the committed file equal to what this module generates, and docs/api.md's field reference too.
 
 Pydantic's JSON Schema is turned into a Kubernetes *structural* schema: $refs inlined, `Optional[X]`
-collapsed to X (absent means unset; the API server prunes nulls), every node typed, JSON Schema 2020
+collapsed to X (absent means unset; the API server prunes nulls), every node typed (except
+value alternatives: training.learningRate, a number or auto), JSON Schema 2020
 keywords rewritten to their OpenAPI v3.0 forms, and keywords Kubernetes does not know dropped.
 """
 
@@ -175,6 +176,8 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "$ref" in node:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
         node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    if "anyOf" in node and node.get("x-kubernetes-preserve-unknown-fields"):
+        return _value_alternatives(node, defs)
     if "anyOf" in node:
         branches = [b for b in node["anyOf"] if b.get("type") != "null"]
         if len(branches) != 1:
@@ -184,6 +187,16 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             del outer["default"]
         return _ordered({**structural(branches[0], defs), **structural_keywords(outer, defs)})
     return structural_keywords(node, defs)
+
+
+def _value_alternatives(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """An untyped node whose values are alternatives (training.learningRate: a number or auto): structural
+    schemas allow anyOf of value validations, without types, beside x-kubernetes-preserve-unknown-fields."""
+    outer = {k: v for k, v in node.items() if k not in ("anyOf", "default")}
+    branches = [structural_keywords(branch, defs) for branch in node["anyOf"]]
+    if any("type" in branch for branch in branches):
+        raise ValueError(f"a CRD cannot express the union {node['anyOf']}")
+    return _ordered({**structural_keywords(outer, defs), "anyOf": branches})
 
 
 def structural_keywords(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -360,6 +373,8 @@ def _walk(node: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any], bo
 
 
 def _type_of(node: dict[str, Any]) -> str:
+    if "anyOf" in node:  # value alternatives: an enum, or a number's bounds
+        return " or ".join("string" if "enum" in branch else "number" for branch in node["anyOf"])
     kind = node.get("type", "")
     if kind == "array":
         return f"list of {_type_of(node['items'])}"
@@ -378,6 +393,8 @@ def _default_of(node: dict[str, Any], required: bool) -> str:
 
 
 def _rules_of(node: dict[str, Any]) -> str:
+    if "anyOf" in node:
+        return " or ".join(f"({_rules_of(_numeric(branch))})" for branch in node["anyOf"])
     rules: list[str] = []
     if "enum" in node:
         rules.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
@@ -399,6 +416,13 @@ def _rules_of(node: dict[str, Any]) -> str:
     for rule in node.get("x-kubernetes-validations", []):
         rules.append(rule["message"])
     return _cell("; ".join(rules))
+
+
+def _numeric(branch: dict[str, Any]) -> dict[str, Any]:
+    """A number's alternative without the string lengths that keep strings out of it (_value_alternatives)."""
+    if "enum" in branch:
+        return branch
+    return {k: v for k, v in branch.items() if k not in ("minLength", "maxLength")}
 
 
 def _cell(text: str) -> str:

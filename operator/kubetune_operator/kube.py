@@ -3,9 +3,10 @@
 One small async client over the official `kubernetes` library (its blocking calls run in threads), so
 the RBAC the operator needs is read off this file: FineTuneJobs get/delete, their status patch; RayJobs
 get/create/patch; ServiceAccounts get/create; Secrets get (preflight) and get/create (each job's Ray
-token); NetworkPolicies get/create; API discovery of ray.io/v1.
-Events go through kopf (`kopf.event`), which creates core/v1 Events. `login` gives kopf the same
-credentials the client uses.
+token); NetworkPolicies get/create; Events create (the progress endpoint's); API discovery of ray.io/v1.
+Events go through kopf (`kopf.event`), which creates core/v1 Events, inside kopf's handlers; outside them
+(the progress endpoint) `create_event` creates the same kind of Event itself. `login` gives kopf the
+same credentials the client uses.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
@@ -43,6 +45,11 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 KUBERAY_SEEN_SECONDS = 30.0
 DEFAULT_KUBECONFIG = "~/.kube/config"
 KUBE_THREADS = 16  # API calls in flight at once
+# The "From" of the operator's Events (kopf's settings.posting.reporting_component, main.py).
+REPORTING_COMPONENT = "kubetune-operator"
+# Every API call the operator makes itself (and each TokenReview) gives up after this: (connect, read)
+# seconds. Without it a call to an API server that stopped answering would hold its thread for ever.
+REQUEST_TIMEOUT = (5.0, 30.0)
 
 
 def client_configuration(kubeconfig: str | None = None) -> client.Configuration:
@@ -102,6 +109,10 @@ class KubeRayMissingError(Exception):
     """The ray.io/v1 RayJob API does not exist in this cluster: KubeRay is not installed."""
 
 
+class SecretNotReadableError(Exception):
+    """RBAC does not let the operator read this Secret (the chart grants it per namespace, on request)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ApiException):
         return exc.status in TRANSIENT_STATUSES or exc.status == 0
@@ -134,8 +145,15 @@ def is_not_found(exc: BaseException) -> bool:
 class Kube:
     """The operator's Kubernetes client; every method is safe to call again with the same arguments."""
 
-    def __init__(self, api_client: client.ApiClient, *, threads: int = KUBE_THREADS) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        *,
+        threads: int = KUBE_THREADS,
+        request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
+    ) -> None:
         self.api_client = api_client
+        self.request_timeout = request_timeout
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.networking = client.NetworkingV1Api(api_client)
@@ -163,7 +181,7 @@ class Kube:
         """Run one blocking API call in a thread; the decoded JSON answer."""
         for delay in (*RETRY_DELAYS, None):
             try:
-                call = functools.partial(_call_and_decode, fn, *args, **kwargs)
+                call = functools.partial(_call_and_decode, fn, *args, _request_timeout=self.request_timeout, **kwargs)
                 return await asyncio.get_running_loop().run_in_executor(self._executor, call)
             except Exception as exc:
                 if delay is None or not is_transient(exc):
@@ -252,19 +270,34 @@ class Kube:
         namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         read, create = self._accessors(kind)
         if not likely_new:
-            existing = await self._read_or_none(read, namespace, name)
+            existing = await self._read_if_allowed(kind, read, namespace, name)
             if existing is not None:
                 return existing, False
         try:
             return await self._call(create, namespace, dict(obj)), True
         except ApiException as exc:
             if exc.status == 409:
-                again = await self._read_or_none(read, namespace, name)
+                again = await self._read_if_allowed(kind, read, namespace, name)
                 if again is not None:
                     return again, False
+                if kind == ("v1", "Secret"):
+                    # One the operator may not read (the default install reads none): it is there, and
+                    # taken as this job's own (its name is the job's).
+                    return dict(obj), False
             if exc.status == 404 and kind == (RAYJOB_API_VERSION, RAYJOB_KIND):
                 self._kuberay_seen_at = None
                 raise KubeRayMissingError(f"{RAYJOB_API_VERSION} {RAY_PLURAL} is not served by this cluster") from exc
+            raise
+
+    async def _read_if_allowed(
+        self, kind: tuple[str, str], read: Callable[..., Any], namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        """The object, or None when it is missing, or when it is a Secret RBAC does not let the operator read."""
+        try:
+            return await self._read_or_none(read, namespace, name)
+        except ApiException as exc:
+            if exc.status == 403 and kind == ("v1", "Secret"):
+                return None
             raise
 
     def _accessors(self, kind: tuple[str, str]) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -299,8 +332,16 @@ class Kube:
     # -- Secrets and Events ------------------------------------------------------------------------------
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The Secret's data, decoded; None when there is no such Secret. Never logged."""
-        secret = await self._read_or_none(self.core.read_namespaced_secret, name, namespace)
+        """The Secret's data, decoded; None when there is no such Secret. Never logged.
+
+        Raises SecretNotReadableError when RBAC does not allow the read (403).
+        """
+        try:
+            secret = await self._read_or_none(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as exc:
+            if exc.status == 403:
+                raise SecretNotReadableError(f"the operator may not read Secrets in namespace {namespace}") from None
+            raise
         if secret is None:
             return None
         decoded: dict[str, str] = {}
@@ -310,6 +351,31 @@ class Kube:
             except (binascii.Error, UnicodeDecodeError):
                 continue  # not text: cannot be a credential
         return decoded
+
+    async def create_event(self, job: Mapping[str, Any], event: Event) -> None:
+        """An Event on `job`, as `post_event` makes it, from outside kopf's handlers (the progress endpoint)."""
+        meta = job.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        now = datetime.now(UTC).isoformat()
+        body = {
+            "metadata": {"namespace": namespace, "generateName": f"{meta.get('name')}."},
+            "type": event.type,
+            "reason": str(event.reason),
+            "message": event.message,
+            "reportingComponent": REPORTING_COMPONENT,
+            "source": {"component": REPORTING_COMPONENT},
+            "involvedObject": {
+                "apiVersion": job.get("apiVersion"),
+                "kind": job.get("kind"),
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._call(self.core.create_namespaced_event, namespace, body)
 
     def post_event(self, job: Mapping[str, Any], event: Event) -> None:
         """An Event on `job` (kopf posts it in the background; needs the operator's context)."""

@@ -156,6 +156,12 @@ def owner_uid(rayjob: Mapping[str, Any]) -> str | None:
     return str(uid) if uid else None
 
 
+def belongs_to(rayjob: Mapping[str, Any], job_uid: str | None) -> bool:
+    """Whether `rayjob` is the job's own: its controller is the job with `job_uid`. A RayJob of the same
+    name left by an earlier job (deleted, its RayJob not yet collected) or orphaned (no owner) is not."""
+    return job_uid is None or owner_uid(rayjob) == job_uid
+
+
 def dashboard_url(rayjob_status: Mapping[str, Any]) -> str | None:
     """KubeRay reports host:port of the head service; people click URLs."""
     url = rayjob_status.get("dashboardURL")
@@ -409,6 +415,25 @@ def waiting(job: JobRecord, reason: Reason, message: str, *, now: datetime) -> S
     return _transition(job, Observation(Phase.PENDING, reason, message, warning=True), now=now, launched=False)
 
 
+def previous_owner_message(namespace: str, child: Mapping[str, Any]) -> str:
+    """Why a job waits when one of its children's names (its RayJob, Secret or NetworkPolicy) is held by
+    an object that is not its own (see `belongs_to`)."""
+    kind, name, previous = (
+        child.get("kind") or "RayJob",
+        (child.get("metadata") or {}).get("name", ""),
+        owner_uid(child),
+    )
+    if previous:
+        return (
+            f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {previous}); this job "
+            "launches once Kubernetes' garbage collector has deleted it"
+        )
+    return (
+        f"{kind} {name} exists but no FineTuneJob owns it (orphaned, or made by hand); this job launches once "
+        f"it is gone: kubectl -n {namespace} delete {kind.lower()} {name}"
+    )
+
+
 def failed_before_launch(job: JobRecord, reason: Reason, message: str, *, now: datetime) -> StatusChange:
     """The job can never launch as written (invalid spec, missing data): Failed, not retried."""
     return _transition(job, Observation(Phase.FAILED, reason, message), now=now, launched=False)
@@ -463,7 +488,7 @@ def rayjob_deleted(job: JobRecord, rayjob_name: str, *, now: datetime) -> Status
         return NO_CHANGE
     message = (
         f"RayJob {rayjob_name} was deleted while the job was {phase_of(job) or 'starting'}; "
-        "delete and re-create the FineTuneJob to run it again"
+        "delete and re-create the FineTuneJob to run it again (it resumes from the run's last checkpoint)"
     )
     return _transition(job, Observation(Phase.FAILED, Reason.RAYJOB_DELETED, message), now=now, launched=None)
 
@@ -484,6 +509,18 @@ def _set_one(
     )
     patch = {"conditions": conditions, **_generation_patch(job)}
     return StatusChange(patch, (event,) if event else ())
+
+
+def preflight_skipped(job: JobRecord, secret: str, *, now: datetime) -> StatusChange:
+    """RBAC does not let the operator read the job's credentials Secret: it launches without preflight."""
+    message = (
+        f"Preflight skipped: the operator may not read Secret {secret!r} in namespace {job.meta.namespace!r} "
+        "(RBAC), so S3 access was not checked before the Ray cluster starts; the pods still get the keys. "
+        "To have it checked, let the operator read Secrets in this namespace: the chart's "
+        "rbac.preflightSecrets.namespaces (docs/install.md, Permissions)"
+    )
+    event = Event("Warning", Reason.SECRET_NOT_READABLE, message)
+    return _set_one(job, ConditionType.PREFLIGHT_CHECKED, False, Reason.SECRET_NOT_READABLE, message, event, now=now)
 
 
 def refuse_spec_change(job: JobRecord, fields: list[str], *, now: datetime) -> StatusChange:
@@ -580,6 +617,33 @@ def progress_reporting(job: JobRecord, *, now: datetime, grace: float) -> Status
     )
     event = Event("Warning", Reason.NO_PROGRESS_RECEIVED, clip(message))
     return _set_one(job, ConditionType.PROGRESS_REPORTING, False, Reason.NO_PROGRESS_RECEIVED, message, event, now=now)
+
+
+def preemptions_added(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> int:
+    """Preemptions counted in `status.progress` between `before` and `after`.
+
+    `preemptions` counts those of the current attempt of the driver: a fall (a new attempt) adds none,
+    a rise by n adds n.
+    """
+    old, new = (before or {}).get("preemptions"), after.get("preemptions")
+    old = old if isinstance(old, int) else 0
+    return new - old if isinstance(new, int) and new > old else 0
+
+
+def preemption_event(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> Event | None:
+    """The Event of the preemption(s) the trainer counted in `status.progress` (`before` -> `after`), if any."""
+    if not preemptions_added(before, after):
+        return None
+    new = after["preemptions"]
+    lost = after.get("preemptionStepsLost")
+    lost_text = f"{lost} step(s) lost" if isinstance(lost, int) else "the steps lost are not known"
+    message = (
+        f"Preemption {new} of this run (a node drained or reclaimed, or a pod deleted): Ray Train restarted the "
+        f"workers from the checkpoint they saved on the notice ({after.get('latestCheckpoint') or 'none yet'}); "
+        f"{lost_text}, at most the steps since the last checkpoint. spec.runPolicy.maxPreemptions bounds "
+        "preemptions, apart from maxRetries"
+    )
+    return Event("Warning", Reason.PREEMPTED, clip(message))
 
 
 # -- spec edits and expiry -------------------------------------------------------------------------------

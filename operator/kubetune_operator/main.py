@@ -25,11 +25,11 @@ from kubernetes.config import ConfigException
 from kubetune_operator import handlers
 from kubetune_operator.diffbase import CarriedDiffBase
 from kubetune_operator.hooks import Hooks
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import REPORTING_COMPONENT, Kube
 from kubetune_operator.kube import login as kube_login
 from kubetune_operator.metrics import OperatorMetrics, install_hooks
 from kubetune_operator.runtime import Runtime
-from kubetune_operator.settings import OperatorSettings, package_version, parse_namespaces
+from kubetune_operator.settings import OperatorSettings, package_version, parse_list
 
 logger = logging.getLogger("kubetune_operator")
 
@@ -80,7 +80,7 @@ def kopf_settings(runtime: Runtime | None = None) -> kopf.OperatorSettings:
         runtime.status.diffbase = diffbase
     # The Events people read come from lifecycle; kopf adds only its handler errors.
     settings.posting.level = logging.ERROR
-    settings.posting.reporting_component = "kubetune-operator"
+    settings.posting.reporting_component = REPORTING_COMPONENT
     settings.posting.reporting_instance = socket.gethostname()
     settings.posting.event_name_prefix = "kubetune-"
     # Watches are re-established regularly, so a silently dropped connection never stalls the operator.
@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = OperatorSettings.from_env()
     if args.namespace:
-        settings = dataclasses.replace(settings, namespaces=parse_namespaces(",".join(args.namespace)))
+        settings = dataclasses.replace(settings, namespaces=parse_list(",".join(args.namespace)))
     configure_logging(args.log_level or settings.log_level)
     try:
         kube = Kube.from_environment()

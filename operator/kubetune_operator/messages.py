@@ -34,6 +34,7 @@ from kubetune_operator.spec import (
 from kubetune_trainer.config import (
     ANNOTATIONS_PATTERN,
     ARCHITECTURE_PATTERN,
+    CHECKPOINT_EVERY_PATTERN,
     CHECKPOINT_PATTERN,
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
@@ -45,7 +46,6 @@ from kubetune_trainer.config import (
 )
 
 Loc = tuple[str | int, ...]
-URL_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
 MAX_SHOWN = 60
 
 _LETTERS_DIGITS_DASH = "lowercase letters, digits and '-'"
@@ -67,7 +67,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
         "spaces, no empty, . or .. segments)"
     ),
     ARCHITECTURE_PATTERN: "must be a timm model name: lowercase letters, digits, '_', '.' and '-', e.g. resnet50",
-    ENDPOINT_PATTERN: "must be an http:// or https:// URL like https://minio.example.com:9000",
+    ENDPOINT_PATTERN: (
+        "must be an http:// or https:// URL like https://minio.example.com:9000, without user:password@ "
+        "(the keys go in the Secret spec.storage.credentialsSecret names)"
+    ),
     MLFLOW_URI_PATTERN: (
         "must be an http:// or https:// URL like https://mlflow.example.com:5000, without credentials "
         "(user:password@) or spaces"
@@ -90,6 +93,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     DISK_SIZE_PATTERN: "must be a whole number of Mi, Gi or Ti above zero, e.g. 500Mi, 20Gi or 2Ti",
     IMAGE_PATTERN: "must be a container image reference without spaces",
     REASON_PATTERN: "must be a CamelCase word",
+    CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
 }
 
 # Why a limit is what it is, where that is not obvious from the field.
@@ -102,6 +106,7 @@ _ROOTS: dict[str, type[BaseModel]] = {
     model.__name__: model for model in (FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, TrainerConfig)
 }
 
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]*@")
 _CROSS_FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*): (.*)$", re.DOTALL)
 _WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -255,7 +260,8 @@ def show(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        value = URL_CREDENTIALS.sub(r"\1***@", value)  # never echo a password given in a URL
+        # Credentials in a URL (https://user:password@host) never reach a message: it lands in the status.
+        value = _URL_CREDENTIALS.sub(r"\1***@", value)
         if len(value) > MAX_SHOWN:
             return repr(value[:MAX_SHOWN])[:-1] + "…" + repr(value)[-1] + f", {len(value)} characters"
         return repr(value)

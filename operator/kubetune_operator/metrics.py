@@ -151,7 +151,7 @@ class OperatorMetrics:
         )
 
     def _declare_totals(self, r: CollectorRegistry) -> None:
-        """What finished jobs add up to: queue and run times, completions, restarts."""
+        """What finished jobs add up to: queue and run times, completions, restarts, preemptions."""
         self.queue_time = Histogram(
             "kubetune_job_queue_duration_seconds",
             "Time from creating a FineTuneJob until its run is Running.",
@@ -171,6 +171,13 @@ class OperatorMetrics:
         self.restarts = Counter(
             "kubetune_job_restarts",
             "Restarts of FineTuneJob runs (worker or cluster retries).",
+            ["namespace"],
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "kubetune_job_preemptions",
+            "Preemptions of FineTuneJob runs (a node drained or reclaimed, a pod deleted) Ray Train restarted the "
+            "workers after, from the checkpoint saved on the notice; not counted in kubetune_job_restarts.",
             ["namespace"],
             registry=r,
         )
@@ -242,6 +249,7 @@ class OperatorMetrics:
             for outcome in OUTCOMES:
                 self.completed.labels(namespace, outcome)
             self.restarts.labels(namespace)
+            self.preemptions.labels(namespace)
 
     def _observe_phase(self, namespace: str, name: str, state: _JobState, phase: str | None) -> None:
         if phase is not None and phase != state.phase:
@@ -323,6 +331,11 @@ class OperatorMetrics:
     def count_reconcile_error(self, handler: str) -> None:
         """A handler raised (kopf will retry it); `handler` is the handler's fixed id, never a job name."""
         self.reconcile_errors.labels(handler).inc()
+
+    def count_preemptions(self, namespace: str, added: int) -> None:
+        """Preemptions a progress update counted (`lifecycle.preemptions_added`)."""
+        if added > 0:
+            self.preemptions.labels(namespace).inc(added)
 
     def count_progress_update(self, result: str, code: int) -> None:
         """One progress request answered; `result` is one of PROGRESS_RESULTS."""

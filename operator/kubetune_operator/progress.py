@@ -2,14 +2,23 @@
 
     POST /v1/progress/{namespace}/{name}     Authorization: Bearer <projected ServiceAccount token>
 
-Answers: 200 applied (or ignored as stale), 400 malformed or larger than MAX_BODY_BYTES, 401 no token, or
-none authentic for the job's audience, 403 an authentic token of anyone but the namespace's trainer
-ServiceAccount, 404 no such job, 429 more than one update per job per second (Retry-After says when), 503
-the API server cannot be asked. Every answer is counted in `kubetune_progress_updates_total{result,code}`.
+Answers: 200 applied (or ignored as stale); 400 a path whose namespace or name is no DNS name, a body that
+is malformed, nested too deeply or larger than MAX_BODY_BYTES; 401 no token, or none authentic for the job;
+403 an authentic token of anyone but the namespace's trainer ServiceAccount; 404 no such job (told only to
+a caller whose token is authentic for it); 408 a body not sent within READ_TIMEOUT_S; 429 more than one
+update per job per second (Retry-After says when); 503 the API server cannot be asked. Every answer is
+counted in `kubetune_progress_updates_total{result,code}`.
 
 Only a job's own pods hold a token for its audience, `token_audience(namespace, name, uid)`: the pods of
 every job share one ServiceAccount per namespace, so the audience is what tells jobs apart, and the uid in
-it what tells a job from an earlier one of the same name.
+it what tells a job from an earlier one of the same name. The request is authenticated (auth.py) before
+the job is looked up, so whoever has no token learns nothing about which jobs exist, and a forged request
+costs no API call beyond one TokenReview (none when the token is not even a JWT for a kubetune audience).
+
+Abuse is bounded: the path is checked first; at most MAX_CONNECTIONS connections are open at once (more
+are closed on arrival); a connection must send its request line and headers, and then its body, within
+READ_TIMEOUT_S each (aiohttp's keep-alive timer closes one that has not sent a whole request); the body
+is read whole, at most MAX_BODY_BYTES; every per-job table is keyed by authenticated jobs only.
 
 The merge rule lives in `progress_patch` (pure); reading and patching the job go through the operator's
 Kubernetes client (`kube.Kube`, a `JobStatusStore`).
@@ -21,26 +30,38 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import pydantic
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
-from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, service_account_username
+from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, claimed_job_uid, service_account_username
 from kubetune_operator.builders import token_audience
+from kubetune_operator.lifecycle import Event, preemption_event, preemptions_added
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
-from kubetune_operator.spec import ProgressStatus
+from kubetune_operator.spec import DNS_LABEL, MAX_NAME_LENGTH, NAME_PATTERN, ProgressStatus
 from kubetune_trainer.progress_model import ProgressUpdate  # pydantic only: no torch or Ray in the operator
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
 MIN_INTERVAL_S = 1.0
+# Connections open at once: far more than the trainers of every job in a cluster (each sends one update a
+# second on a connection of its own), few enough that their buffers stay small (aiohttp's per connection
+# limits: request line and header fields 8 KiB each, 128 headers).
+MAX_CONNECTIONS = 1024
+# Seconds a connection has to send its request line and headers (from when it opens, or since its last
+# answer), and then its body.
+READ_TIMEOUT_S = 10.0
+LINGERING_TIME_S = 1.0
 ROUTE = "/v1/progress/{namespace}/{name}"
+_ROUTE = re.compile(r"^/v1/progress/([^/]+)/([^/]+)$")
 
 
 class JobStatusStore(Protocol):
@@ -51,6 +72,9 @@ class JobStatusStore(Protocol):
 
     async def patch_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """Merge `status` into the job's status (a JSON merge patch of `{"status": status}`)."""
+
+    async def create_event(self, job: Mapping[str, Any], event: Event) -> None:
+        """An Event on the job (its object as `get_job` read it)."""
 
 
 # -- the merge rule (pure) -----------------------------------------------------------------------------------
@@ -67,11 +91,15 @@ def progress_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, no
 
     An update at the same position is applied (an evaluation reports after the last step of its epoch).
     Fields the update leaves out keep their current values, metrics one by one: that is what a JSON merge
-    patch of the returned dict does.
+    patch of the returned dict does. An older update still brings its new counts (COUNTS): workers
+    restarted from a checkpoint report from behind the furthest point, and the restart is news.
     """
     fields = update.model_dump(by_alias=True, exclude_none=True, mode="json")
     if position(fields) < position(current):
-        return None
+        counts = {key: fields[key] for key in COUNTS if key in fields and fields[key] != (current or {}).get(key)}
+        if not counts:
+            return None
+        fields = {**(current or {}), **counts}
     # The wire message may carry more than the status keeps (e.g. the trainer's own phase); validating
     # against the model the CRD's status schema is generated from keeps exactly what the API server keeps.
     kept = {key: value for key, value in fields.items() if key in _PROGRESS_KEYS and key != "updatedAt"}
@@ -79,6 +107,8 @@ def progress_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, no
     return ProgressStatus.model_validate(kept).model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+# What the driver counts in an attempt: an update from behind the furthest point still carries them.
+COUNTS = ("workerFailures", "preemptions", "preemptionStepsLost")
 _PROGRESS_KEYS = frozenset(field.alias or name for name, field in ProgressStatus.model_fields.items())
 
 
@@ -96,6 +126,23 @@ def merge_patch(target: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> d
     return out
 
 
+# An update is two levels deep (metrics); anything far deeper is built to hurt the validator, not sent.
+MAX_DEPTH = 8
+
+
+def _depth(data: Any) -> int:
+    """How deeply `data` nests, walked without recursion (a parsed body may be thousands of levels deep)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
 def parse_update(body: bytes) -> ProgressUpdate:
     """The update in a request body; raises ValueError with a short reason when it is not one."""
 
@@ -106,8 +153,12 @@ def parse_update(body: bytes) -> ProgressUpdate:
         data = json.loads(body, parse_constant=no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("body must be a JSON object")
+    if _depth(data) > MAX_DEPTH:
+        raise ValueError(f"body is nested too deeply (more than {MAX_DEPTH} levels)")
     try:
         update = ProgressUpdate.model_validate(data)
     except pydantic.ValidationError as exc:
@@ -129,8 +180,32 @@ def _check_finite(value: Any) -> None:
 # -- the HTTP server ------------------------------------------------------------------------------------------
 
 
+class _CappedServer(web.Server):
+    """aiohttp's low-level server, closing each connection that arrives while `max_connections` are open."""
+
+    def __init__(
+        self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], max_connections: int, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self.refused = 0
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning(
+                    "progress endpoint: %d connections open, the most allowed; refused %d so far",
+                    self.max_connections,
+                    self.refused,
+                )
+            transport.close()
+            return
+        super().connection_made(handler, transport)
+
+
 class ProgressServer:
-    """The aiohttp application behind the progress endpoint."""
+    """The HTTP server behind the progress endpoint (aiohttp's low-level server: one route)."""
 
     def __init__(
         self,
@@ -140,6 +215,8 @@ class ProgressServer:
         *,
         max_body_bytes: int = MAX_BODY_BYTES,
         min_interval_s: float = MIN_INTERVAL_S,
+        max_connections: int = MAX_CONNECTIONS,
+        read_timeout_s: float = READ_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
         trainer_service_account: str = DEFAULT_TRAINER_SERVICE_ACCOUNT,
     ) -> None:
@@ -149,27 +226,33 @@ class ProgressServer:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.min_interval_s = min_interval_s
+        self.max_connections = max_connections
+        self.read_timeout_s = read_timeout_s
         self._clock = clock
-        self._last_update: dict[tuple[str, str], float] = {}
+        self._last_update: dict[str, float] = {}  # by the job uid a token was authentic for
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        # Status writes per job, so an update can tell whether the job it read before its review is
-        # still what this server last wrote (only this server writes status.progress).
-        self._writes: dict[tuple[str, str], int] = {}
-        self._runner: web.AppRunner | None = None
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
-        app.router.add_post(ROUTE, self.handle)
-        return app
+        self.server: _CappedServer | None = None
+        self._runner: web.ServerRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port) and return the port."""
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # keepalive_timeout: aiohttp closes a connection that has not sent a whole request line and
+        # headers this long after it opened (or after its last answer): the header read timeout.
+        # lingering_time: after an answer to a request whose body was not read whole (too big, too slow),
+        # how long the rest is read and dropped before the connection closes (so the client sees the
+        # answer, not a reset); aiohttp's default is 10 s.
+        self.server = _CappedServer(
+            self.handle,
+            self.max_connections,
+            keepalive_timeout=self.read_timeout_s,
+            lingering_time=LINGERING_TIME_S,
+            access_log=None,
+        )
+        self._runner = web.ServerRunner(self.server)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
+        sockets = getattr(site._server, "sockets", None) or []
         return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def stop(self) -> None:
@@ -177,75 +260,100 @@ class ProgressServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def handle(self, request: web.Request) -> web.Response:
-        namespace, name = request.match_info["namespace"], request.match_info["name"]
-        job = f"{namespace}/{name}"
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self.server.connections) if self.server is not None else 0
 
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        match = _ROUTE.match(request.path)
+        if match is None:
+            return self._answer(
+                "rejected", 404, "not found; progress goes to POST /v1/progress/<namespace>/<name>", "-"
+            )
+        if request.method != "POST":
+            return self._answer("rejected", 405, "only POST", "-")
+        namespace, name = match.groups()
+        if not _is_job_name(namespace, name):
+            return self._answer(
+                "rejected", 400, "the path names no FineTuneJob: <namespace> and <name> must be DNS labels", "-"
+            )
+        job = f"{namespace}/{name}"
         token = _bearer(request.headers.get("Authorization", ""))
         if token is None:
             return self._answer("rejected", 401, "a bearer token is required", job, authenticate=True)
-        key = (namespace, name)
-        # The job comes first: its uid is part of the audience its pods' tokens carry.
-        writes = self._writes.get(key, 0)
         try:
-            obj = await self.jobs.get_job(namespace, name)
-        except Exception as exc:
-            log.error("progress for %s: cannot read the job: %s", job, exc)
-            return self._answer("error", 503, "the operator cannot read the job right now", job, retry_after=5)
-        if obj is None:
-            return self._answer("rejected", 404, f"no FineTuneJob {job}", job)
-        uid = (obj.get("metadata") or {}).get("uid")
-        try:
-            refusal = await self._authorize(token, namespace, name, str(uid) if uid else None)
+            uid, refusal = await self._authenticate(token, namespace, name)
         except ReviewUnavailableError as exc:
             log.error("progress for %s: cannot review its token: %s", job, exc)
             return self._answer("error", 503, "the operator cannot check tokens right now", job, retry_after=5)
-        if refusal == 401:
-            return self._answer("rejected", 401, "the token is not valid for this job", job, authenticate=True)
-        if refusal == 403:
-            return self._answer("rejected", 403, f"this token may not report progress for {job}", job)
-
-        now = self._clock()
-        last = self._last_update.get(key)
-        if last is not None and now - last < self.min_interval_s:
-            wait = max(1, math.ceil(self.min_interval_s - (now - last)))
-            return self._answer("throttled", 429, "at most one update per second", job, retry_after=wait)
-        self._last_update[key] = now
-        self._forget_idle(now)
-
-        body = await _read_limited(request, self.max_body_bytes)
-        if body is None:
-            return self._answer("rejected", 400, f"the body exceeds {self.max_body_bytes} bytes", job)
+        if refusal is not None:
+            return refusal
+        throttled = self._throttle(uid, job)
+        if throttled is not None:
+            return throttled
+        body = await self._read_body(request, job)
+        if isinstance(body, web.StreamResponse):
+            return body
         try:
             update = parse_update(body)
         except ValueError as exc:
             return self._answer("rejected", 400, str(exc), job)
-
-        async with self._locks.setdefault(key, asyncio.Lock()):
+        async with self._locks.setdefault((namespace, name), asyncio.Lock()):
             try:
-                # The job read above is current unless another update was written since.
-                fresh = obj if self._writes.get(key, 0) == writes else await self.jobs.get_job(namespace, name)
-                return await self._apply(namespace, name, fresh, update)
+                return await self._apply(namespace, name, uid, update)
             except Exception as exc:
                 log.error("progress for %s: cannot update the status: %s", job, exc)
                 return self._answer("error", 503, "the operator cannot update the job right now", job, retry_after=5)
 
-    async def _authorize(self, token: str, namespace: str, name: str, uid: str | None) -> int | None:
-        """None when `token` may report for the job; else 401 (not authentic for it) or 403 (someone else's)."""
-        identity = await self.reviewer.authenticate(token, token_audience(namespace, name, uid))
-        if identity is None:
-            return 401
+    async def _authenticate(self, token: str, namespace: str, name: str) -> tuple[str, web.Response | None]:
+        """(the uid of the job `token` is authentic for, None), or ("", the 401 or 403 to answer).
+
+        The token's claims say which job it is for; the TokenReview for that job's audience decides.
+        """
+        job = f"{namespace}/{name}"
+        uid = claimed_job_uid(token)
+        identity = await self.reviewer.authenticate(token, token_audience(namespace, name, uid)) if uid else None
+        if uid is None or identity is None:
+            return "", self._answer("rejected", 401, "the token is not valid for this job", job, authenticate=True)
         if identity.username != service_account_username(namespace, self.trainer_service_account):
-            log.warning("progress for %s/%s refused: sent by %s", namespace, name, identity.username)
-            return 403
+            log.warning("progress for %s refused: sent by %s", job, identity.username)
+            return "", self._answer("rejected", 403, f"this token may not report progress for {job}", job)
+        return uid, None
+
+    def _throttle(self, uid: str, job: str) -> web.Response | None:
+        """The 429 to answer when the job (by its authenticated uid) reported less than a second ago."""
+        now = self._clock()
+        last = self._last_update.get(uid)
+        if last is not None and now - last < self.min_interval_s:
+            wait = max(1, math.ceil(self.min_interval_s - (now - last)))
+            return self._answer("throttled", 429, "at most one update per second", job, retry_after=wait)
+        self._last_update[uid] = now
+        self._forget_idle(now)
         return None
 
-    async def _apply(
-        self, namespace: str, name: str, obj: Mapping[str, Any] | None, update: ProgressUpdate
-    ) -> web.Response:
+    async def _read_body(self, request: web.BaseRequest, job: str) -> bytes | web.Response:
+        """The whole body (however many segments it arrives in), or the 400 or 408 to answer."""
+        too_big = f"the body exceeds {self.max_body_bytes} bytes"
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return self._answer("rejected", 400, too_big, job, close=True)
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                return await request.clone(client_max_size=self.max_body_bytes).read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._answer("rejected", 400, too_big, job, close=True)
+        except TimeoutError:
+            message = f"the body did not arrive within {self.read_timeout_s:g}s"
+            return self._answer("rejected", 408, message, job, close=True)
+
+    async def _apply(self, namespace: str, name: str, uid: str, update: ProgressUpdate) -> web.Response:
         job = f"{namespace}/{name}"
+        obj = await self.jobs.get_job(namespace, name)
         if obj is None:
             return self._answer("rejected", 404, f"no FineTuneJob {job}", job)
+        if str((obj.get("metadata") or {}).get("uid")) != uid:
+            # Authentic, but for another job: one of another name, or an earlier one of this name.
+            return self._answer("rejected", 401, "the token is not valid for this job", job, authenticate=True)
         current = (obj.get("status") or {}).get("progress")
         self.metrics.mark_alive(namespace, name)
         try:
@@ -259,14 +367,27 @@ class ProgressServer:
         if "latestCheckpoint" in patch:
             # A resumed or retried run continues from here; the status is where the operator finds it.
             status["latestCheckpoint"] = patch["latestCheckpoint"]
-        try:
-            await self.jobs.patch_job_status(namespace, name, status)
-        finally:
-            # Counted once the write is done (or failed, perhaps applied): a read that began before
-            # then may not show it.
-            self._writes[(namespace, name)] = self._writes.get((namespace, name), 0) + 1
-        self.metrics.observe_progress(namespace, name, merge_patch(current, patch))
+        await self.jobs.patch_job_status(namespace, name, status)
+        merged = merge_patch(current, patch)
+        self.metrics.observe_progress(namespace, name, merged)
+        await self._announce_preemption(obj, current, merged)
         return self._answer("accepted", 200, "applied", job, applied=True)
+
+    async def _announce_preemption(
+        self, obj: Mapping[str, Any], before: Mapping[str, Any] | None, after: Mapping[str, Any]
+    ) -> None:
+        """A preemption the update counted: its Event and kubetune_job_preemptions_total (best effort)."""
+        event = preemption_event(before, after)
+        if event is None:
+            return
+        meta = obj.get("metadata") or {}
+        self.metrics.count_preemptions(str(meta.get("namespace") or ""), preemptions_added(before, after))
+        try:
+            await self.jobs.create_event(obj, event)
+        except Exception as exc:  # the status says it already; the Event is the news
+            log.warning(
+                "progress for %s/%s: cannot post the preemption Event: %s", meta.get("namespace"), meta.get("name"), exc
+            )
 
     def _answer(
         self,
@@ -278,6 +399,7 @@ class ProgressServer:
         applied: bool | None = None,
         retry_after: int | None = None,
         authenticate: bool = False,
+        close: bool = False,
     ) -> web.Response:
         self.metrics.count_progress_update(result, code)
         if result in ("rejected", "throttled"):
@@ -290,7 +412,10 @@ class ProgressServer:
         body: dict[str, Any] = {"result": result, "message": message}
         if applied is not None:
             body["applied"] = applied
-        return web.json_response(body, status=code, headers=headers)
+        response = web.json_response(body, status=code, headers=headers)
+        if close:  # the rest of the body, if any, is never read: the connection cannot carry another request
+            response.force_close()
+        return response
 
     def _forget_idle(self, now: float) -> None:
         # Bounded memory: forget the rate-limit state of jobs that have not reported for a minute.
@@ -298,21 +423,21 @@ class ProgressServer:
             return
         for key in [key for key, at in self._last_update.items() if now - at > 60]:
             del self._last_update[key]
-            self._writes.pop(key, None)
-            lock = self._locks.get(key)
-            if lock is not None and not lock.locked():
-                del self._locks[key]
+        for where in [where for where, lock in self._locks.items() if not lock.locked()]:
+            del self._locks[where]
+
+
+def _is_job_name(namespace: str, name: str) -> bool:
+    """Whether `namespace` and `name` could name a FineTuneJob (the spec's own patterns and lengths)."""
+    return (
+        len(namespace) <= 63
+        and len(name) <= MAX_NAME_LENGTH
+        and re.match(DNS_LABEL, namespace) is not None
+        and re.match(NAME_PATTERN, name) is not None
+    )
 
 
 def _bearer(header: str) -> str | None:
     scheme, _, token = header.partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
-
-
-async def _read_limited(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None when it is longer than `limit` (without reading more than that)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = await request.content.read(limit + 1)
-    return None if len(body) > limit else body

@@ -8,15 +8,13 @@ again with the same job: the children are get-or-create, and a status already sa
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
 import kopf
 
-from kubetune_operator import lifecycle, s3
+from kubetune_operator import allowlist, lifecycle, s3
 from kubetune_operator.builders import (
     SPEC_DIGEST_ANNOTATION,
     build_children,
@@ -26,7 +24,7 @@ from kubetune_operator.builders import (
     spec_digest,
 )
 from kubetune_operator.incoming import InvalidJob, JobMeta, JobRecord
-from kubetune_operator.kube import KubeRayMissingError
+from kubetune_operator.kube import KubeRayMissingError, SecretNotReadableError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
 from kubetune_operator.runtime import Runtime
 from kubetune_operator.spec import FineTuneJob
@@ -59,12 +57,19 @@ async def launch(rt: Runtime, job: JobRecord, *, retry: int = 0) -> None:
         await _refuse_invalid_spec(rt, job.meta, job.job)
         return
     spec = job.job
+    refusal = None if lifecycle.is_launched(job) else _not_allowed(rt, spec)
+    if refusal is not None:
+        # Before any request on the job's behalf: its Secret is not read, its endpoint never asked.
+        await _refuse(rt, job.meta, *refusal)
+        return
     if not await rt.kube.kuberay_installed():
         await _wait_for_kuberay(rt, job.meta)
     first_launch = await _is_first_launch(rt, job, spec)
     if first_launch and not await _preflight_passes(rt, job.meta, spec, retry=retry):
         return
     rayjob = await _ensure_children(rt, job.meta, spec, likely_new=first_launch)
+    if not lifecycle.belongs_to(rayjob, job.meta.uid):
+        await _wait_for_previous_rayjob(rt, job.meta, rayjob)
     # The status says Launching/RayJobCreated as soon as the RayJob exists (one write, not one before
     # and one after the children); the RayJob's own watch event then finds nothing to change.
     found = _rayjob_change(rt, rayjob, deleted=False, unless_launched=True)
@@ -77,11 +82,26 @@ async def _refuse_invalid_spec(rt: Runtime, meta: JobMeta, invalid: InvalidJob) 
         # Edited past the CRD's checks after launch: the run keeps the spec it was launched with.
         logger.warning("%s: the spec is invalid now; its RayJob runs on unchanged: %s", meta.source, invalid.message)
         return
-    logger.warning("%s: not launched: %s", meta.source, invalid.message)
+    await _refuse(rt, meta, Reason.INVALID_SPEC, invalid.message)
+
+
+def _not_allowed(rt: Runtime, spec: FineTuneJob) -> tuple[Reason, str] | None:
+    """The reason and message when the job names an S3 endpoint or an image the operator may not use."""
+    settings = rt.settings
+    message = allowlist.endpoint_refusal(spec.spec.storage.endpoint, settings.s3_endpoint_entries())
+    if message is not None:
+        return Reason.ENDPOINT_NOT_ALLOWED, message
+    message = allowlist.image_refusal(spec.spec.image, settings.trainer_image, settings.allowed_image_registries)
+    return (Reason.IMAGE_NOT_ALLOWED, message) if message is not None else None
+
+
+async def _refuse(rt: Runtime, meta: JobMeta, reason: Reason, message: str) -> None:
+    """Fail a job that can never launch as written (not retried)."""
+    logger.warning("%s: not launched: %s", meta.source, message)
     await rt.status.update(
         meta.namespace,
         meta.name,
-        lambda cur: lifecycle.failed_before_launch(cur, Reason.INVALID_SPEC, invalid.message, now=rt.clock()),
+        lambda cur: lifecycle.failed_before_launch(cur, reason, message, now=rt.clock()),
         ends_launch=True,
     )
 
@@ -132,12 +152,9 @@ async def _ensure_owned(rt: Runtime, meta: JobMeta, obj: dict[str, Any], *, like
         logger.info("%s: created %s %s", meta.source, kind, name)
         return
     if meta.uid and lifecycle.owner_uid(found) != meta.uid:
-        message = (
-            f"{kind} {name} exists and is not this job's (an earlier job of this name that is still being "
-            "deleted, or one made by hand): the job launches once it is gone"
-        )
+        message = lifecycle.previous_owner_message(meta.namespace, {**found, "kind": kind})
         logger.warning("%s: cannot launch yet: %s", meta.source, message)
-        delay = rt.settings.preflight_backoff_seconds
+        delay = rt.settings.previous_rayjob_retry_seconds
         await _wait(rt, meta, Reason.PREVIOUS_CHILD_STILL_EXISTS, message, delay=delay)
 
 
@@ -146,8 +163,15 @@ async def _wait_for_kuberay(rt: Runtime, meta: JobMeta) -> NoReturn:
     await _wait(rt, meta, Reason.KUBERAY_NOT_INSTALLED, KUBERAY_MISSING, delay=rt.settings.kuberay_retry_seconds)
 
 
+async def _wait_for_previous_rayjob(rt: Runtime, meta: JobMeta, rayjob: dict[str, Any]) -> NoReturn:
+    """Another job's RayJob holds the name: say so, and launch again once it is gone (a retry)."""
+    message = lifecycle.previous_owner_message(meta.namespace, rayjob)
+    logger.warning("%s: cannot launch yet: %s", meta.source, message)
+    await _wait(rt, meta, Reason.PREVIOUS_RAYJOB_STILL_EXISTS, message, delay=rt.settings.previous_rayjob_retry_seconds)
+
+
 async def _wait(rt: Runtime, meta: JobMeta, reason: Reason, message: str, *, delay: float) -> NoReturn:
-    """The job stays Pending saying why, and the launch is tried again in `delay` seconds."""
+    """The job cannot launch yet: Pending for `reason`, and the launch runs again after `delay` seconds."""
     await rt.status.update(
         meta.namespace, meta.name, lambda cur: lifecycle.waiting(cur, reason, message, now=rt.clock())
     )
@@ -171,30 +195,24 @@ async def _preflight_passes(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, re
 
 
 async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: int) -> s3.PreflightFailure | None:
-    # Without spec.storage.credentialsSecret the pods use their own cloud identity (IRSA, workload
-    # identity), which the operator does not have: a check with the operator's identity proves nothing.
-    storage = spec.spec.storage
-    if not storage.credentials_secret:
-        return None
-    secret = await rt.kube.read_secret(meta.namespace, storage.credentials_secret)
-    credentials = s3.credentials_from_secret(storage.credentials_secret, meta.namespace, secret)
-    if isinstance(credentials, s3.PreflightFailure):
+    credentials = await _credentials(rt, meta, spec)
+    if not isinstance(credentials, s3.Credentials):
         return credentials
     datasets = {"spec.data.train": spec.spec.data.train}
     if spec.spec.data.validation:
         datasets["spec.data.validation"] = spec.spec.data.validation
-    check = functools.partial(
-        s3.preflight,
-        storage,
-        checkpoint=spec.spec.model.checkpoint,
-        datasets=datasets,
-        credentials=credentials,
-        timeout=rt.settings.s3_timeout_seconds,
-    )
+    settings = rt.settings
     try:
-        return await asyncio.get_running_loop().run_in_executor(rt.preflight_pool, check)
+        async with rt.preflight_slots.hold(meta.namespace):
+            return await s3.preflight(
+                spec.spec.storage,
+                checkpoint=spec.spec.model.checkpoint,
+                datasets=datasets,
+                credentials=credentials,
+                timeout=settings.s3_timeout_seconds,
+                deadline=settings.preflight_deadline_seconds,
+            )
     except s3.TransientS3Error as exc:
-        settings = rt.settings
         delay = min(settings.preflight_backoff_seconds * 2**retry, settings.preflight_backoff_max_seconds)
         message = f"{exc}; preflight retries in {delay:g}s"
         logger.warning("%s: %s", meta.source, message)
@@ -204,6 +222,27 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
             lambda cur: lifecycle.waiting(cur, Reason.STORAGE_UNAVAILABLE, message, now=rt.clock()),
         )
         raise kopf.TemporaryError(message, delay=delay) from exc
+
+
+async def _credentials(rt: Runtime, meta: JobMeta, spec: FineTuneJob) -> s3.Credentials | s3.PreflightFailure | None:
+    """The keys preflight checks S3 with, why the job fails instead, or None: no preflight.
+
+    Without spec.storage.credentialsSecret the pods use their own cloud identity (IRSA, workload identity),
+    which the operator does not have: a check with the operator's identity proves nothing. Where RBAC does
+    not let the operator read Secrets, the status says preflight was skipped.
+    """
+    name = spec.spec.storage.credentials_secret
+    if not name:
+        return None
+    try:
+        secret = await rt.kube.read_secret(meta.namespace, name)
+    except SecretNotReadableError:
+        logger.warning("%s: preflight skipped: RBAC does not let the operator read Secrets here", meta.source)
+        await rt.status.update(
+            meta.namespace, meta.name, lambda cur: lifecycle.preflight_skipped(cur, name, now=rt.clock())
+        )
+        return None
+    return s3.credentials_from_secret(name, meta.namespace, secret)
 
 
 # -- following the RayJob --------------------------------------------------------------------------------
@@ -230,11 +269,10 @@ def _rayjob_change(
         return None
     meta = rayjob.get("metadata") or {}
     rayjob_name = str(meta.get("name") or "")
-    owner_uid = lifecycle.owner_uid(rayjob)
 
     def compute(job: JobRecord) -> StatusChange:
-        if owner_uid and job.meta.uid != owner_uid:
-            return NO_CHANGE  # a RayJob left over from an earlier job of the same name
+        if not lifecycle.belongs_to(rayjob, job.meta.uid):
+            return NO_CHANGE  # left over from an earlier job of the same name, or orphaned
         if unless_launched and lifecycle.is_launched(job):
             return NO_CHANGE
         if deleted:

@@ -4,16 +4,16 @@
 It owns what lives as long as the operator: the Kubernetes client, the one `StatusWriter`, the namespaces'
 shared ServiceAccounts, the in-process timers (TTL expiry, progress checks), the Prometheus metrics and
 the two HTTP servers (metrics and progress), which `start` and `close` bring up and down, and the
-threads of the S3 preflight.
+slots that bound the S3 preflights running at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -76,6 +76,33 @@ class Timers:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class Slots:
+    """At most `per_key` holders per key (a namespace) and `total` in all, each waiting its turn.
+
+    A namespace waits for a slot of its own before one of the shared ones, so however many jobs one
+    namespace starts at once, it holds at most `per_key` of them and the other namespaces the rest.
+    """
+
+    def __init__(self, total: int, per_key: int) -> None:
+        self.per_key = per_key
+        self._total = asyncio.Semaphore(total)
+        self._keys: dict[str, tuple[asyncio.Semaphore, int]] = {}  # key → (its slots, holders and waiters)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        own, users = self._keys.get(key) or (asyncio.Semaphore(self.per_key), 0)
+        self._keys[key] = (own, users + 1)
+        try:
+            async with own, self._total:
+                yield
+        finally:
+            own, users = self._keys[key]
+            if users == 1:
+                del self._keys[key]  # bounded: only keys in use are remembered
+            else:
+                self._keys[key] = (own, users - 1)
+
+
 @dataclass
 class Runtime:
     """What every handler shares; see the module's docstring."""
@@ -89,16 +116,20 @@ class Runtime:
     accounts: SharedServiceAccounts = field(default_factory=SharedServiceAccounts)
     expiry: Timers = field(default_factory=lambda: Timers("expiry"))  # ttlSecondsAfterFinished
     progress_checks: Timers = field(default_factory=lambda: Timers("progress-check"))  # ProgressReporting
-    # S3 preflight calls may each wait for a timeout; a pool of their own keeps them from delaying the rest.
-    preflight_pool: concurrent.futures.ThreadPoolExecutor = field(
-        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kubetune-preflight")
-    )
+    # The S3 preflights running at once, in all and per namespace (from the settings).
+    preflight_slots: Slots = field(init=False)
     status: StatusWriter = field(init=False)
     _metrics_servers: list[WSGIServer] = field(default_factory=list)
     _progress_servers: list[ProgressServer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.status = StatusWriter(self.kube)
+        self.preflight_slots = Slots(self.settings.preflights_at_once, self.settings.preflights_per_namespace)
+
+    @property
+    def progress_servers(self) -> tuple[ProgressServer, ...]:
+        """The progress endpoint's servers while the operator runs (none before `start`, or without a port)."""
+        return tuple(self._progress_servers)
 
     def forget(self, namespace: str, name: str, uid: str) -> None:
         """A job is gone: its timers, cached state and metrics with it."""
@@ -115,7 +146,7 @@ class Runtime:
             logger.info("Serving Prometheus metrics on port %d at /metrics", server.server_port)
         if self.settings.progress_port is not None:
             progress = ProgressServer(
-                TokenReviewer(self.kube.api_client),
+                TokenReviewer(self.kube.api_client, request_timeout=self.kube.request_timeout),
                 self.kube,
                 self.metrics,
                 trainer_service_account=self.settings.trainer_service_account,
@@ -128,7 +159,6 @@ class Runtime:
         """Stop the timers and the servers (the operator is stopping)."""
         await self.expiry.close()
         await self.progress_checks.close()
-        self.preflight_pool.shutdown(wait=False, cancel_futures=True)
         while self._progress_servers:
             await self._progress_servers.pop().stop()
         while self._metrics_servers:

@@ -1,33 +1,46 @@
-"""Preflight: before a Ray cluster is started, check that the job's S3 inputs are there (boto3, blocking).
+"""Preflight: before a Ray cluster is started, check that the job's S3 inputs are there.
 
 A job whose base weights are missing would otherwise hold GPUs for minutes before failing. Each check
 ends in a `PreflightFailure` with a condition reason (`SecretNotFound`, `InvalidSecret`,
-`CheckpointNotFound`, `DatasetNotFound`, `AccessDenied`), or in a `TransientS3Error` when the store could
-not answer (unreachable, throttled, 5xx), which the operator retries with backoff.
+`CheckpointNotFound`, `DatasetNotFound`, `AccessDenied`, `StorageError`), or in a `TransientS3Error` when
+the store could not answer (unreachable, throttled, 5xx, too slow), which the operator retries with backoff.
+
+The store is whatever a job names (within the operator's allow-list, `allowlist.py`), so it is talked to
+defensively: plain HTTP requests (aiohttp) signed with botocore's SigV4 signer, no redirect followed, at
+most MAX_ANSWER_BYTES of any answer read, each connect and read bounded by `timeout`, and the whole check
+by `deadline`: it is one task that the deadline cancels, closing its connections, whatever the store does
+(an endpoint that answers one byte a second included). Blocking clients (boto3) bound only each read.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+import aiohttp
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials as SigningCredentials
+from yarl import URL  # aiohttp's own URL type: it sends a URL marked encoded exactly as signed
 
 from kubetune_operator.builders import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN
 from kubetune_operator.states import Reason
-from kubetune_trainer.config import StorageSpec, as_prefix
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+from kubetune_trainer.config import REGION_PATTERN, StorageSpec, as_prefix
 
 # S3 error codes that mean "these credentials may not do this" (or are not credentials at all).
 DENIED_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidToken", "403"}
 )
 MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ServiceUnavailable"})
+# An S3 answer to HEAD or a one-key listing is a few hundred bytes; the rest of a longer one is not read.
+MAX_ANSWER_BYTES = 64 * 1024
+_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
+_KEY_COUNT = re.compile(rb"<KeyCount>([0-9]{1,10})</KeyCount>")
 
 
 @dataclass(frozen=True)
@@ -75,87 +88,175 @@ def credentials_from_secret(
     return Credentials(data[ACCESS_KEY_ID], data[SECRET_ACCESS_KEY], data.get(SESSION_TOKEN) or None)
 
 
-def make_client(storage: StorageSpec, credentials: Credentials, timeout: float) -> S3Client:
-    config = Config(
-        connect_timeout=timeout,
-        read_timeout=timeout,
-        retries={"max_attempts": 2, "mode": "standard"},
-        # S3-compatible stores (MinIO, Ceph, moto) are addressed by path; AWS itself picks for us.
-        s3={"addressing_style": "path" if storage.endpoint else "auto"},
-    )
-    session = boto3.session.Session(
-        aws_access_key_id=credentials.access_key_id,
-        aws_secret_access_key=credentials.secret_access_key,
-        aws_session_token=credentials.session_token,
-        region_name=storage.region,
-    )
-    return session.client("s3", endpoint_url=storage.endpoint, config=config)
+# -- one store, signed requests --------------------------------------------------------------------------
 
 
-def _classify(exc: ClientError, what: str, uri: str, missing: PreflightFailure) -> PreflightFailure:
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+@dataclass(frozen=True)
+class Answer:
+    """What the store said: the HTTP status, the S3 error code (the status when the body names none), the
+    bounded body, and the region AWS says a bucket is in (`x-amz-bucket-region`)."""
+
+    status: int
+    code: str
+    body: bytes = b""
+    bucket_region: str | None = None
+
+
+def object_url(storage: StorageSpec, region: str, bucket: str, key: str, query: Mapping[str, str]) -> str:
+    """The request URL, percent-encoded: path style under a custom endpoint (as the trainer's boto3 client
+    addresses it), AWS's virtual-hosted style otherwise (path style for bucket names with dots)."""
+    path = quote(key, safe="/~")
+    if storage.endpoint:
+        url = f"{storage.endpoint.rstrip('/')}/{bucket}/{path}"
+    else:
+        domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+        host = f"s3.{region}.{domain}"
+        url = f"https://{host}/{bucket}/{path}" if "." in bucket else f"https://{bucket}.{host}/{path}"
+    if query:
+        url += "?" + "&".join(f"{quote(k, safe='~')}={quote(v, safe='~')}" for k, v in sorted(query.items()))
+    return url
+
+
+class Store:
+    """Signed requests to one S3 store, in one aiohttp session (`async with Store(...) as store`)."""
+
+    def __init__(self, storage: StorageSpec, credentials: Credentials, timeout: float) -> None:
+        self.storage = storage
+        self._signing = SigningCredentials(
+            credentials.access_key_id, credentials.secret_access_key, credentials.session_token
+        )
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+            trust_env=False,  # the proxy, if any, is chosen per request below; never ~/.netrc credentials
+        )
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._session.close()
+
+    async def request(self, method: str, bucket: str, key: str = "", query: Mapping[str, str] | None = None) -> Answer:
+        """One request; on AWS, again in the bucket's own region when AWS says it is in another."""
+        answer = await self._send(method, self.storage.region, bucket, key, query or {})
+        moved = answer.bucket_region
+        if (
+            not self.storage.endpoint
+            and answer.status in (301, 307, 400)
+            and moved
+            and moved != self.storage.region
+            and re.match(REGION_PATTERN, moved)
+        ):
+            answer = await self._send(method, moved, bucket, key, query or {})
+        return answer
+
+    async def _send(self, method: str, region: str, bucket: str, key: str, query: Mapping[str, str]) -> Answer:
+        url = object_url(self.storage, region, bucket, key, query)
+        signed = AWSRequest(method=method, url=url, headers={})
+        S3SigV4Auth(self._signing, "s3", region).add_auth(signed)
+        try:
+            async with self._session.request(
+                method,
+                URL(url, encoded=True),
+                headers=dict(signed.headers.items()),
+                allow_redirects=False,
+                proxy=_proxy_for(url),
+            ) as response:
+                body = await _read_at_most(response, MAX_ANSWER_BYTES)
+                found = _ERROR_CODE.search(body) if response.status >= 300 else None
+                code = found.group(1).decode() if found else str(response.status)
+                return Answer(response.status, code, body, response.headers.get("x-amz-bucket-region"))
+        except (aiohttp.ClientError, OSError) as exc:
+            where = self.storage.endpoint or "AWS S3"
+            raise TransientS3Error(f"S3 endpoint {where} is unreachable: {type(exc).__name__}: {exc}") from exc
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY / NO_PROXY name for `url`, as boto3 would use it."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    return None if not proxy or urllib.request.proxy_bypass(parts.hostname or "") else proxy
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+# -- the checks ------------------------------------------------------------------------------------------
+
+
+def _classify(answer: Answer, what: str, uri: str, missing: PreflightFailure) -> PreflightFailure | None:
+    if answer.status < 300:
+        return None
+    code, status = answer.code, answer.status
     if code in DENIED_CODES or status == 403:
         return PreflightFailure(
             Reason.ACCESS_DENIED,
-            f"S3 denied access to {what} {uri} ({code or status}); check the credentials in "
+            f"S3 denied access to {what} {uri} ({code}); check the credentials in "
             "spec.storage.credentialsSecret and the bucket's policy",
         )
     if code in MISSING_CODES or status == 404:
         return missing
-    if status >= 500 or status == 429 or code in {"SlowDown", "RequestTimeout", "Throttling", "ServiceUnavailable"}:
-        raise TransientS3Error(f"S3 could not answer for {what} {uri}: {code or status}") from exc
-    return PreflightFailure(Reason.STORAGE_ERROR, f"S3 refused the request for {what} {uri}: {code or status}")
+    if status >= 500 or status == 429 or code in TRANSIENT_CODES:
+        raise TransientS3Error(f"S3 could not answer for {what} {uri}: {code}")
+    return PreflightFailure(Reason.STORAGE_ERROR, f"S3 refused the request for {what} {uri}: {code}")
 
 
-def _check_checkpoint(s3: S3Client, uri: str) -> PreflightFailure | None:
+async def _check_checkpoint(store: Store, uri: str) -> PreflightFailure | None:
     bucket, key = split_uri(uri)
     missing = PreflightFailure(
         Reason.CHECKPOINT_NOT_FOUND, f"spec.model.checkpoint: no object {uri} (bucket {bucket!r}, key {key!r})"
     )
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        return _classify(exc, "the base weights", uri, missing)
-    return None
+    return _classify(await store.request("HEAD", bucket, key), "the base weights", uri, missing)
 
 
-def _check_dataset(s3: S3Client, field_name: str, uri: str) -> PreflightFailure | None:
+async def _check_dataset(store: Store, field_name: str, uri: str) -> PreflightFailure | None:
     bucket, key = split_uri(uri)
-    prefix = as_prefix(key) if key else ""
     missing = PreflightFailure(
         Reason.DATASET_NOT_FOUND,
         f"{field_name}: no images under {uri} (expected <class>/<image> objects below it)",
     )
-    try:
-        answer = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
-    except ClientError as exc:
-        return _classify(exc, "the dataset", uri, missing)
-    return None if answer.get("KeyCount", 0) > 0 else missing
+    query = {"list-type": "2", "prefix": as_prefix(key) if key else "", "max-keys": "1"}
+    answer = await store.request("GET", bucket, query=query)
+    failure = _classify(answer, "the dataset", uri, missing)
+    if failure is not None:
+        return failure
+    count = _KEY_COUNT.search(answer.body)
+    return None if count is not None and int(count.group(1)) > 0 else missing
 
 
-def preflight(
+async def preflight(
     storage: StorageSpec,
     *,
     checkpoint: str,
     datasets: Mapping[str, str],
     credentials: Credentials,
     timeout: float = 10.0,
+    deadline: float = 60.0,
 ) -> PreflightFailure | None:
     """Check the base weights and each dataset prefix (`{"spec.data.train": uri, ...}`); None when all pass.
 
-    Every problem found is reported at once (the first one's reason names the condition), so a job
-    with two wrong paths needs one fix, not two round trips.
+    Every problem found is reported at once (the first one's reason names the condition), so a job with
+    two wrong paths needs one fix, not two round trips. Raises TransientS3Error when the store does not
+    answer usefully, or not within `deadline` seconds in all.
     """
     try:
-        s3 = make_client(storage, credentials, timeout)
-        failures = [_check_checkpoint(s3, checkpoint)]
-        failures += [_check_dataset(s3, name, uri) for name, uri in datasets.items()]
-    except NoCredentialsError as exc:  # cannot happen with explicit keys; kept for clarity of intent
-        return PreflightFailure(Reason.ACCESS_DENIED, f"no S3 credentials: {exc}")
-    except BotoCoreError as exc:  # connection refused, DNS, timeouts: the store may come back
-        raise TransientS3Error(f"S3 endpoint {storage.endpoint or 'AWS'} is unreachable: {exc}") from exc
+        async with asyncio.timeout(deadline), Store(storage, credentials, timeout) as store:
+            failures = [await _check_checkpoint(store, checkpoint)]
+            failures += [await _check_dataset(store, name, uri) for name, uri in datasets.items()]
+    except TimeoutError as exc:
+        where = storage.endpoint or "AWS S3"
+        raise TransientS3Error(f"S3 endpoint {where} did not answer the preflight within {deadline:g}s") from exc
     found = [f for f in failures if f is not None]
     if not found:
         return None

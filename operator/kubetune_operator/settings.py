@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from kubetune_operator.allowlist import EndpointEntry, parse_registries
+
 
 def package_version() -> str:
     """The installed kubetune version, which tags the default trainer image."""
@@ -60,12 +62,22 @@ class OperatorSettings:
     preflight_backoff_max_seconds: float = 300.0
     # How often a job waiting for KubeRay to be installed checks again.
     kuberay_retry_seconds: float = 60.0
-    # Connect/read timeout of each S3 call in preflight.
+    # How often a job whose name is still held by an earlier job's RayJob checks whether it is gone.
+    previous_rayjob_retry_seconds: float = 10.0
+    # Connect/read timeout of each S3 call in preflight, and the most one whole preflight may take.
     s3_timeout_seconds: float = 10.0
+    preflight_deadline_seconds: float = 60.0
+    # Preflights running at once, in all and per namespace (one namespace's jobs cannot take every slot).
+    preflights_at_once: int = 8
+    preflights_per_namespace: int = 2
     # How long a Running job may go without an accepted progress update before its status says so
     # (condition ProgressReporting=False, reason NoProgressReceived). Model loading and the first
     # steps come first, so this is well over a minute.
     progress_grace_seconds: float = 90.0
+    # What a job may name besides the defaults (allowlist.py): S3 endpoints besides AWS's own, as
+    # [scheme://]host[:port] or *.domain; image registries besides the trainer image's, as registry[/path].
+    allowed_s3_endpoints: tuple[str, ...] = ()
+    allowed_image_registries: tuple[str, ...] = ()
     log_level: str = "INFO"
     # A NetworkPolicy per job (builders.build_network_policy): Ray's ports admit the job's own pods, and
     # the dashboard port KubeRay's operator as well (it submits the run and polls it over HTTP). False
@@ -75,6 +87,14 @@ class OperatorSettings:
     # chart labels them app.kubernetes.io/name: kuberay-operator).
     kuberay_namespace: str | None = None
     kuberay_pod_labels: tuple[tuple[str, str], ...] = (("app.kubernetes.io/name", "kuberay-operator"),)
+
+    def __post_init__(self) -> None:
+        # A malformed entry stops the operator at startup, naming it, rather than refusing every job.
+        self.s3_endpoint_entries()
+        parse_registries(self.allowed_image_registries)
+
+    def s3_endpoint_entries(self) -> tuple[EndpointEntry, ...]:
+        return tuple(EndpointEntry.parse(text) for text in self.allowed_s3_endpoints)
 
     def progress_url(self, namespace: str, name: str) -> str | None:
         """Where the trainer pods of job `namespace/name` push progress, if anywhere."""
@@ -93,8 +113,9 @@ class OperatorSettings:
         for name, variable in _NUMBER_VARIABLES.items():
             if env.get(variable):
                 overrides[name] = _number(variable, env[variable])
-        if env.get("KUBETUNE_NAMESPACES"):
-            overrides["namespaces"] = parse_namespaces(env["KUBETUNE_NAMESPACES"])
+        for name, variable in _LIST_VARIABLES.items():
+            if env.get(variable):
+                overrides[name] = parse_list(env[variable])
         if env.get("KUBETUNE_NETWORK_POLICY"):
             overrides["network_policy"] = parse_bool("KUBETUNE_NETWORK_POLICY", env["KUBETUNE_NETWORK_POLICY"])
         if env.get("KUBETUNE_KUBERAY_POD_LABELS"):
@@ -115,6 +136,11 @@ _STRING_VARIABLES = {
     "log_level": "KUBETUNE_LOG_LEVEL",
     "kuberay_namespace": "KUBETUNE_KUBERAY_NAMESPACE",
 }
+_LIST_VARIABLES = {
+    "namespaces": "KUBETUNE_NAMESPACES",
+    "allowed_s3_endpoints": "KUBETUNE_ALLOWED_S3_ENDPOINTS",
+    "allowed_image_registries": "KUBETUNE_ALLOWED_IMAGE_REGISTRIES",
+}
 _NUMBER_VARIABLES = {
     "token_expiration_seconds": "KUBETUNE_TOKEN_EXPIRATION_SECONDS",
     "metrics_port": "KUBETUNE_METRICS_PORT",
@@ -122,7 +148,11 @@ _NUMBER_VARIABLES = {
     "preflight_backoff_seconds": "KUBETUNE_PREFLIGHT_BACKOFF_SECONDS",
     "preflight_backoff_max_seconds": "KUBETUNE_PREFLIGHT_BACKOFF_MAX_SECONDS",
     "kuberay_retry_seconds": "KUBETUNE_KUBERAY_RETRY_SECONDS",
+    "previous_rayjob_retry_seconds": "KUBETUNE_PREVIOUS_RAYJOB_RETRY_SECONDS",
     "s3_timeout_seconds": "KUBETUNE_S3_TIMEOUT_SECONDS",
+    "preflight_deadline_seconds": "KUBETUNE_PREFLIGHT_DEADLINE_SECONDS",
+    "preflights_at_once": "KUBETUNE_PREFLIGHTS_AT_ONCE",
+    "preflights_per_namespace": "KUBETUNE_PREFLIGHTS_PER_NAMESPACE",
     "progress_grace_seconds": "KUBETUNE_PROGRESS_GRACE_SECONDS",
 }
 
@@ -137,10 +167,18 @@ def _number(variable: str, text: str) -> float | int:
     return int(value) if value.is_integer() and variable in _INTEGER_VARIABLES else value
 
 
-_INTEGER_VARIABLES = frozenset({"KUBETUNE_TOKEN_EXPIRATION_SECONDS", "KUBETUNE_METRICS_PORT", "KUBETUNE_PROGRESS_PORT"})
+_INTEGER_VARIABLES = frozenset(
+    {
+        "KUBETUNE_TOKEN_EXPIRATION_SECONDS",
+        "KUBETUNE_METRICS_PORT",
+        "KUBETUNE_PROGRESS_PORT",
+        "KUBETUNE_PREFLIGHTS_AT_ONCE",
+        "KUBETUNE_PREFLIGHTS_PER_NAMESPACE",
+    }
+)
 
 
-def parse_namespaces(text: str) -> tuple[str, ...]:
+def parse_list(text: str) -> tuple[str, ...]:
     """`"a, b c"` → `("a", "b", "c")`: commas or whitespace separate, duplicates and blanks drop out."""
     seen: dict[str, None] = {}
     for item in re.split(r"[,\s]+", text):

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from kubetune_operator.states import Phase
 from kubetune_trainer.config import (
+    DEFAULT_PREEMPTION_GRACE_S,
     DNS_SUBDOMAIN,
+    MAX_PREEMPTION_GRACE_S,
+    MIN_PREEMPTION_GRACE_S,
     TASK_CEL_RULES,
     TASK_DESCRIPTION,
     CamelModel,
@@ -169,7 +172,28 @@ class RunPolicy(SpecSection):
     """Retries, deadlines, suspension and queueing."""
 
     max_retries: int = Field(
-        default=3, ge=0, le=100, description="Worker failures Ray Train recovers from its last checkpoint."
+        default=3,
+        ge=0,
+        le=100,
+        description="Worker failures Ray Train recovers from its last checkpoint (preemptions are counted apart).",
+    )
+    max_preemptions: int | None = Field(
+        default=None,
+        ge=0,
+        le=10000,
+        description=(
+            "Preemptions (a node drained or reclaimed, a pod deleted) the run recovers from, from the checkpoint "
+            "it saves when notified; no limit when omitted. They do not count against maxRetries."
+        ),
+    )
+    preemption_grace_seconds: int = Field(
+        default=DEFAULT_PREEMPTION_GRACE_S,
+        ge=MIN_PREEMPTION_GRACE_S,
+        le=MAX_PREEMPTION_GRACE_S,
+        description=(
+            "Seconds a preempted Ray pod has to checkpoint the current step before it is killed: its "
+            "terminationGracePeriodSeconds. The checkpoint must be written and uploaded within it."
+        ),
     )
     backoff_limit: int = Field(
         default=0,

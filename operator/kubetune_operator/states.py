@@ -35,6 +35,7 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"
     PROGRESS_REPORTING = "ProgressReporting"
+    PREFLIGHT_CHECKED = "PreflightChecked"  # set (False) only when preflight could not run
 
 
 class Reason(StrEnum):
@@ -42,6 +43,8 @@ class Reason(StrEnum):
 
     # Before launch: the spec, KubeRay, and the S3 preflight (kubetune_operator.s3).
     INVALID_SPEC = "InvalidSpec"
+    ENDPOINT_NOT_ALLOWED = "EndpointNotAllowed"  # spec.storage.endpoint is not on the operator's allow-list
+    IMAGE_NOT_ALLOWED = "ImageNotAllowed"  # spec.image is not from a registry on it
     KUBERAY_NOT_INSTALLED = "KubeRayNotInstalled"
     STORAGE_UNAVAILABLE = "StorageUnavailable"
     SECRET_NOT_FOUND = "SecretNotFound"
@@ -52,6 +55,9 @@ class Reason(StrEnum):
     STORAGE_ERROR = "StorageError"
     # A Secret or NetworkPolicy of the job's name that another owner holds (a deleted namesake's, still going).
     PREVIOUS_CHILD_STILL_EXISTS = "PreviousChildStillExists"
+    SECRET_NOT_READABLE = "SecretNotReadable"  # RBAC: preflight skipped, the job launches unchecked
+    # A RayJob of the job's name that is not the job's own (an earlier namesake's, or an orphan).
+    PREVIOUS_RAYJOB_STILL_EXISTS = "PreviousRayJobStillExists"
     # Following the RayJob (lifecycle.observe_rayjob).
     RAYJOB_CREATED = "RayJobCreated"
     CLUSTER_STARTING = "ClusterStarting"
@@ -81,6 +87,7 @@ class Reason(StrEnum):
     # Progress from the trainer.
     NO_PROGRESS_RECEIVED = "NoProgressReceived"
     PROGRESS_RECEIVED = "ProgressReceived"
+    PREEMPTED = "Preempted"  # an Event only: Ray Train restarted the workers after a preemption
 
 
 class JobDeploymentStatus(StrEnum):

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 from kubetune_operator.spec import FineTuneJob
-from kubetune_trainer.config import ProgressTarget, ScalingSpec, TrainerConfig
+from kubetune_trainer.config import ProgressTarget, ScalingSpec, TrainerConfig, run_digest, run_name
+
+
+def job_run_name(job: FineTuneJob) -> str:
+    """The Ray Train run of `job`: its namespace, name and the digest of its run-shaping spec
+    (`config.run_name`), so that a driver restarted by KubeRay, a suspended job resumed, and the same job
+    deleted and applied again all continue from the run's last committed checkpoint. With
+    `model.resume: never` the job's uid is added: only this job object continues that run.
+    """
+    spec, meta = job.spec, job.metadata
+    digest = run_digest(spec.task, spec.model, spec.data, spec.training)
+    uid = meta.uid if spec.model.resume == "never" else None
+    return run_name(meta.namespace or "default", meta.name, digest, uid)
 
 
 def trainer_config(job: FineTuneJob, progress: ProgressTarget | None = None) -> TrainerConfig:
-    """The trainer's config for `job`; used by the operator, `kubetune render` and `kubetune run --local`.
-
-    The run name is the job's uid so that a driver restarted by KubeRay, or a later resume, finds the
-    same Ray Train run and continues from its last checkpoint; a manifest not yet stored by the API
-    server has no uid, and then the name stands in.
-    """
+    """The trainer's config for `job`; used by the operator, `kubetune render` and `kubetune run --local`."""
     spec = job.spec
     resources = spec.resources
+    policy = spec.run_policy
     return TrainerConfig(
         job_name=job.metadata.name,
         namespace=job.metadata.namespace,
         task=spec.task,
-        run_name=job.metadata.uid or job.metadata.name,
+        run_name=job_run_name(job),
         model=spec.model,
         data=spec.data,
         training=spec.training,
@@ -30,6 +38,8 @@ def trainer_config(job: FineTuneJob, progress: ProgressTarget | None = None) -> 
             gpus_per_worker=resources.gpus_per_worker,
             cpus_per_worker=float(resources.cpus_per_worker),
         ),
-        max_failures=spec.run_policy.max_retries,
+        max_failures=policy.max_retries,
+        max_preemptions=policy.max_preemptions,
+        preemption_grace_seconds=policy.preemption_grace_seconds,
         progress=progress,
     )

@@ -14,7 +14,14 @@ from types import ModuleType
 
 import pytest
 
-from bench import checkpoint_storage, control_plane, input_pipeline, trainer_overhead
+from bench import (
+    checkpoint_blocking,
+    checkpoint_storage,
+    control_plane,
+    input_pipeline,
+    quality,
+    trainer_overhead,
+)
 from bench.__main__ import render, run_all
 from bench.common import Row, Stat, host_facts, markdown_table
 from tests.support.paths import REPO
@@ -46,6 +53,13 @@ def test_checkpoint_storage_compares_save_and_load_with_boto3(tmp_path: Path) ->
     rows = run_tiny(checkpoint_storage, tmp_path)
     assert {r.figure for r in rows} >= {"save (upload)", "load (download)"}
     assert all(r.baseline for r in rows)
+
+
+def test_checkpoint_blocking_compares_the_async_upload_with_a_synchronous_one(tmp_path: Path) -> None:
+    rows = run_tiny(checkpoint_blocking, tmp_path)
+    blocked = next(r for r in rows if r.figure.startswith("steps blocked by checkpoints"))
+    assert blocked.absolute and blocked.goal == ("<=", checkpoint_blocking.TARGET_PERCENT)
+    assert all(0 <= share <= 100 for share in blocked.product + blocked.baseline)
 
 
 def test_input_pipeline_compares_cold_and_warm_epochs_with_local_disk(tmp_path: Path) -> None:
@@ -165,3 +179,47 @@ def test_gpu_script_runs_standalone_on_cpu_with_a_tiny_model(tmp_path: Path, tas
     assert result["device"] == "CPU (no CUDA)" and result["ratio"] > 0
     assert len(result["images_per_second"]["kubetune"]) == len(result["images_per_second"]["plain"]) == 1
     assert result["task"] == ("detection" if "detection" in task_args else "classification")
+
+
+def test_a_partial_run_keeps_the_other_benchmarks_rows_and_set_ups() -> None:
+    """`python -m bench --only quality` rewrites the Quality rows and keeps what the page had for the rest."""
+    from bench.__main__ import carry_over
+
+    def page(rows: list[Row], day: int) -> str:
+        started = datetime(2026, 1, day, 3, 4, tzinfo=UTC)
+        findings = "## Findings\n\nkept\n\n| Figure | Before |\n| --- | --- |\n| a table of the findings | 1 |"
+        return render(rows, {}, {"x": 1.0}, quick=False, host=host_facts(), started=started, findings=findings)
+
+    old = page(
+        [
+            Row(trainer_overhead.NAME, "throughput", "images/s", [10.0], [10.0], (">=", 0.95), "trainer set-up"),
+            Row(quality.NAME, "far: accuracy", "accuracy", [0.5], [0.6], (">=", 1.0), "old quality"),
+        ],
+        1,
+    )
+    new = page([Row(quality.NAME, "far: accuracy", "accuracy", [0.9], [0.6], (">=", 1.0), "new quality")], 2)
+    merged = carry_over(old, new, {quality.NAME})
+    table = [line for line in merged.split("## Set-ups")[0].splitlines() if line.startswith("| ")]
+    assert table[2].startswith(f"| {trainer_overhead.NAME} | throughput | 10.0 images/s |")
+    assert table[3].startswith(f"| {quality.NAME} | far: accuracy | 0.900 accuracy |") and len(table) == 4
+    assert "2026-01-02 03:04 UTC" in merged and f"Rows of {trainer_overhead.NAME}: carried over" in merged
+    assert "2026-01-01 03:04 UTC" in merged
+    assert "- trainer set-up" in merged and "- new quality" in merged and "old quality" not in merged
+    assert merged.index(f"### {trainer_overhead.NAME}") < merged.index(f"### {quality.NAME}")
+    assert merged.rstrip().endswith("| a table of the findings | 1 |") and "kept" in merged
+
+
+def test_quality_targets_read_against_the_plain_loop_at_one_rate_and_the_best_of_the_grid() -> None:
+    samples = quality.Samples(
+        kubetune=[0.90, 0.92, 0.95],
+        chosen_lrs=[3e-3, 4e-3, 5e-3],
+        grid={1e-3: [0.60, 0.70, 0.80], 3e-3: [0.91, 0.93, 0.94]},
+        random=[0.3, 0.3, 0.3],
+    )
+    at_one_rate, against_the_best, from_random = quality.rows(quality.TASKS["far"], samples, quality.Config())
+    assert (at_one_rate.figure, at_one_rate.met) == ("far: accuracy vs plain loop at lr 0.001", True)
+    assert against_the_best.figure == "far: accuracy vs plain loop's best lr (0.003)"
+    # 0.92 - 0.93 is within the 2-point margin; the table shows the difference, not a ratio.
+    assert against_the_best.met and against_the_best.compared == pytest.approx(-0.01)
+    assert "| -0.010 | difference ≥ -0.02 | yes |" in markdown_table([against_the_best])
+    assert from_random.goal is None

@@ -1,21 +1,33 @@
-"""The chart's RBAC against the real operator: every request it makes in a job's whole life is granted.
+"""The chart's RBAC against the real operator, enforced: every request it makes in a job's whole life is
+granted, every grant is used, and the default install, which may read no Secret, still runs the job.
 
-The operator (built exactly as `python -m kubetune_operator` builds it) runs against kmock's API server
-through the operator tests' harness, which records each request in RBAC's terms (verb, group,
-resource, subresource). One job goes through preflight (its credentials Secret, a real S3 server),
-launch, running, suspend and resume, success and TTL deletion. Every request must be allowed by the
-rules the chart renders, and every rule must have been used, except the few this harness cannot
-exercise (listed below with the reason).
+The operator (built exactly as `python -m kubetune_operator` builds it) runs against the operator tests'
+kmock API server, which here refuses (403, as the real one would) every request of the operator's that
+the rendered rules do not allow in its namespace. One job goes through preflight (its credentials
+Secret, a real S3 server), launch, running, suspend and resume, success and TTL deletion. Every request
+must be allowed, and every rule must have been used, except the few this harness cannot exercise
+(listed below with the reason).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import kmock
 import pytest
 
 from tests.support.chart_support import Grant, Rendered, grants
-from tests.support.operator_harness import FAST_SETTINGS, OperatorHarness, finetunejob, running_operator
+from tests.support.operator_harness import (
+    FAST_SETTINGS,
+    TEST_USER_AGENT,
+    ApiRequest,
+    ApiServer,
+    OperatorHarness,
+    api_request,
+    declare_resources,
+    finetunejob,
+    running_operator,
+)
 from tests.support.s3_world import ACCESS_KEY, SECRET_KEY, S3World
 
 NS, NAME = "default", "flowers"
@@ -30,6 +42,41 @@ NOT_EXERCISED_HERE: dict[Grant, str] = {
     ("networking.k8s.io", "networkpolicies", "get"): "read back only when one is already there (a handler run "
     "twice, a namesake's leftover): a new job's is created without a read",
 }
+
+
+def _grant(request: ApiRequest) -> Grant:
+    resource = f"{request.resource}/{request.subresource}" if request.subresource else request.resource
+    return (request.group, resource, request.verb)
+
+
+def _granted(rendered: Rendered, namespace: str) -> set[Grant]:
+    """What the rendered rules allow the operator in `namespace`: its ClusterRoles and that namespace's Roles."""
+    return grants(
+        rendered.all("ClusterRole") + [r for r in rendered.all("Role") if r["metadata"]["namespace"] == namespace]
+    )
+
+
+class EnforcingApiServer(ApiServer):
+    """The harness' API server, answering 403 to each request of the operator's that `granted` does not allow
+    (the tests' own requests, playing users and KubeRay, are let through)."""
+
+    def __init__(self, granted: set[Grant], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.granted = granted
+        self.refused: list[Grant] = []
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        found = api_request(request)
+        if found is not None and _needs_a_grant(found) and _grant(found) not in self.granted:
+            self.refused.append(_grant(found))
+            raise kmock.KubernetesError(status=403, reason="Forbidden", message=f"RBAC: {_grant(found)} is not granted")
+        return await super()._handle(request)
+
+
+def _needs_a_grant(request: ApiRequest) -> bool:
+    """Whether RBAC decides `request`: one of the operator's on a resource (discovery documents, /api and
+    /apis/<group>/<version>, every client may read)."""
+    return bool(request.resource) and request.user_agent != TEST_USER_AGENT
 
 
 async def _set_rayjob(op: OperatorHarness, deployment: str, job: str) -> None:
@@ -58,23 +105,40 @@ async def _whole_life_of_a_job(op: OperatorHarness, s3: S3World) -> None:
     await op.wait_for(lambda: op.job(NS, NAME) is None, timeout=10, what="the job deleted after its TTL")
 
 
+async def _life_under(granted: set[Grant], s3: S3World) -> tuple[EnforcingApiServer, list[ApiRequest], list[str]]:
+    """A job's whole life with the API enforcing `granted`: the server, the operator's requests, and the
+    condition reasons the job's status showed on the way."""
+    reasons: list[str] = []
+    async with EnforcingApiServer(granted) as api, kmock.Server(api):
+        declare_resources(api)
+        async with running_operator(FAST_SETTINGS, api=api) as op:
+            await _whole_life_of_a_job(op, s3)
+            reasons = [event["reason"] for event in op.list_objects("v1/events", NS)]
+            requests = op.operator_requests()
+    return api, requests, reasons
+
+
 @pytest.mark.asyncio
 async def test_every_request_of_a_jobs_life_is_granted_and_every_grant_used(
     rendered: dict[str, Rendered], s3: S3World
 ) -> None:
-    async with running_operator(FAST_SETTINGS) as op:
-        await _whole_life_of_a_job(op, s3)
-        requests = op.operator_requests()
+    """With Secret reads granted in the job's namespace (rbac.preflightSecrets.namespaces), preflight runs."""
+    granted = _granted(rendered["locked-down"], NS)
+    api, requests, reasons = await _life_under(granted, s3)
 
-    used: dict[Grant, str] = {}
-    for request in requests:
-        if not request.resource:
-            continue  # discovery documents (/api, /apis/<group>/<version>): every client may read them
-        resource = f"{request.resource}/{request.subresource}" if request.subresource else request.resource
-        used.setdefault((request.group, resource, request.verb), f"{request.namespace}/{request.name}")
-    granted = grants(rendered["defaults"].all("ClusterRole"))
-
-    denied = {grant: example for grant, example in used.items() if grant not in granted}
-    assert denied == {}, f"the operator would be refused these (grant: an object it was for): {denied}"
-    unused = granted - used.keys() - NOT_EXERCISED_HERE.keys()
+    assert api.refused == [], f"the operator was refused: {api.refused}"
+    used = {_grant(request) for request in requests if _needs_a_grant(request)}
+    assert ("", "secrets", "get") in used
+    unused = granted - used - NOT_EXERCISED_HERE.keys()
     assert unused == set(), f"granted but never used in a job's whole life: {sorted(unused)}"
+    assert "SecretNotReadable" not in reasons
+
+
+@pytest.mark.asyncio
+async def test_the_default_install_runs_a_job_without_reading_its_secret_and_says_so(
+    rendered: dict[str, Rendered], s3: S3World
+) -> None:
+    api, _, reasons = await _life_under(_granted(rendered["defaults"], NS), s3)
+
+    assert set(api.refused) == {("", "secrets", "get")}
+    assert "SecretNotReadable" in reasons and "TrainingSucceeded" in reasons

@@ -11,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubetune_operator import allowlist
+from kubetune_operator.settings import OperatorSettings
 from tests.support.chart_support import CHART_DIR, KUBERNETES_VERSION, NAMESPACE, VALUE_SETS, Rendered, render
 from tests.support.paths import REPO
 
@@ -119,6 +121,18 @@ def test_every_variable_the_chart_sets_is_one_the_operator_reads(rendered: dict[
     assert unread == [], f"the chart sets variables no operator code reads: {unread}"
 
 
+def test_allow_lists_reach_the_operator_as_it_reads_them(rendered: dict[str, Rendered]) -> None:
+    assert "KUBETUNE_ALLOWED_S3_ENDPOINTS" not in _env(rendered["defaults"])  # AWS S3 only
+    settings = OperatorSettings.from_env(_env(rendered["locked-down"]))
+    entries = settings.s3_endpoint_entries()
+    assert allowlist.endpoint_refusal("http://minio.minio.svc.cluster.local:9000", entries) is None
+    assert allowlist.endpoint_refusal("https://eu.storage.example.com", entries) is None
+    assert allowlist.endpoint_refusal("http://169.254.169.254", entries) is not None
+    registries = settings.allowed_image_registries
+    assert allowlist.image_refusal("registry.example.com:5000/ml/trainer:2", settings.trainer_image, registries) is None
+    assert allowlist.image_refusal("docker.io/someone/miner", settings.trainer_image, registries) is not None
+
+
 def test_service_reaches_the_operator_pod_on_metrics_and_progress_only(rendered: dict[str, Rendered]) -> None:
     defaults = rendered["defaults"]
     service = defaults.one("Service")
@@ -167,12 +181,17 @@ def test_namespaced_install_grants_only_the_listed_namespaces(rendered: dict[str
     assert not namespaced.all("ServiceAccount"), "serviceAccount.create=false uses the named one"
     assert namespaced.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune-operator"
 
-    roles = {role["metadata"]["namespace"]: role for role in namespaced.all("Role")}
-    bindings = {binding["metadata"]["namespace"]: binding for binding in namespaced.all("RoleBinding")}
-    assert set(roles) == set(bindings) == {"team-a", "team-b"}
-    for binding in bindings.values():
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": NAMESPACE}]
-        assert binding["roleRef"]["name"] == roles[binding["metadata"]["namespace"]]["metadata"]["name"]
+    for name in ("kubetune", "kubetune-preflight-secrets"):  # the operator's rules, and its Secret reads
+        roles = {r["metadata"]["namespace"]: r for r in namespaced.all("Role") if r["metadata"]["name"] == name}
+        bindings = {
+            b["metadata"]["namespace"]: b for b in namespaced.all("RoleBinding") if b["metadata"]["name"] == name
+        }
+        assert set(roles) == set(bindings) == {"team-a", "team-b"}
+        for binding in bindings.values():
+            subject = {"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": NAMESPACE}
+            assert binding["subjects"] == [subject]
+            assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    assert len(namespaced.all("Role")) == 4
 
     cluster_rules = namespaced.one("ClusterRole")["rules"]
     cluster_resources = {resource for rule in cluster_rules for resource in rule["resources"]}
@@ -213,6 +232,9 @@ def test_notes_tell_the_next_commands(rendered: dict[str, Rendered]) -> None:
     assert "get ftj -w" in notes
     (example,) = re.findall(r"kubectl apply -f (examples/[\w.-]+\.yaml)", notes)
     assert (REPO / example).exists(), example
+    assert "docs/security.md" in notes and (REPO / "docs" / "security.md").exists()
+    assert "reads no Secret" in notes and "operator.allowedS3Endpoints" in notes
+    assert "may read Secrets, by name and for preflight, in: vision, default" in rendered["locked-down"].notes
 
 
 def test_clashing_ports_are_refused_at_render_time(chart: helm.Chart) -> None:

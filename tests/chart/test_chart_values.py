@@ -47,6 +47,13 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("digest without algorithm", {"operator": {"image": {"digest": "abc123"}}}, "/operator/image/digest"),
     ("no ServiceAccount to run as", {"serviceAccount": {"create": False}}, "/serviceAccount/name"),
     ("progress URL that is not one", {"operator": {"progressURL": "kubetune:8081"}}, "/operator/progressURL"),
+    (
+        "S3 endpoint with credentials",
+        {"operator": {"allowedS3Endpoints": ["http://admin:secret@minio:9000"]}},
+        "/operator/allowedS3Endpoints/0",
+    ),
+    ("image registry with a tag", {"operator": {"allowedImageRegistries": ["ghcr.io/x:1"]}}, "allowedImageRegistries"),
+    ("secret namespaces as a string", {"rbac": {"preflightSecrets": {"namespaces": "a,b"}}}, "/rbac/preflightSecrets"),
 ]
 
 

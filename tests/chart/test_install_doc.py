@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from tests.support.chart_support import Rendered
@@ -14,7 +15,9 @@ Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
 def _table_rows(heading: str) -> list[list[str]]:
     """The body rows of the first Markdown table under `heading`, cells stripped of backticks."""
     section = DOC.read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("|")]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
     return [[cell.strip().replace("`", "") for cell in row.strip("|").split("|")] for row in rows[2:]]
 
 

@@ -7,10 +7,12 @@ what it saw. The operator crash of `steady` hits every job running at that momen
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from tests.support.busy_world import BUCKET, DENIED_CHECKPOINT, RESUMED, World, condition, progress_of, status_of
 from tests.support.scenarios import (
@@ -19,9 +21,11 @@ from tests.support.scenarios import (
     deleted_while_running,
     kills,
     missing_checkpoint,
+    preempted,
     s3_trouble,
     steady,
     suspend,
+    uninterrupted,
 )
 
 pytestmark = pytest.mark.slow
@@ -106,6 +110,40 @@ def test_a_killed_driver_restarts_the_run_from_the_last_checkpoint_and_counts_a_
     assert "Launching" in phases[phases.index("Running") :], phases
 
 
+def test_a_preempted_worker_checkpoints_its_step_and_the_run_resumes_from_it_as_if_uninterrupted(
+    world: World,
+) -> None:
+    facts = world.outcome(preempted)
+    status = succeeded(facts)
+    assert_every_epoch_once(facts)
+
+    # Ray Train restarted the workers inside the one run (no KubeRay retry), from the step they saved on the
+    # notice: a preemption, not a worker failure, and no step lost.
+    [log] = facts["driver_logs"]
+    restart = re.search(
+        r"preemption 1: Ray Train restarts the workers from (s3://\S+) \(step (\d+)\); 0 step\(s\) lost", log
+    )
+    assert restart, log[-3000:]
+    assert re.search(r"/epoch-\d{4}-step-\d{8}$", restart[1]), restart[1]
+    assert int(restart[2]) > facts["progress_at_notice"]["step"] - 1
+    assert f"resumed from {restart[1]} after epoch" in log
+    assert "worker failure" not in log
+    assert status.get("restarts", 0) == 0
+
+    # The status and an Event say so.
+    assert (status["progress"]["preemptions"], status["progress"]["preemptionStepsLost"]) == (1, 0), status
+    [event] = [e for e in facts["events"] if e["reason"] == "Preempted"]
+    assert event["type"] == "Warning" and "0 step(s) lost" in event["message"], event
+
+    # The same weights as the same job left alone (same seed, CPU).
+    reference = world.outcome(uninterrupted)
+    succeeded(reference)
+    got, want = world.weights("preempted"), world.weights("uninterrupted")
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_s3_errors_and_an_outage_while_checkpointing_are_ridden_out(world: World) -> None:
     facts = world.outcome(s3_trouble)
     assert facts["error_hits"] > 0, "no checkpoint write met the 503 window"
@@ -148,7 +186,9 @@ def test_suspend_stops_the_ray_cluster_and_resume_continues_from_the_last_checkp
     first, second = facts["driver_logs"]
     assert resumes(first) == []
     [(checkpoint, epoch)] = resumes(second)
-    assert checkpoint.endswith(f"/epoch-{epoch:04d}"), checkpoint
+    # Stopping the cluster sends its processes SIGTERM: a preemption notice, so the workers may have saved
+    # the current step (epoch-NNNN-step-SSSSSSSS) before the stand-in's grace period ran out.
+    assert re.search(rf"/epoch-{epoch:04d}(-step-\d{{8}})?$", checkpoint), checkpoint
     assert epoch == facts["committed_when_suspended"] >= 1
 
 

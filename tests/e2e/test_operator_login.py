@@ -11,7 +11,7 @@ import threading
 import pytest
 import yaml
 
-from kubetune_dev.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.cluster import LOCAL_S3, DevCluster
 from kubetune_dev.devcluster.processes import free_port
 from kubetune_operator import main
 from kubetune_operator.settings import OperatorSettings
@@ -25,7 +25,11 @@ def test_the_embedded_operator_logs_in_with_the_kubeconfig_set_after_import(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(api_cluster.kubeconfig_path))
     settings = dataclasses.replace(
-        OperatorSettings.from_env(), metrics_port=free_port(), progress_port=free_port(), namespaces=()
+        OperatorSettings.from_env(),
+        metrics_port=free_port(),
+        progress_port=free_port(),
+        namespaces=(),
+        allowed_s3_endpoints=(LOCAL_S3,),  # the demo job's bucket
     )
     stop = threading.Event()
     thread = threading.Thread(target=lambda: asyncio.run(main.serve(settings, stop_flag=stop)), daemon=True)

@@ -9,72 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import kmock
 import pytest
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_trainer.operator_reporter import OperatorReporter
 from kubetune_trainer.progress_model import ProgressUpdate
-from tests.support.observability_stands import AnswersTokenReviews
-from tests.support.operator_harness import (
-    ApiServer,
-    OperatorHarness,
-    declare_resources,
-    fast_settings,
-    finetunejob,
-    running_operator,
-)
+from tests.support.live_operator import Ports, ReviewingApiServer, live_operator
+from tests.support.operator_harness import OperatorHarness, finetunejob
 
 pytestmark = pytest.mark.asyncio
 
 NS = "watchtower"  # a namespace of their own: the operator's metrics registry is process-wide
 
 
-class ReviewingApiServer(AnswersTokenReviews, ApiServer):
-    """The operator harness' API server, answering TokenReviews too."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Ports:
-    def __init__(self) -> None:
-        self.metrics = free_port()
-        self.progress = free_port()
-
-    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """The metrics port's samples in this test's namespace, by (name, sorted labels)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.labels.get("namespace") == NS or sample.name.startswith("kubetune_progress_updates")
-        }
-
-    def progress_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.progress}/v1/progress/{NS}/{name}"
-
-
 @pytest_asyncio.fixture
 async def operator() -> AsyncIterator[tuple[OperatorHarness, ReviewingApiServer, Ports]]:
-    ports = Ports()
-    settings = fast_settings(metrics_port=ports.metrics, progress_port=ports.progress)
-    async with ReviewingApiServer() as api, kmock.Server(api):
-        declare_resources(api)
-        async with running_operator(settings, api=api) as op:
-            yield op, api, ports
+    async with live_operator(NS) as running:
+        yield running
 
 
 def sample(

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from kubetune_operator.metrics import OperatorMetrics
-from tests.support.observability_stands import TOKENREVIEWS, Cluster, FakeClock
+from tests.support.observability_stands import FTJ, TOKENREVIEWS, Cluster, FakeClock, jwt
 
 pytestmark = pytest.mark.asyncio
 
@@ -74,6 +74,23 @@ async def test_an_update_from_the_jobs_own_trainer_lands_in_the_status(
     assert status["phase"] == "Running"  # the rest of the status is untouched
     assert counted(metrics, "accepted", 200) == 1
     assert metrics.registry.get_sample_value("kubetune_job_progress_ratio", {"namespace": NS, "name": "cats"}) == 0.1
+
+
+async def test_the_effective_learning_rates_and_augmentation_land_in_the_status(
+    kmock: Cluster, progress_server: tuple[Any, str]
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    training = {
+        "learningRate": 0.0043,
+        "learningRateSource": "rangeTest",
+        "backboneLearningRates": [0.0018, 0.0022, 0.0028, 0.0034, 0.0043],
+        "warmupSteps": 19,
+        "augment": "light: shifts up to 8 px at 64 px",
+    }
+    code, _, _ = await post(base, "cats", update(training=training), kmock.issue_token(NS, "cats"))
+    assert code == 200
+    assert kmock.job(NS, "cats")["status"]["progress"]["training"] == training
 
 
 async def test_later_updates_merge_metrics_and_older_ones_are_ignored(
@@ -151,18 +168,21 @@ async def test_another_jobs_token_is_refused(
     kmock.add_job("other", "cats")
     dogs_token = kmock.issue_token(NS, "dogs")
     assert (await post(base, "dogs", update(), dogs_token))[0] == 200  # authentic, and now cached
+    clock.advance()
 
+    # Authentic for dogs, and so not for cats (dogs' own updates are what it may send, one a second).
     assert (await post(base, "cats", update(), dogs_token))[0] == 401
-    # Same job name in another namespace: another job, another audience.
-    assert (await post(base, "cats", update(), dogs_token, namespace="other"))[0] == 401
+    clock.advance()
+    # Same job name in another namespace: another job, and the token is of another namespace's account.
+    assert (await post(base, "cats", update(), dogs_token, namespace="other"))[0] == 403
     # The job's own audience, but minted for another ServiceAccount of the namespace.
     stranger = kmock.issue_token(NS, "cats", service_account="default")
     assert (await post(base, "cats", update(), stranger))[0] == 403
 
     assert "progress" not in kmock.job(NS, "cats")["status"]
     assert "progress" not in kmock.job("other", "cats")["status"]
-    assert counted(metrics, "rejected", 401) == 2
-    assert counted(metrics, "rejected", 403) == 1
+    assert counted(metrics, "rejected", 401) == 1
+    assert counted(metrics, "rejected", 403) == 2
 
 
 async def test_a_job_created_again_under_the_same_name_refuses_the_old_jobs_tokens(
@@ -248,18 +268,69 @@ async def test_a_malformed_or_oversized_body_is_refused_with_400(
     assert counted(metrics, "rejected", 400) == 1
 
 
-async def test_an_update_for_a_job_that_does_not_exist_is_refused_with_404(
+async def test_an_update_for_a_job_deleted_since_is_refused_with_404(
     kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
 ) -> None:
     """A deleted job's pods may still be running for a moment: they learn it, and no series come back."""
     _, base = progress_server
+    kmock.add_job(NS, "gone")
     token = kmock.issue_token(NS, "gone")
+    del kmock.objects[FTJ, NS, "gone"]
 
     code, _, _ = await post(base, "gone", update(), token)
 
     assert code == 404
     assert counted(metrics, "rejected", 404) == 1
     assert metrics.registry.get_sample_value("kubetune_job_progress_ratio", {"namespace": NS, "name": "gone"}) is None
+
+
+async def test_without_an_authentic_token_nobody_learns_which_jobs_exist(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics
+) -> None:
+    """The token is checked before the job is looked up: a job that exists and one that does not get the same
+    401, and the job is never read for a caller without a token authentic for it."""
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    forged = jwt({"aud": ["kubetune.dev/uid-cats"], "sub": "system:serviceaccount:vision:kubetune-trainer"})
+
+    answers = []
+    for job, token in [("cats", forged), ("nobody", forged), ("cats", None), ("nobody", None), ("cats", "x.y.z")]:
+        code, body, _ = await post(base, job, update(), token)
+        answers.append((code, body["message"]))
+
+    assert {code for code, _ in answers} == {401}
+    assert answers[0][1] == answers[1][1] and answers[2][1] == answers[3][1]
+    assert len(kmock[f"get /apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/cats"]) == 0
+    assert len(kmock[f"get /apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/nobody"]) == 0
+    assert "progress" not in kmock.job(NS, "cats")["status"]
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/v1/progress/vision/Cats", 400),
+        ("/v1/progress/vision/" + "a" * 48, 400),
+        ("/v1/progress/-vision/cats", 400),
+        ("/v1/progress/vision/cats%2F..", 404),
+        ("/v1/progress/vision", 404),
+        ("/v1/progress/vision/cats/extra", 404),
+        ("/metrics", 404),
+    ],
+)
+async def test_a_path_that_names_no_job_is_refused_before_anything_else(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, path: str, code: int
+) -> None:
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}{path}", json=update(), headers={"Authorization": f"Bearer {token}"}) as response,
+    ):
+        assert response.status == code
+
+    assert len(kmock[TOKENREVIEWS]) == 0  # not even the token was looked at
 
 
 async def test_when_tokens_cannot_be_reviewed_the_trainer_is_told_to_retry(
@@ -287,8 +358,11 @@ async def test_an_authentic_token_is_reviewed_once_and_then_cached(
     for step in range(1, 4):
         assert (await post(base, "cats", update(step=step), token))[0] == 200
         clock.advance()
-    assert (await post(base, "cats", update(), "forged"))[0] == 401
-    assert (await post(base, "cats", update(), "forged"))[0] == 401
+    forged = jwt({"aud": ["kubetune.dev/uid-cats"]})
+    for _ in range(3):
+        assert (await post(base, "cats", update(), forged))[0] == 401
+    assert (await post(base, "cats", update(), "not-even-a-jwt"))[0] == 401
 
-    # One for the authentic token; one per forged attempt (a refusal is never cached).
-    assert len(kmock[TOKENREVIEWS]) == 3
+    # One for the authentic token; one for the forged one, whose refusal is remembered for a while; none for
+    # a token that names no kubetune job.
+    assert len(kmock[TOKENREVIEWS]) == 2

@@ -14,6 +14,7 @@ from kubetune_trainer.config import TrainerConfig
 from tests.support.operator_harness import (
     CONFIGMAPS,
     FAST_SETTINGS,
+    FINETUNEJOBS,
     NETWORKPOLICIES,
     RAYJOBS,
     SECRETS,
@@ -69,7 +70,7 @@ async def test_a_valid_job_gets_exactly_the_objects_the_builders_describe(
     assert [o["metadata"]["name"] for o in op.list_objects(SERVICEACCOUNTS)] == ["kubetune-trainer"]
     (head,) = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     config = TrainerConfig.model_validate_json(env_value(head, "KUBETUNE_TRAINER_CONFIG"))
-    assert config.run_name == job["metadata"]["uid"]
+    assert config.run_name.startswith("default.flowers.")  # namespace, name, run-shaping digest
     assert config.progress is not None
     assert config.progress.url.endswith("/v1/progress/default/flowers")
 
@@ -100,6 +101,37 @@ async def test_a_job_without_a_credentials_secret_launches_without_preflight(op:
     await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
     # The status is written once the RayJob exists, a moment after it appears.
     await op.wait_for_phase("default", "irsa", "Launching")
+
+
+def run_name_of(rayjob: dict[str, Any]) -> str:
+    (head,) = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    return TrainerConfig.model_validate_json(env_value(head, "KUBETUNE_TRAINER_CONFIG")).run_name
+
+
+async def test_a_failed_job_deleted_and_applied_again_continues_its_run(op: OperatorHarness) -> None:
+    """As the Failed message advises: the new job (a new uid) trains under the same run name, so its trainer
+    resumes from the run's last committed checkpoint (docs/trainer.md, run identity)."""
+    await op.create_job(finetunejob("irsa"))
+    first = await op.wait_for(lambda: op.rayjob("default", "irsa"), what="RayJob irsa")
+    first_uid = (op.job("default", "irsa") or {})["metadata"]["uid"]
+    await op.set_rayjob_status("default", "irsa", jobDeploymentStatus="Failed", jobStatus="FAILED")
+    await op.wait_for_phase("default", "irsa", "Failed")
+    await op.delete(FINETUNEJOBS, "default", "irsa")
+    await op.wait_for(lambda: op.job("default", "irsa") is None, what="the job gone")
+    for kind in (RAYJOBS, SECRETS, NETWORKPOLICIES):  # the garbage collector's part: their owner is gone
+        for child in op.list_objects(kind, "default"):
+            if any(ref["uid"] == first_uid for ref in child["metadata"].get("ownerReferences", [])):
+                await op.delete(kind, "default", child["metadata"]["name"])
+
+    await op.create_job(finetunejob("irsa"))
+    second = await op.wait_for(
+        lambda: (r := op.rayjob("default", "irsa")) and r["metadata"]["uid"] != first["metadata"]["uid"] and r,
+        what="the new job's RayJob",
+    )
+
+    assert (op.job("default", "irsa") or {})["metadata"]["uid"] != first_uid
+    assert run_name_of(second) == run_name_of(first)
+    assert run_name_of(first).startswith("default.irsa.")
 
 
 async def test_the_launch_handler_run_again_creates_nothing_new(s3: S3World) -> None:
@@ -145,17 +177,75 @@ async def test_a_service_account_already_there_is_kept_as_it_is(op: OperatorHarn
     assert not [r for r in op.operator_requests() if r.resource == "serviceaccounts" and r.verb == "create"]
 
 
-async def test_a_rayjob_already_there_is_adopted_as_it_is(op: OperatorHarness) -> None:
-    """Get-or-create: a RayJob of the job's name (made by hand, or by an operator that died before its
-    status write) is followed, never replaced or updated."""
+async def test_a_rayjob_of_the_job_already_there_is_adopted_as_it_is() -> None:
+    """Get-or-create: a RayJob the job owns (made by an operator that died before its status write) is
+    followed, never replaced or updated."""
+    async with serving_api() as api:
+        async with running_operator(api=api) as first:
+            job = await first.create_job(finetunejob("irsa", runPolicy={"suspend": True}))
+        # While the operator is down: its RayJob, as an operator that died after creating it left it.
+        rayjob = build_rayjob(FineTuneJob.from_body(job), FAST_SETTINGS)
+        rayjob["spec"]["entrypoint"] = "python -m kubetune_trainer --config /etc/kubetune/trainer-config.json"
+        async with running_operator(api=api) as op:
+            old_rayjob = await op.create(RAYJOBS, rayjob)
+            await op.patch_job_spec("default", "irsa", {"runPolicy": {"suspend": False}})
+            await op.wait_for_event("default", "irsa", "RayJobCreated")
+            await op.settle()
+            assert op.rayjob("default", "irsa") == old_rayjob
+            assert op.phase("default", "irsa") == "Launching"
+
+
+async def previous_rayjob_waiting(op: OperatorHarness, name: str) -> str:
+    """The Launched condition's message, once the job waits for a RayJob of its name that is not its own."""
+    await op.wait_for_phase("default", name, "Pending")
+    launched = await op.wait_for(lambda: op.condition("default", name, "Launched"))
+    assert (launched["status"], launched["reason"]) == ("False", "PreviousRayJobStillExists"), launched
+    event = await op.wait_for_event("default", name, "PreviousRayJobStillExists")
+    assert event["type"] == "Warning"
+    message: str = launched["message"]
+    return message
+
+
+async def test_a_job_created_again_waits_for_its_predecessors_rayjob_then_launches(op: OperatorHarness) -> None:
+    """Deleted and created again while the old RayJob still exists (the garbage collector is slow, here
+    absent): the new job says why it waits, and launches once the old RayJob is gone."""
+    first = await op.create_job(finetunejob("irsa"))
+    await op.wait_for_phase("default", "irsa", "Launching")
+    await op.delete(FINETUNEJOBS, "default", "irsa")
+    await op.wait_for(lambda: op.job("default", "irsa") is None)
+    # The garbage collector has removed the old job's Secret and NetworkPolicy, not yet its RayJob
+    # (a leftover Secret or NetworkPolicy holds the launch back the same way: test_ray_cluster_guards).
+    await op.delete(SECRETS, "default", "irsa-ray-token")
+    await op.delete(NETWORKPOLICIES, "default", "irsa-ray")
+
+    second = await op.create_job(finetunejob("irsa"))
+    message = await previous_rayjob_waiting(op, "irsa")
+    assert first["metadata"]["uid"] in message and "garbage collector" in message
+    old = op.rayjob("default", "irsa")
+    assert old is not None and old["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"]
+
+    await op.delete(RAYJOBS, "default", "irsa")
+    new = await op.wait_for(lambda: op.rayjob("default", "irsa"), what="the new job's RayJob")
+    assert new["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"]
+    await op.wait_for_phase("default", "irsa", "Launching")
+    launched = op.condition("default", "irsa", "Launched")
+    assert launched is not None and launched["reason"] == "RayJobCreated"
+
+
+async def test_an_orphaned_rayjob_of_the_jobs_name_is_not_adopted(op: OperatorHarness) -> None:
+    """A RayJob no job owns (its job deleted with --cascade=orphan, or made by hand) may hold another run's
+    state: the job waits, saying how to remove it, and follows none of its states."""
     rayjob = build_rayjob(FineTuneJob.from_body(finetunejob("irsa")), FAST_SETTINGS)
-    rayjob["spec"]["entrypoint"] = "python -m kubetune_trainer --config /etc/kubetune/trainer-config.json"
-    old_rayjob = await op.create(RAYJOBS, rayjob)
+    assert "ownerReferences" not in rayjob["metadata"]
+    orphan = await op.create(RAYJOBS, rayjob)
     await op.create_job(finetunejob("irsa"))
-    await op.wait_for_event("default", "irsa", "RayJobCreated")
+
+    message = await previous_rayjob_waiting(op, "irsa")
+    assert "kubectl -n default delete rayjob irsa" in message
+    await op.set_rayjob_status("default", "irsa", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
     await op.settle()
-    assert op.rayjob("default", "irsa") == old_rayjob
-    assert op.phase("default", "irsa") == "Launching"
+    assert op.phase("default", "irsa") == "Pending"
+    assert (op.rayjob("default", "irsa") or {}).get("spec") == orphan["spec"]
 
 
 @pytest.mark.asyncio

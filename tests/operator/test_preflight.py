@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import kmock
 import pytest
 
 from tests.support.operator_harness import RAYJOBS, OperatorHarness, finetunejob
@@ -119,3 +120,26 @@ async def test_an_unreachable_store_is_retried_until_it_answers(op: OperatorHarn
     assert op.rayjob(NS, "flaky") is not None
     assert [r.name for r in op.operator_requests() if r.verb == "create" and r.resource == "rayjobs"] == [None]
     assert len(op.list_objects(RAYJOBS, NS)) == 1
+
+
+async def test_a_secret_rbac_keeps_from_the_operator_skips_preflight_and_says_so(
+    op: OperatorHarness, s3: S3World
+) -> None:
+    """The chart's default grants no Secret reads (docs/install.md, Permissions): the job launches unchecked,
+    and its status and Events say why and how to have it checked."""
+
+    def forbidden(_: Any) -> None:
+        raise kmock.KubernetesError(
+            status=403, reason="Forbidden", message='secrets "s3-creds" is forbidden: cannot get resource "secrets"'
+        )
+
+    op.api[f"get /api/v1/namespaces/{NS}/secrets/s3-creds"] << forbidden
+    await op.create_secret(NS, "s3-creds", CREDENTIALS)
+    await submit(op, s3, "unchecked", s3.seed())
+
+    await op.wait_for(lambda: op.rayjob(NS, "unchecked"), what="the RayJob, launched without preflight")
+    checked = await op.wait_for(lambda: op.condition(NS, "unchecked", "PreflightChecked"))
+    assert (checked["status"], checked["reason"]) == ("False", "SecretNotReadable")
+    assert "'s3-creds'" in checked["message"] and "rbac.preflightSecrets.namespaces" in checked["message"]
+    assert (await op.wait_for_event(NS, "unchecked", "SecretNotReadable"))["type"] == "Warning"
+    await op.wait_for_phase(NS, "unchecked", "Launching")

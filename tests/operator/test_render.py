@@ -58,7 +58,10 @@ def render(path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> list[d
 async def test_render_prints_exactly_what_the_operator_creates(
     op: OperatorHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = finetunejob("flowers", runPolicy={"queueName": "gpu", "backoffLimit": 1})
+    # learningRate auto: the range test chooses the rate, in the trainer (the config carries none).
+    manifest = finetunejob(
+        "flowers", runPolicy={"queueName": "gpu", "backoffLimit": 1}, training={"learningRate": "auto"}
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))
     rendered = render(path, capsys, "--image", FAST_SETTINGS.trainer_image)
@@ -73,6 +76,9 @@ async def test_render_prints_exactly_what_the_operator_creates(
         rayjob,
     ]
     assert [comparable(obj) for obj in rendered] == [comparable(obj) for obj in created if obj]
+    (head,) = comparable(rayjob)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    (config,) = [env["value"] for env in head["env"] if env["name"] == "KUBETUNE_TRAINER_CONFIG"]
+    assert config["training"]["learningRate"] is None
 
 
 def test_render_of_several_jobs_and_of_an_invalid_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

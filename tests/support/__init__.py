@@ -13,5 +13,6 @@ fixtures every folder may use are in tests/conftest.py.
 - `trainer_faults`: a worker failure on demand, through the trainer's test seam.
 - `busy_world`, `scenarios`: the embedded dev cluster with several jobs at once, each in its own trouble.
 - `observability_stands`: kmock answering TokenReviews, a fake clock, the Debian tools' paths.
+- `live_operator`: the operator as main.py builds it, its metrics and progress endpoints on free ports.
 - `chart_support`, `k8s_schema`, `operator_api`: the chart rendered, Kubernetes' schemas, the operator's API calls.
 """

@@ -240,7 +240,7 @@ class World:
                     "train": BASE["train"],
                     "validation": BASE["validation"],
                     "imageSize": 32,
-                    "augment": False,
+                    "augment": "none",
                 },
                 "training": {
                     "epochs": epochs,
@@ -309,21 +309,45 @@ class World:
         body = self.s3.get_object(Bucket=bucket, Key=f"{prefix}history.json")["Body"].read()
         return list(json.loads(body))
 
-    def committed_epoch(self, name: str, uid: str) -> int:
-        """The newest checkpoint Ray Train has committed for the job's run (0: none yet).
+    def committed_epoch(self, name: str) -> int:
+        """The newest epoch's checkpoint Ray Train has committed for the job's run (0: none yet).
 
         A worker's `ray.train.report` returns (and the trainer announces the checkpoint) before Ray Train's
         controller has registered it; a worker lost in between resumes from the one before. What a
         restarted worker group or a new driver resumes from is what the controller recorded in its
         snapshot next to the run's checkpoints.
         """
-        bucket, prefix = split_uri(self.output(name))
-        key = f"{prefix}checkpoints/{uid}/{CHECKPOINT_MANAGER_SNAPSHOT}"
+        key = self.run_folder(name) + CHECKPOINT_MANAGER_SNAPSHOT
+        bucket, _ = split_uri(self.output(name))
         try:
             body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         except self.s3.exceptions.NoSuchKey:
             return 0
         return max((int(epoch) for epoch in re.findall(r"\bepoch-(\d+)", body)), default=0)
+
+    def run_folder(self, name: str) -> str:
+        """The key prefix of the job's run under its output (checkpoints/<run name>/, config.run_name: the
+        namespace, name and run-shaping digest of the job, as the operator's trainer_config makes it)."""
+        job = self.job(name)
+        assert job is not None, f"no job {name}"
+        from kubetune_operator.spec import FineTuneJob
+        from kubetune_operator.trainer_config import job_run_name
+
+        _, prefix = split_uri(self.output(name))
+        return f"{prefix}checkpoints/{job_run_name(FineTuneJob.model_validate(job))}/"
+
+    def weights(self, name: str) -> dict[str, Any]:
+        """The job's exported model.safetensors, as tensors."""
+        from safetensors.torch import load
+
+        bucket, prefix = split_uri(self.output(name))
+        return load(self.s3.get_object(Bucket=bucket, Key=f"{prefix}model.safetensors")["Body"].read())
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The Events about the job."""
+        return [
+            e for e in self.cluster.list("", "v1", "events", NS) if (e.get("involvedObject") or {}).get("name") == name
+        ]
 
     def driver_logs(self, name: str) -> list[str]:
         """Each attempt's driver log, oldest first (a suspended and resumed job has two)."""

@@ -34,6 +34,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "serviceAccount": {"create": False, "name": "kubetune-operator"},
         "trainer": {"networkPolicy": {"kuberayNamespace": "kuberay-system"}},
     },
+    "locked-down": {
+        "operator": {
+            "allowedS3Endpoints": ["http://minio.minio.svc.cluster.local:9000", "*.storage.example.com"],
+            "allowedImageRegistries": ["registry.example.com:5000/ml"],
+        },
+        "rbac": {"preflightSecrets": {"namespaces": ["vision", "default"]}},
+    },
+    "secrets-cluster-wide": {"rbac": {"preflightSecrets": {"clusterWide": True}}},
     "custom-images": {
         "operator": {
             "image": {

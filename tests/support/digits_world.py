@@ -172,6 +172,10 @@ class DigitsWorld:
 
         return trainer_config(FineTuneJob.model_validate(self.manifest(name, **spec)))
 
+    def run_uri(self, name: str, **spec: Any) -> str:
+        """Where the run of the job `name` keeps its checkpoints: <output>/checkpoints/<run name>."""
+        return f"{spec['output']}/checkpoints/{self.config(name, **spec).run_name}"
+
     def manifest(
         self,
         name: str,
@@ -188,11 +192,15 @@ class DigitsWorld:
         max_retries: int = 1,
         workers: int = 1,
         cpus_per_worker: int = 2,
+        augment: bool = False,
+        checkpoint_every: str = "epoch",
+        run_policy: dict[str, Any] | None = None,
+        resume: str = "auto",
     ) -> dict[str, Any]:
-        model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy}
+        model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy, "resume": resume}
         if trainable_layers is not None:
             model["trainableLayers"] = trainable_layers
-        data: dict[str, Any] = {"train": train, "imageSize": IMAGE_SIZE, "augment": False}
+        data: dict[str, Any] = {"train": train, "imageSize": IMAGE_SIZE, "augment": "light" if augment else "none"}
         if validation:
             data["validation"] = validation
         manifest = {
@@ -208,10 +216,11 @@ class DigitsWorld:
                     "learningRate": learning_rate,
                     "weightDecay": 0.05,
                     "seed": 42,
+                    "checkpointEvery": checkpoint_every,
                 },
                 "output": {"path": output, "checkpointsToKeep": 2},
                 "resources": {"workers": workers, "gpusPerWorker": 0, "cpusPerWorker": cpus_per_worker},
-                "runPolicy": {"maxRetries": max_retries},
+                "runPolicy": {"maxRetries": max_retries, **(run_policy or {})},
             },
         }
         return manifest

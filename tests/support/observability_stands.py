@@ -3,6 +3,8 @@ hand-moved clock, and the Prometheus tools from `make tools`."""
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,15 @@ def tool(name: str) -> Path:
     return Path(found)
 
 
+def jwt(claims: dict[str, Any], signature: str = "forged") -> str:
+    """A token shaped like the kubelet's (a JWT); only the reviewing API server knows which are authentic."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return ".".join((b64(b'{"alg":"RS256"}'), b64(json.dumps(claims).encode()), b64(signature.encode())))
+
+
 class AnswersTokenReviews:
     """For a kmock Kubernetes emulator: TokenReview as the virtual resource it is (answered, never stored).
 
@@ -40,11 +51,13 @@ class AnswersTokenReviews:
 
     tokens: dict[str, tuple[str, str]]  # token → (username of its ServiceAccount, its audience)
     review_mode: str  # how the API server answers: "ok", "down" (HTTP 500), "no-audiences"
+    reviews: int  # TokenReviews answered
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # type: ignore[misc]
         self.tokens = {}
         self.review_mode = "ok"
+        self.reviews = 0
         self[TOKENREVIEWS] << self._review  # type: ignore[index]
 
     async def _handle(self, request: Any) -> Any:
@@ -53,6 +66,7 @@ class AnswersTokenReviews:
         return await super()._handle(request)  # type: ignore[misc]
 
     def _review(self, request: Any) -> Any:
+        self.reviews += 1
         if self.review_mode == "down":
             raise kmock.KubernetesError(status=500, reason="InternalError", message="etcd is on fire")
         spec = request.data["spec"]
@@ -75,8 +89,9 @@ class AnswersTokenReviews:
         if audience is None:
             audience = token_audience(namespace, job, self.job_uid(namespace, job))
         account = service_account or DEFAULT_TRAINER_SERVICE_ACCOUNT
-        token = f"token-{namespace}-{job}-{len(self.tokens)}"
-        self.tokens[token] = (service_account_username(namespace, account), audience)
+        username = service_account_username(namespace, account)
+        token = jwt({"aud": [audience], "sub": username}, signature=f"{namespace}-{job}-{len(self.tokens)}")
+        self.tokens[token] = (username, audience)
         return token
 
     def job_uid(self, namespace: str, name: str) -> str | None:

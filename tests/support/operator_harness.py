@@ -64,7 +64,10 @@ FAST_SETTINGS = OperatorSettings(
     preflight_backoff_seconds=0.1,
     preflight_backoff_max_seconds=0.5,
     kuberay_retry_seconds=0.3,
+    previous_rayjob_retry_seconds=0.3,
     s3_timeout_seconds=3.0,
+    # moto's S3 listens on 127.0.0.1, on a port of its own each session.
+    allowed_s3_endpoints=("http://127.0.0.1",),
     metrics_port=None,
     progress_port=None,
 )
@@ -222,24 +225,24 @@ class ApiRequest:
 _VERBS = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch", "delete": "delete"}
 
 
+def api_request(request: kmock.Request) -> ApiRequest | None:
+    """One request in RBAC's terms; None for discovery (/api, /apis/...), which needs no RBAC."""
+    if request.resource is None or request.action is None or not request.resource.plural:
+        return None
+    action = str(request.action.value).lower()
+    return ApiRequest(
+        verb=_VERBS.get(action, action),
+        group=request.resource.group or "",
+        resource=request.resource.plural or "",
+        subresource=request.subresource,
+        namespace=request.namespace,
+        name=request.name,
+        user_agent=request.headers.get("User-Agent", ""),
+    )
+
+
 def _requests_since(api: ApiServer, first: int) -> list[ApiRequest]:
-    out = []
-    for request in api.log[first:]:
-        if request.resource is None or request.action is None or not request.resource.plural:
-            continue  # discovery (/api, /apis/...) needs no RBAC
-        action = str(request.action.value).lower()
-        out.append(
-            ApiRequest(
-                verb=_VERBS.get(action, action),
-                group=request.resource.group or "",
-                resource=request.resource.plural or "",
-                subresource=request.subresource,
-                namespace=request.namespace,
-                name=request.name,
-                user_agent=request.headers.get("User-Agent", ""),
-            )
-        )
-    return out
+    return [found for request in api.log[first:] if (found := api_request(request)) is not None]
 
 
 class OperatorHarness:
@@ -446,6 +449,7 @@ def finetunejob(
     uris: dict[str, str] | None = None,
     endpoint: str | None = None,
     credentials_secret: str | None = None,
+    image: str | None = None,
     **sections: dict[str, Any],
 ) -> dict[str, Any]:
     """A valid FineTuneJob manifest; `uris` as from `S3World.seed()`, `sections` merged into the spec."""
@@ -465,6 +469,8 @@ def finetunejob(
         spec["storage"]["endpoint"] = endpoint
     if credentials_secret:
         spec["storage"]["credentialsSecret"] = credentials_secret
+    if image:
+        spec["image"] = image
     for section, values in sections.items():
         spec[section] = {**spec.get(section, {}), **values}
     return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}

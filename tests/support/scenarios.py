@@ -7,6 +7,7 @@ trouble was to be made); outcomes, good or bad, are facts.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,9 @@ from tests.support.busy_world import (
 )
 
 OPERATOR_DOWN_SECONDS = 3.0
+# The preemption pair: the same small job, one preempted mid-epoch, one not (batch 8: more steps per epoch,
+# so the notice lands mid-epoch).
+PREEMPT_EPOCHS, PREEMPT_BATCH = 3, 8
 S3_ERROR_SECONDS = 4.0
 S3_OUTAGE_SECONDS = 3.0
 
@@ -62,16 +66,45 @@ def kills(world: World, facts: dict[str, Any]) -> None:
     committed another, SIGKILL its driver (KubeRay retries the run: backoffLimit 1)."""
     name, epochs = "kills", 10
     with world.training_slot(), ProgressSampler(world, name) as sampler:
-        uid = world.submit(world.manifest(name, epochs=epochs, run_policy={"backoffLimit": 1}))["metadata"]["uid"]
-        world.wait_job(name, lambda _: world.committed_epoch(name, uid) >= 1, "a committed checkpoint")
-        facts["committed_before_worker_kill"] = before = world.committed_epoch(name, uid)
+        world.submit(world.manifest(name, epochs=epochs, run_policy={"backoffLimit": 1}))
+        world.wait_job(name, lambda _: world.committed_epoch(name) >= 1, "a committed checkpoint")
+        facts["committed_before_worker_kill"] = before = world.committed_epoch(name)
         facts["killed_worker"] = _kill(lambda: world.cluster.kill_train_worker(NS, name), "a Ray Train worker")
-        world.wait_job(name, lambda _: world.committed_epoch(name, uid) > before, "a checkpoint after the restart")
+        world.wait_job(name, lambda _: world.committed_epoch(name) > before, "a checkpoint after the restart")
         facts["restarts_after_worker_kill"] = status_of(world.job(name)).get("restarts", 0)
-        facts["committed_before_driver_kill"] = world.committed_epoch(name, uid)
+        facts["committed_before_driver_kill"] = world.committed_epoch(name)
         facts["killed_driver"] = _kill(lambda: world.cluster.kill_driver(NS, name), "the driver")
         _finish(world, name, facts, epochs)
     facts["samples"] = sampler.samples
+
+
+def preempted(world: World, facts: dict[str, Any]) -> None:
+    """SIGTERM (a preemption notice, as the pod's preStop hook passes it on) to the job's Ray Train worker
+    once epoch 2 is under way; the run goes on in the same Ray cluster."""
+    name = "preempted"
+    with world.training_slot(), ProgressSampler(world, name) as sampler:
+        world.submit(world.manifest(name, epochs=PREEMPT_EPOCHS, batch_size=PREEMPT_BATCH))
+
+        def in_epoch_2(job: dict[str, Any] | None) -> bool:
+            progress = progress_of(job)
+            per_epoch = (progress.get("totalSteps") or 0) / PREEMPT_EPOCHS
+            return progress.get("epoch", 0) >= 2 and progress.get("step", 0) > per_epoch
+
+        facts["progress_at_notice"] = progress_of(world.wait_job(name, in_epoch_2, "epoch 2 under way"))
+        facts["terminated_worker"] = _kill(
+            lambda: world.cluster.kill_train_worker(NS, name, signal.SIGTERM), "a Ray Train worker"
+        )
+        _finish(world, name, facts, PREEMPT_EPOCHS)
+    facts["samples"] = sampler.samples
+    facts["events"] = world.events(name)
+
+
+def uninterrupted(world: World, facts: dict[str, Any]) -> None:
+    """The preempted job's twin, left alone: the weights a preempted run must end with."""
+    name = "uninterrupted"
+    with world.training_slot():
+        world.submit(world.manifest(name, epochs=PREEMPT_EPOCHS, batch_size=PREEMPT_BATCH))
+        _finish(world, name, facts, PREEMPT_EPOCHS)
 
 
 def _kill(kill: Callable[[], int | None], what: str) -> int:
@@ -90,9 +123,9 @@ def s3_trouble(world: World, facts: dict[str, Any]) -> None:
     faults = world.cluster.s3_faults
     assert faults is not None
     with world.training_slot():
-        job = world.submit(world.manifest(name, epochs=epochs))
-        # The run's checkpoint folders: <output>/checkpoints/<run name = the job's uid>/epoch-NNNN/.
-        checkpoints = f"{world.output(name)}checkpoints/{job['metadata']['uid']}/epoch-"
+        world.submit(world.manifest(name, epochs=epochs))
+        # The run's checkpoint folders: <output>/checkpoints/<run name>/epoch-NNNN/.
+        checkpoints = f"s3://{BUCKET}/{world.run_folder(name)}epoch-"
         errors = faults.fail_for(
             S3_ERROR_SECONDS, 503, methods=["PUT"], prefix=world.output(name), starts_on=checkpoints
         )
@@ -107,8 +140,8 @@ def suspend(world: World, facts: dict[str, Any]) -> None:
     """Suspend once a checkpoint exists; once Suspended (Ray cluster gone), resume."""
     name, epochs = "suspend", 10
     with world.training_slot(), ProgressSampler(world, name) as sampler:
-        uid = world.submit(world.manifest(name, epochs=epochs))["metadata"]["uid"]
-        world.wait_job(name, lambda _: world.committed_epoch(name, uid) >= 1, "a committed checkpoint")
+        world.submit(world.manifest(name, epochs=epochs))
+        world.wait_job(name, lambda _: world.committed_epoch(name) >= 1, "a committed checkpoint")
         # Not while steady's operator crash holds the edit up: the run might finish before it lands.
         world.wait_job(name, lambda _: world.operator_up.is_set(), "the operator up")
         ray = world.ray_processes(name)
@@ -117,7 +150,7 @@ def suspend(world: World, facts: dict[str, Any]) -> None:
             name, lambda j: condition(j, "Suspended").get("reason") == "Suspended", "Suspended (cluster stopped)"
         )
         facts["suspended"] = suspended
-        facts["committed_when_suspended"] = world.committed_epoch(name, uid)  # the first run's last
+        facts["committed_when_suspended"] = world.committed_epoch(name)  # the first run's last
         facts["rayclusters_while_suspended"] = world.rayclusters_of(name)
         facts["ray_processes_before"] = ray
         facts["ray_processes_while_suspended"] = world.survivors(ray)
@@ -174,4 +207,14 @@ def access_denied(world: World, facts: dict[str, Any]) -> None:
     facts["rayjob"] = world.cluster.get(*RAYJOBS, NS, name)
 
 
-FAULTS = (steady, suspend, kills, s3_trouble, deleted_while_running, missing_checkpoint, access_denied)
+FAULTS = (
+    steady,
+    suspend,
+    kills,
+    preempted,
+    uninterrupted,
+    s3_trouble,
+    deleted_while_running,
+    missing_checkpoint,
+    access_denied,
+)

@@ -1,17 +1,26 @@
-"""A worker failure on demand, through the trainer's test seam (`kubetune_trainer.callbacks`).
+"""Faults on demand, through the trainer's test seam (`kubetune_trainer.callbacks`).
 
-`FAIL_ONCE_AFTER_FIRST_EPOCH` is the environment a run needs for it: the driver and its local Ray workers
-import this module (the repository on PYTHONPATH), and rank 0 raises `InjectedFaultError` once, before the first step after
-epoch 1's checkpoint, in an attempt that did not itself resume; Ray Train then restarts the workers from
-that checkpoint.
+Each constant is the environment a run needs for its fault: the driver and its local Ray workers import
+this module (the repository on PYTHONPATH).
+
+- `FAIL_ONCE_AFTER_FIRST_EPOCH`: rank 0 raises `InjectedFaultError` once, before the first step after
+  epoch 1's checkpoint, in an attempt that did not itself resume; Ray Train then restarts the workers
+  from that checkpoint.
+- `SIGTERM_LAST_RANK_MID_EPOCH_2`: the last rank sends its own process SIGTERM (a preemption notice, as
+  the pods' preStop hook sends it) after the second step of epoch 2, in an attempt that did not resume.
+- `MARK_MID_EPOCH_2`: rank 0 writes the file MARK_ENV names after the second step of epoch 2 (in an
+  attempt that did not resume) and pauses a few seconds, so that a test can act on the driver then.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import time
+from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.callbacks import CALLBACKS_ENV
+from kubetune_trainer.callbacks import CALLBACKS_ENV, STEP_CALLBACKS_ENV
 from tests.support.paths import REPO
 
 FAIL_AFTER_EPOCH = 1
@@ -40,12 +49,36 @@ def spoil_the_last_epoch(worker: Any, state: Any) -> None:
                 parameter.add_(noise.to(parameter.device) * 3)
 
 
-def fault_env(callback: Any = fail_once_after_first_epoch) -> dict[str, str]:
-    """The environment that makes a `kubetune run --local` (or `python -m kubetune_trainer`) call `callback`
-    before each epoch (by default: fail once)."""
+MID_EPOCH_BATCH = 2  # of epoch 2 (1-based): the fault comes after this many of its steps
+MARK_ENV = "KUBETUNE_TEST_MARK"
+
+
+def _mid_epoch_2(worker: Any, state: Any) -> bool:
+    """In epoch 2 of a first attempt, right after its MID_EPOCH_BATCH-th step."""
+    per_step = worker.world * worker.config.training.batch_size
+    return state.epoch == 1 and state.resumed_from is None and state.epoch_samples == MID_EPOCH_BATCH * per_step
+
+
+def sigterm_last_rank_mid_epoch_2(worker: Any, state: Any) -> None:
+    """A step callback (`loop.Worker`, `loop.TrainState`)."""
+    if worker.rank == worker.world - 1 and _mid_epoch_2(worker, state):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def mark_mid_epoch_2(worker: Any, state: Any) -> None:
+    """A step callback: the mark, then a pause longer than a worker takes to see the driver's notice."""
+    if worker.rank == 0 and _mid_epoch_2(worker, state):
+        Path(os.environ[MARK_ENV]).write_text(str(state.step))
+        time.sleep(6)
+
+
+def fault_env(variable: str, function: Any) -> dict[str, str]:
+    """The environment that makes a `kubetune run --local` (or `python -m kubetune_trainer`) call `function`."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {CALLBACKS_ENV: f"{__name__}:{callback.__name__}", "PYTHONPATH": path}
+    return {variable: f"{__name__}:{function.__name__}", "PYTHONPATH": path}
 
 
-FAIL_ONCE_AFTER_FIRST_EPOCH = fault_env()
-SPOIL_THE_LAST_EPOCH = fault_env(spoil_the_last_epoch)
+FAIL_ONCE_AFTER_FIRST_EPOCH = fault_env(CALLBACKS_ENV, fail_once_after_first_epoch)
+SIGTERM_LAST_RANK_MID_EPOCH_2 = fault_env(STEP_CALLBACKS_ENV, sigterm_last_rank_mid_epoch_2)
+MARK_MID_EPOCH_2 = fault_env(STEP_CALLBACKS_ENV, mark_mid_epoch_2)
+SPOIL_THE_LAST_EPOCH = fault_env(CALLBACKS_ENV, spoil_the_last_epoch)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune_trainer.checkpoint import check_identity, restore_checkpoint, write_checkpoint
+from kubetune_trainer.checkpoint import check_identity, restore_checkpoint, take_snapshot, write_checkpoint
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.model import apply_strategy, create_model, param_groups
 
@@ -62,3 +62,23 @@ def test_checkpoints_of_another_model_are_not_resumed() -> None:
         match=r"output.path: the checkpoints at s3://r/c/epoch-0001 belong to a run with another classNames",
     ):
         check_identity(saved, {**saved, "classNames": ["a", "b", "c"]}, "s3://r/c/epoch-0001")
+
+
+def test_a_snapshot_is_what_training_had_when_taken_not_when_written(tmp_path: Path) -> None:
+    """The next step may run while the upload thread writes the snapshot: the files hold the step's state."""
+    model, optimizer, scheduler = training_objects(seed=0)
+    steps(model, optimizer, scheduler, 2)
+    snapshot = take_snapshot(
+        rank=0, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, progress={"epoch": 0, "step": 2}
+    )
+    at_snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    steps(model, optimizer, scheduler, 3)  # training goes on before the snapshot is written
+
+    snapshot.write(tmp_path)
+
+    restored, restored_optimizer, restored_scheduler = training_objects(seed=99)
+    restore_checkpoint(
+        tmp_path, rank=0, model=restored, optimizer=restored_optimizer, scheduler=restored_scheduler, scaler=None
+    )
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in at_snapshot.items())
+    assert restored_scheduler.last_epoch == 2

@@ -84,7 +84,7 @@ def test_unreadable_images_are_skipped_and_counted(world: DigitsWorld, store: S3
 
     assert list(corrupt) == ["few-bad/7/broken.png"]
     assert len(clean.samples) == 150 and len(clean.corrupt) == 1
-    train, val = datasets(folder, clean, {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}, True)
+    train, val = datasets(folder, clean, {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}, "light")
     image, label = train[0]
     assert tuple(image.shape) == (3, 32, 32) and 0 <= label < 5
     assert len(train) + len(val) == 150

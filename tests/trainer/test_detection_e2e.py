@@ -91,7 +91,7 @@ class Shapes:
                         "validation": f"{SHAPES}/annotations/val.json",
                     },
                     "imageSize": DETECTOR_SIZE,
-                    "augment": True,
+                    "augment": "light",
                 },
                 "training": {
                     "epochs": EPOCHS,
@@ -179,7 +179,11 @@ def test_an_interrupted_run_resumes_and_records_every_epoch_once(
 ) -> None:
     assert finetuned.returncode == 0, finetuned.stderr
     output = "s3://results/detection/shapes-finetune"
-    assert f"resumed from {output}/checkpoints/shapes-finetune/epoch-0001 after epoch 1" in finetuned.stderr
+    # The run's folder: default.shapes-finetune.<digest> (config.run_name).
+    assert re.search(
+        rf"resumed from {output}/checkpoints/default\.shapes-finetune\.[0-9a-f]+/epoch-0001 after epoch 1",
+        finetuned.stderr,
+    )
     history = json.loads(shapes.world.get(f"{output}/history.json"))
     assert [e["epoch"] for e in history] == list(range(1, EPOCHS + 1))
     assert all(list(e) == HISTORY_KEYS for e in history)

@@ -240,7 +240,12 @@ def test_the_driver_prepares_a_detection_run_from_s3(world: DigitsWorld, tmp_pat
             "jobName": "driver",
             "runName": "driver",
             "task": "detection",
-            "model": {"architecture": SMALL, "checkpoint": "s3://models/shapes-driver/base.safetensors"},
+            # strategy head: the backbone stays frozen (the default, full, trains everything).
+            "model": {
+                "architecture": SMALL,
+                "checkpoint": "s3://models/shapes-driver/base.safetensors",
+                "strategy": "head",
+            },
             "data": {
                 "train": f"{base}/images/",
                 "annotations": {"train": f"{base}/train.json", "validation": f"{base}/val.json"},

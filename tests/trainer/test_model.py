@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 
 from kubetune_trainer.errors import CheckpointError, ConfigError
 from kubetune_trainer.model import (
-    BACKBONE_LR_SCALE,
     apply_strategy,
     build_model,
     check_architecture,
@@ -153,16 +152,30 @@ def test_partial_beyond_the_stages_trains_everything() -> None:
     assert plan.stages_trained == plan.stages_total == 5
 
 
-def test_full_trains_the_backbone_slower_and_skips_decay_on_norms() -> None:
+def test_full_gives_each_stage_its_layer_decayed_rate_and_skips_decay_on_norms() -> None:
     model = create_model(ARCH, 5)
     plan = apply_strategy(model, "full")
-    groups = {g["name"]: g for g in param_groups(model, plan, lr=0.01, weight_decay=0.05)}
+    groups = {
+        g["name"]: g for g in param_groups(model, plan, lr=0.01, weight_decay=0.05, backbone_scale=0.5, layer_decay=0.8)
+    }
     assert groups["head"]["lr"] == 0.01
-    assert groups["backbone"]["lr"] == pytest.approx(0.01 * BACKBONE_LR_SCALE)
-    assert groups["backbone-no-decay"]["weight_decay"] == 0.0
-    assert all(p.ndim <= 1 for p in groups["backbone-no-decay"]["params"])
-    in_groups = sum(len(g["params"]) for g in groups.values())
-    assert in_groups == len(list(model.parameters()))
+    # test_resnet's stages, input side first: stem, layer1..layer4; the top one at backbone_scale.
+    stage_rates = [groups[f"backbone-{i}"]["lr"] for i in range(5)]
+    assert stage_rates == pytest.approx([0.01 * 0.5 * 0.8**k for k in (4, 3, 2, 1, 0)])
+    assert {n.split(".")[0] for n in plan.backbone_stages[0]} == {"conv1", "bn1"}
+    assert {n.split(".")[0] for n in plan.backbone_stages[-1]} == {"layer4"}
+    assert groups["backbone-4-no-decay"]["weight_decay"] == 0.0
+    assert all(p.ndim <= 1 for p in groups["backbone-4-no-decay"]["params"])
+    in_groups = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(in_groups) == sorted(id(p) for p in model.parameters())
+
+
+def test_partial_decays_only_the_stages_it_trains() -> None:
+    model = create_model(ARCH, 5)
+    plan = apply_strategy(model, "partial", 2)
+    groups = {g["name"]: g for g in param_groups(model, plan, lr=0.01, weight_decay=0.05, layer_decay=0.5)}
+    assert [groups[f"backbone-{i}"]["lr"] for i in range(2)] == pytest.approx([0.005, 0.01])
+    assert {n.split(".")[0] for g in plan.backbone_stages for n in g} == {"layer3", "layer4"}
 
 
 def test_frozen_layers_stay_bit_identical_under_head() -> None:

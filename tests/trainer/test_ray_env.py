@@ -17,5 +17,5 @@ def test_the_defaults_apply_and_a_users_own_setting_wins(monkeypatch: pytest.Mon
     use_ray_train_env()
 
     assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
-    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION"] == "0"
     assert all(name in os.environ for name in RAY_TRAIN_ENV)

@@ -125,7 +125,7 @@ def test_image_keys_that_would_leave_the_cache_are_refused_and_counted(
     assert set(corrupt) == set(crafted)
     assert not any("escape" in p.name for p in tmp_path.rglob("*"))
     preprocessing = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
-    train, validation = datasets(folder, index.without_corrupt(corrupt), preprocessing, False)
+    train, validation = datasets(folder, index.without_corrupt(corrupt), preprocessing, "none")
     assert len(train) + len(validation) == 20
 
 

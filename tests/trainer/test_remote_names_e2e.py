@@ -81,6 +81,7 @@ def test_crafted_image_and_checkpoint_keys_never_leave_the_cache(pretrained: Dig
     assert set(crafted.values()) <= set(world.keys(train))  # the listing holds them verbatim
     output = f"s3://{OUT_BUCKET}/escape"
     manifest = world.job("escape", output=output, train=train, validation=None, epochs=1, max_retries=0)
+    run = world.config("escape", output=output, train=train, validation=None, epochs=1).run_name
 
     done = escape.run(world, manifest)
 
@@ -91,10 +92,11 @@ def test_crafted_image_and_checkpoint_keys_never_leave_the_cache(pretrained: Dig
     card = json.loads(world.get(f"{output}/model.json"))
     assert (card["data"]["corruptImages"], card["data"]["trainImages"] + card["data"]["validationImages"]) == (3, 300)
 
-    # The run's last checkpoint gets a planted file; running the job again (one more epoch) resumes from it.
-    planted = escape.keys("escape/checkpoints/escape/epoch-0001", ".txt")
+    # The run's last checkpoint gets a planted file; running the job again (one more epoch: the same run,
+    # config.run_digest) resumes from it.
+    planted = escape.keys(f"escape/checkpoints/{run}/epoch-0001", ".txt")
     world.put_many({f"s3://{OUT_BUCKET}/{key}": b"planted" for key in planted.values()})
-    assert world.keys(f"{output}/checkpoints/escape/epoch-0001")  # the checkpoint the resume reads
+    assert world.keys(f"{output}/checkpoints/{run}/epoch-0001")  # the checkpoint the resume reads
     manifest = world.job("escape", output=output, train=train, validation=None, epochs=2, max_retries=0)
 
     resumed = escape.run(world, manifest)
@@ -103,7 +105,7 @@ def test_crafted_image_and_checkpoint_keys_never_leave_the_cache(pretrained: Dig
     assert escape.landed() == []
     error = [line for line in resumed.stderr.splitlines() if line.startswith("kubetune: error:")]
     assert len(error) == 1 and "the name '../../" in error[0] and "has a '..' path segment" in error[0], error
-    assert f"refused {output}/checkpoints/escape/epoch-0001/../../" in error[0]
+    assert f"refused {output}/checkpoints/{run}/epoch-0001/../../" in error[0]
 
 
 def test_crafted_coco_file_names_never_leave_the_cache(world: DigitsWorld, tmp_path: Path) -> None:

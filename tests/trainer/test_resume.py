@@ -19,10 +19,9 @@ from tests.support.digits_world import PRETRAINED, DigitsWorld
 from tests.support.trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
 
 
-def wait_for_checkpoint(world: DigitsWorld, run: str, output: str, proc_alive: object, timeout: float = 300) -> None:
-    """Until Ray Train has recorded a checkpoint of `run` (its snapshot names it)."""
+def wait_for_checkpoint(world: DigitsWorld, prefix: str, proc_alive: object, timeout: float = 300) -> None:
+    """Until Ray Train has recorded a checkpoint of the run at `prefix` (its snapshot names it)."""
     deadline = time.monotonic() + timeout
-    prefix = f"{output}/checkpoints/{run}"
     while time.monotonic() < deadline:
         keys = world.keys(prefix)
         if any(k.endswith("/checkpoint_manager_snapshot.json") for k in keys) and any(
@@ -48,18 +47,19 @@ def kill_group(pid: int) -> None:
 @pytest.mark.slow
 def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld, small_digits: str) -> None:
     output, epochs = "s3://results/resume/driver", 4
-    manifest = pretrained.job(
-        "resume-driver",
-        output=output,
-        train=small_digits,
-        validation=None,
-        epochs=epochs,
-        strategy="full",
-        trainable_layers=None,
-    )
+    spec = {
+        "output": output,
+        "train": small_digits,
+        "validation": None,
+        "epochs": epochs,
+        "strategy": "full",
+        "trainable_layers": None,
+    }
+    manifest = pretrained.job("resume-driver", **spec)
+    run = pretrained.run_uri("resume-driver", **spec)
     first = pretrained.kubetune_popen(manifest)
     try:
-        wait_for_checkpoint(pretrained, "resume-driver", output, lambda: first.poll() is None)
+        wait_for_checkpoint(pretrained, run, lambda: first.poll() is None)
     finally:
         kill_group(first.pid)
         first.wait(timeout=30)
@@ -69,15 +69,23 @@ def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld,
     second = pretrained.kubetune_run(manifest)
 
     assert second.returncode == 0, second.stderr
-    resumed = re.search(
-        rf"resumed from {output}/checkpoints/resume-driver/epoch-(\d+) after epoch (\d+)", second.stderr
-    )
+    resumed = re.search(rf"resumed from {re.escape(run)}/epoch-(\d+) after epoch (\d+)", second.stderr)
     assert resumed, second.stderr
     assert 1 <= int(resumed[2]) < epochs, "the first run was killed only after it had finished training"
     history = json.loads(pretrained.get(f"{output}/history.json"))
     assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
     card = json.loads(pretrained.get(f"{output}/model.json"))
     assert card["epochs"] == epochs and card["metrics"]["valAccuracy"] == history[-1]["valAccuracy"]
+
+    # The same job with `model.resume: never` starts over beside the finished run (a run of its own), and
+    # so does every run of it.
+    never = pretrained.job("resume-driver", **spec, resume="never")
+    third = pretrained.kubetune_run(never)
+
+    assert third.returncode == 0, third.stderr
+    assert "resumed from" not in third.stderr
+    folder = re.search(r"checkpoints under (s3://\S+?)/?$", third.stderr, re.MULTILINE)
+    assert folder and folder[1].startswith(f"{run}.") and len(folder[1]) > len(run) + 30, third.stderr
 
 
 @pytest.mark.slow
@@ -86,28 +94,29 @@ def test_failed_worker_restarts_from_checkpoint_and_frozen_layers_stay(
 ) -> None:
     output, epochs = "s3://results/resume/worker", 3
     # Two DDP workers of one CPU each: rank 0 fails, the whole group restarts from the checkpoint.
-    manifest = pretrained.job(
-        "resume-worker",
-        output=output,
-        train=small_digits,
-        validation=None,
-        epochs=epochs,
-        strategy="head",
-        trainable_layers=None,
-        workers=2,
-        cpus_per_worker=1,
-    )
+    spec = {
+        "output": output,
+        "train": small_digits,
+        "validation": None,
+        "epochs": epochs,
+        "strategy": "head",
+        "trainable_layers": None,
+        "workers": 2,
+        "cpus_per_worker": 1,
+    }
+    manifest = pretrained.job("resume-worker", **spec)
+    run_uri = pretrained.run_uri("resume-worker", **spec)
 
     run = pretrained.kubetune_run(manifest, **FAIL_ONCE_AFTER_FIRST_EPOCH)
 
     assert run.returncode == 0, run.stderr
-    assert f"resumed from {output}/checkpoints/resume-worker/epoch-0001 after epoch 1" in run.stderr
+    assert f"resumed from {run_uri}/epoch-0001 after epoch 1" in run.stderr
     # The driver saw the failure through Ray Train's controller and said what happens next.
     assert "worker failure 1 (rank 0): InjectedFaultError" in run.stderr, run.stderr
     assert "Ray Train restarts the workers from the latest checkpoint" in run.stderr
     history = json.loads(pretrained.get(f"{output}/history.json"))
     assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
-    checkpoint = pretrained.keys(f"{output}/checkpoints/resume-worker/epoch-0003")
+    checkpoint = pretrained.keys(f"{run_uri}/epoch-0003")
     assert {k.rsplit("/", 1)[1] for k in checkpoint} >= {"model.safetensors", "rng-rank0.pt", "rng-rank1.pt"}
     card = json.loads(pretrained.get(f"{output}/model.json"))
     assert card["data"]["trainImages"] + card["data"]["validationImages"] == 300

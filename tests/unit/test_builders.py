@@ -35,7 +35,7 @@ from kubetune_operator.builders import (
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
-from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget, TrainerConfig
+from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget, TrainerConfig, run_digest
 
 # The same Kubernetes version the chart's schemas are pinned to (tests/chart/k8s_schema.py).
 KUBERNETES_VERSION = "1.31.0"
@@ -308,6 +308,15 @@ def test_run_policy_maps_to_kuberay_fields() -> None:
     assert "activeDeadlineSeconds" not in defaults
 
 
+def test_every_ray_pod_gets_the_preemption_grace_period_and_passes_sigterm_to_training() -> None:
+    for overrides, grace in (({}, 60), ({"runPolicy": {"preemptionGraceSeconds": 300}}, 300)):
+        for group in _groups(children(**overrides)["RayJob"]):
+            pod = group["template"]["spec"]
+            assert pod["terminationGracePeriodSeconds"] == grace
+            hook = _container(group)["lifecycle"]["preStop"]["exec"]["command"]
+            assert hook == ["python", "-m", "kubetune_trainer.preemption", str(grace)]
+
+
 def test_s3_settings_are_env_and_credentials_only_secret_references() -> None:
     head, workers = _groups(children()["RayJob"])
     for group in (head, workers):
@@ -326,7 +335,9 @@ def test_every_ray_process_runs_without_the_ray_train_extras_kubetune_does_not_u
     for group in (head, workers):
         env = {e["name"]: e.get("value") for e in _container(group)["env"]}
         assert {name: env.get(name) for name in RAY_TRAIN_ENV} == RAY_TRAIN_ENV
-        assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == env["RAY_TRAIN_METRICS_ENABLED"] == "0"
+        assert env["RAY_TRAIN_METRICS_ENABLED"] == "0"
+        # Ray Train's preemption watcher stays on: a Ray node drain is a preemption notice.
+        assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in env
 
 
 def test_without_a_credentials_secret_the_pods_use_their_own_identity() -> None:
@@ -424,7 +435,10 @@ def test_the_heads_env_holds_the_trainer_config_with_the_progress_target() -> No
         ),
     )
     assert config == expected
-    assert config.run_name == the_job.metadata.uid
+    assert (
+        config.run_name
+        == f"vision.flowers.{run_digest('classification', *(getattr(the_job.spec, s) for s in ('model', 'data', 'training')))}"
+    )
     assert json.loads(text)["progress"]["tokenPath"] == "/var/run/secrets/kubetune.dev/token"
 
 

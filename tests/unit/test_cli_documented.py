@@ -24,7 +24,7 @@ from tests.support.paths import REPO
 
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SUBCOMMANDS = ("validate", "render", "run", "demo", "crd")
+SUBCOMMANDS = ("validate", "render", "run", "tune-lr", "demo", "crd")
 # The demo lines tests/e2e/test_demo_cli.py runs through the console script (with --workdir where it must
 # not touch the checkout's .demo/).
 RUN_BY_THE_DEMO_TESTS = {"kubetune demo", "kubetune demo --keep-running"}
@@ -64,6 +64,7 @@ def test_the_documents_show_each_subcommand_with_its_flags() -> None:
         "kubetune render job.yaml",
         "kubetune run job.yaml --local",
         "kubetune run job.yaml --local --s3-endpoint URL",
+        "kubetune tune-lr job.yaml --local",
         "kubetune demo",
         "kubetune demo --keep-running",
         "kubetune demo --help",
@@ -90,7 +91,7 @@ def test_each_documented_demo_line_is_run_by_the_demo_tests(line: str) -> None:
 def prepared(line: str, folder: Path) -> list[str]:
     """The line's arguments with its placeholders made real, in `folder`."""
     example = yaml.safe_load((REPO / "examples" / "classification-head.yaml").read_text())
-    if line.split()[1] == "run":  # valid, it would train: invalid, it parses and stops at validation
+    if line.split()[1] in ("run", "tune-lr"):  # valid, it would train: invalid, it parses and stops at validation
         example["spec"].setdefault("training", {})["epochs"] = 0
     for name in ("job.yaml", "other.yaml"):
         (folder / name).write_text(yaml.safe_dump(example))
@@ -104,7 +105,7 @@ def test_each_documented_line_works_through_the_console_script(line: str, tmp_pa
     )
     if "--help" in line.split():
         assert done.returncode == 0 and done.stdout.startswith("usage: kubetune"), done.stderr
-    elif line.split()[1] == "run":
+    elif line.split()[1] in ("run", "tune-lr"):
         assert done.returncode == 1, done.stderr
         assert "spec.training.epochs: must be >= 1 (got 0)" in done.stderr
     else:

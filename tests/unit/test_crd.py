@@ -118,6 +118,10 @@ def test_every_field_has_a_description_for_kubectl_explain() -> None:
 
 def test_schema_is_structural() -> None:
     for path, node in nodes(SCHEMA):
+        if node.get("x-kubernetes-preserve-unknown-fields") and "anyOf" in node:
+            # Value alternatives (a number or auto): untyped, and no types inside anyOf.
+            assert "type" not in node and all("type" not in branch for branch in node["anyOf"]), path
+            continue
         assert "type" in node, f"{path} has no type"
         for keyword in ("$ref", "anyOf", "allOf", "oneOf", "not", "const", "title", "propertyNames"):
             assert keyword not in node, f"{path} has {keyword}"
@@ -267,6 +271,8 @@ CEL_CASES = [
         "data.test is allowed with task detection only together with data.annotations.test",
     ),
     ({"output": {"formats": ["onnx", "torchscript"]}}, "formats must include safetensors"),
+    ({"training": {"checkpointEvery": "0s"}}, "checkpointEvery must be 'epoch' or a duration"),
+    ({"training": {"checkpointEvery": "169h"}}, "checkpointEvery must be 'epoch' or a duration"),
 ]
 
 
@@ -303,6 +309,11 @@ def test_each_cel_rule_rejects_what_its_python_twin_rejects(edit: dict[str, Any]
     [
         {"spec": {"model": {"strategy": "partial", "trainableLayers": 2}}},
         {"spec": {"training": {"epochs": 3, "warmupEpochs": 2}}},
+        {"spec": {"training": {"checkpointEvery": "1h30m"}}},
+        {"spec": {"training": {"checkpointEvery": "168h"}}},
+        {"spec": {"training": {"learningRate": "auto"}}},
+        {"spec": {"training": {"learningRate": 0.003}}},
+        {"spec": {"training": {"learningRate": 1}}},
         # Siblings that merely share a string prefix do not overlap: data/train vs data/train-2.
         {"spec": {"output": {"path": "s3://bkt/data/train-runs/"}, "data": {"validation": "s3://bkt/data/training"}}},
         {"spec": {"resources": {"tolerations": [{"operator": "Exists"}, {"key": "k", "value": "v"}]}}},

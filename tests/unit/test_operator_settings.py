@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from kubetune_operator.hooks import Hooks
-from kubetune_operator.settings import OperatorSettings, parse_namespaces
+from kubetune_operator.settings import OperatorSettings, parse_list
 
 
 def test_defaults_work_without_any_environment() -> None:
@@ -71,8 +71,8 @@ def test_a_bad_network_policy_setting_names_its_variable(variable: str, value: s
 
 
 def test_namespace_lists() -> None:
-    assert parse_namespaces("a,b,,c  a") == ("a", "b", "c")
-    assert parse_namespaces(" ") == ()
+    assert parse_list("a,b,,c  a") == ("a", "b", "c")
+    assert parse_list(" ") == ()
 
 
 def test_a_failing_hook_never_stops_the_others(caplog: pytest.LogCaptureFixture) -> None:

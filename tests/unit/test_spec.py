@@ -48,8 +48,14 @@ def test_every_example_parses() -> None:
 
 def test_minimal_job_gets_the_documented_defaults() -> None:
     spec = FineTuneJob.from_body(MINIMAL).spec
-    assert (spec.model.strategy, spec.model.num_classes, spec.model.trainable_layers) == ("head", None, None)
+    assert (spec.model.strategy, spec.model.num_classes, spec.model.trainable_layers) == ("full", None, None)
     assert (spec.training.epochs, spec.training.batch_size, spec.training.optimizer) == (10, 32, "adamw")
+    # The fine-tuning defaults the quality benchmark chose (docs/trainer.md, "Defaults").
+    training = spec.training
+    assert (training.learning_rate, training.warmup_epochs, spec.data.augment) == (None, None, "light")
+    assert (training.backbone_learning_rate_scale, training.layer_decay) == (None, 0.8)
+    # The top backbone stage learns at the head's rate in classification, a tenth of it in detection.
+    assert (training.backbone_scale("classification"), training.backbone_scale("detection")) == (1.0, 0.1)
     assert (spec.resources.workers, spec.resources.gpus_per_worker, spec.resources.memory_per_worker) == (
         1,
         1,

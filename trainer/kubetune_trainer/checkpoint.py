@@ -1,11 +1,19 @@
-"""The resumable training state: what each epoch's checkpoint holds, and how it travels to and from S3.
+"""The resumable training state: what a checkpoint holds, and how it travels to and from S3.
 
-A checkpoint is a folder, `<output.path>/checkpoints/<run name>/epoch-NNNN/`:
+A checkpoint is a folder, `<output.path>/checkpoints/<run name>/epoch-NNNN/` after epoch NNNN, or
+`epoch-NNNN-step-SSSSSSSS/` at global step SSSSSSSS during the epoch after epoch NNNN (time-based and
+preemption checkpoints):
 
     model.safetensors     the weights (rank 0), loadable on their own
     training_state.pt     optimizer, scheduler and grad-scaler state (rank 0; tensors and numbers only)
-    progress.json         epochs done, global step, the history so far, and what the run is (rank 0)
+    progress.json         epochs done, global step, the history so far, what the run is, and where in the
+                          current epoch it stands (rank 0)
     rng-rank<R>.pt        each worker's random-number generator state
+
+Saving is in two parts so that a step never waits for S3 (`take_snapshot`, `SnapshotUploads`): the
+training thread copies what the next step would change (trainable weights, buffers, optimizer state,
+RNG) off the live tensors, and Ray Train's upload thread (`ray.train.report(checkpoint_upload_mode=
+ASYNC)`) writes the files and uploads them.
 
 Every file is read without unpickling code (safetensors, JSON, `torch.load(weights_only=True)`), even
 though the trainer wrote them: the bucket is not trusted more than the base weights are. For the same
@@ -19,13 +27,16 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import _remove_duplicate_names, load_model, save_file
 from torch import nn
 
 from kubetune_trainer.errors import CheckpointError, ConfigError
@@ -42,9 +53,10 @@ MAX_PROGRESS_BYTES = MAX_READ_BYTES
 MAX_CHECKPOINT_FILES = 100_000
 
 
-def checkpoint_dir_name(epoch: int) -> str:
-    """The folder of the checkpoint taken after `epoch` epochs (1-based): epoch-0003."""
-    return f"epoch-{epoch:04d}"
+def checkpoint_dir_name(epoch: int, step: int | None = None) -> str:
+    """The folder of the checkpoint taken after `epoch` epochs (epoch-0003), or at global step `step` of the
+    epoch after those (epoch-0003-step-00001234): names sort in the order the checkpoints were taken."""
+    return f"epoch-{epoch:04d}" if step is None else f"epoch-{epoch:04d}-step-{step:08d}"
 
 
 def rng_file(rank: int) -> str:
@@ -72,8 +84,57 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint(
-    folder: Path,
+def _cpu_copy(value: Any) -> Any:
+    """`value` with every tensor copied to the CPU (a new tensor even when it is there already)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
+
+
+def model_snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The weights as `save_model` writes them (shared tensors once, named in the metadata), copied where
+    training changes them: trainable parameters and all buffers. Frozen parameters never change (the
+    optimizer does not hold them), so they are written from the live tensors."""
+    inner = unwrap(model)
+    frozen = {name for name, param in inner.named_parameters() if not param.requires_grad}
+    state = inner.state_dict()
+    metadata = {"format": "pt"}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata.setdefault(name, kept)
+            del state[name]
+    return {name: tensor if name in frozen else _cpu_copy(tensor) for name, tensor in state.items()}, metadata
+
+
+@dataclass
+class Snapshot:
+    """One worker's part of a checkpoint, taken off the live training state (`take_snapshot`): the next
+    step may run while another thread writes it (`write`)."""
+
+    rank: int
+    rng: dict[str, Any]
+    progress: dict[str, Any] | None = None
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights_metadata: dict[str, str] = field(default_factory=dict)
+    training_state: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, folder: Path) -> None:
+        """The checkpoint files of this worker into `folder` (everything on rank 0, its RNG on every rank)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.rng, folder / rng_file(self.rank))
+        if self.progress is None:
+            return
+        weights = {name: tensor.to("cpu").contiguous() for name, tensor in self.weights.items()}
+        save_file(weights, str(folder / MODEL_FILE), metadata=self.weights_metadata)
+        torch.save(self.training_state, folder / STATE_FILE)
+        (folder / PROGRESS_FILE).write_text(json.dumps(self.progress, indent=2))
+
+
+def take_snapshot(
     *,
     rank: int,
     model: nn.Module,
@@ -81,20 +142,72 @@ def write_checkpoint(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     progress: Mapping[str, Any],
-) -> None:
-    """This worker's part of the checkpoint: everything on rank 0, its RNG state on every rank."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), folder / rng_file(rank))
+) -> Snapshot:
+    """What `write_checkpoint` would write, copied now: the part of saving a training step waits for."""
+    snapshot = Snapshot(rank=rank, rng=rng_state())
     if rank != 0:
-        return
-    save_model(unwrap(model), str(folder / MODEL_FILE), metadata={"format": "pt"})
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        return snapshot
+    snapshot.weights, snapshot.weights_metadata = model_snapshot(model)
+    snapshot.training_state = {
+        "optimizer": _cpu_copy(optimizer.state_dict()),
+        "scheduler": _cpu_copy(scheduler.state_dict()),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
     }
-    torch.save(state, folder / STATE_FILE)
-    (folder / PROGRESS_FILE).write_text(json.dumps(dict(progress), indent=2))
+    snapshot.progress = json.loads(json.dumps(dict(progress)))
+    return snapshot
+
+
+def write_checkpoint(folder: Path, **state: Any) -> None:
+    """This worker's part of a checkpoint written at once (`take_snapshot`'s arguments)."""
+    take_snapshot(**state).write(folder)
+
+
+class SnapshotUploads:
+    """Snapshots on their way to S3 in Ray Train's upload thread: how many (`busy`), and waiting for them
+    (`wait`). `uploader` is the `checkpoint_upload_fn` that writes and uploads one snapshot (`send`)."""
+
+    def __init__(self, store: S3Store) -> None:
+        self.store = store
+        self._pending = 0
+        self._changed = threading.Condition()
+
+    def busy(self) -> bool:
+        with self._changed:
+            return self._pending > 0
+
+    def wait(self, at_most: int = 0) -> None:
+        """Until no more than `at_most` snapshots are still being written or uploaded."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending <= at_most)
+
+    def begin(self) -> None:
+        """A snapshot is on its way (`send` will say when it has arrived)."""
+        with self._changed:
+            self._pending += 1
+
+    def send(self, snapshot: Snapshot, local: Path, target: S3Uri) -> None:
+        """Write `snapshot` into the folder `local`, upload it to `target`, and remove the folder."""
+        try:
+            snapshot.write(local)
+            self.store.upload_dir(local, target)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+            with self._changed:
+                self._pending -= 1
+                self._changed.notify_all()
+
+    def uploader(self, snapshot: Snapshot) -> Callable[[Any, str], Any]:
+        self.begin()
+
+        def upload(checkpoint: Any, dir_name: str) -> Any:
+            import ray.train
+
+            storage = ray.train.get_context().get_storage()
+            target = f"{storage.experiment_fs_path}/{dir_name}"
+            self.send(snapshot, Path(checkpoint.path), S3Uri.from_fs_path(target))
+            return ray.train.Checkpoint(path=target, filesystem=storage.storage_filesystem)
+
+        return upload
 
 
 def read_progress(folder: Path) -> dict[str, Any]:
@@ -141,20 +254,6 @@ def restore_checkpoint(
     if rng.is_file():  # absent when the number of workers changed; the seeded generators then apply
         set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
     return read_progress(folder)
-
-
-def s3_uploader(store: S3Store) -> Callable[[Any, str], Any]:
-    """A `checkpoint_upload_fn` for ray.train.report: boto3 uploads into the run's storage folder."""
-
-    def upload(checkpoint: Any, dir_name: str) -> Any:
-        import ray.train
-
-        storage = ray.train.get_context().get_storage()
-        target = f"{storage.experiment_fs_path}/{dir_name}"
-        store.upload_dir(Path(checkpoint.path), S3Uri.from_fs_path(target))
-        return ray.train.Checkpoint(path=target, filesystem=storage.storage_filesystem)
-
-    return upload
 
 
 def download_checkpoint(store: S3Store, checkpoint: Any, into: Path | None = None) -> Path:

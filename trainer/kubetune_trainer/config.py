@@ -9,10 +9,12 @@ This module imports pydantic only: the operator image loads it without torch or 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 # An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules. Keys have
@@ -27,17 +29,22 @@ S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
 S3_SEGMENT = r"(?:[^\s/.][^\s/]*|\.[^\s/.][^\s/]*|\.\.[^\s/]+)"
 S3_OBJECT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})+$"
 S3_PREFIX_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/?$"
+# The Ray pods' preStop hook (kubetune_trainer.preemption): it passes a pod's termination on to its Train
+# workers and training driver as SIGTERM; the grace period in seconds follows as its one argument.
+PRESTOP_COMMAND = ("python", "-m", "kubetune_trainer.preemption")
+# runPolicy.preemptionGraceSeconds: the pods' terminationGracePeriodSeconds, and the trainer's deadline.
+MIN_PREEMPTION_GRACE_S, DEFAULT_PREEMPTION_GRACE_S, MAX_PREEMPTION_GRACE_S = 10, 60, 3600
 # The environment variable that holds the TrainerConfig JSON for `python -m kubetune_trainer` without
 # --config: how the operator's RayJob passes it to the driver on the Ray head.
 CONFIG_ENV = "KUBETUNE_TRAINER_CONFIG"
 # Ray Train features kubetune does not use, off in every trainer process (the RayJob's containers, `kubetune
-# run --local`, the trainer alone): Ray Train's own Prometheus metrics (the operator exports progress), the
-# preemption watcher (the loop never asks for preemption info), structured JSON log files and the state
-# actor's reconciliation. Each runs a polling actor or thread beside training; on a 2-core node they took
-# ~5% of the CPU from the training step (bench/findings.md, "Trainer overhead").
+# run --local`, the trainer alone): Ray Train's own Prometheus metrics (the operator exports progress),
+# structured JSON log files and the state actor's reconciliation. Each runs a polling actor or thread beside
+# training; on a 2-core node they took ~5% of the CPU from the training step (bench/findings.md, "Trainer
+# overhead"). Ray Train's preemption watcher stays on: a Ray node drain (autoscaler, `ray drain-node`) is
+# one of the preemption notices the loop acts on (`preemption.py`).
 RAY_TRAIN_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
@@ -67,7 +74,8 @@ MAX_EPOCHS = 1000
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
 ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
-ENDPOINT_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+# No user:password@ in the authority: credentials belong in the Secret, never in a spec anyone may read.
+ENDPOINT_PATTERN = r"^https?://[^\s/@]+(/[^\s]*)?$"
 REGION_PATTERN = r"^[a-z0-9\-]{2,32}$"
 # A Kubernetes object name (DNS-1123 subdomain), e.g. of a Secret.
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -199,10 +207,10 @@ class ModelSpec(SpecSection):
         description="Number of classes of the new task; inferred from the dataset's class folders when omitted.",
     )
     strategy: Literal["head", "partial", "full"] = Field(
-        default="head",
+        default="full",
         description=(
-            "What trains: head (only the new classifier), partial (the last trainableLayers stages "
-            "and the head), full (everything, with a lower learning rate for the backbone)."
+            "What trains: full (everything; the backbone's learning rate follows backboneLearningRateScale and "
+            "layerDecay), partial (the last trainableLayers stages and the head), head (only the new classifier)."
         ),
     )
     trainable_layers: int | None = Field(
@@ -210,6 +218,15 @@ class ModelSpec(SpecSection):
         ge=1,
         le=64,
         description="Number of backbone stages, counted from the top, that train with strategy 'partial'.",
+    )
+    resume: Literal["auto", "never"] = Field(
+        default="auto",
+        description=(
+            "auto: continue from the last committed checkpoint of the job's run in output.path, also when the job "
+            "was deleted and applied again under the same name with the same task, model, data, optimizer and "
+            "seed; never: start over (a run of this job object alone, which its own retries and resumes still "
+            "continue)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -300,7 +317,14 @@ class DataSpec(SpecSection):
         le=1024,
         description="Square input size in pixels; the model's own default when omitted.",
     )
-    augment: bool = Field(default=True, description="Random resized crops and flips during training.")
+    augment: Literal["none", "light", "standard", "strong"] = Field(
+        default="light",
+        description=(
+            "Training augmentation, scaled to the image size: none; light (random shifts of up to 1/8 of the "
+            "side); standard (random resized crops and flips); strong (smaller crops, flips and colour "
+            "jitter: timm's ImageNet recipe at 224 px). Detection flips with every policy but none."
+        ),
+    )
 
     @model_validator(mode="after")
     def _validation_apart_from_train(self) -> DataSpec:
@@ -316,22 +340,95 @@ class DataSpec(SpecSection):
         return self
 
 
+# Defaults measured on the fine-tuning quality benchmark (bench/quality.py; docs/trainer.md, "Defaults").
+LAYER_DECAY = 0.8
+# The top backbone stage's share of the head's rate when backboneLearningRateScale is omitted. A detector's
+# new heads (and FPN) take the range test's rate, its pretrained backbone a tenth of it: at the full rate
+# the backbone's features were lost (mAP 0.13 against 0.31; docs/trainer.md).
+BACKBONE_SCALE: dict[Task, float] = {"classification": 1.0, "detection": 0.1}
+# Without warmupEpochs, the warm-up takes this share of the run's steps.
+WARMUP_FRACTION = 0.2
+
+# training.learningRate: a number, or "auto" for the range test. A CRD type is one type, so the schema
+# leaves the node untyped (x-kubernetes-preserve-unknown-fields) and says which values pass in anyOf's
+# value validations: the string auto, or a number in (0, 10]. minLength 1 with maxLength 0 fails every
+# string, so the second branch holds numbers only (the API server still rejects other strings, and the
+# model rejects booleans and objects too).
+AUTO = "auto"
+MAX_LEARNING_RATE = 10.0
+LEARNING_RATE_SCHEMA: dict[str, Any] = {
+    "x-kubernetes-preserve-unknown-fields": True,
+    "anyOf": [
+        {"enum": [AUTO]},
+        {"exclusiveMinimum": 0.0, "maximum": MAX_LEARNING_RATE, "minLength": 1, "maxLength": 0},
+    ],
+}
+
 WARMUP_RULE = cel(
-    "self.warmupEpochs < self.epochs",
+    "!has(self.warmupEpochs) || self.warmupEpochs < self.epochs",
     "warmupEpochs must be less than epochs",
     ".warmupEpochs",
 )
+# training.checkpointEvery: "epoch", or a duration in hours, minutes and seconds ("10m", "1h30m", "90s").
+EPOCH = "epoch"
+CHECKPOINT_EVERY_PATTERN = r"^(epoch|[0-9]{1,6}h([0-9]{1,6}m)?([0-9]{1,6}s)?|[0-9]{1,6}m([0-9]{1,6}s)?|[0-9]{1,6}s)$"
+MIN_CHECKPOINT_INTERVAL_S = 1
+MAX_CHECKPOINT_INTERVAL_S = 7 * 24 * 3600
+CHECKPOINT_EVERY_RULE = cel(
+    f"self.checkpointEvery == '{EPOCH}' || (duration(self.checkpointEvery) >= duration('{MIN_CHECKPOINT_INTERVAL_S}s')"
+    f" && duration(self.checkpointEvery) <= duration('{MAX_CHECKPOINT_INTERVAL_S}s'))",
+    "checkpointEvery must be 'epoch' or a duration from 1s to 168h",
+    ".checkpointEvery",
+)
+_DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds of a duration written as CHECKPOINT_EVERY_PATTERN allows ("1h30m" -> 5400)."""
+    total, digits = 0, ""
+    for char in text:
+        if char.isdigit():
+            digits += char
+        else:
+            total, digits = total + int(digits) * _DURATION_UNITS[char], ""
+    return total
 
 
 class TrainingSpec(SpecSection):
     """How to train: epochs, batch, optimiser and schedule."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [WARMUP_RULE]})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [WARMUP_RULE, CHECKPOINT_EVERY_RULE]})
 
     epochs: int = Field(default=10, ge=1, le=MAX_EPOCHS, description="Passes over the training data.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
-    learning_rate: float = Field(
-        default=1e-3, gt=0.0, le=10.0, description="Peak learning rate, reached at the end of warm-up."
+    learning_rate: Annotated[float | None, WithJsonSchema(LEARNING_RATE_SCHEMA)] = Field(
+        default=None,
+        gt=0.0,
+        le=MAX_LEARNING_RATE,
+        description=(
+            "Peak learning rate of the new head, reached at the end of warm-up (the backbone's follows "
+            "backboneLearningRateScale and layerDecay): a number, or auto (the same as leaving it out) to have "
+            "a learning-rate range test on the job's data choose it before training (`kubetune tune-lr` runs "
+            "the same test alone)."
+        ),
+    )
+    backbone_learning_rate_scale: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "The top backbone stage's learning rate as a fraction of the head's (strategies partial and full); "
+            "omitted: 1 for classification, 0.1 for detection."
+        ),
+    )
+    layer_decay: float = Field(
+        default=LAYER_DECAY,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Layer-wise learning-rate decay: each backbone stage below the top one learns this much slower "
+            "than the stage above it (1: every stage alike)."
+        ),
     )
     optimizer: Literal["adamw", "sgd"] = Field(
         default="adamw", description="Optimiser: adamw (AdamW) or sgd (SGD with momentum)."
@@ -340,8 +437,11 @@ class TrainingSpec(SpecSection):
     scheduler: Literal["cosine", "constant", "step"] = Field(
         default="cosine", description="Learning-rate schedule after warm-up: cosine decay, constant, or step decay."
     )
-    warmup_epochs: int = Field(
-        default=0, ge=0, le=100, description="Epochs of linear learning-rate warm-up; less than epochs."
+    warmup_epochs: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Epochs of linear learning-rate warm-up, less than epochs; omitted: the first fifth of the steps.",
     )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         default="bf16", description="Mixed precision on GPU; CPU runs always use fp32."
@@ -355,12 +455,52 @@ class TrainingSpec(SpecSection):
             "detection; valAccuracy, or valMap for detection, when omitted."
         ),
     )
+    checkpoint_every: str = Field(
+        default=EPOCH,
+        pattern=CHECKPOINT_EVERY_PATTERN,
+        max_length=24,
+        description=(
+            "When to checkpoint: epoch (after every epoch), or a duration such as 10m or 1h30m (from 1s to 168h): "
+            "whenever that long has passed since the last checkpoint, mid-epoch or at an epoch's end, and after "
+            "the last epoch. Checkpoints upload in the background; a preemption also checkpoints."
+        ),
+    )
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _auto_is_the_range_test(cls, value: Any) -> Any:
+        """`auto` and an omitted learningRate mean the same: the range test chooses it (None here)."""
+        if isinstance(value, str) and value == AUTO:
+            return None
+        if isinstance(value, str):
+            raise ValueError(f"must be a number or {AUTO} (got {value!r})")
+        return value
+
+    def backbone_scale(self, task: Task) -> float:
+        """backboneLearningRateScale, or the task's default (BACKBONE_SCALE) when it is omitted."""
+        return (
+            self.backbone_learning_rate_scale if self.backbone_learning_rate_scale is not None else BACKBONE_SCALE[task]
+        )
 
     @model_validator(mode="after")
     def _warmup_before_end(self) -> TrainingSpec:
-        if self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmupEpochs: must be less than epochs ({self.epochs}) (got {self.warmup_epochs})")
         return self
+
+    @model_validator(mode="after")
+    def _checkpoint_interval_bounded(self) -> TrainingSpec:
+        seconds = self.checkpoint_interval_s
+        if seconds is not None and not MIN_CHECKPOINT_INTERVAL_S <= seconds <= MAX_CHECKPOINT_INTERVAL_S:
+            raise ValueError(
+                f"checkpointEvery: must be '{EPOCH}' or a duration from 1s to 168h (got {self.checkpoint_every})"
+            )
+        return self
+
+    @property
+    def checkpoint_interval_s(self) -> int | None:
+        """Seconds between time-based checkpoints; None for one per epoch."""
+        return None if self.checkpoint_every == EPOCH else duration_seconds(self.checkpoint_every)
 
 
 ExportFormat = Literal["safetensors", "onnx", "torchscript"]
@@ -543,6 +683,47 @@ TASK_DESCRIPTION = (
 )
 
 
+# What identifies a run's checkpoints, beyond the job's namespace and name (`run_digest`): what makes them
+# unloadable into, or meaningless for, another spec. The task, the model (base weights, architecture,
+# classes, strategy; not `resume`), the data (images, annotations, split, size, augmentation), and of the
+# training the optimizer (its state must load) and the seed (it splits train from validation). The other
+# training fields (epochs, learning rate and schedule, batch size, precision, checkpointEvery) may change
+# between a job and the same job applied again: it continues its run, e.g. to train longer.
+RUN_SHAPING = {"model": None, "data": None, "training": ("optimizer", "seed")}
+NOT_RUN_SHAPING = {"model": ("resume",)}
+RUN_DIGEST_LENGTH = 12
+
+
+def run_digest(task: str, model: ModelSpec, data: DataSpec, training: TrainingSpec) -> str:
+    """A digest of what a run's checkpoints belong to (RUN_SHAPING): another digest is another run.
+
+    Resources, the run policy, storage access, the image, the output's retention and the training fields
+    left out are not in it: a re-created job with more memory, another worker count, a fixed image or a
+    lower learning rate still continues its run.
+    """
+    sections: dict[str, Any] = {"task": task}
+    for name, section in (("model", model), ("data", data), ("training", training)):
+        fields = section.model_dump(by_alias=True, mode="json")
+        kept = RUN_SHAPING[name]
+        sections[name] = {
+            key: value
+            for key, value in fields.items()
+            if (kept is None or key in kept) and key not in NOT_RUN_SHAPING.get(name, ())
+        }
+    canonical = json.dumps(sections, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_DIGEST_LENGTH]
+
+
+def run_name(namespace: str, name: str, digest: str, uid: str | None = None) -> str:
+    """`<namespace>.<name>.<digest>`, and `.<uid>` for a job that never resumes another job's run.
+
+    Neither a namespace (a DNS label) nor a job name holds a ".", so the parts never run together. The
+    same job applied again under the same name, with the same run-shaping spec, gets the same name and
+    continues from the run's last committed checkpoint; another spec gets another name (and a fresh run).
+    """
+    return ".".join(part for part in (namespace, name, digest, uid) if part)
+
+
 class ProgressTarget(CamelModel):
     """Where the trainer pushes progress updates (the operator's endpoint), if anywhere."""
 
@@ -565,7 +746,14 @@ class TrainerConfig(CamelModel):
     namespace: str | None = Field(default=None, description="The FineTuneJob's namespace.")
     task: Task = Field(default="classification", description=TASK_DESCRIPTION)
     run_name: str = Field(
-        description="Ray Train run name: the job's uid, so a restarted driver resumes from its checkpoints."
+        min_length=1,
+        max_length=200,
+        pattern=r"^[a-z0-9][a-z0-9.\-]*$",
+        description=(
+            "Ray Train run name, the folder of the run's checkpoints under <output.path>/checkpoints/: "
+            "<namespace>.<name>.<digest of the run-shaping spec> (`run_name`), so a restarted driver, or the "
+            "same job applied again, resumes from the run's last checkpoint."
+        ),
     )
     model: ModelSpec
     data: DataSpec
@@ -574,6 +762,15 @@ class TrainerConfig(CamelModel):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     max_failures: int = Field(default=3, ge=0, description="Worker-failure restarts from the last checkpoint.")
+    max_preemptions: int | None = Field(
+        default=None, ge=0, description="Preemptions the run recovers from (apart from max_failures); None: no limit."
+    )
+    preemption_grace_seconds: int = Field(
+        default=DEFAULT_PREEMPTION_GRACE_S,
+        ge=MIN_PREEMPTION_GRACE_S,
+        le=MAX_PREEMPTION_GRACE_S,
+        description="Seconds from a preemption notice (SIGTERM, a Ray node drain) until the node goes.",
+    )
     progress: ProgressTarget | None = None
 
     @model_validator(mode="after")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from kubetune_trainer.augment import build_transforms
 from kubetune_trainer.cache import cache_root, digest, node_lock
 from kubetune_trainer.config import MAX_CLASSES, DataSpec
 from kubetune_trainer.errors import ConfigError, DataError
@@ -408,23 +409,6 @@ class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return self.transform(rgb), self.labels[i]
 
 
-def build_transforms(data_cfg: Mapping[str, Any], augment: bool) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """(train, eval) transforms from timm's data config; train without augmentation is the eval one."""
-    import timm.data
-
-    common = {
-        "input_size": tuple(data_cfg["input_size"]),
-        "interpolation": data_cfg.get("interpolation", "bilinear"),
-        "mean": tuple(data_cfg["mean"]),
-        "std": tuple(data_cfg["std"]),
-    }
-    eval_tf = timm.data.create_transform(
-        **common, is_training=False, crop_pct=data_cfg.get("crop_pct"), crop_mode=data_cfg.get("crop_mode")
-    )
-    train_tf = timm.data.create_transform(**common, is_training=True) if augment else eval_tf
-    return train_tf, eval_tf
-
-
 def image_files(
     folder: Path, index: DatasetIndex, samples: Sequence[Sample], transform: Callable[[Any], Any]
 ) -> ImageFiles:
@@ -434,7 +418,9 @@ def image_files(
 
 
 def datasets(
-    folder: Path, index: DatasetIndex, data_cfg: Mapping[str, Any], augment: bool
+    folder: Path, index: DatasetIndex, data_cfg: Mapping[str, Any], augment: str
 ) -> tuple[ImageFiles, ImageFiles]:
+    """Training images with the `augment` policy's transform (`augment.build_transforms`), validation
+    images with the evaluation one."""
     train_tf, eval_tf = build_transforms(data_cfg, augment)
     return image_files(folder, index, index.train, train_tf), image_files(folder, index, index.validation, eval_tf)

@@ -9,7 +9,7 @@ Strategies map onto the backbone's stages (its top-level children, input side fi
 detection heads and the feature pyramid with the backbone frozen, `partial` also the last
 `trainableLayers` backbone stages, `full` everything. torchvision's own `trainable_backbone_layers` only
 applies to downloaded backbone weights, so the freezing is done here, with the same `TrainablePlan` the
-classification loop uses (frozen BatchNorm stays in eval mode, the backbone learns slower under `full`).
+classification loop uses (frozen BatchNorm stays in eval mode; the backbone's stages learn at `model.param_groups`' rates).
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def apply_detection_strategy(model: nn.Module, strategy: str, trainable_layers: 
         trained = len(stages)
     else:
         raise ConfigError(f"model.strategy: unknown strategy '{strategy}'")
-    backbone_set = {n for g in stages[len(stages) - trained :] for n in g} if trained else set()
+    chosen = stages[len(stages) - trained :] if trained else []
+    backbone_set = {n for g in chosen for n in g}
     trainable = set(head) | backbone_set
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
@@ -170,4 +171,5 @@ def apply_detection_strategy(model: nn.Module, strategy: str, trainable_layers: 
         stages_trained=trained,
         stages_total=len(stages),
         frozen_modules=frozen_norm_modules(model),
+        backbone_stages=chosen,
     )

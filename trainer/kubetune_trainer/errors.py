@@ -41,6 +41,12 @@ class UnsafeNameError(TrainerError):
     """A remote name (an S3 key, a COCO file_name) that would not stay inside its local folder."""
 
 
+class PreemptedError(TrainerError):
+    """The driver was told to go (SIGTERM): the run stops, to be resumed from the checkpoint it saved."""
+
+    exit_code = 143  # 128 + SIGTERM, as a process ended by the signal would report
+
+
 # Ray Train's header line above a failure's cause; the cause is the line worth showing.
 RAY_FAILURE_HEADER = "Training failed due to"
 

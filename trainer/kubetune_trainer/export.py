@@ -53,6 +53,7 @@ MODEL_FORMAT = "kubetune.dev/model/v1"
 HISTORY_FILE = OUTPUT_FILES["history"]
 CARD_FILE = OUTPUT_FILES["card"]
 CURVES_FILE = OUTPUT_FILES["curves"]
+RANGE_TEST_FILE = "lr-range-test.png"  # written by the workers' range test (`lr_range`), not by the export
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,18 @@ def detection_card(
 def exported_entry(history: Sequence[Mapping[str, Any]], best_epoch: int) -> dict[str, Any]:
     """The history entry of the exported epoch (1-based)."""
     return dict(history[best_epoch - 1]) if 0 < best_epoch <= len(history) else {}
+
+
+def with_effective_training(card: Mapping[str, Any], effective: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The card with what the run trained with (`optim.effective_training`: learning rates and where they
+    came from, warm-up, augmentation), and the range test's picture among its files when there was one."""
+    out = dict(card)
+    if not effective:
+        return out
+    out["effectiveTraining"] = dict(effective)
+    if "rangeTest" in effective:
+        out["files"] = {**out.get("files", {}), "rangeTest": RANGE_TEST_FILE}
+    return out
 
 
 def read_progress_json(store: S3Store, checkpoint: S3Uri) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, use_ray_train_env
-from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.errors import PreemptedError, TrainerError
 from kubetune_trainer.progress_model import summary_parts
 from kubetune_trainer.reporting import ConsoleReporter, format_duration
 from kubetune_trainer.storage import resolve_endpoint
@@ -80,6 +80,9 @@ def guarded(action: Callable[[], int]) -> int:
     """Run `action`, turning the ways a run ends into an exit code and one line on stderr."""
     try:
         return action()
+    except PreemptedError as error:
+        print(f"kubetune: preempted: {error}", file=sys.stderr)
+        return PreemptedError.exit_code
     except TrainerError as error:
         print(f"kubetune: error: {error}", file=sys.stderr)
         return 1

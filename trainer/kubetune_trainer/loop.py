@@ -1,22 +1,29 @@
 """The per-worker training loop that Ray Train runs on every worker, for every task.
 
 In the manner of timm's train.py: `train_loop` sets the worker up (`start_worker`), builds its
-`TrainState` (model wrapped for DDP, optimizer, schedule, grad scaler, step, epoch, history), resumed
-from the latest checkpoint when there is one, then per epoch calls `train_one_epoch`, `evaluate`
-(exact: validation sharded without padding; sums all-reduced, or detections gathered) and `save` (its
-part of the checkpoint, reported to Ray Train). What differs between classification and detection
-(model, data, step, metrics) comes from a `tasks.Task`. On GPU it trains in bf16 (or fp16 with a grad
-scaler) autocast (classification also channels_last); on CPU in fp32 with torch using the worker's CPUs.
-A restarted worker, or a restarted driver with the same run name, resumes from the latest checkpoint:
-weights, optimizer, schedule, RNG, history and epoch, so `history.json` never doubles an epoch.
+`TrainState` (model wrapped for DDP, optimizer, schedule, grad scaler, step, epoch, history, where in
+the epoch it is), resumed from the latest checkpoint when there is one, then per epoch calls
+`train_one_epoch`, `evaluate` (exact: validation sharded without padding; sums all-reduced, or
+detections gathered) and `save` (its part of the checkpoint, reported to Ray Train). What differs
+between classification and detection (model, data, step, metrics) comes from a `tasks.Task`. On GPU it
+trains in bf16 (or fp16 with a grad scaler) autocast (classification also channels_last); on CPU in
+fp32 with torch using the worker's CPUs.
+
+Checkpoints come after every epoch, or every `training.checkpointEvery` mid-epoch too, and on a
+preemption notice (`cadence.Cadence` decides, alike on every worker, after each step); a step waits for
+a copy of the state only, S3 never (`checkpoint.SnapshotUploads`). A restarted worker, or a restarted
+driver with the same run name, resumes from the latest checkpoint: weights, optimizer, schedule, RNG,
+history, epoch and the position in it, so the run goes on with the very batches it would have had and
+`history.json` never doubles an epoch.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,34 +32,43 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kubetune_trainer import preemption
 from kubetune_trainer.cache import cached_object
-from kubetune_trainer.callbacks import load_callbacks
+from kubetune_trainer.cadence import Cadence, Decision
+from kubetune_trainer.callbacks import STEP_CALLBACKS_ENV, EpochCallback, load_callbacks
 from kubetune_trainer.checkpoint import (
+    SnapshotUploads,
     check_identity,
     checkpoint_dir_name,
     download_checkpoint,
     read_progress,
     restore_checkpoint,
-    s3_uploader,
+    take_snapshot,
     unwrap,
-    write_checkpoint,
 )
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import prepare_images
-from kubetune_trainer.loaders import eval_loader, set_epoch, train_loader
+from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.export import RANGE_TEST_FILE
+from kubetune_trainer.loaders import EpochOrder, eval_loader, steps_per_epoch, train_loader
+from kubetune_trainer.lr_range import START_LR, RangeTest, cycle, find_learning_rate, plot_range_test
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
-from kubetune_trainer.optim import make_optimizer, make_schedule
+from kubetune_trainer.optim import effective_training, make_optimizer, make_schedule
 from kubetune_trainer.progress_model import history_entry
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Stepping, Task, task_from_wire
 from kubetune_trainer.worker_progress import REPORT_INTERVAL_S, WorkerProgress
 
+# How long past the grace period a preempted worker waits for Ray Train's restart before it fails.
+RESTART_WAIT_S = 60.0
+
 
 @dataclass
 class RunPlan:
     """What the driver worked out once, for every worker: the task and its data, preprocessing, base
-    weights, resources, and the test seam's epoch callbacks (`callbacks`)."""
+    weights, resources, and the test seam's callbacks (`callbacks` before each epoch, `step_callbacks`
+    after each step)."""
 
     task: Task
     data_config: dict[str, Any]
@@ -60,6 +76,7 @@ class RunPlan:
     threads: int = 1
     loader_workers: int = 0
     callbacks: tuple[str, ...] = ()
+    step_callbacks: tuple[str, ...] = ()
     relay: Any = field(default=None, repr=False)
 
     def loop_config(self, config: TrainerConfig) -> dict[str, Any]:
@@ -72,6 +89,7 @@ class RunPlan:
             "threads": self.threads,
             "loaderWorkers": self.loader_workers,
             "callbacks": list(self.callbacks),
+            "stepCallbacks": list(self.step_callbacks),
             "relay": self.relay,
         }
 
@@ -86,6 +104,7 @@ class RunPlan:
             threads=int(raw["threads"]),
             loader_workers=int(raw["loaderWorkers"]),
             callbacks=tuple(raw.get("callbacks", ())),
+            step_callbacks=tuple(raw.get("stepCallbacks", ())),
             relay=raw.get("relay"),
         )
         return config, plan
@@ -93,7 +112,8 @@ class RunPlan:
 
 @dataclass
 class Worker:
-    """This worker's part of the run: what it learns, who it is among the workers, where it trains."""
+    """This worker's part of the run: what it learns, who it is among the workers, where it trains, and
+    its checkpoints on their way to S3."""
 
     config: TrainerConfig
     plan: RunPlan
@@ -101,6 +121,10 @@ class Worker:
     world: int
     device: torch.device
     store: S3Store
+    uploads: SnapshotUploads = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.uploads = SnapshotUploads(self.store)
 
     @property
     def task(self) -> Task:
@@ -116,12 +140,9 @@ class Loaders:
     """This worker's data: its training shard (and the sampler that orders it) and its validation shard."""
 
     train: Any
-    sampler: Any
+    sampler: EpochOrder
     validation: Any
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train))
+    steps_per_epoch: int
 
 
 @dataclass
@@ -140,23 +161,41 @@ class TrainState:
     step: int = 0  # optimizer steps done in the whole run
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None  # the checkpoint this attempt resumed from
+    saved_step: int = -1  # the step of the latest checkpoint this attempt saved or resumed from
+    # Where the epoch in progress stands: images of its order consumed (all workers), and its training
+    # figures so far over all workers (loss sum, images, seconds), as the latest mid-epoch checkpoint saw them.
+    epoch_samples: int = 0
+    epoch_so_far: dict[str, float] = field(default_factory=dict)
+    # What the run trains with (`optim.effective_training`): model.json and the status report it.
+    effective: dict[str, Any] = field(default_factory=dict)
 
     @property
     def learning_rate(self) -> float:
         return float(max(self.scheduler.get_last_lr()))
 
     def progress(self) -> dict[str, Any]:
-        """progress.json of the checkpoint: what the run is, epochs and steps done, the history so far."""
-        return {**self.identity, "epoch": self.epoch, "step": self.step, "history": self.history}
+        """progress.json of the checkpoint: what the run is, epochs and steps done, the history so far, and
+        the position in the epoch in progress (0 images for an epoch's end)."""
+        return {
+            **self.identity,
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "epochSamples": self.epoch_samples,
+            "epochSoFar": self.epoch_so_far,
+            "effective": self.effective,
+        }
 
 
 @dataclass
 class EpochTraining:
-    """One epoch's training figures, over all workers."""
+    """One epoch's training figures (so far), over all workers."""
 
     loss: float
     images_per_second: float
     seconds: float
+    loss_sum: float = 0.0
+    count: float = 0.0
 
 
 class _Sums:
@@ -182,9 +221,11 @@ def train_loop(raw: dict[str, Any]) -> None:
     worker = start_worker(raw)
     model, trainable = build_model(worker)
     loaders = make_loaders(worker)
-    state = new_state(worker, model, trainable, loaders.steps_per_epoch)
-    resume(worker, state)
     training = worker.config.training
+    state = new_state(worker, model, trainable, loaders.steps_per_epoch, training.learning_rate)
+    resume(worker, state)
+    if state.resumed_from is None and training.learning_rate is None:
+        state = new_state(worker, model, trainable, loaders.steps_per_epoch, None, range_test(worker, state, loaders))
     progress = WorkerProgress(
         worker.plan.relay,
         worker.rank,
@@ -194,17 +235,36 @@ def train_loop(raw: dict[str, Any]) -> None:
         state,
         worker.config.selected_metric,
     )
+    epoch = Epoch(
+        worker,
+        state,
+        loaders,
+        progress,
+        Cadence(
+            interval_s=training.checkpoint_interval_s,
+            rank=worker.rank,
+            world=worker.world,
+            uploads_busy=worker.uploads.busy,
+        ),
+        load_callbacks(worker.plan.step_callbacks, STEP_CALLBACKS_ENV),
+    )
     callbacks = load_callbacks(worker.plan.callbacks)
     if state.resumed_from is not None:
         progress.resumed(state)
     while state.epoch < training.epochs:
         for callback in callbacks:
             callback(worker, state)
-        trained = train_one_epoch(worker, state, loaders, progress)
+        trained = epoch.train()
+        decision = epoch.cadence.at_epoch_end()
+        if decision.preempt:  # before the validation: it may take longer than the grace period
+            epoch.checkpoint(trained, decision)
         validation = evaluate(worker, state, loaders)
         record_epoch(state, trained, validation)
-        save(worker, state)
-        progress.checkpointed(state, validation)
+        saved = decision.due or state.epoch == training.epochs
+        if saved:
+            save(worker, state)
+            epoch.cadence.checkpointed()
+        progress.epoch_done(state, validation, saved=saved)
     progress.close()
 
 
@@ -241,16 +301,32 @@ def make_loaders(worker: Worker) -> Loaders:
     folder, _ = prepare_images(worker.store, task.images)
     train_set, val_set = task.datasets(folder, worker.plan.data_config)
     workers = worker.plan.loader_workers
-    train, sampler = train_loader(train_set, training.batch_size, training.seed, workers, worker.cuda, task.collate)
+    train, order = train_loader(train_set, training.batch_size, training.seed, workers, worker.cuda, task.collate)
     validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, task.collate)
-    return Loaders(train, sampler, validation)
+    return Loaders(train, order, validation, steps_per_epoch(order, training.batch_size))
 
 
-def new_state(worker: Worker, model: nn.Module, trainable: TrainablePlan, steps_per_epoch: int) -> TrainState:
-    """Optimizer, schedule, grad scaler and the task's step around `model`, at step 0."""
+def new_state(
+    worker: Worker,
+    model: nn.Module,
+    trainable: TrainablePlan,
+    steps_per_epoch: int,
+    learning_rate: float | None,
+    tested: RangeTest | None = None,
+) -> TrainState:
+    """Optimizer, schedule, grad scaler and the task's step around `model`, at step 0, at `learning_rate`
+    or the range test's choice (`tested`); with neither, a placeholder until `resume` or the test sets it."""
     training = worker.config.training
+    rate = learning_rate if learning_rate is not None else tested.chosen if tested is not None else START_LR
     # Parameter names as the model knows them, not as the DDP wrapper prefixes them ("module.").
-    groups = param_groups(unwrap(model), trainable, training.learning_rate, training.weight_decay)
+    groups = param_groups(
+        unwrap(model),
+        trainable,
+        rate,
+        training.weight_decay,
+        training.backbone_scale(worker.config.task),
+        training.layer_decay,
+    )
     optimizer = make_optimizer(groups, training)
     scheduler = make_schedule(optimizer, training, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=worker.cuda and training.precision == "fp16")
@@ -263,7 +339,38 @@ def new_state(worker: Worker, model: nn.Module, trainable: TrainablePlan, steps_
         "strategy": spec.strategy,
         "trainableLayers": spec.trainable_layers,
     }
-    return TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity)
+    augment = worker.task.augmentation(worker.plan.data_config)
+    effective = effective_training(
+        training,
+        trainable,
+        (rate, training.backbone_scale(worker.config.task)),
+        steps_per_epoch,
+        augment,
+        tested.wire() if tested is not None else None,
+    )
+    return TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity, effective=effective)
+
+
+def range_test(worker: Worker, state: TrainState, loaders: Loaders) -> RangeTest:
+    """The learning-rate range test on this run's model and data (every worker in step, each step's loss
+    averaged over them, so all choose the same rate); rank 0 publishes its curve under output.path."""
+
+    def mean_across_workers(loss: float) -> float:
+        if worker.world == 1:
+            return loss
+        value = torch.tensor([loss], dtype=torch.float64, device=worker.device)
+        dist.all_reduce(value)
+        return float(value.item()) / worker.world
+
+    batches = cycle(loaders.train, lambda epoch: loaders.sampler.set_epoch(epoch))
+    tested = find_learning_rate(
+        worker.task, worker.config, state.model, state.trainable, batches, worker.device, mean_across_workers
+    )
+    if worker.rank == 0:
+        title = f"{worker.config.job_name}: learning-rate range test ({len(tested.losses)} steps)"
+        picture = S3Uri.parse(worker.config.output.path).join(RANGE_TEST_FILE)
+        worker.store.put_bytes(picture, plot_range_test(tested, title), "image/png")
+    return tested
 
 
 def resume(worker: Worker, state: TrainState) -> None:
@@ -286,35 +393,94 @@ def resume(worker: Worker, state: TrainState) -> None:
             scaler=state.scaler,
         )
     state.epoch, state.step, state.history = int(progress["epoch"]), int(progress["step"]), list(progress["history"])
+    state.epoch_samples = int(progress.get("epochSamples", 0))
+    state.epoch_so_far = {k: float(v) for k, v in dict(progress.get("epochSoFar") or {}).items()}
+    state.resumed_from, state.saved_step = where, state.step
+    state.effective = dict(progress.get("effective") or state.effective)
     state.resumed_from = where
 
 
-def train_one_epoch(worker: Worker, state: TrainState, loaders: Loaders, progress: WorkerProgress) -> EpochTraining:
-    """One pass over this worker's shard, in the epoch's seeded order; rank 0 reports as it goes."""
-    set_epoch(loaders.sampler, worker.config.training.seed, state.epoch)
-    set_train_mode(state.model, state.trainable)
-    stepper, rank0, world = state.stepper, worker.rank == 0, worker.world
-    sums = _Sums(worker.device, ("loss", "count"))
-    started = last_report = time.monotonic()
-    seen = 0
-    for inputs, targets in loaders.train:
-        loss = stepper.train_step(inputs, targets)
-        state.step += 1
-        count = len(inputs)  # images in the batch: a tensor's first dimension, or a list (detection)
-        seen += count
-        sums.add(loss=loss * count, count=float(count))
-        now = time.monotonic()
-        if rank0 and now - last_report >= REPORT_INTERVAL_S:
-            last_report = now
-            running = sums.values.tolist()  # rank 0's running mean: no collective mid-epoch
-            progress.training(state, running[0] / max(running[1], 1.0), seen * world / max(now - started, 1e-9))
-    seconds = time.monotonic() - started
-    train = sums.total()
-    return EpochTraining(
-        loss=train["loss"] / max(train["count"], 1.0),
-        images_per_second=train["count"] / max(seconds, 1e-9),
-        seconds=seconds,
-    )
+class Epoch:
+    """Trains the epochs of one worker's attempt, step by step, and checkpoints a step when the workers
+    agree to (`cadence`): when one is due, and on a preemption notice, after which it waits for Ray Train
+    to restart the workers from it."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        state: TrainState,
+        loaders: Loaders,
+        progress: WorkerProgress,
+        cadence: Cadence,
+        step_callbacks: list[EpochCallback],
+    ) -> None:
+        self.worker, self.state, self.loaders, self.progress = worker, state, loaders, progress
+        self.cadence, self.step_callbacks = cadence, step_callbacks
+        self.sums = _Sums(worker.device, ("loss", "count"))
+        self.started = time.monotonic()
+
+    def train(self) -> EpochTraining:
+        """The rest of the epoch `state.epoch` in its seeded order, from where a checkpoint left it."""
+        worker, state, loaders = self.worker, self.state, self.loaders
+        loaders.sampler.set_epoch(state.epoch, state.epoch_samples)
+        set_train_mode(state.model, state.trainable)
+        self.sums = _Sums(worker.device, ("loss", "count"))
+        so_far = state.epoch_so_far
+        if worker.rank == 0 and so_far:  # the figures of the epoch's steps before a resume, counted once
+            self.sums.add(loss=so_far["lossSum"], count=so_far["count"])
+        self.started = time.monotonic() - so_far.get("seconds", 0.0)
+        rank0, seen, last_report = worker.rank == 0, 0, time.monotonic()
+        for inputs, targets in loaders.train:
+            loss = state.stepper.train_step(inputs, targets)
+            count = len(inputs)  # images in the batch: a tensor's first dimension, or a list (detection)
+            state.step += 1
+            state.epoch_samples += count * worker.world
+            seen += count
+            self.sums.add(loss=loss * count, count=float(count))
+            now = time.monotonic()
+            if rank0 and now - last_report >= REPORT_INTERVAL_S:
+                last_report = now
+                running = self.sums.values.tolist()  # rank 0's running mean: no collective mid-epoch
+                self.progress.training(
+                    state, running[0] / max(running[1], 1.0), seen * worker.world / (now - self.started)
+                )
+            for callback in self.step_callbacks:
+                callback(worker, state)
+            decision = self.cadence.after_step()
+            if decision.checkpoint:
+                self.checkpoint(self.totals(), decision)
+        return self.totals()
+
+    def totals(self) -> EpochTraining:
+        """The epoch's training figures so far, over all workers (a collective: every worker calls it)."""
+        seconds = time.monotonic() - self.started
+        train = self.sums.total()
+        return EpochTraining(
+            loss=train["loss"] / max(train["count"], 1.0),
+            images_per_second=train["count"] / max(seconds, 1e-9),
+            seconds=seconds,
+            loss_sum=train["loss"],
+            count=train["count"],
+        )
+
+    def checkpoint(self, so_far: EpochTraining, decision: Decision) -> None:
+        """A checkpoint of this step of the epoch; on a preemption, then wait for Ray Train's restart."""
+        state = self.state
+        state.epoch_so_far = {"lossSum": so_far.loss_sum, "count": so_far.count, "seconds": so_far.seconds}
+        if state.step != state.saved_step:
+            save(self.worker, state, mid_epoch=True, wait=decision.preempt)
+        self.cadence.checkpointed()
+        if decision.preempt:
+            self.await_restart()
+
+    def await_restart(self) -> None:
+        """The notice's checkpoint is saved: Ray Train restarts the workers from it now (and so ends this
+        process); should it not, the worker fails rather than train on past the deadline."""
+        self.progress.preempted(self.state)
+        preemption.restart_now()
+        grace = self.worker.config.preemption_grace_seconds
+        time.sleep(grace + RESTART_WAIT_S)
+        raise TrainerError(f"preempted at step {self.state.step}, but Ray Train did not restart the workers")
 
 
 def evaluate(worker: Worker, state: TrainState, loaders: Loaders) -> dict[str, float]:
@@ -323,8 +489,9 @@ def evaluate(worker: Worker, state: TrainState, loaders: Loaders) -> dict[str, f
 
 
 def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[str, float]) -> None:
-    """The finished epoch into the history (history.json's entry, in its key order)."""
+    """The finished epoch into the history (history.json's entry, in its key order); the next one starts."""
     state.epoch += 1
+    state.epoch_samples, state.epoch_so_far = 0, {}
     figures = {
         "trainLoss": trained.loss,
         **validation,
@@ -334,26 +501,40 @@ def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[
     state.history.append(history_entry(state.epoch, figures, trained.seconds))
 
 
-def save(worker: Worker, state: TrainState) -> None:
-    """This worker's part of the epoch's checkpoint, reported to Ray Train with the epoch's figures (the
-    retention ranks checkpoints by one of them, training.selectBy); Ray commits it once every worker has
-    reported."""
+def save(worker: Worker, state: TrainState, *, mid_epoch: bool = False, wait: bool = False) -> None:
+    """This worker's part of a checkpoint, reported to Ray Train with its figures (`checkpoint_figures`: the
+    retention ranks checkpoints by one of them, training.selectBy), which commits it once every worker has
+    reported. The step waits for a copy of the state only: Ray Train's upload thread writes and uploads it
+    (`wait`: before returning, for a preemption's)."""
     import ray.train
 
+    worker.uploads.wait(at_most=1)  # one more behind the one uploading, not a queue of snapshots
     progress = state.progress()
-    with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
-        write_checkpoint(
-            Path(tmp),
-            rank=worker.rank,
-            model=state.model,
-            optimizer=state.optimizer,
-            scheduler=state.scheduler,
-            scaler=state.scaler,
-            progress=progress,
-        )
-        ray.train.report(
-            dict(state.history[-1]),
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=checkpoint_dir_name(state.epoch),
-            checkpoint_upload_fn=s3_uploader(worker.store),
-        )
+    folder = Path(tempfile.mkdtemp(prefix="kubetune-ckpt-"))
+    snapshot = take_snapshot(
+        rank=worker.rank,
+        model=state.model,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        scaler=state.scaler,
+        progress=progress,
+    )
+    mode = ray.train.CheckpointUploadMode.SYNC if wait else ray.train.CheckpointUploadMode.ASYNC
+    ray.train.report(
+        checkpoint_figures(state, worker.task.metric_keys, mid_epoch=mid_epoch),
+        checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+        checkpoint_dir_name=checkpoint_dir_name(state.epoch, state.step if mid_epoch else None),
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=False,  # the upload function does, once it has written and sent it
+        checkpoint_upload_fn=worker.uploads.uploader(snapshot),
+    )
+    state.saved_step = state.step
+
+
+def checkpoint_figures(state: TrainState, metric_keys: Sequence[str], *, mid_epoch: bool) -> dict[str, Any]:
+    """What a checkpoint reports to Ray Train: an epoch end's history entry (the figures selectBy ranks it
+    by), or, mid-epoch, the validation figures as NaN: Ray Train ranks NaN below every number, so a
+    checkpoint without validation of its own is never the best one (it is kept while it is the latest)."""
+    if mid_epoch or not state.history:
+        return {**dict.fromkeys(metric_keys, math.nan), "step": state.step}
+    return {**state.history[-1], "step": state.step}

@@ -9,7 +9,9 @@ Strategies decide which parameters train:
 - head: only the classifier;
 - partial: the last `trainableLayers` stages of the backbone and the head (stages as timm groups them
   for layer-wise learning rates: `group_matcher(coarse=True)`; the stem is the first stage);
-- full: everything, the backbone at BACKBONE_LR_SCALE times the learning rate.
+- full: everything.
+The backbone's stages learn at `param_groups`' rates: the top one at `training.backboneLearningRateScale`
+times the head's rate, each one below it `training.layerDecay` times slower.
 Normalisation layers with running statistics inside frozen parts are kept in eval mode, so frozen
 layers stay bit-identical (their statistics would otherwise drift with the new data).
 """
@@ -33,7 +35,6 @@ from kubetune_trainer.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-BACKBONE_LR_SCALE = 0.1
 # Below this share of the backbone's tensors loaded, the base weights are for another architecture.
 MIN_LOADED_FRACTION = 0.5
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -232,7 +233,7 @@ def data_config(model: nn.Module, image_size: int | None) -> dict[str, Any]:
 
 @dataclass
 class TrainablePlan:
-    """The outcome of a strategy: which parameters train, and at which learning rate scale."""
+    """The outcome of a strategy: which parameters train, grouped by stage for their learning rates."""
 
     strategy: str
     head: list[str]
@@ -240,6 +241,8 @@ class TrainablePlan:
     stages_trained: int
     stages_total: int
     frozen_modules: list[nn.Module] = field(repr=False)
+    # The backbone parameters that train, by stage, input side first (`param_groups` slows the lower ones).
+    backbone_stages: list[list[str]] = field(default_factory=list)
 
     @property
     def trainable(self) -> list[str]:
@@ -278,9 +281,9 @@ def apply_strategy(model: nn.Module, strategy: str, trainable_layers: int | None
     backbone_stages = [g for g in backbone_stages if g]
     head_extras = [n for n in head_group if n not in head]
 
-    backbone: list[str]
+    chosen: list[list[str]]
     if strategy == "head":
-        backbone, trained = [], 0
+        chosen, trained = [], 0
     elif strategy == "partial":
         wanted = trainable_layers or 1
         if wanted > len(backbone_stages):
@@ -291,23 +294,28 @@ def apply_strategy(model: nn.Module, strategy: str, trainable_layers: int | None
                 len(backbone_stages),
             )
         trained = min(wanted, len(backbone_stages))
-        backbone = head_extras + [n for g in backbone_stages[len(backbone_stages) - trained :] for n in g]
+        chosen = [*backbone_stages[len(backbone_stages) - trained :], head_extras]
     elif strategy == "full":
-        backbone = [n for n in names if n not in head]
-        trained = len(backbone_stages)
+        grouped = {n for g in backbone_stages for n in g} | set(head_extras)
+        # Anything timm's grouping left out trains with the top stage.
+        rest = [n for n in names if n not in grouped and n not in head]
+        chosen, trained = [*backbone_stages, head_extras + rest], len(backbone_stages)
     else:
         raise ConfigError(f"model.strategy: unknown strategy '{strategy}'")
+    chosen = [g for g in chosen if g]
+    backbone = {n for g in chosen for n in g}
 
-    trainable = set(head) | set(backbone)
+    trainable = set(head) | backbone
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     return TrainablePlan(
         strategy=strategy,
         head=head,
-        backbone=[n for n in names if n in set(backbone)],
+        backbone=[n for n in names if n in backbone],
         stages_trained=trained,
         stages_total=len(backbone_stages),
         frozen_modules=frozen_norm_modules(model),
+        backbone_stages=chosen,
     )
 
 
@@ -336,19 +344,37 @@ def set_train_mode(model: nn.Module, plan: TrainablePlan) -> None:
         module.eval()
 
 
-def param_groups(model: nn.Module, plan: TrainablePlan, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer groups: head and backbone (the backbone slower under `full`), each with and without decay.
+def stage_scales(stages_trained: int, backbone_scale: float, layer_decay: float) -> list[float]:
+    """Each trained backbone stage's learning rate as a fraction of the head's, input side first: the top
+    stage at `backbone_scale`, each one below it `layer_decay` times the one above."""
+    return [backbone_scale * layer_decay ** (stages_trained - 1 - i) for i in range(stages_trained)]
+
+
+def param_groups(
+    model: nn.Module,
+    plan: TrainablePlan,
+    lr: float,
+    weight_decay: float,
+    backbone_scale: float = 1.0,
+    layer_decay: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Optimizer groups: the head at `lr`, each trained backbone stage at its `stage_scales` share of it,
+    each with and without weight decay.
 
     Biases and normalisation weights (1-D tensors) get no weight decay, as in timm's recipes.
     """
     params = dict(model.named_parameters())
-    backbone_lr = lr * BACKBONE_LR_SCALE if plan.strategy == "full" else lr
+    scales = stage_scales(len(plan.backbone_stages), backbone_scale, layer_decay)
+    parts = [("head", plan.head, lr)] + [
+        (f"backbone-{i}", names, lr * scale)
+        for i, (names, scale) in enumerate(zip(plan.backbone_stages, scales, strict=True))
+    ]
     groups: list[dict[str, Any]] = []
-    for part, names, part_lr in (("head", plan.head, lr), ("backbone", plan.backbone, backbone_lr)):
+    for part, names, part_lr in parts:
         decay = [params[n] for n in names if params[n].ndim > 1]
         no_decay = [params[n] for n in names if params[n].ndim <= 1]
         if decay:
-            groups.append({"name": f"{part}", "params": decay, "lr": part_lr, "weight_decay": weight_decay})
+            groups.append({"name": part, "params": decay, "lr": part_lr, "weight_decay": weight_decay})
         if no_decay:
             groups.append({"name": f"{part}-no-decay", "params": no_decay, "lr": part_lr, "weight_decay": 0.0})
     return groups

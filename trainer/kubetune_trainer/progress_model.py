@@ -35,7 +35,11 @@ from kubetune_trainer.config import MAX_EPOCHS, S3_PREFIX_PATTERN, CamelModel, T
 MAX_STEPS = 2**53
 MAX_WORKER_FAILURES = 1_000_000
 MAX_CHECKPOINT_URI = len("s3://") + 63 + 1 + 1024
-TrainerPhase = Literal["Resumed", "Training", "Checkpointing"]
+MAX_PREEMPTIONS = 1_000_000
+# The most backbone stages a progress update lists (timm groups a ViT-H's 32 blocks into 32 stages).
+MAX_STAGES = 256
+MAX_AUGMENT_TEXT = 256
+TrainerPhase = Literal["Resumed", "Training", "Checkpointing", "Evaluated", "Preempted"]
 
 BOTH: tuple[Task, ...] = ("classification", "detection")
 
@@ -155,6 +159,38 @@ else:
     )
 
 
+class TrainingSettings(CamelModel):
+    """What the run trains with, once decided: the learning rates it uses and the augmentation (model.json's
+    effectiveTraining says the same, in more detail)."""
+
+    learning_rate: float = Field(ge=0.0, description="Peak learning rate of the head, reached after the warm-up.")
+    learning_rate_source: Literal["spec", "rangeTest"] = Field(
+        description="spec (training.learningRate) or rangeTest (chosen by the learning-rate range test)."
+    )
+    backbone_learning_rates: list[float] = Field(
+        default_factory=list,
+        max_length=MAX_STAGES,
+        description="Peak learning rate of each trained backbone stage, input side first.",
+    )
+    warmup_steps: int = Field(ge=0, le=MAX_STEPS, description="Steps of linear warm-up before the peak.")
+    augment: str = Field(
+        max_length=MAX_AUGMENT_TEXT, description="The training augmentation (data.augment) at this image size."
+    )
+
+    @classmethod
+    def from_effective(cls, effective: Mapping[str, Any]) -> TrainingSettings | None:
+        """From the loop's `effective_training` block; None before it exists."""
+        if not effective:
+            return None
+        return cls(
+            learning_rate=effective["learningRate"],
+            learning_rate_source=effective["learningRateSource"],
+            backbone_learning_rates=list(effective["backboneLearningRates"])[:MAX_STAGES],
+            warmup_steps=effective["warmupSteps"],
+            augment=str(effective["augment"].get("description", ""))[:MAX_AUGMENT_TEXT],
+        )
+
+
 class ProgressUpdate(CamelModel):
     """Where a run is: the message from the trainer to the operator (and the console)."""
 
@@ -178,8 +214,26 @@ class ProgressUpdate(CamelModel):
         description="Worker failures in the current attempt; Ray Train restarts the workers from the latest "
         "checkpoint after each, up to spec.runPolicy.maxRetries (status.restarts counts whole-cluster retries).",
     )
+    preemptions: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_PREEMPTIONS,
+        description="Preemptions in the current attempt; Ray Train restarts the workers from the checkpoint saved "
+        "on each notice, up to spec.runPolicy.maxPreemptions (not counted against maxRetries).",
+    )
+    preemption_steps_lost: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_STEPS,
+        description="Optimiser steps the latest preemption lost: done since the checkpoint the workers resumed from.",
+    )
     phase: TrainerPhase | None = Field(
-        default=None, description="Resumed, Training or Checkpointing (sent after each epoch's checkpoint)."
+        default=None,
+        description="Resumed, Training, Checkpointing or Evaluated (after each epoch, with or without its "
+        "checkpoint), or Preempted (the checkpoint of a preemption notice is saved).",
+    )
+    training: TrainingSettings | None = Field(
+        default=None, description="The effective learning rates and augmentation of the run."
     )
     best_epoch: int | None = Field(
         default=None,

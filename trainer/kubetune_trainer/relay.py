@@ -1,15 +1,20 @@
 """The driver's side of progress: one place where the workers' updates meet what Ray Train's controller saw.
 
 Rank 0 of the workers puts its updates on a Ray queue (`reporting.RelayReporter`); Ray Train's controller
-puts two kinds of events on the same queue through `RunEvents`:
+puts events on the same queue through two callbacks:
 
-- a checkpoint it has registered (`after_report` runs after Ray's checkpoint manager recorded it), so
-  `latestCheckpoint` only ever names a checkpoint a restarted run would resume from — the worker alone
-  would announce it when its upload returns, a moment before Ray commits it;
-- a worker failure (`after_exception`), counted as `workerFailures`: Ray Train restarts the workers from
-  the latest checkpoint while `maxFailures` allows, which the workers themselves cannot see.
+- `RunEvents` (a UserCallback): a checkpoint it has registered (`after_report` runs after Ray's
+  checkpoint manager recorded it), so `latestCheckpoint` only ever names a checkpoint a restarted run
+  would resume from — the worker alone would announce it when its upload returns, a moment before Ray
+  commits it — with the step it holds;
+- `RunStates` (a ControllerCallback, on the controller's state changes): a preemption notice reaching a
+  worker (PREEMPTING), then the restart that follows it, counted as `preemptions`, and a worker failure
+  Ray Train restarts the workers after (or gives up on), counted as `workerFailures`. Ray Train decides
+  which is which, and charges each to its own budget (`maxPreemptions`, `maxFailures`); the workers
+  themselves cannot see either.
 
-`Relay` drains the queue on a daemon thread, stamps both onto every update and hands it to the driver's
+`Relay` drains the queue on a daemon thread, stamps them onto every update (with the steps the latest
+preemption lost: those done since the checkpoint the workers resume from) and hands it to the driver's
 reporters: the console and, when the job has a progress endpoint, the operator.
 """
 
@@ -30,32 +35,85 @@ log = logging.getLogger(__name__)
 EVENT = "kubetuneEvent"
 CHECKPOINT_EVENT = "checkpoint"
 FAILURE_EVENT = "workerFailure"
+NOTICE_EVENT = "preemptionNotice"
+PREEMPTION_EVENT = "preemption"
+
+
+def _put(queue: Any, item: dict[str, Any]) -> None:
+    try:
+        queue.put(item, timeout=5)
+    except Exception:  # progress is best effort; the controller must never fail for it
+        log.debug("progress relay dropped a run event", exc_info=True)
+
+
+def _step_of(metrics: Any) -> int | None:
+    """The step rank 0 reported with a checkpoint (Ray hands the callback one metrics dict per worker)."""
+    first = metrics[0] if isinstance(metrics, list) and metrics else metrics
+    step = first.get("step") if isinstance(first, dict) else None
+    return int(step) if isinstance(step, int | float) else None
 
 
 def run_events(queue: Any) -> Any:
-    """A Ray Train UserCallback that puts the controller's checkpoint and failure events on `queue`."""
+    """A Ray Train UserCallback that puts the committed checkpoints (and their steps) on `queue`."""
     import ray.train
 
     class RunEvents(ray.train.UserCallback):
         def __init__(self, queue: Any) -> None:
             self.queue = queue
 
-        def _put(self, item: dict[str, Any]) -> None:
-            try:
-                self.queue.put(item, timeout=5)
-            except Exception:  # progress is best effort; the controller must never fail for it
-                log.debug("progress relay dropped a run event", exc_info=True)
-
         def after_report(self, run_context: Any, metrics: Any, checkpoint: Any) -> None:
             if checkpoint is not None:
-                self._put({EVENT: CHECKPOINT_EVENT, "uri": str(S3Uri.from_fs_path(checkpoint.path))})
-
-        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-            ranks = sorted(worker_exceptions)
-            reason = error_line(worker_exceptions[ranks[0]], with_type=True) if ranks else "unknown"
-            self._put({EVENT: FAILURE_EVENT, "ranks": ranks, "reason": reason})
+                uri = str(S3Uri.from_fs_path(checkpoint.path))
+                _put(self.queue, {EVENT: CHECKPOINT_EVENT, "uri": uri, "step": _step_of(metrics)})
 
     return RunEvents(queue)
+
+
+def state_event(previous: Any, current: Any) -> dict[str, Any] | None:
+    """The run event of a Ray Train controller state change, if it is one: a preemption notice, the restart
+    after a preemption, or a worker failure (restarted or final)."""
+    from ray.train.v2._internal.execution.controller.state import (
+        PreemptingState,
+        RestartingState,
+        RunningState,
+        ShuttingDownState,
+    )
+    from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+
+    if isinstance(current, PreemptingState) and isinstance(previous, RunningState):
+        info = current.preemption_info
+        return {EVENT: NOTICE_EVENT, "ranks": info.preempted_ranks, "deadlineMs": info.deadline_ms}
+    failure = getattr(current, "training_failed_error", None)
+    if isinstance(current, ShuttingDownState):
+        failure = getattr(current.next_state, "training_failed_error", None)
+    if failure is None:
+        return None
+    if _is_preemption_failure(failure):
+        return {EVENT: PREEMPTION_EVENT, "restarted": isinstance(current, RestartingState)}
+    errors = dict(getattr(failure, "worker_failures", None) or {})
+    ranks = sorted(errors)
+    reason = error_line(errors[ranks[0]], with_type=True) if ranks else error_line(failure, with_type=True)
+    return {EVENT: FAILURE_EVENT, "ranks": ranks, "reason": reason}
+
+
+def run_states(queue: Any) -> Any:
+    """A Ray Train ControllerCallback (DeveloperAPI) that puts `state_event`s on `queue`."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class RunStates(ControllerCallback):
+        def __init__(self, queue: Any) -> None:
+            self.queue = queue
+
+        def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+            try:
+                event = state_event(previous_state, current_state)
+            except Exception:  # never fail the controller for progress
+                log.debug("cannot read a Ray Train state change", exc_info=True)
+                return
+            if event is not None:
+                _put(self.queue, event)
+
+    return RunStates(queue)
 
 
 def driver_reporters(config: TrainerConfig, console: ProgressReporter | None) -> FanOut:
@@ -74,12 +132,18 @@ def driver_reporters(config: TrainerConfig, console: ProgressReporter | None) ->
 
 
 class RunProgress:
-    """What the driver knows beyond the workers' last update: Ray's committed checkpoint and the failures."""
+    """What the driver knows beyond the workers' last update: Ray's committed checkpoint (and its step),
+    the failures and the preemptions, and the furthest step the workers reached since they last started."""
 
     def __init__(self, max_failures: int) -> None:
         self.max_failures = max_failures
         self.committed: str | None = None
+        self.committed_step: int | None = None
         self.failures = 0
+        self.preemptions = 0
+        self.steps_lost: int | None = None
+        self.furthest = 0  # the furthest step the workers reported since they last (re)started
+        self.preempted_step: int | None = None  # the step a preemption notice's checkpoint saved
         self.last: ProgressUpdate | None = None
 
     def handle(self, item: dict[str, Any]) -> ProgressUpdate | None:
@@ -87,28 +151,60 @@ class RunProgress:
         event = item.get(EVENT)
         if event == CHECKPOINT_EVENT:
             self.committed = str(item["uri"])
+            self.committed_step = item.get("step")
         elif event == FAILURE_EVENT:
-            self.failures += 1
-            ranks = ", ".join(str(r) for r in item.get("ranks", [])) or "?"
-            action = (
-                "Ray Train restarts the workers from the latest checkpoint"
-                if self.failures <= self.max_failures
-                else "no restarts left (spec.runPolicy.maxRetries)"
-            )
+            self._failure(item)
+        elif event == NOTICE_EVENT:
+            ranks = ", ".join(str(r) for r in item.get("ranks", []))
             log.warning(
-                "worker failure %d (rank %s): %s; %s", self.failures, ranks, item.get("reason", "unknown"), action
+                "preemption notice%s: the workers checkpoint the current step", f" (rank {ranks})" if ranks else ""
             )
+        elif event == PREEMPTION_EVENT:
+            self._preemption(restarted=bool(item.get("restarted")))
         else:
-            self.last = ProgressUpdate.model_validate(item)
+            update = ProgressUpdate.model_validate(item)
+            if update.phase == "Resumed":
+                self.furthest = update.step
+            self.furthest = max(self.furthest, update.step)
+            if update.phase == "Preempted":
+                self.preempted_step = update.step
+            self.last = update
         return self.stamped(self.last) if self.last is not None else None
+
+    def _failure(self, item: dict[str, Any]) -> None:
+        self.failures += 1
+        ranks = ", ".join(str(r) for r in item.get("ranks", [])) or "?"
+        action = (
+            "Ray Train restarts the workers from the latest checkpoint"
+            if self.failures <= self.max_failures
+            else "no restarts left (spec.runPolicy.maxRetries)"
+        )
+        log.warning("worker failure %d (rank %s): %s; %s", self.failures, ranks, item.get("reason", "unknown"), action)
+
+    def _preemption(self, *, restarted: bool) -> None:
+        self.preemptions += 1
+        resumes_at = self.committed_step or 0
+        self.steps_lost = max(0, self.furthest - resumes_at)
+        action = (
+            f"Ray Train restarts the workers from {self.committed or 'the start'} (step {resumes_at})"
+            if restarted
+            else "no restarts left (spec.runPolicy.maxPreemptions)"
+        )
+        log.warning("preemption %d: %s; %d step(s) lost", self.preemptions, action, self.steps_lost)
+
+    def saved_on_notice(self) -> bool:
+        """Whether the checkpoint the workers saved on a preemption notice is committed."""
+        return self.preempted_step is not None and (self.committed_step or -1) >= self.preempted_step
 
     def stamped(self, update: ProgressUpdate) -> ProgressUpdate:
         """`update` with the committed checkpoint (the worker's own only names the one it resumed from)
-        and the failure count."""
+        and the failure and preemption counts."""
         return update.model_copy(
             update={
                 "latest_checkpoint": self.committed or update.latest_checkpoint,
                 "worker_failures": self.failures,
+                "preemptions": self.preemptions,
+                "preemption_steps_lost": self.steps_lost,
             }
         )
 

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Protocol, TextIO
 
-from kubetune_trainer.progress_model import ProgressUpdate, console_parts
+from kubetune_trainer.progress_model import ProgressUpdate, TrainingSettings, console_parts
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,17 @@ def progress_line(update: ProgressUpdate, width: int = 24) -> str:
     return " ".join(parts)
 
 
+def settings_line(training: TrainingSettings) -> str:
+    """`learning rate 0.0043 (range test), backbone 0.0018-0.0043, 19 warm-up steps; augment light: …`"""
+    source = "range test" if training.learning_rate_source == "rangeTest" else "training.learningRate"
+    rates = training.backbone_learning_rates
+    backbone = f", backbone {min(rates):.2g}-{max(rates):.2g}" if rates else ", backbone frozen"
+    return (
+        f"learning rate {training.learning_rate:.2g} ({source}){backbone}, {training.warmup_steps} warm-up steps; "
+        f"augment {training.augment}"
+    )
+
+
 class ConsoleReporter:
     """A progress line on a terminal (redrawn in place), or a line every `interval` seconds in a log."""
 
@@ -62,14 +73,27 @@ class ConsoleReporter:
         self._last = 0.0
         self._last_epoch = -1
         self._open_line = False
+        self._settings_shown = False
+        self._said: str | None = None  # the last one-off line: the relay hands an update on again with each event
+
+    def _say(self, line: str) -> None:
+        if line != self._said:
+            self._said = line
+            self._write_line(line)
 
     def report(self, update: ProgressUpdate) -> None:
         try:
+            if update.training is not None and not self._settings_shown:
+                self._settings_shown = True
+                self._write_line(settings_line(update.training))
             if update.phase == "Resumed":
-                self._write_line(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
+                self._say(f"resumed from {update.latest_checkpoint} after epoch {update.epoch}")
+                return
+            if update.phase == "Preempted":
+                self._say(f"preempted: step {update.step} saved; waiting for Ray Train to restart the workers")
                 return
             now = time.monotonic()
-            epoch_done = update.phase == "Checkpointing"
+            epoch_done = update.phase in ("Checkpointing", "Evaluated")
             new_epoch = update.epoch != self._last_epoch
             if not (epoch_done or new_epoch or now - self._last >= self.interval):
                 return

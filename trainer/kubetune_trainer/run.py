@@ -8,13 +8,16 @@
    loaded into the architecture. It runs on a node that will host workers — this process for a local
    run, a Ray task with one worker's resources on a cluster — so deterministic failures (an unsafe
    pickle, too many corrupt images) end the run at once instead of being retried as worker failures.
-3. `train`: TorchTrainer with S3 storage `<output.path>/checkpoints`, run name = the job's uid: a new
-   driver with the same name resumes the run from its latest checkpoint, and FailureConfig restarts
-   failed workers from it.
-4. `export`: the best checkpoint by `training.selectBy` (Ray Train keeps it: `selection`), judged once on
-   the test split (or validation) where the node preparation ran (`evaluation.step`: evaluation.json,
-   report.html, the other formats of output.formats), then model.safetensors, history.json,
-   training-curves.png and model.json; and the hand-off to MLflow when output.mlflow asks for it.
+3. `train`: TorchTrainer with S3 storage `<output.path>/checkpoints`, run name `config.run_name`
+   (namespace, name and the digest of the run-shaping spec): a new driver with the same name resumes
+   the run from its latest checkpoint, and FailureConfig restarts failed workers from it (`maxRetries`)
+   and preempted ones from the checkpoint they saved on the notice (`maxPreemptions`, apart). SIGTERM to
+   the driver makes the workers checkpoint the current step, then ends the run (`PreemptedError`).
+4. `export`: the best checkpoint by `training.selectBy` (Ray Train keeps it: `selection`; a mid-epoch
+   checkpoint never ranks), judged once on the test split (or validation) where the node preparation ran
+   (`evaluation.step`: evaluation.json, report.html, detection's detections.png, the other formats of
+   output.formats), then model.safetensors, history.json, training-curves.png and model.json; and the
+   hand-off to MLflow when output.mlflow asks for it.
 
 Classification and detection share every step; the run's `tasks.Task` decides the data, the model and
 the card.
@@ -31,15 +34,16 @@ from typing import Any
 import torch
 
 from kubetune_trainer.cache import cached_object
-from kubetune_trainer.callbacks import callback_names_from_env
+from kubetune_trainer.callbacks import STEP_CALLBACKS_ENV, callback_names_from_env
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, use_ray_train_env
 from kubetune_trainer.data import check_corrupt, prepare_images
-from kubetune_trainer.errors import TrainerError, error_line
+from kubetune_trainer.errors import PreemptedError, TrainerError, error_line
 from kubetune_trainer.evaluation.step import judge_node
-from kubetune_trainer.export import export_model, read_progress_json
+from kubetune_trainer.export import export_model, read_progress_json, with_effective_training
 from kubetune_trainer.loop import RunPlan, train_loop
 from kubetune_trainer.model import WeightsReport
-from kubetune_trainer.relay import Relay, driver_reporters, run_events
+from kubetune_trainer.preemption import DriverNotice, worker_callback
+from kubetune_trainer.relay import Relay, driver_reporters, run_events, run_states
 from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.selection import best_entry, checkpoint_config
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
@@ -218,12 +222,27 @@ def train(
     """Run the training on the connected Ray cluster and export the model."""
     use_ray_train_env()  # read by Ray Train's controller as it starts, in this (the driver's) process
     relay = Relay(driver_reporters(config, reporter), config.max_failures)
+    notice = DriverNotice(config.preemption_grace_seconds, relay.progress.saved_on_notice)
+    notice.install()
     try:
         plan = run_plan(prepared, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
         fitted = fit(torch_trainer(config, plan, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu), config)
+    except (KeyboardInterrupt, TrainerError):
+        if not notice.preempted:  # Ctrl-C, or a failure of its own
+            raise
+        raise PreemptedError(preempted_message(config, relay)) from None
     finally:
+        notice.uninstall()
         relay.close()  # the last updates shown and sent before the export's lines
     return export(config, prepared, fitted)
+
+
+def preempted_message(config: TrainerConfig, relay: Relay) -> str:
+    """What a driver ended by SIGTERM leaves: the checkpoint to resume from."""
+    progress = relay.progress
+    where = progress.committed or f"{checkpoints_uri(config)}/{config.run_name}/ (none committed yet)"
+    saved = "the workers checkpointed the current step" if progress.saved_on_notice() else "no new checkpoint in time"
+    return f"SIGTERM: {saved}; the run resumes from {where} when it runs again"
 
 
 def run_plan(prepared: Prepared, relay: Relay, *, cpus_per_worker: float, use_gpu: bool) -> RunPlan:
@@ -237,6 +256,7 @@ def run_plan(prepared: Prepared, relay: Relay, *, cpus_per_worker: float, use_gp
         # On CPU the decoding would take cores from the training threads; on GPU it must keep up.
         loader_workers=min(8, threads - 1) if use_gpu else 0,
         callbacks=callback_names_from_env(),
+        step_callbacks=callback_names_from_env(STEP_CALLBACKS_ENV),
         relay=relay.queue,
     )
 
@@ -247,6 +267,7 @@ def torch_trainer(config: TrainerConfig, plan: RunPlan, relay: Relay, *, cpus_pe
     from ray.train.torch import TorchTrainer
 
     resources: dict[str, float] = {"CPU": cpus_per_worker}
+    preemptions = -1 if config.max_preemptions is None else config.max_preemptions
     if use_gpu:
         resources["GPU"] = float(config.scaling.gpus_per_worker or 1)
     return TorchTrainer(
@@ -263,10 +284,17 @@ def torch_trainer(config: TrainerConfig, plan: RunPlan, relay: Relay, *, cpus_pe
             checkpoint_config=ray.train.CheckpointConfig(
                 **checkpoint_config(config.output.checkpoints_to_keep, config.selected_metric)
             ),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # Preemptions have a budget of their own (-1: no limit), apart from the failures'.
+            failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]  # V1 to mypy
+                max_failures=config.max_failures, max_preemption_failures=preemptions
+            ),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=[run_events(relay.queue)],
-        ),  # type: ignore[call-arg]  # mypy sees Train V1's RunConfig; V2 (the default) is what runs
+            callbacks=[
+                run_events(relay.queue),
+                run_states(relay.queue),
+                worker_callback(config.preemption_grace_seconds),
+            ],
+        ),
     )
 
 
@@ -302,7 +330,8 @@ def best_checkpoint(kept: Sequence[tuple[Any, Mapping[str, Any]]], metric: str) 
 def export(config: TrainerConfig, prepared: Prepared, fitted: Fitted) -> Outcome:
     """The best checkpoint judged, then its weights, card, history and curves under output.path."""
     store = store_for(config)
-    history = list(read_progress_json(store, fitted.last)["history"])
+    last = read_progress_json(store, fitted.last)
+    history = list(last["history"])
     epoch = int(read_progress_json(store, fitted.best)["epoch"])
     log.info("exporting epoch %d of %d (the best by %s): %s", epoch, len(history), config.selected_metric, fitted.best)
     task = prepared.task
@@ -320,6 +349,7 @@ def export(config: TrainerConfig, prepared: Prepared, fitted: Fitted) -> Outcome
     )
     trained = Trained(prepared.data_config, prepared.weights_report, history, epoch, judged["card"], datetime.now(UTC))
     card = task.card(trained) | {"evaluation": evaluation_summary(judged), "exports": judged["exports"]}
+    card = with_effective_training(card, last.get("effective"))
     output = export_model(store, config, fitted.best, card, history, task.panels)
     outcome = Outcome(output, dict(history[epoch - 1]), len(history), epoch, evaluation_summary(judged))
     if config.output.mlflow is not None:  # imported only when asked for: MLflow is an optional extra

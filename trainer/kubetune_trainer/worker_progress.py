@@ -1,8 +1,9 @@
 """A worker's side of progress: rank 0 builds `ProgressUpdate`s and hands them to the driver's relay.
 
 Rank 0 reports about once a second while an epoch trains (`REPORT_INTERVAL_S`; its running mean loss,
-no collective mid-epoch), after each checkpoint, and once when it resumed. The other ranks report
-nothing (`reporting.worker_reporters`).
+no collective mid-epoch), after each epoch, once when it resumed, and once when it has saved the
+checkpoint of a preemption notice (so the driver knows the exact step). The other ranks report nothing
+(`reporting.worker_reporters`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
+from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate, TrainerPhase, TrainingSettings
 from kubetune_trainer.reporting import worker_reporters
 from kubetune_trainer.selection import best_epoch
 
@@ -62,7 +63,7 @@ class WorkerProgress:
         self.selected_metric = selected_metric
 
     def update(
-        self, state: TrainState, epoch: int, phase: str, train_loss: float | None, ips: float | None
+        self, state: TrainState, epoch: int, phase: TrainerPhase, train_loss: float | None, ips: float | None
     ) -> ProgressUpdate:
         step, total = state.step, self.clock.total_steps
         return ProgressUpdate(
@@ -85,12 +86,14 @@ class WorkerProgress:
             latest_checkpoint=state.resumed_from,
             phase=phase,
             best_epoch=best_epoch(state.history, self.selected_metric),
+            training=TrainingSettings.from_effective(state.effective),
         )
 
     def resumed(self, state: TrainState) -> None:
         if not self.enabled:
             return
-        print(f"kubetune: resumed from {state.resumed_from} after epoch {state.epoch}", flush=True)
+        within = f", at step {state.step} of epoch {state.epoch + 1}" if state.epoch_samples else ""
+        print(f"kubetune: resumed from {state.resumed_from} after epoch {state.epoch}{within}", flush=True)
         self.reporter.report(self.update(state, state.epoch, "Resumed", None, None))
 
     def training(self, state: TrainState, running_loss: float, ips: float) -> None:
@@ -98,13 +101,19 @@ class WorkerProgress:
         if self.enabled:
             self.reporter.report(self.update(state, state.epoch + 1, "Training", running_loss, ips))
 
-    def checkpointed(self, state: TrainState, validation: Mapping[str, float]) -> None:
-        """After the checkpoint of the epoch `state.history[-1]` describes, with its validation figures."""
+    def epoch_done(self, state: TrainState, validation: Mapping[str, float], *, saved: bool) -> None:
+        """After the epoch `state.history[-1]` describes, with its validation figures, and its checkpoint
+        (`saved`; with `checkpointEvery` a duration an epoch may end without one)."""
         self.last_val = dict(validation)
         if self.enabled:
             entry = state.history[-1]
-            update = self.update(state, state.epoch, "Checkpointing", entry["trainLoss"], entry["imagesPerSecond"])
-            self.reporter.report(update)
+            phase: TrainerPhase = "Checkpointing" if saved else "Evaluated"
+            self.reporter.report(self.update(state, state.epoch, phase, entry["trainLoss"], entry["imagesPerSecond"]))
+
+    def preempted(self, state: TrainState) -> None:
+        """The checkpoint of a preemption notice is saved at `state.step`; the workers wait for the restart."""
+        if self.enabled:
+            self.reporter.report(self.update(state, state.epoch + 1, "Preempted", None, None))
 
     def close(self) -> None:
         self.reporter.close()

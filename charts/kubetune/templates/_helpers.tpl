@@ -93,12 +93,11 @@ ownerReferences let Kubernetes' garbage collector remove them with the job.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["get", "create"]
-# Preflight reads the Secret named by spec.storage.credentialsSecret to check S3 access before a Ray
-# cluster starts; each job's Ray token Secret (<job>-ray-token, owned by the job) is created once, and
-# read back when it is already there. No list or watch: the operator never enumerates Secrets.
+# Each job's Ray token Secret (<job>-ray-token, owned by the job): created once, never read back unless
+# the admin grants Secret reads (rbac-preflight-secrets.yaml). No list or watch, no get here.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create"]
+  verbs: ["create"]
 # Each job's NetworkPolicy (<job>-ray, owned by the job): get-or-create, never changed or deleted.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
@@ -120,4 +119,15 @@ ownerReferences let Kubernetes' garbage collector remove them with the job.
 - apiGroups: ["authentication.k8s.io"]
   resources: ["tokenreviews"]
   verbs: ["create"]
+{{- end }}
+
+{{/*
+Reading Secrets, granted apart from the rest and only where asked (rbac-preflight-secrets.yaml): preflight
+reads the Secret a job names in spec.storage.credentialsSecret to check S3 before a Ray cluster starts.
+Only `get`: no list or watch, so the operator never enumerates Secrets.
+*/}}
+{{- define "kubetune.preflightSecretRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end }}

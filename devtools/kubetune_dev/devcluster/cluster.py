@@ -51,6 +51,8 @@ T = TypeVar("T")
 # The checkout this package sits in (devtools/kubetune_dev/devcluster/ -> the repository root).
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FTJ_CRD = Path("crds") / "finetunejobs.kubetune.dev.yaml"
+# The S3 endpoints the cluster's operator allows jobs to name: its own (moto, and the fault proxy).
+LOCAL_S3 = "http://127.0.0.1"
 
 
 def find_file(relative: Path, *, roots: tuple[Path, ...] = ()) -> Path | None:
@@ -87,6 +89,8 @@ class OperatorThread:
         self.kubeconfig = kubeconfig
         self.metrics_port = int(overrides.pop("metrics_port", 0) or free_port())
         self.progress_port = int(overrides.pop("progress_port", 0) or free_port())
+        # The cluster's S3 (and the proxy that injects its faults) listen on 127.0.0.1.
+        overrides.setdefault("allowed_s3_endpoints", (LOCAL_S3,))
         self.settings = dataclasses.replace(
             OperatorSettings.from_env(),
             namespaces=tuple(namespaces),
@@ -500,6 +504,7 @@ class DevCluster:
             "KUBETUNE_PROGRESS_PORT": str(progress_port),
             "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{progress_port}",
             "KUBETUNE_LIVENESS_URL": f"http://127.0.0.1:{free_port()}/healthz",
+            "KUBETUNE_ALLOWED_S3_ENDPOINTS": LOCAL_S3,
         }
         with log_path.open("ab") as out:
             self.operator_process = subprocess.Popen(
@@ -525,15 +530,16 @@ class DevCluster:
 
     # --- Ray ------------------------------------------------------------------------------------
 
-    def kill_train_worker(self, namespace: str, rayjob: str) -> int | None:
-        """SIGKILL one Ray Train worker of a RayJob's cluster; returns its pid (None if none yet)."""
+    def kill_train_worker(self, namespace: str, rayjob: str, sig: int = signal.SIGKILL) -> int | None:
+        """`sig` (SIGKILL: a crash; SIGTERM: a preemption notice, as a pod's preStop hook passes it on) to one
+        Ray Train worker of a RayJob's cluster; returns its pid (None if none yet)."""
         assert self.kuberay is not None
         ctl = self.kuberay.controller(namespace, rayjob)
         head = ctl.run.head if ctl and ctl.run else None
         workers = head.train_workers() if head else []
         if not workers:
             return None
-        os.kill(workers[0].pid, signal.SIGKILL)
+        os.kill(workers[0].pid, sig)
         return workers[0].pid
 
     def kill_driver(self, namespace: str, rayjob: str) -> int | None:

@@ -84,6 +84,10 @@ class Task(Protocol):
         """Training and validation datasets over the node's cached images in `folder`."""
         ...
 
+    def augmentation(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
+        """What `data.augment` does to the training images of this task (`augment.AugmentPlan.wire`)."""
+        ...
+
     def stepper(
         self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, autocast: Autocast, device: torch.device
     ) -> Stepping: ...

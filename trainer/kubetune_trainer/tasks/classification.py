@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kubetune_trainer.augment import augment_plan, build_transforms
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.data import DatasetIndex, build_index, build_transforms, datasets, image_files
+from kubetune_trainer.data import DatasetIndex, build_index, datasets, image_files
 from kubetune_trainer.evaluation.classifier_report import judge_classifier
 from kubetune_trainer.evaluation.judged import TEST, VALIDATION, Judged
 from kubetune_trainer.export import CLASSIFICATION_PANELS, Panel, classification_card
@@ -80,7 +81,7 @@ class ClassificationTask:
             trained.finished_at,
             trained.best_epoch,
         )
-        _, eval_transform = build_transforms(trained.preprocessing, augment=False)
+        _, eval_transform = build_transforms(trained.preprocessing, "none")
         return card | {"preprocessing": classifier_preprocessing(eval_transform)}
 
     # -- the model ----------------------------------------------------------------------------------
@@ -102,6 +103,9 @@ class ClassificationTask:
     def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any]:
         return datasets(folder, self.index, preprocessing, self.config.data.augment)
 
+    def augmentation(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
+        return augment_plan(self.config.data.augment, int(preprocessing["input_size"][-1])).wire()
+
     def stepper(
         self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, autocast: Autocast, device: torch.device
     ) -> Stepper:
@@ -118,7 +122,7 @@ class ClassificationTask:
     # -- after training: the exported model judged, and its other formats ------------------------------
 
     def judged_sets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any, str]:
-        _, eval_transform = build_transforms(preprocessing, augment=False)
+        _, eval_transform = build_transforms(preprocessing, "none")
         validation = image_files(folder, self.index, self.index.validation, eval_transform)
         if not self.index.test:
             return validation, validation, VALIDATION

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kubetune_trainer.augment import detection_augment, detection_flips
 from kubetune_trainer.checkpoint import unwrap
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import DatasetIndex
@@ -125,8 +126,11 @@ class DetectionTask:
     # -- the workers --------------------------------------------------------------------------------
 
     def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[DetectionFiles, DetectionFiles]:
-        train = DetectionFiles(folder, self.boxes.train, flip=self.config.data.augment)
+        train = DetectionFiles(folder, self.boxes.train, flip=detection_flips(self.config.data.augment))
         return train, DetectionFiles(folder, self.boxes.validation)
+
+    def augmentation(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
+        return detection_augment(self.config.data.augment)
 
     def stepper(
         self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, autocast: Autocast, device: torch.device
