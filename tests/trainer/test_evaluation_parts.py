@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from kubetune_trainer.evaluation.classification import classification_metrics, w
 from kubetune_trainer.evaluation.figures import confusion_png, reliability_png
 from kubetune_trainer.evaluation.report import Section, cards, figure, paragraph, render, table
 from kubetune_trainer.formats import ONNX_FILE, TORCHSCRIPT_FILE, export_classifier, export_detector
-from kubetune_trainer.selection import best_epoch, checkpoint_config
+from kubetune_trainer.loop import checkpoint_figures
+from kubetune_trainer.progress_model import validation_keys
+from kubetune_trainer.selection import best_entry, best_epoch, checkpoint_config
 from tests.support.browser import keep_screenshot, open_page
 
 CLASSES = ["cat", "dog", "fox", "owl", "yak", "emu", "gnu"]
@@ -97,6 +100,21 @@ def test_the_best_epoch_by_the_chosen_metric(metric: str, figures: list[float], 
     assert best_epoch(history, metric) == best
     assert checkpoint_config(1, metric)["checkpoint_score_order"] == ("min" if metric == "valLoss" else "max")
     assert best_epoch([], metric) is None
+
+
+@pytest.mark.parametrize("metric", ["valAccuracy", "valLoss"])
+def test_a_mid_epoch_checkpoint_is_never_the_best_one(metric: str) -> None:
+    # Epoch 1 ended with its validation; a preemption then saved step 7 of epoch 2, before any validation.
+    history = [{"epoch": 1, "trainLoss": 0.9, "valLoss": 0.7, "valAccuracy": 0.6}]
+    epoch_end = checkpoint_figures(
+        SimpleNamespace(history=history, step=4), validation_keys("classification"), mid_epoch=False
+    )
+    mid_epoch = checkpoint_figures(
+        SimpleNamespace(history=history, step=7), validation_keys("classification"), mid_epoch=True
+    )
+    assert epoch_end[metric] == history[0][metric]
+    assert best_entry([epoch_end, mid_epoch], metric) is epoch_end
+    assert best_entry([mid_epoch, epoch_end], metric) is epoch_end
 
 
 class TinyClassifier(nn.Module):
