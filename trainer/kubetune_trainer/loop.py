@@ -19,7 +19,6 @@ history, epoch and the position in it, so the run goes on with the very batches 
 
 from __future__ import annotations
 
-import math
 import random
 import tempfile
 import time
@@ -55,6 +54,7 @@ from kubetune_trainer.lr_range import START_LR, RangeTest, cycle, find_learning_
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
 from kubetune_trainer.optim import effective_training, make_optimizer, make_schedule
 from kubetune_trainer.progress_model import history_entry
+from kubetune_trainer.selection import unranked
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Stepping, Task, task_from_wire
@@ -533,8 +533,8 @@ def save(worker: Worker, state: TrainState, *, mid_epoch: bool = False, wait: bo
 
 def checkpoint_figures(state: TrainState, metric_keys: Sequence[str], *, mid_epoch: bool) -> dict[str, Any]:
     """What a checkpoint reports to Ray Train: an epoch end's history entry (the figures selectBy ranks it
-    by), or, mid-epoch, the validation figures as NaN: Ray Train ranks NaN below every number, so a
-    checkpoint without validation of its own is never the best one (it is kept while it is the latest)."""
+    by), or, mid-epoch, the worst figures (`selection.unranked`): a checkpoint without validation of its own
+    is never the best one (it is kept while it is the latest)."""
     if mid_epoch or not state.history:
-        return {**dict.fromkeys(metric_keys, math.nan), "step": state.step}
+        return {**unranked(metric_keys), "step": state.step}
     return {**state.history[-1], "step": state.step}

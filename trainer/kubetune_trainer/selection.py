@@ -9,6 +9,7 @@ a figure that is missing or NaN ranks below every number, and of equal figures t
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,3 +46,10 @@ def best_epoch(history: Sequence[Mapping[str, Any]], metric: str) -> int | None:
 def checkpoint_config(num_to_keep: int, metric: str) -> dict[str, Any]:
     """Ray Train's CheckpointConfig arguments: keep the best `num_to_keep` by `metric` (and the latest)."""
     return {"num_to_keep": num_to_keep, "checkpoint_score_attribute": metric, "checkpoint_score_order": order(metric)}
+
+
+def unranked(metric_keys: Sequence[str]) -> dict[str, float]:
+    """Figures for a checkpoint without validation of its own (mid-epoch): the worst finite number each
+    metric can have, so Ray Train ranks it below every epoch end. Not NaN: Ray's snapshot of its
+    checkpoints (checkpoint_manager_snapshot.json) turns NaN into null, which a resumed driver cannot rank."""
+    return {key: sys.float_info.max if key in LOWER_IS_BETTER else -sys.float_info.max for key in metric_keys}
