@@ -463,8 +463,9 @@ def follow_rayjob(job: JobRecord, rayjob: Mapping[str, Any], *, now: datetime) -
     if observation.phase in TERMINAL_PHASES:
         end = parse_timestamp(rayjob_status.get("endTime"))
         extra["completionTime"] = timestamp(end or now)
-    if observation.phase == Phase.SUCCEEDED and job.model_uri:
-        extra["model"] = job.model_uri
+    model = job.model_status()
+    if observation.phase == Phase.SUCCEEDED and model:
+        extra["model"] = model
     events: list[Event] = []
     if restarts > old_restarts:
         limit = (rayjob.get("spec") or {}).get("backoffLimit", 0)

@@ -37,6 +37,7 @@ from kubetune_trainer.config import (
     CONFIG_MAP_KEY,
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
+    MLFLOW_URI_PATTERN,
     REGION_PATTERN,
     S3_OBJECT_PATTERN,
     S3_PREFIX_PATTERN,
@@ -68,6 +69,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     ENDPOINT_PATTERN: (
         "must be an http:// or https:// URL like https://minio.example.com:9000, without user:password@ "
         "(the keys go in the Secret spec.storage.credentialsSecret names)"
+    ),
+    MLFLOW_URI_PATTERN: (
+        "must be an http:// or https:// URL like https://mlflow.example.com:5000, without credentials "
+        "(user:password@) or spaces"
     ),
     REGION_PATTERN: f"must be a region name of 2-32 {_LETTERS_DIGITS_DASH}, e.g. us-east-1",
     DNS_SUBDOMAIN: (

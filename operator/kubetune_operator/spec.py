@@ -180,6 +180,11 @@ class FineTuneJobSpec(SpecSection):
                     "output.path must not overlap data.validation: checkpoints and results would be read as validation images",
                     ".output.path",
                 ),
+                cel(
+                    f"!has(self.data.test) || !({prefixes_overlap_cel('self.output.path', 'self.data.test')})",
+                    "output.path must not overlap data.test: checkpoints and results would be read as test images",
+                    ".output.path",
+                ),
                 *TASK_CEL_RULES,
                 cel(
                     "!has(self.resources.priorityClassName) || "
@@ -228,7 +233,12 @@ class FineTuneJobSpec(SpecSection):
 
     @model_validator(mode="after")
     def _output_apart_from_data(self) -> FineTuneJobSpec:
-        for field, prefix in (("data.train", self.data.train), ("data.validation", self.data.validation)):
+        data = self.data
+        for field, prefix in (
+            ("data.train", data.train),
+            ("data.validation", data.validation),
+            ("data.test", data.test),
+        ):
             if prefix and prefixes_overlap(self.output.path, prefix):
                 raise ValueError(
                     f"output.path: must not overlap {field} ({prefix}): checkpoints and results would be read "
@@ -238,7 +248,7 @@ class FineTuneJobSpec(SpecSection):
 
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> FineTuneJobSpec:
-        check_task(self.task, self.model, self.data)
+        check_task(self.task, self.model, self.data, self.training)
         return self
 
 
@@ -321,6 +331,26 @@ else:
     )
 
 
+class ModelStatus(StatusModel):
+    """Where a successful job left its model, and which epoch it is."""
+
+    uri: str = Field(description="s3:// URI of the exported weights (model.safetensors).")
+    card: str | None = Field(
+        default=None, description="s3:// URI of model.json: classes, exact preprocessing, metrics, exports."
+    )
+    report: str | None = Field(
+        default=None,
+        description="s3:// URI of report.html: the evaluation of the exported model on the test set (or validation).",
+    )
+    evaluation: str | None = Field(default=None, description="s3:// URI of evaluation.json: the report's figures.")
+    best_epoch: int | None = Field(
+        default=None, ge=1, description="The epoch whose checkpoint was exported: the best by selectBy."
+    )
+    select_by: str | None = Field(
+        default=None, description="The validation figure that picked it (spec.training.selectBy or the task's default)."
+    )
+
+
 class FineTuneJobStatus(StatusModel):
     """What the operator observed: the job's phase, history and progress."""
 
@@ -344,8 +374,8 @@ class FineTuneJobStatus(StatusModel):
     latest_checkpoint: str | None = Field(
         default=None, description="s3:// URI of the newest checkpoint; a resumed run continues from it."
     )
-    model: str | None = Field(
-        default=None, description="s3:// URI of the exported model (model.safetensors), once the job succeeded."
+    model: ModelStatus | None = Field(
+        default=None, description="The exported model and its report, once the job succeeded."
     )
     start_time: datetime | None = Field(default=None, description="When training started.")
     completion_time: datetime | None = Field(default=None, description="When the job succeeded or failed.")

@@ -70,7 +70,8 @@ async def test_a_run_from_creation_to_success(op: OperatorHarness) -> None:
     assert conditions(job)["Succeeded"] == ("True", "TrainingSucceeded")
     assert conditions(job)["Running"][0] == "False"
     assert status["completionTime"] == "2026-05-01T13:00:00Z"
-    assert status["model"] == "s3://runs/flowers/model.safetensors"
+    assert status["model"]["uri"] == "s3://runs/flowers/model.safetensors"
+    assert status["model"]["report"] == "s3://runs/flowers/report.html"
     assert status["observedGeneration"] == 1
     assert op.event_reasons(NS, NAME) == [
         "RayJobCreated",

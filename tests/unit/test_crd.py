@@ -262,10 +262,30 @@ CEL_CASES = [
     ({"data": {"annotations": DETECTION_ANNOTATIONS}}, "data.annotations is required"),
     ({"task": "detection", "data": {"annotations": DETECTION_ANNOTATIONS}}, "model.architecture must be"),
     ({"model": {"architecture": "fcos_resnet50_fpn"}}, "model.architecture must be"),
+    ({"training": {"selectBy": "valMap"}}, "training.selectBy must be valAccuracy or valLoss"),
+    ({"data": {"test": "s3://bkt/data/train/test"}}, "test must not overlap train"),
+    (
+        {"data": {"validation": "s3://bkt/val/", "test": "s3://bkt/val"}},
+        "data.test must not overlap data.validation",
+    ),
+    ({"data": {"test": "s3://bkt/test/"}, "output": {"path": "s3://bkt/test/out"}}, "must not overlap data.test"),
+    (
+        {
+            "task": "detection",
+            "model": {"architecture": "ssdlite320_mobilenet_v3_large"},
+            "data": {"annotations": DETECTION_ANNOTATIONS, "test": "s3://bkt/test/"},
+        },
+        "data.test is allowed with task detection only together with data.annotations.test",
+    ),
+    ({"output": {"formats": ["onnx", "torchscript"]}}, "formats must include safetensors"),
     ({"training": {"checkpointEvery": "0s"}}, "checkpointEvery must be 'epoch' or a duration"),
     ({"data": {"format": "manifest", "train": "s3://bkt/data/train.txt"}}, "with format manifest"),
     ({"data": {"format": "webdataset", "train": "s3://bkt/data/train-{0..3}.tgz"}}, "with format webdataset"),
     ({"data": {"train": "s3://bkt/data/train-{0..3}"}}, "braces name shards"),
+    (
+        {"data": {"format": "manifest", "train": "s3://bkt/m/train.csv", "test": "s3://bkt/test/"}},
+        "test: only with format imagefolder or coco",
+    ),
     ({"data": {"format": "coco"}}, "data.format must be a format of the task"),
     (
         {

@@ -154,6 +154,14 @@ def run_through(states: list[tuple[str, str]], job: JobRecord | None = None, **e
     return [job, seen]
 
 
+def test_a_succeeded_job_names_the_best_epoch_the_trainer_exported() -> None:
+    """status.model says which epoch was exported (the best by selectBy, from the last progress update)."""
+    progress = {"epoch": 3, "step": 9, "bestEpoch": 2, "updatedAt": "2026-05-01T12:02:00Z"}
+    job, _ = run_through([("Complete", "SUCCEEDED")], ftj({"phase": "Running", "progress": progress}))
+    assert job.status["model"]["bestEpoch"] == 2 and job.status["model"]["selectBy"] == "valAccuracy"
+    assert job.status["model"]["report"] == "s3://runs/flowers/report.html"
+
+
 def test_a_successful_run_tells_its_story_in_events() -> None:
     job, seen = run_through(
         [
@@ -179,7 +187,13 @@ def test_a_successful_run_tells_its_story_in_events() -> None:
     assert status["completionTime"] == "2026-05-01T12:05:00Z"
     assert status["dashboardURL"] == "http://flowers-head-svc.vision.svc.cluster.local:8265"
     assert status["rayJobName"] == "flowers"
-    assert status["model"] == "s3://runs/flowers/model.safetensors"
+    assert status["model"] == {
+        "uri": "s3://runs/flowers/model.safetensors",
+        "card": "s3://runs/flowers/model.json",
+        "report": "s3://runs/flowers/report.html",
+        "evaluation": "s3://runs/flowers/evaluation.json",
+        "selectBy": "valAccuracy",
+    }
     assert status["restarts"] == 0
     assert status["observedGeneration"] == 1
     conds = conditions(job)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate, TrainerPhase, TrainingSettings
 from kubetune_trainer.reporting import worker_reporters
+from kubetune_trainer.selection import best_epoch
 
 if TYPE_CHECKING:
     from kubetune_trainer.loop import TrainState
@@ -50,6 +51,7 @@ class WorkerProgress:
         steps_per_epoch: int,
         metric_keys: Sequence[str],
         state: TrainState,
+        selected_metric: str,
     ) -> None:
         self.reporter = worker_reporters(relay, rank)
         self.enabled = rank == 0
@@ -58,6 +60,7 @@ class WorkerProgress:
         # The last finished epoch's validation figures, keyed as in history.json (and ProgressMetrics' wire names).
         last = state.history[-1] if state.history else {}
         self.last_val: dict[str, float] = {k: last[k] for k in metric_keys if k in last}
+        self.selected_metric = selected_metric
 
     def update(
         self, state: TrainState, epoch: int, phase: TrainerPhase, train_loss: float | None, ips: float | None
@@ -82,6 +85,7 @@ class WorkerProgress:
             # Train has committed it.
             latest_checkpoint=state.resumed_from,
             phase=phase,
+            best_epoch=best_epoch(state.history, self.selected_metric),
             training=TrainingSettings.from_effective(state.effective),
         )
 
