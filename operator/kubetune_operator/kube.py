@@ -252,8 +252,8 @@ class Kube:
             self.custom.get_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name
         )
 
-    async def set_rayjob_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        body = {"spec": {"suspend": suspend}}
+    async def patch_rayjob(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        """A merge patch of a RayJob (suspend and resume: retention.suspend_patch)."""
         await self._call(
             self.custom.patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name, body
         )

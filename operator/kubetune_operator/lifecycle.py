@@ -10,6 +10,7 @@ moves only when `status` flips, and each carries the generation it saw.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from kubetune_operator.builders import (
     TOKEN_PATH,
 )
 from kubetune_operator.incoming import JobRecord
+from kubetune_operator.retention import driver_log_command, kept_head_note
 from kubetune_operator.spec import API_VERSION, KIND
 from kubetune_operator.states import (
     PHASES,
@@ -463,6 +465,7 @@ def follow_rayjob(job: JobRecord, rayjob: Mapping[str, Any], *, now: datetime) -
     if observation.phase in TERMINAL_PHASES:
         end = parse_timestamp(rayjob_status.get("endTime"))
         extra["completionTime"] = timestamp(end or now)
+    observation, extra["logs"] = _driver_log(job, rayjob, observation, now=now)
     if observation.phase == Phase.SUCCEEDED and job.model_uri:
         extra["model"] = job.model_uri
     events: list[Event] = []
@@ -479,6 +482,27 @@ def follow_rayjob(job: JobRecord, rayjob: Mapping[str, Any], *, now: datetime) -
         extra=extra,
         events=events,
     )
+
+
+def _driver_log(
+    job: JobRecord, rayjob: Mapping[str, Any], observation: Observation, *, now: datetime
+) -> tuple[Observation, str | None]:
+    """The command that prints the driver's log while the head runs (status.logs; None, which the patch
+    removes, once the head is gone), and a failure's message saying until when its head stays."""
+    rayjob_status = rayjob.get("status") or {}
+    command = driver_log_command(job.meta.namespace, rayjob_status)
+    if observation.phase == Phase.SUCCEEDED:
+        return observation, None
+    if observation.phase != Phase.FAILED:
+        return observation, command
+    end = parse_timestamp(rayjob_status.get("endTime")) or now
+    note = kept_head_note(rayjob, end, command)
+    if note is None:
+        return observation, None
+    # The note last, whole: a long message from KubeRay (the driver's last lines) is cut before it.
+    room = MAX_MESSAGE - len(note) - 2
+    cause = observation.message if len(observation.message) <= room else observation.message[: room - 1] + "…"
+    return dataclasses.replace(observation, message=f"{cause}. {note}"), command
 
 
 def rayjob_deleted(job: JobRecord, rayjob_name: str, *, now: datetime) -> StatusChange:

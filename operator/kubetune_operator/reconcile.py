@@ -29,9 +29,10 @@ from kubetune_operator.kube import KubeRayMissingError, SecretNotReadableError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
 from kubetune_operator.pod_additions import service_account_name
 from kubetune_operator.pod_names import HEAD
+from kubetune_operator.retention import suspend_patch
 from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.spec import FineTuneJob
+from kubetune_operator.spec import FineTuneJob, RunPolicy
 from kubetune_operator.states import Phase, Reason
 from kubetune_operator.status_writer import Compute
 from kubetune_trainer.config import StorageSpec
@@ -385,7 +386,7 @@ async def apply_spec_change(rt: Runtime, job: JobRecord, diff: Iterable[tuple[An
         return  # not launched yet: the launch handler, still retrying, reads the new spec
     await _refuse_or_accept(rt, job, rayjob, refused)
     if "spec.runPolicy.suspend" in fields:
-        await _suspend_or_resume(rt, meta, job.run_policy.suspend)
+        await _suspend_or_resume(rt, meta, job.run_policy)
 
 
 async def _refuse_or_accept(rt: Runtime, job: JobRecord, rayjob: dict[str, Any], refused: list[str]) -> None:
@@ -402,8 +403,10 @@ async def _refuse_or_accept(rt: Runtime, job: JobRecord, rayjob: dict[str, Any],
         )
 
 
-async def _suspend_or_resume(rt: Runtime, meta: JobMeta, suspend: bool) -> None:
-    await rt.kube.set_rayjob_suspend(meta.namespace, meta.name, suspend)
+async def _suspend_or_resume(rt: Runtime, meta: JobMeta, policy: RunPolicy) -> None:
+    suspend = policy.suspend
+    # What KubeRay deletes at the run's end changes too: it suspends no RayJob that has deletion rules.
+    await rt.kube.patch_rayjob(meta.namespace, meta.name, suspend_patch(policy, rt.settings))
     logger.info("%s: %s RayJob %s", meta.source, "suspended" if suspend else "resumed", meta.name)
     current = await rt.kube.get_rayjob(meta.namespace, meta.name)
     if current is not None:
