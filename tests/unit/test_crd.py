@@ -264,6 +264,8 @@ CEL_CASES = [
     ({"model": {"architecture": "fcos_resnet50_fpn"}}, "model.architecture must be"),
     ({"training": {"checkpointEvery": "0s"}}, "checkpointEvery must be 'epoch' or a duration"),
     ({"training": {"checkpointEvery": "169h"}}, "checkpointEvery must be 'epoch' or a duration"),
+    ({"runPolicy": {"keepFailedFor": "168h1s"}}, "keepFailedFor must be a duration from 0s to 168h"),
+    ({"runPolicy": {"keepFailedFor": "10081m"}}, "keepFailedFor must be a duration from 0s to 168h"),
 ]
 
 
@@ -302,6 +304,9 @@ def test_each_cel_rule_rejects_what_its_python_twin_rejects(edit: dict[str, Any]
         {"spec": {"training": {"epochs": 3, "warmupEpochs": 2}}},
         {"spec": {"training": {"checkpointEvery": "1h30m"}}},
         {"spec": {"training": {"checkpointEvery": "168h"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "0s"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "168h"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "2h30m"}}},
         {"spec": {"training": {"learningRate": "auto"}}},
         {"spec": {"training": {"learningRate": 0.003}}},
         {"spec": {"training": {"learningRate": 1}}},
