@@ -194,7 +194,9 @@ def test_a_long_kuberay_message_is_cut_before_the_note_not_the_note() -> None:
     [({"keepFailedFor": "0s"}, FAILED), ({}, {**RUNNING, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})],
     ids=["failed-keeping-nothing", "succeeded"],
 )
-def test_once_the_head_goes_with_the_run_status_logs_goes_too(run_policy: dict[str, Any], status: dict[str, Any]) -> None:
+def test_once_the_head_goes_with_the_run_status_logs_goes_too(
+    run_policy: dict[str, Any], status: dict[str, Any]
+) -> None:
     running = follow(rayjob(), RUNNING)
     ended = follow(rayjob(**run_policy), status, running)
     assert ended["logs"] is None  # the merge patch removes it

@@ -326,6 +326,7 @@ class RayJobController:
             return None
         if "DeleteCluster" in due.policies and "DeleteCluster" not in self.deleted:
             await self.stop_run()
+            await self.delete_raycluster()
             self.driver_log_path(self.attempts).unlink(missing_ok=True)  # the head pod's /tmp/ray went with it
             self.deleted.update({"DeleteWorkers", "DeleteCluster"})
         elif "DeleteWorkers" in due.policies and "DeleteWorkers" not in self.deleted:
@@ -531,12 +532,16 @@ class RayJobController:
             self.standin.stopped.append(
                 f"RayJob {self.namespace}/{self.name}: its driver and Ray cluster ({stopped} processes)"
             )
-        name = self.status.get("rayClusterName")
-        if name and not self.gone and not keep_cluster:
-            with contextlib.suppress(Exception):
-                await self.kube.delete(path(*RAYCLUSTERS, self.namespace, name))
+        if not keep_cluster:
+            await self.delete_raycluster()
         if cancelled:
             raise asyncio.CancelledError
+
+    async def delete_raycluster(self) -> None:
+        name = self.status.get("rayClusterName")
+        if name and not self.gone:
+            with contextlib.suppress(Exception):
+                await self.kube.delete(path(*RAYCLUSTERS, self.namespace, name))
 
 
 async def _nothing() -> None:
