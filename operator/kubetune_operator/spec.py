@@ -237,7 +237,10 @@ class FineTuneJobSpec(SpecSection):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Workers and their resources.")
     output: OutputSpec = Field(description="Where checkpoints and the exported model go.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint and credentials.")
-    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspension, queueing.")
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy,
+        description="Retries, deadlines, suspension, queueing, and how long a failed job's Ray head stays.",
+    )
     image: str | None = Field(
         default=None,
         min_length=1,
