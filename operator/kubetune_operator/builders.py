@@ -429,6 +429,8 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
     }
     if policy.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.start_deadline_seconds is not None:
+        spec["preRunningDeadlineSeconds"] = policy.start_deadline_seconds
     # What KubeRay deletes when the run ends: a failed job's head stays for keepFailedFor (retention.py).
     end = end_of_run(policy, settings, suspended=policy.suspend)
     spec.update({key: value for key, value in end.items() if value is not None})

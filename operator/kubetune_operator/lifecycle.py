@@ -40,7 +40,7 @@ from kubetune_operator.states import (
 # KubeRay's reasons for a failed RayJob, as this operator's condition reasons.
 FAILURE_REASONS = {
     "DeadlineExceeded": Reason.DEADLINE_EXCEEDED,
-    "PreRunningDeadlineExceeded": Reason.DEADLINE_EXCEEDED,
+    "PreRunningDeadlineExceeded": Reason.START_DEADLINE_EXCEEDED,
     "AppFailed": Reason.TRAINING_FAILED,
     "SubmissionFailed": Reason.SUBMISSION_FAILED,
 }
@@ -189,7 +189,7 @@ def observe_rayjob(
     deployment = str(status.get("jobDeploymentStatus") or "")
     job_status = str(status.get("jobStatus") or "")
     found = (
-        _ended(name, status, deployment, job_status, model)
+        _ended(rayjob, deployment, job_status, model)
         or _suspension(name, deployment, suspend_requested, bool((rayjob.get("spec") or {}).get("suspend")), queue_name)
         or _starting_or_running(name, status, deployment, job_status)
     )
@@ -205,9 +205,9 @@ def observe_rayjob(
     )
 
 
-def _ended(
-    name: str, status: Mapping[str, Any], deployment: str, job_status: str, model: str | None
-) -> Observation | None:
+def _ended(rayjob: Mapping[str, Any], deployment: str, job_status: str, model: str | None) -> Observation | None:
+    meta, status = rayjob.get("metadata") or {}, rayjob.get("status") or {}
+    name = str(meta.get("name", ""))
     kuberay_message = str(status.get("message") or "")
     if deployment == JobDeploymentStatus.COMPLETE:
         if job_status in (JobStatus.FAILED, JobStatus.STOPPED):
@@ -217,11 +217,24 @@ def _ended(
         return Observation(Phase.SUCCEEDED, Reason.TRAINING_SUCCEEDED, f"Training finished{where}")
     if deployment == JobDeploymentStatus.FAILED:
         reason = FAILURE_REASONS.get(str(status.get("reason") or ""), Reason.RAYJOB_FAILED)
+        if reason == Reason.START_DEADLINE_EXCEEDED:
+            return Observation(Phase.FAILED, reason, _never_started(meta, status, kuberay_message))
         return Observation(Phase.FAILED, reason, kuberay_message or f"RayJob {name} failed")
     if deployment == JobDeploymentStatus.VALIDATION_FAILED:
         message = kuberay_message or "KubeRay rejected the RayJob"
         return Observation(Phase.FAILED, Reason.RAYJOB_VALIDATION_FAILED, message)
     return None
+
+
+def _never_started(meta: Mapping[str, Any], status: Mapping[str, Any], kuberay_message: str) -> str:
+    """Why a job whose Ray cluster never ran it failed, and where to look (the pods' Events)."""
+    cluster, namespace = status.get("rayClusterName") or "<cluster>", meta.get("namespace") or "default"
+    return (
+        "The Ray cluster did not start running the job within runPolicy.startDeadlineSeconds: some of its pods "
+        "could not be scheduled or started (not enough free GPUs, no node matching the nodeSelector, "
+        f"tolerations or affinity, an image that does not pull); their Events say which: kubectl -n {namespace} "
+        f"describe pods -l ray.io/cluster={cluster}. KubeRay: {kuberay_message}"
+    )
 
 
 def _suspension(

@@ -161,6 +161,16 @@ class RunPolicy(SpecSection):
         le=INT32_MAX,
         description="Seconds the run may take before it is stopped and the job fails; no limit when omitted.",
     )
+    start_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=INT32_MAX,
+        description=(
+            "Seconds the Ray cluster may take to start running the job (every pod scheduled with its GPUs, "
+            "images pulled), counted from each launch, resume or retry, after a Kueue admission; past it the job "
+            "fails with StartDeadlineExceeded (KubeRay's preRunningDeadlineSeconds). No limit when omitted."
+        ),
+    )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,

@@ -289,6 +289,15 @@ def test_a_missing_secret_keeps_the_job_initializing_until_it_appears(cluster: D
     assert wait_status(cluster, "waiting", TERMINAL, timeout=30)["jobDeploymentStatus"] == "Complete"
 
 
+def test_a_cluster_that_cannot_start_in_time_fails_past_the_pre_running_deadline(cluster: DevCluster) -> None:
+    env = [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "never-there", "key": "KEY"}}}]
+    cluster.create(rayjob("stuck", python("print('ok')"), head_container={"env": env}, preRunningDeadlineSeconds=2))
+    status = wait_status(cluster, "stuck", TERMINAL, timeout=30)
+    assert (status["jobDeploymentStatus"], status["reason"]) == ("Failed", "PreRunningDeadlineExceeded")
+    assert "preRunningDeadlineSeconds" in status["message"]
+    assert "Running" not in deployment_history(cluster, "stuck")
+
+
 def test_deleting_the_owner_garbage_collects_the_rayjob(cluster: DevCluster) -> None:
     owner = cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner", "namespace": NS}})
     job = rayjob("owned", python("import time; time.sleep(120)"))

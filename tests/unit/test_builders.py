@@ -92,6 +92,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "backoffLimit": 2,
             "maxRetries": 5,
             "activeDeadlineSeconds": 86400,
+            "startDeadlineSeconds": 1800,
             "ttlSecondsAfterFinished": 600,
             "suspend": True,
             "queueName": "gpu-queue",
@@ -258,9 +259,10 @@ def test_scheduling_constraints_go_to_the_workers_and_priority_to_every_pod() ->
 def test_run_policy_maps_to_kuberay_fields() -> None:
     spec = children(**VARIANTS["run-policy"])["RayJob"]["spec"]
     assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["suspend"]) == (2, 86400, True)
+    assert spec["preRunningDeadlineSeconds"] == 1800
     defaults = children()["RayJob"]["spec"]
     assert (defaults["backoffLimit"], defaults["suspend"]) == (0, False)
-    assert "activeDeadlineSeconds" not in defaults
+    assert "activeDeadlineSeconds" not in defaults and "preRunningDeadlineSeconds" not in defaults
 
 
 def test_every_ray_pod_gets_the_preemption_grace_period_and_passes_sigterm_to_training() -> None:

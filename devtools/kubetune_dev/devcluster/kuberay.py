@@ -6,7 +6,8 @@ relies on, following KubeRay v1.x's RayJob controller:
 - `jobDeploymentStatus`: "" (New) -> Initializing -> Running -> Complete | Failed; a failed run with
   retries left (`backoffLimit`) -> Retrying -> New (a fresh cluster); `spec.suspend: true` ->
   Suspending -> Suspended (driver killed, cluster deleted, job fields reset), and back to New on
-  resume; `activeDeadlineSeconds` -> Failed with reason DeadlineExceeded.
+  resume; `activeDeadlineSeconds` -> Failed with reason DeadlineExceeded; `preRunningDeadlineSeconds`
+  passed while Initializing (the pods cannot start yet) -> Failed with reason PreRunningDeadlineExceeded.
 - `jobStatus` PENDING -> RUNNING -> SUCCEEDED | FAILED; `startTime`, `endTime`, `failed`,
   `succeeded`, `jobId`, `rayClusterName` ("<rayjob>-<5 chars>"), `dashboardURL` (the head
   service's address, as KubeRay reports it), `reason`, `message`, `observedGeneration`.
@@ -167,8 +168,8 @@ class RayJobController:
         finally:
             await self.stop_run()
 
-    def _deadline_passed(self) -> bool:
-        deadline = self.spec.get("activeDeadlineSeconds")
+    def _deadline_passed(self, field: str = "activeDeadlineSeconds") -> bool:
+        deadline = self.spec.get(field)
         start = parse_time(self.status.get("startTime") or "")
         return bool(deadline and start and time.time() - start.timestamp() > float(deadline))
 
@@ -238,10 +239,13 @@ class RayJobController:
         return None
 
     async def _on_initializing(self) -> float | None:
-        """The cluster up and the entrypoint submitted: Running."""
+        """The cluster up and the entrypoint submitted: Running; Failed if that takes past
+        preRunningDeadlineSeconds (here: its pods' Secrets or ConfigMaps missing that long)."""
         stopped = await self._suspended_or_late()
         if stopped is not None:
             return stopped
+        if self._deadline_passed("preRunningDeadlineSeconds"):
+            return await self.fail_deadline("preRunningDeadlineSeconds", "PreRunningDeadlineExceeded")
         try:
             await self.start_run()
         except PodNotReadyError as exc:
@@ -395,16 +399,16 @@ class RayJobController:
         )
         return 0
 
-    async def fail_deadline(self) -> float:
+    async def fail_deadline(self, field: str = "activeDeadlineSeconds", reason: str = "DeadlineExceeded") -> float:
         # The driver is stopped; what stays of the cluster is the deletion rules' to decide, if any.
         await self.stop_run(keep_cluster=bool((self.spec.get("deletionStrategy") or {}).get("deletionRules")))
         await self.patch_status(
             {
                 "jobDeploymentStatus": "Failed",
-                "reason": "DeadlineExceeded",
+                "reason": reason,
                 "message": (
-                    f"The RayJob has passed the activeDeadlineSeconds. StartTime: {self.status.get('startTime')}. "
-                    f"ActiveDeadlineSeconds: {self.spec.get('activeDeadlineSeconds')}"
+                    f"The RayJob has passed the {field}. StartTime: {self.status.get('startTime')}. "
+                    f"{field[0].upper()}{field[1:]}: {self.spec.get(field)}"
                 ),
                 "endTime": now_rfc3339(),
             }
