@@ -29,7 +29,7 @@ from kubetune_operator.kube import KubeRayMissingError, SecretNotReadableError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
 from kubetune_operator.pod_additions import service_account_name
 from kubetune_operator.pod_names import HEAD
-from kubetune_operator.retention import suspend_patch
+from kubetune_operator.retention import SHUTDOWN_PATCH, left_by_the_rules, suspend_patch
 from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob, RunPolicy
@@ -315,6 +315,12 @@ async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool) -
         # launch's own (a busy operator), it carries kopf's diff base instead, and kopf writes nothing.
         namespace, name, compute = found
         await rt.status.update(namespace, name, _noting_skipped_preflight(rt, compute), ends_launch=not deleted)
+        if not deleted and left_by_the_rules(rayjob):
+            rayjob_name = str(rayjob["metadata"]["name"])
+            await rt.kube.patch_rayjob(namespace, rayjob_name, SHUTDOWN_PATCH)
+            logger.info(
+                "%s/%s: the Ray job was stopped: RayJob %s shuts its cluster down", namespace, name, rayjob_name
+            )
 
 
 def _noting_skipped_preflight(rt: Runtime, compute: Compute) -> Compute:

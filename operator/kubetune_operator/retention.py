@@ -7,7 +7,7 @@ beside `shutdownAfterJobFinishes` (its older switch, which deletes the whole clu
 and refuses `suspend` without `shutdownAfterJobFinishes`; Kueue refuses a queued RayJob without it. So a
 queued job, a suspended one, a `keepFailedFor` of 0s, or an operator with `keep_failed_heads` off get
 `shutdownAfterJobFinishes` instead, and the operator swaps the two when it suspends or resumes a job
-(`suspend_patch`).
+(`suspend_patch`), and when a run ends in a state no rule matches (`left_by_the_rules`).
 
 The driver runs in the head pod as a Ray job that KubeRay submitted over HTTP (HTTPMode), so its output
 is Ray's log file there, not the container's: `driver_log_command` is the `kubectl exec` that prints it.
@@ -63,6 +63,18 @@ def suspend_patch(policy: RunPolicy, settings: OperatorSettings) -> dict[str, An
     """The merge patch that suspends or resumes (`policy.suspend`) a job's RayJob, valid for KubeRay in one
     write: with the deletion rules swapped for shutdownAfterJobFinishes, or back."""
     return {"spec": {"suspend": policy.suspend, **end_of_run(policy, settings, suspended=policy.suspend)}}
+
+
+def left_by_the_rules(rayjob: Mapping[str, Any]) -> bool:
+    """Whether the run ended in a state no deletion rule matches, so KubeRay would keep its whole cluster:
+    a Ray job stopped by hand (jobStatus STOPPED; the rules' conditions know only SUCCEEDED and FAILED).
+    The operator then swaps the rules for shutdownAfterJobFinishes (`SHUTDOWN_PATCH`), which KubeRay acts on."""
+    spec, status = rayjob.get("spec") or {}, rayjob.get("status") or {}
+    has_rules = bool((spec.get("deletionStrategy") or {}).get("deletionRules"))
+    return has_rules and status.get("jobDeploymentStatus") == "Complete" and status.get("jobStatus") == "STOPPED"
+
+
+SHUTDOWN_PATCH: dict[str, Any] = {"spec": {"shutdownAfterJobFinishes": True, "deletionStrategy": None}}
 
 
 def head_kept_for(rayjob: Mapping[str, Any]) -> int | None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_dev.devcluster.kuberay_rules import spec_problem
 from tests.support.operator_harness import RAYJOBS, OperatorHarness, finetunejob
 
 pytestmark = pytest.mark.asyncio
@@ -115,6 +116,20 @@ async def test_a_failed_job_says_how_to_read_the_drivers_log_and_until_when(op: 
     assert job["status"]["logs"] == command
     (event,) = [e for e in op.events(NS, NAME) if e["reason"] == "TrainingFailed"]
     assert "stays until 2026-05-01T12:45:00Z (runPolicy.keepFailedFor): " + command in event["message"]
+
+
+async def test_a_ray_job_stopped_by_hand_still_gets_its_cluster_shut_down(op: OperatorHarness) -> None:
+    """KubeRay's deletion rules match no STOPPED Ray job: the operator hands the RayJob back to
+    shutdownAfterJobFinishes, which KubeRay acts on at once."""
+    await launched(op)
+    assert (op.rayjob(NS, NAME) or {})["spec"]["deletionStrategy"]["deletionRules"]
+    await step(op, "Running", "TrainingRunning", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    await step(op, "Failed", "JobStopped", jobDeploymentStatus="Complete", jobStatus="STOPPED")
+    spec = await op.wait_for(
+        lambda: (s := (op.rayjob(NS, NAME) or {}).get("spec", {})).get("shutdownAfterJobFinishes") and s,
+        what="the RayJob handed to shutdownAfterJobFinishes",
+    )
+    assert "deletionStrategy" not in spec and spec_problem(spec) is None
 
 
 async def test_retries_count_restarts_and_the_last_failure_is_final(op: OperatorHarness) -> None:
