@@ -254,15 +254,15 @@ class Kube:
 
     async def patch_rayjob(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
         """A merge patch of a RayJob (retention.suspend_patch, SHUTDOWN_PATCH); False if it is gone."""
-        result = await self._read_or_none(
-            functools.partial(self.custom.patch_namespaced_custom_object, body=body),
-            RAY_GROUP,
-            RAY_VERSION,
-            namespace,
-            RAY_PLURAL,
-            name,
-        )
-        return result is not None
+        try:
+            await self._call(
+                self.custom.patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name, body
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def ensure(self, obj: Mapping[str, Any], *, likely_new: bool = False) -> tuple[dict[str, Any], bool]:
         """Get-or-create `obj` by its name: (the object in the cluster, whether this call created it).
