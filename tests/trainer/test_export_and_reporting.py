@@ -17,6 +17,7 @@ from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
 from kubetune_trainer.reporting import ConsoleReporter, FanOut, progress_line
 from kubetune_trainer.storage import S3Store, S3Uri
+from kubetune_trainer.worker_progress import percent_done
 from tests.support.digits_world import REGION, DigitsWorld
 
 HISTORY = [
@@ -195,3 +196,13 @@ def test_a_failing_reporter_never_stops_the_others() -> None:
     fan.report(update())
     fan.close()
     assert stream.getvalue().startswith("epoch 2/5")
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "shown"), [(0, 12, 0.0), (5, 12, 41.6), (1, 3, 33.3), (2999, 3000, 99.9), (12, 12, 100.0)]
+)
+def test_percent_done_is_what_kubectl_get_shows_one_decimal_and_100_only_at_the_end(
+    step: int, total: int, shown: float
+) -> None:
+    assert percent_done(step, total) == shown
+    assert str(percent_done(step, total)) == str(shown)  # no 41.66666666666667 in the PROGRESS column

@@ -304,6 +304,8 @@ CEL_CASES = [
         "data.annotations is required",
     ),
     ({"training": {"checkpointEvery": "169h"}}, "checkpointEvery must be 'epoch' or a duration"),
+    ({"runPolicy": {"keepFailedFor": "168h1s"}}, "keepFailedFor must be a duration from 0s to 168h"),
+    ({"runPolicy": {"keepFailedFor": "10081m"}}, "keepFailedFor must be a duration from 0s to 168h"),
 ]
 
 
@@ -342,6 +344,9 @@ def test_each_cel_rule_rejects_what_its_python_twin_rejects(edit: dict[str, Any]
         {"spec": {"training": {"epochs": 3, "warmupEpochs": 2}}},
         {"spec": {"training": {"checkpointEvery": "1h30m"}}},
         {"spec": {"training": {"checkpointEvery": "168h"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "0s"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "168h"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "2h30m"}}},
         {"spec": {"training": {"learningRate": "auto"}}},
         {"spec": {"training": {"learningRate": 0.003}}},
         {"spec": {"training": {"learningRate": 1}}},

@@ -108,7 +108,6 @@ def test_rayjob_states_map_to_phases(deployment: str, job_status: str, phase: st
     ("kuberay_reason", "reason"),
     [
         ("DeadlineExceeded", "DeadlineExceeded"),
-        ("PreRunningDeadlineExceeded", "DeadlineExceeded"),
         ("AppFailed", "TrainingFailed"),
         ("SubmissionFailed", "SubmissionFailed"),
         ("SomethingNew", "RayJobFailed"),
@@ -118,6 +117,20 @@ def test_failure_reasons_say_why(kuberay_reason: str, reason: str) -> None:
     rj = rayjob("Failed", "FAILED", reason=kuberay_reason, message="the job ran out of time")
     obs = lifecycle.observe_rayjob(rj, previous_phase="Running", suspend_requested=False, queue_name=None, model=None)
     assert (obs.phase, obs.reason, obs.message) == ("Failed", reason, "the job ran out of time")
+
+
+def test_a_cluster_that_never_started_says_why_and_where_to_look() -> None:
+    rj = rayjob(
+        "Failed",
+        reason="PreRunningDeadlineExceeded",
+        message="The RayJob has passed the preRunningDeadlineSeconds.",
+        rayClusterName="flowers-x7k2p",
+    )
+    obs = lifecycle.observe_rayjob(rj, previous_phase="Launching", suspend_requested=False, queue_name=None, model=None)
+    assert (obs.phase, obs.reason) == ("Failed", "StartDeadlineExceeded")
+    assert "runPolicy.startDeadlineSeconds" in obs.message and "not enough free GPUs" in obs.message
+    assert "kubectl -n vision describe pods -l ray.io/cluster=flowers-x7k2p" in obs.message
+    assert obs.message.endswith("KubeRay: The RayJob has passed the preRunningDeadlineSeconds.")
 
 
 @pytest.mark.parametrize("previous", ["Running", "Suspended", None, "Succeeded"])

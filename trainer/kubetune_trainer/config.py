@@ -501,9 +501,12 @@ WARMUP_RULE = cel(
     "warmupEpochs must be less than epochs",
     ".warmupEpochs",
 )
-# training.checkpointEvery: "epoch", or a duration in hours, minutes and seconds ("10m", "1h30m", "90s").
+# A duration in hours, minutes and seconds ("10m", "1h30m", "90s"), as CEL's duration() reads it; each
+# field that takes one bounds it with a CEL rule and its Python twin (`duration_seconds`).
+DURATION = r"[0-9]{1,6}h([0-9]{1,6}m)?([0-9]{1,6}s)?|[0-9]{1,6}m([0-9]{1,6}s)?|[0-9]{1,6}s"
+# training.checkpointEvery: "epoch", or a duration.
 EPOCH = "epoch"
-CHECKPOINT_EVERY_PATTERN = r"^(epoch|[0-9]{1,6}h([0-9]{1,6}m)?([0-9]{1,6}s)?|[0-9]{1,6}m([0-9]{1,6}s)?|[0-9]{1,6}s)$"
+CHECKPOINT_EVERY_PATTERN = rf"^(epoch|{DURATION})$"
 MIN_CHECKPOINT_INTERVAL_S = 1
 MAX_CHECKPOINT_INTERVAL_S = 7 * 24 * 3600
 CHECKPOINT_EVERY_RULE = cel(
@@ -516,7 +519,7 @@ _DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
 
 
 def duration_seconds(text: str) -> int:
-    """Seconds of a duration written as CHECKPOINT_EVERY_PATTERN allows ("1h30m" -> 5400)."""
+    """Seconds of a DURATION ("1h30m" -> 5400)."""
     total, digits = 0, ""
     for char in text:
         if char.isdigit():

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 REPORT_INTERVAL_S = 1.0
 
 
+def percent_done(step: int, total: int) -> float:
+    """Share of all steps done, 0-100, to one decimal, rounded down: `kubectl get ftj` shows it as it is
+    (41.6, not 41.66666666666667), and 100 only at the last step."""
+    return min(100.0, math.floor(1000 * step / max(1, total)) / 10)
+
+
 @dataclass
 class _Clock:
     """ETA from the pace of this attempt (a resumed run does not count the steps it skipped)."""
@@ -71,7 +77,7 @@ class WorkerProgress:
             total_epochs=self.total_epochs,
             step=step,
             total_steps=total,
-            percent=min(100.0, 100.0 * step / max(1, total)),
+            percent=percent_done(step, total),
             eta_seconds=self.clock.eta(step),
             metrics=ProgressMetrics.model_validate(
                 {
