@@ -39,6 +39,7 @@ from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
     MLFLOW_URI_PATTERN,
+    RAND_AUGMENT_PATTERN,
     REGION_PATTERN,
     S3_OBJECT_PATTERN,
     S3_PREFIX_PATTERN,
@@ -94,6 +95,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     IMAGE_PATTERN: "must be a container image reference without spaces",
     REASON_PATTERN: "must be a CamelCase word",
     CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
+    RAND_AUGMENT_PATTERN: (
+        "must be timm's RandAugment string: rand, then dash-separated options m<magnitude>, n<ops per image>, "
+        "p<probability>, mstd<magnitude noise>, mmax<magnitude cap>, inc0 or inc1, e.g. rand-m9-mstd0.5"
+    ),
 }
 
 # Why a limit is what it is, where that is not obvious from the field.
