@@ -100,6 +100,7 @@ def summary(
     best_epoch: int | None = None,
     evaluation: Mapping[str, Any] | None = None,
     mlflow: str | None = None,
+    stopped: Mapping[str, Any] | None = None,
 ) -> None:
     """The run's last lines: the exported epoch's validation figures, the judged split's, where it all is."""
     parts = summary_parts(metrics)
@@ -108,6 +109,11 @@ def summary(
     if "valMap" in metrics:
         files += ", detections.png"
     chosen = f" (epoch {best_epoch}, the best)" if best_epoch and best_epoch != epochs else ""
+    if stopped:
+        print(
+            f"kubetune: stopped early ({stopped['reason']}) after epoch {stopped['afterEpoch']} of {stopped['epochs']}: "
+            f"{stopped['metric']} did not improve by more than {stopped['minDelta']:g} in {stopped['patience']} epochs"
+        )
     print(f"kubetune: trained {epochs} epochs in {format_duration(time.monotonic() - started)}: {figures}{chosen}")
     print(f"kubetune: model at {output}/model.safetensors ({files})")
     if evaluation:
@@ -127,6 +133,7 @@ def outcome_summary(started: float, outcome: Outcome) -> None:
         best_epoch=outcome.best_epoch,
         evaluation=outcome.evaluation,
         mlflow=outcome.mlflow,
+        stopped=outcome.stopped,
     )
 
 
