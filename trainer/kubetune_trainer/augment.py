@@ -107,12 +107,13 @@ def rand_augment(config: str, data_cfg: Mapping[str, Any]) -> Callable[[Any], An
     """timm's RandAugment of a PIL image by its config string, with the hyper-parameters timm's own training
     transform gives it: translations up to 45% of the side, fills in the dataset's mean colour."""
     from timm.data.auto_augment import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
 
     size = min(int(side) for side in data_cfg["input_size"][-2:])
     hparams = {
         "translate_const": int(size * 0.45),
         "img_mean": tuple(min(255, round(255 * x)) for x in data_cfg["mean"]),
-        "interpolation": data_cfg.get("interpolation", "bilinear"),
+        "interpolation": str_to_pil_interp(data_cfg.get("interpolation", "bilinear")),
     }
     return rand_augment_transform(config, hparams)
 
