@@ -16,11 +16,26 @@ import json
 import secrets
 from typing import Any
 
-from kubetune_operator.pod_security import (
+from kubetune_operator.pod_additions import add_pod_template, copied_labels, service_account_name
+from kubetune_operator.pod_names import (
+    ACCESS_KEY_ID,
+    CA_DIR,
+    CA_VOLUME,
     CACHE_DIR,
     CACHE_DIR_ENV,
     HEAD,
+    PROGRESS_URL_ENV,
+    RAY_AUTH_MODE_ENV,
+    RAY_AUTH_TOKEN_ENV,
+    SECRET_ACCESS_KEY,
+    SESSION_TOKEN,
+    SHM_DIR,
+    SHM_VOLUME,
+    TOKEN_DIR,
+    TOKEN_VOLUME,
     WORKER,
+)
+from kubetune_operator.pod_security import (
     container_security_context,
     ephemeral_storage_request,
     pod_security_context,
@@ -30,7 +45,7 @@ from kubetune_operator.pod_security import (
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
-from kubetune_trainer.config import CONFIG_ENV, PRESTOP_COMMAND, RAY_TRAIN_ENV, ProgressTarget
+from kubetune_trainer.config import CA_BUNDLE_ENV, CONFIG_ENV, PRESTOP_COMMAND, RAY_TRAIN_ENV, ProgressTarget
 
 RAYJOB_API_VERSION = "ray.io/v1"
 RAYJOB_KIND = "RayJob"
@@ -54,13 +69,7 @@ ENTRYPOINT = "python -m kubetune_trainer"
 # token to one job is its audience, `token_audience(...)`.
 TOKEN_AUDIENCE_PREFIX = "kubetune.dev"
 TRAINER_COMPONENT = "trainer-identity"
-TOKEN_DIR = "/var/run/secrets/kubetune.dev"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
-PROGRESS_URL_ENV = "KUBETUNE_PROGRESS_URL"
-# The keys the credentials Secret must hold; a session token is optional (temporary credentials).
-ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
-SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
-SESSION_TOKEN = "AWS_SESSION_TOKEN"
 
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
 DASHBOARD_PORT = 8265
@@ -72,8 +81,6 @@ WORKER_GROUP = "workers"
 # submit the run; the pods get it as RAY_AUTH_TOKEN from the same key.
 RAY_TOKEN_SECRET_SUFFIX = "-ray-token"
 RAY_TOKEN_KEY = "auth_token"
-RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
-RAY_AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 NETWORK_POLICY_SUFFIX = "-ray"
 # The label every namespace carries with its own name (Kubernetes >= 1.21).
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -149,7 +156,7 @@ def build_service_account(namespace: str, settings: OperatorSettings) -> dict[st
     No ownerReference: it outlives each job. No API token is mounted: the pods never call the Kubernetes
     API; the progress token is a separate projected volume with the job's own audience.
     """
-    return {
+    account: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": {
@@ -159,6 +166,9 @@ def build_service_account(namespace: str, settings: OperatorSettings) -> dict[st
         },
         "automountServiceAccountToken": False,
     }
+    if settings.trainer_service_account_annotations:  # a cloud identity (IRSA, GKE workload identity)
+        account["metadata"]["annotations"] = dict(settings.trainer_service_account_annotations)
+    return account
 
 
 # -- the Ray cluster's token and network ------------------------------------------------------------------
@@ -266,6 +276,8 @@ def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         for key, optional in ((ACCESS_KEY_ID, False), (SECRET_ACCESS_KEY, False), (SESSION_TOKEN, True)):
             ref = {"name": storage.credentials_secret, "key": key, "optional": optional}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    if storage.ca_bundle:
+        env.append(literal_env(CA_BUNDLE_ENV, f"{CA_DIR}/{storage.ca_bundle.key}"))
     target = progress_target(job, settings)
     if target:
         env.append(literal_env(PROGRESS_URL_ENV, target.url))
@@ -277,9 +289,13 @@ def _volumes(job: FineTuneJob, settings: OperatorSettings, component: str) -> li
     volumes: list[dict[str, Any]] = [
         # Memory-backed /dev/shm: Ray's object store and PyTorch's DataLoader workers share tensors
         # through it, and the container runtime's default of 64Mi is far too small.
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
         *scratch_volumes(job, component),
     ]
+    ca_bundle = job.spec.storage.ca_bundle
+    if ca_bundle:
+        items = [{"key": ca_bundle.key, "path": ca_bundle.key}]
+        volumes.append({"name": CA_VOLUME, "configMap": {"name": ca_bundle.config_map, "items": items}})
     # The progress token on the head only: its driver alone sends progress.
     if settings.progress_base_url and component == HEAD:
         meta = job.metadata
@@ -288,17 +304,19 @@ def _volumes(job: FineTuneJob, settings: OperatorSettings, component: str) -> li
             "expirationSeconds": settings.token_expiration_seconds,
             "path": "token",
         }
-        volumes.append({"name": "kubetune-token", "projected": {"sources": [{"serviceAccountToken": token}]}})
+        volumes.append({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": token}]}})
     return volumes
 
 
-def _mounts(settings: OperatorSettings, component: str) -> list[dict[str, Any]]:
+def _mounts(job: FineTuneJob, settings: OperatorSettings, component: str) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
-        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": SHM_VOLUME, "mountPath": SHM_DIR},
         *scratch_mounts(component),
     ]
+    if job.spec.storage.ca_bundle:
+        mounts.append({"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True})
     if settings.progress_base_url and component == HEAD:
-        mounts.append({"name": "kubetune-token", "mountPath": TOKEN_DIR, "readOnly": True})
+        mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
     return mounts
 
 
@@ -311,7 +329,7 @@ def _pod_template(
     scheduling: dict[str, Any],
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "serviceAccountName": settings.trainer_service_account,
+        "serviceAccountName": service_account_name(job, component, settings.trainer_service_account),
         "automountServiceAccountToken": False,
         # A drained or reclaimed node's pods get this long to checkpoint the current step (see _container).
         "terminationGracePeriodSeconds": job.spec.run_policy.preemption_grace_seconds,
@@ -322,7 +340,8 @@ def _pod_template(
     }
     if job.spec.resources.priority_class_name:
         spec["priorityClassName"] = job.spec.resources.priority_class_name
-    return {"metadata": {"labels": {**job_labels(job), COMPONENT_LABEL: component}}, "spec": spec}
+    template = {"metadata": {"labels": {**job_labels(job), COMPONENT_LABEL: component}}, "spec": spec}
+    return add_pod_template(job, component, template)
 
 
 def _container(
@@ -335,7 +354,7 @@ def _container(
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.trainer_image_pull_policy,
         "env": _env(job, settings),
-        "volumeMounts": _mounts(settings, component),
+        "volumeMounts": _mounts(job, settings, component),
         "resources": resources,
         # The pod's main process (`ray start`) does not pass SIGTERM on: the hook sends it to the pod's Ray
         # Train workers and training driver, which checkpoint the current step (kubetune_trainer.preemption).
@@ -387,7 +406,7 @@ def _worker_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any
 
 def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     policy = job.spec.run_policy
-    extra_labels = {QUEUE_LABEL: policy.queue_name} if policy.queue_name else {}
+    extra_labels = {**copied_labels(job), **({QUEUE_LABEL: policy.queue_name} if policy.queue_name else {})}
     metadata = _metadata(job, rayjob_name(job.metadata.name), extra_labels)
     metadata["annotations"] = {SPEC_DIGEST_ANNOTATION: spec_digest(job)}
     spec: dict[str, Any] = {

@@ -352,6 +352,12 @@ class Kube:
                 continue  # not text: cannot be a credential
         return decoded
 
+    async def read_config_map_key(self, namespace: str, name: str, key: str) -> str | None:
+        """One key of a ConfigMap (spec.storage.caBundle); None when the ConfigMap or the key is missing."""
+        found = await self._read_or_none(self.core.read_namespaced_config_map, name, namespace)
+        value = ((found or {}).get("data") or {}).get(key)
+        return value if isinstance(value, str) else None
+
     async def create_event(self, job: Mapping[str, Any], event: Event) -> None:
         """An Event on `job`, as `post_event` makes it, from outside kopf's handlers (the progress endpoint)."""
         meta = job.get("metadata") or {}

@@ -18,13 +18,11 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from kubetune_operator.pod_template import DNS_LABEL, ENV_NAME, LABEL_VALUE, MOUNT_PATH, QUALIFIED_NAME, OwnsFields
 from kubetune_operator.spec import (
     DISK_SIZE_PATTERN,
-    DNS_LABEL,
     IMAGE_PATTERN,
-    LABEL_VALUE,
     NAME_PATTERN,
-    QUALIFIED_NAME,
     QUANTITY_PATTERN,
     REASON_PATTERN,
     FineTuneJob,
@@ -36,6 +34,7 @@ from kubetune_trainer.config import (
     ARCHITECTURE_PATTERN,
     CHECKPOINT_EVERY_PATTERN,
     CHECKPOINT_PATTERN,
+    CONFIG_MAP_KEY,
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
     MLFLOW_URI_PATTERN,
@@ -94,6 +93,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     DISK_SIZE_PATTERN: "must be a whole number of Mi, Gi or Ti above zero, e.g. 500Mi, 20Gi or 2Ti",
     IMAGE_PATTERN: "must be a container image reference without spaces",
     REASON_PATTERN: "must be a CamelCase word",
+    ENV_NAME: "must be an env var name: letters, digits, '-', '_' and '.', not starting with a digit",
+    MOUNT_PATH: "must be an absolute path without empty segments, e.g. /etc/ssl/private-ca",
+    r"^[^/](.*[^/])?$": "must be a relative path inside the volume, not starting or ending with '/'",
+    CONFIG_MAP_KEY: "must be a ConfigMap key: letters, digits, '-', '_' and '.'",
     CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
     RAND_AUGMENT_PATTERN: (
         "must be timm's RandAugment string: rand, then dash-separated options m<magnitude>, n<ops per image>, "
@@ -178,6 +181,9 @@ def describe(error: Any, root: type[BaseModel] | None) -> tuple[Loc, str]:
         hint = f": {_sentence_part(info.description)}" if info and info.description else ""
         return loc, f"required{hint}"
     if kind == "extra_forbidden":
+        owner = _type_at(root, loc[:-1]) if root else None
+        if isinstance(owner, type) and issubclass(owner, OwnsFields) and str(loc[-1]) in owner.OWNED:
+            return loc, f"not allowed: {owner.OWNED[str(loc[-1])]}"
         allowed = _field_names(root, loc[:-1])
         if not allowed:
             return loc, "unknown field"

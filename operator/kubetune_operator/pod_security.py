@@ -17,26 +17,29 @@ rendered pod against the restricted profile.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubetune_operator.spec import FineTuneJob
+from kubetune_operator.pod_names import (
+    CACHE_DIR,
+    CACHE_VOLUME,
+    HEAD,
+    RAY_SESSION_DIR,
+    RAY_SESSION_VOLUME,
+    TMP_DIR,
+    TMP_VOLUME,
+    WORKER,
+)
+
+if TYPE_CHECKING:
+    from kubetune_operator.spec import FineTuneJob
 
 TRAINER_UID = 1000
 TRAINER_GID = 100
-TMP_DIR = "/tmp"
-RAY_SESSION_DIR = "/tmp/ray"
-# Where `kubetune_trainer.cache.cache_root()` puts the node cache by default; the workers' env says so
-# (CACHE_DIR_ENV) rather than rely on the default.
-CACHE_DIR = "/tmp/kubetune-cache"
-CACHE_DIR_ENV = "KUBETUNE_CACHE_DIR"
 # Ephemeral storage each pod requests beyond its node cache, for /tmp and Ray's session dir.
 SCRATCH_STORAGE = "4Gi"
 
-HEAD = "ray-head"
-WORKER = "ray-worker"
 # (volume name, mount path, on which pods) of the scratch emptyDirs; the cache's size comes from the spec.
-_SCRATCH = (("tmp", TMP_DIR, (HEAD, WORKER)), ("ray-session", RAY_SESSION_DIR, (HEAD, WORKER)))
-_CACHE_VOLUME = "kubetune-cache"
+_SCRATCH = ((TMP_VOLUME, TMP_DIR, (HEAD, WORKER)), (RAY_SESSION_VOLUME, RAY_SESSION_DIR, (HEAD, WORKER)))
 _MEBIBYTES = {"Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}
 
 
@@ -70,7 +73,7 @@ def scratch_volumes(job: FineTuneJob, component: str) -> list[dict[str, Any]]:
     """The writable emptyDirs of a `component` (HEAD or WORKER) pod; the node cache on workers only."""
     volumes: list[dict[str, Any]] = [{"name": name, "emptyDir": {}} for name, _, on in _SCRATCH if component in on]
     if component == WORKER:
-        volumes.append({"name": _CACHE_VOLUME, "emptyDir": {"sizeLimit": job.spec.resources.cache_size}})
+        volumes.append({"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": job.spec.resources.cache_size}})
     return volumes
 
 
@@ -78,7 +81,7 @@ def scratch_mounts(component: str) -> list[dict[str, Any]]:
     """Where `scratch_volumes` are mounted in the Ray container."""
     mounts = [{"name": name, "mountPath": path} for name, path, on in _SCRATCH if component in on]
     if component == WORKER:
-        mounts.append({"name": _CACHE_VOLUME, "mountPath": CACHE_DIR})
+        mounts.append({"name": CACHE_VOLUME, "mountPath": CACHE_DIR})
     return mounts
 
 

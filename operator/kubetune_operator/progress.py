@@ -44,8 +44,10 @@ from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, claime
 from kubetune_operator.builders import token_audience
 from kubetune_operator.lifecycle import Event, preemption_event, preemptions_added
 from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.pod_additions import service_account_name
+from kubetune_operator.pod_names import HEAD
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
-from kubetune_operator.spec import DNS_LABEL, MAX_NAME_LENGTH, NAME_PATTERN, ProgressStatus
+from kubetune_operator.spec import DNS_LABEL, MAX_NAME_LENGTH, NAME_PATTERN, FineTuneJob, ProgressStatus
 from kubetune_trainer.progress_model import ProgressUpdate  # pydantic only: no torch or Ray in the operator
 
 log = logging.getLogger(__name__)
@@ -316,10 +318,22 @@ class ProgressServer:
         identity = await self.reviewer.authenticate(token, token_audience(namespace, name, uid)) if uid else None
         if uid is None or identity is None:
             return "", self._answer("rejected", 401, "the token is not valid for this job", job, authenticate=True)
-        if identity.username != service_account_username(namespace, self.trainer_service_account):
+        sender = identity.username
+        if sender != service_account_username(namespace, self.trainer_service_account) and (
+            sender != service_account_username(namespace, await self._reporting_account(namespace, name))
+        ):
             log.warning("progress for %s refused: sent by %s", job, identity.username)
             return "", self._answer("rejected", 403, f"this token may not report progress for {job}", job)
         return uid, None
+
+    async def _reporting_account(self, namespace: str, name: str) -> str:
+        """The account the job's head pod runs as (spec.podTemplate's, else the shared trainer account); read
+        only once the token is authentic for the job, and only when a pod has an account of its own."""
+        try:
+            obj = await self.jobs.get_job(namespace, name)
+        except Exception:
+            return self.trainer_service_account
+        return reporting_account(obj or {}, self.trainer_service_account)
 
     def _throttle(self, uid: str, job: str) -> web.Response | None:
         """The 429 to answer when the job (by its authenticated uid) reported less than a second ago."""
@@ -435,6 +449,16 @@ def _is_job_name(namespace: str, name: str) -> bool:
         and re.match(DNS_LABEL, namespace) is not None
         and re.match(NAME_PATTERN, name) is not None
     )
+
+
+def reporting_account(obj: Mapping[str, Any], default: str) -> str:
+    """The ServiceAccount the job's head pod runs as (its driver reports progress): the podTemplate's, else
+    the shared trainer account. A spec that no longer parses reports as the shared account."""
+    try:
+        job = FineTuneJob.from_body(dict(obj))
+    except pydantic.ValidationError:
+        return default
+    return service_account_name(job, HEAD, default)
 
 
 def _bearer(header: str) -> str | None:

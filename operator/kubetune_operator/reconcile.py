@@ -8,6 +8,7 @@ again with the same job: the children are get-or-create, and a status already sa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any, NoReturn
@@ -26,10 +27,14 @@ from kubetune_operator.builders import (
 from kubetune_operator.incoming import InvalidJob, JobMeta, JobRecord
 from kubetune_operator.kube import KubeRayMissingError, SecretNotReadableError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
+from kubetune_operator.pod_additions import service_account_name
+from kubetune_operator.pod_names import HEAD
 from kubetune_operator.runtime import Runtime
+from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
 from kubetune_operator.states import Phase, Reason
 from kubetune_operator.status_writer import Compute
+from kubetune_trainer.config import StorageSpec
 
 logger = logging.getLogger("kubetune_operator")
 
@@ -67,6 +72,7 @@ async def launch(rt: Runtime, job: JobRecord, *, retry: int = 0) -> None:
     first_launch = await _is_first_launch(rt, job, spec)
     if first_launch and not await _preflight_passes(rt, job.meta, spec, retry=retry):
         return
+    note = _preflight_note(rt, job.meta, spec) if first_launch else None
     rayjob = await _ensure_children(rt, job.meta, spec, likely_new=first_launch)
     if not lifecycle.belongs_to(rayjob, job.meta.uid):
         await _wait_for_previous_rayjob(rt, job.meta, rayjob)
@@ -74,7 +80,42 @@ async def launch(rt: Runtime, job: JobRecord, *, retry: int = 0) -> None:
     # and one after the children); the RayJob's own watch event then finds nothing to change.
     found = _rayjob_change(rt, rayjob, deleted=False, unless_launched=True)
     if found is not None:
-        await rt.status.update(*found, ends_launch=True)
+        namespace, name, compute = found
+        await rt.status.update(namespace, name, _with_status(compute, preflight=note), ends_launch=True)
+
+
+def preflight_skipped_message(spec: FineTuneJob, settings: OperatorSettings) -> str:
+    """Why S3 was not checked before launch: the pods' identity is not the operator's."""
+    account = service_account_name(spec, HEAD, settings.trainer_service_account)
+    return (
+        "Skipped: spec.storage.credentialsSecret is not set, so the pods read S3 as ServiceAccount "
+        f"{account} (its cloud identity: IRSA, GKE workload identity), which the operator cannot check as; a "
+        "missing checkpoint or dataset, or denied access, shows once the trainer starts"
+    )
+
+
+def _preflight_note(rt: Runtime, meta: JobMeta, spec: FineTuneJob) -> str | None:
+    """What status.preflight says after a first launch without credentialsSecret: skipped, and why."""
+    if spec.spec.storage.credentials_secret:
+        return None
+    message = preflight_skipped_message(spec, rt.settings)
+    logger.info("%s: %s", meta.source, message)
+    return message
+
+
+def _with_status(compute: Compute, **fields: str | None) -> Compute:
+    """`compute`, whose status patch (if it writes one) also sets `fields` (those not None), in the same write."""
+    extra = {key: value for key, value in fields.items() if value is not None}
+
+    def computed(job: JobRecord) -> StatusChange:
+        change = compute(job)
+        # Written even when the RayJob's watch event moved the phase first (the change is then empty).
+        missing = {key: value for key, value in extra.items() if job.status.get(key) != value}
+        if not missing:
+            return change
+        return dataclasses.replace(change, patch={**change.patch, **missing})
+
+    return computed
 
 
 async def _refuse_invalid_spec(rt: Runtime, meta: JobMeta, invalid: InvalidJob) -> None:
@@ -198,6 +239,9 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
     credentials = await _credentials(rt, meta, spec)
     if not isinstance(credentials, s3.Credentials):
         return credentials
+    ca_bundle = await _read_ca_bundle(rt, meta, spec.spec.storage)
+    if isinstance(ca_bundle, s3.PreflightFailure):
+        return ca_bundle
     datasets = {"spec.data.train": spec.spec.data.train}
     if spec.spec.data.validation:
         datasets["spec.data.validation"] = spec.spec.data.validation
@@ -211,6 +255,7 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
                 credentials=credentials,
                 timeout=settings.s3_timeout_seconds,
                 deadline=settings.preflight_deadline_seconds,
+                ca_bundle=ca_bundle,
             )
     except s3.TransientS3Error as exc:
         delay = min(settings.preflight_backoff_seconds * 2**retry, settings.preflight_backoff_max_seconds)
@@ -245,6 +290,19 @@ async def _credentials(rt: Runtime, meta: JobMeta, spec: FineTuneJob) -> s3.Cred
     return s3.credentials_from_secret(name, meta.namespace, secret)
 
 
+async def _read_ca_bundle(rt: Runtime, meta: JobMeta, storage: StorageSpec) -> str | s3.PreflightFailure | None:
+    """spec.storage.caBundle's certificates, for preflight to trust the endpoint as the trainer will."""
+    if storage.ca_bundle is None:
+        return None
+    ref = storage.ca_bundle
+    pem = await rt.kube.read_config_map_key(meta.namespace, ref.config_map, ref.key)
+    problem = s3.ca_bundle_problem(pem)
+    if problem:
+        message = f"spec.storage.caBundle: key {ref.key} of ConfigMap {meta.namespace}/{ref.config_map} {problem}"
+        return s3.PreflightFailure(Reason.CA_BUNDLE_NOT_FOUND, message)
+    return pem
+
+
 # -- following the RayJob --------------------------------------------------------------------------------
 
 
@@ -252,7 +310,28 @@ async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool) -
     """Carry a RayJob's new state (or its deletion) into its FineTuneJob's status."""
     found = _rayjob_change(rt, rayjob, deleted=deleted)
     if found is not None:
-        await rt.status.update(*found)
+        # The job's own RayJob exists, so its launch is done: when this event's write comes before the
+        # launch's own (a busy operator), it carries kopf's diff base instead, and kopf writes nothing.
+        namespace, name, compute = found
+        await rt.status.update(namespace, name, _noting_skipped_preflight(rt, compute), ends_launch=not deleted)
+
+
+def _noting_skipped_preflight(rt: Runtime, compute: Compute) -> Compute:
+    """`compute`, whose write also says why preflight was skipped when the launch's own write has yet to:
+    the first write of a launch carries everything it says (one write per new job)."""
+
+    def computed(job: JobRecord) -> StatusChange:
+        change = compute(job)
+        spec = job.job
+        if not change.patch or isinstance(spec, InvalidJob) or job.status.get("preflight"):
+            return change
+        if spec.spec.storage.credentials_secret:
+            return change
+        return dataclasses.replace(
+            change, patch={**change.patch, "preflight": preflight_skipped_message(spec, rt.settings)}
+        )
+
+    return computed
 
 
 def _rayjob_change(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,11 +104,18 @@ class Answer:
 
 
 def object_url(storage: StorageSpec, region: str, bucket: str, key: str, query: Mapping[str, str]) -> str:
-    """The request URL, percent-encoded: path style under a custom endpoint (as the trainer's boto3 client
-    addresses it), AWS's virtual-hosted style otherwise (path style for bucket names with dots)."""
+    """The request URL, percent-encoded, addressed as the trainer's boto3 client does: storage.addressingStyle
+    when set; else path style under a custom endpoint, AWS's virtual-hosted style otherwise (path style for
+    bucket names with dots)."""
     path = quote(key, safe="/~")
-    if storage.endpoint:
+    if storage.endpoint and storage.addressing_style == "virtual":
+        parts = urlsplit(storage.endpoint)
+        url = f"{parts.scheme}://{bucket}.{parts.netloc}{parts.path.rstrip('/')}/{path}"
+    elif storage.endpoint:
         url = f"{storage.endpoint.rstrip('/')}/{bucket}/{path}"
+    elif storage.addressing_style == "path":
+        domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+        url = f"https://s3.{region}.{domain}/{bucket}/{path}"
     else:
         domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
         host = f"s3.{region}.{domain}"
@@ -120,7 +128,9 @@ def object_url(storage: StorageSpec, region: str, bucket: str, key: str, query: 
 class Store:
     """Signed requests to one S3 store, in one aiohttp session (`async with Store(...) as store`)."""
 
-    def __init__(self, storage: StorageSpec, credentials: Credentials, timeout: float) -> None:
+    def __init__(
+        self, storage: StorageSpec, credentials: Credentials, timeout: float, ca_bundle: str | None = None
+    ) -> None:
         self.storage = storage
         self._signing = SigningCredentials(
             credentials.access_key_id, credentials.secret_access_key, credentials.session_token
@@ -130,6 +140,8 @@ class Store:
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
             trust_env=False,  # the proxy, if any, is chosen per request below; never ~/.netrc credentials
+            # spec.storage.caBundle: the endpoint's private CA, trusted as the trainer trusts it.
+            connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cadata=ca_bundle)) if ca_bundle else None,
         )
 
     async def __aenter__(self) -> Store:
@@ -243,6 +255,7 @@ async def preflight(
     credentials: Credentials,
     timeout: float = 10.0,
     deadline: float = 60.0,
+    ca_bundle: str | None = None,
 ) -> PreflightFailure | None:
     """Check the base weights and each dataset prefix (`{"spec.data.train": uri, ...}`); None when all pass.
 
@@ -251,7 +264,7 @@ async def preflight(
     answer usefully, or not within `deadline` seconds in all.
     """
     try:
-        async with asyncio.timeout(deadline), Store(storage, credentials, timeout) as store:
+        async with asyncio.timeout(deadline), Store(storage, credentials, timeout, ca_bundle) as store:
             failures = [await _check_checkpoint(store, checkpoint)]
             failures += [await _check_dataset(store, name, uri) for name, uri in datasets.items()]
     except TimeoutError as exc:
@@ -261,3 +274,20 @@ async def preflight(
     if not found:
         return None
     return PreflightFailure(found[0].reason, "; ".join(f.message for f in found))
+
+
+# A CA bundle is a few certificates; a ConfigMap holds at most 1 MiB anyway.
+MAX_CA_BUNDLE_BYTES = 1024 * 1024
+
+
+def ca_bundle_problem(pem: str | None) -> str | None:
+    """What is wrong with a caBundle's text (missing, too big, not PEM certificates); None if nothing."""
+    if pem is None:
+        return "is missing"
+    if len(pem.encode()) > MAX_CA_BUNDLE_BYTES:
+        return f"exceeds {MAX_CA_BUNDLE_BYTES} bytes"
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        return f"holds no PEM certificates ({exc})"
+    return None

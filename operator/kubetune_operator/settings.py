@@ -6,6 +6,7 @@ Every value has a default that works for `kubetune render` and local runs; `from
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -41,6 +42,9 @@ class OperatorSettings:
     # The ServiceAccount every job's Ray pods run as, one per namespace, created by the operator when
     # missing; a job's progress token is tied to the job by its audience, not by this account.
     trainer_service_account: str = DEFAULT_TRAINER_SERVICE_ACCOUNT
+    # Annotations of that account, e.g. an IRSA role (eks.amazonaws.com/role-arn) or a GKE workload
+    # identity (iam.gke.io/gcp-service-account), so every job's pods get the cloud identity.
+    trainer_service_account_annotations: tuple[tuple[str, str], ...] = ()
     # Base URL of the operator's progress endpoint as trainer pods reach it; each job reports to
     # <base>/v1/progress/<namespace>/<name>. None: jobs get no progress target.
     progress_base_url: str | None = DEFAULT_PROGRESS_URL
@@ -122,7 +126,14 @@ class OperatorSettings:
             overrides["kuberay_pod_labels"] = parse_labels(
                 "KUBETUNE_KUBERAY_POD_LABELS", env["KUBETUNE_KUBERAY_POD_LABELS"]
             )
+        if env.get(ANNOTATIONS_VARIABLE):
+            overrides["trainer_service_account_annotations"] = parse_json_map(
+                ANNOTATIONS_VARIABLE, env[ANNOTATIONS_VARIABLE]
+            )
         return cls(**overrides)  # type: ignore[arg-type]
+
+
+ANNOTATIONS_VARIABLE = "KUBETUNE_TRAINER_SERVICE_ACCOUNT_ANNOTATIONS"
 
 
 _STRING_VARIABLES = {
@@ -209,3 +220,14 @@ def parse_labels(variable: str, text: str) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"{variable}: must be key=value pairs separated by commas (got {text!r})")
         labels[key] = value
     return tuple(labels.items())
+
+
+def parse_json_map(variable: str, text: str) -> tuple[tuple[str, str], ...]:
+    """`'{"a": "b"}'` → `(("a", "b"),)`: a JSON object of strings (annotations hold commas and '=')."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{variable}: must be a JSON object of strings (got {text!r})")
+    return tuple(value.items())

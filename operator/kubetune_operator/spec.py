@@ -14,6 +14,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from kubetune_operator.pod_template import (
+    DNS_LABEL,
+    LabelKey,
+    LabelValue,
+    PodTemplate,
+    Toleration,
+)
 from kubetune_operator.states import Phase
 from kubetune_trainer.config import (
     DEFAULT_PREEMPTION_GRACE_S,
@@ -51,10 +58,6 @@ CATEGORIES = ["kubetune"]
 # leave that room. KubeRay itself rejects RayJob names over 47 characters.
 MAX_NAME_LENGTH = 47
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# A label key or taint key: an optional DNS-subdomain prefix and "/", then a name of at most 63 characters.
-QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
 # Disk sizes: a whole, non-zero number of Mi, Gi or Ti (what the builders add up, exactly).
 DISK_SIZE_PATTERN = r"^[1-9][0-9]{0,5}(Mi|Gi|Ti)$"
@@ -63,70 +66,6 @@ REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MAX_GPUS_PER_WORKER = 16
 MAX_WORKERS = 256
 INT32_MAX = 2**31 - 1
-
-LabelKey = Annotated[str, Field(pattern=QUALIFIED_NAME, max_length=316)]
-LabelValue = Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]
-
-
-class Toleration(SpecSection):
-    """A Kubernetes toleration, passed through to the worker pods."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
-                    "value must be empty when operator is Exists",
-                    ".value",
-                ),
-                cel(
-                    "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
-                    "operator must be Exists when key is empty (tolerate every taint)",
-                    ".operator",
-                ),
-                cel(
-                    "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
-                    "tolerationSeconds is only allowed with effect NoExecute",
-                    ".tolerationSeconds",
-                ),
-            ]
-        }
-    )
-
-    key: str | None = Field(
-        default=None,
-        pattern=QUALIFIED_NAME,
-        max_length=316,
-        description="Taint key to tolerate; empty with operator Exists tolerates every taint.",
-    )
-    operator: Literal["Exists", "Equal"] | None = Field(
-        default=None, description="Exists (any value) or Equal (the given value); Equal when omitted."
-    )
-    value: str | None = Field(
-        default=None, pattern=LABEL_VALUE, max_length=63, description="Taint value to match with operator Equal."
-    )
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        default=None, description="Taint effect to tolerate; all effects when omitted."
-    )
-    toleration_seconds: int | None = Field(
-        default=None,
-        ge=0,
-        description="Seconds a NoExecute taint is tolerated before eviction; forever when omitted.",
-    )
-
-    @model_validator(mode="after")
-    def _kubernetes_rules(self) -> Toleration:
-        # The rules the API server applies to a pod's tolerations: checked here so a job fails at
-        # validation rather than when KubeRay creates its pods.
-        if self.operator == "Exists" and self.value:
-            raise ValueError(f"value: must be empty when operator is Exists (got {self.value!r})")
-        if not self.key and self.operator != "Exists":
-            raise ValueError("operator: must be Exists when key is empty (tolerate every taint)")
-        if self.toleration_seconds is not None and self.effect != "NoExecute":
-            raise ValueError(
-                f"tolerationSeconds: only allowed with effect NoExecute (effect is {self.effect or 'unset'})"
-            )
-        return self
 
 
 class ResourcesSpec(SpecSection):
@@ -247,6 +186,14 @@ class FineTuneJobSpec(SpecSection):
                     ".output.path",
                 ),
                 *TASK_CEL_RULES,
+                cel(
+                    "!has(self.resources.priorityClassName) || "
+                    + " && ".join(
+                        f"!has(self.podTemplate{r}.spec.priorityClassName)" for r in ("", ".head", ".workers")
+                    ),
+                    "podTemplate.spec.priorityClassName: resources.priorityClassName says it already; set one of them",
+                    ".podTemplate.spec.priorityClassName",
+                ),
             ]
         }
     )
@@ -266,6 +213,23 @@ class FineTuneJobSpec(SpecSection):
         pattern=IMAGE_PATTERN,
         description="Trainer image override; the operator's configured trainer image when omitted.",
     )
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate,
+        description=(
+            "Additions to every Ray pod (labels, scheduling, identity, volumes, env), with head and workers for "
+            "what differs; what the operator owns is refused."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_priority_class(self) -> FineTuneJobSpec:
+        template = self.pod_template
+        said = [template.spec, template.head.spec, template.workers.spec]
+        if self.resources.priority_class_name and any(s.priority_class_name for s in said):
+            raise ValueError(
+                "podTemplate.spec.priorityClassName: resources.priorityClassName says it already; set one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _output_apart_from_data(self) -> FineTuneJobSpec:
@@ -415,6 +379,14 @@ class FineTuneJobStatus(StatusModel):
     )
     start_time: datetime | None = Field(default=None, description="When training started.")
     completion_time: datetime | None = Field(default=None, description="When the job succeeded or failed.")
+    preflight: str | None = Field(
+        default=None,
+        max_length=4096,
+        description=(
+            "Set when the S3 inputs were not checked before launch because storage.credentialsSecret is not "
+            "set: the pods' own cloud identity reads S3, which the operator cannot check as."
+        ),
+    )
     restarts: int | None = Field(
         default=None,
         ge=0,

@@ -53,6 +53,7 @@ class Reason(StrEnum):
     DATASET_NOT_FOUND = "DatasetNotFound"
     ACCESS_DENIED = "AccessDenied"
     STORAGE_ERROR = "StorageError"
+    CA_BUNDLE_NOT_FOUND = "CABundleNotFound"
     # A Secret or NetworkPolicy of the job's name that another owner holds (a deleted namesake's, still going).
     PREVIOUS_CHILD_STILL_EXISTS = "PreviousChildStillExists"
     SECRET_NOT_READABLE = "SecretNotReadable"  # RBAC: preflight skipped, the job launches unchecked

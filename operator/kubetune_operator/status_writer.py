@@ -101,8 +101,9 @@ class StatusWriter:
     async def update(self, namespace: str, name: str, compute: Compute, *, ends_launch: bool = False) -> StatusChange:
         """Compute the job's status change, write it and post its Events (one job at a time).
 
-        `ends_launch`: this write ends a successful launch, so it carries the diff base offered for the
-        job, if any (kopf then takes the job as handled, and has nothing to store itself).
+        `ends_launch`: this write ends a successful launch (or shows its RayJob exists), so it carries the
+        diff base offered for the job, if any (kopf then takes the job as handled, and has nothing to store
+        itself).
         """
         async with self._lock(namespace, name):
             record = await self._current(namespace, name)

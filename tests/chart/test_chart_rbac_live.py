@@ -39,6 +39,11 @@ NOT_EXERCISED_HERE: dict[Grant, str] = {
     ("kubetune.dev", "finetunejobs/finalizers", "update"): "asked by admission for blockOwnerDeletion, not a request",
     ("kubetune.dev", "finetunejobs", "get"): "status writes start from the watched job: read by the progress endpoint "
     "(off here) and for a RayJob seen before its job (an operator restart)",
+    (
+        "",
+        "configmaps",
+        "get",
+    ): "read only for a job with spec.storage.caBundle (tests/operator/test_production_example.py)",
     ("networking.k8s.io", "networkpolicies", "get"): "read back only when one is already there (a handler run "
     "twice, a namesake's leftover): a new job's is created without a read",
 }

@@ -125,7 +125,8 @@ def test_a_preempted_worker_checkpoints_its_step_and_the_run_resumes_from_it_as_
     )
     assert restart, log[-3000:]
     assert re.search(r"/epoch-\d{4}-step-\d{8}$", restart[1]), restart[1]
-    assert int(restart[2]) > facts["progress_at_notice"]["step"] - 1
+    # The step the notice came in, or the next: the workers' votes on it are read one step later (cadence.py).
+    assert int(restart[2]) - facts["step_at_notice"] in (0, 1), (restart[2], facts["step_at_notice"])
     assert f"resumed from {restart[1]} after epoch" in log
     assert "worker failure" not in log
     assert status.get("restarts", 0) == 0

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from kubetune_operator.cli import main as kubetune
+from kubetune_operator.pod_additions import JOB_UID_LABEL
 from tests.support.operator_harness import (
     FAST_SETTINGS,
     NETWORKPOLICIES,
@@ -26,6 +27,7 @@ JOB_OBJECTS = (("Secret", "{}-ray-token"), ("NetworkPolicy", "{}-ray"), ("RayJob
 
 def comparable(obj: dict[str, Any]) -> dict[str, Any]:
     obj = json.loads(json.dumps(obj))
+    owned = bool(obj["metadata"].get("ownerReferences"))
     for key in SERVER_FIELDS:
         obj["metadata"].pop(key, None)
     if obj["kind"] == "Secret":
@@ -41,6 +43,9 @@ def comparable(obj: dict[str, Any]) -> dict[str, Any]:
         # The progress token's audience names the job by its uid too (so a namesake's token is refused).
         cluster = obj["spec"]["rayClusterSpec"]
         for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+            # So does the pods' job-uid label: known at launch only, render shows the job's name alone.
+            labels = group["template"]["metadata"]["labels"]
+            assert bool(labels.pop(JOB_UID_LABEL, None)) == owned
             for volume in group["template"]["spec"]["volumes"]:
                 for source in volume.get("projected", {}).get("sources", []):
                     source["serviceAccountToken"].pop("audience")

@@ -54,6 +54,8 @@ def test_the_wheel_holds_the_operator_and_the_trainer_and_nothing_of_the_dev_too
     assert top == {"kubetune_operator", "kubetune_trainer", wheel.name.split("-py")[0] + ".dist-info"}, top
     assert not [name for name in names if "devcluster" in name or "kubetune_dev" in name or "demo" in name]
     assert "kubetune_operator/cli.py" in names and "kubetune_trainer/run.py" in names
+    # The model names validation checks against, for an operator image without timm or torchvision.
+    assert "kubetune_trainer/architectures.txt" in names
     # The console script is the CLI's; `kubetune demo` imports kubetune_dev only when run.
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "kubetune = kubetune_operator.cli:main" in entry_points
@@ -95,6 +97,10 @@ def test_the_operator_wheel_alone_runs_in_a_fresh_virtualenv(wheel: Path, tmp_pa
     have = {canonicalize_name(line.split("==")[0]) for line in listed.stdout.splitlines()}
     assert not have & DEV_ONLY, have & DEV_ONLY
     assert run(str(python), "-c", "import kubetune_dev").returncode != 0
+    # Without timm, model names are still checked: from the list shipped in the wheel.
+    misspelt = REPO / "tests" / "fixtures" / "invalid" / "architecture-misspelt.yaml"
+    checked = run(str(env_dir / "bin" / "kubetune"), "validate", str(misspelt))
+    assert checked.returncode == 1 and "close matches: convnext_tiny" in checked.stdout, checked.stderr
     # The console script is there, and `kubetune demo` says where the demo comes from.
     demo = run(str(env_dir / "bin" / "kubetune"), "demo")
     assert demo.returncode == 2 and "kubetune_dev is not installed" in demo.stderr and "make setup" in demo.stderr

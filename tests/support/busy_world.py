@@ -33,6 +33,7 @@ from kubetune_dev.devcluster.cluster import DevCluster
 from kubetune_dev.devcluster.processes import descendants_of
 from kubetune_dev.devcluster.s3 import DEMO_CREDENTIALS
 from kubetune_dev.devcluster.seed import seed_demo, split_uri
+from tests.support.trainer_faults import MARK_MID_EPOCH_2
 
 NS = "default"
 BUCKET = "kubetune-e2e"
@@ -122,8 +123,9 @@ class World:
     # --- setup ----------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        # The Ray drivers inherit this process's environment (S3 credentials), as the demo's do.
-        self.cluster.use_env()
+        # The Ray drivers inherit this process's environment (S3 credentials), as the demo's do; the pause on
+        # demand is installed for every job and acts only where a job's podTemplate sets MARK_ENV.
+        self.cluster.use_env(MARK_MID_EPOCH_2)
         spec = {
             "model": {"checkpoint": BASE["checkpoint"], "architecture": "test_resnet"},
             "data": {"train": BASE["train"], "validation": BASE["validation"], "imageSize": 32},
@@ -221,6 +223,7 @@ class World:
         checkpoint: str | None = None,
         credentials_secret: str | None = None,
         run_policy: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         storage: dict[str, Any] = {"endpoint": self.cluster.s3_url, "region": "us-east-1"}
         if credentials_secret:
@@ -253,6 +256,11 @@ class World:
                 "output": {"path": self.output(name)},
                 "storage": storage,
                 "runPolicy": run_policy or {},
+                **(
+                    {"podTemplate": {"container": {"env": [{"name": k, "value": v} for k, v in env.items()]}}}
+                    if env
+                    else {}
+                ),
             },
         }
 

@@ -27,10 +27,10 @@ from tests.support.busy_world import (
     progress_of,
     status_of,
 )
+from tests.support.trainer_faults import MARK_ENV
 
 OPERATOR_DOWN_SECONDS = 3.0
-# The preemption pair: the same small job, one preempted mid-epoch, one not (batch 8: more steps per epoch,
-# so the notice lands mid-epoch).
+# The preemption pair: the same small job, one preempted mid-epoch, one not.
 PREEMPT_EPOCHS, PREEMPT_BATCH = 3, 8
 S3_ERROR_SECONDS = 4.0
 S3_OUTAGE_SECONDS = 3.0
@@ -80,17 +80,14 @@ def kills(world: World, facts: dict[str, Any]) -> None:
 
 def preempted(world: World, facts: dict[str, Any]) -> None:
     """SIGTERM (a preemption notice, as the pod's preStop hook passes it on) to the job's Ray Train worker
-    once epoch 2 is under way; the run goes on in the same Ray cluster."""
+    mid-epoch 2, while the worker pauses there (trainer_faults.MARK_MID_EPOCH_2: the notice lands at a
+    known step however fast the machine trains); the run goes on in the same Ray cluster."""
     name = "preempted"
+    mark = world.cluster.workdir / f"{name}.mark"
     with world.training_slot(), ProgressSampler(world, name) as sampler:
-        world.submit(world.manifest(name, epochs=PREEMPT_EPOCHS, batch_size=PREEMPT_BATCH))
-
-        def in_epoch_2(job: dict[str, Any] | None) -> bool:
-            progress = progress_of(job)
-            per_epoch = (progress.get("totalSteps") or 0) / PREEMPT_EPOCHS
-            return progress.get("epoch", 0) >= 2 and progress.get("step", 0) > per_epoch
-
-        facts["progress_at_notice"] = progress_of(world.wait_job(name, in_epoch_2, "epoch 2 under way"))
+        world.submit(world.manifest(name, epochs=PREEMPT_EPOCHS, batch_size=PREEMPT_BATCH, env={MARK_ENV: str(mark)}))
+        world.wait_job(name, lambda _: mark.exists(), "the worker's pause mid-epoch 2")
+        facts["step_at_notice"] = int(mark.read_text())
         facts["terminated_worker"] = _kill(
             lambda: world.cluster.kill_train_worker(NS, name, signal.SIGTERM), "a Ray Train worker"
         )

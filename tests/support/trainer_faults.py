@@ -9,7 +9,9 @@ this module (the repository on PYTHONPATH).
 - `SIGTERM_LAST_RANK_MID_EPOCH_2`: the last rank sends its own process SIGTERM (a preemption notice, as
   the pods' preStop hook sends it) after the second step of epoch 2, in an attempt that did not resume.
 - `MARK_MID_EPOCH_2`: rank 0 writes the file MARK_ENV names after the second step of epoch 2 (in an
-  attempt that did not resume) and pauses a few seconds, so that a test can act on the driver then.
+  attempt that did not resume) and pauses a few seconds, so that a test can act on the driver or a worker
+  then. Without MARK_ENV set it does nothing: a test world can install it for every job and set MARK_ENV
+  (not a KUBETUNE_ name, so a FineTuneJob's podTemplate may) on the one job it wants to pause.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def spoil_the_third_epoch(worker: Any, state: Any) -> None:
 
 
 MID_EPOCH_BATCH = 2  # of epoch 2 (1-based): the fault comes after this many of its steps
-MARK_ENV = "KUBETUNE_TEST_MARK"
+MARK_ENV = "TEST_PAUSE_MARK"  # not KUBETUNE_: spec.podTemplate refuses those
 
 
 def _mid_epoch_2(worker: Any, state: Any) -> bool:
@@ -71,8 +73,9 @@ def sigterm_last_rank_mid_epoch_2(worker: Any, state: Any) -> None:
 
 def mark_mid_epoch_2(worker: Any, state: Any) -> None:
     """A step callback: the mark, then a pause longer than a worker takes to see the driver's notice."""
-    if worker.rank == 0 and _mid_epoch_2(worker, state):
-        Path(os.environ[MARK_ENV]).write_text(str(state.step))
+    mark = os.environ.get(MARK_ENV)
+    if mark and worker.rank == 0 and _mid_epoch_2(worker, state):
+        Path(mark).write_text(str(state.step))
         time.sleep(6)
 
 

@@ -31,12 +31,13 @@ from kubetune_trainer.detection_eval import (
 )
 from kubetune_trainer.detection_model import apply_detection_strategy, build_detector, create_detector
 from kubetune_trainer.errors import CheckpointError, ConfigError, DataError
-from kubetune_trainer.evaluation.detector_report import detections_png
+from kubetune_trainer.evaluation.detector_report import DETECTIONS_FILE, detections_png
+from kubetune_trainer.export import PUBLISHED_FILES
 from kubetune_trainer.local import summary
 from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
 from kubetune_trainer.reporting import progress_line
-from kubetune_trainer.run import check_inputs, prepare
-from kubetune_trainer.storage import S3Store
+from kubetune_trainer.run import Outcome, check_inputs, prepare
+from kubetune_trainer.storage import S3Store, S3Uri
 from kubetune_trainer.tasks import DetectionTask
 from tests.support.digits_world import DATA_BUCKET, DigitsWorld
 from tests.support.shapes_world import make_shapes
@@ -329,7 +330,9 @@ def test_progress_lines_and_the_summary_show_map_for_detection(capsys: pytest.Ca
     )
     line = progress_line(update)
     assert "mAP 0.123 mAP@.5 0.457" in line and "acc" not in line
-    summary(0.0, {"trainLoss": 2.5, "valMap": 0.1234, "valMap50": 0.4567}, 6, "s3://results/det")
+    files = (*PUBLISHED_FILES, DETECTIONS_FILE)
+    model = S3Uri.parse("s3://results/det/model.safetensors")
+    summary(0.0, Outcome(model, {"trainLoss": 2.5, "valMap": 0.1234, "valMap50": 0.4567}, 6, files))
     out = capsys.readouterr().out
     assert "validation mAP@[.5:.95] 0.123, mAP@.5 0.457" in out and "detections.png" in out
 

@@ -6,15 +6,12 @@ import base64
 import copy
 import json
 import re
-from functools import cache
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune_dev import RAYJOB_CRD  # KubeRay's own RayJob CRD, vendored
 from kubetune_operator.builders import (
     COMPONENT_LABEL,
     CONFIG_ENV,
@@ -36,9 +33,8 @@ from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
 from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget, TrainerConfig, run_digest
+from tests.support.rayjob_schema import KUBERNETES_VERSION, assert_valid_rayjob, rayjob_validator
 
-# The same Kubernetes version the chart's schemas are pinned to (tests/chart/k8s_schema.py).
-KUBERNETES_VERSION = "1.31.0"
 SETTINGS = OperatorSettings(trainer_image="registry.example/kubetune-trainer:1.2.3")
 
 
@@ -66,46 +62,6 @@ def job(**spec_overrides: Any) -> FineTuneJob:
 
 def children(**spec_overrides: Any) -> dict[str, dict[str, Any]]:
     return {obj["kind"]: obj for obj in build_children(job(**spec_overrides), SETTINGS)}
-
-
-# -- validation against the real schemas -----------------------------------------------------------------
-
-
-def _strict(node: Any) -> Any:
-    """The CRD schema, refusing unknown fields (as `kubectl apply --validate=strict` does)."""
-    if isinstance(node, dict):
-        out = {key: _strict(value) for key, value in node.items()}
-        if (
-            out.get("type") == "object"
-            and "properties" in out
-            and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")
-        ):
-            out["additionalProperties"] = False
-        return out
-    if isinstance(node, list):
-        return [_strict(item) for item in node]
-    return node
-
-
-@cache
-def rayjob_validator() -> jsonschema.protocols.Validator:
-    crd = yaml.load(RAYJOB_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema = _strict(version["schema"]["openAPIV3Schema"])
-    validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
-    return validator_class(schema)
-
-
-def assert_valid_rayjob(rayjob: dict[str, Any]) -> None:
-    errors = sorted(rayjob_validator().iter_errors(rayjob), key=lambda e: list(e.absolute_path))
-    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
-    # The pod templates inside are Kubernetes' own PodTemplateSpecs: check them with Kubernetes' schema too.
-    cluster = rayjob["spec"]["rayClusterSpec"]
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    for template in templates:
-        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
-        kubernetes_validate.validate(pod_template, KUBERNETES_VERSION, strict=True)
 
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -95,7 +95,9 @@ def prepared(line: str, folder: Path) -> list[str]:
         example["spec"].setdefault("training", {})["epochs"] = 0
     for name in ("job.yaml", "other.yaml"):
         (folder / name).write_text(yaml.safe_dump(example))
-    return [{"URL": "http://127.0.0.1:9"}.get(arg, arg) for arg in shlex.split(line)[1:]]
+    args = [{"URL": "http://127.0.0.1:9"}.get(arg, arg) for arg in shlex.split(line)[1:]]
+    # A file of the repository (examples/…), as from the repository's root.
+    return [str(REPO / arg) if arg.startswith("examples/") else arg for arg in args]
 
 
 @pytest.mark.parametrize("line", [line for line in LINES if not runs_the_demo(line)])

@@ -215,8 +215,15 @@ def crd_verdict(doc: dict[str, Any]) -> list[str]:
 
 def python_only(exc: ValidationError) -> bool:
     """Errors a CRD schema cannot express: unknown fields (pruned, and reported by kubectl's strict field
-    validation) and map keys (no keyword constrains them)."""
-    return all(e["type"] == "extra_forbidden" or "[key]" in e["loc"] for e in exc.errors())
+    validation), map keys (no keyword constrains them) and unknown architectures."""
+    return all(
+        e["type"] == "extra_forbidden" or "[key]" in e["loc"] or _unknown_architecture(e["msg"]) for e in exc.errors()
+    )
+
+
+def _unknown_architecture(message: str) -> bool:
+    """The list of timm models is too long for a CEL rule: only the Python model knows it."""
+    return "model.architecture: '" in message and "' is not a " in message
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

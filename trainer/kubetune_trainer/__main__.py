@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kubetune_trainer.config import CONFIG_ENV, TrainerConfig
-from kubetune_trainer.local import guarded, outcome_summary, run_local, setup_logging, with_endpoint
+from kubetune_trainer.local import guarded, run_local, setup_logging, summary, with_endpoint
 from kubetune_trainer.reporting import ConsoleReporter
 
 
@@ -60,7 +60,7 @@ def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
             use_gpu=scaling.gpus_per_worker > 0,
             reporter=ConsoleReporter(),
         )
-        outcome_summary(started, outcome)
+        summary(started, outcome)
         return 0
 
     return guarded(run)

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune_trainer import architectures
+
 # An s3:// URI of one object, and an s3:// prefix (a "folder"). Bucket names follow S3's rules. Keys have
 # no whitespace and no empty segments ("a//b"): with at most one trailing slash, "is one prefix inside
 # another" is a plain startsWith after appending "/", which the CRD's CEL rules can express exactly.
@@ -202,9 +204,12 @@ class ModelSpec(SpecSection):
     )
     num_classes: int | None = Field(
         default=None,
-        ge=2,
+        ge=1,
         le=MAX_CLASSES,
-        description="Number of classes of the new task; inferred from the dataset's class folders when omitted.",
+        description=(
+            "Number of classes of the new task (at least 2 for classification; detection may find a single "
+            "class); inferred from the dataset's class folders or COCO categories when omitted."
+        ),
     )
     strategy: Literal["head", "partial", "full"] = Field(
         default="full",
@@ -732,6 +737,22 @@ class OutputSpec(SpecSection):
         return self
 
 
+CONFIG_MAP_KEY = r"^[-._a-zA-Z0-9]+$"
+# Where the trainer finds a private CA's bundle (boto3 reads it itself; pyarrow is told): the operator
+# mounts storage.caBundle's key and points this at it.
+CA_BUNDLE_ENV = "AWS_CA_BUNDLE"
+AddressingStyle = Literal["auto", "path", "virtual"]
+
+
+class CaBundle(SpecSection):
+    """A ConfigMap key holding the PEM certificates of a private CA."""
+
+    config_map: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="The ConfigMap's name.")
+    key: str = Field(
+        default="ca.crt", pattern=CONFIG_MAP_KEY, max_length=253, description="The key holding the PEM bundle."
+    )
+
+
 class StorageSpec(SpecSection):
     """The S3-compatible object store and how to authenticate to it."""
 
@@ -755,6 +776,30 @@ class StorageSpec(SpecSection):
             "the pods' own identity (IRSA, workload identity) when omitted."
         ),
     )
+    ca_bundle: CaBundle | None = Field(
+        default=None,
+        description=(
+            "A ConfigMap key with the CA certificates (PEM) of an S3 endpoint with a private CA; used by the "
+            "operator's preflight and by the trainer (AWS_CA_BUNDLE). The system's CAs when omitted."
+        ),
+    )
+    addressing_style: Literal["path", "virtual"] | None = Field(
+        default=None,
+        description=(
+            "path (https://endpoint/bucket/key, MinIO and Ceph) or virtual (https://bucket.endpoint/key); "
+            "path with an endpoint, AWS's choice without, when omitted."
+        ),
+    )
+
+    def boto_addressing_style(self) -> AddressingStyle:
+        """What botocore's `s3.addressing_style` gets: S3-compatible stores default to path addressing."""
+        return self.addressing_style or ("path" if self.endpoint else "auto")
+
+
+def _unknown_architecture(name: str, known: frozenset[str], what: str) -> ValueError:
+    close = architectures.close_matches(name, known)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    return ValueError(f"model.architecture: '{name}' is not a {what}{hint}")
 
 
 def check_task(task: str, model: ModelSpec, data: DataSpec, training: TrainingSpec) -> None:
@@ -776,6 +821,12 @@ def check_task(task: str, model: ModelSpec, data: DataSpec, training: TrainingSp
         )
     check_test_split(task, data)
     detector = model.architecture in DETECTION_ARCHITECTURES
+    if not detector and model.architecture not in architectures.timm_models():
+        if task == "detection":
+            raise _unknown_architecture(model.architecture, frozenset(DETECTION_ARCHITECTURES), "detection model")
+        raise _unknown_architecture(model.architecture, architectures.timm_models(), "timm model")
+    if task == "classification" and model.num_classes == 1:
+        raise ValueError("model.numClasses: must be >= 2 with task classification (1 is allowed for detection)")
     if task == "detection":
         if not detector:
             raise ValueError(
@@ -843,6 +894,11 @@ TASK_CEL_RULES = [
         f"!({prefixes_overlap_cel('self.data.test', 'self.data.validation')})",
         "data.test must not overlap data.validation: the test images would pick the model they judge",
         ".data.test",
+    ),
+    cel(
+        "self.task == 'detection' || !has(self.model.numClasses) || self.model.numClasses >= 2",
+        "model.numClasses must be >= 2 with task classification (1 is allowed for detection)",
+        ".model.numClasses",
     ),
     cel(
         "self.task == 'detection' ? has(self.data.annotations) : !has(self.data.annotations)",

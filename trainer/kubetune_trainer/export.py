@@ -54,6 +54,8 @@ MODEL_FORMAT = "kubetune.dev/model/v1"
 HISTORY_FILE = OUTPUT_FILES["history"]
 CARD_FILE = OUTPUT_FILES["card"]
 CURVES_FILE = OUTPUT_FILES["curves"]
+# What every export writes beside the model (MODEL_FILE), in the order the summary names them.
+PUBLISHED_FILES = (CARD_FILE, HISTORY_FILE, CURVES_FILE)
 RANGE_TEST_FILE = "lr-range-test.png"  # written by the workers' range test (`lr_range`), not by the export
 
 

@@ -15,13 +15,13 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TextIO
 
 from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
-from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, use_ray_train_env
+from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.errors import PreemptedError, TrainerError
 from kubetune_trainer.progress_model import summary_parts
 from kubetune_trainer.reporting import ConsoleReporter, format_duration
 from kubetune_trainer.storage import resolve_endpoint
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # run imports torch and Ray: only when a run starts
     from kubetune_trainer.run import Outcome
 
 log = logging.getLogger("kubetune_trainer")
@@ -91,49 +91,32 @@ def guarded(action: Callable[[], int]) -> int:
         return 130
 
 
-def summary(
-    started: float,
-    metrics: dict[str, float],
-    epochs: int,
-    output: str,
-    *,
-    best_epoch: int | None = None,
-    evaluation: Mapping[str, Any] | None = None,
-    mlflow: str | None = None,
-    stopped: Mapping[str, Any] | None = None,
-) -> None:
-    """The run's last lines: the exported epoch's validation figures, the judged split's, where it all is."""
-    parts = summary_parts(metrics)
+def summary(started: float, outcome: Outcome) -> None:
+    """The run's last lines: the exported (best) epoch's validation figures, where the model and its files
+    are, then the judged split's figures, where the report is, and what the MLflow hand-off did."""
+    parts = summary_parts(outcome.metrics)
     figures = "validation " + ", ".join(parts) if parts else ""
-    files = "model.json, history.json, training-curves.png"
-    if "valMap" in metrics:
-        files += ", detections.png"
-    chosen = f" (epoch {best_epoch}, the best)" if best_epoch and best_epoch != epochs else ""
-    if stopped:
-        print(
-            f"kubetune: stopped early ({stopped['reason']}) after epoch {stopped['afterEpoch']} of {stopped['epochs']}: "
-            f"{stopped['metric']} did not improve by more than {stopped['minDelta']:g} in {stopped['patience']} epochs"
-        )
-    print(f"kubetune: trained {epochs} epochs in {format_duration(time.monotonic() - started)}: {figures}{chosen}")
-    print(f"kubetune: model at {output}/model.safetensors ({files})")
-    if evaluation:
-        judged = ", ".join(f"{name} {value:.4f}" for name, value in evaluation["metrics"].items())
-        print(f"kubetune: on the {evaluation['split']} set: {judged}")
-        print(f"kubetune: report at {output}/{OUTPUT_FILES['report']}")
-    if mlflow:
-        print(f"kubetune: MLflow: {mlflow}")
+    took = format_duration(time.monotonic() - started)
+    best = outcome.best_epoch
+    chosen = f" (epoch {best}, the best)" if best and best != outcome.epochs else ""
+    if outcome.stopped:
+        print(f"kubetune: {stopped_line(outcome.stopped)}")
+    print(f"kubetune: trained {outcome.epochs} epochs in {took}: {figures}{chosen}")
+    print(f"kubetune: model at {outcome.model} ({', '.join(outcome.files)})")
+    if outcome.evaluation:
+        judged = ", ".join(f"{name} {value:.4f}" for name, value in outcome.evaluation["metrics"].items())
+        print(f"kubetune: on the {outcome.evaluation['split']} set: {judged}")
+    if outcome.report:
+        print(f"kubetune: report at {outcome.report}")
+    if outcome.mlflow:
+        print(f"kubetune: MLflow: {outcome.mlflow}")
 
 
-def outcome_summary(started: float, outcome: Outcome) -> None:
-    summary(
-        started,
-        outcome.metrics,
-        outcome.epochs,
-        str(outcome.output),
-        best_epoch=outcome.best_epoch,
-        evaluation=outcome.evaluation,
-        mlflow=outcome.mlflow,
-        stopped=outcome.stopped,
+def stopped_line(stopped: Mapping[str, Any]) -> str:
+    """Why training ended before its last epoch (model.json's `stopped`), in a line."""
+    return (
+        f"stopped early ({stopped['reason']}) after epoch {stopped['afterEpoch']} of {stopped['epochs']}: "
+        f"{stopped['metric']} did not improve by more than {stopped['minDelta']:g} in {stopped['patience']} epochs"
     )
 
 
@@ -177,7 +160,7 @@ def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
         finally:
             if started_ray:
                 ray.shutdown()
-        outcome_summary(started, outcome)
+        summary(started, outcome)
         return 0
 
     return guarded(run)

@@ -297,7 +297,7 @@ def start_worker(raw: Mapping[str, Any]) -> Worker:
     torch.set_num_threads(plan.threads)
     device = ray.train.torch.get_device()
     configure_backends(device)
-    store = S3Store(config.storage.endpoint, config.storage.region)
+    store = S3Store.for_spec(config.storage)
     return Worker(config, plan, ctx.get_world_rank(), ctx.get_world_size(), device, store)
 
 

@@ -35,11 +35,12 @@ import torch
 
 from kubetune_trainer.cache import cached_object
 from kubetune_trainer.callbacks import STEP_CALLBACKS_ENV, callback_names_from_env
+from kubetune_trainer.checkpoint import MODEL_FILE
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, use_ray_train_env
 from kubetune_trainer.data import check_corrupt, prepare_images
 from kubetune_trainer.errors import PreemptedError, TrainerError, error_line
 from kubetune_trainer.evaluation.step import judge_node
-from kubetune_trainer.export import export_model, read_progress_json, with_effective_training
+from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_progress_json, with_effective_training
 from kubetune_trainer.loop import RunPlan, train_loop
 from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.options import EARLY_STOPPED, early_stopping_metric, stopped_early
@@ -98,17 +99,21 @@ class Fitted:
 
 @dataclass
 class Outcome:
-    output: S3Uri
+    model: S3Uri  # the weights under output.path
     metrics: dict[str, Any]  # the exported (best) epoch's history entry
     epochs: int
+    # Beside the weights: the card, history and curves, then what the evaluation after training wrote
+    # (evaluation.json, report.html, the task's pictures, the other formats of output.formats).
+    files: tuple[str, ...]
     best_epoch: int = 0
     evaluation: dict[str, Any] | None = None  # the judged split and its headline figures
+    report: S3Uri | None = None  # report.html under output.path
     mlflow: str | None = None  # what the MLflow hand-off did, in a line
     stopped: dict[str, Any] | None = None  # model.json's `stopped`: why training ended before its last epoch
 
 
 def store_for(config: TrainerConfig) -> S3Store:
-    return S3Store(config.storage.endpoint, config.storage.region)
+    return S3Store.for_spec(config.storage)
 
 
 def check_inputs(config: TrainerConfig, store: S3Store) -> Inputs:
@@ -357,7 +362,14 @@ def export(config: TrainerConfig, prepared: Prepared, fitted: Fitted) -> Outcome
         card["stopped"] = stopped
     output = export_model(store, config, fitted.best, card, history, task.panels)
     outcome = Outcome(
-        output, dict(history[epoch - 1]), len(history), epoch, evaluation_summary(judged), stopped=stopped
+        output.join(MODEL_FILE),
+        metrics=dict(history[epoch - 1]),
+        epochs=len(history),
+        files=(*PUBLISHED_FILES, *judged["files"]),
+        best_epoch=epoch,
+        evaluation=evaluation_summary(judged),
+        report=output.join(OUTPUT_FILES["report"]),
+        stopped=stopped,
     )
     if config.output.mlflow is not None:  # imported only when asked for: MLflow is an optional extra
         from kubetune_trainer.handoff import hand_off

@@ -22,6 +22,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
+from kubetune_trainer.config import CA_BUNDLE_ENV, AddressingStyle, StorageSpec
 from kubetune_trainer.errors import StorageError
 from kubetune_trainer.localpaths import local_path
 
@@ -116,22 +117,29 @@ class S3Store:
     Pickles as (endpoint, region), so a Ray task or worker rebuilds its own client.
     """
 
-    def __init__(self, endpoint: str | None, region: str) -> None:
+    def __init__(self, endpoint: str | None, region: str, addressing_style: AddressingStyle = "auto") -> None:
         self.endpoint = endpoint
         self.region = region
+        self.addressing_style = addressing_style
         config = Config(
             region_name=region,
             retries={"mode": "adaptive", "max_attempts": 10},
             max_pool_connections=MAX_POOL_CONNECTIONS,
             connect_timeout=10,
             read_timeout=120,
-            # S3-compatible stores (MinIO, Ceph) are addressed by path; AWS by virtual host.
-            s3={"addressing_style": "path" if endpoint else "auto"},
+            # StorageSpec.boto_addressing_style: path for S3-compatible stores unless the spec says otherwise.
+            # A private CA comes through AWS_CA_BUNDLE, which boto3 reads itself.
+            s3={"addressing_style": addressing_style},
         )
         self.client: Any = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
-    def __reduce__(self) -> tuple[type[S3Store], tuple[str | None, str]]:
-        return (type(self), (self.endpoint, self.region))
+    @classmethod
+    def for_spec(cls, storage: StorageSpec) -> S3Store:
+        """The store a job's spec.storage names (its endpoint, region and addressing style)."""
+        return cls(storage.endpoint, storage.region, storage.boto_addressing_style())
+
+    def __reduce__(self) -> tuple[type[S3Store], tuple[str | None, str, AddressingStyle]]:
+        return (type(self), (self.endpoint, self.region, self.addressing_style))
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -356,11 +364,12 @@ class S3Store:
 
     def arrow_filesystem(self) -> pyarrow.fs.S3FileSystem:
         """A pyarrow S3FileSystem on the same endpoint and region, for Ray Train's storage."""
-        return arrow_filesystem(self.endpoint, self.region)
+        return arrow_filesystem(self.endpoint, self.region, self.addressing_style)
 
 
-def arrow_filesystem(endpoint: str | None, region: str) -> pyarrow.fs.S3FileSystem:
-    """pyarrow's S3 client, configured explicitly: it does not read boto3's settings or AWS_ENDPOINT_URL."""
+def arrow_filesystem(endpoint: str | None, region: str, addressing_style: str = "auto") -> pyarrow.fs.S3FileSystem:
+    """pyarrow's S3 client, configured explicitly: it does not read boto3's settings, AWS_ENDPOINT_URL or
+    AWS_CA_BUNDLE."""
     import pyarrow.fs
 
     kwargs: dict[str, Any] = {
@@ -368,7 +377,10 @@ def arrow_filesystem(endpoint: str | None, region: str) -> pyarrow.fs.S3FileSyst
         "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=10),
         "connect_timeout": 10,
         "request_timeout": 120,
+        "force_virtual_addressing": addressing_style == "virtual",
     }
+    if os.environ.get(CA_BUNDLE_ENV):
+        kwargs["tls_ca_file_path"] = os.environ[CA_BUNDLE_ENV]
     if endpoint:
         parts = urlsplit(endpoint)
         kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")

@@ -98,6 +98,11 @@ ownerReferences let Kubernetes' garbage collector remove them with the job.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create"]
+# Preflight reads the ConfigMap named by spec.storage.caBundle (a private CA's certificates) to verify
+# the S3 endpoint as the trainer will. Only get: the operator never enumerates ConfigMaps.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
 # Each job's NetworkPolicy (<job>-ray, owned by the job): get-or-create, never changed or deleted.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]

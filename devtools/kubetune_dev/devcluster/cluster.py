@@ -320,9 +320,10 @@ class DevCluster:
             out["AWS_ENDPOINT_URL"] = self.s3_url
         return out
 
-    def use_env(self) -> None:
-        """Point this process's Kubernetes and S3 clients at the cluster (undone when it stops)."""
-        for key, value in self.env().items():
+    def use_env(self, extra: Mapping[str, str] | None = None) -> None:
+        """Point this process's Kubernetes and S3 clients at the cluster, with `extra` variables for the Ray
+        drivers it starts (they inherit this process's env); undone when it stops."""
+        for key, value in {**self.env(), **(extra or {})}.items():
             self._saved_env.setdefault(key, os.environ.get(key))
             os.environ[key] = value
 

@@ -158,7 +158,7 @@ def judge_node(
     """Judge the exported checkpoint, write the report and the other formats under output.path."""
     config = TrainerConfig.model_validate(config_wire)
     task = task_from_wire(config, task_wire)
-    store = S3Store(config.storage.endpoint, config.storage.region)
+    store = S3Store.for_spec(config.storage)
     device = torch.device("cuda" if torch.cuda.is_available() and config.scaling.gpus_per_worker else "cpu")
     model = load_exported(config, task, store, weights, S3Uri.parse(checkpoint), device)
     folder, _ = prepare_images(store, task.images)
