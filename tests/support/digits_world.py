@@ -196,7 +196,9 @@ class DigitsWorld:
         checkpoint_every: str = "epoch",
         run_policy: dict[str, Any] | None = None,
         resume: str = "auto",
+        training: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """A FineTuneJob of test_resnet on digits; `training` adds fields to spec.training (its options)."""
         model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy, "resume": resume}
         if trainable_layers is not None:
             model["trainableLayers"] = trainable_layers
@@ -217,6 +219,7 @@ class DigitsWorld:
                     "weightDecay": 0.05,
                     "seed": 42,
                     "checkpointEvery": checkpoint_every,
+                    **(training or {}),
                 },
                 "output": {"path": output, "checkpointsToKeep": 2},
                 "resources": {"workers": workers, "gpusPerWorker": 0, "cpusPerWorker": cpus_per_worker},
