@@ -516,8 +516,18 @@ def evaluate(worker: Worker, state: TrainState, loaders: Loaders) -> dict[str, f
     stepper = state.stepper
     if state.averaged is not None:
         stepper = copy.copy(stepper)
-        stepper.model = state.averaged
+        stepper.model = rank0_buffers(state.averaged)
     return worker.task.evaluate(stepper, loaders.validation, worker.device)
+
+
+def rank0_buffers(model: nn.Module) -> nn.Module:
+    """`model` with rank 0's buffers on every worker. Each worker's moving average follows its own BatchNorm
+    statistics (they drift apart in training); rank 0's average is the one checkpointed and exported, and
+    the one a resumed run restores on every worker, so every worker validates with it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    return model
 
 
 def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[str, float]) -> None:
