@@ -109,6 +109,11 @@ class JobRecord:
         }
         return {key: value for key, value in status.items() if value is not None}
 
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the trainer's last progress update said spec.training.earlyStopping ended training."""
+        return _mapping(self.status.get("progress")).get("earlyStopped") is True
+
     def with_status(self, status: Mapping[str, Any]) -> JobRecord:
         return dataclasses.replace(self, status=status)
 

@@ -182,14 +182,16 @@ def observe_rayjob(
     suspend_requested: bool,
     queue_name: str | None,
     model: str | None,
+    stopped_early: bool = False,
 ) -> Observation:
-    """The job's phase as the RayJob shows it; states this table does not know stay non-terminal."""
+    """The job's phase as the RayJob shows it; states this table does not know stay non-terminal. A success
+    is `EarlyStopped` when the trainer's last progress update said earlyStopping ended it (`stopped_early`)."""
     name = str((rayjob.get("metadata") or {}).get("name", ""))
     status = rayjob.get("status") or {}
     deployment = str(status.get("jobDeploymentStatus") or "")
     job_status = str(status.get("jobStatus") or "")
     found = (
-        _ended(rayjob, deployment, job_status, model)
+        _ended(rayjob, deployment, job_status, model, stopped_early)
         or _suspension(name, deployment, suspend_requested, bool((rayjob.get("spec") or {}).get("suspend")), queue_name)
         or _starting_or_running(name, status, deployment, job_status)
     )
@@ -205,7 +207,9 @@ def observe_rayjob(
     )
 
 
-def _ended(rayjob: Mapping[str, Any], deployment: str, job_status: str, model: str | None) -> Observation | None:
+def _ended(
+    rayjob: Mapping[str, Any], deployment: str, job_status: str, model: str | None, stopped_early: bool
+) -> Observation | None:
     meta, status = rayjob.get("metadata") or {}, rayjob.get("status") or {}
     name = str(meta.get("name", ""))
     kuberay_message = str(status.get("message") or "")
@@ -214,6 +218,11 @@ def _ended(rayjob: Mapping[str, Any], deployment: str, job_status: str, model: s
             reason = Reason.TRAINING_FAILED if job_status == JobStatus.FAILED else Reason.JOB_STOPPED
             return Observation(Phase.FAILED, reason, kuberay_message or f"The Ray job ended {job_status}")
         where = f"; the model is at {model}" if model else ""
+        if stopped_early:
+            message = (
+                f"Training stopped early (spec.training.earlyStopping): no more improvement{where} (the best epoch)"
+            )
+            return Observation(Phase.SUCCEEDED, Reason.EARLY_STOPPED, message)
         return Observation(Phase.SUCCEEDED, Reason.TRAINING_SUCCEEDED, f"Training finished{where}")
     if deployment == JobDeploymentStatus.FAILED:
         reason = FAILURE_REASONS.get(str(status.get("reason") or ""), Reason.RAYJOB_FAILED)
@@ -465,6 +474,7 @@ def follow_rayjob(job: JobRecord, rayjob: Mapping[str, Any], *, now: datetime) -
         suspend_requested=policy.suspend,
         queue_name=policy.queue_name or None,
         model=job.model_uri,
+        stopped_early=job.stopped_early,
     )
     rayjob_status = rayjob.get("status") or {}
     name = str((rayjob.get("metadata") or {}).get("name", ""))

@@ -39,6 +39,7 @@ from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
     MLFLOW_URI_PATTERN,
+    RAND_AUGMENT_PATTERN,
     REGION_PATTERN,
     S3_OBJECT_PATTERN,
     S3_PREFIX_PATTERN,
@@ -99,6 +100,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     CONFIG_MAP_KEY: "must be a ConfigMap key: letters, digits, '-', '_' and '.'",
     CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
     KEEP_FAILED_FOR_PATTERN: "must be a duration in hours, minutes and seconds, e.g. 0s, 30m, 1h or 1h30m",
+    RAND_AUGMENT_PATTERN: (
+        "must be timm's RandAugment string: rand, then dash-separated options m<magnitude>, n<ops per image>, "
+        "p<probability>, mstd<magnitude noise>, mmax<magnitude cap>, inc0 or inc1, e.g. rand-m9-mstd0.5"
+    ),
 }
 
 # Why a limit is what it is, where that is not obvious from the field.

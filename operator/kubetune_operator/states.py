@@ -67,6 +67,7 @@ class Reason(StrEnum):
     TRAINING_RUNNING = "TrainingRunning"
     RETRYING = "Retrying"
     TRAINING_SUCCEEDED = "TrainingSucceeded"
+    EARLY_STOPPED = "EarlyStopped"  # succeeded before its last epoch: spec.training.earlyStopping stopped it
     TRAINING_FAILED = "TrainingFailed"
     JOB_STOPPED = "JobStopped"
     DEADLINE_EXCEEDED = "DeadlineExceeded"

@@ -229,7 +229,9 @@ class DigitsWorld:
         run_policy: dict[str, Any] | None = None,
         resume: str = "auto",
         data_format: str | None = None,
+        training: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """A FineTuneJob of test_resnet on digits; `training` adds fields to spec.training (its options)."""
         model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy, "resume": resume}
         if trainable_layers is not None:
             model["trainableLayers"] = trainable_layers
@@ -252,6 +254,7 @@ class DigitsWorld:
                     "weightDecay": 0.05,
                     "seed": 42,
                     "checkpointEvery": checkpoint_every,
+                    **(training or {}),
                 },
                 "output": {"path": output, "checkpointsToKeep": 2},
                 "resources": {"workers": workers, "gpusPerWorker": 0, "cpusPerWorker": cpus_per_worker},

@@ -38,12 +38,16 @@ def fail_once_after_first_epoch(worker: Any, state: Any) -> None:
         raise InjectedFaultError(f"injected worker failure after epoch {state.epoch}")
 
 
-def spoil_the_last_epoch(worker: Any, state: Any) -> None:
-    """An epoch callback: before the last epoch, seeded noise on every weight (frozen ones too), so the last
-    epoch is the worst one and the best checkpoint is an earlier one."""
+SPOILED_EPOCH = 3
+
+
+def spoil_the_third_epoch(worker: Any, state: Any) -> None:
+    """An epoch callback: before epoch 3 (SPOILED_EPOCH), seeded noise on every weight (frozen ones too),
+    so it and every epoch after it are worse than the first two: the best checkpoint is an earlier one, and
+    early stopping ends the run."""
     import torch
 
-    if state.epoch == worker.config.training.epochs - 1:
+    if state.epoch == SPOILED_EPOCH - 1:
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for parameter in state.model.parameters():
@@ -84,4 +88,4 @@ def fault_env(variable: str, function: Any) -> dict[str, str]:
 FAIL_ONCE_AFTER_FIRST_EPOCH = fault_env(CALLBACKS_ENV, fail_once_after_first_epoch)
 SIGTERM_LAST_RANK_MID_EPOCH_2 = fault_env(STEP_CALLBACKS_ENV, sigterm_last_rank_mid_epoch_2)
 MARK_MID_EPOCH_2 = fault_env(STEP_CALLBACKS_ENV, mark_mid_epoch_2)
-SPOIL_THE_LAST_EPOCH = fault_env(CALLBACKS_ENV, spoil_the_last_epoch)
+SPOIL_THE_THIRD_EPOCH = fault_env(CALLBACKS_ENV, spoil_the_third_epoch)

@@ -1,10 +1,11 @@
 """After training, end to end with `kubetune run --local`: the best epoch exported, judged on a test split,
 reported in one HTML page, exported to ONNX and TorchScript, handed to a real MLflow server.
 
-One run, `best`: digits 5-9 fine-tuned for 3 epochs with a test split, every format and output.mlflow;
-a test callback spoils the weights before the last epoch, so the best checkpoint is an earlier one (3,
-not 2: with 2 the exported first epoch, mid warm-up, was at chance on the test set and its ONNX logits
-differed by 1.5, which says nothing about the export). The checks use only what a user has: the files
+One run, `best`: digits 5-9 fine-tuned for up to 4 epochs with early stopping (patience 1) and a moving
+average of the weights (emaDecay), a test split, every format and output.mlflow; a test callback spoils
+the weights before epoch 3, so the best checkpoint is an earlier one and early stopping ends the run
+after epoch 3 (3 epochs, not 2: with 2 the exported first epoch, mid warm-up, was at chance on the test
+set and its ONNX logits differed by 1.5, which says nothing about the export). The checks use only what a user has: the files
 under output.path, onnxruntime, scikit-learn, MLflow's client, Chromium. The defaults (no test split,
 no MLflow, safetensors only: the report says it judged validation, and neither MLflow nor ONNX is
 imported) ride on test_transfer.py's runs, to keep `make test` short.
@@ -33,9 +34,10 @@ from PIL import Image
 
 from tests.support.browser import keep_screenshot, open_page
 from tests.support.digits_world import CREDENTIALS, SMALL_TRAIN, DigitsWorld
-from tests.support.trainer_faults import SPOIL_THE_LAST_EPOCH
+from tests.support.trainer_faults import SPOIL_THE_THIRD_EPOCH, SPOILED_EPOCH
 
-EPOCHS = 3
+EPOCHS = 4  # asked for; early stopping ends the run after the spoiled third
+PATIENCE = 1
 TEST = "s3://datasets/digits-test"
 OUT = {"best": "s3://results/evaluation/best"}
 MLFLOW_BUCKET = "mlflow-artifacts"
@@ -120,9 +122,10 @@ def runs(pretrained: DigitsWorld, small_digits: str, mlflow_server: MlflowServer
         pretrained,
         "best",
         data={"test": TEST},
+        training={"earlyStopping": {"patience": PATIENCE}, "emaDecay": 0.9},
         output={"formats": ["safetensors", "onnx", "torchscript"], "mlflow": mlflow},
     )
-    proc = pretrained.kubetune_popen(path, **SPOIL_THE_LAST_EPOCH)
+    proc = pretrained.kubetune_popen(path, **SPOIL_THE_THIRD_EPOCH)
     try:
         mlflow_server.wait_until_up()
     except BaseException:
@@ -184,19 +187,41 @@ def test_the_exported_model_is_the_best_epochs_checkpoint(pretrained: DigitsWorl
     run = runs["best"]
     history, card = run["history"], run["card"]
     best = best_by_accuracy(history)
-    assert len(history) == EPOCHS
-    assert best < EPOCHS, f"the spoiled last epoch should not be the best: {history}"
-    assert card["epoch"] == best and card["selectBy"] == "valAccuracy" and card["epochs"] == EPOCHS
+    assert best < SPOILED_EPOCH, f"the spoiled epochs should not be the best: {history}"
+    assert card["epoch"] == best and card["selectBy"] == "valAccuracy" and card["epochs"] == len(history)
     assert card["metrics"]["valAccuracy"] == history[best - 1]["valAccuracy"]
     # Ray Train kept the best checkpoint although checkpointsToKeep is 1 (and the latest, to resume from).
-    checkpoint = [
-        k for k in pretrained.keys(f"{OUT['best']}/checkpoints") if k.endswith(f"epoch-{best:04d}/model.safetensors")
+    folder = [
+        k for k in pretrained.keys(f"{OUT['best']}/checkpoints") if k.endswith(f"epoch-{best:04d}/ema.safetensors")
     ]
-    assert len(checkpoint) == 1
+    assert len(folder) == 1
+    # With emaDecay the exported weights are the checkpoint's moving average, not its trained weights.
     exported = pretrained.get(f"{OUT['best']}/model.safetensors")
-    assert exported == pretrained.get(f"s3://results/{checkpoint[0]}")
+    assert exported == pretrained.get(f"s3://results/{folder[0]}")
+    assert exported != pretrained.get(f"s3://results/{folder[0].removesuffix('ema.safetensors')}model.safetensors")
     assert f"(epoch {best}, the best)" in run["console"]
     assert f"kubetune: report at {OUT['best']}/report.html" in run["console"]
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_the_run_and_exports_the_best_epoch(runs: dict[str, Any]) -> None:
+    """No improvement for PATIENCE epochs (the spoiled third): the run ends before EPOCHS, says why, and
+    exports the best epoch (the test above checks the weights, the next one ONNX's accuracy)."""
+    run = runs["best"]
+    history, card = run["history"], run["card"]
+    assert len(history) < EPOCHS, history
+    # The last PATIENCE epochs did not improve on the best of the epochs before them.
+    before = max(entry["valAccuracy"] for entry in history[:-PATIENCE])
+    assert all(entry["valAccuracy"] <= before for entry in history[-PATIENCE:]), history
+    assert card["stopped"] == {
+        "reason": "EarlyStopped",
+        "afterEpoch": len(history),
+        "epochs": EPOCHS,
+        "metric": "valAccuracy",
+        "patience": PATIENCE,
+        "minDelta": 0.0,
+    }
+    assert f"kubetune: stopped early (EarlyStopped) after epoch {len(history)} of {EPOCHS}" in run["console"]
 
 
 @pytest.mark.slow
@@ -310,7 +335,7 @@ def test_mlflow_has_the_run_its_metrics_report_and_a_model_version(
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["training.epochs"] == str(EPOCHS)
     accuracy = client.get_metric_history(run.info.run_id, "valAccuracy")
-    assert [m.step for m in accuracy] == list(range(1, EPOCHS + 1))
+    assert [m.step for m in accuracy] == list(range(1, len(runs["best"]["history"]) + 1))
     assert run.data.metrics["test.accuracy"] == runs["best"]["evaluation"]["metrics"]["accuracy"]
     artifacts = {a.path for folder in ("report", "model") for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"report/report.html", "report/evaluation.json", "model/model.safetensors", "model/model.onnx"} <= artifacts

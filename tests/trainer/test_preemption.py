@@ -4,7 +4,9 @@ One uninterrupted run is the reference; the same job interrupted mid-epoch (SIGT
 in the same run of the driver; SIGTERM to the driver, resumed by running it again) must end with the
 same weights, within float tolerance, and exactly one history entry per epoch. The interrupted runs
 also checkpoint every second (`checkpointEvery: 1s`): checkpoints uploaded in the background while
-training goes on change nothing either.
+training goes on change nothing either. Every training option is on (`OPTIONS`): each one's state (the
+weights' moving average, the numpy generator mixup draws from, the position of an epoch in accumulated
+steps) must come back from the checkpoint too.
 """
 
 from __future__ import annotations
@@ -25,9 +27,20 @@ from tests.support.trainer_faults import MARK_ENV, MARK_MID_EPOCH_2, SIGTERM_LAS
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
+# Every training option that keeps state or draws random numbers (docs/trainer.md, "Training options").
+OPTIONS = {
+    "accumulateSteps": 2,
+    "gradientClipNorm": 5.0,
+    "labelSmoothing": 0.1,
+    "mixupAlpha": 0.2,
+    "cutmixAlpha": 1.0,
+    "randAugment": "rand-m5-n1",
+    "emaDecay": 0.9,
+}
 # Two DDP workers of one CPU: the notice reaches one of them, both must checkpoint the same step.
 # augment: each image's augmentation must come out the same after a resume.
 SPEC: dict[str, Any] = {
+    "training": OPTIONS,
     "validation": None,
     "epochs": EPOCHS,
     "strategy": "full",

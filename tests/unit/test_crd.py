@@ -306,6 +306,27 @@ CEL_CASES = [
     ({"training": {"checkpointEvery": "169h"}}, "checkpointEvery must be 'epoch' or a duration"),
     ({"runPolicy": {"keepFailedFor": "168h1s"}}, "keepFailedFor must be a duration from 0s to 168h"),
     ({"runPolicy": {"keepFailedFor": "10081m"}}, "keepFailedFor must be a duration from 0s to 168h"),
+    ({"training": {"batchSize": 7, "mixupAlpha": 0.2}}, "batchSize must be even with mixupAlpha or cutmixAlpha"),
+    ({"training": {"batchSize": 7, "cutmixAlpha": 1.0}}, "batchSize must be even with mixupAlpha or cutmixAlpha"),
+    ({"training": {"epochs": 3, "earlyStopping": {"patience": 3}}}, "earlyStopping.patience must be less than epochs"),
+    ({"training": {"earlyStopping": {"metric": "valMap"}}}, "training.earlyStopping.metric must be valAccuracy"),
+    *(
+        (
+            {
+                "task": "detection",
+                "model": {"architecture": "ssdlite320_mobilenet_v3_large"},
+                "data": {"annotations": DETECTION_ANNOTATIONS},
+                "training": option,
+            },
+            "training.labelSmoothing, mixupAlpha, cutmixAlpha and randAugment are only allowed with task classification",
+        )
+        for option in (
+            {"labelSmoothing": 0.1},
+            {"mixupAlpha": 0.2},
+            {"cutmixAlpha": 1.0},
+            {"randAugment": "rand-m9-mstd0.5"},
+        )
+    ),
 ]
 
 
@@ -350,6 +371,30 @@ def test_each_cel_rule_rejects_what_its_python_twin_rejects(edit: dict[str, Any]
         {"spec": {"training": {"learningRate": "auto"}}},
         {"spec": {"training": {"learningRate": 0.003}}},
         {"spec": {"training": {"learningRate": 1}}},
+        {
+            "spec": {
+                "training": {
+                    "epochs": 4,
+                    "batchSize": 8,
+                    "accumulateSteps": 4,
+                    "gradientClipNorm": 1.0,
+                    "labelSmoothing": 0.1,
+                    "mixupAlpha": 0.2,
+                    "cutmixAlpha": 1.0,
+                    "randAugment": "rand-m9-n2-mstd0.5",
+                    "emaDecay": 0.999,
+                    "earlyStopping": {"metric": "valLoss", "patience": 3, "minDelta": 0.01},
+                }
+            }
+        },
+        {
+            "spec": {
+                "task": "detection",
+                "model": {"architecture": "fasterrcnn_mobilenet_v3_large_320_fpn"},
+                "data": {"annotations": DETECTION_ANNOTATIONS},
+                "training": {"accumulateSteps": 2, "emaDecay": 0.99, "earlyStopping": {"metric": "valMap50"}},
+            }
+        },
         # Siblings that merely share a string prefix do not overlap: data/train vs data/train-2.
         {"spec": {"output": {"path": "s3://bkt/data/train-runs/"}, "data": {"validation": "s3://bkt/data/training"}}},
         {"spec": {"resources": {"tolerations": [{"operator": "Exists"}, {"key": "k", "value": "v"}]}}},

@@ -175,6 +175,18 @@ def test_a_succeeded_job_names_the_best_epoch_the_trainer_exported() -> None:
     assert job.status["model"]["report"] == "s3://runs/flowers/report.html"
 
 
+def test_a_run_that_early_stopping_ended_succeeds_with_reason_early_stopped() -> None:
+    """The trainer's last update says earlyStopping ended it: Succeeded, reason EarlyStopped, the best epoch."""
+    progress = {"epoch": 4, "step": 12, "bestEpoch": 1, "earlyStopped": True, "updatedAt": "2026-05-01T12:02:00Z"}
+    job, seen = run_through([("Complete", "SUCCEEDED")], ftj({"phase": "Running", "progress": progress}))
+    assert seen == [("Succeeded", [("Normal", "EarlyStopped")])]
+    assert conditions(job)["Succeeded"]["reason"] == "EarlyStopped"
+    assert "stopped early" in conditions(job)["Succeeded"]["message"]
+    assert job.status["model"]["bestEpoch"] == 1
+    assert observe(rayjob("Complete", "SUCCEEDED"), stopped_early=True) == ("Succeeded", "EarlyStopped")
+    assert observe(rayjob("Complete", "FAILED"), stopped_early=True) == ("Failed", "TrainingFailed")
+
+
 def test_a_successful_run_tells_its_story_in_events() -> None:
     job, seen = run_through(
         [

@@ -19,6 +19,10 @@ than a few pixels that no longer hold the object.
 
 Detection uses flips only (the one augmentation that keeps boxes exact without resampling): every
 policy but `none` flips.
+
+On top of any policy, a classification run may add timm's RandAugment (`training.randAugment`, timm's
+config string): after the policy's crops, flips and jitter (on the original image for `none` and
+`light`), as timm's own ImageNet transform places it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class AugmentPlan:
     min_crop_area: float | None = None
     flip: bool = False
     colour_jitter: float = 0.0
+    rand_augment: str | None = None  # timm's RandAugment config string (training.randAugment)
 
     def describe(self) -> str:
         parts = []
@@ -58,6 +63,8 @@ class AugmentPlan:
             parts.append("horizontal flips")
         if self.colour_jitter:
             parts.append(f"colour jitter {self.colour_jitter:g}")
+        if self.rand_augment:
+            parts.append(f"RandAugment {self.rand_augment}")
         return f"{self.policy}: " + (", ".join(parts) if parts else "no augmentation") + f" at {self.image_size} px"
 
     def wire(self) -> dict[str, Any]:
@@ -68,6 +75,7 @@ class AugmentPlan:
             "minCropArea": self.min_crop_area,
             "flip": self.flip,
             "colourJitter": self.colour_jitter,
+            "randAugment": self.rand_augment,
             "description": self.describe(),
         }
 
@@ -77,20 +85,37 @@ def min_crop_area(base: float, image_size: int) -> float:
     return round(base ** min(1.0, image_size / FULL_CROP_SIZE), 3)
 
 
-def augment_plan(policy: str, image_size: int) -> AugmentPlan:
+def augment_plan(policy: str, image_size: int, rand_augment: str | None = None) -> AugmentPlan:
     if policy not in AUGMENT_POLICIES:
         raise ValueError(f"data.augment: unknown policy '{policy}' (one of {', '.join(AUGMENT_POLICIES)})")
     if policy == "none":
-        return AugmentPlan(policy, image_size)
+        return AugmentPlan(policy, image_size, rand_augment=rand_augment)
     if policy == "light":
-        return AugmentPlan(policy, image_size, shift_pixels=max(1, round(image_size * SHIFT_FRACTION)))
+        shift = max(1, round(image_size * SHIFT_FRACTION))
+        return AugmentPlan(policy, image_size, shift_pixels=shift, rand_augment=rand_augment)
     return AugmentPlan(
         policy,
         image_size,
         min_crop_area=min_crop_area(MIN_CROP_AREA[policy], image_size),
         flip=True,
         colour_jitter=COLOUR_JITTER if policy == "strong" else 0.0,
+        rand_augment=rand_augment,
     )
+
+
+def rand_augment(config: str, data_cfg: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """timm's RandAugment of a PIL image by its config string, with the hyper-parameters timm's own training
+    transform gives it: translations up to 45% of the side, fills in the dataset's mean colour."""
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    size = min(int(side) for side in data_cfg["input_size"][-2:])
+    hparams = {
+        "translate_const": int(size * 0.45),
+        "img_mean": tuple(min(255, round(255 * x)) for x in data_cfg["mean"]),
+        "interpolation": str_to_pil_interp(data_cfg.get("interpolation", "bilinear")),
+    }
+    return rand_augment_transform(config, hparams)
 
 
 def detection_flips(policy: str) -> bool:
@@ -108,8 +133,11 @@ def detection_augment(policy: str) -> dict[str, Any]:
     }
 
 
-def build_transforms(data_cfg: Mapping[str, Any], policy: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """(train, eval) transforms for timm's data config (input size, interpolation, mean/std, crop)."""
+def build_transforms(
+    data_cfg: Mapping[str, Any], policy: str, rand_augment_config: str | None = None
+) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """(train, eval) transforms for timm's data config (input size, interpolation, mean/std, crop), with timm's
+    RandAugment in training when `rand_augment_config` (training.randAugment) asks for it."""
     import timm.data
     from torchvision import transforms as tv
 
@@ -126,16 +154,17 @@ def build_transforms(data_cfg: Mapping[str, Any], policy: str) -> tuple[Callable
         crop_mode=data_cfg.get("crop_mode"),
     )
     plan = augment_plan(policy, size)
+    extra = [rand_augment(rand_augment_config, data_cfg)] if rand_augment_config else []
     if plan.policy == "none":
-        return eval_tf, eval_tf
+        return (tv.Compose([*extra, eval_tf]) if extra else eval_tf), eval_tf
     if plan.policy == "light":
         shift = tv.RandomCrop(size, padding=plan.shift_pixels, padding_mode="reflect")
-        return tv.Compose([eval_tf, shift]), eval_tf
+        return tv.Compose([*extra, eval_tf, shift]), eval_tf
     mode = tv.InterpolationMode.BICUBIC if interpolation == "bicubic" else tv.InterpolationMode.BILINEAR
     area = plan.min_crop_area if plan.min_crop_area is not None else 1.0
     steps: list[Any] = [tv.RandomResizedCrop(size, scale=(area, 1.0), ratio=CROP_ASPECT, interpolation=mode)]
     steps.append(tv.RandomHorizontalFlip())
     if plan.colour_jitter:
         steps.append(tv.ColorJitter(plan.colour_jitter, plan.colour_jitter, plan.colour_jitter))
-    steps += [tv.ToTensor(), tv.Normalize(mean, std)]
+    steps += [*extra, tv.ToTensor(), tv.Normalize(mean, std)]
     return tv.Compose(steps), eval_tf

@@ -5,10 +5,12 @@ A checkpoint is a folder, `<output.path>/checkpoints/<run name>/epoch-NNNN/` aft
 preemption checkpoints):
 
     model.safetensors     the weights (rank 0), loadable on their own
+    ema.safetensors       with training.emaDecay: the weights' moving average (rank 0), the weights that are
+                          validated, ranked and exported (`exported_file`)
     training_state.pt     optimizer, scheduler and grad-scaler state (rank 0; tensors and numbers only)
     progress.json         epochs done, global step, the history so far, what the run is, and where in the
                           current epoch it stands (rank 0)
-    rng-rank<R>.pt        each worker's random-number generator state
+    rng-rank<R>.pt        each worker's random-number generator states (Python, numpy, torch)
 
 Saving is in two parts so that a step never waits for S3 (`take_snapshot`, `SnapshotUploads`): the
 training thread copies what the next step would change (trainable weights, buffers, optimizer state,
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import _remove_duplicate_names, load_model, save_file
 from torch import nn
@@ -43,6 +46,7 @@ from kubetune_trainer.errors import CheckpointError, ConfigError
 from kubetune_trainer.storage import MAX_READ_BYTES, S3Store, S3Uri
 
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
 STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
 # What must match for a checkpoint to be resumed by this run.
@@ -69,8 +73,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def exported_file(ema: bool) -> str:
+    """The file of a checkpoint whose weights are validated and exported: the moving average's with
+    training.emaDecay (`ema`), the trained weights' otherwise."""
+    return EMA_FILE if ema else MODEL_FILE
+
+
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The process's generators; numpy's (timm's Mixup draws from it) as plain numbers and a tensor, which
+    `torch.load(weights_only=True)` reads back without unpickling."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [
+            str(kind),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(position),
+            int(has_gauss),
+            float(gauss),
+        ],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -79,6 +102,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:  # absent from checkpoints written before it was saved
+        kind, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((str(kind), keys.numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -95,12 +121,13 @@ def _cpu_copy(value: Any) -> Any:
     return value
 
 
-def model_snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def model_snapshot(model: nn.Module, *, all_change: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The weights as `save_model` writes them (shared tensors once, named in the metadata), copied where
     training changes them: trainable parameters and all buffers. Frozen parameters never change (the
-    optimizer does not hold them), so they are written from the live tensors."""
+    optimizer does not hold them), so they are written from the live tensors; a moving average changes
+    every one (`all_change`)."""
     inner = unwrap(model)
-    frozen = {name for name, param in inner.named_parameters() if not param.requires_grad}
+    frozen = set() if all_change else {name for name, param in inner.named_parameters() if not param.requires_grad}
     state = inner.state_dict()
     metadata = {"format": "pt"}
     for kept, removed in _remove_duplicate_names(state).items():
@@ -120,6 +147,7 @@ class Snapshot:
     progress: dict[str, Any] | None = None
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     weights_metadata: dict[str, str] = field(default_factory=dict)
+    ema: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None  # the moving average's weights, metadata
     training_state: dict[str, Any] = field(default_factory=dict)
 
     def write(self, folder: Path) -> None:
@@ -130,6 +158,9 @@ class Snapshot:
             return
         weights = {name: tensor.to("cpu").contiguous() for name, tensor in self.weights.items()}
         save_file(weights, str(folder / MODEL_FILE), metadata=self.weights_metadata)
+        if self.ema is not None:
+            average, metadata = self.ema
+            save_file({name: t.contiguous() for name, t in average.items()}, str(folder / EMA_FILE), metadata=metadata)
         torch.save(self.training_state, folder / STATE_FILE)
         (folder / PROGRESS_FILE).write_text(json.dumps(self.progress, indent=2))
 
@@ -142,12 +173,15 @@ def take_snapshot(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     progress: Mapping[str, Any],
+    ema: nn.Module | None = None,
 ) -> Snapshot:
     """What `write_checkpoint` would write, copied now: the part of saving a training step waits for."""
     snapshot = Snapshot(rank=rank, rng=rng_state())
     if rank != 0:
         return snapshot
     snapshot.weights, snapshot.weights_metadata = model_snapshot(model)
+    if ema is not None:
+        snapshot.ema = model_snapshot(ema, all_change=True)
     snapshot.training_state = {
         "optimizer": _cpu_copy(optimizer.state_dict()),
         "scheduler": _cpu_copy(scheduler.state_dict()),
@@ -242,9 +276,15 @@ def restore_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
+    ema: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Load a checkpoint folder into the live objects; returns its progress.json."""
+    """Load a checkpoint folder into the live objects (the moving average `ema` too, when the run keeps
+    one); returns its progress.json."""
     load_model(unwrap(model), str(folder / MODEL_FILE))
+    if ema is not None:
+        if not (folder / EMA_FILE).is_file():
+            raise CheckpointError(f"the checkpoint has no {EMA_FILE}, which training.emaDecay needs to resume")
+        load_model(ema, str(folder / EMA_FILE))
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -230,8 +230,8 @@ class ModelSpec(SpecSection):
         default="auto",
         description=(
             "auto: continue from the last committed checkpoint of the job's run in output.path, also when the job "
-            "was deleted and applied again under the same name with the same task, model, data, optimizer and "
-            "seed; never: start over (a run of this job object alone, which its own retries and resumes still "
+            "was deleted and applied again under the same name with the same task, model, data, optimizer, weight "
+            "averaging (emaDecay) and seed; never: start over (a run of this job object alone, which its own retries and resumes still "
             "continue)."
         ),
     )
@@ -529,10 +529,61 @@ def duration_seconds(text: str) -> int:
     return total
 
 
+# The options a fine-tune is expected to have (docs/trainer.md, "Training options"); every one is off by
+# default. RandAugment is timm's, configured by its own string: "rand", then dash-separated m<magnitude>,
+# n<ops per image>, p<probability of each op>, mstd<magnitude noise>, mmax<magnitude cap>, inc<0|1>.
+RAND_AUGMENT_PATTERN = r"^rand(-(m|n|p|mstd|mmax|inc)[0-9]{1,3}(\.[0-9]{1,3})?)*$"
+MAX_ACCUMULATE_STEPS = 1024
+MAX_MIX_ALPHA = 10.0
+MAX_CLIP_NORM = 1.0e4
+MAX_LABEL_SMOOTHING = 0.5
+MIN_EMA_DECAY = 0.5
+# Options that only a classifier takes: they act on single labels and on whole-image pixels.
+CLASSIFICATION_ONLY = ("labelSmoothing", "mixupAlpha", "cutmixAlpha", "randAugment")
+MIX_EVEN_BATCH_RULE = cel(
+    "(self.mixupAlpha == 0.0 && self.cutmixAlpha == 0.0) || self.batchSize % 2 == 0",
+    "batchSize must be even with mixupAlpha or cutmixAlpha (timm's Mixup pairs each image with another)",
+    ".batchSize",
+)
+PATIENCE_RULE = cel(
+    "!has(self.earlyStopping) || self.earlyStopping.patience < self.epochs",
+    "earlyStopping.patience must be less than epochs (it could never stop the run early)",
+    ".earlyStopping.patience",
+)
+
+
+class EarlyStoppingSpec(SpecSection):
+    """Stop training once a validation figure has stopped improving."""
+
+    metric: SelectBy | None = Field(
+        default=None,
+        description=(
+            "The validation figure watched: valAccuracy or valLoss for classification, valMap or valMap50 for "
+            "detection; training.selectBy's (or its default) when omitted."
+        ),
+    )
+    patience: int = Field(
+        default=3,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="Epochs without an improvement of at least minDelta after which training stops; less than epochs.",
+    )
+    min_delta: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        description="The least change of the metric (in its own units, e.g. 0.01 = one point of accuracy) that counts as an improvement.",
+    )
+
+
 class TrainingSpec(SpecSection):
     """How to train: epochs, batch, optimiser and schedule."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [WARMUP_RULE, CHECKPOINT_EVERY_RULE]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [WARMUP_RULE, CHECKPOINT_EVERY_RULE, MIX_EVEN_BATCH_RULE, PATIENCE_RULE]
+        }
+    )
 
     epochs: int = Field(default=10, ge=1, le=MAX_EPOCHS, description="Passes over the training data.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per step on each worker.")
@@ -601,6 +652,76 @@ class TrainingSpec(SpecSection):
         ),
     )
 
+    accumulate_steps: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_ACCUMULATE_STEPS,
+        description=(
+            "Gradient accumulation: batches whose gradients are averaged into one optimizer step, so a step sees "
+            "batchSize x accumulateSteps images per worker (1: a step per batch)."
+        ),
+    )
+    gradient_clip_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=MAX_CLIP_NORM,
+        description="Gradient clipping: the most the gradients' total L2 norm may be at a step; no clipping when omitted.",
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=MAX_LABEL_SMOOTHING,
+        description=(
+            "Classification: label smoothing, the share of each target spread over the other classes (timm's "
+            "loss); from 0 (off) to 0.5."
+        ),
+    )
+    mixup_alpha: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=MAX_MIX_ALPHA,
+        description=(
+            "Classification: mixup, the Beta(alpha, alpha) mixing of image pairs and their labels (timm's Mixup); "
+            "0 (off), typically 0.2 to 1. Needs an even batchSize."
+        ),
+    )
+    cutmix_alpha: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=MAX_MIX_ALPHA,
+        description=(
+            "Classification: CutMix, pasting a Beta(alpha, alpha)-sized patch of another image (timm's Mixup; with "
+            "mixupAlpha too, each batch uses one or the other, half and half); 0 (off), typically 1. Needs an "
+            "even batchSize."
+        ),
+    )
+    rand_augment: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=RAND_AUGMENT_PATTERN,
+        description=(
+            "Classification: RandAugment on the training images after data.augment's crops (timm's "
+            "rand_augment_transform), by timm's config string, e.g. rand-m9-mstd0.5 (magnitude 9 of 10, "
+            "2 ops per image) or rand-m7-n3; off when omitted."
+        ),
+    )
+    ema_decay: float | None = Field(
+        default=None,
+        ge=MIN_EMA_DECAY,
+        lt=1.0,
+        description=(
+            "An exponential moving average of the weights (timm's ModelEmaV3, with its warm-up), e.g. 0.999: the "
+            "average is validated, picks the best epoch and is exported; off when omitted."
+        ),
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None,
+        description=(
+            "Stop once the metric has not improved by minDelta for patience epochs: the job succeeds with reason "
+            "EarlyStopped and exports the best epoch; trains every epoch when omitted."
+        ),
+    )
+
     @field_validator("learning_rate", mode="before")
     @classmethod
     def _auto_is_the_range_test(cls, value: Any) -> Any:
@@ -622,6 +743,39 @@ class TrainingSpec(SpecSection):
         if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmupEpochs: must be less than epochs ({self.epochs}) (got {self.warmup_epochs})")
         return self
+
+    @model_validator(mode="after")
+    def _mix_pairs_images(self) -> TrainingSpec:
+        if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size % 2:
+            raise ValueError(
+                "batchSize: must be even with mixupAlpha or cutmixAlpha (timm's Mixup pairs each image with "
+                f"another) (got {self.batch_size})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _patience_within_epochs(self) -> TrainingSpec:
+        if self.early_stopping is not None and self.early_stopping.patience >= self.epochs:
+            raise ValueError(
+                f"earlyStopping.patience: must be less than epochs ({self.epochs}), or it could never stop the run "
+                f"early (got {self.early_stopping.patience})"
+            )
+        return self
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches are mixed (mixup or CutMix): the loss then takes soft targets."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def classification_only(self) -> list[str]:
+        """The classification-only options this spec turns on (CLASSIFICATION_ONLY), by their field names."""
+        on = {
+            "labelSmoothing": self.label_smoothing > 0,
+            "mixupAlpha": self.mixup_alpha > 0,
+            "cutmixAlpha": self.cutmix_alpha > 0,
+            "randAugment": self.rand_augment is not None,
+        }
+        return [name for name in CLASSIFICATION_ONLY if on[name]]
 
     @model_validator(mode="after")
     def _checkpoint_interval_bounded(self) -> TrainingSpec:
@@ -784,6 +938,17 @@ def check_task(task: str, model: ModelSpec, data: DataSpec, training: TrainingSp
         raise ValueError(
             f"training.selectBy: with task '{task}' one of {', '.join(SELECT_BY[task])} (got {training.select_by})"
         )
+    stopping = training.early_stopping
+    if stopping is not None and stopping.metric is not None and stopping.metric not in SELECT_BY[task]:
+        raise ValueError(
+            f"training.earlyStopping.metric: with task '{task}' one of {', '.join(SELECT_BY[task])} "
+            f"(got {stopping.metric})"
+        )
+    if task == "detection" and training.classification_only():
+        raise ValueError(
+            f"training.{training.classification_only()[0]}: only with task 'classification' (label smoothing, mixup, "
+            "CutMix and RandAugment act on single labels and whole images, not on boxes); remove it"
+        )
     check_test_split(task, data)
     detector = model.architecture in DETECTION_ARCHITECTURES
     if not detector and model.architecture not in architectures.timm_models():
@@ -838,6 +1003,20 @@ def _cel_list(items: tuple[str, ...]) -> str:
 
 
 TASK_CEL_RULES = [
+    cel(
+        "!has(self.training.earlyStopping) || !has(self.training.earlyStopping.metric) || (self.task == 'detection' ? "
+        f"self.training.earlyStopping.metric in {_cel_list(SELECT_BY['detection'])} : "
+        f"self.training.earlyStopping.metric in {_cel_list(SELECT_BY['classification'])})",
+        "training.earlyStopping.metric must be valAccuracy or valLoss with task classification, valMap or valMap50 "
+        "with detection",
+        ".training.earlyStopping.metric",
+    ),
+    cel(
+        "self.task != 'detection' || (self.training.labelSmoothing == 0.0 && self.training.mixupAlpha == 0.0 && "
+        "self.training.cutmixAlpha == 0.0 && !has(self.training.randAugment))",
+        "training.labelSmoothing, mixupAlpha, cutmixAlpha and randAugment are only allowed with task classification",
+        ".training",
+    ),
     cel(
         "!has(self.training.selectBy) || (self.task == 'detection' ? "
         f"self.training.selectBy in {_cel_list(SELECT_BY['detection'])} : "
@@ -894,10 +1073,12 @@ TASK_DESCRIPTION = (
 # What identifies a run's checkpoints, beyond the job's namespace and name (`run_digest`): what makes them
 # unloadable into, or meaningless for, another spec. The task, the model (base weights, architecture,
 # classes, strategy; not `resume`), the data (images, annotations, split, size, augmentation), and of the
-# training the optimizer (its state must load) and the seed (it splits train from validation). The other
-# training fields (epochs, learning rate and schedule, batch size, precision, checkpointEvery) may change
+# training the optimizer (its state must load), the weights' average (emaDecay: on or off, its state is in the
+# checkpoints, and it is what they rank and export) and the seed (it splits train from validation). The other
+# training fields (epochs, learning rate and schedule, batch size, precision, checkpointEvery, the other
+# training options) may change
 # between a job and the same job applied again: it continues its run, e.g. to train longer.
-RUN_SHAPING = {"model": None, "data": None, "training": ("optimizer", "seed")}
+RUN_SHAPING = {"model": None, "data": None, "training": ("optimizer", "seed", "emaDecay")}
 NOT_RUN_SHAPING = {"model": ("resume",)}
 RUN_DIGEST_LENGTH = 12
 

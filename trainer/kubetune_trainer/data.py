@@ -479,9 +479,9 @@ def image_files(
 
 
 def datasets(
-    folder: Path, index: DatasetIndex, data_cfg: Mapping[str, Any], augment: str
+    folder: Path, index: DatasetIndex, data_cfg: Mapping[str, Any], augment: str, rand_augment: str | None = None
 ) -> tuple[ImageFiles, ImageFiles]:
-    """Training images with the `augment` policy's transform (`augment.build_transforms`), validation
-    images with the evaluation one."""
-    train_tf, eval_tf = build_transforms(data_cfg, augment)
+    """Training images with the `augment` policy's transform (and timm's RandAugment by `rand_augment`:
+    `augment.build_transforms`), validation images with the evaluation one."""
+    train_tf, eval_tf = build_transforms(data_cfg, augment, rand_augment)
     return image_files(folder, index, index.train, train_tf), image_files(folder, index, index.validation, eval_tf)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetune_trainer.checkpoint import MODEL_FILE, PROGRESS_FILE
+from kubetune_trainer.checkpoint import MODEL_FILE, PROGRESS_FILE, exported_file
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, data_format
 from kubetune_trainer.data import DatasetIndex
 from kubetune_trainer.detection_data import DetectionIndex
@@ -46,6 +46,7 @@ from kubetune_trainer.detection_eval import SCORE_THRESHOLD
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.evaluation.detector_report import DETECTIONS_FILE
 from kubetune_trainer.model import WeightsReport
+from kubetune_trainer.options import stopped_early
 from kubetune_trainer.progress_model import card_metrics
 from kubetune_trainer.storage import S3Store, S3Uri
 
@@ -269,10 +270,11 @@ def export_model(
 ) -> S3Uri:
     """Write the files under output.path (overwriting: exporting twice gives the same result); the weights
     are `checkpoint`'s (the best epoch's), the history the whole run's."""
-    if len(history) != config.training.epochs:
+    early = stopped_early(history, config.training, config.selected_metric)
+    if len(history) != config.training.epochs and not early:
         raise TrainerError(f"the run's history has {len(history)} epochs, expected {config.training.epochs}")
     out = S3Uri.parse(config.output.path)
-    store.copy(checkpoint.join(MODEL_FILE), out.join(MODEL_FILE))
+    store.copy(checkpoint.join(exported_file(config.training.ema_decay is not None)), out.join(MODEL_FILE))
     store.put_bytes(out.join(HISTORY_FILE), json.dumps(list(history), indent=2).encode(), "application/json")
     store.put_bytes(
         out.join(CURVES_FILE),

@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TextIO
 
 from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
 from kubetune_trainer.config import TrainerConfig, use_ray_train_env
@@ -99,6 +99,8 @@ def summary(started: float, outcome: Outcome) -> None:
     took = format_duration(time.monotonic() - started)
     best = outcome.best_epoch
     chosen = f" (epoch {best}, the best)" if best and best != outcome.epochs else ""
+    if outcome.stopped:
+        print(f"kubetune: {stopped_line(outcome.stopped)}")
     print(f"kubetune: trained {outcome.epochs} epochs in {took}: {figures}{chosen}")
     print(f"kubetune: model at {outcome.model} ({', '.join(outcome.files)})")
     if outcome.evaluation:
@@ -108,6 +110,14 @@ def summary(started: float, outcome: Outcome) -> None:
         print(f"kubetune: report at {outcome.report}")
     if outcome.mlflow:
         print(f"kubetune: MLflow: {outcome.mlflow}")
+
+
+def stopped_line(stopped: Mapping[str, Any]) -> str:
+    """Why training ended before its last epoch (model.json's `stopped`), in a line."""
+    return (
+        f"stopped early ({stopped['reason']}) after epoch {stopped['afterEpoch']} of {stopped['epochs']}: "
+        f"{stopped['metric']} did not improve by more than {stopped['minDelta']:g} in {stopped['patience']} epochs"
+    )
 
 
 def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:

@@ -15,10 +15,16 @@ a copy of the state only, S3 never (`checkpoint.SnapshotUploads`). A restarted w
 driver with the same run name, resumes from the latest checkpoint: weights, optimizer, schedule, RNG,
 history, epoch and the position in it, so the run goes on with the very batches it would have had and
 `history.json` never doubles an epoch.
+
+The training options (`options.py`) live in the same state: a step may take several batches
+(`accumulateSteps`), the weights' moving average (`emaDecay`) is updated after each step, validated and
+checkpointed with them, and early stopping (`earlyStopping`) ends the loop after an epoch, with a
+checkpoint, as a function of the history alone.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import tempfile
 import time
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -53,6 +60,7 @@ from kubetune_trainer.loaders import EpochOrder, eval_loader, steps_per_epoch, t
 from kubetune_trainer.lr_range import START_LR, RangeTest, cycle, find_learning_rate, plot_range_test
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
 from kubetune_trainer.optim import effective_training, make_optimizer, make_schedule
+from kubetune_trainer.options import grouped, optimizer_steps, stopped_early, weight_average
 from kubetune_trainer.progress_model import history_entry
 from kubetune_trainer.selection import unranked
 from kubetune_trainer.steps import autocast_for, configure_backends
@@ -168,6 +176,15 @@ class TrainState:
     epoch_so_far: dict[str, float] = field(default_factory=dict)
     # What the run trains with (`optim.effective_training`): model.json and the status report it.
     effective: dict[str, Any] = field(default_factory=dict)
+    # The weights' moving average (timm's ModelEmaV3, training.emaDecay), or None.
+    ema: Any = None
+    # Whether earlyStopping ended the run after the last epoch of the history.
+    stopped_early: bool = False
+
+    @property
+    def averaged(self) -> nn.Module | None:
+        """The moving average's model, when the run keeps one."""
+        return None if self.ema is None else self.ema.module
 
     @property
     def learning_rate(self) -> float:
@@ -251,7 +268,7 @@ def train_loop(raw: dict[str, Any]) -> None:
     callbacks = load_callbacks(worker.plan.callbacks)
     if state.resumed_from is not None:
         progress.resumed(state)
-    while state.epoch < training.epochs:
+    while state.epoch < training.epochs and not state.stopped_early:
         for callback in callbacks:
             callback(worker, state)
         trained = epoch.train()
@@ -260,7 +277,8 @@ def train_loop(raw: dict[str, Any]) -> None:
             epoch.checkpoint(trained, decision)
         validation = evaluate(worker, state, loaders)
         record_epoch(state, trained, validation)
-        saved = decision.due or state.epoch == training.epochs
+        state.stopped_early = stopped_early(state.history, training, worker.config.selected_metric)
+        saved = decision.due or state.epoch == training.epochs or state.stopped_early
         if saved:
             save(worker, state)
             epoch.cadence.checkpointed()
@@ -290,6 +308,7 @@ def build_model(worker: Worker) -> tuple[nn.Module, TrainablePlan]:
     seed = worker.config.training.seed
     torch.manual_seed(seed)
     random.seed(seed + worker.rank)
+    np.random.seed((seed + worker.rank) % 2**32)  # timm's Mixup draws from numpy's generator
     weights = cached_object(worker.store, S3Uri.parse(worker.config.model.checkpoint), worker.plan.weights)
     model, _, trainable = worker.task.build_model(weights, worker.device)
     return ray.train.torch.prepare_model(model), trainable
@@ -303,7 +322,8 @@ def make_loaders(worker: Worker) -> Loaders:
     workers = worker.plan.loader_workers
     train, order = train_loader(train_set, training.batch_size, training.seed, workers, worker.cuda, task.collate)
     validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, task.collate)
-    return Loaders(train, order, validation, steps_per_epoch(order, training.batch_size))
+    steps = optimizer_steps(steps_per_epoch(order, training.batch_size), training.accumulate_steps)
+    return Loaders(train, order, validation, steps)
 
 
 def new_state(
@@ -348,7 +368,9 @@ def new_state(
         augment,
         tested.wire() if tested is not None else None,
     )
-    return TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity, effective=effective)
+    state = TrainState(model, trainable, optimizer, scheduler, scaler, stepper, identity, effective=effective)
+    state.ema = weight_average(unwrap(model), training)
+    return state
 
 
 def range_test(worker: Worker, state: TrainState, loaders: Loaders) -> RangeTest:
@@ -391,12 +413,14 @@ def resume(worker: Worker, state: TrainState) -> None:
             optimizer=state.optimizer,
             scheduler=state.scheduler,
             scaler=state.scaler,
+            ema=state.averaged,
         )
     state.epoch, state.step, state.history = int(progress["epoch"]), int(progress["step"]), list(progress["history"])
     state.epoch_samples = int(progress.get("epochSamples", 0))
     state.epoch_so_far = {k: float(v) for k, v in dict(progress.get("epochSoFar") or {}).items()}
     state.resumed_from, state.saved_step = where, state.step
     state.effective = dict(progress.get("effective") or state.effective)
+    state.stopped_early = stopped_early(state.history, worker.config.training, worker.config.selected_metric)
     state.resumed_from = where
 
 
@@ -430,10 +454,13 @@ class Epoch:
             self.sums.add(loss=so_far["lossSum"], count=so_far["count"])
         self.started = time.monotonic() - so_far.get("seconds", 0.0)
         rank0, seen, last_report = worker.rank == 0, 0, time.monotonic()
-        for inputs, targets in loaders.train:
-            loss = state.stepper.train_step(inputs, targets)
-            count = len(inputs)  # images in the batch: a tensor's first dimension, or a list (detection)
+        for batches in grouped(loaders.train, worker.config.training.accumulate_steps):
+            loss = state.stepper.train_steps(batches)
+            # Images in the step: each batch's tensor's first dimension, or its list's length (detection).
+            count = sum(len(inputs) for inputs, _ in batches)
             state.step += 1
+            if state.ema is not None:
+                state.ema.update(unwrap(state.model), step=state.step)
             state.epoch_samples += count * worker.world
             seen += count
             self.sums.add(loss=loss * count, count=float(count))
@@ -484,8 +511,23 @@ class Epoch:
 
 
 def evaluate(worker: Worker, state: TrainState, loaders: Loaders) -> dict[str, float]:
-    """The task's validation figures over the whole validation set (every worker gets the same)."""
-    return worker.task.evaluate(state.stepper, loaders.validation, worker.device)
+    """The task's validation figures over the whole validation set (every worker gets the same), of the
+    weights' moving average when the run keeps one (it is what is ranked and exported)."""
+    stepper = state.stepper
+    if state.averaged is not None:
+        stepper = copy.copy(stepper)
+        stepper.model = rank0_buffers(state.averaged)
+    return worker.task.evaluate(stepper, loaders.validation, worker.device)
+
+
+def rank0_buffers(model: nn.Module) -> nn.Module:
+    """`model` with rank 0's buffers on every worker. Each worker's moving average follows its own BatchNorm
+    statistics (they drift apart in training); rank 0's average is the one checkpointed and exported, and
+    the one a resumed run restores on every worker, so every worker validates with it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    return model
 
 
 def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[str, float]) -> None:
@@ -518,6 +560,7 @@ def save(worker: Worker, state: TrainState, *, mid_epoch: bool = False, wait: bo
         scheduler=state.scheduler,
         scaler=state.scaler,
         progress=progress,
+        ema=state.averaged,
     )
     mode = ray.train.CheckpointUploadMode.SYNC if wait else ray.train.CheckpointUploadMode.ASYNC
     ray.train.report(

@@ -241,6 +241,11 @@ class ProgressUpdate(CamelModel):
         le=MAX_EPOCHS,
         description="The epoch whose checkpoint is the best so far by spec.training.selectBy: the one exported.",
     )
+    early_stopped: bool | None = Field(
+        default=None,
+        description="True once spec.training.earlyStopping has ended training before its last epoch (the best "
+        "epoch is exported all the same).",
+    )
 
 
 # -- what the table lists, for each place that shows metrics -------------------------------------------

@@ -43,6 +43,7 @@ from kubetune_trainer.evaluation.step import judge_node
 from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_progress_json, with_effective_training
 from kubetune_trainer.loop import RunPlan, train_loop
 from kubetune_trainer.model import WeightsReport
+from kubetune_trainer.options import EARLY_STOPPED, early_stopping_metric, stopped_early
 from kubetune_trainer.preemption import DriverNotice, worker_callback
 from kubetune_trainer.relay import Relay, driver_reporters, run_events, run_states
 from kubetune_trainer.reporting import ProgressReporter
@@ -108,6 +109,7 @@ class Outcome:
     evaluation: dict[str, Any] | None = None  # the judged split and its headline figures
     report: S3Uri | None = None  # report.html under output.path
     mlflow: str | None = None  # what the MLflow hand-off did, in a line
+    stopped: dict[str, Any] | None = None  # model.json's `stopped`: why training ended before its last epoch
 
 
 def store_for(config: TrainerConfig) -> S3Store:
@@ -355,6 +357,9 @@ def export(config: TrainerConfig, prepared: Prepared, fitted: Fitted) -> Outcome
     trained = Trained(prepared.data_config, prepared.weights_report, history, epoch, judged["card"], datetime.now(UTC))
     card = task.card(trained) | {"evaluation": evaluation_summary(judged), "exports": judged["exports"]}
     card = with_effective_training(card, last.get("effective"))
+    stopped = early_stop_summary(config, history)
+    if stopped is not None:
+        card["stopped"] = stopped
     output = export_model(store, config, fitted.best, card, history, task.panels)
     outcome = Outcome(
         output.join(MODEL_FILE),
@@ -364,6 +369,7 @@ def export(config: TrainerConfig, prepared: Prepared, fitted: Fitted) -> Outcome
         best_epoch=epoch,
         evaluation=evaluation_summary(judged),
         report=output.join(OUTPUT_FILES["report"]),
+        stopped=stopped,
     )
     if config.output.mlflow is not None:  # imported only when asked for: MLflow is an optional extra
         from kubetune_trainer.handoff import hand_off
@@ -378,4 +384,20 @@ def evaluation_summary(judged: Mapping[str, Any]) -> dict[str, Any]:
         "split": judged["split"],
         "metrics": dict(judged["headline"]),
         "files": {"evaluation": OUTPUT_FILES["evaluation"], "report": OUTPUT_FILES["report"]},
+    }
+
+
+def early_stop_summary(config: TrainerConfig, history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """model.json's `stopped` when earlyStopping ended training before its last epoch: why, after which epoch,
+    and the rule; None for a run that trained every epoch."""
+    training = config.training
+    if training.early_stopping is None or not stopped_early(history, training, config.selected_metric):
+        return None
+    return {
+        "reason": EARLY_STOPPED,
+        "afterEpoch": len(history),
+        "epochs": training.epochs,
+        "metric": early_stopping_metric(training, config.selected_metric),
+        "patience": training.early_stopping.patience,
+        "minDelta": training.early_stopping.min_delta,
     }

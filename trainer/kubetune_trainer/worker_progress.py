@@ -92,6 +92,7 @@ class WorkerProgress:
             latest_checkpoint=state.resumed_from,
             phase=phase,
             best_epoch=best_epoch(state.history, self.selected_metric),
+            early_stopped=True if state.stopped_early else None,
             training=TrainingSettings.from_effective(state.effective),
         )
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kubetune_trainer.cache import cached_object
-from kubetune_trainer.checkpoint import MODEL_FILE
+from kubetune_trainer.checkpoint import MODEL_FILE, exported_file
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig
 from kubetune_trainer.data import prepare_images
 from kubetune_trainer.evaluation.judged import VALIDATION, Judged
@@ -47,7 +47,7 @@ def load_exported(
     model, _, _ = task.build_model(base, device)
     with tempfile.TemporaryDirectory(prefix="kubetune-judge-") as tmp:
         local = Path(tmp) / MODEL_FILE
-        store.download_file(checkpoint.join(MODEL_FILE), local)
+        store.download_file(checkpoint.join(exported_file(config.training.ema_decay is not None)), local)
         load_model(model, str(local), device=str(device))
     return model.eval()
 

@@ -39,7 +39,13 @@ class Trained:
 
 
 class Stepping(Protocol):
+    """A task's training step (`steps.Stepper`, `steps.DetectionStepper`) around its model."""
+
+    model: nn.Module
+
     def train_step(self, inputs: Any, targets: Any) -> torch.Tensor: ...
+
+    def train_steps(self, batches: Sequence[tuple[Any, Any]]) -> torch.Tensor: ...
 
 
 class Task(Protocol):

@@ -27,6 +27,7 @@ from kubetune_trainer.model import (
     data_config,
 )
 from kubetune_trainer.model_formats import classifier_preprocessing, export_classifier
+from kubetune_trainer.options import batch_mixer, classification_loss
 from kubetune_trainer.progress_model import validation_keys
 from kubetune_trainer.steps import Autocast, Stepper
 from kubetune_trainer.storage import S3Store
@@ -102,15 +103,28 @@ class ClassificationTask:
     # -- the workers --------------------------------------------------------------------------------
 
     def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any]:
-        return datasets(folder, self.index, preprocessing, self.config.data.augment)
+        return datasets(folder, self.index, preprocessing, self.config.data.augment, self.config.training.rand_augment)
 
     def augmentation(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
-        return augment_plan(self.config.data.augment, int(preprocessing["input_size"][-1])).wire()
+        size, extra = int(preprocessing["input_size"][-1]), self.config.training.rand_augment
+        return augment_plan(self.config.data.augment, size, extra).wire()
 
     def stepper(
         self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, autocast: Autocast, device: torch.device
     ) -> Stepper:
-        return Stepper(model, optimizer, scheduler, scaler, autocast, channels_last=device.type == "cuda")
+        """The step with the training options that shape it: clipping, the loss, mixup and CutMix."""
+        training = self.config.training
+        return Stepper(
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            autocast,
+            channels_last=device.type == "cuda",
+            clip_norm=training.gradient_clip_norm,
+            loss=classification_loss(training),
+            mix=batch_mixer(training, len(self.index.class_names)),
+        )
 
     def evaluate(self, stepper: Stepper, loader: Any, device: torch.device) -> dict[str, float]:
         """Mean loss and top-1 accuracy over the whole validation set, summed across all workers."""

@@ -141,7 +141,8 @@ class DetectionTask:
     def stepper(
         self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, autocast: Autocast, device: torch.device
     ) -> DetectionStepper:
-        return DetectionStepper(model, optimizer, scheduler, scaler, autocast, device)
+        clip_norm = self.config.training.gradient_clip_norm
+        return DetectionStepper(model, optimizer, scheduler, scaler, autocast, device, clip_norm=clip_norm)
 
     def evaluate(self, stepper: DetectionStepper, loader: Any, device: torch.device) -> dict[str, float]:
         """mAP over the whole validation set: each worker predicts its shard (every image once), the
