@@ -228,7 +228,13 @@ def train_loop(raw: dict[str, Any]) -> None:
     if state.resumed_from is None and training.learning_rate is None:
         state = new_state(worker, model, trainable, loaders.steps_per_epoch, None, range_test(worker, state, loaders))
     progress = WorkerProgress(
-        worker.plan.relay, worker.rank, training.epochs, loaders.steps_per_epoch, worker.task.metric_keys, state
+        worker.plan.relay,
+        worker.rank,
+        training.epochs,
+        loaders.steps_per_epoch,
+        worker.task.metric_keys,
+        state,
+        world=worker.world,
     )
     epoch = Epoch(
         worker,
@@ -296,9 +302,18 @@ def make_loaders(worker: Worker) -> Loaders:
     folder, _ = prepare_images(worker.store, task.images)
     train_set, val_set = task.datasets(folder, worker.plan.data_config)
     workers = worker.plan.loader_workers
-    train, order = train_loader(train_set, training.batch_size, training.seed, workers, worker.cuda, task.collate)
+    # The global batch is batchSize * workers.min at any worker count (elastic workers: docs/trainer.md).
+    train, order = train_loader(
+        train_set,
+        training.batch_size,
+        training.seed,
+        workers,
+        worker.cuda,
+        task.collate,
+        reference=worker.config.scaling.workers,
+    )
     validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, task.collate)
-    return Loaders(train, order, validation, val_set, steps_per_epoch(order, training.batch_size))
+    return Loaders(train, order, validation, val_set, steps_per_epoch(order))
 
 
 def new_state(
@@ -426,10 +441,10 @@ class Epoch:
         self.started = time.monotonic() - so_far.get("seconds", 0.0)
         rank0, seen, last_report = worker.rank == 0, 0, time.monotonic()
         for inputs, targets in loaders.train:
-            loss = state.stepper.train_step(inputs, targets)
             count = len(inputs)  # images in the batch: a tensor's first dimension, or a list (detection)
+            loss = state.stepper.train_step(inputs, targets, weight=loaders.sampler.loss_weight(count))
             state.step += 1
-            state.epoch_samples += count * worker.world
+            state.epoch_samples += loaders.sampler.step_size
             seen += count
             self.sums.add(loss=loss * count, count=float(count))
             now = time.monotonic()

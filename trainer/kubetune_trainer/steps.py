@@ -35,12 +35,13 @@ def autocast_for(device: torch.device, precision: str) -> Autocast:
 
 
 def backward_and_step(
-    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any, scheduler: Any
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any, scheduler: Any, weight: float = 1.0
 ) -> torch.Tensor:
-    """Backward (through the grad scaler, a no-op unless fp16), optimizer and schedule step; the loss,
+    """Backward of the loss times `weight` (the worker's share of the global batch, `EpochOrder.loss_weight`;
+    through the grad scaler, a no-op unless fp16), optimizer and schedule step; the loss, unweighted and
     still on the device (reading it would synchronise the GPU every step)."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss if weight == 1.0 else loss * weight).backward()
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
@@ -61,12 +62,12 @@ class Stepper:
     def _input(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, optimizer and schedule step; returns the batch's loss, still on the device
-        (reading it would synchronise the GPU every step)."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """Forward, backward (of the loss times `weight`), optimizer and schedule step; returns the batch's
+        loss, still on the device (reading it would synchronise the GPU every step)."""
         with self.autocast():
             loss = nn.functional.cross_entropy(self.model(self._input(images)), labels)
-        return backward_and_step(loss, self.optimizer, self.scaler, self.scheduler)
+        return backward_and_step(loss, self.optimizer, self.scaler, self.scheduler, weight)
 
     def eval_sums(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
         """[summed loss, correct, count] over `batches`, in float64 on `device`, for an all-reduce."""
@@ -94,11 +95,13 @@ class DetectionStepper:
     autocast: Autocast
     device: torch.device
 
-    def train_step(self, images: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def train_step(
+        self, images: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]], weight: float = 1.0
+    ) -> torch.Tensor:
         """Like `Stepper.train_step`; images may differ in size (the model's transform batches them)."""
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with self.autocast():
             losses = self.model(images, targets)
         loss = torch.stack([value.float() for value in losses.values()]).sum()
-        return backward_and_step(loss, self.optimizer, self.scaler, self.scheduler)
+        return backward_and_step(loss, self.optimizer, self.scaler, self.scheduler, weight)

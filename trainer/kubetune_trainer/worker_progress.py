@@ -50,9 +50,11 @@ class WorkerProgress:
         steps_per_epoch: int,
         metric_keys: Sequence[str],
         state: TrainState,
+        world: int = 1,
     ) -> None:
         self.reporter = worker_reporters(relay, rank)
         self.enabled = rank == 0
+        self.world = world
         self.total_epochs = total_epochs
         self.clock = _Clock(total_steps=total_epochs * steps_per_epoch, done=state.step)
         # The last finished epoch's validation figures, keyed as in history.json (and ProgressMetrics' wire names).
@@ -81,6 +83,7 @@ class WorkerProgress:
             # The checkpoint this attempt resumed from: the driver's relay names each new one once Ray
             # Train has committed it.
             latest_checkpoint=state.resumed_from,
+            workers=self.world,
             phase=phase,
             training=TrainingSettings.from_effective(state.effective),
         )

@@ -35,7 +35,7 @@ class Trained:
 
 
 class Stepping(Protocol):
-    def train_step(self, inputs: Any, targets: Any) -> torch.Tensor: ...
+    def train_step(self, inputs: Any, targets: Any, weight: float = 1.0) -> torch.Tensor: ...
 
 
 class Task(Protocol):
