@@ -251,7 +251,10 @@ def test_render_prints_what_the_operator_creates(capsys: pytest.CaptureFixture[s
 def test_render_refuses_an_invalid_job(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", str(REPO / "tests" / "fixtures" / "invalid" / "workers-zero.yaml")]) == 1
     captured = capsys.readouterr()
-    assert captured.out == "" and "spec.resources.workers: must be a number of workers from 1 to 256, or {min: N, max: M}" in captured.err
+    assert (
+        captured.out == ""
+        and "spec.resources.workers: must be a number of workers from 1 to 256, or {min: N, max: M}" in captured.err
+    )
 
 
 def test_a_kubectl_list_is_validated_item_by_item(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
