@@ -264,7 +264,7 @@ class RayWorkerNode(LocalProcess):
         argv = [
             sys.executable,
             "-m",
-            "ray.scripts.scripts",
+            "kubetune_dev.devcluster.ray_node",  # Ray's CLI, made to join a head on loopback
             "start",
             f"--address={head.address}",
             "--block",
@@ -275,9 +275,8 @@ class RayWorkerNode(LocalProcess):
             *_node_ports(),
             "--object-store-memory=100000000",
         ]
-        # The head's env: its raylet's, which the Train workers it starts inherit (S3 credentials, test seams);
-        # `ray start --address` refuses to join a node without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER on.
-        super().__init__(argv, {**head.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}, head.cwd, log_file)
+        # The head's env: its raylet's, which the Train workers it starts inherit (S3 credentials, test seams).
+        super().__init__(argv, head.env, head.cwd, log_file)
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
         await wait_for_ray_start(self, timeout)
