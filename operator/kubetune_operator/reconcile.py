@@ -34,7 +34,7 @@ from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob, Workers
 from kubetune_operator.states import Phase, Reason
 from kubetune_operator.status_writer import Compute
-from kubetune_trainer.config import StorageSpec
+from kubetune_trainer.config import StorageSpec, expand_braces
 
 logger = logging.getLogger("kubetune_operator")
 
@@ -250,9 +250,12 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
     ca_bundle = await _read_ca_bundle(rt, meta, spec.spec.storage)
     if isinstance(ca_bundle, s3.PreflightFailure):
         return ca_bundle
-    datasets = {"spec.data.train": spec.spec.data.train}
-    if spec.spec.data.validation:
-        datasets["spec.data.validation"] = spec.spec.data.validation
+    data = spec.spec.data
+    # A webdataset is probed by its first shard, a manifest by its file, the other layouts by their prefix.
+    first = (lambda uri: expand_braces(uri)[0]) if data.format == "webdataset" else (lambda uri: uri)
+    datasets = {
+        f"spec.data.{part}": first(uri) for part, uri in (("train", data.train), ("validation", data.validation)) if uri
+    }
     settings = rt.settings
     try:
         async with rt.preflight_slots.hold(meta.namespace):
@@ -260,6 +263,7 @@ async def _preflight(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, retry: in
                 spec.spec.storage,
                 checkpoint=spec.spec.model.checkpoint,
                 datasets=datasets,
+                data_files=data.format in ("webdataset", "manifest"),
                 credentials=credentials,
                 timeout=settings.s3_timeout_seconds,
                 deadline=settings.preflight_deadline_seconds,

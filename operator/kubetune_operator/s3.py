@@ -247,17 +247,28 @@ async def _check_dataset(store: Store, field_name: str, uri: str) -> PreflightFa
     return None if count is not None and int(count.group(1)) > 0 else missing
 
 
+async def _check_data_file(store: Store, field_name: str, uri: str) -> PreflightFailure | None:
+    """A manifest file, or a dataset's first shard, must exist."""
+    bucket, key = split_uri(uri)
+    missing = PreflightFailure(
+        Reason.DATASET_NOT_FOUND, f"{field_name}: no object {uri} (bucket {bucket!r}, key {key!r})"
+    )
+    return _classify(await store.request("HEAD", bucket, key), "the dataset", uri, missing)
+
+
 async def preflight(
     storage: StorageSpec,
     *,
     checkpoint: str,
     datasets: Mapping[str, str],
+    data_files: bool = False,
     credentials: Credentials,
     timeout: float = 10.0,
     deadline: float = 60.0,
     ca_bundle: str | None = None,
 ) -> PreflightFailure | None:
-    """Check the base weights and each dataset prefix (`{"spec.data.train": uri, ...}`); None when all pass.
+    """Check the base weights and each dataset prefix (`{"spec.data.train": uri, ...}`), or each dataset
+    file (`data_files`: a manifest, a dataset's first shard); None when all pass.
 
     Every problem found is reported at once (the first one's reason names the condition), so a job with
     two wrong paths needs one fix, not two round trips. Raises TransientS3Error when the store does not
@@ -266,7 +277,8 @@ async def preflight(
     try:
         async with asyncio.timeout(deadline), Store(storage, credentials, timeout, ca_bundle) as store:
             failures = [await _check_checkpoint(store, checkpoint)]
-            failures += [await _check_dataset(store, name, uri) for name, uri in datasets.items()]
+            check = _check_data_file if data_files else _check_dataset
+            failures += [await check(store, name, uri) for name, uri in datasets.items()]
     except TimeoutError as exc:
         where = storage.endpoint or "AWS S3"
         raise TransientS3Error(f"S3 endpoint {where} did not answer the preflight within {deadline:g}s") from exc

@@ -67,6 +67,21 @@ async def test_an_empty_dataset(op: OperatorHarness, s3: S3World) -> None:
     assert "spec.data.train" in message
 
 
+async def test_a_missing_manifest_or_first_shard_is_named(op: OperatorHarness, s3: S3World) -> None:
+    await op.create_secret(NS, "s3-creds", CREDENTIALS)
+    uris = s3.seed()
+    shards = f"s3://{uris['bucket']}/shards/train-{{000..015}}.tar"
+    await submit(op, s3, "no-shards", uris, data={"format": "webdataset", "train": shards})
+    message = await failed_with(op, "no-shards", "DatasetNotFound")
+    assert f"spec.data.train: no object s3://{uris['bucket']}/shards/train-000.tar" in message
+    await submit(op, s3, "no-manifest", uris, data={"format": "manifest", "train": f"s3://{uris['bucket']}/m.csv"})
+    message = await failed_with(op, "no-manifest", "DatasetNotFound")
+    assert f"spec.data.train: no object s3://{uris['bucket']}/m.csv" in message
+    s3.client().put_object(Bucket=uris["bucket"], Key="m.csv", Body=b"uri,label\n")
+    await submit(op, s3, "a-manifest", uris, data={"format": "manifest", "train": f"s3://{uris['bucket']}/m.csv"})
+    await op.wait_for(lambda: op.rayjob(NS, "a-manifest"), what="the RayJob of a job whose manifest exists")
+
+
 async def test_every_missing_input_is_reported_at_once(op: OperatorHarness, s3: S3World) -> None:
     await op.create_secret(NS, "s3-creds", CREDENTIALS)
     uris = s3.seed(with_validation=True)

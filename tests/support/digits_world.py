@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import tarfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +55,17 @@ def digit_png(pixels: np.ndarray) -> bytes:
     gray = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), mode="L")
     buffer = io.BytesIO()
     gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar file of regular members (name, bytes), in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, body in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
     return buffer.getvalue()
 
 
@@ -125,6 +137,26 @@ class DigitsWorld:
         self.put_many(items)
         return sorted(items)
 
+    def upload_shards(self, prefix: str, per_class: int, shards: int, labels: range = range(5, 10)) -> str:
+        """The same digits as WebDataset shards (`<n>.png` with `<n>.cls` holding the digit), dealt
+        round-robin into `shards` tar files; returns the brace pattern that names them."""
+        members: list[list[tuple[str, bytes]]] = [[] for _ in range(shards)]
+        counts: dict[int, int] = {}
+        for n, (pixels, label) in enumerate(self.digits(labels)):
+            if counts.get(label, 0) < per_class:
+                counts[label] = counts.get(label, 0) + 1
+                members[n % shards] += [(f"{n:04d}.png", digit_png(pixels)), (f"{n:04d}.cls", str(label).encode())]
+        self.put_many({f"{prefix}/train-{i:03d}.tar": tar_bytes(m) for i, m in enumerate(members)})
+        return f"{prefix}/train-{{000..{shards - 1:03d}}}.tar"
+
+    def upload_manifest(self, uri: str, per_class: int, labels: range = range(5, 10)) -> str:
+        """The same digits as loose images under `<uri>.images/<digit>/`, and a `uri,label` CSV manifest
+        at `uri` naming them by s3:// URI (labels as class names: `digit-5`)."""
+        images = self.upload_folder(f"{uri.rsplit('/', 1)[0]}/loose-images", per_class, labels)
+        rows = ["uri,label", *(f"{image},digit-{image.rsplit('/', 2)[1]}" for image in images)]
+        self.put(uri, "\n".join(rows).encode())
+        return uri
+
     def pretrain(self) -> None:
         """test_resnet trained on digits 0-4 with plain torch, saved as safetensors; also a random init."""
         import timm
@@ -195,6 +227,7 @@ class DigitsWorld:
         checkpoint_every: str = "epoch",
         run_policy: dict[str, Any] | None = None,
         resume: str = "auto",
+        data_format: str | None = None,
     ) -> dict[str, Any]:
         model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy, "resume": resume}
         if trainable_layers is not None:
@@ -202,6 +235,8 @@ class DigitsWorld:
         data: dict[str, Any] = {"train": train, "imageSize": IMAGE_SIZE, "augment": "light" if augment else "none"}
         if validation:
             data["validation"] = validation
+        if data_format:
+            data["format"] = data_format
         manifest = {
             "apiVersion": "kubetune.dev/v1alpha1",
             "kind": "FineTuneJob",

@@ -81,6 +81,7 @@ def test_model_card_says_how_to_use_the_model_and_where_it_came_from() -> None:
         "droppedKeys": ["fc.weight", "fc.bias"],
     }
     assert got["data"] == {
+        "format": "imagefolder",
         "train": "s3://datasets/pets",
         "validation": None,
         "validationSplit": 0.2,

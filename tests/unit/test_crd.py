@@ -271,6 +271,26 @@ CEL_CASES = [
     ({"task": "detection", "data": {"annotations": DETECTION_ANNOTATIONS}}, "model.architecture must be"),
     ({"model": {"architecture": "fcos_resnet50_fpn"}}, "model.architecture must be"),
     ({"training": {"checkpointEvery": "0s"}}, "checkpointEvery must be 'epoch' or a duration"),
+    ({"data": {"format": "manifest", "train": "s3://bkt/data/train.txt"}}, "with format manifest"),
+    ({"data": {"format": "webdataset", "train": "s3://bkt/data/train-{0..3}.tgz"}}, "with format webdataset"),
+    ({"data": {"train": "s3://bkt/data/train-{0..3}"}}, "braces name shards"),
+    ({"data": {"format": "coco"}}, "data.format must be a format of the task"),
+    (
+        {
+            "task": "detection",
+            "model": {"architecture": "ssdlite320_mobilenet_v3_large"},
+            "data": {"format": "imagefolder", "annotations": DETECTION_ANNOTATIONS},
+        },
+        "data.format must be a format of the task",
+    ),
+    (
+        {
+            "task": "detection",
+            "model": {"architecture": "ssdlite320_mobilenet_v3_large"},
+            "data": {"format": "manifest", "train": "s3://bkt/m/train.jsonl", "annotations": DETECTION_ANNOTATIONS},
+        },
+        "data.annotations is required",
+    ),
     ({"training": {"checkpointEvery": "169h"}}, "checkpointEvery must be 'epoch' or a duration"),
 ]
 
@@ -316,6 +336,19 @@ def test_each_cel_rule_rejects_what_its_python_twin_rejects(edit: dict[str, Any]
         # Siblings that merely share a string prefix do not overlap: data/train vs data/train-2.
         {"spec": {"output": {"path": "s3://bkt/data/train-runs/"}, "data": {"validation": "s3://bkt/data/training"}}},
         {"spec": {"resources": {"tolerations": [{"operator": "Exists"}, {"key": "k", "value": "v"}]}}},
+        {"spec": {"data": {"format": "webdataset", "train": "s3://bkt/shards/train-{000000..000127}.tar"}}},
+        {
+            "spec": {
+                "data": {"format": "manifest", "train": "s3://bkt/m/train.csv", "validation": "s3://bkt/m/val.jsonl"}
+            }
+        },
+        {
+            "spec": {
+                "task": "detection",
+                "model": {"architecture": "fasterrcnn_mobilenet_v3_large_320_fpn"},
+                "data": {"format": "webdataset", "train": "s3://bkt/shards/{a,b}.tar"},
+            }
+        },
         {"spec": {"resources": {"tolerations": [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 5}]}}},
         {
             "spec": {

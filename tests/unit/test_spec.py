@@ -229,3 +229,49 @@ def test_condition_reason_is_camel_case() -> None:
     Condition(type="Failed", status="True", reason="CheckpointNotFound", last_transition_time="2025-03-01T10:00:00Z")
     with pytest.raises(ValidationError):
         Condition(type="Failed", status="True", reason="checkpoint not found", last_transition_time="2025-03-01")
+
+
+def test_data_format_names_the_allowed_values() -> None:
+    from kubetune_operator.messages import format_validation_error
+
+    with pytest.raises(ValidationError) as caught:
+        FineTuneJob.from_body(job_with(data={"format": "tfrecord"}))
+    (message,) = format_validation_error(caught.value, "job.yaml")
+    assert "spec.data.format" in message
+    assert all(name in message for name in ("imagefolder", "coco", "webdataset", "manifest")), message
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"format": "coco"}, "data.format: 'coco' is not a format of task classification"),
+        ({"format": "manifest", "train": "s3://datasets/m/train.txt"}, "train: with format manifest"),
+        ({"format": "webdataset", "train": "s3://datasets/s/train-{0..9}"}, "train: with format webdataset"),
+        ({"format": "webdataset", "train": "s3://datasets/s/train-{0..999999}.tar"}, "at most 100,000 shards"),
+        ({"format": "webdataset", "train": "s3://datasets/s/{a}.tar"}, "neither a range"),
+        ({"train": "s3://datasets/s/train-{0..3}.tar"}, "braces name shards, only with format webdataset"),
+    ],
+)
+def test_data_uris_must_fit_their_format(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        FineTuneJob.from_body(job_with(data=data))
+    assert expected in str(caught.value)
+
+
+def test_detection_from_shards_or_a_manifest_needs_no_annotations() -> None:
+    detection = {"task": "detection", "model": {"architecture": "fasterrcnn_mobilenet_v3_large_320_fpn"}}
+    for data in (
+        {"format": "webdataset", "train": "s3://datasets/s/train-{000000..000127}.tar"},
+        {"format": "manifest", "train": "s3://datasets/m/boxes.jsonl"},
+    ):
+        body = job_with(data=data, model=detection["model"])
+        body["spec"]["task"] = "detection"
+        assert FineTuneJob.from_body(body).spec.data.format == data["format"]
+        body["spec"]["data"]["annotations"] = {
+            "train": "s3://datasets/a/t.json",
+            "validation": "s3://datasets/a/v.json",
+        }
+        with pytest.raises(
+            ValidationError, match=r"data\.annotations: only allowed with task .detection. and format coco"
+        ):
+            FineTuneJob.from_body(body)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -245,20 +247,128 @@ class AnnotationsSpec(SpecSection):
     validation: AnnotationsUri = Field(description="s3:// URI of the validation annotations (COCO JSON).")
 
 
+# data.format: how the dataset is laid out (docs/trainer.md, "Data"). Omitted: imagefolder for
+# classification, coco for detection.
+DataFormat = Literal["imagefolder", "coco", "webdataset", "manifest"]
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "classification": ("imagefolder", "webdataset", "manifest"),
+    "detection": ("coco", "webdataset", "manifest"),
+}
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+SHARD_SUFFIX = ".tar"
+# The most shards a brace pattern may name (s3://b/train-{000000..099999}.tar is the largest).
+MAX_SHARDS = 100_000
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^([0-9]{1,9})\.\.([0-9]{1,9})$")
+
+
+def _brace_choices(body: str, pattern: str) -> list[str]:
+    """The strings one {...} group stands for: a range {000..127} (zero-padded to the first bound's width)
+    or a list {a,b,c}; bounded by MAX_SHARDS before anything is expanded."""
+    if span := _RANGE.match(body):
+        first, last = int(span.group(1)), int(span.group(2))
+        if last < first or last - first + 1 > MAX_SHARDS:
+            raise ValueError(f"'{{{body}}}' in {pattern} must count up, naming at most {MAX_SHARDS:,} shards")
+        width = len(span.group(1))
+        return [str(n).zfill(width) for n in range(first, last + 1)]
+    choices = body.split(",")
+    if len(choices) < 2 or any(not c for c in choices):
+        raise ValueError(f"'{{{body}}}' in {pattern} is neither a range {{000..127}} nor a list {{a,b}}")
+    return choices
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Every string a shard pattern names (`s3://b/train-{000000..000127}.tar`), in order; ValueError
+    for a malformed group or more than MAX_SHARDS names in all (counted before they are made)."""
+    parts = _BRACES.split(pattern)  # literal, group, literal, group, ..., literal
+    literals, groups = parts[0::2], [_brace_choices(body, pattern) for body in parts[1::2]]
+    if any(c in literal for literal in literals for c in "{}"):
+        raise ValueError(f"{pattern}: braces must pair up and may not nest")
+    if math.prod(len(g) for g in groups) > MAX_SHARDS:
+        raise ValueError(f"{pattern} names more than {MAX_SHARDS:,} shards")
+    names = [literals[0]]
+    for group, literal in zip(groups, literals[1:], strict=True):
+        names = [name + choice + literal for name in names for choice in group]
+    return names
+
+
+def data_format(task: str, data: DataSpec) -> str:
+    """data.format, or the task's own layout when it is omitted (imagefolder, coco)."""
+    return data.format or ("coco" if task == "detection" else "imagefolder")
+
+
+def _check_uri_shape(data_format: str | None, field_name: str, uri: str) -> None:
+    """A manifest names one .csv/.jsonl file; a webdataset a .tar shard or a brace pattern of them."""
+    if data_format == "manifest" and not uri.endswith(MANIFEST_SUFFIXES):
+        raise ValueError(f"{field_name}: with format manifest, the s3:// URI of a .csv or .jsonl file (got {uri})")
+    if data_format == "webdataset":
+        if not uri.endswith(SHARD_SUFFIX):
+            raise ValueError(
+                f"{field_name}: with format webdataset, .tar shards like s3://bucket/train-{{000000..000127}}.tar "
+                f"(got {uri})"
+            )
+        expand_braces(uri)
+    elif "{" in uri or "}" in uri:
+        raise ValueError(f"{field_name}: braces name shards, only with format webdataset (got {uri})")
+
+
+def _ends_cel(field: str, suffixes: tuple[str, ...]) -> str:
+    return "(" + " || ".join(f"{field}.endsWith('{suffix}')" for suffix in suffixes) + ")"
+
+
+def _braces_cel(field: str) -> str:
+    return f"({field}.contains('{{') || {field}.contains('}}'))"
+
+
+FORMAT_URI_RULES = [
+    cel(
+        "!has(self.format) || (self.format == 'manifest' ? "
+        f"{_ends_cel('self.train', MANIFEST_SUFFIXES)} && "
+        f"(!has(self.validation) || {_ends_cel('self.validation', MANIFEST_SUFFIXES)}) : "
+        f"(self.format != 'webdataset' || {_ends_cel('self.train', (SHARD_SUFFIX,))} && "
+        f"(!has(self.validation) || {_ends_cel('self.validation', (SHARD_SUFFIX,))})))",
+        "with format manifest, train and validation name .csv or .jsonl files; with format webdataset, .tar shards",
+        ".format",
+    ),
+    cel(
+        f"(has(self.format) && self.format == 'webdataset') || !({_braces_cel('self.train')} || "
+        f"(has(self.validation) && {_braces_cel('self.validation')}))",
+        "braces name shards, only with format webdataset",
+        ".train",
+    ),
+]
+
+
 class DataSpec(SpecSection):
-    """Where the images are: an ImageFolder layout (<prefix>/<class>/<image>) in S3, or images and COCO
-    annotations for detection."""
+    """Where the images are: an ImageFolder layout (<prefix>/<class>/<image>) in S3, images and COCO
+    annotations for detection, WebDataset tar shards, or a manifest file of image URIs and labels."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [VALIDATION_APART_RULE]})
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [VALIDATION_APART_RULE, *FORMAT_URI_RULES]}
+    )
 
+    format: DataFormat | None = Field(
+        default=None,
+        description=(
+            "How the dataset is laid out: imagefolder (classification's default: <prefix>/<class>/<image>), coco "
+            "(detection's default: images and data.annotations), webdataset (tar shards, data.train "
+            "s3://bucket/train-{000000..000127}.tar; labels from .cls/.json members, boxes from .json), or "
+            "manifest (data.train a .csv of uri,label or a .jsonl of image URIs with a label or boxes)."
+        ),
+    )
     train: S3Prefix = Field(
-        description="s3:// prefix of the training images: one folder per class, or (detection) the images the annotations name."
+        description=(
+            "s3:// prefix of the training images: one folder per class, or (detection) the images the annotations "
+            "name; webdataset: the shards (a .tar URI, braces allowed); manifest: the .csv or .jsonl file."
+        )
     )
     validation: S3Prefix | None = Field(
         default=None,
         description=(
             "s3:// prefix of the validation images (same class folders); a seeded split of train when omitted. "
-            "Detection: the prefix of the validation annotations' images; train's when omitted."
+            "Detection: the prefix of the validation annotations' images; train's when omitted. Webdataset and "
+            "manifest: the validation shards or file, in the format of train; a seeded split of train when omitted."
         ),
     )
     annotations: AnnotationsSpec | None = Field(
@@ -285,6 +395,13 @@ class DataSpec(SpecSection):
             "jitter: timm's ImageNet recipe at 224 px). Detection flips with every policy but none."
         ),
     )
+
+    @model_validator(mode="after")
+    def _uris_fit_the_format(self) -> DataSpec:
+        _check_uri_shape(self.format, "train", self.train)
+        if self.validation is not None:
+            _check_uri_shape(self.format, "validation", self.validation)
+        return self
 
     @model_validator(mode="after")
     def _validation_apart_from_train(self) -> DataSpec:
@@ -540,16 +657,27 @@ def check_task(task: str, model: ModelSpec, data: DataSpec) -> None:
                 f"model.architecture: '{model.architecture}' is a classification architecture; detection accepts: "
                 + ", ".join(DETECTION_ARCHITECTURES)
             )
-        if data.annotations is None:
-            raise ValueError("data.annotations: required with task 'detection' (COCO JSON for train and validation)")
     else:
         if detector:
             raise ValueError(
                 f"model.architecture: '{model.architecture}' is a detection architecture; set task: detection, "
                 "or name a timm classification model (e.g. resnet50)"
             )
-        if data.annotations is not None:
-            raise ValueError(f"data.annotations: only allowed with task 'detection' (task is '{task}')")
+    check_format(task, data)
+
+
+def check_format(task: str, data: DataSpec) -> None:
+    """The formats each task reads, and data.annotations exactly with coco."""
+    if data.format is not None and data.format not in TASK_FORMATS[task]:
+        raise ValueError(
+            f"data.format: '{data.format}' is not a format of task {task}; it accepts: {', '.join(TASK_FORMATS[task])}"
+        )
+    layout = data_format(task, data)
+    if layout == "coco" and data.annotations is None:
+        raise ValueError("data.annotations: required with task 'detection' (COCO JSON for train and validation)")
+    if layout != "coco" and data.annotations is not None:
+        why = f"task is '{task}'" if task != "detection" else f"format is '{layout}': its files hold the boxes"
+        raise ValueError(f"data.annotations: only allowed with task 'detection' and format coco ({why})")
 
 
 def _cel_list(items: tuple[str, ...]) -> str:
@@ -563,9 +691,20 @@ TASK_CEL_RULES = [
         ".model.numClasses",
     ),
     cel(
-        "self.task == 'detection' ? has(self.data.annotations) : !has(self.data.annotations)",
-        "data.annotations is required with task detection and not allowed with classification",
+        "(self.task == 'detection' && (!has(self.data.format) || self.data.format == 'coco')) "
+        "== has(self.data.annotations)",
+        "data.annotations is required with task detection (format coco) and not allowed otherwise",
         ".data.annotations",
+    ),
+    cel(
+        "!has(self.data.format) || self.data.format in "
+        "(self.task == 'detection' ? "
+        f"{_cel_list(TASK_FORMATS['detection'])} : {_cel_list(TASK_FORMATS['classification'])})",
+        "data.format must be a format of the task: classification reads "
+        + ", ".join(TASK_FORMATS["classification"])
+        + "; detection reads "
+        + ", ".join(TASK_FORMATS["detection"]),
+        ".data.format",
     ),
     cel(
         f"(self.model.architecture in {_cel_list(DETECTION_ARCHITECTURES)}) == (self.task == 'detection')",

@@ -24,11 +24,11 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -38,6 +38,7 @@ from kubetune_trainer.cache import cache_root, digest, node_lock
 from kubetune_trainer.config import MAX_CLASSES, DataSpec
 from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.localpaths import local_path, unsafe_reason
+from kubetune_trainer.shards import SHARD_THREADS, extract_members
 from kubetune_trainer.storage import (
     DOWNLOAD_THREADS,
     MAX_LISTED_OBJECTS,
@@ -64,12 +65,23 @@ FIRST_PAGE_KEYS = 1000  # S3's largest page
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: its key in the bucket, its class index, and size/ETag to validate the cached copy."""
+    """One image: its key in the bucket, its class index, and size/ETag to validate the cached copy.
+
+    An image inside a WebDataset shard has the shard's key as `source` and `<shard key>/<member name>` as
+    its key (its path in the node cache), its member's size and the shard's ETag."""
 
     key: str
     label: int
     size: int
     etag: str
+    source: str = ""
+
+    def wire(self) -> list[Any]:
+        return [self.key, self.label, self.size, self.etag, *([self.source] if self.source else [])]
+
+    @classmethod
+    def from_wire(cls, row: Sequence[Any]) -> Sample:
+        return cls(str(row[0]), int(row[1]), int(row[2]), str(row[3]), str(row[4]) if len(row) > 4 else "")
 
 
 @dataclass
@@ -84,6 +96,8 @@ class DatasetIndex:
     corrupt: dict[str, str] = field(default_factory=dict)
     # Digest of the full listing (keys, ETags, sizes): names the node cache of this dataset.
     cache_key: str = ""
+    # The WebDataset shards the samples come from (key → size), if any (`Sample.source`).
+    shards: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.cache_key:
@@ -98,11 +112,12 @@ class DatasetIndex:
         return {
             "bucket": self.bucket,
             "classNames": self.class_names,
-            "train": [[s.key, s.label, s.size, s.etag] for s in self.train],
-            "validation": [[s.key, s.label, s.size, s.etag] for s in self.validation],
+            "train": [s.wire() for s in self.train],
+            "validation": [s.wire() for s in self.validation],
             "ignoredObjects": self.ignored_objects,
             "corrupt": self.corrupt,
             "cacheKey": self.cache_key,
+            "shards": self.shards,
         }
 
     @classmethod
@@ -110,11 +125,12 @@ class DatasetIndex:
         return cls(
             bucket=data["bucket"],
             class_names=list(data["classNames"]),
-            train=[Sample(k, int(lbl), int(sz), e) for k, lbl, sz, e in data["train"]],
-            validation=[Sample(k, int(lbl), int(sz), e) for k, lbl, sz, e in data["validation"]],
+            train=[Sample.from_wire(row) for row in data["train"]],
+            validation=[Sample.from_wire(row) for row in data["validation"]],
             ignored_objects=int(data.get("ignoredObjects", 0)),
             corrupt=dict(data.get("corrupt", {})),
             cache_key=str(data.get("cacheKey", "")),
+            shards={str(k): int(v) for k, v in data.get("shards", {}).items()},
         )
 
     def without_corrupt(self, corrupt: Mapping[str, str]) -> DatasetIndex:
@@ -126,6 +142,7 @@ class DatasetIndex:
             ignored_objects=self.ignored_objects,
             corrupt=dict(corrupt),
             cache_key=self.cache_key,
+            shards=self.shards,
         )
 
 
@@ -187,31 +204,45 @@ def _list_classes(store: S3Store, prefix: S3Uri) -> dict[str, list[ObjectInfo]]:
                 listed.setdefault(name, []).append(info)
         return listed
     classes = store.list_folders(prefix, MAX_CLASSES)
+    return dict(zip(classes, list_prefixes(store, [prefix.join(name) for name in classes], prefix), strict=True))
+
+
+def list_prefixes(store: S3Store, prefixes: Sequence[S3Uri], where: S3Uri) -> list[list[ObjectInfo]]:
+    """Every object under each prefix, listed in parallel, at most MAX_LISTED_OBJECTS in all (StorageError
+    naming `where` past that)."""
     total = [0]
     lock = threading.Lock()
 
-    def list_class(name: str) -> list[ObjectInfo]:
+    def list_one(prefix: S3Uri) -> list[ObjectInfo]:
         # Each listing may take what the finished ones left; at most LIST_THREADS run past the limit at once.
-        objects = store.list_objects(prefix.join(name), MAX_LISTED_OBJECTS - total[0])
+        objects = store.list_objects(prefix, MAX_LISTED_OBJECTS - total[0])
         with lock:
             total[0] += len(objects)
             if total[0] > MAX_LISTED_OBJECTS:
-                raise listing_too_long(prefix, MAX_LISTED_OBJECTS)
+                raise listing_too_long(where, MAX_LISTED_OBJECTS)
         return objects
 
-    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(classes)))) as pool:
-        return dict(zip(classes, pool.map(list_class, classes), strict=True))
+    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(prefixes)))) as pool:
+        return list(pool.map(list_one, prefixes))
+
+
+class Keyed(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+K = TypeVar("K", bound=Keyed)
 
 
 def split_per_class(
-    by_class: Mapping[str, Sequence[ObjectInfo]], fraction: float, seed: int
-) -> tuple[dict[str, list[ObjectInfo]], dict[str, list[ObjectInfo]]]:
+    by_class: Mapping[str, Sequence[K]], fraction: float, seed: int
+) -> tuple[dict[str, list[K]], dict[str, list[K]]]:
     """A seeded split that keeps every class in both parts when it has two images or more.
 
     The same keys, fraction and seed give the same split, whatever order S3 listed them in.
     """
-    train: dict[str, list[ObjectInfo]] = {}
-    validation: dict[str, list[ObjectInfo]] = {}
+    train: dict[str, list[K]] = {}
+    validation: dict[str, list[K]] = {}
     for name, objects in by_class.items():
         ordered = sorted(objects, key=lambda o: o.key)
         random.Random(f"{seed}/{name}").shuffle(ordered)
@@ -234,11 +265,7 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
             f"({'/'.join(IMAGE_SUFFIXES)})"
         )
     class_names = sorted(by_class)
-    if num_classes is not None and num_classes != len(class_names):
-        raise ConfigError(
-            f"model.numClasses: {num_classes} does not match the {len(class_names)} class folders under "
-            f"{train_prefix}/ ({', '.join(class_names[:10])}{', …' if len(class_names) > 10 else ''})"
-        )
+    check_class_count(num_classes, class_names, f"class folders under {train_prefix}/")
     if data.validation:
         validation_prefix = S3Uri.parse(data.validation)
         if validation_prefix.bucket != train_prefix.bucket:
@@ -247,12 +274,9 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
         val_by_class = val_listing.by_class
         ignored += val_listing.ignored
         refused.update(val_listing.refused)
-        unknown = sorted(set(val_by_class) - set(class_names))
-        if unknown:
-            raise DataError(
-                f"class folder(s) {', '.join(repr(c) for c in unknown)} under {validation_prefix}/ are not "
-                f"classes of {train_prefix}/"
-            )
+        check_known_classes(
+            val_by_class, class_names, f"class folder(s) {{}} under {validation_prefix}/", f"{train_prefix}/"
+        )
         train_split, val_split = dict(by_class), val_by_class
     else:
         train_split, val_split = split_per_class(by_class, data.validation_split, seed)
@@ -265,11 +289,29 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
     index = DatasetIndex(
         train_prefix.bucket, class_names, samples(train_split), samples(val_split), ignored, corrupt=refused
     )
-    if not index.validation:
-        raise DataError(
-            f"no validation images: give data.validation or put at least 2 images per class in {train_prefix}/"
-        )
+    check_validation(index, f"{train_prefix}/")
     return index
+
+
+def check_class_count(num_classes: int | None, class_names: Sequence[str], what: str) -> None:
+    """model.numClasses, when given, must be the number of classes the data has (`what` names them)."""
+    if num_classes is not None and num_classes != len(class_names):
+        raise ConfigError(
+            f"model.numClasses: {num_classes} does not match the {len(class_names)} {what} "
+            f"({', '.join(class_names[:10])}{', …' if len(class_names) > 10 else ''})"
+        )
+
+
+def check_known_classes(validation: Iterable[str], class_names: Sequence[str], what: str, train: object) -> None:
+    """Validation may only hold classes of train; `what` says where, with {} for the unknown names."""
+    unknown = sorted(set(validation) - set(class_names))
+    if unknown:
+        raise DataError(f"{what.format(', '.join(repr(c) for c in unknown[:10]))} are not classes of {train}")
+
+
+def check_validation(index: DatasetIndex, train: str) -> None:
+    if not index.validation:
+        raise DataError(f"no validation images: give data.validation or put at least 2 images per class in {train}")
 
 
 # -- the node cache (workers, or the driver when it shares the node) -------------------------------
@@ -321,6 +363,7 @@ def prepare_images(store: S3Store, index: DatasetIndex, root: Path | None = None
     with node_lock(folder):
         checked: dict[str, str | None] = json.loads(checked_file.read_text()) if checked_file.is_file() else {}
         todo = [s for s in index.samples if _needs_check(folder, index.bucket, s, checked)]
+        unpack_shards(store, index, folder, [s for s in todo if s.source and refusal(s.key) is None])
 
         def ensure(sample: Sample) -> tuple[str, str | None]:
             why = refusal(sample.key)
@@ -330,6 +373,8 @@ def prepare_images(store: S3Store, index: DatasetIndex, root: Path | None = None
                 return sample.key, f"refused: {sample.size:,} bytes, more than the {MAX_IMAGE_BYTES:,} allowed"
             path = local_path(folder, sample.key, f"s3://{index.bucket}/{sample.key}")
             if not (path.is_file() and path.stat().st_size == sample.size):
+                if sample.source:  # unpack_shards wrote every member it found whole
+                    return sample.key, f"missing: not found whole in s3://{index.bucket}/{sample.source}"
                 store.download_file(S3Uri(index.bucket, sample.key), path, size=sample.size)
             return sample.key, verify_image(path)
 
@@ -341,6 +386,23 @@ def prepare_images(store: S3Store, index: DatasetIndex, root: Path | None = None
             os.replace(tmp, checked_file)
     corrupt = {**index.corrupt, **{s.key: reason for s in index.samples if (reason := checked.get(s.key))}}
     return folder, corrupt
+
+
+def unpack_shards(store: S3Store, index: DatasetIndex, folder: Path, samples: Sequence[Sample]) -> None:
+    """The image members of `samples` written from their WebDataset shards, one streamed read a shard,
+    several shards at a time (`shards.extract_members`: regular members only, sizes as indexed)."""
+    by_shard: dict[str, dict[str, tuple[int, Path]]] = {}
+    for sample in samples:
+        if sample.size <= MAX_IMAGE_BYTES:
+            path = local_path(folder, sample.key, f"s3://{index.bucket}/{sample.key}")
+            by_shard.setdefault(sample.source, {})[sample.key[len(sample.source) + 1 :]] = (sample.size, path)
+
+    def unpack(shard: str) -> None:
+        uri = S3Uri(index.bucket, shard)
+        extract_members(store, uri, index.shards[shard], by_shard[shard], MAX_IMAGE_BYTES)
+
+    with ThreadPoolExecutor(max_workers=min(SHARD_THREADS, len(by_shard)) or 1, thread_name_prefix="shards") as pool:
+        list(pool.map(unpack, sorted(by_shard)))
 
 
 def _needs_check(folder: Path, bucket: str, sample: Sample, checked: Mapping[str, str | None]) -> bool:

@@ -137,7 +137,13 @@ def parse_coco(
     `class_ids` fixes the label order (the validation file uses the training file's categories); when
     omitted it is the file's categories sorted by id.
     """
-    coco = _load_coco(raw, source)
+    return sanitize_coco(_load_coco(raw, source), source, class_ids)
+
+
+def sanitize_coco(
+    coco: Mapping[str, Any], source: str, class_ids: Sequence[int] | None = None
+) -> tuple[list[DetectionSample], list[str], list[int], AnnotationCounts]:
+    """`parse_coco` of a COCO object already read (the other formats' boxes, put in COCO's shape)."""
     categories = _categories(coco, source)
     ids = list(class_ids) if class_ids is not None else sorted(categories)
     if not ids:

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune_trainer.checkpoint import MODEL_FILE, PROGRESS_FILE
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import TrainerConfig, data_format
 from kubetune_trainer.data import DatasetIndex
 from kubetune_trainer.detection_data import DetectionIndex
 from kubetune_trainer.detection_eval import SCORE_THRESHOLD
@@ -162,6 +162,7 @@ def classification_card(
         "metrics": card_metrics(final),
         **_provenance(config, weights, history, finished_at),
         "data": {
+            "format": data_format(config.task, config.data),
             "train": config.data.train,
             "validation": config.data.validation,
             "validationSplit": None if config.data.validation else config.data.validation_split,
@@ -202,6 +203,7 @@ def detection_card(
         "metrics": card_metrics(final),
         **_provenance(config, weights, history, finished_at),
         "data": {
+            "format": data_format(config.task, config.data),
             "train": config.data.train,
             "validation": config.data.validation or config.data.train,
             "annotations": annotations.wire() if annotations else None,

@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -273,6 +274,21 @@ class S3Store:
             return b"".join(self._bounded_chunks(response, uri, max_bytes, field))
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, uri, "read") from None
+
+    @contextmanager
+    def open_body(self, uri: S3Uri) -> Iterator[Any]:
+        """The object's body as a stream (`read(n)`), for one pass over a big object (a tar shard)."""
+        try:
+            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+        except (ClientError, BotoCoreError) as error:
+            raise self._storage_error(error, uri, "read") from None
+        body = response["Body"]
+        try:
+            yield body
+        except (ClientError, BotoCoreError) as error:  # the connection failing mid-body
+            raise self._storage_error(error, uri, "read") from None
+        finally:
+            body.close()
 
     def _bounded_chunks(self, response: Any, uri: S3Uri, limit: int, field: str = "") -> Iterator[bytes]:
         """The body of a GET response, refused (closed unread) when it is longer than `limit` bytes."""

@@ -13,8 +13,9 @@ from torch import nn
 
 from kubetune_trainer.augment import augment_plan
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.data import DatasetIndex, build_index, datasets
+from kubetune_trainer.data import DatasetIndex, datasets
 from kubetune_trainer.export import CLASSIFICATION_PANELS, Panel, classification_card
+from kubetune_trainer.formats import classification_index
 from kubetune_trainer.model import (
     TrainablePlan,
     WeightsReport,
@@ -49,8 +50,8 @@ class ClassificationTask:
 
     @classmethod
     def find(cls, config: TrainerConfig, store: S3Store) -> ClassificationTask:
-        """List the class folders and split them (`data.build_index`)."""
-        return cls(config, build_index(store, config.data, config.model.num_classes, config.training.seed))
+        """List the class folders (or read the shards or manifest) and split them (`formats.classification_index`)."""
+        return cls(config, classification_index(store, config))
 
     @classmethod
     def from_wire(cls, config: TrainerConfig, data: Mapping[str, Any]) -> ClassificationTask:

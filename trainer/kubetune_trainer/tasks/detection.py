@@ -15,7 +15,7 @@ from kubetune_trainer.augment import detection_augment, detection_flips
 from kubetune_trainer.checkpoint import unwrap
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import DatasetIndex
-from kubetune_trainer.detection_data import DetectionFiles, DetectionIndex, build_detection_index, collate
+from kubetune_trainer.detection_data import DetectionFiles, DetectionIndex, collate
 from kubetune_trainer.detection_eval import (
     SCORE_THRESHOLD,
     best_score_threshold,
@@ -30,6 +30,7 @@ from kubetune_trainer.detection_model import (
     transform_config,
 )
 from kubetune_trainer.export import DETECTION_PANELS, DETECTIONS_FILE, Panel, detection_card
+from kubetune_trainer.formats import detection_index
 from kubetune_trainer.model import TrainablePlan, WeightsReport
 from kubetune_trainer.progress_model import validation_keys
 from kubetune_trainer.steps import Autocast, DetectionStepper
@@ -86,8 +87,9 @@ class DetectionTask:
 
     @classmethod
     def find(cls, config: TrainerConfig, store: S3Store) -> DetectionTask:
-        """Read and sanitise the COCO files and match them to the listing (`build_detection_index`)."""
-        boxes, images = build_detection_index(store, config.data, config.model.num_classes)
+        """Read and sanitise the boxes (COCO files, shards or a manifest) and match them to the listed
+        images (`formats.detection_index`)."""
+        boxes, images = detection_index(store, config)
         return cls(config, boxes, images)
 
     @classmethod
