@@ -122,6 +122,9 @@ def elastic(world: World, facts: dict[str, Any]) -> None:
         batch_size=ELASTIC_BATCH,
         workers=workers,
         checkpoint_every="1s",
+        # The node's Train worker gets SIGTERM as the node goes: Ray Train restarts the workers at the
+        # notice's deadline at the latest (the held workers take no step to checkpoint it sooner).
+        run_policy={"preemptionGraceSeconds": 10},
         env={ELASTIC_MARKS_ENV: str(marks)},
     )
     with world.training_slot(), ProgressSampler(world, name) as sampler:
