@@ -125,7 +125,9 @@ def elastic(world: World, facts: dict[str, Any]) -> None:
         # The node's Train worker gets SIGTERM as the node goes: Ray Train restarts the workers at the
         # notice's deadline at the latest (the held workers take no step to checkpoint it sooner).
         run_policy={"preemptionGraceSeconds": 10},
-        env={ELASTIC_MARKS_ENV: str(marks)},
+        # Right after the node went, Ray Train's view of the nodes (refreshed every 20 s) may still count 2
+        # workers: the restart then waits out this timeout (60 s by default) before it tries with 1.
+        env={ELASTIC_MARKS_ENV: str(marks), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"},
     )
     with world.training_slot(), ProgressSampler(world, name) as sampler:
         world.submit(manifest)
