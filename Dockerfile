@@ -84,6 +84,9 @@ RUN pip list --format=freeze > /home/ray/ray-image-constraints.txt \
       matplotlib==3.11.2 \
       torchmetrics==1.9.0 \
       pycocotools==2.0.11 \
+      onnx==1.23.2 \
+      onnxruntime==1.32.0 \
+      mlflow-skinny==3.17.2 \
       pydantic \
       boto3 \
       pyarrow \

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml devtools/pyproject.toml
 	@touch $@
 
 # Real servers and CLIs the tests drive, unpacked from Debian packages into .tools (no system service).
-tools: $(TOOLS)/bin/promtool $(TOOLS)/bin/kubectl
+tools: $(TOOLS)/bin/promtool $(TOOLS)/bin/kubectl $(TOOLS)/bin/chromium
 $(TOOLS)/bin/promtool:
 	@mkdir -p $(TOOLS)/deb $(TOOLS)/bin
 	@command -v apt-get >/dev/null || { echo "apt-get is needed to fetch Debian's prometheus package"; exit 1; }
@@ -37,6 +37,14 @@ $(TOOLS)/bin/kubectl:
 	cd $(TOOLS)/deb && { ls kubernetes-client_*.deb >/dev/null 2>&1 || apt-get download kubernetes-client 2>/dev/null || { apt-get update -qq && apt-get download kubernetes-client; }; }
 	dpkg-deb -x $$(ls $(TOOLS)/deb/kubernetes-client_*.deb | head -1) $(TOOLS)/root
 	ln -sf $(CURDIR)/$(TOOLS)/root/usr/bin/kubectl $(TOOLS)/bin/kubectl
+
+# A real headless browser for the tests of report.html: Debian's chromium. Unlike the two above it needs
+# its shared libraries too, so apt-get installs it (as root, no service) unless the machine already has it.
+$(TOOLS)/bin/chromium:
+	@mkdir -p $(TOOLS)/bin
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null || { echo "apt-get is needed to install Debian's chromium"; exit 1; }; \
+	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; }
+	ln -sf "$$(command -v chromium)" $(TOOLS)/bin/chromium
 
 test: setup
 	$(PY) -m pytest

@@ -164,11 +164,11 @@ def logs_to_file(log_file: Path) -> Iterator[None]:
 
 
 def download_results(cluster: DevCluster, job: dict[str, Any], workdir: Path) -> dict[str, Path]:
-    """Fetch the exported model card and training curves from the job's output prefix."""
+    """Fetch the exported model card, training curves and evaluation report from the job's output prefix."""
     bucket, prefix = split_uri(job["spec"]["output"]["path"])
     s3 = cluster.s3()
     found: dict[str, Path] = {}
-    for name in ("training-curves.png", "model.json", "history.json"):
+    for name in ("training-curves.png", "model.json", "history.json", "report.html", "evaluation.json"):
         target = workdir / name
         try:
             s3.download_file(bucket, f"{prefix.rstrip('/')}/{name}".lstrip("/"), str(target))
@@ -271,10 +271,14 @@ def report(cluster: DevCluster, job: dict[str, Any], workdir: Path, elapsed: flo
         print(f"training log: {cluster.workdir / 'rayjobs' / meta['namespace'] / meta['name']}", file=out)
         return 1
     files = download_results(cluster, job, workdir)
-    print(f"model: {status.get('model') or job['spec']['output']['path']}", file=out)
-    print(f"final validation accuracy: {number(final_accuracy(job, files), '.3f')}", file=out)
+    model = status.get("model") or {}
+    print(f"model: {model.get('uri') or job['spec']['output']['path']}", file=out)
+    exported = f" (epoch {model['bestEpoch']}, the best by {model.get('selectBy')})" if model.get("bestEpoch") else ""
+    print(f"validation accuracy: {number(final_accuracy(job, files), '.3f')}{exported}", file=out)
     if "training-curves.png" in files:
         print(f"training curves: {files['training-curves.png']}", file=out)
+    if "report.html" in files:  # open it in a browser: one self-contained page
+        print(f"evaluation report: {files['report.html']}", file=out)
     print(f"done in {duration(elapsed)}", file=out, flush=True)
     return 0
 

@@ -43,6 +43,7 @@ from kubetune_operator.pod_security import (
     scratch_mounts,
     scratch_volumes,
 )
+from kubetune_operator.retention import end_of_run
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
@@ -457,7 +458,6 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
         # Job pod, and an eviction of that pod can fail the RayJob. SidecarMode would survive too, but
         # needs KubeRay >= 1.5 and the head pod's restartPolicy Never; HTTPMode works since KubeRay 1.1.
         "submissionMode": "HTTPMode",
-        "shutdownAfterJobFinishes": True,
         "backoffLimit": policy.backoff_limit,
         "suspend": policy.suspend,
         "rayClusterSpec": {
@@ -472,6 +472,11 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
         spec["rayClusterSpec"]["autoscalerOptions"] = _autoscaler_options()
     if policy.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.start_deadline_seconds is not None:
+        spec["preRunningDeadlineSeconds"] = policy.start_deadline_seconds
+    # What KubeRay deletes when the run ends: a failed job's head stays for keepFailedFor (retention.py).
+    end = end_of_run(policy, settings, suspended=policy.suspend)
+    spec.update({key: value for key, value in end.items() if value is not None})
     return {"apiVersion": RAYJOB_API_VERSION, "kind": RAYJOB_KIND, "metadata": metadata, "spec": spec}
 
 

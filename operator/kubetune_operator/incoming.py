@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from kubetune_operator.messages import format_validation_error
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob, RunPolicy
+from kubetune_trainer.config import OUTPUT_FILES, selected_metric
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -87,9 +88,26 @@ class JobRecord:
     @property
     def model_uri(self) -> str | None:
         """Where a successful run leaves the model (None when the spec is invalid)."""
+        status = self.model_status()
+        return str(status["uri"]) if status else None
+
+    def model_status(self) -> dict[str, Any] | None:
+        """`status.model` of a successful run: where its files are, and the epoch it exported (the best by
+        selectBy, as the trainer's last progress update named it); None when the spec is invalid."""
         if isinstance(self.job, InvalidJob):
             return None
-        return f"{self.job.spec.output.path.rstrip('/')}/model.safetensors"
+        out = self.job.spec.output.path.rstrip("/")
+        progress = _mapping(self.status.get("progress"))
+        best = progress.get("bestEpoch")
+        status = {
+            "uri": f"{out}/{OUTPUT_FILES['weights']}",
+            "card": f"{out}/{OUTPUT_FILES['card']}",
+            "report": f"{out}/{OUTPUT_FILES['report']}",
+            "evaluation": f"{out}/{OUTPUT_FILES['evaluation']}",
+            "bestEpoch": best if isinstance(best, int) and not isinstance(best, bool) and best >= 1 else None,
+            "selectBy": selected_metric(self.job.spec.task, self.job.spec.training.select_by),
+        }
+        return {key: value for key, value in status.items() if value is not None}
 
     def with_status(self, status: Mapping[str, Any]) -> JobRecord:
         return dataclasses.replace(self, status=status)

@@ -252,11 +252,17 @@ class Kube:
             self.custom.get_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name
         )
 
-    async def set_rayjob_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        body = {"spec": {"suspend": suspend}}
-        await self._call(
-            self.custom.patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name, body
-        )
+    async def patch_rayjob(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
+        """A merge patch of a RayJob (retention.suspend_patch, SHUTDOWN_PATCH); False if it is gone."""
+        try:
+            await self._call(
+                self.custom.patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name, body
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def ensure(self, obj: Mapping[str, Any], *, likely_new: bool = False) -> tuple[dict[str, Any], bool]:
         """Get-or-create `obj` by its name: (the object in the cluster, whether this call created it).

@@ -10,6 +10,7 @@ moves only when `status` flips, and each carries the generation it saw.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from kubetune_operator.builders import (
     TOKEN_PATH,
 )
 from kubetune_operator.incoming import JobRecord
+from kubetune_operator.retention import driver_log_command, kept_head_note
 from kubetune_operator.spec import API_VERSION, KIND
 from kubetune_operator.states import (
     PHASES,
@@ -38,7 +40,7 @@ from kubetune_operator.states import (
 # KubeRay's reasons for a failed RayJob, as this operator's condition reasons.
 FAILURE_REASONS = {
     "DeadlineExceeded": Reason.DEADLINE_EXCEEDED,
-    "PreRunningDeadlineExceeded": Reason.DEADLINE_EXCEEDED,
+    "PreRunningDeadlineExceeded": Reason.START_DEADLINE_EXCEEDED,
     "AppFailed": Reason.TRAINING_FAILED,
     "SubmissionFailed": Reason.SUBMISSION_FAILED,
 }
@@ -187,7 +189,7 @@ def observe_rayjob(
     deployment = str(status.get("jobDeploymentStatus") or "")
     job_status = str(status.get("jobStatus") or "")
     found = (
-        _ended(name, status, deployment, job_status, model)
+        _ended(rayjob, deployment, job_status, model)
         or _suspension(name, deployment, suspend_requested, bool((rayjob.get("spec") or {}).get("suspend")), queue_name)
         or _starting_or_running(name, status, deployment, job_status)
     )
@@ -203,9 +205,9 @@ def observe_rayjob(
     )
 
 
-def _ended(
-    name: str, status: Mapping[str, Any], deployment: str, job_status: str, model: str | None
-) -> Observation | None:
+def _ended(rayjob: Mapping[str, Any], deployment: str, job_status: str, model: str | None) -> Observation | None:
+    meta, status = rayjob.get("metadata") or {}, rayjob.get("status") or {}
+    name = str(meta.get("name", ""))
     kuberay_message = str(status.get("message") or "")
     if deployment == JobDeploymentStatus.COMPLETE:
         if job_status in (JobStatus.FAILED, JobStatus.STOPPED):
@@ -215,11 +217,24 @@ def _ended(
         return Observation(Phase.SUCCEEDED, Reason.TRAINING_SUCCEEDED, f"Training finished{where}")
     if deployment == JobDeploymentStatus.FAILED:
         reason = FAILURE_REASONS.get(str(status.get("reason") or ""), Reason.RAYJOB_FAILED)
+        if reason == Reason.START_DEADLINE_EXCEEDED:
+            return Observation(Phase.FAILED, reason, _never_started(meta, status, kuberay_message))
         return Observation(Phase.FAILED, reason, kuberay_message or f"RayJob {name} failed")
     if deployment == JobDeploymentStatus.VALIDATION_FAILED:
         message = kuberay_message or "KubeRay rejected the RayJob"
         return Observation(Phase.FAILED, Reason.RAYJOB_VALIDATION_FAILED, message)
     return None
+
+
+def _never_started(meta: Mapping[str, Any], status: Mapping[str, Any], kuberay_message: str) -> str:
+    """Why a job whose Ray cluster never ran it failed, and where to look (the pods' Events)."""
+    cluster, namespace = status.get("rayClusterName") or "<cluster>", meta.get("namespace") or "default"
+    return (
+        "The Ray cluster did not start running the job within runPolicy.startDeadlineSeconds: some of its pods "
+        "could not be scheduled or started (not enough free GPUs, no node matching the nodeSelector, "
+        f"tolerations or affinity, an image that does not pull); their Events say which: kubectl -n {namespace} "
+        f"describe pods -l ray.io/cluster={cluster}. KubeRay: {kuberay_message}"
+    )
 
 
 def _suspension(
@@ -463,8 +478,10 @@ def follow_rayjob(job: JobRecord, rayjob: Mapping[str, Any], *, now: datetime) -
     if observation.phase in TERMINAL_PHASES:
         end = parse_timestamp(rayjob_status.get("endTime"))
         extra["completionTime"] = timestamp(end or now)
-    if observation.phase == Phase.SUCCEEDED and job.model_uri:
-        extra["model"] = job.model_uri
+    observation, extra["logs"] = _driver_log(job, rayjob, observation, now=now)
+    model = job.model_status()
+    if observation.phase == Phase.SUCCEEDED and model:
+        extra["model"] = model
     events: list[Event] = []
     if restarts > old_restarts:
         limit = (rayjob.get("spec") or {}).get("backoffLimit", 0)
@@ -479,6 +496,27 @@ def follow_rayjob(job: JobRecord, rayjob: Mapping[str, Any], *, now: datetime) -
         extra=extra,
         events=events,
     )
+
+
+def _driver_log(
+    job: JobRecord, rayjob: Mapping[str, Any], observation: Observation, *, now: datetime
+) -> tuple[Observation, str | None]:
+    """The command that prints the driver's log while the head runs (status.logs; None, which the patch
+    removes, once the head is gone), and a failure's message saying until when its head stays."""
+    rayjob_status = rayjob.get("status") or {}
+    command = driver_log_command(job.meta.namespace, rayjob_status)
+    if observation.phase == Phase.SUCCEEDED:
+        return observation, None
+    if observation.phase != Phase.FAILED:
+        return observation, command
+    end = parse_timestamp(rayjob_status.get("endTime")) or now
+    note = kept_head_note(rayjob, end, command)
+    if note is None:
+        return observation, None
+    # The note last, whole: a long message from KubeRay (the driver's last lines) is cut before it.
+    room = MAX_MESSAGE - len(note) - 2
+    cause = observation.message if len(observation.message) <= room else observation.message[: room - 1] + "…"
+    return dataclasses.replace(observation, message=f"{cause}. {note}"), command
 
 
 def rayjob_deleted(job: JobRecord, rayjob_name: str, *, now: datetime) -> StatusChange:

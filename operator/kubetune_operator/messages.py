@@ -22,6 +22,7 @@ from kubetune_operator.pod_template import DNS_LABEL, ENV_NAME, LABEL_VALUE, MOU
 from kubetune_operator.spec import (
     DISK_SIZE_PATTERN,
     IMAGE_PATTERN,
+    KEEP_FAILED_FOR_PATTERN,
     NAME_PATTERN,
     QUANTITY_PATTERN,
     REASON_PATTERN,
@@ -37,6 +38,7 @@ from kubetune_trainer.config import (
     CONFIG_MAP_KEY,
     DNS_SUBDOMAIN,
     ENDPOINT_PATTERN,
+    MLFLOW_URI_PATTERN,
     REGION_PATTERN,
     S3_OBJECT_PATTERN,
     S3_PREFIX_PATTERN,
@@ -69,6 +71,10 @@ PATTERNS_IN_WORDS: dict[str, str] = {
         "must be an http:// or https:// URL like https://minio.example.com:9000, without user:password@ "
         "(the keys go in the Secret spec.storage.credentialsSecret names)"
     ),
+    MLFLOW_URI_PATTERN: (
+        "must be an http:// or https:// URL like https://mlflow.example.com:5000, without credentials "
+        "(user:password@) or spaces"
+    ),
     REGION_PATTERN: f"must be a region name of 2-32 {_LETTERS_DIGITS_DASH}, e.g. us-east-1",
     DNS_SUBDOMAIN: (
         "must be a Kubernetes object name: lowercase letters, digits, '-' and '.', "
@@ -92,6 +98,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     r"^[^/](.*[^/])?$": "must be a relative path inside the volume, not starting or ending with '/'",
     CONFIG_MAP_KEY: "must be a ConfigMap key: letters, digits, '-', '_' and '.'",
     CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
+    KEEP_FAILED_FOR_PATTERN: "must be a duration in hours, minutes and seconds, e.g. 0s, 30m, 1h or 1h30m",
 }
 
 # Why a limit is what it is, where that is not obvious from the field.

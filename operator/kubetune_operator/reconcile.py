@@ -29,9 +29,10 @@ from kubetune_operator.kube import KubeRayMissingError, SecretNotReadableError
 from kubetune_operator.lifecycle import NO_CHANGE, StatusChange
 from kubetune_operator.pod_additions import service_account_name
 from kubetune_operator.pod_names import HEAD
+from kubetune_operator.retention import SHUTDOWN_PATCH, left_by_the_rules, suspend_patch
 from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.spec import FineTuneJob, Workers
+from kubetune_operator.spec import FineTuneJob, RunPolicy, Workers
 from kubetune_operator.states import Phase, Reason
 from kubetune_operator.status_writer import Compute
 from kubetune_trainer.config import StorageSpec, expand_braces
@@ -326,6 +327,12 @@ async def follow_rayjob(rt: Runtime, rayjob: dict[str, Any], *, deleted: bool) -
         # launch's own (a busy operator), it carries kopf's diff base instead, and kopf writes nothing.
         namespace, name, compute = found
         await rt.status.update(namespace, name, _noting_skipped_preflight(rt, compute), ends_launch=not deleted)
+        if not deleted and left_by_the_rules(rayjob):
+            rayjob_name = str(rayjob["metadata"]["name"])
+            await rt.kube.patch_rayjob(namespace, rayjob_name, SHUTDOWN_PATCH)
+            logger.info(
+                "%s/%s: the Ray job was stopped: RayJob %s shuts its cluster down", namespace, name, rayjob_name
+            )
 
 
 def _noting_skipped_preflight(rt: Runtime, compute: Compute) -> Compute:
@@ -397,7 +404,7 @@ async def apply_spec_change(rt: Runtime, job: JobRecord, diff: Iterable[tuple[An
         return  # not launched yet: the launch handler, still retrying, reads the new spec
     await _refuse_or_accept(rt, job, rayjob, refused)
     if "spec.runPolicy.suspend" in fields:
-        await _suspend_or_resume(rt, meta, job.run_policy.suspend)
+        await _suspend_or_resume(rt, meta, job.run_policy)
 
 
 async def _refuse_or_accept(rt: Runtime, job: JobRecord, rayjob: dict[str, Any], refused: list[str]) -> None:
@@ -414,8 +421,10 @@ async def _refuse_or_accept(rt: Runtime, job: JobRecord, rayjob: dict[str, Any],
         )
 
 
-async def _suspend_or_resume(rt: Runtime, meta: JobMeta, suspend: bool) -> None:
-    await rt.kube.set_rayjob_suspend(meta.namespace, meta.name, suspend)
+async def _suspend_or_resume(rt: Runtime, meta: JobMeta, policy: RunPolicy) -> None:
+    suspend = policy.suspend
+    # What KubeRay deletes at the run's end changes too: it suspends no RayJob that has deletion rules.
+    await rt.kube.patch_rayjob(meta.namespace, meta.name, suspend_patch(policy, rt.settings))
     logger.info("%s: %s RayJob %s", meta.source, "suspended" if suspend else "resumed", meta.name)
     current = await rt.kube.get_rayjob(meta.namespace, meta.name)
     if current is not None:

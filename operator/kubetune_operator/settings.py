@@ -91,6 +91,11 @@ class OperatorSettings:
     # chart labels them app.kubernetes.io/name: kuberay-operator).
     kuberay_namespace: str | None = None
     kuberay_pod_labels: tuple[tuple[str, str], ...] = (("app.kubernetes.io/name", "kuberay-operator"),)
+    # Keep a failed job's Ray head, and the driver's log on it, for its runPolicy.keepFailedFor, through
+    # KubeRay's RayJob deletionRules (retention.py). They need KubeRay's RayJobDeletionPolicy feature gate:
+    # Beta and on by default since KubeRay 1.6 (off by default in 1.3-1.5). False: KubeRay's
+    # shutdownAfterJobFinishes, which deletes the whole Ray cluster as soon as a job ends.
+    keep_failed_heads: bool = True
 
     def __post_init__(self) -> None:
         # A malformed entry stops the operator at startup, naming it, rather than refusing every job.
@@ -120,8 +125,9 @@ class OperatorSettings:
         for name, variable in _LIST_VARIABLES.items():
             if env.get(variable):
                 overrides[name] = parse_list(env[variable])
-        if env.get("KUBETUNE_NETWORK_POLICY"):
-            overrides["network_policy"] = parse_bool("KUBETUNE_NETWORK_POLICY", env["KUBETUNE_NETWORK_POLICY"])
+        for name, variable in _BOOLEAN_VARIABLES.items():
+            if env.get(variable):
+                overrides[name] = parse_bool(variable, env[variable])
         if env.get("KUBETUNE_KUBERAY_POD_LABELS"):
             overrides["kuberay_pod_labels"] = parse_labels(
                 "KUBETUNE_KUBERAY_POD_LABELS", env["KUBETUNE_KUBERAY_POD_LABELS"]
@@ -151,6 +157,10 @@ _LIST_VARIABLES = {
     "namespaces": "KUBETUNE_NAMESPACES",
     "allowed_s3_endpoints": "KUBETUNE_ALLOWED_S3_ENDPOINTS",
     "allowed_image_registries": "KUBETUNE_ALLOWED_IMAGE_REGISTRIES",
+}
+_BOOLEAN_VARIABLES = {
+    "network_policy": "KUBETUNE_NETWORK_POLICY",
+    "keep_failed_heads": "KUBETUNE_KEEP_FAILED_HEADS",
 }
 _NUMBER_VARIABLES = {
     "token_expiration_seconds": "KUBETUNE_TOKEN_EXPIRATION_SECONDS",

@@ -26,6 +26,7 @@ from kubetune_operator.states import Phase
 from kubetune_trainer.config import (
     DEFAULT_PREEMPTION_GRACE_S,
     DNS_SUBDOMAIN,
+    DURATION,
     MAX_PREEMPTION_GRACE_S,
     MAX_WORKERS,
     MIN_PREEMPTION_GRACE_S,
@@ -41,6 +42,7 @@ from kubetune_trainer.config import (
     TrainingSpec,
     cel,
     check_task,
+    duration_seconds,
     prefixes_overlap,
     prefixes_overlap_cel,
 )
@@ -67,6 +69,17 @@ IMAGE_PATTERN = r"^\S+$"
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MAX_GPUS_PER_WORKER = 16
 INT32_MAX = 2**31 - 1
+# runPolicy.keepFailedFor: how long a failed job's Ray head (and the driver's log on it) stays, at most a
+# week: it holds a node's CPU and memory (trainer.head in the chart) while nobody may be looking.
+KEEP_FAILED_FOR_PATTERN = rf"^({DURATION})$"
+DEFAULT_KEEP_FAILED_FOR = "1h"
+MAX_KEEP_FAILED_FOR_S = 7 * 24 * 3600
+KEEP_FAILED_FOR_MESSAGE = "keepFailedFor must be a duration from 0s to 168h"
+KEEP_FAILED_FOR_RULE = cel(
+    f"!has(self.keepFailedFor) || duration(self.keepFailedFor) <= duration('{MAX_KEEP_FAILED_FOR_S}s')",
+    KEEP_FAILED_FOR_MESSAGE,
+    ".keepFailedFor",
+)
 
 
 MIN_IMAGES_PER_WORKER = 2  # per step, when elastic workers split the global batch
@@ -173,7 +186,9 @@ class ResourcesSpec(SpecSection):
 
 
 class RunPolicy(SpecSection):
-    """Retries, deadlines, suspension and queueing."""
+    """Retries, deadlines, suspension, queueing, and what stays after a failure."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [KEEP_FAILED_FOR_RULE]})
 
     max_retries: int = Field(
         default=3,
@@ -211,6 +226,16 @@ class RunPolicy(SpecSection):
         le=INT32_MAX,
         description="Seconds the run may take before it is stopped and the job fails; no limit when omitted.",
     )
+    start_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=INT32_MAX,
+        description=(
+            "Seconds the Ray cluster may take to start running the job (every pod scheduled with its GPUs, "
+            "images pulled), counted from each launch, resume or retry, after a Kueue admission; past it the job "
+            "fails with StartDeadlineExceeded (KubeRay's preRunningDeadlineSeconds). No limit when omitted."
+        ),
+    )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,
@@ -227,6 +252,28 @@ class RunPolicy(SpecSection):
         max_length=63,
         description="Kueue LocalQueue to admit the job through (sets the kueue.x-k8s.io/queue-name label).",
     )
+    keep_failed_for: str = Field(
+        default=DEFAULT_KEEP_FAILED_FOR,
+        pattern=KEEP_FAILED_FOR_PATTERN,
+        max_length=24,
+        description=(
+            "How long the Ray head of a failed job stays, with the driver's log on it (status.logs says how to "
+            "read it), e.g. 30m or 2h (from 0s to 168h); the workers go at once, and the head after this. A job "
+            "that succeeds keeps nothing. Through KubeRay's deletionRules: when the operator runs without them "
+            "(a queued job, or trainer.keepFailedHeads false) the whole Ray cluster goes when the job ends."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _keep_failed_for_bounded(self) -> RunPolicy:
+        if self.keep_failed_for_s > MAX_KEEP_FAILED_FOR_S:
+            raise ValueError(f"keepFailedFor: must be a duration from 0s to 168h (got {self.keep_failed_for})")
+        return self
+
+    @property
+    def keep_failed_for_s(self) -> int:
+        """Seconds a failed job's Ray head stays."""
+        return duration_seconds(self.keep_failed_for)
 
 
 class FineTuneJobSpec(SpecSection):
@@ -243,6 +290,11 @@ class FineTuneJobSpec(SpecSection):
                 cel(
                     f"!has(self.data.validation) || !({prefixes_overlap_cel('self.output.path', 'self.data.validation')})",
                     "output.path must not overlap data.validation: checkpoints and results would be read as validation images",
+                    ".output.path",
+                ),
+                cel(
+                    f"!has(self.data.test) || !({prefixes_overlap_cel('self.output.path', 'self.data.test')})",
+                    "output.path must not overlap data.test: checkpoints and results would be read as test images",
                     ".output.path",
                 ),
                 *TASK_CEL_RULES,
@@ -265,7 +317,10 @@ class FineTuneJobSpec(SpecSection):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Workers and their resources.")
     output: OutputSpec = Field(description="Where checkpoints and the exported model go.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint and credentials.")
-    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspension, queueing.")
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy,
+        description="Retries, deadlines, suspension, queueing, and how long a failed job's Ray head stays.",
+    )
     image: str | None = Field(
         default=None,
         min_length=1,
@@ -293,7 +348,12 @@ class FineTuneJobSpec(SpecSection):
 
     @model_validator(mode="after")
     def _output_apart_from_data(self) -> FineTuneJobSpec:
-        for field, prefix in (("data.train", self.data.train), ("data.validation", self.data.validation)):
+        data = self.data
+        for field, prefix in (
+            ("data.train", data.train),
+            ("data.validation", data.validation),
+            ("data.test", data.test),
+        ):
             if prefix and prefixes_overlap(self.output.path, prefix):
                 raise ValueError(
                     f"output.path: must not overlap {field} ({prefix}): checkpoints and results would be read "
@@ -315,7 +375,7 @@ class FineTuneJobSpec(SpecSection):
 
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> FineTuneJobSpec:
-        check_task(self.task, self.model, self.data)
+        check_task(self.task, self.model, self.data, self.training)
         return self
 
 
@@ -398,6 +458,26 @@ else:
     )
 
 
+class ModelStatus(StatusModel):
+    """Where a successful job left its model, and which epoch it is."""
+
+    uri: str = Field(description="s3:// URI of the exported weights (model.safetensors).")
+    card: str | None = Field(
+        default=None, description="s3:// URI of model.json: classes, exact preprocessing, metrics, exports."
+    )
+    report: str | None = Field(
+        default=None,
+        description="s3:// URI of report.html: the evaluation of the exported model on the test set (or validation).",
+    )
+    evaluation: str | None = Field(default=None, description="s3:// URI of evaluation.json: the report's figures.")
+    best_epoch: int | None = Field(
+        default=None, ge=1, description="The epoch whose checkpoint was exported: the best by selectBy."
+    )
+    select_by: str | None = Field(
+        default=None, description="The validation figure that picked it (spec.training.selectBy or the task's default)."
+    )
+
+
 class FineTuneJobStatus(StatusModel):
     """What the operator observed: the job's phase, history and progress."""
 
@@ -421,8 +501,16 @@ class FineTuneJobStatus(StatusModel):
     latest_checkpoint: str | None = Field(
         default=None, description="s3:// URI of the newest checkpoint; a resumed run continues from it."
     )
-    model: str | None = Field(
-        default=None, description="s3:// URI of the exported model (model.safetensors), once the job succeeded."
+    model: ModelStatus | None = Field(
+        default=None, description="The exported model and its report, once the job succeeded."
+    )
+    logs: str | None = Field(
+        default=None,
+        max_length=1024,
+        description=(
+            "The command that prints the training driver's log, while the job's Ray head runs: during the run, "
+            "and after a failure for runPolicy.keepFailedFor (the Failed condition says until when)."
+        ),
     )
     start_time: datetime | None = Field(default=None, description="When training started.")
     completion_time: datetime | None = Field(default=None, description="When the job succeeded or failed.")

@@ -70,6 +70,7 @@ class Reason(StrEnum):
     TRAINING_FAILED = "TrainingFailed"
     JOB_STOPPED = "JobStopped"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
+    START_DEADLINE_EXCEEDED = "StartDeadlineExceeded"  # the Ray cluster never ran the job: GPUs, nodes, images
     SUBMISSION_FAILED = "SubmissionFailed"
     RAYJOB_FAILED = "RayJobFailed"
     RAYJOB_VALIDATION_FAILED = "RayJobValidationFailed"

@@ -199,6 +199,9 @@ def test_namespaced_install_grants_only_the_listed_namespaces(rendered: dict[str
     env = _env(namespaced)
     assert env["KUBETUNE_NAMESPACES"] == "team-a,team-b"
     assert env["KUBETUNE_LOG_LEVEL"] == "DEBUG"
+    # trainer.keepFailedHeads false (KubeRay 1.5 without its RayJobDeletionPolicy gate): no deletion rules.
+    assert OperatorSettings.from_env(env).keep_failed_heads is False
+    assert OperatorSettings.from_env(_env(rendered["defaults"])).keep_failed_heads is True
     assert "team-a, team-b" in namespaced.notes
 
 

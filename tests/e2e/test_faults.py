@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.support.busy_world import BUCKET, DENIED_CHECKPOINT, RESUMED, World, condition, progress_of, status_of
+from tests.support.busy_world import BUCKET, DENIED_CHECKPOINT, NS, RESUMED, World, condition, progress_of, status_of
 from tests.support.scenarios import (
     FAULTS,
     access_denied,
@@ -162,6 +162,19 @@ def test_a_missing_checkpoint_fails_the_job_with_the_reason_while_another_comple
     assert failed["reason"] == "TrainingFailed"
     assert f"no such object: s3://{BUCKET}/base/missing.safetensors" in failed["message"], failed
     assert_failed_beside_steady(world, facts)
+
+
+def test_a_failed_jobs_head_and_driver_log_stay_for_keep_failed_for_then_go(world: World) -> None:
+    facts = world.outcome(missing_checkpoint)
+    status, cluster = status_of(facts["final"]), facts["cluster"]
+    # status.logs names the kept head (through its Service) and the Ray job whose driver log it prints.
+    head = f"kubectl -n {NS} exec svc/{cluster}-head-svc -c ray-head -- cat "
+    assert re.fullmatch(re.escape(head) + r"/tmp/ray/session_latest/logs/job-driver-missing-\w+\.log", status["logs"])
+    assert "stays until" in status["message"] and status["message"].endswith(status["logs"]), status["message"]
+    assert facts["kept_cluster"] is not None, "the workers were not deleted, or the head not kept, after the failure"
+    assert "no such object" in facts["kept_driver_log"], "the driver's log was not kept with the head"
+    assert facts["head_gone"], f"RayCluster {cluster} outlived keepFailedFor"
+    assert facts["driver_log_after"] == "", "the driver's log outlived its head"
 
 
 def test_access_denied_fails_the_job_with_the_reason_while_another_completes(world: World) -> None:

@@ -133,10 +133,14 @@ def test_kubetune_demo_runs_the_job_end_to_end(tmp_path: Path, kubectl_bin: str)
     assert re.fullmatch(r"metrics: http://127\.0\.0\.1:\d+/metrics", lines[metrics_line])
     assert "Running" in printed and "Succeeded" in printed  # the live status table
     assert re.search(r"^model: s3://\S+", printed, re.M)
-    accuracy = float(re.search(r"^final validation accuracy: ([0-9.]+)$", printed, re.M).group(1))  # type: ignore[union-attr]
+    accuracy = float(re.search(r"^validation accuracy: ([0-9.]+)", printed, re.M).group(1))  # type: ignore[union-attr]
     assert accuracy > 0.8
     curves = Path(re.search(r"^training curves: (.+)$", printed, re.M).group(1))  # type: ignore[union-attr]
     assert curves.read_bytes().startswith(b"\x89PNG")
+    # The demo's job has no test set: its report judges the validation images, and says so.
+    report = Path(re.search(r"^evaluation report: (.+)$", printed, re.M).group(1))  # type: ignore[union-attr]
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Results on the validation set" in page
 
     assert checked.get("cleaned")
     assert abs(checked["evaluated"] - checked["reported"]) <= 0.005, checked

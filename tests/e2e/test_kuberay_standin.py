@@ -108,6 +108,51 @@ def test_a_failing_entrypoint_fails_with_the_reason(cluster: DevCluster) -> None
     assert "exit code 3" in status["message"] and "no such dataset" in status["message"]
 
 
+def test_deletion_rules_keep_a_failed_runs_head_and_driver_log_until_their_ttl(cluster: DevCluster) -> None:
+    rules = [
+        {"condition": {"jobStatus": "FAILED", "ttlSeconds": 0}, "policy": "DeleteWorkers"},
+        {"condition": {"jobStatus": "FAILED", "ttlSeconds": 3}, "policy": "DeleteCluster"},
+    ]
+    job = rayjob("kept", "echo 'no such checkpoint' >&2; exit 1", shutdownAfterJobFinishes=False)
+    worker = {"spec": {"containers": [{"name": "ray-worker", "image": "kubetune/trainer:dev"}]}}
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"] = [{"groupName": "workers", "replicas": 1, "template": worker}]
+    job["spec"]["deletionStrategy"] = {"deletionRules": rules}
+    cluster.create(job)
+    name = wait_status(cluster, "kept", TERMINAL)["rayClusterName"]
+    # DeleteWorkers at once: the RayCluster stays, its worker groups suspended, as KubeRay leaves it.
+    kept = cluster.wait_for(
+        *RAYCLUSTER, NS, name, lambda o: bool(o and o["spec"]["workerGroupSpecs"][0].get("suspend")), timeout=20
+    )
+    assert kept is not None
+    assert "no such checkpoint" in cluster.driver_log(NS, "kept")
+    # DeleteCluster after its TTL: the head goes, and the driver's log with it.
+    cluster.wait_for(*RAYCLUSTER, NS, name, lambda o: o is None, timeout=30)
+    assert cluster.driver_log(NS, "kept") == ""
+    assert cluster.get(*RAYJOB, NS, "kept") is not None  # no DeleteSelf rule: the RayJob stays
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"shutdownAfterJobFinishes": False, "suspend": True}, "not allowed to be suspended"),
+        (
+            {
+                "deletionStrategy": {
+                    "deletionRules": [{"condition": {"jobStatus": "FAILED"}, "policy": "DeleteCluster"}]
+                }
+            },
+            "mutually exclusive",
+        ),
+    ],
+    ids=["suspend-without-shutdown", "rules-beside-shutdown"],
+)
+def test_a_spec_kuberay_refuses_ends_validation_failed(cluster: DevCluster, spec: dict[str, Any], problem: str) -> None:
+    name = f"refused-{len(problem)}"
+    cluster.create(rayjob(name, "true", **spec))
+    status = wait_status(cluster, name, "ValidationFailed", timeout=20)
+    assert status["reason"] == "ValidationFailed" and problem in status["message"]
+
+
 def test_backoff_limit_retries_on_a_fresh_cluster_then_fails(cluster: DevCluster) -> None:
     cluster.create(rayjob("flaky", "exit 1", backoffLimit=2))
     status = wait_status(cluster, "flaky", "Failed", timeout=90)
@@ -242,6 +287,15 @@ def test_a_missing_secret_keeps_the_job_initializing_until_it_appears(cluster: D
         wait_status(cluster, "waiting", ("Running", *TERMINAL), timeout=4)
     cluster.create_secret("late-secret", {"KEY": "v"})
     assert wait_status(cluster, "waiting", TERMINAL, timeout=30)["jobDeploymentStatus"] == "Complete"
+
+
+def test_a_cluster_that_cannot_start_in_time_fails_past_the_pre_running_deadline(cluster: DevCluster) -> None:
+    env = [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "never-there", "key": "KEY"}}}]
+    cluster.create(rayjob("stuck", python("print('ok')"), head_container={"env": env}, preRunningDeadlineSeconds=2))
+    status = wait_status(cluster, "stuck", TERMINAL, timeout=30)
+    assert (status["jobDeploymentStatus"], status["reason"]) == ("Failed", "PreRunningDeadlineExceeded")
+    assert "preRunningDeadlineSeconds" in status["message"]
+    assert "Running" not in deployment_history(cluster, "stuck")
 
 
 def test_deleting_the_owner_garbage_collects_the_rayjob(cluster: DevCluster) -> None:

@@ -70,11 +70,22 @@ async def check_the_example(op: OperatorHarness) -> None:
     assert head["spec"]["nodeSelector"] == {"node.acme.io/pool": "cpu"} and "tolerations" not in head["spec"]
     assert workers["spec"]["nodeSelector"] == {"node.acme.io/pool": "gpu-l4"}
     assert workers["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # No GPUs within an hour: the job fails saying so; a failed run's head stays 8 h, its workers go at once.
+    assert rayjob["spec"]["preRunningDeadlineSeconds"] == 3600
+    kept = {
+        (r["condition"].get("jobStatus"), r["policy"]): r["condition"]["ttlSeconds"] for r in deletion_rules(rayjob)
+    }
+    assert (kept[("FAILED", "DeleteWorkers")], kept[("FAILED", "DeleteCluster")]) == (0, 8 * 3600)
 
     preflight = await op.wait_for(lambda: preflight_of(op, NS, "retail-convnext"), what="status.preflight")
     assert (
         preflight.startswith("Skipped: spec.storage.credentialsSecret is not set") and "vision-s3-reader" in preflight
     )
+
+
+def deletion_rules(rayjob: dict[str, Any]) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = rayjob["spec"]["deletionStrategy"]["deletionRules"]
+    return rules
 
 
 def preflight_of(op: OperatorHarness, namespace: str, name: str) -> str | None:

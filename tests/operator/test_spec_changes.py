@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_dev.devcluster.kuberay_rules import spec_problem
 from tests.support.operator_harness import OperatorHarness, finetunejob
 
 pytestmark = pytest.mark.asyncio
@@ -33,10 +34,20 @@ def rayjob_suspend(op: OperatorHarness) -> bool | None:
     return suspend
 
 
+def kuberay_problem(op: OperatorHarness) -> str | None:
+    """What KubeRay's validation says of the RayJob as it is now (ValidationFailed when not None)."""
+    return spec_problem((op.rayjob(NS, NAME) or {}).get("spec") or {})
+
+
 async def test_suspend_stops_the_rayjob_and_resume_starts_it_again(op: OperatorHarness) -> None:
     await running_job(op)
+    launched = (op.rayjob(NS, NAME) or {})["spec"]
+    assert launched["deletionStrategy"]["deletionRules"] and launched["shutdownAfterJobFinishes"] is False
     await op.patch_job_spec(NS, NAME, {"runPolicy": {"suspend": True}})
     await op.wait_for(lambda: rayjob_suspend(op) is True, what="the RayJob to be suspended")
+    # KubeRay suspends no RayJob with deletion rules: the same write swaps them for shutdownAfterJobFinishes.
+    assert kuberay_problem(op) is None
+    assert "deletionStrategy" not in (op.rayjob(NS, NAME) or {})["spec"]
     job = await op.wait_for_phase(NS, NAME, "Suspended")
     suspended = next(c for c in job["status"]["conditions"] if c["type"] == "Suspended")
     assert (suspended["status"], suspended["reason"]) == ("True", "Suspending")
@@ -47,6 +58,8 @@ async def test_suspend_stops_the_rayjob_and_resume_starts_it_again(op: OperatorH
 
     await op.patch_job_spec(NS, NAME, {"runPolicy": {"suspend": False}})
     await op.wait_for(lambda: rayjob_suspend(op) is False, what="the RayJob to be resumed")
+    assert (op.rayjob(NS, NAME) or {})["spec"]["deletionStrategy"] == launched["deletionStrategy"]
+    assert kuberay_problem(op) is None
     job = await op.wait_for_phase(NS, NAME, "Launching")
     assert (op.condition(NS, NAME, "Suspended") or {}).get("status") == "False"
     await op.wait_for_event(NS, NAME, "Resuming")
@@ -57,6 +70,7 @@ async def test_suspend_stops_the_rayjob_and_resume_starts_it_again(op: OperatorH
 async def test_a_job_created_suspended_gets_a_suspended_rayjob(op: OperatorHarness) -> None:
     await op.create_job(finetunejob(NAME, runPolicy={"suspend": True}))
     await op.wait_for(lambda: rayjob_suspend(op) is True, what="a suspended RayJob")
+    assert kuberay_problem(op) is None
     await op.wait_for_phase(NS, NAME, "Suspended")
 
 

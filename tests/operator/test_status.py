@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_dev.devcluster.kuberay_rules import spec_problem
 from tests.support.operator_harness import RAYJOBS, OperatorHarness, finetunejob
 
 pytestmark = pytest.mark.asyncio
@@ -70,7 +71,8 @@ async def test_a_run_from_creation_to_success(op: OperatorHarness) -> None:
     assert conditions(job)["Succeeded"] == ("True", "TrainingSucceeded")
     assert conditions(job)["Running"][0] == "False"
     assert status["completionTime"] == "2026-05-01T13:00:00Z"
-    assert status["model"] == "s3://runs/flowers/model.safetensors"
+    assert status["model"]["uri"] == "s3://runs/flowers/model.safetensors"
+    assert status["model"]["report"] == "s3://runs/flowers/report.html"
     assert status["observedGeneration"] == 1
     assert op.event_reasons(NS, NAME) == [
         "RayJobCreated",
@@ -99,6 +101,36 @@ async def test_a_deadline_ends_the_job_failed_with_kuberays_message(op: Operator
     assert job["status"]["completionTime"]
     (event,) = [e for e in op.events(NS, NAME) if e["reason"] == "DeadlineExceeded"]
     assert event["type"] == "Warning"
+
+
+async def test_a_failed_job_says_how_to_read_the_drivers_log_and_until_when(op: OperatorHarness) -> None:
+    await launched(op, runPolicy={"keepFailedFor": "45m"})
+    names = {"rayClusterName": "flowers-x7k2p", "jobId": "flowers-q9r4t"}
+    job = await step(op, "Running", "TrainingRunning", jobDeploymentStatus="Running", jobStatus="RUNNING", **names)
+    command = (
+        "kubectl -n default exec svc/flowers-x7k2p-head-svc -c ray-head -- "
+        "cat /tmp/ray/session_latest/logs/job-driver-flowers-q9r4t.log"
+    )
+    assert job["status"]["logs"] == command
+    end = {"endTime": "2026-05-01T12:00:00Z", "reason": "AppFailed", "message": "Job entrypoint command failed"}
+    job = await step(op, "Failed", "TrainingFailed", jobDeploymentStatus="Failed", jobStatus="FAILED", **names, **end)
+    assert job["status"]["logs"] == command
+    (event,) = [e for e in op.events(NS, NAME) if e["reason"] == "TrainingFailed"]
+    assert "stays until 2026-05-01T12:45:00Z (runPolicy.keepFailedFor): " + command in event["message"]
+
+
+async def test_a_ray_job_stopped_by_hand_still_gets_its_cluster_shut_down(op: OperatorHarness) -> None:
+    """KubeRay's deletion rules match no STOPPED Ray job: the operator hands the RayJob back to
+    shutdownAfterJobFinishes, which KubeRay acts on at once."""
+    await launched(op)
+    assert (op.rayjob(NS, NAME) or {})["spec"]["deletionStrategy"]["deletionRules"]
+    await step(op, "Running", "TrainingRunning", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    await step(op, "Failed", "JobStopped", jobDeploymentStatus="Complete", jobStatus="STOPPED")
+    spec = await op.wait_for(
+        lambda: (s := (op.rayjob(NS, NAME) or {}).get("spec", {})).get("shutdownAfterJobFinishes") and s,
+        what="the RayJob handed to shutdownAfterJobFinishes",
+    )
+    assert "deletionStrategy" not in spec and spec_problem(spec) is None
 
 
 async def test_retries_count_restarts_and_the_last_failure_is_final(op: OperatorHarness) -> None:

@@ -32,7 +32,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "namespaced": {
         "operator": {"watchNamespaces": ["team-a", "team-b"], "logLevel": "DEBUG"},
         "serviceAccount": {"create": False, "name": "kubetune-operator"},
-        "trainer": {"networkPolicy": {"kuberayNamespace": "kuberay-system"}},
+        "trainer": {"networkPolicy": {"kuberayNamespace": "kuberay-system"}, "keepFailedHeads": False},
     },
     "locked-down": {
         "operator": {

@@ -126,13 +126,14 @@ class DigitsWorld:
             items[f"{prefix}/{label}/{n:04d}.png"] = digit_png(pixels)
         self.put_many(items)
 
-    def upload_folder(self, prefix: str, per_class: int, labels: range = range(5, 10)) -> list[str]:
-        """A small ImageFolder of `per_class` images per digit; returns the keys' URIs."""
+    def upload_folder(self, prefix: str, per_class: int, labels: range = range(5, 10), skip: int = 0) -> list[str]:
+        """A small ImageFolder of `per_class` images per digit (after the first `skip` of each); returns the
+        keys' URIs."""
         items: dict[str, bytes] = {}
         counts: dict[int, int] = {}
         for n, (pixels, label) in enumerate(self.digits(labels)):
-            if counts.get(label, 0) < per_class:
-                counts[label] = counts.get(label, 0) + 1
+            counts[label] = counts.get(label, 0) + 1
+            if skip < counts[label] <= skip + per_class:
                 items[f"{prefix}/{label}/{n:04d}.png"] = digit_png(pixels)
         self.put_many(items)
         return sorted(items)

@@ -17,6 +17,7 @@ from tests.support.busy_world import (
     DENIED_CHECKPOINT,
     FTJ,
     NS,
+    RAYCLUSTERS,
     RAYJOBS,
     SECRET,
     SERVICEACCOUNTS,
@@ -34,6 +35,9 @@ OPERATOR_DOWN_SECONDS = 3.0
 PREEMPT_EPOCHS, PREEMPT_BATCH = 3, 8
 S3_ERROR_SECONDS = 4.0
 S3_OUTAGE_SECONDS = 3.0
+# How long the failing job's Ray head stays (runPolicy.keepFailedFor): long enough to look at on a busy
+# machine, short enough to see it go.
+KEEP_FAILED_FOR_SECONDS = 20
 
 
 def _finish(world: World, name: str, facts: dict[str, Any], epochs: int) -> None:
@@ -222,11 +226,34 @@ def _beside_steady(world: World) -> dict[str, Any]:
 
 
 def missing_checkpoint(world: World, facts: dict[str, Any]) -> None:
-    """Base weights that do not exist, and no credentialsSecret: no preflight, the trainer finds out."""
+    """Base weights that do not exist, and no credentialsSecret: no preflight, the trainer finds out. Its
+    Ray head, with the driver's log, stays KEEP_FAILED_FOR_SECONDS (runPolicy.keepFailedFor), the workers
+    go at once: record the RayCluster and the log while kept, and whether both are gone after."""
     name = "missing"
     facts["steady_when_submitted"] = status_of(_beside_steady(world)).get("phase")
-    world.submit(world.manifest(name, epochs=2, checkpoint=f"s3://{BUCKET}/base/missing.safetensors"))
+    keep = {"keepFailedFor": f"{KEEP_FAILED_FOR_SECONDS}s"}
+    world.submit(world.manifest(name, epochs=2, checkpoint=f"s3://{BUCKET}/base/missing.safetensors", run_policy=keep))
     facts["final"] = world.wait_phase(name, *TERMINAL)
+    cluster = ((world.cluster.get(*RAYJOBS, NS, name) or {}).get("status") or {}).get("rayClusterName")
+    facts["cluster"] = cluster
+    facts["kept_cluster"] = _poll(lambda: _with_workers_suspended(world, cluster), KEEP_FAILED_FOR_SECONDS)
+    facts["kept_driver_log"] = (world.driver_logs(name) or [""])[-1]
+    facts["head_gone"] = world.wait_gone(RAYCLUSTERS, str(cluster), timeout=KEEP_FAILED_FOR_SECONDS + 60)
+    facts["driver_log_after"] = (world.driver_logs(name) or [""])[-1]
+
+
+def _with_workers_suspended(world: World, cluster: str | None) -> dict[str, Any] | None:
+    """The RayCluster once KubeRay's DeleteWorkers has suspended all its worker groups."""
+    found = world.cluster.get(*RAYCLUSTERS, NS, cluster) if cluster else None
+    groups = ((found or {}).get("spec") or {}).get("workerGroupSpecs") or []
+    return found if groups and all(group.get("suspend") for group in groups) else None
+
+
+def _poll(probe: Callable[[], dict[str, Any] | None], timeout: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout
+    while (found := probe()) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
 
 
 def access_denied(world: World, facts: dict[str, Any]) -> None:

@@ -43,6 +43,19 @@ def fail_once_after_first_epoch(worker: Any, state: Any) -> None:
         raise InjectedFaultError(f"injected worker failure after epoch {state.epoch}")
 
 
+def spoil_the_last_epoch(worker: Any, state: Any) -> None:
+    """An epoch callback: before the last epoch, seeded noise on every weight (frozen ones too), so the last
+    epoch is the worst one and the best checkpoint is an earlier one."""
+    import torch
+
+    if state.epoch == worker.config.training.epochs - 1:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in state.model.parameters():
+                noise = torch.randn(parameter.shape, generator=generator) * parameter.detach().abs().mean()
+                parameter.add_(noise.to(parameter.device) * 3)
+
+
 MID_EPOCH_BATCH = 2  # of epoch 2 (1-based): the fault comes after this many of its steps
 MARK_ENV = "TEST_PAUSE_MARK"  # not KUBETUNE_: spec.podTemplate refuses those
 
@@ -76,6 +89,7 @@ def fault_env(variable: str, function: Any) -> dict[str, str]:
 FAIL_ONCE_AFTER_FIRST_EPOCH = fault_env(CALLBACKS_ENV, fail_once_after_first_epoch)
 SIGTERM_LAST_RANK_MID_EPOCH_2 = fault_env(STEP_CALLBACKS_ENV, sigterm_last_rank_mid_epoch_2)
 MARK_MID_EPOCH_2 = fault_env(STEP_CALLBACKS_ENV, mark_mid_epoch_2)
+SPOIL_THE_LAST_EPOCH = fault_env(CALLBACKS_ENV, spoil_the_last_epoch)
 
 
 ELASTIC_MARKS_ENV = "TEST_ELASTIC_MARKS"  # not KUBETUNE_: spec.podTemplate refuses those

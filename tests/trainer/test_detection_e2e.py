@@ -41,7 +41,8 @@ SHAPES = f"s3://{DATA_BUCKET}/shapes-new"
 PRETRAINED_DETECTOR = f"s3://{MODEL_BUCKET}/shapes-rgb/{DETECTOR}.safetensors"
 RANDOM_DETECTOR = f"s3://{MODEL_BUCKET}/shapes-random/{DETECTOR}.safetensors"
 EPOCHS = 6
-TRAIN_IMAGES, VAL_IMAGES = 96, 24
+TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES = 96, 24, 24
+FINETUNED_OUTPUT = "s3://results/detection/shapes-finetune"
 HISTORY_KEYS = ["epoch", "trainLoss", "valMap", "valMap50", "imagesPerSecond", "learningRate", "seconds"]
 
 pytestmark = pytest.mark.slow
@@ -54,9 +55,12 @@ class Shapes:
         self.world = world
         self.train = make_shapes(FINETUNE_CLASSES, TRAIN_IMAGES, seed=20, size=DETECTOR_SIZE)
         self.validation = make_shapes(FINETUNE_CLASSES, VAL_IMAGES, seed=21, size=DETECTOR_SIZE)
+        self.test = make_shapes(FINETUNE_CLASSES, TEST_IMAGES, seed=22, size=DETECTOR_SIZE)
         # File names in the COCO files are relative to data.train and data.validation.
         objects = {f"{SHAPES}/images/train/{k}": v for k, v in self.train.pngs().items()}
         objects |= {f"{SHAPES}/images/val/{k}": v for k, v in self.validation.pngs().items()}
+        objects |= {f"{SHAPES}/images/test/{k}": v for k, v in self.test.pngs().items()}
+        objects[f"{SHAPES}/annotations/test.json"] = json.dumps(self.test.coco()).encode()
         train_coco = self.train.coco()
         # What real annotation files hold: an unreadable image, boxes of no size or outside their image.
         objects[f"{SHAPES}/images/train/broken.png"] = b"not a png at all"
@@ -70,8 +74,9 @@ class Shapes:
         objects[RANDOM_DETECTOR] = random_detector(world.workdir / "random-detector.safetensors").read_bytes()
         world.put_many(objects)
 
-    def manifest(self, name: str, checkpoint: str) -> dict[str, Any]:
-        return {
+    def manifest(self, name: str, checkpoint: str, *, judged: bool = False) -> dict[str, Any]:
+        """The job; `judged`: with a test split and an ONNX copy too."""
+        job = {
             "apiVersion": "kubetune.dev/v1alpha1",
             "kind": "FineTuneJob",
             "metadata": {"name": name},
@@ -101,6 +106,12 @@ class Shapes:
                 "runPolicy": {"maxRetries": 1},
             },
         }
+        if judged:
+            spec: dict[str, Any] = job["spec"]
+            spec["data"]["test"] = f"{SHAPES}/images/test/"
+            spec["data"]["annotations"]["test"] = f"{SHAPES}/annotations/test.json"
+            spec["output"]["formats"] = ["safetensors", "onnx"]
+        return job
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +124,7 @@ def finetuned(shapes: Shapes) -> subprocess.CompletedProcess[str]:
     """Fine-tuned from the pretrained detector with `kubetune run --local`; the worker fails once after
     epoch 1 and Ray Train restarts it from that checkpoint."""
     path = shapes.world.workdir / "shapes-finetune.yaml"
-    path.write_text(yaml.safe_dump(shapes.manifest("shapes-finetune", PRETRAINED_DETECTOR)))
+    path.write_text(yaml.safe_dump(shapes.manifest("shapes-finetune", PRETRAINED_DETECTOR, judged=True)))
     return shapes.world.kubetune_run(path, **FAIL_ONCE_AFTER_FIRST_EPOCH)
 
 
@@ -177,7 +188,10 @@ def test_an_interrupted_run_resumes_and_records_every_epoch_once(
     assert [e["epoch"] for e in history] == list(range(1, EPOCHS + 1))
     assert all(list(e) == HISTORY_KEYS for e in history)
     card = card_of(shapes.world, "shapes-finetune")
-    assert card["epochs"] == EPOCHS and card["metrics"]["valMap50"] == history[-1]["valMap50"]
+    # The exported epoch is the best by valMap (training.selectBy's default for detection).
+    best = max(range(EPOCHS), key=lambda i: (history[i]["valMap"], i))
+    assert card["epochs"] == EPOCHS and card["epoch"] == best + 1 and card["selectBy"] == "valMap"
+    assert card["metrics"]["valMap50"] == history[best]["valMap50"]
 
 
 def test_the_exported_detector_reloads_outside_the_trainer_and_scores_what_it_reported(
@@ -208,24 +222,107 @@ def test_the_exported_detector_reloads_outside_the_trainer_and_scores_what_it_re
     assert scores["map"] == pytest.approx(card["metrics"]["valMap"], abs=1e-3)
 
 
-def reloaded_map(card: dict[str, Any], weights: Path, validation: ShapesSet) -> dict[str, float]:
-    """mAP of the exported model with torchvision, safetensors and torchmetrics only (no kubetune code)."""
-    import torch
+def reloaded_model(card: dict[str, Any], weights: Path) -> Any:
+    """The exported detector rebuilt with torchvision and safetensors only (no kubetune code)."""
     import torchvision.models.detection as zoo
     from safetensors.torch import load_model
-    from torchmetrics.detection import MeanAveragePrecision
 
     model = getattr(zoo, card["architecture"])(weights=None, weights_backbone=None, num_classes=card["numClasses"] + 1)
     transform = card["transform"]
     model.transform.min_size, model.transform.max_size = (transform["minSize"],), transform["maxSize"]
     model.transform.fixed_size = tuple(transform["fixedSize"]) if transform["fixedSize"] else None
     load_model(model, str(weights))
-    model.eval()
+    return model.eval()
+
+
+def predicted(model: Any, images: list[Any]) -> list[dict[str, Any]]:
+    import torch
+
+    with torch.no_grad():
+        return [out for start in range(0, len(images), 8) for out in model(images[start : start + 8])]
+
+
+def reloaded_map(card: dict[str, Any], weights: Path, validation: ShapesSet) -> dict[str, float]:
+    """mAP of the exported model with torchvision, safetensors and torchmetrics only (no kubetune code)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
     images, targets = as_tensors(validation)
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
     metric.warn_on_many_detections = False  # COCO's evaluation counts a model's best 100 boxes per image
-    with torch.no_grad():
-        for start in range(0, len(images), 8):
-            metric.update(model(images[start : start + 8]), targets[start : start + 8])
+    metric.update(predicted(reloaded_model(card, weights), images), targets)
     result = metric.compute()
     return {"map": max(0.0, float(result["map"])), "map_50": max(0.0, float(result["map_50"]))}
+
+
+def pycocotools_figures(card: dict[str, Any], weights: Path, judged: ShapesSet) -> dict[str, Any]:
+    """COCO's own evaluation (pycocotools' COCOeval, no torchmetrics) of the exported model on `judged`:
+    mAP, mAP@.5 and AP per category id."""
+    import contextlib
+    import os
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, _ = as_tensors(judged)
+    detections = [
+        {"image_id": i + 1, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+        for i, out in enumerate(predicted(reloaded_model(card, weights), images))
+        for (x1, y1, x2, y2), label, score in zip(
+            out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist(), strict=True
+        )
+    ]
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        truth = COCO()
+        truth.dataset = judged.coco()
+        truth.createIndex()
+
+        def evaluate(categories: list[int]) -> list[float]:
+            run = COCOeval(truth, truth.loadRes(detections), "bbox")
+            run.params.catIds = categories
+            run.evaluate()
+            run.accumulate()
+            run.summarize()
+            return [float(v) for v in run.stats]
+
+        everything = evaluate(sorted(truth.getCatIds()))
+        per_class = {c: evaluate([c])[0] for c in sorted(truth.getCatIds())}
+    return {"map": everything[0], "map50": everything[1], "perClass": per_class}
+
+
+def test_the_test_set_report_agrees_with_pycocotools_and_opens_in_a_browser(
+    shapes: Shapes, finetuned: subprocess.CompletedProcess[str], tmp_path: Path
+) -> None:
+    from tests.support.browser import keep_screenshot, open_page
+
+    assert finetuned.returncode == 0, finetuned.stderr
+    output, card = FINETUNED_OUTPUT, card_of(shapes.world, "shapes-finetune")
+    evaluation = json.loads(shapes.world.get(f"{output}/evaluation.json"))
+    assert evaluation["split"] == "test" and evaluation["epoch"] == card["epoch"]
+    metrics = evaluation["metrics"]
+    assert metrics["images"] == TEST_IMAGES and metrics["scoreThreshold"] == card["scoreThreshold"]
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(shapes.world.get(f"{output}/model.safetensors"))
+    coco = pycocotools_figures(card, weights, shapes.test)
+    assert metrics["map"] == pytest.approx(max(coco["map"], 0), abs=2e-3)
+    assert metrics["map50"] == pytest.approx(max(coco["map50"], 0), abs=2e-3)
+    for row in metrics["perClass"]:
+        assert (row["ap"] or 0.0) == pytest.approx(max(coco["perClass"][row["label"]], 0), abs=2e-3), row["class"]
+    assert card["evaluation"]["split"] == "test" and f"report at {output}/report.html" in finetuned.stdout
+    # The ONNX copy (SSD's outputs in its own order) finds the same boxes on every validation image.
+    onnx = card["exports"]["onnx"]
+    assert onnx["outputs"] == ["boxes", "scores", "labels"]
+    assert onnx["check"]["sameDetections"] == onnx["check"]["images"] == VAL_IMAGES
+
+    page_file = tmp_path / "report.html"
+    page_file.write_bytes(shapes.world.get(f"{output}/report.html"))
+    page = open_page(page_file)
+    keep_screenshot(page, "report-detection.png", tmp_path)
+    assert [i["alt"] for i in page.images] == [
+        "training curves",
+        "precision-recall curves",
+        "misses and false positives",
+    ]
+    assert all(i["complete"] and i["naturalWidth"] > 0 for i in page.images), page.images
+    assert page.console == [] and page.errors == [] and page.requests == [] and not page.overflow
+    for text in ("Results on the test set", "Per class", "mAP by object size", "Misses and false positives"):
+        assert text in page.text

@@ -4,6 +4,7 @@ The end-to-end runs are in test_detection_e2e.py."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -27,10 +28,10 @@ from kubetune_trainer.detection_eval import (
     SCORE_THRESHOLD,
     best_score_threshold,
     mean_average_precision,
-    plot_detections,
 )
 from kubetune_trainer.detection_model import apply_detection_strategy, build_detector, create_detector
 from kubetune_trainer.errors import CheckpointError, ConfigError, DataError
+from kubetune_trainer.evaluation.detector_report import DETECTIONS_FILE, detections_png
 from kubetune_trainer.export import PUBLISHED_FILES
 from kubetune_trainer.local import summary
 from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
@@ -187,7 +188,11 @@ def test_the_picture_shows_images_with_boxes(tmp_path: Path) -> None:
     world = make_shapes(["red"], count=3, seed=2, size=64, empty_every=0)
     images = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in world.images]
     targets = [
-        {"boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _ in b], dtype=torch.float32)} for b in world.boxes
+        {
+            "boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _ in b], dtype=torch.float32),
+            "labels": torch.ones(len(b), dtype=torch.int64),
+        }
+        for b in world.boxes
     ]
     predictions = [
         {
@@ -197,9 +202,8 @@ def test_the_picture_shows_images_with_boxes(tmp_path: Path) -> None:
         }
         for t in targets
     ]
-    path = tmp_path / "detections.png"
-    plot_detections(images, predictions, targets, ["red"], path)
-    with Image.open(path) as picture:
+    dataset = [(image, target) for image, target in zip(images, targets, strict=True)]
+    with Image.open(io.BytesIO(detections_png(dataset, predictions, ["red"], 0.5))) as picture:
         assert picture.width > 400 and picture.height > 100
 
 
@@ -326,7 +330,7 @@ def test_progress_lines_and_the_summary_show_map_for_detection(capsys: pytest.Ca
     )
     line = progress_line(update)
     assert "mAP 0.123 mAP@.5 0.457" in line and "acc" not in line
-    files = (*PUBLISHED_FILES, *DetectionTask.exported_files)
+    files = (*PUBLISHED_FILES, DETECTIONS_FILE)
     model = S3Uri.parse("s3://results/det/model.safetensors")
     summary(0.0, Outcome(model, {"trainLoss": 2.5, "valMap": 0.1234, "valMap50": 0.4567}, 6, files))
     out = capsys.readouterr().out

@@ -17,6 +17,7 @@ from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate
 from kubetune_trainer.reporting import ConsoleReporter, FanOut, progress_line
 from kubetune_trainer.storage import S3Store, S3Uri
+from kubetune_trainer.worker_progress import percent_done
 from tests.support.digits_world import REGION, DigitsWorld
 
 HISTORY = [
@@ -62,7 +63,9 @@ def index() -> DatasetIndex:
 
 def card() -> dict[str, object]:
     report = WeightsReport(loaded=90, dropped_keys=["fc.weight", "fc.bias"])
-    return classification_card(config(), index(), DATA_CONFIG, report, HISTORY, datetime(2026, 5, 1, 12, tzinfo=UTC))
+    return classification_card(
+        config(), index(), DATA_CONFIG, report, HISTORY, datetime(2026, 5, 1, 12, tzinfo=UTC), best_epoch=2
+    )
 
 
 def test_model_card_says_how_to_use_the_model_and_where_it_came_from() -> None:
@@ -71,7 +74,9 @@ def test_model_card_says_how_to_use_the_model_and_where_it_came_from() -> None:
     assert got["classNames"] == ["cat", "dog"]
     assert (got["imageSize"], got["mean"], got["std"]) == (32, [0.5] * 3, [0.5] * 3)
     assert got["dataConfig"] == DATA_CONFIG
-    assert got["metrics"] == {"trainLoss": 0.2, "valLoss": 0.3, "valAccuracy": 0.93, "imagesPerSecond": 940.0}
+    # The exported epoch's figures (the best, here the second), not the last epoch's.
+    assert got["metrics"] == {"trainLoss": 0.5, "valLoss": 0.4, "valAccuracy": 0.88, "imagesPerSecond": 950.0}
+    assert got["epoch"] == 2 and got["selectBy"] == "valAccuracy"
     assert got["epochs"] == 3 and got["finishedAt"] == "2026-05-01T12:00:00Z"
     assert got["baseCheckpoint"] == "s3://models/base.safetensors"
     assert got["weightLoading"] == {
@@ -85,8 +90,10 @@ def test_model_card_says_how_to_use_the_model_and_where_it_came_from() -> None:
         "train": "s3://datasets/pets",
         "validation": None,
         "validationSplit": 0.2,
+        "test": None,
         "trainImages": 6,
         "validationImages": 2,
+        "testImages": 0,
         "corruptImages": 1,
     }
 
@@ -114,7 +121,7 @@ def test_export_writes_the_four_files(world: DigitsWorld) -> None:
 
 def test_export_refuses_a_short_history(world: DigitsWorld) -> None:
     store = S3Store(world.endpoint, REGION)
-    with pytest.raises(TrainerError, match="has 3 epochs of history, expected 5"):
+    with pytest.raises(TrainerError, match="history has 3 epochs, expected 5"):
         export_model(store, config(epochs=5), S3Uri.parse("s3://results/x/epoch-0003"), card(), HISTORY)
 
 
@@ -189,3 +196,13 @@ def test_a_failing_reporter_never_stops_the_others() -> None:
     fan.report(update())
     fan.close()
     assert stream.getvalue().startswith("epoch 2/5")
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "shown"), [(0, 12, 0.0), (5, 12, 41.6), (1, 3, 33.3), (2999, 3000, 99.9), (12, 12, 100.0)]
+)
+def test_percent_done_is_what_kubectl_get_shows_one_decimal_and_100_only_at_the_end(
+    step: int, total: int, shown: float
+) -> None:
+    assert percent_done(step, total) == shown
+    assert str(percent_done(step, total)) == str(shown)  # no 41.66666666666667 in the PROGRESS column

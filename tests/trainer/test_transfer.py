@@ -2,7 +2,10 @@
 
 Both runs (pretrained and random base weights, same budget) go through the console script on a local
 Ray instance against moto S3, side by side. The exported model is then reloaded with timm, safetensors
-and model.json alone, and must reproduce the reported validation accuracy.
+and model.json alone, and must reproduce the reported validation accuracy. Both run on the defaults of
+what comes after training (no data.test, safetensors only, no output.mlflow): the random one also shows
+its report judged the validation set and says so, and (a probe in each of its processes) that nothing
+imported MLflow or ONNX. tests/trainer/test_evaluation_e2e.py has the run that asks for all of them.
 """
 
 from __future__ import annotations
@@ -20,22 +23,26 @@ import timm
 import torch
 from PIL import Image
 
+from tests.support.browser import open_page
 from tests.support.digits_world import HI_VAL, PRETRAINED, RANDOM_INIT, DigitsWorld
+from tests.support.import_probe import imported, probe_env
 
 EPOCHS = 2
 OUTPUTS = {"pretrained": "s3://results/transfer/pretrained", "random": "s3://results/transfer/random"}
 
 
 @pytest.fixture(scope="module")
-def transfer(pretrained: DigitsWorld) -> Iterator[dict[str, dict[str, Any]]]:
+def transfer(pretrained: DigitsWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
     """Both runs at once (most of a run is waiting on Ray, so two share the two cores well)."""
     checkpoints = {"pretrained": PRETRAINED, "random": RANDOM_INIT}
+    probe = tmp_path_factory.mktemp("probe")
+    envs = {"pretrained": {}, "random": probe_env(probe)}
     procs: dict[str, subprocess.Popen[str]] = {}
     for name, output in OUTPUTS.items():
         manifest = pretrained.job(
             f"transfer-{name}", checkpoint=checkpoints[name], output=output, epochs=EPOCHS, strategy="partial"
         )
-        procs[name] = pretrained.kubetune_popen(manifest)
+        procs[name] = pretrained.kubetune_popen(manifest, **envs[name])
     results: dict[str, dict[str, Any]] = {}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=400)
@@ -44,7 +51,9 @@ def transfer(pretrained: DigitsWorld) -> Iterator[dict[str, dict[str, Any]]]:
             "console": out,
             "card": json.loads(pretrained.get(f"{OUTPUTS[name]}/model.json")),
             "history": json.loads(pretrained.get(f"{OUTPUTS[name]}/history.json")),
+            "evaluation": json.loads(pretrained.get(f"{OUTPUTS[name]}/evaluation.json")),
         }
+    results["random"]["modules"] = imported(probe)
     yield results
 
 
@@ -73,7 +82,8 @@ def test_run_shows_progress_and_exports_every_file(
     history = run["history"]
     assert [e["epoch"] for e in history] == list(range(1, EPOCHS + 1))
     assert set(history[0]) >= {"trainLoss", "valLoss", "valAccuracy", "imagesPerSecond", "learningRate"}
-    assert history[-1]["valAccuracy"] == run["card"]["metrics"]["valAccuracy"]
+    # The exported epoch is the best by valAccuracy (training.selectBy's default), not always the last.
+    assert history[run["card"]["epoch"] - 1]["valAccuracy"] == run["card"]["metrics"]["valAccuracy"]
 
     card = run["card"]
     assert card["architecture"] == "test_resnet" and card["numClasses"] == 5
@@ -111,3 +121,28 @@ def test_exported_model_reloads_outside_the_trainer(
 
     assert total == card["data"]["validationImages"]
     assert abs(correct / total - card["metrics"]["valAccuracy"]) <= 0.005
+
+
+@pytest.mark.slow
+def test_without_a_test_split_the_report_says_it_judged_validation(
+    pretrained: DigitsWorld, transfer: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    run = transfer["random"]
+    assert run["evaluation"]["split"] == "validation" and run["card"]["evaluation"]["split"] == "validation"
+    assert run["card"]["exports"] == {}
+    page_file = tmp_path / "report.html"
+    page_file.write_bytes(pretrained.get(f"{OUTPUTS['random']}/report.html"))
+    page = open_page(page_file)
+    assert "no test set (data.test)" in page.text and "Results on the validation set" in page.text
+    assert page.console == [] and page.errors == [] and all(i["naturalWidth"] > 0 for i in page.images)
+    assert not [k for k in pretrained.keys(OUTPUTS["random"]) if k.endswith((".onnx", ".torchscript.pt"))]
+
+
+@pytest.mark.slow
+def test_no_mlflow_or_onnx_import_when_not_asked_for(transfer: dict[str, dict[str, Any]]) -> None:
+    listed = transfer["random"]["modules"]
+    assert len(listed) >= 2, "the probe saw the driver and its Ray processes"
+    assert any("kubetune_trainer.run" in modules for modules in listed.values())
+    for name, modules in listed.items():
+        assert not {m for m in modules if m == "mlflow" or m.startswith("mlflow.")}, name
+        assert "onnxruntime" not in modules and "onnx" not in modules, name

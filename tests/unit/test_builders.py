@@ -92,6 +92,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "backoffLimit": 2,
             "maxRetries": 5,
             "activeDeadlineSeconds": 86400,
+            "startDeadlineSeconds": 1800,
             "ttlSecondsAfterFinished": 600,
             "suspend": True,
             "queueName": "gpu-queue",
@@ -203,11 +204,10 @@ def _container(group: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
-def test_rayjob_runs_the_trainer_on_the_config_in_the_heads_env_and_cleans_up() -> None:
+def test_rayjob_runs_the_trainer_on_the_config_in_the_heads_env() -> None:
     spec = children()["RayJob"]["spec"]
     assert spec["entrypoint"] == "python -m kubetune_trainer"
     assert spec["submissionMode"] == "HTTPMode"
-    assert spec["shutdownAfterJobFinishes"] is True
     head, workers = _groups(children()["RayJob"])
     # The driver runs on the head and inherits its env; the workers get the config from the driver.
     assert CONFIG_ENV in {e["name"] for e in _container(head)["env"]}
@@ -259,9 +259,10 @@ def test_scheduling_constraints_go_to_the_workers_and_priority_to_every_pod() ->
 def test_run_policy_maps_to_kuberay_fields() -> None:
     spec = children(**VARIANTS["run-policy"])["RayJob"]["spec"]
     assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["suspend"]) == (2, 86400, True)
+    assert spec["preRunningDeadlineSeconds"] == 1800
     defaults = children()["RayJob"]["spec"]
     assert (defaults["backoffLimit"], defaults["suspend"]) == (0, False)
-    assert "activeDeadlineSeconds" not in defaults
+    assert "activeDeadlineSeconds" not in defaults and "preRunningDeadlineSeconds" not in defaults
 
 
 def test_every_ray_pod_gets_the_preemption_grace_period_and_passes_sigterm_to_training() -> None:

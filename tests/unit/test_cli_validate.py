@@ -92,6 +92,11 @@ def test_each_example_is_valid(capsys: pytest.CaptureFixture[str], path: Path) -
     assert (code, lines) == (0, [f"{path}: {name} valid"])
 
 
+def test_a_password_in_a_url_is_never_echoed(capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines = validate(capsys, str(REPO / "tests" / "fixtures" / "invalid" / "mlflow-uri-with-credentials.yaml"))
+    assert code == 1 and "secret" not in "\n".join(lines) and "'https://***@mlflow.example.com'" in lines[0]
+
+
 def test_the_agreed_error_format() -> None:
     body = yaml.safe_load(VALID.format(name="neg", epochs=-3).replace("1e-3", "0.001"))
     with pytest.raises(ValidationError) as caught:

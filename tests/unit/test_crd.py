@@ -270,10 +270,30 @@ CEL_CASES = [
     ({"data": {"annotations": DETECTION_ANNOTATIONS}}, "data.annotations is required"),
     ({"task": "detection", "data": {"annotations": DETECTION_ANNOTATIONS}}, "model.architecture must be"),
     ({"model": {"architecture": "fcos_resnet50_fpn"}}, "model.architecture must be"),
+    ({"training": {"selectBy": "valMap"}}, "training.selectBy must be valAccuracy or valLoss"),
+    ({"data": {"test": "s3://bkt/data/train/test"}}, "test must not overlap train"),
+    (
+        {"data": {"validation": "s3://bkt/val/", "test": "s3://bkt/val"}},
+        "data.test must not overlap data.validation",
+    ),
+    ({"data": {"test": "s3://bkt/test/"}, "output": {"path": "s3://bkt/test/out"}}, "must not overlap data.test"),
+    (
+        {
+            "task": "detection",
+            "model": {"architecture": "ssdlite320_mobilenet_v3_large"},
+            "data": {"annotations": DETECTION_ANNOTATIONS, "test": "s3://bkt/test/"},
+        },
+        "data.test is allowed with task detection only together with data.annotations.test",
+    ),
+    ({"output": {"formats": ["onnx", "torchscript"]}}, "formats must include safetensors"),
     ({"training": {"checkpointEvery": "0s"}}, "checkpointEvery must be 'epoch' or a duration"),
     ({"data": {"format": "manifest", "train": "s3://bkt/data/train.txt"}}, "with format manifest"),
     ({"data": {"format": "webdataset", "train": "s3://bkt/data/train-{0..3}.tgz"}}, "with format webdataset"),
     ({"data": {"train": "s3://bkt/data/train-{0..3}"}}, "braces name shards"),
+    (
+        {"data": {"format": "manifest", "train": "s3://bkt/m/train.csv", "test": "s3://bkt/test/"}},
+        "test: only with format imagefolder or coco",
+    ),
     ({"data": {"format": "coco"}}, "data.format must be a format of the task"),
     (
         {
@@ -292,6 +312,8 @@ CEL_CASES = [
         "data.annotations is required",
     ),
     ({"training": {"checkpointEvery": "169h"}}, "checkpointEvery must be 'epoch' or a duration"),
+    ({"runPolicy": {"keepFailedFor": "168h1s"}}, "keepFailedFor must be a duration from 0s to 168h"),
+    ({"runPolicy": {"keepFailedFor": "10081m"}}, "keepFailedFor must be a duration from 0s to 168h"),
 ]
 
 
@@ -330,6 +352,9 @@ def test_each_cel_rule_rejects_what_its_python_twin_rejects(edit: dict[str, Any]
         {"spec": {"training": {"epochs": 3, "warmupEpochs": 2}}},
         {"spec": {"training": {"checkpointEvery": "1h30m"}}},
         {"spec": {"training": {"checkpointEvery": "168h"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "0s"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "168h"}}},
+        {"spec": {"runPolicy": {"keepFailedFor": "2h30m"}}},
         {"spec": {"training": {"learningRate": "auto"}}},
         {"spec": {"training": {"learningRate": 0.003}}},
         {"spec": {"training": {"learningRate": 1}}},

@@ -108,7 +108,6 @@ def test_rayjob_states_map_to_phases(deployment: str, job_status: str, phase: st
     ("kuberay_reason", "reason"),
     [
         ("DeadlineExceeded", "DeadlineExceeded"),
-        ("PreRunningDeadlineExceeded", "DeadlineExceeded"),
         ("AppFailed", "TrainingFailed"),
         ("SubmissionFailed", "SubmissionFailed"),
         ("SomethingNew", "RayJobFailed"),
@@ -118,6 +117,20 @@ def test_failure_reasons_say_why(kuberay_reason: str, reason: str) -> None:
     rj = rayjob("Failed", "FAILED", reason=kuberay_reason, message="the job ran out of time")
     obs = lifecycle.observe_rayjob(rj, previous_phase="Running", suspend_requested=False, queue_name=None, model=None)
     assert (obs.phase, obs.reason, obs.message) == ("Failed", reason, "the job ran out of time")
+
+
+def test_a_cluster_that_never_started_says_why_and_where_to_look() -> None:
+    rj = rayjob(
+        "Failed",
+        reason="PreRunningDeadlineExceeded",
+        message="The RayJob has passed the preRunningDeadlineSeconds.",
+        rayClusterName="flowers-x7k2p",
+    )
+    obs = lifecycle.observe_rayjob(rj, previous_phase="Launching", suspend_requested=False, queue_name=None, model=None)
+    assert (obs.phase, obs.reason) == ("Failed", "StartDeadlineExceeded")
+    assert "runPolicy.startDeadlineSeconds" in obs.message and "not enough free GPUs" in obs.message
+    assert "kubectl -n vision describe pods -l ray.io/cluster=flowers-x7k2p" in obs.message
+    assert obs.message.endswith("KubeRay: The RayJob has passed the preRunningDeadlineSeconds.")
 
 
 @pytest.mark.parametrize("previous", ["Running", "Suspended", None, "Succeeded"])
@@ -154,6 +167,14 @@ def run_through(states: list[tuple[str, str]], job: JobRecord | None = None, **e
     return [job, seen]
 
 
+def test_a_succeeded_job_names_the_best_epoch_the_trainer_exported() -> None:
+    """status.model says which epoch was exported (the best by selectBy, from the last progress update)."""
+    progress = {"epoch": 3, "step": 9, "bestEpoch": 2, "updatedAt": "2026-05-01T12:02:00Z"}
+    job, _ = run_through([("Complete", "SUCCEEDED")], ftj({"phase": "Running", "progress": progress}))
+    assert job.status["model"]["bestEpoch"] == 2 and job.status["model"]["selectBy"] == "valAccuracy"
+    assert job.status["model"]["report"] == "s3://runs/flowers/report.html"
+
+
 def test_a_successful_run_tells_its_story_in_events() -> None:
     job, seen = run_through(
         [
@@ -179,7 +200,13 @@ def test_a_successful_run_tells_its_story_in_events() -> None:
     assert status["completionTime"] == "2026-05-01T12:05:00Z"
     assert status["dashboardURL"] == "http://flowers-head-svc.vision.svc.cluster.local:8265"
     assert status["rayJobName"] == "flowers"
-    assert status["model"] == "s3://runs/flowers/model.safetensors"
+    assert status["model"] == {
+        "uri": "s3://runs/flowers/model.safetensors",
+        "card": "s3://runs/flowers/model.json",
+        "report": "s3://runs/flowers/report.html",
+        "evaluation": "s3://runs/flowers/evaluation.json",
+        "selectBy": "valAccuracy",
+    }
     assert status["restarts"] == 0
     assert status["observedGeneration"] == 1
     conds = conditions(job)

@@ -62,8 +62,18 @@ def test_the_network_policy_settings() -> None:
     assert settings.kuberay_pod_labels == (("app", "kuberay"), ("tier", "control"))
 
 
+def test_failed_heads_are_kept_unless_the_operator_is_told_not_to() -> None:
+    assert OperatorSettings.from_env({}).keep_failed_heads is True
+    assert OperatorSettings.from_env({"KUBETUNE_KEEP_FAILED_HEADS": "false"}).keep_failed_heads is False
+
+
 @pytest.mark.parametrize(
-    ("variable", "value"), [("KUBETUNE_NETWORK_POLICY", "maybe"), ("KUBETUNE_KUBERAY_POD_LABELS", "app")]
+    ("variable", "value"),
+    [
+        ("KUBETUNE_NETWORK_POLICY", "maybe"),
+        ("KUBETUNE_KUBERAY_POD_LABELS", "app"),
+        ("KUBETUNE_KEEP_FAILED_HEADS", "sometimes"),
+    ],
 )
 def test_a_bad_network_policy_setting_names_its_variable(variable: str, value: str) -> None:
     with pytest.raises(ValueError, match=variable):

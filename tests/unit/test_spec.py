@@ -250,6 +250,10 @@ def test_data_format_names_the_allowed_values() -> None:
         ({"format": "webdataset", "train": "s3://datasets/s/train-{0..999999}.tar"}, "at most 100,000 shards"),
         ({"format": "webdataset", "train": "s3://datasets/s/{a}.tar"}, "neither a range"),
         ({"train": "s3://datasets/s/train-{0..3}.tar"}, "braces name shards, only with format webdataset"),
+        (
+            {"format": "webdataset", "train": "s3://datasets/s/train-{0..3}.tar", "test": "s3://datasets/s/test/"},
+            "test: only with format imagefolder or coco",
+        ),
     ],
 )
 def test_data_uris_must_fit_their_format(data: dict[str, Any], expected: str) -> None:

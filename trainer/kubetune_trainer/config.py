@@ -61,6 +61,16 @@ def use_ray_train_env() -> None:
         os.environ.setdefault(name, value)
 
 
+# What a successful run leaves under output.path, by role (the operator's status.model names them too).
+OUTPUT_FILES = {
+    "weights": "model.safetensors",
+    "card": "model.json",
+    "history": "history.json",
+    "curves": "training-curves.png",
+    "evaluation": "evaluation.json",
+    "report": "report.html",
+}
+
 # The most classes a model may have: model.numClasses, class folders, COCO categories.
 MAX_CLASSES = 100_000
 # The most epochs a run may have (spec.training.epochs, and what a progress update may say).
@@ -105,6 +115,21 @@ AnnotationsUri = Annotated[
 ]
 
 Task = Literal["classification", "detection"]
+# The validation figures (history.json's keys) a run can pick its best checkpoint by (training.selectBy), per
+# task, the default first; LOWER_IS_BETTER are minimised, the others maximised.
+SelectBy = Literal["valAccuracy", "valLoss", "valMap", "valMap50"]
+SELECT_BY: dict[str, tuple[str, ...]] = {
+    "classification": ("valAccuracy", "valLoss"),
+    "detection": ("valMap", "valMap50"),
+}
+LOWER_IS_BETTER = frozenset({"valLoss"})
+
+
+def selected_metric(task: str, chosen: str | None) -> str:
+    """The history key that picks a run's best checkpoint: `training.selectBy`, or the task's default."""
+    return chosen or SELECT_BY[task][0]
+
+
 # torchvision's detection zoo: the models a detection job can fine-tune (built by name, without downloads).
 DETECTION_ARCHITECTURES: tuple[str, ...] = (
     "fasterrcnn_resnet50_fpn",
@@ -238,6 +263,17 @@ VALIDATION_APART_RULE = cel(
     "validation must not overlap train: validation images would also be trained on",
     ".validation",
 )
+TEST_APART_RULE = cel(
+    f"!has(self.test) || !({prefixes_overlap_cel('self.test', 'self.train')})",
+    "test must not overlap train: test images would also be trained on",
+    ".test",
+)
+# A test split is read as class folders (classification) or with data.annotations.test (detection).
+TEST_FORMATS = ("imagefolder", "coco")
+TEST_FORMAT_MESSAGE = "test: only with format imagefolder or coco (webdataset and manifest jobs have no test split yet)"
+TEST_FORMAT_RULE = cel(
+    f"!has(self.test) || !has(self.format) || self.format in {list(TEST_FORMATS)}", TEST_FORMAT_MESSAGE, ".test"
+)
 
 
 class AnnotationsSpec(SpecSection):
@@ -245,6 +281,13 @@ class AnnotationsSpec(SpecSection):
 
     train: AnnotationsUri = Field(description="s3:// URI of the training annotations (COCO JSON).")
     validation: AnnotationsUri = Field(description="s3:// URI of the validation annotations (COCO JSON).")
+    test: AnnotationsUri | None = Field(
+        default=None,
+        description=(
+            "s3:// URI of the test annotations (COCO JSON), evaluated once with the best checkpoint after "
+            "training; the report uses the validation set when omitted."
+        ),
+    )
 
 
 # data.format: how the dataset is laid out (docs/trainer.md, "Data"). Omitted: imagefolder for
@@ -345,7 +388,9 @@ class DataSpec(SpecSection):
     annotations for detection, WebDataset tar shards, or a manifest file of image URIs and labels."""
 
     model_config = ConfigDict(
-        json_schema_extra={"x-kubernetes-validations": [VALIDATION_APART_RULE, *FORMAT_URI_RULES]}
+        json_schema_extra={
+            "x-kubernetes-validations": [VALIDATION_APART_RULE, TEST_APART_RULE, TEST_FORMAT_RULE, *FORMAT_URI_RULES]
+        }
     )
 
     format: DataFormat | None = Field(
@@ -371,9 +416,17 @@ class DataSpec(SpecSection):
             "manifest: the validation shards or file, in the format of train; a seeded split of train when omitted."
         ),
     )
+    test: S3Prefix | None = Field(
+        default=None,
+        description=(
+            "s3:// prefix of the test images (same class folders), evaluated once with the best checkpoint after "
+            "training (evaluation.json, report.html); the report uses the validation images when omitted. "
+            "Detection: the prefix of the test annotations' images; validation's (or train's) when omitted."
+        ),
+    )
     annotations: AnnotationsSpec | None = Field(
         default=None,
-        description="COCO JSON annotations for train and validation; required with task detection, refused otherwise.",
+        description="COCO JSON annotations for train, validation and test; required with task detection, refused otherwise.",
     )
     validation_split: float = Field(
         default=0.2,
@@ -401,6 +454,8 @@ class DataSpec(SpecSection):
         _check_uri_shape(self.format, "train", self.train)
         if self.validation is not None:
             _check_uri_shape(self.format, "validation", self.validation)
+        if self.test is not None and self.format is not None and self.format not in TEST_FORMATS:
+            raise ValueError(f"{TEST_FORMAT_MESSAGE} (format is {self.format})")
         return self
 
     @model_validator(mode="after")
@@ -409,6 +464,10 @@ class DataSpec(SpecSection):
             raise ValueError(
                 f"validation: must not overlap train ({self.train}): validation images would also be trained on "
                 f"(got {self.validation})"
+            )
+        if self.test is not None and prefixes_overlap(self.test, self.train):
+            raise ValueError(
+                f"test: must not overlap train ({self.train}): test images would also be trained on (got {self.test})"
             )
         return self
 
@@ -442,9 +501,12 @@ WARMUP_RULE = cel(
     "warmupEpochs must be less than epochs",
     ".warmupEpochs",
 )
-# training.checkpointEvery: "epoch", or a duration in hours, minutes and seconds ("10m", "1h30m", "90s").
+# A duration in hours, minutes and seconds ("10m", "1h30m", "90s"), as CEL's duration() reads it; each
+# field that takes one bounds it with a CEL rule and its Python twin (`duration_seconds`).
+DURATION = r"[0-9]{1,6}h([0-9]{1,6}m)?([0-9]{1,6}s)?|[0-9]{1,6}m([0-9]{1,6}s)?|[0-9]{1,6}s"
+# training.checkpointEvery: "epoch", or a duration.
 EPOCH = "epoch"
-CHECKPOINT_EVERY_PATTERN = r"^(epoch|[0-9]{1,6}h([0-9]{1,6}m)?([0-9]{1,6}s)?|[0-9]{1,6}m([0-9]{1,6}s)?|[0-9]{1,6}s)$"
+CHECKPOINT_EVERY_PATTERN = rf"^(epoch|{DURATION})$"
 MIN_CHECKPOINT_INTERVAL_S = 1
 MAX_CHECKPOINT_INTERVAL_S = 7 * 24 * 3600
 CHECKPOINT_EVERY_RULE = cel(
@@ -457,7 +519,7 @@ _DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
 
 
 def duration_seconds(text: str) -> int:
-    """Seconds of a duration written as CHECKPOINT_EVERY_PATTERN allows ("1h30m" -> 5400)."""
+    """Seconds of a DURATION ("1h30m" -> 5400)."""
     total, digits = 0, ""
     for char in text:
         if char.isdigit():
@@ -520,6 +582,14 @@ class TrainingSpec(SpecSection):
         default="bf16", description="Mixed precision on GPU; CPU runs always use fp32."
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, shuffling and initialisation.")
+    select_by: SelectBy | None = Field(
+        default=None,
+        description=(
+            "The validation figure that picks the checkpoint to export (the best epoch, not the last): "
+            "valAccuracy (highest) or valLoss (lowest) for classification, valMap or valMap50 (highest) for "
+            "detection; valAccuracy, or valMap for detection, when omitted."
+        ),
+    )
     checkpoint_every: str = Field(
         default=EPOCH,
         pattern=CHECKPOINT_EVERY_PATTERN,
@@ -568,13 +638,79 @@ class TrainingSpec(SpecSection):
         return None if self.checkpoint_every == EPOCH else duration_seconds(self.checkpoint_every)
 
 
+ExportFormat = Literal["safetensors", "onnx", "torchscript"]
+FORMATS_RULE = cel(
+    "!has(self.formats) || 'safetensors' in self.formats",
+    "formats must include safetensors (the model's weights are always exported); add onnx and/or torchscript",
+    ".formats",
+)
+MLFLOW_URI_PATTERN = r"^https?://[^\s/@]+(/[^\s@]*)?$"
+
+
+class MlflowSpec(SpecSection):
+    """An MLflow tracking server to hand the trained model to."""
+
+    tracking_uri: str = Field(
+        pattern=MLFLOW_URI_PATTERN,
+        max_length=512,
+        description=(
+            "http(s):// URL of the MLflow tracking server (no credentials in it: the trainer's environment "
+            "gives MLflow's own MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD)."
+        ),
+    )
+    experiment: str = Field(
+        default="kubetune", min_length=1, max_length=256, description="MLflow experiment the run is logged in."
+    )
+    registered_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Registered model to add the exported model to as a new version; only logged when omitted.",
+    )
+
+
 class OutputSpec(SpecSection):
     """Where checkpoints and the exported model go."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [FORMATS_RULE]})
+
     path: S3Prefix = Field(
-        description="s3:// prefix for checkpoints/, model.safetensors, model.json, history.json and training-curves.png."
+        description=(
+            "s3:// prefix for checkpoints/, model.safetensors, model.json, history.json, training-curves.png, "
+            "evaluation.json and report.html."
+        )
     )
-    checkpoints_to_keep: int = Field(default=2, ge=1, le=100, description="Most recent checkpoints kept.")
+    checkpoints_to_keep: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="Checkpoints kept: the best ones by training.selectBy, and always the latest (to resume from).",
+    )
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list[ExportFormat](["safetensors"]),
+        min_length=1,
+        max_length=3,
+        description=(
+            "Model formats to export: safetensors (always), onnx (checked against the model with onnxruntime "
+            "at export), torchscript."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    mlflow: MlflowSpec | None = Field(
+        default=None,
+        description="Log the run (parameters, metrics per epoch, the report, the model) to MLflow and register it.",
+    )
+
+    @model_validator(mode="after")
+    def _weights_always(self) -> OutputSpec:
+        if "safetensors" not in self.formats:
+            raise ValueError(
+                "formats: must include safetensors (the model's weights are always exported); add onnx and/or "
+                f"torchscript (got {self.formats})"
+            )
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats: each format at most once (got {self.formats})")
+        return self
 
 
 CONFIG_MAP_KEY = r"^[-._a-zA-Z0-9]+$"
@@ -642,8 +778,13 @@ def _unknown_architecture(name: str, known: frozenset[str], what: str) -> ValueE
     return ValueError(f"model.architecture: '{name}' is not a {what}{hint}")
 
 
-def check_task(task: str, model: ModelSpec, data: DataSpec) -> None:
+def check_task(task: str, model: ModelSpec, data: DataSpec, training: TrainingSpec) -> None:
     """The fields each task accepts; raises ValueError("<field.path>: ...") like the other cross-field rules."""
+    if training.select_by is not None and training.select_by not in SELECT_BY[task]:
+        raise ValueError(
+            f"training.selectBy: with task '{task}' one of {', '.join(SELECT_BY[task])} (got {training.select_by})"
+        )
+    check_test_split(task, data)
     detector = model.architecture in DETECTION_ARCHITECTURES
     if not detector and model.architecture not in architectures.timm_models():
         if task == "detection":
@@ -680,11 +821,42 @@ def check_format(task: str, data: DataSpec) -> None:
         raise ValueError(f"data.annotations: only allowed with task 'detection' and format coco ({why})")
 
 
+def check_test_split(task: str, data: DataSpec) -> None:
+    """Classification's test images apart from validation's; detection's test prefix only with test annotations."""
+    if task == "detection":
+        if data.test is not None and (data.annotations is None or data.annotations.test is None):
+            raise ValueError("data.test: with task 'detection' only together with data.annotations.test")
+    elif data.test is not None and data.validation is not None and prefixes_overlap(data.test, data.validation):
+        raise ValueError(
+            f"data.test: must not overlap data.validation ({data.validation}): the test images would pick the "
+            f"model they judge (got {data.test})"
+        )
+
+
 def _cel_list(items: tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{item}'" for item in items) + "]"
 
 
 TASK_CEL_RULES = [
+    cel(
+        "!has(self.training.selectBy) || (self.task == 'detection' ? "
+        f"self.training.selectBy in {_cel_list(SELECT_BY['detection'])} : "
+        f"self.training.selectBy in {_cel_list(SELECT_BY['classification'])})",
+        "training.selectBy must be valAccuracy or valLoss with task classification, valMap or valMap50 with detection",
+        ".training.selectBy",
+    ),
+    cel(
+        "self.task != 'detection' || !has(self.data.test) || "
+        "(has(self.data.annotations) && has(self.data.annotations.test))",
+        "data.test is allowed with task detection only together with data.annotations.test",
+        ".data.test",
+    ),
+    cel(
+        "self.task == 'detection' || !has(self.data.test) || !has(self.data.validation) || "
+        f"!({prefixes_overlap_cel('self.data.test', 'self.data.validation')})",
+        "data.test must not overlap data.validation: the test images would pick the model they judge",
+        ".data.test",
+    ),
     cel(
         "self.task == 'detection' || !has(self.model.numClasses) || self.model.numClasses >= 2",
         "model.numClasses must be >= 2 with task classification (1 is allowed for detection)",
@@ -825,5 +997,10 @@ class TrainerConfig(CamelModel):
 
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> TrainerConfig:
-        check_task(self.task, self.model, self.data)
+        check_task(self.task, self.model, self.data, self.training)
         return self
+
+    @property
+    def selected_metric(self) -> str:
+        """The history key that picks the checkpoint to export (`training.selectBy` or the task's default)."""
+        return selected_metric(self.task, self.training.select_by)

@@ -98,6 +98,8 @@ class DatasetIndex:
     cache_key: str = ""
     # The WebDataset shards the samples come from (key → size), if any (`Sample.source`).
     shards: dict[str, int] = field(default_factory=dict)
+    # data.test's images: judged once after training with the exported model (not trained or validated on).
+    test: list[Sample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.cache_key:
@@ -105,7 +107,7 @@ class DatasetIndex:
 
     @property
     def samples(self) -> list[Sample]:
-        return self.train + self.validation
+        return self.train + self.validation + self.test
 
     def wire(self) -> dict[str, Any]:
         # Tuples rather than dicts: an index can hold a million samples.
@@ -114,6 +116,7 @@ class DatasetIndex:
             "classNames": self.class_names,
             "train": [s.wire() for s in self.train],
             "validation": [s.wire() for s in self.validation],
+            "test": [s.wire() for s in self.test],
             "ignoredObjects": self.ignored_objects,
             "corrupt": self.corrupt,
             "cacheKey": self.cache_key,
@@ -131,6 +134,7 @@ class DatasetIndex:
             corrupt=dict(data.get("corrupt", {})),
             cache_key=str(data.get("cacheKey", "")),
             shards={str(k): int(v) for k, v in data.get("shards", {}).items()},
+            test=[Sample.from_wire(row) for row in data.get("test", [])],
         )
 
     def without_corrupt(self, corrupt: Mapping[str, str]) -> DatasetIndex:
@@ -143,6 +147,7 @@ class DatasetIndex:
             corrupt=dict(corrupt),
             cache_key=self.cache_key,
             shards=self.shards,
+            test=[s for s in self.test if s.key not in corrupt],
         )
 
 
@@ -253,6 +258,18 @@ def split_per_class(
     return train, validation
 
 
+def list_subset(
+    store: S3Store, uri: str, field_name: str, train_prefix: S3Uri, class_names: Sequence[str]
+) -> tuple[dict[str, list[ObjectInfo]], int, dict[str, str]]:
+    """data.validation's or data.test's class folders: in train's bucket, each one a class of train."""
+    prefix = S3Uri.parse(uri)
+    if prefix.bucket != train_prefix.bucket:
+        raise ConfigError(f"{field_name}: must be in the bucket of data.train ({train_prefix.bucket})")
+    listing = list_image_folder(store, prefix)
+    check_known_classes(listing.by_class, class_names, f"class folder(s) {{}} under {prefix}/", f"{train_prefix}/")
+    return listing.by_class, listing.ignored, dict(listing.refused)
+
+
 def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: int) -> DatasetIndex:
     """List the dataset, name the classes and split it: everything the workers need to load it."""
     train_prefix = S3Uri.parse(data.train)
@@ -267,19 +284,19 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
     class_names = sorted(by_class)
     check_class_count(num_classes, class_names, f"class folders under {train_prefix}/")
     if data.validation:
-        validation_prefix = S3Uri.parse(data.validation)
-        if validation_prefix.bucket != train_prefix.bucket:
-            raise ConfigError(f"data.validation: must be in the bucket of data.train ({train_prefix.bucket})")
-        val_listing = list_image_folder(store, validation_prefix)
-        val_by_class = val_listing.by_class
-        ignored += val_listing.ignored
-        refused.update(val_listing.refused)
-        check_known_classes(
-            val_by_class, class_names, f"class folder(s) {{}} under {validation_prefix}/", f"{train_prefix}/"
+        val_by_class, val_ignored, val_refused = list_subset(
+            store, data.validation, "data.validation", train_prefix, class_names
         )
+        ignored += val_ignored
+        refused.update(val_refused)
         train_split, val_split = dict(by_class), val_by_class
     else:
         train_split, val_split = split_per_class(by_class, data.validation_split, seed)
+    test_split: dict[str, list[ObjectInfo]] = {}
+    if data.test:
+        test_split, test_ignored, test_refused = list_subset(store, data.test, "data.test", train_prefix, class_names)
+        ignored += test_ignored
+        refused.update(test_refused)
 
     label = {name: i for i, name in enumerate(class_names)}
 
@@ -287,7 +304,13 @@ def build_index(store: S3Store, data: DataSpec, num_classes: int | None, seed: i
         return [Sample(o.key, label[c], o.size, o.etag) for c in sorted(split) for o in split[c]]
 
     index = DatasetIndex(
-        train_prefix.bucket, class_names, samples(train_split), samples(val_split), ignored, corrupt=refused
+        train_prefix.bucket,
+        class_names,
+        samples(train_split),
+        samples(val_split),
+        ignored,
+        corrupt=refused,
+        test=samples(test_split),
     )
     check_validation(index, f"{train_prefix}/")
     return index
@@ -447,15 +470,18 @@ class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return self.transform(rgb), self.labels[i]
 
 
+def image_files(
+    folder: Path, index: DatasetIndex, samples: Sequence[Sample], transform: Callable[[Any], Any]
+) -> ImageFiles:
+    """`samples` of `index` as a dataset over the node cache in `folder`."""
+    paths = [local_path(folder, s.key, f"s3://{index.bucket}/{s.key}") for s in samples]
+    return ImageFiles(paths, [s.label for s in samples], transform)
+
+
 def datasets(
     folder: Path, index: DatasetIndex, data_cfg: Mapping[str, Any], augment: str
 ) -> tuple[ImageFiles, ImageFiles]:
     """Training images with the `augment` policy's transform (`augment.build_transforms`), validation
     images with the evaluation one."""
     train_tf, eval_tf = build_transforms(data_cfg, augment)
-
-    def files(samples: Sequence[Sample], transform: Callable[[Any], Any]) -> ImageFiles:
-        paths = [local_path(folder, s.key, f"s3://{index.bucket}/{s.key}") for s in samples]
-        return ImageFiles(paths, [s.label for s in samples], transform)
-
-    return files(index.train, train_tf), files(index.validation, eval_tf)
+    return image_files(folder, index, index.train, train_tf), image_files(folder, index, index.validation, eval_tf)

@@ -202,12 +202,15 @@ class DetectionIndex:
     train: list[DetectionSample]
     validation: list[DetectionSample]
     counts: dict[str, dict[str, int]]
+    # data.annotations.test's images: judged once after training with the exported model.
+    test: list[DetectionSample] = field(default_factory=list)
 
     def wire(self) -> dict[str, Any]:
         return {
             "classNames": self.class_names,
             "train": index_wire(self.train),
             "validation": index_wire(self.validation),
+            "test": index_wire(self.test),
             "counts": self.counts,
         }
 
@@ -218,16 +221,18 @@ class DetectionIndex:
             train=index_from_wire(data["train"]),
             validation=index_from_wire(data["validation"]),
             counts={part: dict(values) for part, values in data["counts"].items()},
+            test=index_from_wire(data.get("test", [])),
         )
 
     def without_corrupt(self, corrupt: Mapping[str, str]) -> DetectionIndex:
         """Unreadable images dropped (their boxes with them), and counted per part (`imagesCorrupt`)."""
-        train = [s for s in self.train if s.key not in corrupt]
-        validation = [s for s in self.validation if s.key not in corrupt]
+        parts = {name: getattr(self, name) for name in ("train", "validation", "test")}
+        kept = {name: [s for s in samples if s.key not in corrupt] for name, samples in parts.items()}
         counts = {part: dict(values) for part, values in self.counts.items()}
-        for part, before, after in (("train", self.train, train), ("validation", self.validation, validation)):
-            counts.setdefault(part, {})["imagesCorrupt"] = len(before) - len(after)
-        return DetectionIndex(self.class_names, train, validation, counts)
+        for name, samples in parts.items():
+            if name in counts or samples:
+                counts.setdefault(name, {})["imagesCorrupt"] = len(samples) - len(kept[name])
+        return DetectionIndex(self.class_names, kept["train"], kept["validation"], counts, kept["test"])
 
 
 @dataclass
@@ -270,40 +275,47 @@ def build_detection_index(
         raise ConfigError("data.annotations: required with task 'detection'")
     train_prefix = S3Uri.parse(data.train)
     val_prefix = S3Uri.parse(data.validation) if data.validation else train_prefix
-    if val_prefix.bucket != train_prefix.bucket:
-        raise ConfigError(
-            f"data.validation: must be in the bucket of data.train ({train_prefix.bucket}) for detection "
-            f"(got {data.validation})"
-        )
-    sources = (data.annotations.train, data.annotations.validation)
-    raw_train, raw_val = (
-        store.get_bytes(S3Uri.parse(uri), MAX_ANNOTATION_BYTES, f"data.annotations.{part}")
-        for uri, part in zip(sources, ("train", "validation"), strict=True)
-    )
-    train, names, ids, train_counts = parse_coco(raw_train, sources[0])
-    validation, _, _, val_counts = parse_coco(raw_val, sources[1], class_ids=ids)
-    if num_classes is not None and num_classes != len(names):
-        raise ConfigError(f"model.numClasses: {num_classes} does not match the {len(names)} categories of {sources[0]}")
-    listing: dict[str, tuple[int, str]] = {}
-    for prefix in {train_prefix, val_prefix}:
-        listing.update({o.key: (o.size, o.etag) for o in store.list_objects(prefix)})
-    found = _resolve(train, train_prefix, listing), _resolve(validation, val_prefix, listing)
-    for part, kept, prefix, source in zip(
-        ("train", "validation"), found, (train_prefix, val_prefix), sources, strict=True
-    ):
-        if not kept.samples:
-            raise DataError(f"none of the images {source} names is under {prefix} ({part})")
-    counts = {
-        "train": {**train_counts.wire(), "imagesMissing": found[0].missing},
-        "validation": {**val_counts.wire(), "imagesMissing": found[1].missing},
+    test_prefix = S3Uri.parse(data.test) if data.test else val_prefix
+    for field_name, prefix in (("data.validation", val_prefix), ("data.test", test_prefix)):
+        if prefix.bucket != train_prefix.bucket:
+            raise ConfigError(
+                f"{field_name}: must be in the bucket of data.train ({train_prefix.bucket}) for detection "
+                f"(got {prefix})"
+            )
+    parts = {"train": (data.annotations.train, train_prefix), "validation": (data.annotations.validation, val_prefix)}
+    if data.annotations.test:
+        parts["test"] = (data.annotations.test, test_prefix)
+    raw = {
+        part: store.get_bytes(S3Uri.parse(uri), MAX_ANNOTATION_BYTES, f"data.annotations.{part}")
+        for part, (uri, _) in parts.items()
     }
-    index = DetectionIndex(class_names=names, train=found[0].samples, validation=found[1].samples, counts=counts)
+    train, names, ids, train_counts = parse_coco(raw["train"], parts["train"][0])
+    parsed = {"train": (train, train_counts)}
+    for part in parts.keys() - {"train"}:
+        samples, _, _, part_counts = parse_coco(raw[part], parts[part][0], class_ids=ids)
+        parsed[part] = (samples, part_counts)
+    if num_classes is not None and num_classes != len(names):
+        raise ConfigError(
+            f"model.numClasses: {num_classes} does not match the {len(names)} categories of {parts['train'][0]}"
+        )
+    listing: dict[str, tuple[int, str]] = {}
+    for prefix in {prefix for _, prefix in parts.values()}:
+        listing.update({o.key: (o.size, o.etag) for o in store.list_objects(prefix)})
+    found = {part: _resolve(parsed[part][0], prefix, listing) for part, (_, prefix) in parts.items()}
+    for part, (source, prefix) in parts.items():
+        if not found[part].samples:
+            raise DataError(f"none of the images {source} names is under {prefix} ({part})")
+    counts = {part: {**parsed[part][1].wire(), "imagesMissing": found[part].missing} for part in parts}
+    empty = Resolved([], [], 0, {})
+    test = found.get("test", empty)
+    index = DetectionIndex(names, found["train"].samples, found["validation"].samples, counts, test.samples)
     images = DatasetIndex(
         bucket=train_prefix.bucket,
         class_names=names,
-        train=found[0].cached,
-        validation=found[1].cached,
-        corrupt={**found[0].refused, **found[1].refused},
+        train=found["train"].cached,
+        validation=found["validation"].cached,
+        corrupt={key: why for resolved in found.values() for key, why in resolved.refused.items()},
+        test=test.cached,
     )
     return index, images
 

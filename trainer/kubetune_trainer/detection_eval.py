@@ -1,4 +1,4 @@
-"""Detection results: COCO mAP@[.5:.95] and mAP@.5, and a picture of what the model finds.
+"""Detection results: COCO mAP@[.5:.95] and mAP@.5, box matching, and the operating score threshold.
 
 mAP comes from torchmetrics' MeanAveragePrecision on the pycocotools backend, i.e. COCO's own
 evaluation; predictions are made with the model's own transforms (it resizes and normalises inside).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,38 +63,49 @@ def mean_average_precision(
     return {"valMap": _finite(result["map"]), "valMap50": _finite(result["map_50"])}
 
 
+def match_boxes(
+    prediction: dict[str, torch.Tensor], target: dict[str, torch.Tensor], min_score: float, iou: float = 0.5
+) -> list[tuple[int, int | None]]:
+    """The predictions scored at least `min_score`, most confident first, each with the true box it
+    matches (or None): each true box is matched once, by the most confident prediction of its class that
+    overlaps it by `iou` or more, as COCO matches."""
+    from torchvision.ops import box_iou
+
+    keep = torch.nonzero(prediction["scores"] >= min_score).flatten()
+    keep = keep[prediction["scores"][keep].argsort(descending=True)]
+    overlaps = box_iou(prediction["boxes"][keep], target["boxes"]) if len(keep) and len(target["boxes"]) else None
+    matched: set[int] = set()
+    out: list[tuple[int, int | None]] = []
+    for row, index in enumerate(keep.tolist()):
+        hit = None
+        if overlaps is not None:
+            same_class = (target["labels"] == prediction["labels"][index]) & (overlaps[row] >= iou)
+            for j in overlaps[row].argsort(descending=True).tolist():
+                if bool(same_class[j]) and j not in matched:
+                    hit = j
+                    break
+        if hit is not None:
+            matched.add(hit)
+        out.append((index, hit))
+    return out
+
+
 def best_score_threshold(
     predictions: Sequence[dict[str, torch.Tensor]],
     targets: Sequence[dict[str, torch.Tensor]],
     iou: float = 0.5,
 ) -> float:
     """The score threshold at which the kept boxes match the true ones best (highest F1 at IoU `iou`,
-    each true box matched once by the most confident box of its class, as COCO matches), at least
-    MIN_SCORE_THRESHOLD; SCORE_THRESHOLD when nothing matches at all.
+    `match_boxes`), at least MIN_SCORE_THRESHOLD; SCORE_THRESHOLD when nothing matches at all.
 
     A short fine-tuning often leaves every score below a fixed 0.5 although the boxes are right: this
     is the threshold a user would deploy with, and the one detections.png draws."""
-    from torchvision.ops import box_iou
-
     outcomes: list[tuple[float, bool]] = []
     true_boxes = 0
     for prediction, target in zip(predictions, targets, strict=True):
         true_boxes += len(target["labels"])
-        keep = prediction["scores"] >= MIN_SCORE_THRESHOLD
-        scores, labels, boxes = prediction["scores"][keep], prediction["labels"][keep], prediction["boxes"][keep]
-        overlaps = box_iou(boxes, target["boxes"]) if len(boxes) and len(target["boxes"]) else None
-        matched: set[int] = set()
-        for i in scores.argsort(descending=True).tolist():
-            hit = -1
-            if overlaps is not None:
-                same_class = (target["labels"] == labels[i]) & (overlaps[i] >= iou)
-                for j in overlaps[i].argsort(descending=True).tolist():
-                    if bool(same_class[j]) and j not in matched:
-                        hit = j
-                        break
-            if hit >= 0:
-                matched.add(hit)
-            outcomes.append((float(scores[i]), hit >= 0))
+        for index, hit in match_boxes(prediction, target, MIN_SCORE_THRESHOLD, iou):
+            outcomes.append((float(prediction["scores"][index]), hit is not None))
     outcomes.sort(key=lambda o: -o[0])
     best_f1, best = 0.0, SCORE_THRESHOLD
     hits = 0
@@ -105,47 +115,3 @@ def best_score_threshold(
         if f1 > best_f1:
             best_f1, best = f1, score
     return round(max(best, MIN_SCORE_THRESHOLD), 4)
-
-
-def plot_detections(
-    images: Sequence[torch.Tensor],
-    predictions: Sequence[dict[str, torch.Tensor]],
-    targets: Sequence[dict[str, torch.Tensor]],
-    class_names: Sequence[str],
-    path: Path,
-    score_threshold: float = SCORE_THRESHOLD,
-    columns: int = 4,
-) -> None:
-    """A grid of images with true boxes (green, dashed) and predicted boxes (orange, with class and score)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    count = max(1, len(images))
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, prediction, target in zip(axes.flat, images, predictions, targets, strict=False):
-        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-        for box in target["boxes"].tolist():
-            ax.add_patch(_rect(Rectangle, box, "limegreen", "--"))
-        for box, label, score in zip(
-            prediction["boxes"].tolist(), prediction["labels"].tolist(), prediction["scores"].tolist(), strict=True
-        ):
-            if score < score_threshold:
-                continue
-            ax.add_patch(_rect(Rectangle, box, "orange", "-"))
-            name = class_names[label - 1] if 0 < label <= len(class_names) else str(label)
-            ax.text(box[0], box[1], f"{name} {score:.2f}", color="black", fontsize=7, backgroundcolor="orange")
-    fig.suptitle(f"true boxes: green dashed; predicted (score >= {score_threshold}): orange")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _rect(rectangle: Any, box: Sequence[float], colour: str, style: str) -> Any:
-    x1, y1, x2, y2 = box
-    return rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linestyle=style, linewidth=1.5)

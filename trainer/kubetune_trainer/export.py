@@ -1,10 +1,12 @@
 """The result of a run, under `output.path`: the model and what it takes to use and judge it.
 
-    model.safetensors      the final weights (server-side copy of the last checkpoint's)
-    model.json             architecture, classes in index order, preprocessing, final metrics, provenance
+    model.safetensors      the weights of the best epoch by training.selectBy (a server-side copy of its checkpoint's)
+    model.json             architecture, classes in index order, preprocessing, the exported epoch's metrics,
+                           the evaluation's headline figures, the other formats and their checks, provenance
     history.json           one entry per epoch: trainLoss, valLoss, valAccuracy, imagesPerSecond, learningRate
     training-curves.png    loss and accuracy (detection: mAP) per epoch
-    detections.png         detection only: validation images with true and predicted boxes
+    evaluation.json, report.html, model.onnx, model.torchscript.pt, detections.png: written by the
+                           evaluation after training (`evaluation.step`), before model.json
 
 Reload a classifier outside the trainer:
 
@@ -37,23 +39,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune_trainer.checkpoint import MODEL_FILE, PROGRESS_FILE
-from kubetune_trainer.config import TrainerConfig, data_format
+from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, data_format
 from kubetune_trainer.data import DatasetIndex
 from kubetune_trainer.detection_data import DetectionIndex
 from kubetune_trainer.detection_eval import SCORE_THRESHOLD
 from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.evaluation.detector_report import DETECTIONS_FILE
 from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.progress_model import card_metrics
 from kubetune_trainer.storage import S3Store, S3Uri
 
 MODEL_FORMAT = "kubetune.dev/model/v1"
-HISTORY_FILE = "history.json"
-CARD_FILE = "model.json"
-CURVES_FILE = "training-curves.png"
+HISTORY_FILE = OUTPUT_FILES["history"]
+CARD_FILE = OUTPUT_FILES["card"]
+CURVES_FILE = OUTPUT_FILES["curves"]
 # What every export writes beside the model (MODEL_FILE), in the order the summary names them.
 PUBLISHED_FILES = (CARD_FILE, HISTORY_FILE, CURVES_FILE)
 RANGE_TEST_FILE = "lr-range-test.png"  # written by the workers' range test (`lr_range`), not by the export
-DETECTIONS_FILE = "detections.png"
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,17 @@ def plot_curves(history: Sequence[Mapping[str, Any]], panels: Sequence[Panel], t
 
 
 def _provenance(
-    config: TrainerConfig, weights: WeightsReport, history: Sequence[Mapping[str, Any]], finished_at: datetime
+    config: TrainerConfig,
+    weights: WeightsReport,
+    history: Sequence[Mapping[str, Any]],
+    finished_at: datetime,
+    best_epoch: int,
 ) -> dict[str, Any]:
-    """Where a model came from, the same for every task."""
+    """Where a model came from, the same for every task: `epoch` is the one exported, the best by
+    `selectBy` of the `epochs` trained."""
     return {
+        "epoch": best_epoch,
+        "selectBy": config.selected_metric,
         "epochs": len(history),
         "finishedAt": finished_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
         "baseCheckpoint": config.model.checkpoint,
@@ -142,9 +151,11 @@ def classification_card(
     weights: WeightsReport,
     history: Sequence[Mapping[str, Any]],
     finished_at: datetime,
+    best_epoch: int,
 ) -> dict[str, Any]:
-    """model.json: everything needed to use the model, and where it came from."""
-    final = dict(history[-1]) if history else {}
+    """model.json: everything needed to use the model, and where it came from; `metrics` are the exported
+    (best) epoch's."""
+    final = exported_entry(history, best_epoch)
     size = data_config["input_size"]
     return {
         "format": MODEL_FORMAT,
@@ -160,18 +171,20 @@ def classification_card(
         # timm's own keys: timm.data.create_transform(**dataConfig, is_training=False)
         "dataConfig": dict(data_config),
         "metrics": card_metrics(final),
-        **_provenance(config, weights, history, finished_at),
+        **_provenance(config, weights, history, finished_at, best_epoch),
         "data": {
             "format": data_format(config.task, config.data),
             "train": config.data.train,
             "validation": config.data.validation,
             "validationSplit": None if config.data.validation else config.data.validation_split,
+            "test": config.data.test,
             "trainImages": len(index.train),
             "validationImages": len(index.validation),
+            "testImages": len(index.test),
             "corruptImages": len(index.corrupt),
         },
         "job": {"name": config.job_name, "namespace": config.namespace, "runName": config.run_name},
-        "files": {"weights": MODEL_FILE, "history": HISTORY_FILE, "curves": CURVES_FILE},
+        "files": dict(OUTPUT_FILES),
     }
 
 
@@ -182,12 +195,13 @@ def detection_card(
     weights: WeightsReport,
     history: Sequence[Mapping[str, Any]],
     finished_at: datetime,
+    best_epoch: int,
     score_threshold: float = SCORE_THRESHOLD,
 ) -> dict[str, Any]:
     """model.json of a detector: what rebuilds it outside the trainer (architecture, classes, the model's
-    own transform), its final mAP, the score threshold detections.png draws at (the validation set's
-    best F1), and what the annotations held (boxes kept, clipped and dropped)."""
-    final = dict(history[-1]) if history else {}
+    own transform), the exported (best) epoch's mAP, the score threshold detections.png draws at (the
+    validation set's best F1), and what the annotations held (boxes kept, clipped and dropped)."""
+    final = exported_entry(history, best_epoch)
     annotations = config.data.annotations
     return {
         "format": MODEL_FORMAT,
@@ -201,14 +215,16 @@ def detection_card(
         "transform": dict(transform),
         "scoreThreshold": score_threshold,
         "metrics": card_metrics(final),
-        **_provenance(config, weights, history, finished_at),
+        **_provenance(config, weights, history, finished_at, best_epoch),
         "data": {
             "format": data_format(config.task, config.data),
             "train": config.data.train,
             "validation": config.data.validation or config.data.train,
+            "test": (config.data.test or config.data.validation or config.data.train) if detection.test else None,
             "annotations": annotations.wire() if annotations else None,
             "trainImages": len(detection.train),
             "validationImages": len(detection.validation),
+            "testImages": len(detection.test),
             "trainBoxes": sum(len(s.boxes) for s in detection.train),
             "validationBoxes": sum(len(s.boxes) for s in detection.validation),
             # Per annotation file: images, imagesWithoutBoxes, imagesMissing, imagesCorrupt, boxes,
@@ -216,8 +232,13 @@ def detection_card(
             "counts": detection.counts,
         },
         "job": {"name": config.job_name, "namespace": config.namespace, "runName": config.run_name},
-        "files": {"weights": MODEL_FILE, "history": HISTORY_FILE, "curves": CURVES_FILE, "detections": DETECTIONS_FILE},
+        "files": {**OUTPUT_FILES, "detections": DETECTIONS_FILE},
     }
+
+
+def exported_entry(history: Sequence[Mapping[str, Any]], best_epoch: int) -> dict[str, Any]:
+    """The history entry of the exported epoch (1-based)."""
+    return dict(history[best_epoch - 1]) if 0 < best_epoch <= len(history) else {}
 
 
 def with_effective_training(card: Mapping[str, Any], effective: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -232,8 +253,8 @@ def with_effective_training(card: Mapping[str, Any], effective: Mapping[str, Any
     return out
 
 
-def read_final_progress(store: S3Store, checkpoint: S3Uri) -> dict[str, Any]:
-    """The last checkpoint's progress.json: `history`, and `final` (facts about the extra files)."""
+def read_progress_json(store: S3Store, checkpoint: S3Uri) -> dict[str, Any]:
+    """A checkpoint's progress.json: `epoch` (the epochs it holds), `history` (all of them, then)."""
     progress: dict[str, Any] = json.loads(store.get_bytes(checkpoint.join(PROGRESS_FILE)))
     return progress
 
@@ -245,18 +266,13 @@ def export_model(
     card: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]],
     panels: Sequence[Panel] = CLASSIFICATION_PANELS,
-    extra_files: Sequence[str] = (),
 ) -> S3Uri:
-    """Write the files under output.path (overwriting: exporting twice gives the same result).
-
-    `extra_files` are copied from the checkpoint as they are (detections.png)."""
+    """Write the files under output.path (overwriting: exporting twice gives the same result); the weights
+    are `checkpoint`'s (the best epoch's), the history the whole run's."""
     if len(history) != config.training.epochs:
-        raise TrainerError(
-            f"the last checkpoint {checkpoint} has {len(history)} epochs of history, expected {config.training.epochs}"
-        )
+        raise TrainerError(f"the run's history has {len(history)} epochs, expected {config.training.epochs}")
     out = S3Uri.parse(config.output.path)
-    for name in (MODEL_FILE, *extra_files):
-        store.copy(checkpoint.join(name), out.join(name))
+    store.copy(checkpoint.join(MODEL_FILE), out.join(MODEL_FILE))
     store.put_bytes(out.join(HISTORY_FILE), json.dumps(list(history), indent=2).encode(), "application/json")
     store.put_bytes(
         out.join(CURVES_FILE),

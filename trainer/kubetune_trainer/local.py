@@ -92,12 +92,22 @@ def guarded(action: Callable[[], int]) -> int:
 
 
 def summary(started: float, outcome: Outcome) -> None:
-    """The run's last two lines: the final validation figures, and where the model and its files are."""
+    """The run's last lines: the exported (best) epoch's validation figures, where the model and its files
+    are, then the judged split's figures, where the report is, and what the MLflow hand-off did."""
     parts = summary_parts(outcome.metrics)
     figures = "validation " + ", ".join(parts) if parts else ""
     took = format_duration(time.monotonic() - started)
-    print(f"kubetune: trained {outcome.epochs} epochs in {took}: {figures}")
+    best = outcome.best_epoch
+    chosen = f" (epoch {best}, the best)" if best and best != outcome.epochs else ""
+    print(f"kubetune: trained {outcome.epochs} epochs in {took}: {figures}{chosen}")
     print(f"kubetune: model at {outcome.model} ({', '.join(outcome.files)})")
+    if outcome.evaluation:
+        judged = ", ".join(f"{name} {value:.4f}" for name, value in outcome.evaluation["metrics"].items())
+        print(f"kubetune: on the {outcome.evaluation['split']} set: {judged}")
+    if outcome.report:
+        print(f"kubetune: report at {outcome.report}")
+    if outcome.mlflow:
+        print(f"kubetune: MLflow: {outcome.mlflow}")
 
 
 def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:

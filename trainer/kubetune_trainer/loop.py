@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from kubetune_trainer.lr_range import START_LR, RangeTest, cycle, find_learning_
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
 from kubetune_trainer.optim import effective_training, make_optimizer, make_schedule
 from kubetune_trainer.progress_model import history_entry
+from kubetune_trainer.selection import unranked
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Stepping, Task, task_from_wire
@@ -136,13 +137,11 @@ class Worker:
 
 @dataclass
 class Loaders:
-    """This worker's data: its training shard (and the sampler that orders it) and its validation shard;
-    `validation_set` is the whole validation dataset (rank 0 draws the task's final pictures from it)."""
+    """This worker's data: its training shard (and the sampler that orders it) and its validation shard."""
 
     train: Any
     sampler: EpochOrder
     validation: Any
-    validation_set: Any
     steps_per_epoch: int
 
 
@@ -234,6 +233,7 @@ def train_loop(raw: dict[str, Any]) -> None:
         loaders.steps_per_epoch,
         worker.task.metric_keys,
         state,
+        worker.config.selected_metric,
         world=worker.world,
     )
     epoch = Epoch(
@@ -261,11 +261,11 @@ def train_loop(raw: dict[str, Any]) -> None:
             epoch.checkpoint(trained, decision)
         validation = evaluate(worker, state, loaders)
         record_epoch(state, trained, validation)
-        last = state.epoch == training.epochs
-        if decision.due or last:
-            save(worker, state, loaders.validation_set, final=last)
+        saved = decision.due or state.epoch == training.epochs
+        if saved:
+            save(worker, state)
             epoch.cadence.checkpointed()
-        progress.epoch_done(state, validation, saved=decision.due or last)
+        progress.epoch_done(state, validation, saved=saved)
     progress.close()
 
 
@@ -280,7 +280,7 @@ def start_worker(raw: Mapping[str, Any]) -> Worker:
     torch.set_num_threads(plan.threads)
     device = ray.train.torch.get_device()
     configure_backends(device)
-    store = S3Store(config.storage.endpoint, config.storage.region, config.storage.boto_addressing_style())
+    store = S3Store.for_spec(config.storage)
     return Worker(config, plan, ctx.get_world_rank(), ctx.get_world_size(), device, store)
 
 
@@ -313,7 +313,7 @@ def make_loaders(worker: Worker) -> Loaders:
         reference=worker.config.scaling.workers,
     )
     validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, task.collate)
-    return Loaders(train, order, validation, val_set, steps_per_epoch(order))
+    return Loaders(train, order, validation, steps_per_epoch(order))
 
 
 def new_state(
@@ -478,7 +478,7 @@ class Epoch:
         state = self.state
         state.epoch_so_far = {"lossSum": so_far.loss_sum, "count": so_far.count, "seconds": so_far.seconds}
         if state.step != state.saved_step:
-            save(self.worker, state, None, mid_epoch=True, wait=decision.preempt)
+            save(self.worker, state, mid_epoch=True, wait=decision.preempt)
         self.cadence.checkpointed()
         if decision.preempt:
             self.await_restart()
@@ -511,25 +511,16 @@ def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[
     state.history.append(history_entry(state.epoch, figures, trained.seconds))
 
 
-def save(
-    worker: Worker,
-    state: TrainState,
-    validation_set: Any,
-    *,
-    final: bool = False,
-    mid_epoch: bool = False,
-    wait: bool = False,
-) -> None:
-    """This worker's part of a checkpoint (the last one with the task's extra files), reported to Ray Train,
-    which commits it once every worker has reported. The step waits for a copy of the state only: Ray
-    Train's upload thread writes and uploads it (`wait`: before returning, for a preemption's)."""
+def save(worker: Worker, state: TrainState, *, mid_epoch: bool = False, wait: bool = False) -> None:
+    """This worker's part of a checkpoint, reported to Ray Train with its figures (`checkpoint_figures`: the
+    retention ranks checkpoints by one of them, training.selectBy), which commits it once every worker has
+    reported. The step waits for a copy of the state only: Ray Train's upload thread writes and uploads it
+    (`wait`: before returning, for a preemption's)."""
     import ray.train
 
     worker.uploads.wait(at_most=1)  # one more behind the one uploading, not a queue of snapshots
     progress = state.progress()
     folder = Path(tempfile.mkdtemp(prefix="kubetune-ckpt-"))
-    if final and worker.rank == 0:
-        progress["final"] = worker.task.final_files(unwrap(state.model), validation_set, worker.device, folder)
     snapshot = take_snapshot(
         rank=worker.rank,
         model=state.model,
@@ -540,7 +531,7 @@ def save(
     )
     mode = ray.train.CheckpointUploadMode.SYNC if wait else ray.train.CheckpointUploadMode.ASYNC
     ray.train.report(
-        {**(state.history[-1] if state.history else {}), "step": state.step},
+        checkpoint_figures(state, worker.task.metric_keys, mid_epoch=mid_epoch),
         checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
         checkpoint_dir_name=checkpoint_dir_name(state.epoch, state.step if mid_epoch else None),
         checkpoint_upload_mode=mode,
@@ -548,3 +539,12 @@ def save(
         checkpoint_upload_fn=worker.uploads.uploader(snapshot),
     )
     state.saved_step = state.step
+
+
+def checkpoint_figures(state: TrainState, metric_keys: Sequence[str], *, mid_epoch: bool) -> dict[str, Any]:
+    """What a checkpoint reports to Ray Train: an epoch end's history entry (the figures selectBy ranks it
+    by), or, mid-epoch, the worst figures (`selection.unranked`): a checkpoint without validation of its own
+    is never the best one (it is kept while it is the latest)."""
+    if mid_epoch or not state.history:
+        return {**unranked(metric_keys), "step": state.step}
+    return {**state.history[-1], "step": state.step}

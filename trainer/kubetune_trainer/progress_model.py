@@ -242,6 +242,12 @@ class ProgressUpdate(CamelModel):
     training: TrainingSettings | None = Field(
         default=None, description="The effective learning rates and augmentation of the run."
     )
+    best_epoch: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="The epoch whose checkpoint is the best so far by spec.training.selectBy: the one exported.",
+    )
 
 
 # -- what the table lists, for each place that shows metrics -------------------------------------------
@@ -261,7 +267,7 @@ def history_entry(epoch: int, figures: Mapping[str, float], seconds: float) -> d
 
 
 def card_metrics(final: Mapping[str, Any]) -> dict[str, Any]:
-    """model.json's `metrics`: the last epoch's figures the card keeps."""
+    """model.json's `metrics`: the figures the card keeps of the exported epoch (the best by selectBy)."""
     return {m.key: final[m.key] for m in METRICS if m.in_card and m.key in final}
 
 
@@ -272,5 +278,5 @@ def console_parts(metrics: CamelModel) -> list[str]:
 
 
 def summary_parts(figures: Mapping[str, float]) -> list[str]:
-    """The last epoch's validation figures as `kubetune run --local` ends with them (`accuracy 93.10%`)."""
+    """The exported epoch's validation figures as `kubetune run --local` ends with them (`accuracy 93.10%`)."""
     return [m.summary.format(figures[m.key]) for m in METRICS if m.summary and m.key in figures]

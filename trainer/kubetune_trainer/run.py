@@ -13,8 +13,11 @@
    the run from its latest checkpoint, and FailureConfig restarts failed workers from it (`maxRetries`)
    and preempted ones from the checkpoint they saved on the notice (`maxPreemptions`, apart). SIGTERM to
    the driver makes the workers checkpoint the current step, then ends the run (`PreemptedError`).
-4. `export`: model.safetensors, model.json, history.json and training-curves.png (and the task's extra
-   files: detection's detections.png).
+4. `export`: the best checkpoint by `training.selectBy` (Ray Train keeps it: `selection`; a mid-epoch
+   checkpoint never ranks), judged once on the test split (or validation) where the node preparation ran
+   (`evaluation.step`: evaluation.json, report.html, detection's detections.png, the other formats of
+   output.formats), then model.safetensors, history.json, training-curves.png and model.json; and the
+   hand-off to MLflow when output.mlflow asks for it.
 
 Classification and detection share every step; the run's `tasks.Task` decides the data, the model and
 the card.
@@ -23,7 +26,7 @@ the card.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,15 +36,17 @@ import torch
 from kubetune_trainer.cache import cached_object
 from kubetune_trainer.callbacks import STEP_CALLBACKS_ENV, callback_names_from_env
 from kubetune_trainer.checkpoint import MODEL_FILE
-from kubetune_trainer.config import TrainerConfig, use_ray_train_env
+from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig, use_ray_train_env
 from kubetune_trainer.data import check_corrupt, prepare_images
 from kubetune_trainer.errors import PreemptedError, TrainerError, error_line
-from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_final_progress, with_effective_training
+from kubetune_trainer.evaluation.step import judge_node
+from kubetune_trainer.export import PUBLISHED_FILES, export_model, read_progress_json, with_effective_training
 from kubetune_trainer.loop import RunPlan, train_loop
 from kubetune_trainer.model import WeightsReport
 from kubetune_trainer.preemption import DriverNotice, worker_callback
 from kubetune_trainer.relay import Relay, driver_reporters, run_events, run_states
 from kubetune_trainer.reporting import ProgressReporter
+from kubetune_trainer.selection import best_entry, checkpoint_config
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.tasks import Task, Trained, check_architecture, find_task, task_from_wire
 
@@ -70,19 +75,43 @@ class Prepared:
     trainable_parameters: int
     total_parameters: int
     stages: tuple[int, int]
+    # Where the node preparation ran (this process, or a Ray task with these resources): the evaluation
+    # after training runs the same way.
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class Placement:
+    here: bool
+    cpus: float = 1
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What training left: the last checkpoint (its progress.json holds the whole history) and the one to
+    export, the best by training.selectBy."""
+
+    last: S3Uri
+    best: S3Uri
 
 
 @dataclass
 class Outcome:
     model: S3Uri  # the weights under output.path
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # the exported (best) epoch's history entry
     epochs: int
-    # Beside the weights: the card, history and curves, and the task's own (detection: detections.png).
+    # Beside the weights: the card, history and curves, then what the evaluation after training wrote
+    # (evaluation.json, report.html, the task's pictures, the other formats of output.formats).
     files: tuple[str, ...]
+    best_epoch: int = 0
+    evaluation: dict[str, Any] | None = None  # the judged split and its headline figures
+    report: S3Uri | None = None  # report.html under output.path
+    mlflow: str | None = None  # what the MLflow hand-off did, in a line
 
 
 def store_for(config: TrainerConfig) -> S3Store:
-    return S3Store(config.storage.endpoint, config.storage.region, config.storage.boto_addressing_style())
+    return S3Store.for_spec(config.storage)
 
 
 def check_inputs(config: TrainerConfig, store: S3Store) -> Inputs:
@@ -114,17 +143,8 @@ def prepare_node(config_wire: Mapping[str, Any], task_wire: Mapping[str, Any], w
 
 def prepare(config: TrainerConfig, inputs: Inputs, *, here: bool, cpus: float = 1, gpus: int = 0) -> Prepared:
     """prepare_node on this process (`here`) or as a Ray task with one worker's resources."""
-    args = (config.wire(), inputs.task.wire(), inputs.weights)
-    if here:
-        found = prepare_node(*args)
-    else:
-        import ray
-
-        task = ray.remote(prepare_node).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-        try:
-            found = ray.get(task.remote(*args))
-        except ray.exceptions.RayTaskError as error:
-            raise failure_reason(error) or TrainerError(f"preparing a node failed: {error_line(error)}") from None
+    placement = Placement(here, cpus, gpus)
+    found = on_node(placement, prepare_node, "preparing a node", config.wire(), inputs.task.wire(), inputs.weights)
     prepared = Prepared(
         task=inputs.task.without_corrupt(found["corrupt"]),
         weights=inputs.weights,
@@ -133,9 +153,25 @@ def prepare(config: TrainerConfig, inputs: Inputs, *, here: bool, cpus: float = 
         trainable_parameters=int(found["trainable"]),
         total_parameters=int(found["total"]),
         stages=(int(found["stages"][0]), int(found["stages"][1])),
+        placement=placement,
     )
     log_prepared(config, prepared)
     return prepared
+
+
+def on_node(placement: Placement, function: Callable[..., dict[str, Any]], what: str, *args: Any) -> dict[str, Any]:
+    """`function(*args)` in this process, or as a Ray task with one worker's resources; a failure is the
+    TrainerError behind it, or one naming `what`."""
+    if placement.here:
+        return function(*args)
+    import ray
+
+    task = ray.remote(function).options(num_cpus=placement.cpus, num_gpus=placement.gpus, max_retries=0)
+    try:
+        found: dict[str, Any] = ray.get(task.remote(*args))
+    except ray.exceptions.RayTaskError as error:
+        raise failure_reason(error) or TrainerError(f"{what} failed: {error_line(error)}") from None
+    return found
 
 
 def log_prepared(config: TrainerConfig, prepared: Prepared) -> None:
@@ -195,7 +231,7 @@ def train(
     notice.install()
     try:
         plan = run_plan(prepared, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
-        last = fit(torch_trainer(config, plan, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu), config)
+        fitted = fit(torch_trainer(config, plan, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu), config)
     except (KeyboardInterrupt, TrainerError):
         if not notice.preempted:  # Ctrl-C, or a failure of its own
             raise
@@ -203,7 +239,7 @@ def train(
     finally:
         notice.uninstall()
         relay.close()  # the last updates shown and sent before the export's lines
-    return export(config, prepared, last)
+    return export(config, prepared, fitted)
 
 
 def preempted_message(config: TrainerConfig, relay: Relay) -> str:
@@ -253,7 +289,10 @@ def torch_trainer(config: TrainerConfig, plan: RunPlan, relay: Relay, *, cpus_pe
             name=config.run_name,
             storage_path=checkpoints_uri(config).fs_path,
             storage_filesystem=store_for(config).arrow_filesystem(),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.output.checkpoints_to_keep),
+            # The best checkpointsToKeep by selectBy, and the latest: the best is never deleted.
+            checkpoint_config=ray.train.CheckpointConfig(
+                **checkpoint_config(config.output.checkpoints_to_keep, config.selected_metric)
+            ),
             # Preemptions have a budget of their own (-1: no limit), apart from the failures'.
             failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]  # V1 to mypy
                 max_failures=config.max_failures, max_preemption_failures=preemptions
@@ -272,8 +311,8 @@ def checkpoints_uri(config: TrainerConfig) -> S3Uri:
     return S3Uri.parse(config.output.path).join(CHECKPOINTS_DIR)
 
 
-def fit(trainer: Any, config: TrainerConfig) -> S3Uri:
-    """Train; the last checkpoint, or the TrainerError that ended the run."""
+def fit(trainer: Any, config: TrainerConfig) -> Fitted:
+    """Train; the last and the best checkpoint, or the TrainerError that ended the run."""
     import ray.train
 
     checkpoints = checkpoints_uri(config)
@@ -284,18 +323,63 @@ def fit(trainer: Any, config: TrainerConfig) -> S3Uri:
         raise failure_reason(error) or TrainerError(f"training failed: {error_line(error)}") from None
     if result.checkpoint is None:
         raise TrainerError(f"training finished without a checkpoint under {checkpoints}/{config.run_name}/")
-    return S3Uri.from_fs_path(result.checkpoint.path)
+    last = S3Uri.from_fs_path(result.checkpoint.path)
+    return Fitted(last=last, best=best_checkpoint(result.best_checkpoints or [], config.selected_metric) or last)
 
 
-def export(config: TrainerConfig, prepared: Prepared, last: S3Uri) -> Outcome:
-    """The model and its card, history and curves from the last checkpoint, under output.path."""
+def best_checkpoint(kept: Sequence[tuple[Any, Mapping[str, Any]]], metric: str) -> S3Uri | None:
+    """Of the checkpoints Ray Train kept (checkpoint, reported figures), the best by `metric`."""
+    best = best_entry([figures for _, figures in kept], metric)
+    for checkpoint, figures in kept:
+        if figures is best:
+            return S3Uri.from_fs_path(checkpoint.path)
+    return None
+
+
+def export(config: TrainerConfig, prepared: Prepared, fitted: Fitted) -> Outcome:
+    """The best checkpoint judged, then its weights, card, history and curves under output.path."""
     store = store_for(config)
-    progress = read_final_progress(store, last)
-    history = list(progress["history"])
+    last = read_progress_json(store, fitted.last)
+    history = list(last["history"])
+    epoch = int(read_progress_json(store, fitted.best)["epoch"])
+    log.info("exporting epoch %d of %d (the best by %s): %s", epoch, len(history), config.selected_metric, fitted.best)
     task = prepared.task
-    final = progress.get("final") or {}
-    card = task.card(Trained(prepared.data_config, prepared.weights_report, history, final, datetime.now(UTC)))
-    card = with_effective_training(card, progress.get("effective"))
-    output = export_model(store, config, last, card, history, task.panels, extra_files=task.exported_files)
-    files = (*PUBLISHED_FILES, *task.exported_files)
-    return Outcome(output.join(MODEL_FILE), metrics=dict(history[-1]), epochs=len(history), files=files)
+    judged = on_node(
+        prepared.placement,
+        judge_node,
+        "evaluating the exported model",
+        config.wire(),
+        task.wire(),
+        prepared.weights,
+        prepared.data_config,
+        str(fitted.best),
+        history,
+        epoch,
+    )
+    trained = Trained(prepared.data_config, prepared.weights_report, history, epoch, judged["card"], datetime.now(UTC))
+    card = task.card(trained) | {"evaluation": evaluation_summary(judged), "exports": judged["exports"]}
+    card = with_effective_training(card, last.get("effective"))
+    output = export_model(store, config, fitted.best, card, history, task.panels)
+    outcome = Outcome(
+        output.join(MODEL_FILE),
+        metrics=dict(history[epoch - 1]),
+        epochs=len(history),
+        files=(*PUBLISHED_FILES, *judged["files"]),
+        best_epoch=epoch,
+        evaluation=evaluation_summary(judged),
+        report=output.join(OUTPUT_FILES["report"]),
+    )
+    if config.output.mlflow is not None:  # imported only when asked for: MLflow is an optional extra
+        from kubetune_trainer.handoff import hand_off
+
+        outcome.mlflow = hand_off(config, store, output, card, history)
+    return outcome
+
+
+def evaluation_summary(judged: Mapping[str, Any]) -> dict[str, Any]:
+    """model.json's `evaluation`: the split judged, its headline figures, where the details are."""
+    return {
+        "split": judged["split"],
+        "metrics": dict(judged["headline"]),
+        "files": {"evaluation": OUTPUT_FILES["evaluation"], "report": OUTPUT_FILES["report"]},
+    }

@@ -23,7 +23,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-from kubetune_trainer.config import CA_BUNDLE_ENV, AddressingStyle
+from kubetune_trainer.config import CA_BUNDLE_ENV, AddressingStyle, StorageSpec
 from kubetune_trainer.errors import StorageError
 from kubetune_trainer.localpaths import local_path
 
@@ -133,6 +133,11 @@ class S3Store:
             s3={"addressing_style": addressing_style},
         )
         self.client: Any = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+    @classmethod
+    def for_spec(cls, storage: StorageSpec) -> S3Store:
+        """The store a job's spec.storage names (its endpoint, region and addressing style)."""
+        return cls(storage.endpoint, storage.region, storage.boto_addressing_style())
 
     def __reduce__(self) -> tuple[type[S3Store], tuple[str | None, str, AddressingStyle]]:
         return (type(self), (self.endpoint, self.region, self.addressing_style))

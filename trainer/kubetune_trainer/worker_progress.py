@@ -16,11 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune_trainer.progress_model import ProgressMetrics, ProgressUpdate, TrainerPhase, TrainingSettings
 from kubetune_trainer.reporting import worker_reporters
+from kubetune_trainer.selection import best_epoch
 
 if TYPE_CHECKING:
     from kubetune_trainer.loop import TrainState
 
 REPORT_INTERVAL_S = 1.0
+
+
+def percent_done(step: int, total: int) -> float:
+    """Share of all steps done, 0-100, to one decimal, rounded down: `kubectl get ftj` shows it as it is
+    (41.6, not 41.66666666666667), and 100 only at the last step."""
+    return min(100.0, math.floor(1000 * step / max(1, total)) / 10)
 
 
 @dataclass
@@ -50,6 +57,7 @@ class WorkerProgress:
         steps_per_epoch: int,
         metric_keys: Sequence[str],
         state: TrainState,
+        selected_metric: str,
         world: int = 1,
     ) -> None:
         self.reporter = worker_reporters(relay, rank)
@@ -60,6 +68,7 @@ class WorkerProgress:
         # The last finished epoch's validation figures, keyed as in history.json (and ProgressMetrics' wire names).
         last = state.history[-1] if state.history else {}
         self.last_val: dict[str, float] = {k: last[k] for k in metric_keys if k in last}
+        self.selected_metric = selected_metric
 
     def update(
         self, state: TrainState, epoch: int, phase: TrainerPhase, train_loss: float | None, ips: float | None
@@ -70,7 +79,7 @@ class WorkerProgress:
             total_epochs=self.total_epochs,
             step=step,
             total_steps=total,
-            percent=min(100.0, 100.0 * step / max(1, total)),
+            percent=percent_done(step, total),
             eta_seconds=self.clock.eta(step),
             metrics=ProgressMetrics.model_validate(
                 {
@@ -85,6 +94,7 @@ class WorkerProgress:
             latest_checkpoint=state.resumed_from,
             workers=self.world,
             phase=phase,
+            best_epoch=best_epoch(state.history, self.selected_metric),
             training=TrainingSettings.from_effective(state.effective),
         )
 

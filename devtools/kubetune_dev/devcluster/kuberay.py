@@ -6,13 +6,20 @@ relies on, following KubeRay v1.x's RayJob controller:
 - `jobDeploymentStatus`: "" (New) -> Initializing -> Running -> Complete | Failed; a failed run with
   retries left (`backoffLimit`) -> Retrying -> New (a fresh cluster); `spec.suspend: true` ->
   Suspending -> Suspended (driver killed, cluster deleted, job fields reset), and back to New on
-  resume; `activeDeadlineSeconds` -> Failed with reason DeadlineExceeded.
+  resume; `activeDeadlineSeconds` -> Failed with reason DeadlineExceeded; `preRunningDeadlineSeconds`
+  passed while Initializing (the pods cannot start yet) -> Failed with reason PreRunningDeadlineExceeded.
 - `jobStatus` PENDING -> RUNNING -> SUCCEEDED | FAILED; `startTime`, `endTime`, `failed`,
   `succeeded`, `jobId`, `rayClusterName` ("<rayjob>-<5 chars>"), `dashboardURL` (the head
   service's address, as KubeRay reports it), `reason`, `message`, `observedGeneration`.
 - A RayCluster object owned by the RayJob exists while the cluster runs (deleted on suspend, retry
   and — with `shutdownAfterJobFinishes` — at the end), the finalizer
   `ray.io/rayjob-stopjob-finalizer` makes deleting a RayJob stop its run first.
+- `deletionStrategy.deletionRules` at the end, as KubeRay applies them (`kuberay_rules.rules_due`):
+  DeleteWorkers suspends the RayCluster's worker groups (the run's processes stop: the one Ray head
+  here hosts the workers too), DeleteCluster deletes the RayCluster and the attempt's driver log (the
+  head pod's `/tmp/ray` goes with it), DeleteSelf the RayJob. A spec KubeRay's validation refuses
+  (`kuberay_rules.spec_problem`: suspend without shutdownAfterJobFinishes, rules beside it, ...) ends
+  ValidationFailed, on any reconcile, as KubeRay's does.
 
 The Ray cluster: one `ray start --head` per RayJob (as KubeRay starts one RayCluster per RayJob),
 with as many logical CPUs as the cluster spec asks for (head plus worker groups), no GPUs, and the
@@ -53,6 +60,7 @@ from kubetune_dev.devcluster.kuberay_auth import (
     token_secret_name,
     with_token_auth,
 )
+from kubetune_dev.devcluster.kuberay_rules import rules_due, spec_problem
 from kubetune_dev.devcluster.pods import PodMaterialiser, PodNotReadyError, Sandbox, container_cpus, main_container
 from kubetune_dev.devcluster.processes import LocalProcess, RayHead, RayWorkerNode, venv_path_env
 
@@ -94,6 +102,8 @@ class RayJobController:
     attempts: int = 0
     task: asyncio.Task[None] | None = None
     gone: bool = False
+    # The deletion rules' policies carried out for the current attempt (each once).
+    deleted: set[str] = field(default_factory=set)
 
     @property
     def kube(self) -> AsyncKube:
@@ -161,8 +171,8 @@ class RayJobController:
         finally:
             await self.stop_run()
 
-    def _deadline_passed(self) -> bool:
-        deadline = self.spec.get("activeDeadlineSeconds")
+    def _deadline_passed(self, field: str = "activeDeadlineSeconds") -> bool:
+        deadline = self.spec.get(field)
         start = parse_time(self.status.get("startTime") or "")
         return bool(deadline and start and time.time() - start.timestamp() > float(deadline))
 
@@ -172,11 +182,25 @@ class RayJobController:
             await self._on_deleted()
             return None
         deployment = self.status.get("jobDeploymentStatus") or ""
+        problem = spec_problem(self.spec)
+        if problem is not None:  # as KubeRay validates: on every reconcile, so after an edit too
+            if deployment != "ValidationFailed":
+                await self._refuse(problem)
+            return None
         step = self._STEPS.get(deployment)
         if step is None:
             log.warning("rayjob %s/%s: unknown jobDeploymentStatus %r", self.namespace, self.name, deployment)
             return None
         return await step(self)
+
+    async def _refuse(self, problem: str) -> None:
+        """An invalid spec: ValidationFailed, with KubeRay's message (its run, if any, stopped)."""
+        log.warning("rayjob %s/%s: invalid: %s", self.namespace, self.name, problem)
+        await self.stop_run()
+        message = f"{self.namespace}/{self.name}: The RayJob spec is invalid: {problem}"
+        await self.patch_status(
+            {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed", "message": message}
+        )
 
     async def _on_deleted(self) -> None:
         """Stop the run, then let the deletion finish (the finalizer's work)."""
@@ -218,10 +242,13 @@ class RayJobController:
         return None
 
     async def _on_initializing(self) -> float | None:
-        """The cluster up and the entrypoint submitted: Running."""
+        """The cluster up and the entrypoint submitted: Running; Failed if that takes past
+        preRunningDeadlineSeconds (here: its pods' Secrets or ConfigMaps missing that long)."""
         stopped = await self._suspended_or_late()
         if stopped is not None:
             return stopped
+        if self._deadline_passed("preRunningDeadlineSeconds"):
+            return await self.fail_deadline("preRunningDeadlineSeconds", "PreRunningDeadlineExceeded")
         try:
             await self.start_run()
         except PodNotReadyError as exc:
@@ -278,7 +305,10 @@ class RayJobController:
         return None
 
     async def _on_finished(self) -> float | None:
-        """Complete or Failed: with shutdownAfterJobFinishes, the cluster goes after ttlSecondsAfterFinished."""
+        """Complete or Failed: the deletion rules when the RayJob has them, else with shutdownAfterJobFinishes
+        the cluster goes after ttlSecondsAfterFinished."""
+        if (self.spec.get("deletionStrategy") or {}).get("deletionRules"):
+            return await self._apply_deletion_rules()
         if self.run is not None and self.spec.get("shutdownAfterJobFinishes"):
             ttl = float(self.spec.get("ttlSecondsAfterFinished") or 0)
             end = parse_time(self.status.get("endTime") or "")
@@ -287,6 +317,42 @@ class RayJobController:
                 return left
             await self.stop_run()
         return None
+
+    async def _apply_deletion_rules(self) -> float | None:
+        """The most destructive rule due now, as KubeRay's `handleDeletionRules`; then wait for the next.
+
+        What a kept head holds for its user here: the RayCluster object (its workers suspended, as
+        KubeRay's DeleteWorkers leaves it) and the driver's log. The run's processes stop with the workers:
+        the stand-in's one Ray head hosts the workers too, and a finished driver needs none of them.
+        """
+        end = parse_time(self.status.get("endTime") or "")
+        now = time.time()
+        due = rules_due(self.spec, self.status, end=end.timestamp() if end else now, now=now)
+        if "DeleteSelf" in due.policies:
+            await self.kube.delete(self.url)
+            return None
+        if "DeleteCluster" in due.policies and "DeleteCluster" not in self.deleted:
+            await self.stop_run()
+            await self.delete_raycluster()
+            self.driver_log_path(self.attempts).unlink(missing_ok=True)  # the head pod's /tmp/ray went with it
+            self.deleted.update({"DeleteWorkers", "DeleteCluster"})
+        elif "DeleteWorkers" in due.policies and "DeleteWorkers" not in self.deleted:
+            await self.stop_run(keep_cluster=True)
+            await self.suspend_worker_groups()
+            self.deleted.add("DeleteWorkers")
+        return None if due.next_at is None else max(due.next_at - time.time(), 0.1)
+
+    async def suspend_worker_groups(self) -> None:
+        """DeleteWorkers, as KubeRay does it: every worker group of the RayCluster suspended."""
+        name = self.status.get("rayClusterName")
+        cluster = await self.kube.get(path(*RAYCLUSTERS, self.namespace, name)) if name else None
+        if cluster is None:
+            return
+        groups = [{**group, "suspend": True} for group in cluster.get("spec", {}).get("workerGroupSpecs") or []]
+        await self.kube.merge_patch(path(*RAYCLUSTERS, self.namespace, name), {"spec": {"workerGroupSpecs": groups}})
+
+    def driver_log_path(self, attempt: int) -> Path:
+        return self.standin.workdir / self.namespace / self.name / f"attempt-{attempt}" / "driver.log"
 
     # What each jobDeploymentStatus leads to, as KubeRay's RayJob controller does it.
     _STEPS: ClassVar[dict[str, Callable[[RayJobController], Awaitable[float | None]]]] = {
@@ -299,6 +365,7 @@ class RayJobController:
         "Suspended": _on_suspended,
         "Complete": _on_finished,
         "Failed": _on_finished,
+        "ValidationFailed": lambda _: _nothing(),
     }
 
     async def finish(self, code: int) -> float:
@@ -335,15 +402,16 @@ class RayJobController:
         )
         return 0
 
-    async def fail_deadline(self) -> float:
-        await self.stop_run()
+    async def fail_deadline(self, field: str = "activeDeadlineSeconds", reason: str = "DeadlineExceeded") -> float:
+        # The driver is stopped; what stays of the cluster is the deletion rules' to decide, if any.
+        await self.stop_run(keep_cluster=bool((self.spec.get("deletionStrategy") or {}).get("deletionRules")))
         await self.patch_status(
             {
                 "jobDeploymentStatus": "Failed",
-                "reason": "DeadlineExceeded",
+                "reason": reason,
                 "message": (
-                    f"The RayJob has passed the activeDeadlineSeconds. StartTime: {self.status.get('startTime')}. "
-                    f"ActiveDeadlineSeconds: {self.spec.get('activeDeadlineSeconds')}"
+                    f"The RayJob has passed the {field}. StartTime: {self.status.get('startTime')}. "
+                    f"{field[0].upper()}{field[1:]}: {self.spec.get(field)}"
                 ),
                 "endTime": now_rfc3339(),
             }
@@ -355,12 +423,13 @@ class RayJobController:
     async def start_run(self) -> None:
         await self.stop_run()
         self.attempts += 1
+        self.deleted = set()
         cluster_spec = dict(self.spec.get("rayClusterSpec") or {})
         token_secret = await self.token_secret(cluster_spec)
         head_group = dict(cluster_spec.get("headGroupSpec") or {})
         head_template = dict(head_group.get("template") or {})
         head_container = with_token_auth(main_container(head_template), token_secret)
-        workdir = self.standin.workdir / self.namespace / self.name / f"attempt-{self.attempts}"
+        workdir = self.driver_log_path(self.attempts).parent
         shutil.rmtree(workdir, ignore_errors=True)
         sandbox = Sandbox(workdir)
         pod_name = f"{self.status.get('rayClusterName') or self.name}-head-{_suffix()}"
@@ -484,7 +553,8 @@ class RayJobController:
             },
         )
 
-    async def stop_run(self) -> None:
+    async def stop_run(self, *, keep_cluster: bool = False) -> None:
+        """Stop the run's processes, and delete its RayCluster object unless `keep_cluster`."""
         run, self.run = self.run, None
         if run is None:
             return
@@ -496,12 +566,20 @@ class RayJobController:
             self.standin.stopped.append(
                 f"RayJob {self.namespace}/{self.name}: its driver and Ray cluster ({stopped} processes)"
             )
+        if not keep_cluster:
+            await self.delete_raycluster()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def delete_raycluster(self) -> None:
         name = self.status.get("rayClusterName")
         if name and not self.gone:
             with contextlib.suppress(Exception):
                 await self.kube.delete(path(*RAYCLUSTERS, self.namespace, name))
-        if cancelled:
-            raise asyncio.CancelledError
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def _stop_together(run: Run, grace: float) -> tuple[int, bool]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kubetune_trainer.data import DatasetIndex
+from kubetune_trainer.evaluation.judged import Judged
 from kubetune_trainer.export import Panel
 from kubetune_trainer.model import TrainablePlan, WeightsReport
 from kubetune_trainer.steps import Autocast
@@ -25,12 +26,15 @@ from kubetune_trainer.steps import Autocast
 @dataclass(frozen=True)
 class Trained:
     """What a model card says beyond the task's own data: how the model sees images (`Task.preprocessing`),
-    how the base weights fitted, the history, what `Task.final_files` returned, when the run finished."""
+    how the base weights fitted, the history, the epoch exported (the best by selectBy), what the
+    evaluation after training found (`Task.judge`'s card facts: a detector's score threshold), when the
+    run finished."""
 
     preprocessing: Mapping[str, Any]
     weights: WeightsReport
     history: Sequence[Mapping[str, Any]]
-    final: Mapping[str, Any]
+    best_epoch: int
+    judged: Mapping[str, Any]
     finished_at: datetime
 
 
@@ -40,13 +44,13 @@ class Stepping(Protocol):
 
 class Task(Protocol):
     """One task's steps. The driver: `images`, `without_corrupt`, `summary`, `build_model`,
-    `preprocessing`, `card`, `panels`, `exported_files`. The workers: `build_model`, `datasets`, `collate`,
-    `stepper`, `evaluate` (figures keyed as in history.json: `metric_keys`) and `final_files`."""
+    `preprocessing`, `card`, `panels`. The workers: `build_model`, `datasets`, `collate`, `stepper`,
+    `evaluate` (figures keyed as in history.json: `metric_keys`). After training, with the exported
+    model: `judged_sets`, `judge` and `export_formats`."""
 
     metric_keys: tuple[str, ...]
-    # The panels of training-curves.png, and the files of the last checkpoint the export publishes.
+    # The panels of training-curves.png.
     panels: tuple[Panel, ...]
-    exported_files: tuple[str, ...]
 
     @property
     def collate(self) -> Callable[[Any], Any] | None: ...
@@ -92,8 +96,19 @@ class Task(Protocol):
         """The validation figures of an epoch, exact over all workers (every worker gets the same)."""
         ...
 
-    def final_files(self, model: nn.Module, validation: Any, device: torch.device, folder: Path) -> dict[str, Any]:
-        """Write extra files of the last checkpoint into `folder` (rank 0); facts about them for the card."""
+    def judged_sets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any, str]:
+        """(validation set, the set the report judges, its name): the test set, or the validation set again
+        (the very object) when the job has none."""
+        ...
+
+    def judge(self, model: nn.Module, validation: Any, judged: Any, split: str, device: torch.device) -> Judged:
+        """The exported model's figures, pictures and report sections on `judged`."""
+        ...
+
+    def export_formats(
+        self, model: nn.Module, validation: Any, folder: Path, judged: Judged, preprocessing: Mapping[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """The formats of output.formats beyond safetensors written into `folder`, checked on `validation`."""
         ...
 
     def card(self, trained: Trained) -> dict[str, Any]:

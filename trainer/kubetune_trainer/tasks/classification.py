@@ -11,9 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kubetune_trainer.augment import augment_plan
+from kubetune_trainer.augment import augment_plan, build_transforms
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.data import DatasetIndex, datasets
+from kubetune_trainer.data import DatasetIndex, datasets, image_files
+from kubetune_trainer.evaluation.classifier_report import judge_classifier
+from kubetune_trainer.evaluation.judged import TEST, VALIDATION, Judged
 from kubetune_trainer.export import CLASSIFICATION_PANELS, Panel, classification_card
 from kubetune_trainer.formats import classification_index
 from kubetune_trainer.model import (
@@ -24,6 +26,7 @@ from kubetune_trainer.model import (
     check_architecture,
     data_config,
 )
+from kubetune_trainer.model_formats import classifier_preprocessing, export_classifier
 from kubetune_trainer.progress_model import validation_keys
 from kubetune_trainer.steps import Autocast, Stepper
 from kubetune_trainer.storage import S3Store
@@ -35,7 +38,6 @@ class ClassificationTask:
 
     metric_keys: tuple[str, ...] = validation_keys("classification")
     panels: tuple[Panel, ...] = CLASSIFICATION_PANELS
-    exported_files: tuple[str, ...] = ()
     collate: Callable[[Any], Any] | None = None
 
     def __init__(self, config: TrainerConfig, index: DatasetIndex) -> None:
@@ -71,9 +73,17 @@ class ClassificationTask:
         return []
 
     def card(self, trained: Trained) -> dict[str, Any]:
-        return classification_card(
-            self.config, self.index, trained.preprocessing, trained.weights, trained.history, trained.finished_at
+        card = classification_card(
+            self.config,
+            self.index,
+            trained.preprocessing,
+            trained.weights,
+            trained.history,
+            trained.finished_at,
+            trained.best_epoch,
         )
+        _, eval_transform = build_transforms(trained.preprocessing, "none")
+        return card | {"preprocessing": classifier_preprocessing(eval_transform)}
 
     # -- the model ----------------------------------------------------------------------------------
 
@@ -110,5 +120,20 @@ class ClassificationTask:
         loss, correct, count = sums.tolist()
         return {"valLoss": loss / max(count, 1.0), "valAccuracy": correct / max(count, 1.0)}
 
-    def final_files(self, model: nn.Module, validation: Any, device: torch.device, folder: Path) -> dict[str, Any]:
-        return {}
+    # -- after training: the exported model judged, and its other formats ------------------------------
+
+    def judged_sets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any, str]:
+        _, eval_transform = build_transforms(preprocessing, "none")
+        validation = image_files(folder, self.index, self.index.validation, eval_transform)
+        if not self.index.test:
+            return validation, validation, VALIDATION
+        return validation, image_files(folder, self.index, self.index.test, eval_transform), TEST
+
+    def judge(self, model: nn.Module, validation: Any, judged: Any, split: str, device: torch.device) -> Judged:
+        return judge_classifier(model, judged, self.index.class_names, device, split)
+
+    def export_formats(
+        self, model: nn.Module, validation: Any, folder: Path, judged: Judged, preprocessing: Mapping[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        size = int(preprocessing["input_size"][-1])
+        return export_classifier(model, self.config.output.formats, validation, folder, size)

@@ -18,9 +18,7 @@ from kubetune_trainer.data import DatasetIndex
 from kubetune_trainer.detection_data import DetectionFiles, DetectionIndex, collate
 from kubetune_trainer.detection_eval import (
     SCORE_THRESHOLD,
-    best_score_threshold,
     mean_average_precision,
-    plot_detections,
     predict,
 )
 from kubetune_trainer.detection_model import (
@@ -29,16 +27,16 @@ from kubetune_trainer.detection_model import (
     check_detection_architecture,
     transform_config,
 )
-from kubetune_trainer.export import DETECTION_PANELS, DETECTIONS_FILE, Panel, detection_card
+from kubetune_trainer.evaluation.detector_report import judge_detector
+from kubetune_trainer.evaluation.judged import TEST, VALIDATION, Judged
+from kubetune_trainer.export import DETECTION_PANELS, Panel, detection_card
 from kubetune_trainer.formats import detection_index
 from kubetune_trainer.model import TrainablePlan, WeightsReport
+from kubetune_trainer.model_formats import export_detector
 from kubetune_trainer.progress_model import validation_keys
 from kubetune_trainer.steps import Autocast, DetectionStepper
 from kubetune_trainer.storage import S3Store
 from kubetune_trainer.tasks.base import Trained
-
-# Validation images drawn in detections.png.
-PICTURE_IMAGES = 8
 
 
 def gather(items: list[Any]) -> list[Any]:
@@ -69,15 +67,12 @@ class DetectionTask:
 
     metric_keys: tuple[str, ...] = validation_keys("detection")
     panels: tuple[Panel, ...] = DETECTION_PANELS
-    exported_files: tuple[str, ...] = (DETECTIONS_FILE,)
     collate: Callable[[Any], Any] | None = staticmethod(collate)
 
     def __init__(self, config: TrainerConfig, boxes: DetectionIndex, images: DatasetIndex) -> None:
         self.config = config
         self.boxes = boxes
         self.images = images
-        # The last evaluation's (predictions, targets) over the whole validation set.
-        self.last_predictions: tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]] | None = None
 
     # -- the driver ---------------------------------------------------------------------------------
 
@@ -107,8 +102,9 @@ class DetectionTask:
         return [f"annotations: {annotation_summary(self.boxes)}"]
 
     def card(self, trained: Trained) -> dict[str, Any]:
-        """`scoreThreshold`: the one detections.png was drawn at (`final_files`)."""
-        threshold = float(trained.final.get("scoreThreshold", SCORE_THRESHOLD))
+        """`scoreThreshold`: the exported model's best F1 on the validation set (`judge`), which
+        detections.png and the report draw at."""
+        threshold = float(trained.judged.get("scoreThreshold", SCORE_THRESHOLD))
         return detection_card(
             self.config,
             self.boxes,
@@ -116,6 +112,7 @@ class DetectionTask:
             trained.weights,
             trained.history,
             trained.finished_at,
+            trained.best_epoch,
             score_threshold=threshold,
         )
 
@@ -158,16 +155,21 @@ class DetectionTask:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
         predictions, targets = predict(model, loader, device, stepper.autocast)
-        self.last_predictions = (gather(predictions), gather(targets))
-        return mean_average_precision(*self.last_predictions)
+        return mean_average_precision(gather(predictions), gather(targets))
 
-    def final_files(self, model: nn.Module, validation: Any, device: torch.device, folder: Path) -> dict[str, Any]:
-        """detections.png: the first validation images with true boxes and the boxes predicted above the
-        validation set's best score threshold (rank 0 only, after the last evaluation)."""
-        threshold = best_score_threshold(*self.last_predictions) if self.last_predictions else SCORE_THRESHOLD
-        count = min(PICTURE_IMAGES, len(validation))
-        if count:
-            images, targets = collate([validation[i] for i in range(count)])
-            predictions, _ = predict(model, [(images, targets)], device)
-            plot_detections(images, predictions, targets, self.boxes.class_names, folder / DETECTIONS_FILE, threshold)
-        return {"scoreThreshold": threshold, "pictureImages": count}
+    # -- after training: the exported model judged, and its other formats ------------------------------
+
+    def judged_sets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any, str]:
+        validation = DetectionFiles(folder, self.boxes.validation)
+        if not self.boxes.test:
+            return validation, validation, VALIDATION
+        return validation, DetectionFiles(folder, self.boxes.test), TEST
+
+    def judge(self, model: nn.Module, validation: Any, judged: Any, split: str, device: torch.device) -> Judged:
+        return judge_detector(model, validation, judged, self.boxes.class_names, device, split)
+
+    def export_formats(
+        self, model: nn.Module, validation: Any, folder: Path, judged: Judged, preprocessing: Mapping[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        threshold = float(judged.card.get("scoreThreshold", SCORE_THRESHOLD))
+        return export_detector(model, self.config.output.formats, validation, folder, threshold)
