@@ -11,6 +11,7 @@ twice finds what it created the first time.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import secrets
@@ -372,11 +373,50 @@ def _head_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     # Only the head: the driver runs there; workers take the config from it through Ray Train.
     container["env"].append(literal_env(CONFIG_ENV, trainer_config_json(job, settings)))
     container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS]
+    template = _pod_template(job, settings, component=HEAD, container=container, scheduling={})
+    if job.spec.resources.workers.elastic:
+        template["spec"]["volumes"].append(copy.deepcopy(AUTOSCALER_TOKEN_VOLUME))
     return {
         # num-cpus 0: Ray schedules no training worker here, only the driver and Ray Train's
         # controller (which asks for no CPU), so the head needs no GPU node.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-        "template": _pod_template(job, settings, component=HEAD, container=container, scheduling={}),
+        "template": template,
+    }
+
+
+# Elastic workers: KubeRay's autoscaler sidecar on the head adds worker pods (up to maxReplicas) when Ray
+# Train asks for more workers, and removes idle ones. The head pod mounts no service-account token (the
+# trainer needs none); the sidecar alone gets one, through this projected volume, for the Role KubeRay
+# binds to the head's ServiceAccount (pods and RayCluster in the job's namespace).
+AUTOSCALER_TOKEN_VOLUME: dict[str, Any] = {
+    "name": "autoscaler-kube-api-access",
+    "projected": {
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+        ]
+    },
+}
+AUTOSCALER_IDLE_TIMEOUT_S = 60
+AUTOSCALER_COMPUTE = {"cpu": "500m", "memory": "512Mi"}
+
+
+def _autoscaler_options() -> dict[str, Any]:
+    """KubeRay's autoscaler sidecar for elastic workers: restricted as the Ray containers are, with the
+    token volume mounted where the Kubernetes client looks for it."""
+    return {
+        "upscalingMode": "Default",
+        "idleTimeoutSeconds": AUTOSCALER_IDLE_TIMEOUT_S,
+        "resources": {"requests": dict(AUTOSCALER_COMPUTE), "limits": dict(AUTOSCALER_COMPUTE)},
+        "securityContext": container_security_context(),
+        "volumeMounts": [
+            {
+                "name": AUTOSCALER_TOKEN_VOLUME["name"],
+                "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                "readOnly": True,
+            }
+        ],
     }
 
 
@@ -394,10 +434,11 @@ def _worker_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any
         scheduling["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
     return {
         "groupName": WORKER_GROUP,
-        # A fixed size: Ray Train runs exactly `workers` workers, one per pod.
-        "replicas": res.workers,
-        "minReplicas": res.workers,
-        "maxReplicas": res.workers,
+        # One Ray Train worker per pod: a fixed size (min = max), or elastic, where the autoscaler adds pods
+        # up to max as Ray Train asks for them and the run starts once min are placed.
+        "replicas": res.workers.min,
+        "minReplicas": res.workers.min,
+        "maxReplicas": res.workers.max,
         # KubeRay reads the GPU count from the container's limits; the CPU count is said explicitly so
         # Ray's view matches the pod's request even where the node has more cores.
         "rayStartParams": {"num-cpus": str(res.cpus_per_worker)},
@@ -422,11 +463,13 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
         "rayClusterSpec": {
             "rayVersion": settings.ray_version,
             "authOptions": ray_auth_options(job),
-            "enableInTreeAutoscaling": False,
+            "enableInTreeAutoscaling": job.spec.resources.workers.elastic,
             "headGroupSpec": _head_group(job, settings),
             "workerGroupSpecs": [_worker_group(job, settings)],
         },
     }
+    if job.spec.resources.workers.elastic:
+        spec["rayClusterSpec"]["autoscalerOptions"] = _autoscaler_options()
     if policy.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
     if policy.start_deadline_seconds is not None:

@@ -373,14 +373,22 @@ def _walk(node: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any], bo
 
 
 def _type_of(node: dict[str, Any]) -> str:
-    if "anyOf" in node:  # value alternatives: an enum, or a number's bounds
-        return " or ".join("string" if "enum" in branch else "number" for branch in node["anyOf"])
+    if "anyOf" in node:  # value alternatives: an enum, a number's bounds, or an object's keys
+        return " or ".join(_alternative_type(branch) for branch in node["anyOf"])
     kind = node.get("type", "")
     if kind == "array":
         return f"list of {_type_of(node['items'])}"
     if kind == "object" and "additionalProperties" in node:
         return f"map of {_type_of(node['additionalProperties'])}"
     return str(kind)
+
+
+def _alternative_type(branch: dict[str, Any]) -> str:
+    if "enum" in branch:
+        return "string"
+    if "required" in branch:
+        return "object {" + ", ".join(branch["required"]) + "}"
+    return "number"
 
 
 def _default_of(node: dict[str, Any], required: bool) -> str:
@@ -393,8 +401,8 @@ def _default_of(node: dict[str, Any], required: bool) -> str:
 
 
 def _rules_of(node: dict[str, Any]) -> str:
-    if "anyOf" in node:
-        return " or ".join(f"({_rules_of(_numeric(branch))})" for branch in node["anyOf"])
+    if "anyOf" in node:  # an object's alternative is described in the field's description
+        return " or ".join(f"({_rules_of(_numeric(branch))})" for branch in node["anyOf"] if "required" not in branch)
     rules: list[str] = []
     if "enum" in node:
         rules.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
@@ -422,7 +430,7 @@ def _numeric(branch: dict[str, Any]) -> dict[str, Any]:
     """A number's alternative without the string lengths that keep strings out of it (_value_alternatives)."""
     if "enum" in branch:
         return branch
-    return {k: v for k, v in branch.items() if k not in ("minLength", "maxLength")}
+    return {k: v for k, v in branch.items() if k not in ("minLength", "maxLength", "minProperties", "maxProperties")}
 
 
 def _cell(text: str) -> str:

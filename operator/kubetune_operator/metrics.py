@@ -126,6 +126,12 @@ class OperatorMetrics:
             "kubetune_job_progress_ratio", "Fraction of the run's training steps done (0 to 1).", JOB_LABELS, registry=r
         )
         self.job_epoch = Gauge("kubetune_job_epoch", "Current epoch of the run (1-based).", JOB_LABELS, registry=r)
+        self.job_workers = Gauge(
+            "kubetune_job_workers",
+            "Ray Train workers the run trains on now (elastic: min to max).",
+            JOB_LABELS,
+            registry=r,
+        )
         # One gauge per metric of the contract's table that names one, by the metric's key in status.progress.
         self.job_metrics = {
             metric.key: Gauge(metric.gauge.name, metric.gauge.help, JOB_LABELS, registry=r)
@@ -145,6 +151,7 @@ class OperatorMetrics:
             self.job_created,
             self.job_progress,
             self.job_epoch,
+            self.job_workers,
             *self.job_metrics.values(),
             self.job_eta,
             self.job_last_progress,
@@ -303,6 +310,7 @@ class OperatorMetrics:
         values: list[tuple[Gauge, float | None]] = [
             (self.job_progress, None if percent is None else min(1.0, max(0.0, percent / 100.0))),
             (self.job_epoch, _number(progress.get("epoch"))),
+            (self.job_workers, _number(progress.get("workers"))),
             (self.job_eta, _number(progress.get("etaSeconds"))),
             *((gauge, _number(metrics.get(key))) for key, gauge in self.job_metrics.items()),
         ]

@@ -109,8 +109,10 @@ def progress_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, no
     return ProgressStatus.model_validate(kept).model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-# What the driver counts in an attempt: an update from behind the furthest point still carries them.
-COUNTS = ("workerFailures", "preemptions", "preemptionStepsLost")
+# What the driver counts in an attempt, and the workers the run now has: an update from behind the furthest
+# point (workers restarted from a checkpoint, after a failure, a preemption or an elastic resize) still
+# carries them.
+COUNTS = ("workerFailures", "preemptions", "preemptionStepsLost", "workers")
 _PROGRESS_KEYS = frozenset(field.alias or name for name, field in ProgressStatus.model_fields.items())
 
 

@@ -32,7 +32,7 @@ from kubetune_operator.pod_names import HEAD
 from kubetune_operator.retention import SHUTDOWN_PATCH, left_by_the_rules, suspend_patch
 from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.spec import FineTuneJob, RunPolicy
+from kubetune_operator.spec import FineTuneJob, RunPolicy, Workers
 from kubetune_operator.states import Phase, Reason
 from kubetune_operator.status_writer import Compute
 from kubetune_trainer.config import StorageSpec, expand_braces
@@ -179,9 +179,17 @@ async def _ensure_children(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, lik
         res = spec.spec.resources
         gpus = f"{res.gpus_per_worker} GPU(s) each" if res.gpus_per_worker else "CPU only"
         logger.info(
-            "%s: created RayJob %s (%s worker(s), %s)", meta.source, rayjob["metadata"]["name"], res.workers, gpus
+            "%s: created RayJob %s (%s worker(s), %s)",
+            meta.source,
+            rayjob["metadata"]["name"],
+            _count(res.workers),
+            gpus,
         )
     return obj
+
+
+def _count(workers: Workers) -> str:
+    return str(workers.min) if not workers.elastic else f"{workers.min}-{workers.max}"
 
 
 async def _ensure_owned(rt: Runtime, meta: JobMeta, obj: dict[str, Any], *, likely_new: bool) -> None:

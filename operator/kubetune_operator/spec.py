@@ -8,11 +8,12 @@ through `FineTuneJob`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from kubetune_operator.pod_template import (
     DNS_LABEL,
@@ -27,6 +28,7 @@ from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
     DURATION,
     MAX_PREEMPTION_GRACE_S,
+    MAX_WORKERS,
     MIN_PREEMPTION_GRACE_S,
     TASK_CEL_RULES,
     TASK_DESCRIPTION,
@@ -66,7 +68,6 @@ DISK_SIZE_PATTERN = r"^[1-9][0-9]{0,5}(Mi|Gi|Ti)$"
 IMAGE_PATTERN = r"^\S+$"
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MAX_GPUS_PER_WORKER = 16
-MAX_WORKERS = 256
 INT32_MAX = 2**31 - 1
 # runPolicy.keepFailedFor: how long a failed job's Ray head (and the driver's log on it) stays, at most a
 # week: it holds a node's CPU and memory (trainer.head in the chart) while nobody may be looking.
@@ -81,10 +82,74 @@ KEEP_FAILED_FOR_RULE = cel(
 )
 
 
+MIN_IMAGES_PER_WORKER = 2  # per step, when elastic workers split the global batch
+MIN_RESIZE_INTERVAL_S, MAX_RESIZE_INTERVAL_S, DEFAULT_RESIZE_INTERVAL_S = 1, 3600, 60
+WORKERS_ALLOWED = (
+    f"a number of workers from 1 to {MAX_WORKERS}, or {{min: N, max: M}} with 1 <= N <= M <= {MAX_WORKERS}"
+)
+# The CRD's schema: a number, or an object with min and max (a structural schema cannot type a union, so
+# each alternative is value validations that the other kind of value cannot meet: a number's bounds that
+# no object has, an object's required keys beside bounds no number meets). The bounds of min and max,
+# and min <= max, are the model's (`Workers`), which the operator applies to every job.
+WORKERS_SCHEMA: dict[str, Any] = {
+    "x-kubernetes-preserve-unknown-fields": True,
+    "anyOf": [
+        {"minimum": 1, "maximum": MAX_WORKERS, "minProperties": 1, "maxProperties": 0},
+        {"minimum": 1, "maximum": 0, "required": ["min", "max"]},
+    ],
+}
+
+
+class Workers(SpecSection):
+    """How many Ray Train workers: a number (fixed), or `{min, max}` (elastic: training starts once `min`
+    workers are placed, grows to `max` as more can be, and shrinks when one is lost, each time resuming
+    from the latest checkpoint). A number N is read as min = max = N."""
+
+    min: int = Field(ge=1, le=MAX_WORKERS, description="Workers training needs to start (and to go on).")
+    max: int = Field(ge=1, le=MAX_WORKERS, description="Workers training grows to when they can be placed.")
+    resize_interval_seconds: int = Field(
+        default=DEFAULT_RESIZE_INTERVAL_S,
+        ge=MIN_RESIZE_INTERVAL_S,
+        le=MAX_RESIZE_INTERVAL_S,
+        description=(
+            "Elastic only: seconds between checks for more placeable workers while training runs; a resize "
+            "restarts the workers from the latest checkpoint."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_number_or_a_range(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"must be {WORKERS_ALLOWED} (got {value!r})")
+        return {"min": value, "max": value}
+
+    @model_validator(mode="after")
+    def _min_at_most_max(self) -> Workers:
+        if self.min > self.max:
+            raise ValueError(f"must be {WORKERS_ALLOWED}: min ({self.min}) is more than max ({self.max})")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min < self.max
+
+
 class ResourcesSpec(SpecSection):
     """The Ray cluster's training workers."""
 
-    workers: int = Field(default=1, ge=1, le=MAX_WORKERS, description="Ray Train workers (one pod each).")
+    workers: Annotated[Workers, WithJsonSchema(WORKERS_SCHEMA)] = Field(
+        default_factory=lambda: Workers(min=1, max=1),
+        description=(
+            f"Ray Train workers (one pod each), 1 when omitted: {WORKERS_ALLOWED}. {{min, max}} trains elastically: "
+            "it starts once min workers are placed, grows to max as more can be, shrinks when one is lost, each "
+            "time from the latest checkpoint, with the global batch batchSize * min kept (docs/trainer.md); "
+            f"resizeIntervalSeconds ({MIN_RESIZE_INTERVAL_S}-{MAX_RESIZE_INTERVAL_S}, default "
+            f"{DEFAULT_RESIZE_INTERVAL_S}) is how often a running job looks for more."
+        ),
+    )
     gpus_per_worker: int = Field(
         default=1,
         ge=0,
@@ -294,6 +359,18 @@ class FineTuneJobSpec(SpecSection):
                     f"output.path: must not overlap {field} ({prefix}): checkpoints and results would be read "
                     f"as images (got {self.output.path})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _global_batch_feeds_every_worker(self) -> FineTuneJobSpec:
+        workers, batch = self.resources.workers, self.training.batch_size
+        if workers.elastic and batch * workers.min < MIN_IMAGES_PER_WORKER * workers.max:
+            raise ValueError(
+                f"training.batchSize: with elastic workers the global batch, batchSize * workers.min "
+                f"({batch} * {workers.min}), is split among up to workers.max ({workers.max}) workers and must "
+                f"give each at least {MIN_IMAGES_PER_WORKER} images (BatchNorm): at least "
+                f"{math.ceil(MIN_IMAGES_PER_WORKER * workers.max / workers.min)}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -34,7 +34,9 @@ def trainer_config(job: FineTuneJob, progress: ProgressTarget | None = None) -> 
         output=spec.output,
         storage=spec.storage,
         scaling=ScalingSpec(
-            workers=resources.workers,
+            workers=resources.workers.min,
+            max_workers=resources.workers.max if resources.workers.elastic else None,
+            resize_interval_s=float(resources.workers.resize_interval_seconds),
             gpus_per_worker=resources.gpus_per_worker,
             cpus_per_worker=float(resources.cpus_per_worker),
         ),

@@ -19,6 +19,7 @@ from tests.support.scenarios import (
     FAULTS,
     access_denied,
     deleted_while_running,
+    elastic,
     kills,
     missing_checkpoint,
     preempted,
@@ -223,3 +224,18 @@ def test_status_progress_never_goes_back_across_a_crash_a_worker_restart_or_a_re
         positions = [(p["epoch"], p["step"]) for p in (s.progress for s in facts["samples"]) if p]
         assert positions == sorted(positions), run.__name__
         assert progress_of(facts["final"])["epoch"] == facts["epochs"], run.__name__
+
+
+def test_an_elastic_job_grows_to_two_workers_shrinks_to_one_and_completes_every_epoch_once(world: World) -> None:
+    facts = world.outcome(elastic)
+    status = succeeded(facts)
+    assert_every_epoch_once(facts)
+    assert status["progress"]["epoch"] == facts["epochs"]
+    # status.progress.workers went 1 -> 2 -> 1 as the node joined and went, in one Ray cluster (one attempt).
+    counts = [s.progress["workers"] for s in facts["samples"] if s.progress.get("workers")]
+    changes = [n for i, n in enumerate(counts) if i == 0 or n != counts[i - 1]]
+    assert changes[:3] == [1, 2, 1], counts
+    assert len(facts["driver_logs"]) == 1
+    # Each resize resumed from a checkpoint, not from scratch: the run continued after epoch 1.
+    log = facts["driver_logs"][0]
+    assert len([epoch for _, epoch in resumes(log)]) >= 1 and all(epoch >= 1 for _, epoch in resumes(log)), log[-3000:]

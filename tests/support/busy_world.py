@@ -33,7 +33,8 @@ from kubetune_dev.devcluster.cluster import DevCluster
 from kubetune_dev.devcluster.processes import descendants_of
 from kubetune_dev.devcluster.s3 import DEMO_CREDENTIALS
 from kubetune_dev.devcluster.seed import seed_demo, split_uri
-from tests.support.trainer_faults import MARK_MID_EPOCH_2
+from kubetune_trainer.callbacks import STEP_CALLBACKS_ENV
+from tests.support.trainer_faults import HOLD_FOR_RESIZE, MARK_MID_EPOCH_2
 
 NS = "default"
 BUCKET = "kubetune-e2e"
@@ -124,8 +125,10 @@ class World:
 
     def setup(self) -> None:
         # The Ray drivers inherit this process's environment (S3 credentials), as the demo's do; the pause on
-        # demand is installed for every job and acts only where a job's podTemplate sets MARK_ENV.
-        self.cluster.use_env(MARK_MID_EPOCH_2)
+        # demand and the elastic holds are installed for every job and act only where a job's podTemplate
+        # sets MARK_ENV or ELASTIC_MARKS_ENV.
+        both = f"{MARK_MID_EPOCH_2[STEP_CALLBACKS_ENV]},{HOLD_FOR_RESIZE[STEP_CALLBACKS_ENV]}"
+        self.cluster.use_env({**MARK_MID_EPOCH_2, STEP_CALLBACKS_ENV: both})
         spec = {
             "model": {"checkpoint": BASE["checkpoint"], "architecture": "test_resnet"},
             "data": {"train": BASE["train"], "validation": BASE["validation"], "imageSize": 32},
@@ -224,6 +227,8 @@ class World:
         credentials_secret: str | None = None,
         run_policy: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        workers: int | dict[str, int] = 1,
+        checkpoint_every: str = "epoch",
     ) -> dict[str, Any]:
         storage: dict[str, Any] = {"endpoint": self.cluster.s3_url, "region": "us-east-1"}
         if credentials_secret:
@@ -251,8 +256,9 @@ class World:
                     "learningRate": 3.0e-3,
                     "warmupEpochs": 1,
                     "precision": "fp32",
+                    "checkpointEvery": checkpoint_every,
                 },
-                "resources": {"workers": 1, "gpusPerWorker": 0, "cpusPerWorker": 1, "memoryPerWorker": "2Gi"},
+                "resources": {"workers": workers, "gpusPerWorker": 0, "cpusPerWorker": 1, "memoryPerWorker": "2Gi"},
                 "output": {"path": self.output(name)},
                 "storage": storage,
                 "runPolicy": run_policy or {},

@@ -28,7 +28,7 @@ from tests.support.busy_world import (
     progress_of,
     status_of,
 )
-from tests.support.trainer_faults import MARK_ENV
+from tests.support.trainer_faults import ELASTIC_MARKS_ENV, MARK_ENV
 
 OPERATOR_DOWN_SECONDS = 3.0
 # The preemption pair: the same small job, one preempted mid-epoch, one not.
@@ -106,6 +106,42 @@ def uninterrupted(world: World, facts: dict[str, Any]) -> None:
     with world.training_slot():
         world.submit(world.manifest(name, epochs=PREEMPT_EPOCHS, batch_size=PREEMPT_BATCH))
         _finish(world, name, facts, PREEMPT_EPOCHS)
+
+
+ELASTIC_EPOCHS, ELASTIC_BATCH = 3, 8
+
+
+def elastic(world: World, facts: dict[str, Any]) -> None:
+    """An elastic job ({min: 1, max: 2}) starts on the one worker its cluster has room for; a worker node
+    joins (a pod KubeRay's autoscaler adds) and the run grows to 2 workers; the node goes (a reclaimed spot
+    node) and the run shrinks back to 1 and completes. The workers hold at each count until Ray Train
+    replaces them (trainer_faults.hold_for_resize), so the run cannot end first."""
+    name = "elastic"
+    marks = world.cluster.workdir / f"{name}-marks"
+    marks.mkdir(exist_ok=True)
+    workers = {"min": 1, "max": 2, "resizeIntervalSeconds": 2}
+    manifest = world.manifest(
+        name,
+        epochs=ELASTIC_EPOCHS,
+        batch_size=ELASTIC_BATCH,
+        workers=workers,
+        checkpoint_every="1s",
+        # The node's Train worker gets SIGTERM as the node goes: Ray Train restarts the workers at the
+        # notice's deadline at the latest (the held workers take no step to checkpoint it sooner).
+        run_policy={"preemptionGraceSeconds": 10},
+        # Right after the node went, Ray Train's view of the nodes (refreshed every 20 s) may still count 2
+        # workers: the restart then waits out this timeout (60 s by default) before it tries with 1.
+        env={ELASTIC_MARKS_ENV: str(marks), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"},
+    )
+    with world.training_slot(), ProgressSampler(world, name) as sampler:
+        world.submit(manifest)
+        world.wait_job(name, lambda _: (marks / "w1").exists(), "training on 1 worker, holding")
+        facts["added_node"] = world.cluster.add_ray_worker(NS, name)
+        world.wait_job(name, lambda j: (marks / "w2").exists() and progress_of(j).get("workers") == 2, "2 workers")
+        facts["removed_processes"] = world.cluster.remove_ray_worker(NS, name)
+        world.wait_job(name, lambda j: progress_of(j).get("workers") == 1, "back to 1 worker")
+        _finish(world, name, facts, ELASTIC_EPOCHS)
+    facts["samples"] = sampler.samples
 
 
 def _kill(kill: Callable[[], int | None], what: str) -> int:
@@ -241,4 +277,5 @@ FAULTS = (
     deleted_while_running,
     missing_checkpoint,
     access_denied,
+    elastic,
 )

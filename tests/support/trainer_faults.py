@@ -12,6 +12,11 @@ this module (the repository on PYTHONPATH).
   attempt that did not resume) and pauses a few seconds, so that a test can act on the driver or a worker
   then. Without MARK_ENV set it does nothing: a test world can install it for every job and set MARK_ENV
   (not a KUBETUNE_ name, so a FineTuneJob's podTemplate may) on the one job it wants to pause.
+- `HOLD_FOR_RESIZE`: from epoch 2 on, the workers of an elastic run hold (take no step) at each worker
+  count until Ray Train replaces them, after rank 0 wrote `w<count>` into the folder ELASTIC_MARKS_ENV
+  names; once 2 have trained, 1 goes on to the end. So the run cannot end before a test has grown it to 2
+  workers and shrunk it back to 1, however fast the machine trains. Each hold comes after a pause of a
+  second at the attempt's first step, so a mid-epoch checkpoint (`checkpointEvery: 1s`) precedes it.
 """
 
 from __future__ import annotations
@@ -89,3 +94,28 @@ FAIL_ONCE_AFTER_FIRST_EPOCH = fault_env(CALLBACKS_ENV, fail_once_after_first_epo
 SIGTERM_LAST_RANK_MID_EPOCH_2 = fault_env(STEP_CALLBACKS_ENV, sigterm_last_rank_mid_epoch_2)
 MARK_MID_EPOCH_2 = fault_env(STEP_CALLBACKS_ENV, mark_mid_epoch_2)
 SPOIL_THE_THIRD_EPOCH = fault_env(CALLBACKS_ENV, spoil_the_third_epoch)
+
+
+ELASTIC_MARKS_ENV = "TEST_ELASTIC_MARKS"  # not KUBETUNE_: spec.podTemplate refuses those
+HOLD_S = 90.0  # the longest a hold waits for Ray Train to replace the workers (then the run goes on)
+HOLD_AFTER_STEPS = 3  # of an attempt: the first, a pause, then a step or two for the checkpoint's vote
+_attempt_steps = 0  # steps this worker process took in epoch 2 or later (a Ray Train worker is one attempt)
+
+
+def hold_for_resize(worker: Any, state: Any) -> None:
+    """A step callback (`loop.Worker`, `loop.TrainState`); see the module's docstring."""
+    global _attempt_steps
+    folder = os.environ.get(ELASTIC_MARKS_ENV)
+    if not folder or state.epoch < 1 or (worker.world == 1 and (Path(folder) / "w2").exists()):
+        return
+    _attempt_steps += 1
+    if _attempt_steps == 1:
+        time.sleep(1.2)  # checkpointEvery 1s: the cadence checkpoints this step or the next
+    if _attempt_steps != HOLD_AFTER_STEPS:
+        return
+    if worker.rank == 0:
+        (Path(folder) / f"w{worker.world}").write_text(str(state.step))
+    time.sleep(HOLD_S)
+
+
+HOLD_FOR_RESIZE = fault_env(STEP_CALLBACKS_ENV, hold_for_resize)

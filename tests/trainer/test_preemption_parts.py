@@ -8,17 +8,24 @@ import logging
 import pytest
 
 from kubetune_trainer.cadence import Cadence
+from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.loaders import EpochOrder, steps_per_epoch
 from kubetune_trainer.preemption import deadline_ms, is_preemptible
 from kubetune_trainer.relay import CHECKPOINT_EVENT, EVENT, PREEMPTION_EVENT, RunProgress
 from kubetune_trainer.reporting import ProgressUpdate
 
 
-def shares(size: int, world: int, epoch: int, skip: int = 0) -> list[list[int]]:
-    orders = [EpochOrder(size, seed=42, rank=rank, world=world) for rank in range(world)]
+def shares(
+    size: int, world: int, epoch: int, skip: int = 0, *, batch: int = 4, reference: int | None = None
+) -> list[list[int]]:
+    """Each rank's images of the epoch, step by step concatenated."""
+    orders = [
+        EpochOrder(size, seed=42, batch_size=batch, reference=reference or world, rank=rank, world=world)
+        for rank in range(world)
+    ]
     for order in orders:
         order.set_epoch(epoch, skip)
-    return [[index for _, index in order] for order in orders]
+    return [[index for batch in order for _, index in batch] for order in orders]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -28,14 +35,67 @@ def test_a_resumed_epoch_continues_with_the_very_images_it_would_have_had(world:
     resumed = shares(size, world, epoch=1, skip=done_steps * batch * world)
     for rank in range(world):
         assert resumed[rank] == whole[rank][done_steps * batch :]
-    # Every image once per epoch (padded to a multiple of the workers), in another order each epoch.
-    assert sorted({index for share in whole for index in share}) == list(range(size))
+    # Every image at most once per epoch, all but the last partial global batch (dropped: a batch of one
+    # breaks BatchNorm), in another order each epoch.
+    trained = [index for share in whole for index in share]
+    assert len(trained) == len(set(trained)) == (size // (batch * world)) * batch * world
     assert shares(size, world, epoch=2) != whole
 
 
 def test_steps_per_epoch_follow_the_last_partial_batch_rule() -> None:
-    assert steps_per_epoch(EpochOrder(101, seed=0, rank=0, world=2), batch_size=4) == 12  # 51 per worker
-    assert steps_per_epoch(EpochOrder(6, seed=0, rank=0, world=2), batch_size=4) == 1  # one short batch
+    assert steps_per_epoch(EpochOrder(101, seed=0, batch_size=4, reference=2, rank=0, world=2)) == 12  # 51 per worker
+    assert steps_per_epoch(EpochOrder(6, seed=0, batch_size=4, reference=2, rank=0, world=2)) == 1  # one short batch
+
+
+def step_batches(size: int, batch: int, reference: int, world: int, skip: int = 0) -> list[list[list[int]]]:
+    """[step][rank] -> the images of that rank in that step, at `world` workers (global batch at `reference`)."""
+    orders = [
+        EpochOrder(size, seed=7, batch_size=batch, reference=reference, rank=rank, world=world) for rank in range(world)
+    ]
+    for order in orders:
+        order.set_epoch(3, skip)
+    per_rank = [[[index for _, index in step] for step in order] for order in orders]
+    return [list(step) for step in zip(*per_rank, strict=True)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (2, 1), (2, 3), (3, 2)])
+def test_an_epoch_resumed_at_another_worker_count_trains_every_image_once_in_the_same_global_batches(
+    before: int, after: int
+) -> None:
+    """Elastic policy: the global batch stays batchSize * workers.min (here 2 * 4 = 8) at any count, so a run
+    that grows or shrinks mid-epoch goes on with the very global batches, every image once in the epoch."""
+    size, batch, reference, done = 101, 4, 2, 5
+    first = step_batches(size, batch, reference, before)[:done]
+    rest = step_batches(size, batch, reference, after, skip=done * batch * reference)
+    whole_at_reference = step_batches(size, batch, reference, reference)
+    steps = first + rest
+    assert len(steps) == len(whole_at_reference) == 101 // 8  # as many steps at any worker count
+    assert [sorted(i for share in step for i in share) for step in steps] == [
+        sorted(i for share in step for i in share) for step in whole_at_reference
+    ]
+    trained = [index for step in steps for share in step for index in share]
+    assert len(trained) == len(set(trained))  # none twice
+    # Each step's images split near-evenly: no worker has more than one image more than another.
+    for step in rest:
+        assert max(map(len, step)) - min(map(len, step)) <= 1
+
+
+def test_uneven_shares_weigh_every_image_of_the_global_batch_alike() -> None:
+    """DDP averages the workers' mean losses; weighting each by its share makes that the global batch's mean."""
+    batch, reference, world = 4, 2, 3  # 8 images a step over 3 workers: 3, 3, 2
+    orders = [EpochOrder(40, seed=0, batch_size=batch, reference=reference, rank=r, world=world) for r in range(world)]
+    counts = [len(next(iter(order))) for order in orders]
+    assert counts == [3, 3, 2]
+    losses = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0]]  # per-image losses of each worker
+    ddp = sum(o.loss_weight(c) * sum(own) / c for o, c, own in zip(orders, counts, losses, strict=True)) / world
+    assert ddp == pytest.approx(sum(sum(own) for own in losses) / 8)
+    even = EpochOrder(40, seed=0, batch_size=batch, reference=reference, rank=0, world=reference)
+    assert even.loss_weight(batch) == 1.0  # a fixed worker count trains exactly as before
+
+
+def test_a_step_too_small_for_the_workers_is_refused_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"data\.train: a step's 3 images cannot give each of 4 workers one"):
+        EpochOrder(3, seed=0, batch_size=8, reference=1, rank=0, world=4)
 
 
 class Clock:

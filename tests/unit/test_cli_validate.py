@@ -256,7 +256,10 @@ def test_render_prints_what_the_operator_creates(capsys: pytest.CaptureFixture[s
 def test_render_refuses_an_invalid_job(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", str(REPO / "tests" / "fixtures" / "invalid" / "workers-zero.yaml")]) == 1
     captured = capsys.readouterr()
-    assert captured.out == "" and "spec.resources.workers: must be >= 1 (got 0)" in captured.err
+    assert (
+        captured.out == ""
+        and "spec.resources.workers: must be a number of workers from 1 to 256, or {min: N, max: M}" in captured.err
+    )
 
 
 def test_a_kubectl_list_is_validated_item_by_item(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -270,7 +273,9 @@ def test_a_kubectl_list_is_validated_item_by_item(capsys: pytest.CaptureFixture[
     path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [stored, broken]}, sort_keys=False))
     code, lines = validate(capsys, str(path))
     assert code == 1
-    assert lines[0].endswith(": spec.resources.workers: must be >= 1 (got 0)")
+    assert lines[0].endswith(
+        ": spec.resources.workers: must be a number of workers from 1 to 256, or {min: N, max: M} with 1 <= N <= M <= 256 (got 0)"
+    )
     assert "workers: 0" in path.read_text().splitlines()[error_parts(lines[0])[1] - 1]
     assert lines[1] == f"{path}: stored valid"
 

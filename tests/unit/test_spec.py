@@ -56,7 +56,7 @@ def test_minimal_job_gets_the_documented_defaults() -> None:
     assert (training.backbone_learning_rate_scale, training.layer_decay) == (None, 0.8)
     # The top backbone stage learns at the head's rate in classification, a tenth of it in detection.
     assert (training.backbone_scale("classification"), training.backbone_scale("detection")) == (1.0, 0.1)
-    assert (spec.resources.workers, spec.resources.gpus_per_worker, spec.resources.memory_per_worker) == (
+    assert (spec.resources.workers.max, spec.resources.gpus_per_worker, spec.resources.memory_per_worker) == (
         1,
         1,
         "16Gi",
@@ -154,7 +154,13 @@ def test_trainer_config_survives_the_json_the_trainer_reads() -> None:
     text = config.model_dump_json(by_alias=True)
     assert TrainerConfig.model_validate_json(text) == config
     assert TrainerConfig.model_validate(json.loads(text)) == config
-    assert json.loads(text)["scaling"] == {"workers": 4, "gpusPerWorker": 2, "cpusPerWorker": 16.0}
+    assert json.loads(text)["scaling"] == {
+        "workers": 4,
+        "maxWorkers": None,  # a fixed count
+        "resizeIntervalS": 60.0,
+        "gpusPerWorker": 2,
+        "cpusPerWorker": 16.0,
+    }
 
 
 # -- status ---------------------------------------------------------------------------------------------

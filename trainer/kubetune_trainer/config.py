@@ -1120,12 +1120,26 @@ class ProgressTarget(CamelModel):
     token_path: str = Field(description="File holding the projected ServiceAccount token.")
 
 
+MAX_WORKERS = 256  # Ray Train workers of a run (spec.resources.workers, and what progress reports)
+
+
 class ScalingSpec(CamelModel):
-    """The Ray Train workers, as the trainer sees them."""
+    """The Ray Train workers, as the trainer sees them: `workers` (the minimum, and the reference count of
+    the global batch), and for elastic training `maxWorkers` above it."""
 
     workers: int = Field(default=1, ge=1)
+    max_workers: int | None = Field(default=None, ge=1, description="Elastic: the most workers; fixed when omitted.")
+    resize_interval_s: float = Field(default=60.0, gt=0, description="Elastic: seconds between checks for more.")
     gpus_per_worker: int = Field(default=0, ge=0)
     cpus_per_worker: float = Field(default=1.0, gt=0)
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_workers is not None and self.max_workers > self.workers
+
+    def num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ScalingConfig(num_workers): a number, or (min, max) for elastic training."""
+        return (self.workers, self.max_workers) if self.max_workers is not None and self.elastic else self.workers
 
 
 class TrainerConfig(CamelModel):

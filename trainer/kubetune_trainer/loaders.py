@@ -1,10 +1,15 @@
-"""The workers' DataLoaders: a seeded training order that can start mid-epoch, and an exact validation shard.
+"""The workers' DataLoaders: a seeded training order that can start mid-epoch at any worker count, and an
+exact validation shard.
 
 An epoch's training order is a function of the seed and the epoch alone (`EpochOrder`): one seeded
-permutation of the training set, padded to a multiple of the workers as torch's DistributedSampler
-pads, dealt out round-robin. After `s` steps of `b` images on `w` workers the workers have consumed
-exactly its first `s * b * w` images, so a run resumed mid-epoch skips those (`set_epoch(epoch, skip)`)
-without reading them, and continues with the very batches it would have had.
+permutation of the training set, padded to a multiple of the reference worker count (`workers.min`) as
+torch's DistributedSampler pads. Step `k` of the epoch trains on the global batch
+`order[k * G : (k + 1) * G]`, with `G = batchSize * workers.min` whatever the number of workers: `w`
+workers split it in `w` near-equal contiguous shares (the global batch policy of elastic training,
+docs/trainer.md). After `s` steps the workers have consumed exactly the order's first `s * G` images,
+so a run resumed mid-epoch — with as many workers or another number of them — skips those
+(`set_epoch(epoch, skip)`) without reading them and continues with the very global batches it would
+have had: every image of the epoch once, none twice.
 
 Each image's random augmentation is a function of the seed, the epoch and the image (`SeededSamples`):
 the same with or without a resume, whichever loader process decodes it, and whatever the worker count.
@@ -26,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from kubetune_trainer.errors import ConfigError
+
 # Mixes (seed, epoch, image) into one generator seed.
 _MIX_A, _MIX_B, _SEED_MOD = 1_000_003, 1_000_000_007, 2**63 - 1
 
@@ -34,39 +41,81 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * _MIX_A + epoch) * _MIX_B + index) % _SEED_MOD
 
 
-class EpochOrder(Sampler[tuple[int, int]]):
-    """This worker's share of an epoch's seeded order, from `skip` images of it on; yields (epoch, index)."""
+def share(total: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, count) of `rank`'s contiguous share of `total` images split among `world` workers: the
+    first `total % world` ranks take one more."""
+    base, extra = divmod(total, world)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
 
-    def __init__(self, size: int, *, seed: int, rank: int, world: int) -> None:
-        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+
+class EpochOrder(Sampler[list[tuple[int, int]]]):
+    """This worker's batches of an epoch's seeded order, from `skip` images of it on; each batch is a
+    list of (epoch, index), its share of one step's global batch.
+
+    `reference` is the worker count the global batch is defined at (`workers.min`): `batch_size` images
+    per worker there. A whole epoch is as many steps at any worker count.
+    """
+
+    def __init__(self, size: int, *, seed: int, batch_size: int, reference: int, rank: int, world: int) -> None:
+        self.size, self.seed, self.batch_size = size, seed, batch_size
+        self.reference, self.rank, self.world = reference, rank, world
         self.epoch, self.skip = 0, 0
+        if self.step_size < world:
+            raise ConfigError(
+                f"data.train: a step's {self.step_size} images cannot give each of {world} workers one "
+                "(more training images, a larger training.batchSize or fewer workers)"
+            )
 
     @property
     def padded(self) -> int:
-        """The epoch's order padded to a multiple of the workers (every worker gets as many images)."""
-        return math.ceil(self.size / self.world) * self.world
+        """The epoch's order padded to a multiple of the reference workers."""
+        return math.ceil(self.size / self.reference) * self.reference
 
     @property
     def per_worker(self) -> int:
-        """Images per worker in a whole epoch."""
-        return self.padded // self.world
+        """Images per reference worker in a whole epoch."""
+        return self.padded // self.reference
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps in a whole epoch: a last partial global batch is dropped (one image would break
+        BatchNorm), unless the epoch is one short batch."""
+        return self.per_worker // self.batch_size if self.per_worker > self.batch_size else 1
+
+    @property
+    def step_size(self) -> int:
+        """Images of one step's global batch, over all workers."""
+        return self.batch_size * self.reference if self.per_worker > self.batch_size else self.padded
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Epoch `epoch` (0-based), without the first `skip` images of its order (consumed before a resume)."""
         self.epoch, self.skip = epoch, max(0, min(skip, self.padded))
+
+    @property
+    def first_step(self) -> int:
+        return min(self.steps, math.ceil(self.skip / self.step_size))
 
     def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         while len(order) < self.padded:
             order += order[: self.padded - len(order)]
-        return order[self.skip :][self.rank :: self.world]
+        return order
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, index) for index in self.order())
+    def loss_weight(self, count: int) -> float:
+        """What this worker's mean batch loss is weighted by so that the workers' gradients, averaged by
+        DDP, weigh every image of the global batch alike (1 when the shares are equal)."""
+        return count * self.world / self.step_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.order()
+        start, count = share(self.step_size, self.rank, self.world)
+        for step in range(self.first_step, self.steps):
+            begin = step * self.step_size + start
+            yield [(self.epoch, index) for index in order[begin : begin + count]]
 
     def __len__(self) -> int:
-        return max(0, math.ceil((self.padded - self.skip - self.rank) / self.world))
+        return self.steps - self.first_step
 
 
 class SeededSamples(Dataset[Any]):
@@ -99,35 +148,46 @@ class SeededSamples(Dataset[Any]):
 
 
 def train_loader(
-    dataset: Any, batch_size: int, seed: int, workers: int, cuda: bool, collate_fn: Any = None
+    dataset: Any,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    cuda: bool,
+    collate_fn: Any = None,
+    *,
+    reference: int | None = None,
 ) -> tuple[DataLoader[Any], EpochOrder]:
-    """This worker's training loader and its order (for `set_epoch`)."""
+    """This worker's training loader and its order (for `set_epoch`); `reference`: the worker count the
+    global batch is defined at (the current one when omitted)."""
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    order = EpochOrder(len(dataset), seed=seed, rank=ctx.get_world_rank(), world=ctx.get_world_size())
+    world = ctx.get_world_size()
+    order = EpochOrder(
+        len(dataset),
+        seed=seed,
+        batch_size=batch_size,
+        reference=reference or world,
+        rank=ctx.get_world_rank(),
+        world=world,
+    )
     loader = DataLoader(
         SeededSamples(dataset, seed),
-        batch_size=batch_size,
-        sampler=order,
+        batch_sampler=order,
         num_workers=workers,
         pin_memory=cuda,
         persistent_workers=workers > 0,
         collate_fn=collate_fn,
-        # A last batch of one image breaks BatchNorm in training mode.
-        drop_last=order.per_worker > batch_size,
         # Its own generator (for the loader processes' seeds): the workers' generators are the step's alone.
         generator=torch.Generator(),
     )
     return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False), order
 
 
-def steps_per_epoch(order: EpochOrder, batch_size: int) -> int:
-    """Optimizer steps in a whole epoch (the loader drops a last partial batch when a worker has more)."""
-    if order.per_worker > batch_size:
-        return order.per_worker // batch_size
-    return 1
+def steps_per_epoch(order: EpochOrder) -> int:
+    """Global batches in a whole epoch, at any worker count (optimizer steps without accumulation)."""
+    return order.steps
 
 
 def eval_loader(dataset: Any, batch_size: int, workers: int, cuda: bool, collate_fn: Any = None) -> DataLoader[Any]:

@@ -251,6 +251,7 @@ def train_loop(raw: dict[str, Any]) -> None:
         worker.task.metric_keys,
         state,
         worker.config.selected_metric,
+        world=worker.world,
     )
     epoch = Epoch(
         worker,
@@ -320,9 +321,18 @@ def make_loaders(worker: Worker) -> Loaders:
     folder, _ = prepare_images(worker.store, task.images)
     train_set, val_set = task.datasets(folder, worker.plan.data_config)
     workers = worker.plan.loader_workers
-    train, order = train_loader(train_set, training.batch_size, training.seed, workers, worker.cuda, task.collate)
+    # The global batch is batchSize * workers.min at any worker count (elastic workers: docs/trainer.md).
+    train, order = train_loader(
+        train_set,
+        training.batch_size,
+        training.seed,
+        workers,
+        worker.cuda,
+        task.collate,
+        reference=worker.config.scaling.workers,
+    )
     validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, task.collate)
-    steps = optimizer_steps(steps_per_epoch(order, training.batch_size), training.accumulate_steps)
+    steps = optimizer_steps(steps_per_epoch(order), training.accumulate_steps)
     return Loaders(train, order, validation, steps)
 
 
@@ -455,13 +465,15 @@ class Epoch:
         self.started = time.monotonic() - so_far.get("seconds", 0.0)
         rank0, seen, last_report = worker.rank == 0, 0, time.monotonic()
         for batches in grouped(loaders.train, worker.config.training.accumulate_steps):
-            loss = state.stepper.train_steps(batches)
-            # Images in the step: each batch's tensor's first dimension, or its list's length (detection).
-            count = sum(len(inputs) for inputs, _ in batches)
+            # Images in each batch: a tensor's first dimension, or a list's length (detection); each batch's
+            # loss weighted by this worker's share of its global batch (`EpochOrder.loss_weight`).
+            counts = [len(inputs) for inputs, _ in batches]
+            loss = state.stepper.train_steps(batches, [loaders.sampler.loss_weight(c) for c in counts])
+            count = sum(counts)
             state.step += 1
             if state.ema is not None:
                 state.ema.update(unwrap(state.model), step=state.step)
-            state.epoch_samples += count * worker.world
+            state.epoch_samples += loaders.sampler.step_size * len(batches)
             seen += count
             self.sums.add(loss=loss * count, count=float(count))
             now = time.monotonic()

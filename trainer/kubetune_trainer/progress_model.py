@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, create_model
 from pydantic.alias_generators import to_camel
 
-from kubetune_trainer.config import MAX_EPOCHS, S3_PREFIX_PATTERN, CamelModel, Task
+from kubetune_trainer.config import MAX_EPOCHS, MAX_WORKERS, S3_PREFIX_PATTERN, CamelModel, Task
 
 # Steps stay integers that JSON and the status (int64) hold exactly; a checkpoint URI is an S3 key (at
 # most 1,024 bytes) in a bucket (at most 63 characters).
@@ -226,6 +226,13 @@ class ProgressUpdate(CamelModel):
         ge=0,
         le=MAX_STEPS,
         description="Optimiser steps the latest preemption lost: done since the checkpoint the workers resumed from.",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Ray Train workers the run trains on now: spec.resources.workers, or with elastic workers "
+        "between its min and max as workers are placed and lost.",
     )
     phase: TrainerPhase | None = Field(
         default=None,

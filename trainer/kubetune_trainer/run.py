@@ -280,8 +280,12 @@ def torch_trainer(config: TrainerConfig, plan: RunPlan, relay: Relay, *, cpus_pe
     return TorchTrainer(
         train_loop,
         train_loop_config=plan.loop_config(config),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
+        # num_workers (min, max): elastic, resized from the latest checkpoint (mypy sees Train V1's config).
+        scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
+            num_workers=config.scaling.num_workers(),  # type: ignore[arg-type]
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=config.scaling.resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=config.run_name,

@@ -59,21 +59,24 @@ def accumulated_step(
     batches: Sequence[tuple[Any, Any]],
     batch_loss: BatchLoss,
     clip_norm: float | None = None,
+    weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """One optimizer step on `batches` (training.accumulateSteps of them): each batch's loss, divided by
     their number, back-propagated in turn, so the gradients are those of their mean loss, as one batch of
-    all their images would give; then `optimizer_step`. DDP averages the gradients across workers only at
-    the last batch (`no_sync` before it). Returns the mean loss, still on the device (reading it would
-    synchronise the GPU every step)."""
+    all their images would give; then `optimizer_step`. Each batch's loss is first weighted by `weights`
+    (this worker's share of that global batch, `EpochOrder.loss_weight`: 1 when the workers' shares are
+    equal). DDP averages the gradients across workers only at the last batch (`no_sync` before it).
+    Returns the mean unweighted loss, still on the device (reading it would synchronise the GPU every step)."""
     optimizer.zero_grad(set_to_none=True)
     share = len(batches)
     total: torch.Tensor | None = None
     for index, (inputs, targets) in enumerate(batches):
         last = index == share - 1
+        scale = (weights[index] if weights is not None else 1.0) / share
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             loss = batch_loss(inputs, targets)
-            scaler.scale(loss if share == 1 else loss / share).backward()
+            scaler.scale(loss if scale == 1.0 else loss * scale).backward()
         total = loss.detach() if total is None else total + loss.detach()
     optimizer_step(optimizer, scaler, scheduler, clip_norm)
     assert total is not None, "a step needs at least one batch"
@@ -106,15 +109,19 @@ class Stepper:
         with self.autocast():
             return self.loss(self.model(self._input(images)), labels)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, optimizer and schedule step; returns the batch's loss, still on the device
-        (reading it would synchronise the GPU every step)."""
-        return self.train_steps([(images, labels)])
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """Forward, backward (of the loss times `weight`), optimizer and schedule step; returns the batch's
+        loss, still on the device (reading it would synchronise the GPU every step)."""
+        return self.train_steps([(images, labels)], [weight])
 
-    def train_steps(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def train_steps(
+        self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float] | None = None
+    ) -> torch.Tensor:
         """One optimizer step on the gradients of `batches` (`accumulated_step`); their mean loss."""
         model, optimizer = self.model, self.optimizer
-        return accumulated_step(model, optimizer, self.scaler, self.scheduler, batches, self.batch_loss, self.clip_norm)
+        return accumulated_step(
+            model, optimizer, self.scaler, self.scheduler, batches, self.batch_loss, self.clip_norm, weights
+        )
 
     def eval_sums(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
         """[summed loss, correct, count] over `batches`, in float64 on `device`, for an all-reduce."""
@@ -151,11 +158,15 @@ class DetectionStepper:
             losses = self.model(images, targets)
         return torch.stack([value.float() for value in losses.values()]).sum()
 
-    def train_step(self, images: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def train_step(
+        self, images: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]], weight: float = 1.0
+    ) -> torch.Tensor:
         """Like `Stepper.train_step`."""
-        return self.train_steps([(images, targets)])
+        return self.train_steps([(images, targets)], [weight])
 
-    def train_steps(self, batches: Sequence[tuple[Any, Any]]) -> torch.Tensor:
+    def train_steps(self, batches: Sequence[tuple[Any, Any]], weights: Sequence[float] | None = None) -> torch.Tensor:
         """Like `Stepper.train_steps`."""
         model, optimizer = self.model, self.optimizer
-        return accumulated_step(model, optimizer, self.scaler, self.scheduler, batches, self.batch_loss, self.clip_norm)
+        return accumulated_step(
+            model, optimizer, self.scaler, self.scheduler, batches, self.batch_loss, self.clip_norm, weights
+        )

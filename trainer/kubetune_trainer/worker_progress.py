@@ -58,9 +58,11 @@ class WorkerProgress:
         metric_keys: Sequence[str],
         state: TrainState,
         selected_metric: str,
+        world: int = 1,
     ) -> None:
         self.reporter = worker_reporters(relay, rank)
         self.enabled = rank == 0
+        self.world = world
         self.total_epochs = total_epochs
         self.clock = _Clock(total_steps=total_epochs * steps_per_epoch, done=state.step)
         # The last finished epoch's validation figures, keyed as in history.json (and ProgressMetrics' wire names).
@@ -90,6 +92,7 @@ class WorkerProgress:
             # The checkpoint this attempt resumed from: the driver's relay names each new one once Ray
             # Train has committed it.
             latest_checkpoint=state.resumed_from,
+            workers=self.world,
             phase=phase,
             best_epoch=best_epoch(state.history, self.selected_metric),
             early_stopped=True if state.stopped_early else None,

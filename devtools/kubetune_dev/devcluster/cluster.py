@@ -40,7 +40,7 @@ from kmock._internal import rendering
 from kubetune_dev import RAYJOB_CRD
 from kubetune_dev.devcluster.client import AsyncKube, path
 from kubetune_dev.devcluster.kubeapi import EmbeddedKubeAPI, kubeconfig, serve
-from kubetune_dev.devcluster.kuberay import KubeRayStandIn
+from kubetune_dev.devcluster.kuberay import KubeRayStandIn, RayJobController
 from kubetune_dev.devcluster.loopthread import LoopThread
 from kubetune_dev.devcluster.processes import free_port
 from kubetune_dev.devcluster.s3 import DEMO_CREDENTIALS, FaultyS3Proxy, MotoS3, s3_client
@@ -542,6 +542,25 @@ class DevCluster:
             return None
         os.kill(workers[0].pid, sig)
         return workers[0].pid
+
+    def add_ray_worker(self, namespace: str, rayjob: str) -> int | None:
+        """A worker node joins a RayJob's running Ray cluster (a pod KubeRay's autoscaler adds to an elastic
+        worker group, with the group's CPUs); its pid."""
+        ctl = self._controller(namespace, rayjob)
+        node = self.on_loop(ctl.add_worker(), timeout=180)
+        return node.pid
+
+    def remove_ray_worker(self, namespace: str, rayjob: str) -> int:
+        """The newest added worker node of a RayJob's cluster goes, with the Train worker on it (a reclaimed
+        spot node); how many processes stopped."""
+        return int(self.on_loop(self._controller(namespace, rayjob).remove_worker(), timeout=120))
+
+    def _controller(self, namespace: str, rayjob: str) -> RayJobController:
+        assert self.kuberay is not None
+        ctl = self.kuberay.controller(namespace, rayjob)
+        if ctl is None:
+            raise LookupError(f"no RayJob {namespace}/{rayjob} in the KubeRay stand-in")
+        return ctl
 
     def kill_driver(self, namespace: str, rayjob: str) -> int | None:
         """SIGKILL a RayJob's driver (its process group), as when the head pod dies; its pid (None if none).

@@ -62,7 +62,7 @@ from kubetune_dev.devcluster.kuberay_auth import (
 )
 from kubetune_dev.devcluster.kuberay_rules import rules_due, spec_problem
 from kubetune_dev.devcluster.pods import PodMaterialiser, PodNotReadyError, Sandbox, container_cpus, main_container
-from kubetune_dev.devcluster.processes import LocalProcess, RayHead, venv_path_env
+from kubetune_dev.devcluster.processes import LocalProcess, RayHead, RayWorkerNode, venv_path_env
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,14 @@ def _suffix() -> str:
 
 @dataclass
 class Run:
-    """One attempt: its sandbox, Ray head and driver."""
+    """One attempt: its sandbox, Ray head and driver, and the worker nodes added to it since it started
+    (`worker_cpus` each: the worker group's)."""
 
     sandbox: Sandbox
     head: RayHead | None = None
     driver: LocalProcess | None = None
+    worker_cpus: int = 1
+    nodes: list[RayWorkerNode] = field(default_factory=list)
 
 
 @dataclass
@@ -434,6 +437,7 @@ class RayJobController:
         await head_pod.volumes(head_template, head_container)
         workers = [dict(g) for g in cluster_spec.get("workerGroupSpecs") or []]
         worker_env: dict[str, str] = {}
+        worker_cpus = 1
         num_cpus = container_cpus(head_container, head_group.get("rayStartParams") or {})
         for group in workers:
             template = dict(group.get("template") or {})
@@ -442,7 +446,8 @@ class RayJobController:
             await worker_pod.volumes(template, container)
             worker_env.update(await worker_pod.env(container))
             replicas = int(group.get("replicas", group.get("minReplicas", 1)) or 0)
-            num_cpus += replicas * container_cpus(container, group.get("rayStartParams") or {})
+            worker_cpus = container_cpus(container, group.get("rayStartParams") or {})
+            num_cpus += replicas * worker_cpus
         head_pod.rewrite_files()
         head_env = await head_pod.env(head_container)
         base = dict(os.environ) if self.standin.inherit_env else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -452,7 +457,7 @@ class RayJobController:
         if token_secret is not None:  # KubeRay submits with the token it reads from the Secret
             token = await submission_token(self.kube, self.namespace, token_secret)
             driver_env.update({MODE_ENV: "token", TOKEN_ENV: token})
-        run = Run(sandbox)
+        run = Run(sandbox, worker_cpus=worker_cpus)
         self.run = run
         if self.standin.start_ray:
             run.head = RayHead({**base, **head_env, **worker_env}, workdir, num_cpus=num_cpus)
@@ -470,6 +475,31 @@ class RayJobController:
         )
         await run.driver.start()
         log.info("rayjob %s/%s: driver pid %s runs %r", self.namespace, self.name, run.driver.pid, entrypoint)
+
+    async def add_worker(self) -> RayWorkerNode:
+        """One more worker node in the running Ray cluster, as the autoscaler adds a pod to an elastic worker
+        group; ready (joined) when this returns."""
+        run = self.run
+        if run is None or run.head is None:
+            raise RuntimeError(f"rayjob {self.namespace}/{self.name} has no running Ray cluster")
+        log_file = run.head.cwd / f"ray-worker-{len(run.nodes) + 1}.log"
+        node = RayWorkerNode(run.head, log_file, run.worker_cpus)
+        run.nodes.append(node)
+        await node.start()
+        await node.wait_ready()
+        log.info("rayjob %s/%s: added a worker node (pid %s)", self.namespace, self.name, node.pid)
+        return node
+
+    async def remove_worker(self) -> int:
+        """Stop the newest added worker node and everything on it, as a reclaimed spot node goes (SIGTERM,
+        SIGKILL after the stop grace); how many processes stopped."""
+        run = self.run
+        if run is None or not run.nodes:
+            raise RuntimeError(f"rayjob {self.namespace}/{self.name} has no added worker node")
+        node = run.nodes.pop()
+        stopped = await node.stop(self.standin.stop_grace)
+        log.info("rayjob %s/%s: removed a worker node (%d processes)", self.namespace, self.name, stopped)
+        return stopped
 
     async def token_secret(self, cluster_spec: Mapping[str, Any]) -> str | None:
         """The Secret of the cluster's Ray token (None: token auth off), made as KubeRay makes one when
@@ -560,7 +590,7 @@ async def _stop_together(run: Run, grace: float) -> tuple[int, bool]:
     while a finished job's cluster is being stopped); the caller goes on with the cancellation after.
     Cut short between SIGTERM and SIGKILL, the Ray cluster would outlive everything.
     """
-    parts = [part for part in (run.driver, run.head) if part is not None]
+    parts = [part for part in (run.driver, *run.nodes, run.head) if part is not None]
     stopping = asyncio.gather(*(part.stop(grace) for part in parts))
     cancelled = False
     while True:

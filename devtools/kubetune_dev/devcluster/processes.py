@@ -1,4 +1,5 @@
-"""Local processes that stand in for pods: a Ray head (`ray start --head --block`) and a job driver.
+"""Local processes that stand in for pods: a Ray head (`ray start --head --block`), worker nodes joined to
+it (`ray start --address`, a worker pod the autoscaler adds), and a job driver.
 
 Each runs in its own session (process group), so stopping it stops everything it started; neither is
 ever stopped with `ray stop`, which would end every Ray instance on the machine (other tests' too).
@@ -195,6 +196,18 @@ class LocalProcess:
             return ""
 
 
+def _node_ports() -> list[str]:
+    """Free ports for everything one Ray node listens on (several nodes share this machine)."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+    ]
+
+
 class RayHead(LocalProcess):
     """A one-node Ray cluster for one RayJob, on free ports, as KubeRay's RayCluster head would be."""
 
@@ -217,12 +230,7 @@ class RayHead(LocalProcess):
             f"--num-gpus={num_gpus}",
             "--include-dashboard=false",
             f"--dashboard-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
+            *_node_ports(),
             "--object-store-memory=200000000",
             f"--temp-dir={temp_dir}",
         ]
@@ -241,15 +249,46 @@ class RayHead(LocalProcess):
         return f"127.0.0.1:{self.port}"
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            if not self.running:
-                raise RuntimeError(f"ray start exited:\n{self.log_tail()}")
-            if "Ray runtime started" in self.log_file.read_text(errors="replace"):
-                return
-            await asyncio.sleep(0.3)
-        raise RuntimeError(f"the Ray head did not start within {timeout:.0f}s:\n{self.log_tail()}")
+        await wait_for_ray_start(self, timeout)
 
     def train_workers(self) -> list[ProcInfo]:
         """The Ray Train worker actors of this cluster (for fault injection)."""
         return [proc for proc in self.descendants() if "RayTrainWorker" in proc.cmdline]
+
+
+class RayWorkerNode(LocalProcess):
+    """One more Ray node joined to a RayJob's head, with a worker pod's CPUs: what KubeRay's autoscaler adds
+    to an elastic worker group (and a reclaimed node takes away)."""
+
+    def __init__(self, head: RayHead, log_file: Path, num_cpus: int) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "kubetune_dev.devcluster.ray_node",  # Ray's CLI, made to join a head on loopback
+            "start",
+            f"--address={head.address}",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            *_node_ports(),
+            "--object-store-memory=100000000",
+        ]
+        # The head's env: its raylet's, which the Train workers it starts inherit (S3 credentials, test seams).
+        super().__init__(argv, head.env, head.cwd, log_file)
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        await wait_for_ray_start(self, timeout)
+
+
+async def wait_for_ray_start(node: LocalProcess, timeout: float) -> None:
+    """Until `ray start` says the node runs (its log's line), or it exited, or `timeout` seconds passed."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if not node.running:
+            raise RuntimeError(f"ray start exited:\n{node.log_tail()}")
+        if "Ray runtime started" in node.log_file.read_text(errors="replace"):
+            return
+        await asyncio.sleep(0.3)
+    raise RuntimeError(f"the Ray node did not start within {timeout:.0f}s:\n{node.log_tail()}")

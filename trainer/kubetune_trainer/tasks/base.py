@@ -43,9 +43,11 @@ class Stepping(Protocol):
 
     model: nn.Module
 
-    def train_step(self, inputs: Any, targets: Any) -> torch.Tensor: ...
+    def train_step(self, inputs: Any, targets: Any, weight: float = 1.0) -> torch.Tensor: ...
 
-    def train_steps(self, batches: Sequence[tuple[Any, Any]]) -> torch.Tensor: ...
+    def train_steps(
+        self, batches: Sequence[tuple[Any, Any]], weights: Sequence[float] | None = None
+    ) -> torch.Tensor: ...
 
 
 class Task(Protocol):
