@@ -475,7 +475,7 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
     if policy.start_deadline_seconds is not None:
         spec["preRunningDeadlineSeconds"] = policy.start_deadline_seconds
     # What KubeRay deletes when the run ends: a failed job's head stays for keepFailedFor (retention.py).
-    end = end_of_run(policy, settings, suspended=policy.suspend)
+    end = end_of_run(policy, settings, suspended=policy.suspend, elastic=job.spec.resources.workers.elastic)
     spec.update({key: value for key, value in end.items() if value is not None})
     return {"apiVersion": RAYJOB_API_VERSION, "kind": RAYJOB_KIND, "metadata": metadata, "spec": spec}
 

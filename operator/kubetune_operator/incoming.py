@@ -86,6 +86,11 @@ class JobRecord:
         return self.job.run_policy if isinstance(self.job, InvalidJob) else self.job.spec.run_policy
 
     @property
+    def elastic(self) -> bool:
+        """Whether the job's workers are elastic (an invalid spec launched nothing: False)."""
+        return False if isinstance(self.job, InvalidJob) else self.job.spec.resources.workers.elastic
+
+    @property
     def model_uri(self) -> str | None:
         """Where a successful run leaves the model (None when the spec is invalid)."""
         status = self.model_status()

@@ -404,7 +404,7 @@ async def apply_spec_change(rt: Runtime, job: JobRecord, diff: Iterable[tuple[An
         return  # not launched yet: the launch handler, still retrying, reads the new spec
     await _refuse_or_accept(rt, job, rayjob, refused)
     if "spec.runPolicy.suspend" in fields:
-        await _suspend_or_resume(rt, meta, job.run_policy)
+        await _suspend_or_resume(rt, meta, job.run_policy, elastic=job.elastic)
 
 
 async def _refuse_or_accept(rt: Runtime, job: JobRecord, rayjob: dict[str, Any], refused: list[str]) -> None:
@@ -421,10 +421,10 @@ async def _refuse_or_accept(rt: Runtime, job: JobRecord, rayjob: dict[str, Any],
         )
 
 
-async def _suspend_or_resume(rt: Runtime, meta: JobMeta, policy: RunPolicy) -> None:
+async def _suspend_or_resume(rt: Runtime, meta: JobMeta, policy: RunPolicy, *, elastic: bool) -> None:
     suspend = policy.suspend
     # What KubeRay deletes at the run's end changes too: it suspends no RayJob that has deletion rules.
-    await rt.kube.patch_rayjob(meta.namespace, meta.name, suspend_patch(policy, rt.settings))
+    await rt.kube.patch_rayjob(meta.namespace, meta.name, suspend_patch(policy, rt.settings, elastic=elastic))
     logger.info("%s: %s RayJob %s", meta.source, "suspended" if suspend else "resumed", meta.name)
     current = await rt.kube.get_rayjob(meta.namespace, meta.name)
     if current is not None:

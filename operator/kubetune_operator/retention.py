@@ -42,27 +42,34 @@ def _rule(condition: Mapping[str, str], ttl_seconds: int, policy: str) -> dict[s
     return {"condition": {**condition, "ttlSeconds": ttl_seconds}, "policy": policy}
 
 
-def deletion_rules(keep_seconds: int) -> list[dict[str, Any]]:
-    """Success: the cluster goes at once. Failure: the workers at once, the head after `keep_seconds`."""
+def deletion_rules(keep_seconds: int, *, elastic: bool = False) -> list[dict[str, Any]]:
+    """Success: the cluster goes at once. Failure: the workers at once, the head after `keep_seconds`.
+
+    KubeRay refuses DeleteWorkers where the autoscaler runs (elastic workers): there the whole cluster
+    stays for `keep_seconds`, and the autoscaler removes the idle workers down to `workers.min` meanwhile."""
     rules = [_rule(SUCCEEDED_JOB, 0, DELETE_CLUSTER)]
     for failed in FAILED_RUN:
-        rules += [_rule(failed, 0, DELETE_WORKERS), _rule(failed, keep_seconds, DELETE_CLUSTER)]
+        rules += [] if elastic else [_rule(failed, 0, DELETE_WORKERS)]
+        rules += [_rule(failed, keep_seconds, DELETE_CLUSTER)]
     return rules
 
 
-def end_of_run(policy: RunPolicy, settings: OperatorSettings, *, suspended: bool) -> dict[str, Any]:
+def end_of_run(
+    policy: RunPolicy, settings: OperatorSettings, *, suspended: bool, elastic: bool = False
+) -> dict[str, Any]:
     """The RayJob spec fields that say what KubeRay deletes when the run ends; `deletionStrategy` None
     (in a merge patch: remove it) where shutdownAfterJobFinishes does the work."""
     if not keeps_failed_head(policy, settings, suspended=suspended):
         return {"shutdownAfterJobFinishes": True, "deletionStrategy": None}
-    rules = deletion_rules(policy.keep_failed_for_s)
+    rules = deletion_rules(policy.keep_failed_for_s, elastic=elastic)
     return {"shutdownAfterJobFinishes": False, "deletionStrategy": {"deletionRules": rules}}
 
 
-def suspend_patch(policy: RunPolicy, settings: OperatorSettings) -> dict[str, Any]:
+def suspend_patch(policy: RunPolicy, settings: OperatorSettings, *, elastic: bool = False) -> dict[str, Any]:
     """The merge patch that suspends or resumes (`policy.suspend`) a job's RayJob, valid for KubeRay in one
     write: with the deletion rules swapped for shutdownAfterJobFinishes, or back."""
-    return {"spec": {"suspend": policy.suspend, **end_of_run(policy, settings, suspended=policy.suspend)}}
+    end = end_of_run(policy, settings, suspended=policy.suspend, elastic=elastic)
+    return {"spec": {"suspend": policy.suspend, **end}}
 
 
 def left_by_the_rules(rayjob: Mapping[str, Any]) -> bool:

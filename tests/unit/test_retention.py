@@ -79,6 +79,26 @@ def test_a_failed_jobs_head_stays_an_hour_its_workers_go_at_once_and_success_kee
     assert deleted_at(spec, succeeded, 0) == ("DeleteCluster",)
 
 
+def test_an_elastic_jobs_failed_cluster_stays_whole_since_kuberay_refuses_deleting_workers_under_its_autoscaler() -> None:
+    """KubeRay refuses DeleteWorkers where the autoscaler runs (ValidationFailed: the job would never start)."""
+    elastic = body()
+    elastic["spec"]["resources"] = {"workers": {"min": 1, "max": 2}}
+    job = FineTuneJob.from_body(elastic)
+    built = build_rayjob(job, SETTINGS)
+    assert built["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+    assert_valid_rayjob(built)
+    assert spec_problem(built["spec"]) is None
+    failed = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}
+    assert deleted_at(built["spec"], failed, 3599) == ()
+    assert "DeleteCluster" in deleted_at(built["spec"], failed, 3600)
+    # Suspended and resumed, it gets the same rules back, still acceptable to KubeRay.
+    policy = job.spec.run_policy
+    suspended = merge(built, suspend_patch(policy.model_copy(update={"suspend": True}), SETTINGS, elastic=True))
+    resumed = merge(suspended, suspend_patch(policy, SETTINGS, elastic=True))
+    assert resumed == {**built, "spec": {**built["spec"], "suspend": False}}
+    assert spec_problem(resumed["spec"]) is None
+
+
 @pytest.mark.parametrize(("keep", "seconds"), [("30m", 1800), ("1h30m", 5400), ("168h", 604800), ("90s", 90)])
 def test_keep_failed_for_sets_when_the_head_goes(keep: str, seconds: int) -> None:
     spec = rayjob(keepFailedFor=keep)["spec"]
