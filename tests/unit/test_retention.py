@@ -79,7 +79,9 @@ def test_a_failed_jobs_head_stays_an_hour_its_workers_go_at_once_and_success_kee
     assert deleted_at(spec, succeeded, 0) == ("DeleteCluster",)
 
 
-def test_an_elastic_jobs_failed_cluster_stays_whole_since_kuberay_refuses_deleting_workers_under_its_autoscaler() -> None:
+def test_an_elastic_jobs_failed_cluster_stays_whole_since_kuberay_refuses_deleting_workers_under_its_autoscaler() -> (
+    None
+):
     """KubeRay refuses DeleteWorkers where the autoscaler runs (ValidationFailed: the job would never start)."""
     elastic = body()
     elastic["spec"]["resources"] = {"workers": {"min": 1, "max": 2}}
