@@ -49,8 +49,9 @@ def deletion_rules(keep_seconds: int, *, elastic: bool = False) -> list[dict[str
     stays for `keep_seconds`, and the autoscaler removes the idle workers down to `workers.min` meanwhile."""
     rules = [_rule(SUCCEEDED_JOB, 0, DELETE_CLUSTER)]
     for failed in FAILED_RUN:
-        rules += [] if elastic else [_rule(failed, 0, DELETE_WORKERS)]
-        rules += [_rule(failed, keep_seconds, DELETE_CLUSTER)]
+        if not elastic:
+            rules.append(_rule(failed, 0, DELETE_WORKERS))
+        rules.append(_rule(failed, keep_seconds, DELETE_CLUSTER))
     return rules
 
 
