@@ -3,7 +3,7 @@
     python -m bench                 # everything, full size (about 15 minutes on 2 cores)
     python -m bench --quick         # smaller and fewer repeats (a few minutes)
     python -m bench --only storage  # one benchmark (trainer, storage, checkpoint-blocking, pipeline,
-                                    # control-plane, quality);
+                                    # streaming, control-plane, quality);
                                     # the others' rows and set-ups stay as the results page had them
     python -m bench --render bench/out/run-.../results.json   # the page again, e.g. after editing findings.md
 
@@ -34,6 +34,7 @@ from bench import (
     control_plane,
     input_pipeline,
     quality,
+    streaming,
     trainer_overhead,
 )
 from bench.common import REPO, Row, host_facts, log, markdown_table
@@ -43,6 +44,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "storage": checkpoint_storage,
     "checkpoint-blocking": checkpoint_blocking,
     "pipeline": input_pipeline,
+    "streaming": streaming,
     "control-plane": control_plane,
     "quality": quality,
 }

@@ -33,6 +33,7 @@ from kubetune_operator.spec import (
 from kubetune_trainer.config import (
     ANNOTATIONS_PATTERN,
     ARCHITECTURE_PATTERN,
+    CACHE_LIMIT_PATTERN,
     CHECKPOINT_EVERY_PATTERN,
     CHECKPOINT_PATTERN,
     CONFIG_MAP_KEY,
@@ -92,6 +93,7 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     LABEL_VALUE: "must be a label value: up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
     QUANTITY_PATTERN: "must be a Kubernetes quantity: a number with an optional unit, e.g. 512Mi, 16Gi or 2G",
     DISK_SIZE_PATTERN: "must be a whole number of Mi, Gi or Ti above zero, e.g. 500Mi, 20Gi or 2Ti",
+    CACHE_LIMIT_PATTERN: "must be a whole number of Ki, Mi, Gi or Ti above zero, e.g. 800Ki, 500Mi or 20Gi",
     IMAGE_PATTERN: "must be a container image reference without spaces",
     REASON_PATTERN: "must be a CamelCase word",
     ENV_NAME: "must be an env var name: letters, digits, '-', '_' and '.', not starting with a digit",

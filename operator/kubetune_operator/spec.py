@@ -24,7 +24,9 @@ from kubetune_operator.pod_template import (
 )
 from kubetune_operator.states import Phase
 from kubetune_trainer.config import (
+    DEFAULT_CACHE_SIZE,
     DEFAULT_PREEMPTION_GRACE_S,
+    DISK_SIZE_PATTERN,
     DNS_SUBDOMAIN,
     DURATION,
     MAX_PREEMPTION_GRACE_S,
@@ -42,6 +44,7 @@ from kubetune_trainer.config import (
     TrainingSpec,
     cel,
     check_task,
+    disk_bytes,
     duration_seconds,
     prefixes_overlap,
     prefixes_overlap_cel,
@@ -63,8 +66,6 @@ CATEGORIES = ["kubetune"]
 MAX_NAME_LENGTH = 47
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
-# Disk sizes: a whole, non-zero number of Mi, Gi or Ti (what the builders add up, exactly).
-DISK_SIZE_PATTERN = r"^[1-9][0-9]{0,5}(Mi|Gi|Ti)$"
 IMAGE_PATTERN = r"^\S+$"
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MAX_GPUS_PER_WORKER = 16
@@ -175,7 +176,7 @@ class ResourcesSpec(SpecSection):
         default=None, pattern=DNS_SUBDOMAIN, max_length=253, description="PriorityClass of all Ray pods."
     )
     cache_size: str = Field(
-        default="20Gi",
+        default=DEFAULT_CACHE_SIZE,
         pattern=DISK_SIZE_PATTERN,
         description=(
             "Disk for each worker pod's node cache (the dataset's images and the base weights, downloaded once "
@@ -370,6 +371,16 @@ class FineTuneJobSpec(SpecSection):
                 f"({batch} * {workers.min}), is split among up to workers.max ({workers.max}) workers and must "
                 f"give each at least {MIN_IMAGES_PER_WORKER} images (BatchNorm): at least "
                 f"{math.ceil(MIN_IMAGES_PER_WORKER * workers.max / workers.min)}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _image_cache_fits_the_volume(self) -> FineTuneJobSpec:
+        limit, volume = self.data.cache.size_limit, self.resources.cache_size
+        if limit is not None and disk_bytes(limit) > disk_bytes(volume):
+            raise ValueError(
+                f"data.cache.sizeLimit: must be at most resources.cacheSize ({volume}), the node cache's volume that "
+                f"holds the images (got {limit})"
             )
         return self
 

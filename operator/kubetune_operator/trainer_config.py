@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kubetune_operator.spec import FineTuneJob
-from kubetune_trainer.config import ProgressTarget, ScalingSpec, TrainerConfig, run_digest, run_name
+from kubetune_trainer.config import DataSpec, ProgressTarget, ScalingSpec, TrainerConfig, run_digest, run_name
 
 
 def job_run_name(job: FineTuneJob) -> str:
@@ -29,7 +29,7 @@ def trainer_config(job: FineTuneJob, progress: ProgressTarget | None = None) -> 
         task=spec.task,
         run_name=job_run_name(job),
         model=spec.model,
-        data=spec.data,
+        data=with_size_limit(spec.data, resources.cache_size),
         training=spec.training,
         output=spec.output,
         storage=spec.storage,
@@ -45,3 +45,10 @@ def trainer_config(job: FineTuneJob, progress: ProgressTarget | None = None) -> 
         preemption_grace_seconds=policy.preemption_grace_seconds,
         progress=progress,
     )
+
+
+def with_size_limit(data: DataSpec, cache_size: str) -> DataSpec:
+    """data.cache.sizeLimit defaults to resources.cacheSize: the node cache's volume the images live on."""
+    if data.cache.size_limit is not None:
+        return data
+    return data.model_copy(update={"cache": data.cache.model_copy(update={"size_limit": cache_size})})

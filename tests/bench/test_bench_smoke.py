@@ -20,6 +20,7 @@ from bench import (
     control_plane,
     input_pipeline,
     quality,
+    streaming,
     trainer_overhead,
 )
 from bench.__main__ import render, run_all
@@ -68,6 +69,15 @@ def test_input_pipeline_compares_cold_and_warm_epochs_with_local_disk(tmp_path: 
     # The cold first epoch is held against the best any S3 path could do (raw GETs, then a local epoch).
     cold = next(r for r in rows if r.figure.startswith("first epoch, cold node vs raw"))
     assert cold.goal == (">=", 0.8)
+
+
+def test_streaming_holds_a_stream_epoch_against_raw_shard_gets_and_its_disk_against_the_limit(tmp_path: Path) -> None:
+    rows = run_tiny(streaming, tmp_path)
+    by_figure = {r.figure: r for r in rows}
+    assert by_figure["stream epoch vs raw shard GETs (floor)"].goal == (">=", 0.8)
+    disk = by_figure["peak disk of the stream folder / sizeLimit"]
+    # The stream folder was really sampled (something was on disk), and the window kept it within the limit.
+    assert disk.goal == ("<=", 1.0) and all(0 < share <= 1.0 for share in disk.product)
 
 
 def test_control_plane_measures_both_operators_as_processes(tmp_path: Path) -> None:

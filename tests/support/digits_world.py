@@ -230,6 +230,7 @@ class DigitsWorld:
         resume: str = "auto",
         data_format: str | None = None,
         training: dict[str, Any] | None = None,
+        cache: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """A FineTuneJob of test_resnet on digits; `training` adds fields to spec.training (its options)."""
         model: dict[str, Any] = {"architecture": ARCH, "checkpoint": checkpoint, "strategy": strategy, "resume": resume}
@@ -240,6 +241,8 @@ class DigitsWorld:
             data["validation"] = validation
         if data_format:
             data["format"] = data_format
+        if cache:
+            data["cache"] = cache
         manifest = {
             "apiVersion": "kubetune.dev/v1alpha1",
             "kind": "FineTuneJob",

@@ -383,6 +383,56 @@ FORMAT_URI_RULES = [
 ]
 
 
+# data.cache (docs/trainer.md, "Data"): how a node holds the images. full: every image cached once per node
+# before training (fastest from the second epoch on); stream: shards fetched ahead of use and dropped after
+# it, disk bounded by sizeLimit (`stream.py`); auto: stream when the listing says the images do not fit.
+CacheMode = Literal["full", "stream", "auto"]
+CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
+# A size on disk: a whole, non-zero number of Mi, Gi or Ti (resources.cacheSize's shape).
+DISK_SIZE_PATTERN = r"^[1-9][0-9]{0,5}(Mi|Gi|Ti)$"
+# data.cache.sizeLimit also takes Ki: a small test or benchmark set must be able to exceed it.
+CACHE_LIMIT_PATTERN = r"^[1-9][0-9]{0,8}(Ki|Mi|Gi|Ti)$"
+DISK_UNITS = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
+# The node cache's size when the spec gives none (resources.cacheSize's default, and sizeLimit's for a
+# trainer config written by hand).
+DEFAULT_CACHE_SIZE = "20Gi"
+
+
+def disk_bytes(size: str) -> int:
+    """A size of DISK_SIZE_PATTERN or CACHE_LIMIT_PATTERN (e.g. 500Mi) in bytes."""
+    number, unit = size[:-2], size[-2:]
+    if unit not in DISK_UNITS or not number.isdigit():
+        raise ValueError(f"not a whole number of Ki, Mi, Gi or Ti: {size!r}")
+    return int(number) * DISK_UNITS[unit]
+
+
+class CacheSpec(SpecSection):
+    """How each node holds the dataset's images: all of them before training, or streamed in bounded windows."""
+
+    mode: CacheMode = Field(
+        default="auto",
+        description=(
+            "full: every image is cached on each node before training (later epochs read local disk); stream: "
+            "shards (webdataset) or groups of images (other formats) are fetched ahead of use, in parallel, and "
+            "dropped after use, so the node's disk stays under sizeLimit whatever the dataset's size; auto "
+            "(default): full when the listed images and the base weights fit in sizeLimit, stream otherwise."
+        ),
+    )
+    size_limit: str | None = Field(
+        default=None,
+        pattern=CACHE_LIMIT_PATTERN,
+        description=(
+            "Disk for the images on each node (Ki, Mi, Gi or Ti, e.g. 2Gi): what auto compares the dataset with, "
+            "and what stream mode never exceeds. At most resources.cacheSize (the node cache's volume), which is "
+            "the default."
+        ),
+    )
+
+    @property
+    def limit_bytes(self) -> int:
+        return disk_bytes(self.size_limit or DEFAULT_CACHE_SIZE)
+
+
 class DataSpec(SpecSection):
     """Where the images are: an ImageFolder layout (<prefix>/<class>/<image>) in S3, images and COCO
     annotations for detection, WebDataset tar shards, or a manifest file of image URIs and labels."""
@@ -439,6 +489,10 @@ class DataSpec(SpecSection):
         ge=16,
         le=1024,
         description="Square input size in pixels; the model's own default when omitted.",
+    )
+    cache: CacheSpec = Field(
+        default_factory=CacheSpec,
+        description="How each node holds the images: cached whole (full), streamed within sizeLimit (stream), or auto.",
     )
     augment: Literal["none", "light", "standard", "strong"] = Field(
         default="light",
@@ -950,6 +1004,11 @@ def check_task(task: str, model: ModelSpec, data: DataSpec, training: TrainingSp
             "CutMix and RandAugment act on single labels and whole images, not on boxes); remove it"
         )
     check_test_split(task, data)
+    if task == "detection" and data.cache.mode == "stream":
+        raise ValueError(
+            "data.cache.mode: stream only with task 'classification' (detection caches its images in full); "
+            "use full or auto"
+        )
     detector = model.architecture in DETECTION_ARCHITECTURES
     if not detector and model.architecture not in architectures.timm_models():
         if task == "detection":

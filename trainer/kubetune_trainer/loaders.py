@@ -22,9 +22,11 @@ DistributedSampler would pad with repeats).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,15 @@ _MIX_A, _MIX_B, _SEED_MOD = 1_000_003, 1_000_000_007, 2**63 - 1
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * _MIX_A + epoch) * _MIX_B + index) % _SEED_MOD
+
+
+def coverage_hashes(key: str) -> tuple[int, int]:
+    """Two 24-bit hashes of a sample's key. An epoch's accounting sums them over the images it trained
+    (`loop.Epoch`): with the count, the sums tell whether the epoch trained a given set of keys exactly once
+    (a repeat and a skip would have to cancel in both sums). 24 bits keep the sums exact in float64 up to
+    2**29 images."""
+    raw = hashlib.blake2b(key.encode(), digest_size=6).digest()
+    return int.from_bytes(raw[:3], "big"), int.from_bytes(raw[3:], "big")
 
 
 def share(total: int, rank: int, world: int) -> tuple[int, int]:
@@ -60,6 +71,9 @@ class EpochOrder(Sampler[list[tuple[int, int]]]):
         self.size, self.seed, self.batch_size = size, seed, batch_size
         self.reference, self.rank, self.world = reference, rank, world
         self.epoch, self.skip = 0, 0
+        # The sample indices of each batch handed to the loader, oldest first: the loop takes one per batch
+        # it trains (`Epoch.train`'s accounting), so what it counts is what it trained.
+        self.handed: deque[list[int]] = deque()
         if self.step_size < world:
             raise ConfigError(
                 f"data.train: a step's {self.step_size} images cannot give each of {world} workers one "
@@ -90,6 +104,7 @@ class EpochOrder(Sampler[list[tuple[int, int]]]):
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Epoch `epoch` (0-based), without the first `skip` images of its order (consumed before a resume)."""
         self.epoch, self.skip = epoch, max(0, min(skip, self.padded))
+        self.handed.clear()
 
     @property
     def first_step(self) -> int:
@@ -107,12 +122,21 @@ class EpochOrder(Sampler[list[tuple[int, int]]]):
         DDP, weigh every image of the global batch alike (1 when the shares are equal)."""
         return count * self.world / self.step_size
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def batches(self) -> Iterator[list[tuple[int, int]]]:
         order = self.order()
         start, count = share(self.step_size, self.rank, self.world)
         for step in range(self.first_step, self.steps):
             begin = step * self.step_size + start
             yield [(self.epoch, index) for index in order[begin : begin + count]]
+
+    def arrange(self, batches: Iterator[list[tuple[int, int]]]) -> Iterator[list[tuple[int, int]]]:
+        """The batches as the loader gets them (stream mode fetches their images first: `stream.StreamOrder`)."""
+        return batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.arrange(self.batches()):
+            self.handed.append([index for _, index in batch])
+            yield batch
 
     def __len__(self) -> int:
         return self.steps - self.first_step
@@ -156,6 +180,7 @@ def train_loader(
     collate_fn: Any = None,
     *,
     reference: int | None = None,
+    make_order: Callable[..., EpochOrder] = EpochOrder,
 ) -> tuple[DataLoader[Any], EpochOrder]:
     """This worker's training loader and its order (for `set_epoch`); `reference`: the worker count the
     global batch is defined at (the current one when omitted)."""
@@ -164,7 +189,7 @@ def train_loader(
 
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
-    order = EpochOrder(
+    order = make_order(
         len(dataset),
         seed=seed,
         batch_size=batch_size,
@@ -190,11 +215,22 @@ def steps_per_epoch(order: EpochOrder) -> int:
     return order.steps
 
 
-def eval_loader(dataset: Any, batch_size: int, workers: int, cuda: bool, collate_fn: Any = None) -> DataLoader[Any]:
-    """This worker's shard of the validation set, every image of it exactly once across workers."""
+def eval_loader(
+    dataset: Any,
+    batch_size: int,
+    workers: int,
+    cuda: bool,
+    collate_fn: Any = None,
+    batches: Sampler[list[int]] | None = None,
+) -> DataLoader[Any]:
+    """This worker's shard of the validation set, every image of it exactly once across workers (`batches`:
+    its batches given, as stream mode's `stream.StreamEval`)."""
     import ray.train
     import ray.train.torch
 
+    if batches is not None:
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=cuda, collate_fn=collate_fn)
+        return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
     ctx = ray.train.get_context()
     shard = Subset(dataset, list(range(ctx.get_world_rank(), len(dataset), ctx.get_world_size())))
     loader = DataLoader(

@@ -25,11 +25,13 @@ checkpoint, as a function of the history alone.
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +55,10 @@ from kubetune_trainer.checkpoint import (
     unwrap,
 )
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.data import prepare_images
-from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.data import MAX_CORRUPT_FRACTION, prepare_images
+from kubetune_trainer.errors import DataError, TrainerError
 from kubetune_trainer.export import RANGE_TEST_FILE
-from kubetune_trainer.loaders import EpochOrder, eval_loader, steps_per_epoch, train_loader
+from kubetune_trainer.loaders import EpochOrder, coverage_hashes, eval_loader, steps_per_epoch, train_loader
 from kubetune_trainer.lr_range import START_LR, RangeTest, cycle, find_learning_rate, plot_range_test
 from kubetune_trainer.model import TrainablePlan, param_groups, set_train_mode
 from kubetune_trainer.optim import effective_training, make_optimizer, make_schedule
@@ -65,8 +67,20 @@ from kubetune_trainer.progress_model import history_entry
 from kubetune_trainer.selection import unranked
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
+from kubetune_trainer.stream import (
+    Readable,
+    ReadableBatches,
+    StreamEval,
+    StreamOrder,
+    StreamSetup,
+    loader_lag,
+    stream_setup,
+    streams,
+)
 from kubetune_trainer.tasks import Stepping, Task, task_from_wire
 from kubetune_trainer.worker_progress import REPORT_INTERVAL_S, WorkerProgress
+
+log = logging.getLogger(__name__)
 
 # How long past the grace period a preempted worker waits for Ray Train's restart before it fails.
 RESTART_WAIT_S = 60.0
@@ -151,6 +165,7 @@ class Loaders:
     sampler: EpochOrder
     validation: Any
     steps_per_epoch: int
+    keys: list[str] = field(default_factory=list)  # the training images' keys, by index (the accounting's)
 
 
 @dataclass
@@ -174,6 +189,9 @@ class TrainState:
     # figures so far over all workers (loss sum, images, seconds), as the latest mid-epoch checkpoint saw them.
     epoch_samples: int = 0
     epoch_so_far: dict[str, float] = field(default_factory=dict)
+    # The trainer's own account of each finished epoch's images (`coverage_entry`): how many it trained, the
+    # sums of their keys' `coverage_hashes`, and how many of those did not decode.
+    coverage: list[dict[str, int]] = field(default_factory=list)
     # What the run trains with (`optim.effective_training`): model.json and the status report it.
     effective: dict[str, Any] = field(default_factory=dict)
     # The weights' moving average (timm's ModelEmaV3, training.emaDecay), or None.
@@ -200,6 +218,7 @@ class TrainState:
             "history": self.history,
             "epochSamples": self.epoch_samples,
             "epochSoFar": self.epoch_so_far,
+            "coverage": self.coverage,
             "effective": self.effective,
         }
 
@@ -213,6 +232,23 @@ class EpochTraining:
     seconds: float
     loss_sum: float = 0.0
     count: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)  # every figure of `SUMS`, over all workers
+
+
+# What a worker sums over an epoch's steps: the loss (weighted by images), the images trained, and the
+# accounting (`coverage_entry`): images handed out, their keys' hash sums, the unreadable among them.
+SUMS = ("loss", "count", "samples", "hashA", "hashB", "unreadable")
+
+
+def coverage_entry(epoch: int, sums: Mapping[str, float]) -> dict[str, int]:
+    """Epoch `epoch`'s accounting in checkpoint progress (`TrainState.coverage`)."""
+    return {
+        "epoch": epoch,
+        "samples": round(sums.get("samples", 0.0)),
+        "hashA": round(sums.get("hashA", 0.0)),
+        "hashB": round(sums.get("hashB", 0.0)),
+        "unreadable": round(sums.get("unreadable", 0.0)),
+    }
 
 
 class _Sums:
@@ -316,11 +352,21 @@ def build_model(worker: Worker) -> tuple[nn.Module, TrainablePlan]:
 
 
 def make_loaders(worker: Worker) -> Loaders:
-    """Loaders over the node-cached images: this worker's training shard and validation shard."""
+    """Loaders over the node-cached images, or streamed ones (`stream.py`): this worker's training shard
+    and validation shard."""
     training, task = worker.config.training, worker.task
-    folder, _ = prepare_images(worker.store, task.images)
-    train_set, val_set = task.datasets(folder, worker.plan.data_config)
     workers = worker.plan.loader_workers
+    eval_batches, collate = None, task.collate
+    make_order: Callable[..., EpochOrder] = EpochOrder
+    if streams(worker.config, task.images, worker.plan.weights.size):
+        setup = stream_setup_for(worker)
+        train_set, val_set = (Readable(d) for d in task.datasets(setup.train.fetcher.folder, worker.plan.data_config))
+        make_order = partial(StreamOrder, window=setup.train, shuffle=setup.shuffle)
+        eval_batches = StreamEval(setup.validation, training.batch_size, worker.rank, worker.world)
+        collate = ReadableBatches(task.collate)
+    else:
+        folder, _ = prepare_images(worker.store, task.images)
+        train_set, val_set = task.datasets(folder, worker.plan.data_config)
     # The global batch is batchSize * workers.min at any worker count (elastic workers: docs/trainer.md).
     train, order = train_loader(
         train_set,
@@ -328,12 +374,22 @@ def make_loaders(worker: Worker) -> Loaders:
         training.seed,
         workers,
         worker.cuda,
-        task.collate,
+        collate,
         reference=worker.config.scaling.workers,
+        make_order=make_order,
     )
-    validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, task.collate)
+    validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, collate, eval_batches)
     steps = optimizer_steps(steps_per_epoch(order), training.accumulate_steps)
-    return Loaders(train, order, validation, steps)
+    keys = [sample.key for sample in task.images.train]
+    return Loaders(train, order, validation, steps, keys)
+
+
+def stream_setup_for(worker: Worker) -> StreamSetup:
+    import ray.train
+
+    lag = loader_lag(worker.plan.loader_workers)
+    local_world = ray.train.get_context().get_local_world_size()
+    return stream_setup(worker.store, worker.config, worker.task.images, worker.rank, local_world, lag)
 
 
 def new_state(
@@ -428,6 +484,7 @@ def resume(worker: Worker, state: TrainState) -> None:
     state.epoch, state.step, state.history = int(progress["epoch"]), int(progress["step"]), list(progress["history"])
     state.epoch_samples = int(progress.get("epochSamples", 0))
     state.epoch_so_far = {k: float(v) for k, v in dict(progress.get("epochSoFar") or {}).items()}
+    state.coverage = [dict(entry) for entry in progress.get("coverage") or []]
     state.resumed_from, state.saved_step = where, state.step
     state.effective = dict(progress.get("effective") or state.effective)
     state.stopped_early = stopped_early(state.history, worker.config.training, worker.config.selected_metric)
@@ -450,7 +507,7 @@ class Epoch:
     ) -> None:
         self.worker, self.state, self.loaders, self.progress = worker, state, loaders, progress
         self.cadence, self.step_callbacks = cadence, step_callbacks
-        self.sums = _Sums(worker.device, ("loss", "count"))
+        self.sums = _Sums(worker.device, SUMS)
         self.started = time.monotonic()
 
     def train(self) -> EpochTraining:
@@ -458,10 +515,11 @@ class Epoch:
         worker, state, loaders = self.worker, self.state, self.loaders
         loaders.sampler.set_epoch(state.epoch, state.epoch_samples)
         set_train_mode(state.model, state.trainable)
-        self.sums = _Sums(worker.device, ("loss", "count"))
+        self.sums = _Sums(worker.device, SUMS)
         so_far = state.epoch_so_far
         if worker.rank == 0 and so_far:  # the figures of the epoch's steps before a resume, counted once
             self.sums.add(loss=so_far["lossSum"], count=so_far["count"])
+            self.sums.add(**{name: so_far[name] for name in SUMS[2:] if name in so_far})
         self.started = time.monotonic() - so_far.get("seconds", 0.0)
         rank0, seen, last_report = worker.rank == 0, 0, time.monotonic()
         for batches in grouped(loaders.train, worker.config.training.accumulate_steps):
@@ -470,6 +528,7 @@ class Epoch:
             counts = [len(inputs) for inputs, _ in batches]
             loss = state.stepper.train_steps(batches, [loaders.sampler.loss_weight(c) for c in counts])
             count = sum(counts)
+            self.account(len(batches), count)
             state.step += 1
             if state.ema is not None:
                 state.ema.update(unwrap(state.model), step=state.step)
@@ -490,6 +549,17 @@ class Epoch:
                 self.checkpoint(self.totals(), decision)
         return self.totals()
 
+    def account(self, batches: int, trained: int) -> None:
+        """The accounting of `batches` batches just trained (`trained` images of them decoded)."""
+        ids = [i for _ in range(batches) for i in self.loaders.sampler.handed.popleft()]
+        hashes = [coverage_hashes(self.loaders.keys[i]) for i in ids]
+        self.sums.add(
+            samples=len(ids),
+            hashA=sum(a for a, _ in hashes),
+            hashB=sum(b for _, b in hashes),
+            unreadable=len(ids) - trained,
+        )
+
     def totals(self) -> EpochTraining:
         """The epoch's training figures so far, over all workers (a collective: every worker calls it)."""
         seconds = time.monotonic() - self.started
@@ -500,12 +570,18 @@ class Epoch:
             seconds=seconds,
             loss_sum=train["loss"],
             count=train["count"],
+            sums=train,
         )
 
     def checkpoint(self, so_far: EpochTraining, decision: Decision) -> None:
         """A checkpoint of this step of the epoch; on a preemption, then wait for Ray Train's restart."""
         state = self.state
-        state.epoch_so_far = {"lossSum": so_far.loss_sum, "count": so_far.count, "seconds": so_far.seconds}
+        state.epoch_so_far = {
+            "lossSum": so_far.loss_sum,
+            "count": so_far.count,
+            "seconds": so_far.seconds,
+            **{name: so_far.sums[name] for name in SUMS[2:]},
+        }
         if state.step != state.saved_step:
             save(self.worker, state, mid_epoch=True, wait=decision.preempt)
         self.cadence.checkpointed()
@@ -546,6 +622,8 @@ def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[
     """The finished epoch into the history (history.json's entry, in its key order); the next one starts."""
     state.epoch += 1
     state.epoch_samples, state.epoch_so_far = 0, {}
+    state.coverage.append(coverage_entry(state.epoch, trained.sums))
+    check_unreadable(state.coverage[-1])
     figures = {
         "trainLoss": trained.loss,
         **validation,
@@ -553,6 +631,19 @@ def record_epoch(state: TrainState, trained: EpochTraining, validation: Mapping[
         "learningRate": state.learning_rate,
     }
     state.history.append(history_entry(state.epoch, figures, trained.seconds))
+
+
+def check_unreadable(entry: Mapping[str, int]) -> None:
+    """Stream mode meets unreadable images as it trains: more than data.MAX_CORRUPT_FRACTION of an epoch's
+    fails the run, as the full cache's check does before training; fewer are logged."""
+    unreadable, samples = entry["unreadable"], max(entry["samples"], 1)
+    if unreadable / samples > MAX_CORRUPT_FRACTION:
+        raise DataError(
+            f"{unreadable} of the {samples} images of epoch {entry['epoch']} ({unreadable / samples:.1%}) are "
+            f"corrupt or unreadable, more than the {MAX_CORRUPT_FRACTION:.0%} allowed"
+        )
+    if unreadable:
+        log.warning("epoch %d: skipped %d unreadable image(s) of %d", entry["epoch"], unreadable, samples)
 
 
 def save(worker: Worker, state: TrainState, *, mid_epoch: bool = False, wait: bool = False) -> None:

@@ -49,6 +49,7 @@ from kubetune_trainer.relay import Relay, driver_reporters, run_events, run_stat
 from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.selection import best_entry, checkpoint_config
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
+from kubetune_trainer.stream import cache_line, streams
 from kubetune_trainer.tasks import Task, Trained, check_architecture, find_task, task_from_wire
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,10 @@ def prepare_node(config_wire: Mapping[str, Any], task_wire: Mapping[str, Any], w
     store = store_for(config)
     path = cached_object(store, S3Uri.parse(config.model.checkpoint), weights)
     model, report, plan = task.build_model(path, torch.device("cpu"))
-    _, corrupt = prepare_images(store, task.images)
+    if streams(config, task.images, weights.size):  # the workers meet the images as they train
+        corrupt = dict(task.images.corrupt)
+    else:
+        _, corrupt = prepare_images(store, task.images)
     check_corrupt(task.images, corrupt)
     params = dict(model.named_parameters())
     return {
@@ -190,6 +194,7 @@ def log_prepared(config: TrainerConfig, prepared: Prepared) -> None:
     )
     for line in prepared.task.summary():
         log.info("%s", line)
+    log.info("%s", cache_line(config, index, prepared.weights.size))
     log.info(
         "model: %s, strategy %s, %d of %d stages and the head train: %s of %s parameters",
         config.model.architecture,

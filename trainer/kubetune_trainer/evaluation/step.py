@@ -29,6 +29,7 @@ from kubetune_trainer.evaluation.judged import VALIDATION, Judged
 from kubetune_trainer.evaluation.report import Section, cards, facts, figure, number, paragraph, render
 from kubetune_trainer.export import plot_curves
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
+from kubetune_trainer.stream import judged_images, streams
 from kubetune_trainer.tasks import Task, task_from_wire
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ def judge_node(
     store = S3Store.for_spec(config.storage)
     device = torch.device("cuda" if torch.cuda.is_available() and config.scaling.gpus_per_worker else "cpu")
     model = load_exported(config, task, store, weights, S3Uri.parse(checkpoint), device)
-    folder, _ = prepare_images(store, task.images)
+    streamed = streams(config, task.images, weights.size)
+    folder, _ = prepare_images(store, judged_images(task.images) if streamed else task.images)
     validation, judged_set, split = task.judged_sets(folder, preprocessing)
     judged = task.judge(model, validation, judged_set, split, device)
     with tempfile.TemporaryDirectory(prefix="kubetune-report-") as tmp:
