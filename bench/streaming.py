@@ -16,7 +16,9 @@ stream epochs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import random
 import shutil
@@ -129,10 +131,8 @@ class DiskSampler:
         while not self.stop.is_set():
             total = 0
             for path in self.folder.rglob("*"):
-                try:
+                with contextlib.suppress(FileNotFoundError):  # dropped while walking
                     total += path.stat().st_size if path.is_file() else 0
-                except FileNotFoundError:
-                    pass  # dropped while walking
             self.peak = max(self.peak, total)
             time.sleep(0.003)
 
@@ -246,12 +246,14 @@ def run(config: Config, workdir: Path) -> list[Row]:
         for repeat in range(config.repeats):
             for turn in ("stream", "full", "raw") if repeat % 2 == 0 else ("raw", "full", "stream"):
                 if turn == "stream":
-                    seconds, (images, disk, window) = timed_value(lambda: paths.stream_epoch(repeat + 1, cache))
+                    seconds, (images, disk, window) = timed_value(
+                        functools.partial(paths.stream_epoch, repeat + 1, cache)
+                    )
                     samples["stream"].append(images / seconds)
                     samples["disk"].append(disk / (limit_bytes // 1024 * 1024))
                     samples["window"].append(window / (limit_bytes // 1024 * 1024))
                 elif turn == "full":
-                    seconds, images = timed_value(lambda: paths.full_epoch(full, repeat + 1))
+                    seconds, images = timed_value(functools.partial(paths.full_epoch, full, repeat + 1))
                     samples["full"].append(images / seconds)
                 else:
                     seconds, _ = timed_value(paths.raw_gets)
