@@ -19,7 +19,8 @@ Here the order stays the loaders' own, only arranged so that it can be streamed:
   first and last used. It fetches groups in the order of their first use, STREAM_THREADS at a time, as
   far ahead as its share of sizeLimit allows; hands out a batch only once its groups are on disk; and
   deletes a group's files once the loader processes are past its last use (`lag` batches: a DataLoader
-  has at most prefetch_factor * num_workers batches in flight). The peak is computed before the epoch
+  has at most prefetch_factor * num_workers batches in flight); an epoch's last groups stay until the next
+  pass of either window (training or validation: one budget) begins. The peak is computed before the epoch
   starts: a sizeLimit too small for two windows fails the run naming it, never fills the disk.
 
 A worker fetches only its own samples of a group (`shards.extract_members` from one streamed read of the
@@ -218,6 +219,16 @@ class Window:
         self.fetcher, self.groups, self.budget, self.lag = fetcher, groups, budget, lag
         self.held = 0  # bytes of the groups fetched or being fetched, not yet dropped
         self.peak = 0
+        # Groups of the last run still on disk: the loader may still read them when the sampler is done.
+        # Dropped when this window or a peer (the other part's window on the same budget) runs next, which
+        # the loop does only once the loader has delivered every batch of the last run.
+        self.leftover: list[GroupUse] = []
+        self.peers: list[Window] = [self]
+
+    def release(self) -> None:
+        for use in self.leftover:
+            self.fetcher.drop(use)
+        self.leftover, self.held = [], 0
 
     def check(self, plan: Sequence[GroupUse]) -> None:
         need = peak_bytes(plan, self.lag)
@@ -229,6 +240,8 @@ class Window:
             )
 
     def run(self, batches: Sequence[list[Any]], index_of: Callable[[Any], int]) -> Iterator[list[Any]]:
+        for peer in self.peers:
+            peer.release()
         plan = plan_groups([[index_of(k) for k in b] for b in batches], self.groups, self.fetcher.samples)
         self.check(plan)
         pending, started = deque(plan), dict[int, tuple[GroupUse, Future[None]]]()
@@ -246,9 +259,7 @@ class Window:
                 yield batch
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            for use, _ in started.values():
-                self.fetcher.drop(use)
-            self.held = 0
+            self.leftover = [use for use, _ in started.values()]
 
     def start(self, pool: ThreadPoolExecutor, pending: deque[GroupUse], started: dict[Any, Any], number: int) -> None:
         """Fetches for the groups batch `number` needs, then for later ones while the budget and threads allow."""
@@ -364,8 +375,7 @@ def stream_setup(
     train_groups = sample_groups(index.train, limit)
     val_groups = sample_groups(index.validation, limit)
     shuffle = shuffle_window(group_bytes(index.train, train_groups), limit)
-    return StreamSetup(
-        Window(Fetcher(store, index, index.train, folder), train_groups, budget, lag),
-        Window(Fetcher(store, index, index.validation, folder), val_groups, budget, lag),
-        shuffle,
-    )
+    train = Window(Fetcher(store, index, index.train, folder), train_groups, budget, lag)
+    validation = Window(Fetcher(store, index, index.validation, folder), val_groups, budget, lag)
+    train.peers = validation.peers = [train, validation]  # one budget: never both on disk at once
+    return StreamSetup(train, validation, shuffle)
