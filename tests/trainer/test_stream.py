@@ -164,3 +164,12 @@ def test_cache_fields_name_what_is_allowed() -> None:
             FineTuneJob.from_body(job(cache))
         (message,) = format_validation_error(caught.value, "job.yaml")
         assert all(part in message for part in expected), message
+
+
+def test_detection_jobs_do_not_stream() -> None:
+    body = job({"mode": "stream"})
+    body["spec"]["task"] = "detection"
+    body["spec"]["model"]["architecture"] = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    body["spec"]["data"].update({"format": "manifest", "train": "s3://datasets/m/boxes.jsonl"})
+    with pytest.raises(ValidationError, match=r"data\.cache\.mode: stream only with task 'classification'"):
+        FineTuneJob.from_body(body)
