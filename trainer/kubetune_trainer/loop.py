@@ -380,8 +380,7 @@ def make_loaders(worker: Worker) -> Loaders:
     )
     validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, collate, eval_batches)
     steps = optimizer_steps(steps_per_epoch(order), training.accumulate_steps)
-    keys = [sample.key for sample in task.images.train]
-    return Loaders(train, order, validation, steps, keys)
+    return Loaders(train, order, validation, steps, task.train_keys())
 
 
 def stream_setup_for(worker: Worker) -> StreamSetup:

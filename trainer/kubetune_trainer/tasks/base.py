@@ -92,6 +92,10 @@ class Task(Protocol):
         """Training and validation datasets over the node's cached images in `folder`."""
         ...
 
+    def train_keys(self) -> list[str]:
+        """The key of each item of the training dataset, by index (the loop's sample accounting)."""
+        ...
+
     def augmentation(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
         """What `data.augment` does to the training images of this task (`augment.AugmentPlan.wire`)."""
         ...

@@ -102,6 +102,9 @@ class ClassificationTask:
 
     # -- the workers --------------------------------------------------------------------------------
 
+    def train_keys(self) -> list[str]:
+        return [sample.key for sample in self.index.train]
+
     def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any]:
         return datasets(folder, self.index, preprocessing, self.config.data.augment, self.config.training.rand_augment)
 

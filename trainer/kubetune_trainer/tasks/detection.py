@@ -131,6 +131,9 @@ class DetectionTask:
 
     # -- the workers --------------------------------------------------------------------------------
 
+    def train_keys(self) -> list[str]:
+        return [sample.key for sample in self.boxes.train]
+
     def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[DetectionFiles, DetectionFiles]:
         train = DetectionFiles(folder, self.boxes.train, flip=detection_flips(self.config.data.augment))
         return train, DetectionFiles(folder, self.boxes.validation)
