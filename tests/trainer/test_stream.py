@@ -173,3 +173,14 @@ def test_detection_jobs_do_not_stream() -> None:
     body["spec"]["data"].update({"format": "manifest", "train": "s3://datasets/m/boxes.jsonl"})
     with pytest.raises(ValidationError, match=r"data\.cache\.mode: stream only with task 'classification'"):
         FineTuneJob.from_body(body)
+
+
+def test_auto_streams_when_the_listed_images_and_weights_do_not_fit_the_limit() -> None:
+    from kubetune_trainer.data import DatasetIndex
+    from kubetune_trainer.stream import cache_line, streams
+
+    index = DatasetIndex("datasets", ["a"], shard_samples(4, 10, size=1024), [])  # 40 KiB of images
+    for limit, weights, streamed in (("100Ki", 1024, False), ("40Ki", 1024, True), ("100Ki", 70 * 1024, True)):
+        config = trainer_config(FineTuneJob.from_body(job({"mode": "auto", "sizeLimit": limit})))
+        assert streams(config, index, weights) is streamed, (limit, weights)
+        assert cache_line(config, index, weights).startswith(f"data.cache: {'stream' if streamed else 'full'} (auto: ")
