@@ -353,8 +353,11 @@ def stream_folder(store: S3Store, index: DatasetIndex, rank: int) -> Path:
 
 
 def loader_lag(loader_workers: int) -> int:
-    """Batches a DataLoader may hold past the one its sampler hands out: prefetch_factor (2) per process."""
-    return 2 * loader_workers + 1 if loader_workers > 0 else 0
+    """Batches a DataLoader may still be reading when its sampler hands out the next: it keeps
+    prefetch_factor (2) per loader process in flight and asks for a new index only once the oldest has
+    arrived whole, so 2N - 1; one more to spare. Without loader processes a batch is read before the next
+    is asked for."""
+    return 2 * loader_workers
 
 
 @dataclass
