@@ -157,11 +157,13 @@ class GroupUse:
 def plan_groups(batches: Sequence[Sequence[int]], groups: Sequence[int], samples: Sequence[Sample]) -> list[GroupUse]:
     """The groups `batches` (sample indices) read, in the order of their first use."""
     uses: dict[int, GroupUse] = {}
+    planned: set[int] = set()  # an index the order repeats (padding) is fetched once
     for number, batch in enumerate(batches):
         for i in batch:
             use = uses.setdefault(groups[i], GroupUse(groups[i], number, number))
             use.last = number
-            if i not in use.members:
+            if i not in planned:
+                planned.add(i)
                 use.members.append(i)
                 use.size += samples[i].size
     return sorted(uses.values(), key=lambda u: (u.first, u.group))
