@@ -10,8 +10,8 @@ the limit, dropped after use) for stream mode, `loaders.EpochOrder` over the nod
 `data.prepare_images` for full mode (timed on a later, warm epoch). No model step: the figure is what the
 data path delivers, the ceiling of a training epoch's rate. The floor is what any S3 path must pay: one
 listing and every shard once by parallel raw boto3 GETs (as many threads as the stream fetches with),
-read to memory. Peak disk is sampled every few milliseconds (the stream folder's bytes) during the
-stream epochs.
+read to memory; the stream's own I/O (the window walked without decoding) is held against it too. Peak
+disk is sampled every few milliseconds (the stream folder's bytes) during the stream epochs.
 """
 
 from __future__ import annotations
@@ -194,6 +194,26 @@ class _Paths:
             images = epoch_images(self.loader(train, order, ReadableBatches(None)))
         return images, disk.peak, setup.train.peak
 
+    def fetch_epoch(self, epoch: int) -> int:
+        """The stream's own I/O: one epoch's batches through the window (fetched, written, dropped), no decoding."""
+        from kubetune_trainer.storage import S3Store
+        from kubetune_trainer.stream import StreamOrder, stream_setup
+
+        store = S3Store(self.endpoint, REGION)
+        setup = stream_setup(store, self.trainer, self.index, 0, 1, 0)
+        order = StreamOrder(
+            len(self.index.train),
+            window=setup.train,
+            shuffle=setup.shuffle,
+            seed=SEED,
+            batch_size=self.config.batch_size,
+            reference=1,
+            rank=0,
+            world=1,
+        )
+        order.set_epoch(epoch)
+        return sum(len(batch) for batch in order)
+
     def full_cache(self, cache: Path) -> Any:
         from kubetune_trainer.data import datasets, prepare_images
         from kubetune_trainer.storage import S3Store
@@ -225,7 +245,7 @@ def run(config: Config, workdir: Path) -> list[Row]:
     from kubetune_trainer.model import data_config
     from kubetune_trainer.storage import S3Store
 
-    samples: dict[str, list[float]] = {k: [] for k in ("stream", "full", "raw", "disk", "window")}
+    samples: dict[str, list[float]] = {k: [] for k in ("stream", "fetch", "full", "raw", "disk", "window")}
     cache = workdir / "cache"
     with s3_environment(cache), moto_server(workdir / "moto.log") as endpoint:
         client = boto3_client(endpoint)
@@ -244,7 +264,7 @@ def run(config: Config, workdir: Path) -> list[Row]:
         paths.full_epoch(full, 0)  # the cache's first epoch: what follows is warm
         paths.stream_epoch(0, cache)  # one untimed round of each warms imports and the page cache
         for repeat in range(config.repeats):
-            for turn in ("stream", "full", "raw") if repeat % 2 == 0 else ("raw", "full", "stream"):
+            for turn in ("stream", "fetch", "full", "raw") if repeat % 2 == 0 else ("raw", "full", "fetch", "stream"):
                 if turn == "stream":
                     seconds, (images, disk, window) = timed_value(
                         functools.partial(paths.stream_epoch, repeat + 1, cache)
@@ -252,6 +272,9 @@ def run(config: Config, workdir: Path) -> list[Row]:
                     samples["stream"].append(images / seconds)
                     samples["disk"].append(disk / (limit_bytes // 1024 * 1024))
                     samples["window"].append(window / (limit_bytes // 1024 * 1024))
+                elif turn == "fetch":
+                    seconds, images = timed_value(functools.partial(paths.fetch_epoch, repeat + 1))
+                    samples["fetch"].append(images / seconds)
                 elif turn == "full":
                     seconds, images = timed_value(functools.partial(paths.full_epoch, full, repeat + 1))
                     samples["full"].append(images / seconds)
@@ -272,6 +295,15 @@ def run(config: Config, workdir: Path) -> list[Row]:
             samples["stream"],
             samples["raw"],
             (">=", 0.8),
+            note,
+        ),
+        Row(
+            NAME,
+            "stream fetch alone (no decode) vs raw shard GETs",
+            "images/s",
+            samples["fetch"],
+            samples["raw"],
+            None,  # diagnostic: the stream's own I/O (fetch, write, drop) against the floor
             note,
         ),
         Row(NAME, "stream epoch vs full cache, warm epoch", "images/s", samples["stream"], samples["full"], None, note),
