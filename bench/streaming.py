@@ -16,15 +16,14 @@ disk is sampled every few milliseconds (the stream folder's bytes) during the st
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import io
 import random
 import shutil
+import subprocess
+import sys
 import tarfile
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -120,29 +119,43 @@ def trainer_config(config: Config, limit: str) -> Any:
     )
 
 
+# The sampler runs in a process of its own: walking the folder every few milliseconds in the measured
+# process would take its GIL from the fetch threads and the DataLoader.
+_SAMPLER = """
+import os, sys, time
+folder, stop, peak = sys.argv[1], sys.argv[2], 0
+while not os.path.exists(stop):
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
+    peak = max(peak, total)
+    time.sleep(0.003)
+print(peak)
+"""
+
+
 class DiskSampler:
-    """The bytes under a folder, sampled every few milliseconds on a thread; `peak` is the largest seen."""
+    """The bytes under a folder, sampled every few milliseconds by another process; `peak` the largest seen."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.peak, self.stop = folder, 0, threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def sample(self) -> None:
-        while not self.stop.is_set():
-            total = 0
-            for path in self.folder.rglob("*"):
-                with contextlib.suppress(FileNotFoundError):  # dropped while walking
-                    total += path.stat().st_size if path.is_file() else 0
-            self.peak = max(self.peak, total)
-            time.sleep(0.003)
+        self.folder, self.peak = folder, 0
+        self.stop = folder.parent / f".{folder.name}.stop"
 
     def __enter__(self) -> DiskSampler:
-        self.thread.start()
+        self.stop.unlink(missing_ok=True)
+        args = [sys.executable, "-c", _SAMPLER, str(self.folder), str(self.stop)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join()
+        self.stop.touch()
+        out = self.proc.communicate(timeout=60)[0]
+        self.peak = int(out.strip() or 0)
+        self.stop.unlink(missing_ok=True)
 
 
 def epoch_images(loader: Any) -> int:
