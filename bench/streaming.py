@@ -185,47 +185,32 @@ class _Paths:
     def stream_epoch(self, epoch: int, cache: Path) -> tuple[int, int, int]:
         """(images, peak bytes on disk, the window's own peak) of one streamed epoch."""
         from kubetune_trainer.data import datasets
-        from kubetune_trainer.storage import S3Store
-        from kubetune_trainer.stream import Readable, ReadableBatches, StreamOrder, loader_lag, stream_setup
+        from kubetune_trainer.stream import Readable, ReadableBatches, loader_lag
 
-        store = S3Store(self.endpoint, REGION)
-        setup = stream_setup(store, self.trainer, self.index, 0, 1, loader_lag(LOADER_PROCESSES))
-        folder = setup.train.fetcher.folder
+        order = self.stream_order(epoch, loader_lag(LOADER_PROCESSES))
+        setup = order.window
+        folder = setup.fetcher.folder
         train = Readable(datasets(folder, self.index, self.cfg, "light")[0])
-        order = StreamOrder(
-            len(train),
-            window=setup.train,
-            shuffle=setup.shuffle,
-            seed=SEED,
-            batch_size=self.config.batch_size,
-            reference=1,
-            rank=0,
-            world=1,
-        )
-        order.set_epoch(epoch)
         with DiskSampler(folder) as disk:
             images = epoch_images(self.loader(train, order, ReadableBatches(None)))
-        return images, disk.peak, setup.train.peak
+        return images, disk.peak, setup.peak
 
     def fetch_epoch(self, epoch: int) -> int:
         """The stream's own I/O: one epoch's batches through the window (fetched, written, dropped), no decoding."""
+        return sum(len(batch) for batch in self.stream_order(epoch, 0))
+
+    def stream_order(self, epoch: int, lag: int) -> Any:
+        """A single worker's `StreamOrder` for `epoch`, over a fresh stream folder."""
         from kubetune_trainer.storage import S3Store
         from kubetune_trainer.stream import StreamOrder, stream_setup
 
-        store = S3Store(self.endpoint, REGION)
-        setup = stream_setup(store, self.trainer, self.index, 0, 1, 0)
+        setup = stream_setup(S3Store(self.endpoint, REGION), self.trainer, self.index, 0, 1, lag)
+        size, batch = len(self.index.train), self.config.batch_size
         order = StreamOrder(
-            len(self.index.train),
-            window=setup.train,
-            shuffle=setup.shuffle,
-            seed=SEED,
-            batch_size=self.config.batch_size,
-            reference=1,
-            rank=0,
-            world=1,
+            size, window=setup.train, shuffle=setup.shuffle, seed=SEED, batch_size=batch, reference=1, rank=0, world=1
         )
         order.set_epoch(epoch)
-        return sum(len(batch) for batch in order)
+        return order
 
     def full_cache(self, cache: Path) -> Any:
         from kubetune_trainer.data import datasets, prepare_images

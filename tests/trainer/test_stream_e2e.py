@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from kubetune_trainer.loaders import coverage_hashes
-from tests.support.digits_world import DATA_BUCKET, KUBETUNE, OUT_BUCKET, DigitsWorld
+from tests.support.digits_world import DATA_BUCKET, OUT_BUCKET, DigitsWorld
 from tests.support.trainer_faults import SIGTERM_LAST_RANK_MID_EPOCH_2
 
 pytestmark = pytest.mark.slow
@@ -57,13 +57,7 @@ def manifest_keys(world: DigitsWorld, uri: str) -> dict[str, int]:
 
 def start(world: DigitsWorld, name: str, **spec: Any) -> subprocess.Popen[str]:
     manifest = world.job(name, output=f"s3://{OUT_BUCKET}/stream/{name}", **{**SPEC, **spec})
-    return subprocess.Popen(
-        [str(KUBETUNE), "run", str(manifest), "--local", "--s3-endpoint", world.endpoint],
-        env=world.env(**SIGTERM_LAST_RANK_MID_EPOCH_2),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return world.kubetune_popen(manifest, **SIGTERM_LAST_RANK_MID_EPOCH_2)
 
 
 def final_coverage(world: DigitsWorld, name: str, **spec: Any) -> list[dict[str, int]]:
