@@ -34,7 +34,6 @@ from bench.input_pipeline import jpeg
 NAME = "Streaming"
 BUCKET = "bench-shards"
 SEED = 42
-LOADER_PROCESSES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +46,7 @@ class Config:
     batch_size: int = 64
     limit_fraction: float = 0.1
     repeats: int = 3
+    loader_processes: int = 2
 
     @classmethod
     def full(cls) -> Config:
@@ -58,7 +58,7 @@ class Config:
 
     @classmethod
     def tiny(cls) -> Config:
-        return cls(images=240, per_shard=20, classes=2, batch_size=8, limit_fraction=0.5, repeats=1)
+        return cls(images=240, per_shard=20, classes=2, batch_size=8, limit_fraction=0.5, repeats=1, loader_processes=0)
 
     @property
     def shards(self) -> int:
@@ -179,7 +179,10 @@ class _Paths:
         from kubetune_trainer.loaders import SeededSamples
 
         return DataLoader(
-            SeededSamples(dataset, SEED), batch_sampler=order, num_workers=LOADER_PROCESSES, collate_fn=collate
+            SeededSamples(dataset, SEED),
+            batch_sampler=order,
+            num_workers=self.config.loader_processes,
+            collate_fn=collate,
         )
 
     def stream_epoch(self, epoch: int, cache: Path) -> tuple[int, int, int]:
@@ -187,7 +190,7 @@ class _Paths:
         from kubetune_trainer.data import datasets
         from kubetune_trainer.stream import Readable, ReadableBatches, loader_lag
 
-        order = self.stream_order(epoch, loader_lag(LOADER_PROCESSES))
+        order = self.stream_order(epoch, loader_lag(self.config.loader_processes))
         setup = order.window
         folder = setup.fetcher.folder
         train = Readable(datasets(folder, self.index, self.cfg, "light")[0])
@@ -283,7 +286,7 @@ def run(config: Config, workdir: Path) -> list[Row]:
     note = (
         f"{config.images} JPEGs {config.side}x{config.side} in {config.shards} WebDataset shards of {config.per_shard}, "
         f"sizeLimit {limit} ({config.limit_fraction:.0%} of the images), transforms at {config.image_size}px, batch "
-        f"{config.batch_size}, {LOADER_PROCESSES} loader processes"
+        f"{config.batch_size}, {config.loader_processes} loader processes"
     )
     return [
         Row(
