@@ -4,6 +4,7 @@ is lost when the operator stops. Time is a hand-moved clock: the flusher's ticks
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -68,7 +69,7 @@ async def test_a_job_pushing_every_second_is_written_once_per_interval_with_its_
     await server.writes.flush()
 
     times = [at for at, _ in kube.written]
-    assert all(later - earlier >= interval for earlier, later in zip(times, times[1:], strict=False))
+    assert all(later - earlier >= interval for earlier, later in itertools.pairwise(times))
     assert len(times) <= 20 / interval + 1
     # The latest wins: the status ends where the trainer is, with its latest metrics.
     progress = kmock.job(NS, "cats")["status"]["progress"]
@@ -79,7 +80,7 @@ async def test_a_job_pushing_every_second_is_written_once_per_interval_with_its_
 async def test_the_last_step_and_a_new_checkpoint_are_written_at_once(
     kmock: Cluster, served: tuple[ProgressServer, str, RecordingKube], clock: FakeClock
 ) -> None:
-    server, base, kube = served
+    _server, base, kube = served
     kmock.add_job(NS, "cats")
     token = kmock.issue_token(NS, "cats")
 
