@@ -2,8 +2,9 @@
 
     python -m bench                 # everything, full size (about 15 minutes on 2 cores)
     python -m bench --quick         # smaller and fewer repeats (a few minutes)
+    python -m bench --only control-plane --burst-jobs 500,2000,5000   # the burst sizes (CI's smoke: tiny)
     python -m bench --only storage  # one benchmark (trainer, storage, checkpoint-blocking, pipeline,
-                                    # control-plane, quality);
+                                    # control-plane, fan-in, quality);
                                     # the others' rows and set-ups stay as the results page had them
     python -m bench --render bench/out/run-.../results.json   # the page again, e.g. after editing findings.md
 
@@ -33,6 +34,7 @@ from bench import (
     checkpoint_storage,
     control_plane,
     input_pipeline,
+    progress_fanin,
     quality,
     trainer_overhead,
 )
@@ -44,6 +46,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "checkpoint-blocking": checkpoint_blocking,
     "pipeline": input_pipeline,
     "control-plane": control_plane,
+    "fan-in": progress_fanin,
     "quality": quality,
 }
 RESULTS = REPO / "bench" / "results.md"
@@ -55,6 +58,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this (repeatable)")
+    parser.add_argument(
+        "--burst-jobs",
+        type=_sizes,
+        metavar="N[,N...]",
+        help="control-plane bursts: the first is the main burst (500), the rest its scale runs (2000,5000)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"markdown to write (default {RESULTS})")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default bench/out/run-<time>)")
     parser.add_argument("--keep", action="store_true", help="keep each benchmark's data in the workdir (logs are kept)")
@@ -65,6 +74,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run nothing: write the results page again from a run's results.json (after editing findings.md)",
     )
     return parser.parse_args(argv)
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",") if part.strip()]
+    if not sizes or any(n < 1 or n > 20000 for n in sizes):
+        raise argparse.ArgumentTypeError("burst sizes are 1..20000 jobs, comma separated")
+    return sizes
 
 
 def run_all(
@@ -232,7 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     host = host_facts()
     log(f"running {', '.join(names)} ({'quick' if args.quick else 'full'}) in {workdir}")
-    rows, failures, seconds = run_all(names, args.quick, workdir, keep=args.keep)
+    config_for = None
+    if args.burst_jobs:
+
+        def config_for(module: ModuleType) -> Any:
+            config = module.Config.quick() if args.quick else module.Config.full()
+            return config.sized(args.burst_jobs) if module is control_plane else config
+
+    rows, failures, seconds = run_all(names, args.quick, workdir, config_for, keep=args.keep)
     findings = FINDINGS.read_text() if FINDINGS.is_file() else None
     text = render(rows, failures, seconds, quick=args.quick, host=host, started=started, findings=findings)
     if args.only and args.results.is_file():

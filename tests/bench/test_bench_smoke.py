@@ -19,6 +19,7 @@ from bench import (
     checkpoint_storage,
     control_plane,
     input_pipeline,
+    progress_fanin,
     quality,
     trainer_overhead,
 )
@@ -75,11 +76,33 @@ def test_control_plane_measures_both_operators_as_processes(tmp_path: Path) -> N
     by_figure = {r.figure: r for r in rows}
     assert by_figure["operator peak RSS"].absolute
     assert all(len(r.product) == len(r.baseline) == 1 for r in rows)
+    # The larger burst (--burst-jobs) has its own rows, its target on the largest size.
+    assert by_figure["8 jobs: all RayJobs exist after"].goal == ("<=", 1.2)
+    assert by_figure["operator peak RSS, 8 jobs"].goal == ("<", 400.0)
+    assert "operator peak RSS, 5 jobs" in by_figure
     # Every operator really ran, as a process of its own, and logged to the run's folder.
     assert sorted(p.name for p in tmp_path.glob("operator-*.log")) == [
-        "operator-bare-0.log",
-        "operator-bare-same-work-0.log",
-        "operator-kubetune-0.log",
+        "operator-bare-5-0.log",
+        "operator-bare-8-0.log",
+        "operator-bare-same-work-5-0.log",
+        "operator-kubetune-5-0.log",
+        "operator-kubetune-8-0.log",
+    ]
+
+
+def test_progress_fan_in_drives_the_operators_endpoint_and_a_bare_one(tmp_path: Path) -> None:
+    rows = run_tiny(progress_fanin, tmp_path)
+    by_figure = {r.figure: r for r in rows}
+    # Pushes as far apart as the write interval: lag target < 2 s; faster ones: coalesced to one write per 5 s.
+    assert by_figure["3 jobs every 2s: status lag p99"].goal == ("<", 6.0)
+    assert by_figure["2 jobs every 1.1s: most status writes of one job in 5s (last step left out)"].goal == ("<=", 1.0)
+    fast = by_figure["2 jobs every 1.1s: status writes per accepted update"]
+    assert fast.product_stat.median < fast.baseline_stat.median  # type: ignore[union-attr]
+    assert sorted(p.name for p in tmp_path.glob("endpoint-*.log")) == [
+        "endpoint-bare-2-1.1.log",
+        "endpoint-bare-3-2.log",
+        "endpoint-kubetune-2-1.1.log",
+        "endpoint-kubetune-3-2.log",
     ]
 
 
