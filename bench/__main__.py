@@ -4,7 +4,7 @@
     python -m bench --quick         # smaller and fewer repeats (a few minutes)
     python -m bench --only control-plane --burst-jobs 500,2000,5000   # the burst sizes (CI's smoke: tiny)
     python -m bench --only storage  # one benchmark (trainer, storage, checkpoint-blocking, pipeline,
-                                    # control-plane, fan-in, quality);
+                                    # control-plane, fan-in, first-step, quality);
                                     # the others' rows and set-ups stay as the results page had them
     python -m bench --render bench/out/run-.../results.json   # the page again, e.g. after editing findings.md
 
@@ -33,6 +33,7 @@ from bench import (
     checkpoint_blocking,
     checkpoint_storage,
     control_plane,
+    first_step,
     input_pipeline,
     progress_fanin,
     quality,
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "pipeline": input_pipeline,
     "control-plane": control_plane,
     "fan-in": progress_fanin,
+    "first-step": first_step,
     "quality": quality,
 }
 RESULTS = REPO / "bench" / "results.md"

@@ -8,7 +8,7 @@ its baseline, a finite ratio, a target it can be checked against, and a line in 
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +18,7 @@ from bench import (
     checkpoint_blocking,
     checkpoint_storage,
     control_plane,
+    first_step,
     input_pipeline,
     progress_fanin,
     quality,
@@ -246,3 +247,23 @@ def test_quality_targets_read_against_the_plain_loop_at_one_rate_and_the_best_of
     assert against_the_best.met and against_the_best.compared == pytest.approx(-0.01)
     assert "| -0.010 | difference ≥ -0.02 | yes |" in markdown_table([against_the_best])
     assert from_random.goal is None
+
+
+def test_time_to_first_step_is_cut_at_the_trainers_start_up_marks() -> None:
+    applied = datetime(2026, 12, 3, 23, 59, 59, 500000, tzinfo=UTC)
+    driver_log = "\n".join(
+        f"(RayTrainWorker pid=1) kubetune: start-up: {ends} at 00:00:{second:02d}.250Z"
+        for second, (_, _, ends) in enumerate(first_step.PHASES[2:-1], start=1)
+    )
+    marks = first_step.marks_in(driver_log + "\nkubetune: start-up: first step at 00:00:59.000Z", applied)
+    assert marks["driver started"] == datetime(2026, 12, 4, 0, 0, 1, 250000, tzinfo=UTC)  # past midnight
+    assert marks["first step"] == datetime(2026, 12, 4, 0, 0, 12, 250000, tzinfo=UTC)  # the first of each
+    api = {"rayjob": applied + timedelta(seconds=0.1), "running": applied + timedelta(seconds=1.5)}
+    api["status"] = marks["first step"] + timedelta(seconds=0.5)
+    seconds = first_step.phases(applied, {**marks, **api})
+    assert seconds["operator launch: apply → RayJob created"] == pytest.approx(0.1)
+    assert sum(seconds.values()) == pytest.approx(13.25)
+    rows = first_step.rows([seconds])
+    check_rows(rows, first_step.NAME)
+    own = next(r for r in rows if r.figure == "operator's and trainer's own shares together")
+    assert own.goal == ("<", 5.0)
