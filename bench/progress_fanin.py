@@ -54,7 +54,7 @@ class Scenario:
 @dataclasses.dataclass(frozen=True)
 class Config:
     # The load, and the trainer's own pace (one update a second, a little over) on fewer jobs.
-    scenarios: tuple[Scenario, ...] = (Scenario(1000, 5.0, 120.0), Scenario(200, 1.1, 60.0))
+    scenarios: tuple[Scenario, ...] = (Scenario(1000, 5.0, 120.0), Scenario(200, 1.1, 40.0, 2))
     write_interval_s: float = 5.0  # progress_writes.WRITE_INTERVAL_S, what "per interval" counts against
 
     @classmethod
