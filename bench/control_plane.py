@@ -54,7 +54,7 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(jobs=200, repeats=1, scale=())
+        return cls(jobs=200, repeats=1, scale=(), scale_repeats=1)
 
     @classmethod
     def tiny(cls) -> Config:
