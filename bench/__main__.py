@@ -1,7 +1,8 @@
 """`python -m bench` (`make bench`): run every benchmark against its baseline and write bench/results.md.
 
-    python -m bench                 # everything, full size (about 15 minutes on 2 cores)
-    python -m bench --quick         # smaller and fewer repeats (a few minutes)
+    python -m bench                 # everything, full size (about 40 minutes on 2 cores: 17 before the
+                                    # fan-in (~10), first-step (~6) and 2,000/5,000-job bursts (~8) came)
+    python -m bench --quick         # smaller and fewer repeats (a few minutes; about 8)
     python -m bench --only control-plane --burst-jobs 500,2000,5000   # the burst sizes (CI's smoke: tiny)
     python -m bench --only storage  # one benchmark (trainer, storage, checkpoint-blocking, pipeline,
                                     # control-plane, fan-in, first-step, quality);
