@@ -1,9 +1,11 @@
 """`python -m bench` (`make bench`): run every benchmark against its baseline and write bench/results.md.
 
-    python -m bench                 # everything, full size (about 15 minutes on 2 cores)
-    python -m bench --quick         # smaller and fewer repeats (a few minutes)
+    python -m bench                 # everything, full size (about 40 minutes on 2 cores: 17 before the
+                                    # fan-in (~10), first-step (~6) and 2,000/5,000-job bursts (~8) came)
+    python -m bench --quick         # smaller and fewer repeats (a few minutes; about 8)
+    python -m bench --only control-plane --burst-jobs 500,2000,5000   # the burst sizes (CI's smoke: tiny)
     python -m bench --only storage  # one benchmark (trainer, storage, checkpoint-blocking, pipeline,
-                                    # streaming, control-plane, quality);
+                                    # streaming, control-plane, fan-in, first-step, quality);
                                     # the others' rows and set-ups stay as the results page had them
     python -m bench --render bench/out/run-.../results.json   # the page again, e.g. after editing findings.md
 
@@ -32,7 +34,9 @@ from bench import (
     checkpoint_blocking,
     checkpoint_storage,
     control_plane,
+    first_step,
     input_pipeline,
+    progress_fanin,
     quality,
     streaming,
     trainer_overhead,
@@ -46,6 +50,8 @@ BENCHMARKS: dict[str, ModuleType] = {
     "pipeline": input_pipeline,
     "streaming": streaming,
     "control-plane": control_plane,
+    "fan-in": progress_fanin,
+    "first-step": first_step,
     "quality": quality,
 }
 RESULTS = REPO / "bench" / "results.md"
@@ -57,6 +63,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this (repeatable)")
+    parser.add_argument(
+        "--burst-jobs",
+        type=_sizes,
+        metavar="N[,N...]",
+        help="control-plane bursts: the first is the main burst (500), the rest its scale runs (2000,5000)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"markdown to write (default {RESULTS})")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default bench/out/run-<time>)")
     parser.add_argument("--keep", action="store_true", help="keep each benchmark's data in the workdir (logs are kept)")
@@ -67,6 +79,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run nothing: write the results page again from a run's results.json (after editing findings.md)",
     )
     return parser.parse_args(argv)
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",") if part.strip()]
+    if not sizes or any(n < 1 or n > 20000 for n in sizes):
+        raise argparse.ArgumentTypeError("burst sizes are 1..20000 jobs, comma separated")
+    return sizes
 
 
 def run_all(
@@ -234,7 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     host = host_facts()
     log(f"running {', '.join(names)} ({'quick' if args.quick else 'full'}) in {workdir}")
-    rows, failures, seconds = run_all(names, args.quick, workdir, keep=args.keep)
+    config_for = None
+    if args.burst_jobs:
+
+        def config_for(module: ModuleType) -> Any:
+            config = module.Config.quick() if args.quick else module.Config.full()
+            return config.sized(args.burst_jobs) if module is control_plane else config
+
+    rows, failures, seconds = run_all(names, args.quick, workdir, config_for, keep=args.keep)
     findings = FINDINGS.read_text() if FINDINGS.is_file() else None
     text = render(rows, failures, seconds, quick=args.quick, host=host, started=started, findings=findings)
     if args.only and args.results.is_file():

@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +44,9 @@ class Config:
     timeout: float = 300.0
     # Objects looked up by key in kmock, for both operators alike (see `one_run`).
     indexed_api: bool = True
+    # Larger bursts, kubetune against bare kopf only: how time, latency and memory grow with the burst.
+    scale: tuple[int, ...] = (2000, 5000)
+    scale_repeats: int = 2
 
     @classmethod
     def full(cls) -> Config:
@@ -50,11 +54,15 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(jobs=200, repeats=1)
+        return cls(jobs=200, repeats=1, scale=(), scale_repeats=1)
 
     @classmethod
     def tiny(cls) -> Config:
-        return cls(jobs=5, repeats=1, timeout=60.0)
+        return cls(jobs=5, repeats=1, timeout=60.0, scale=(8,), scale_repeats=1)
+
+    def sized(self, sizes: list[int]) -> Config:
+        """This config with the bursts `--burst-jobs` names: the first as the main burst, the rest as scale."""
+        return dataclasses.replace(self, jobs=sizes[0], scale=tuple(sizes[1:]))
 
 
 def _harness() -> Any:
@@ -85,6 +93,7 @@ def kubeconfig(path: Path, server: str) -> Path:
 # The operators each run measures: kubetune, the bare kopf baseline, and bare kopf making kubetune's API
 # calls (bench/bare_operator.py): how much of the gap is the work itself.
 KINDS = ("kubetune", "bare", "bare-same-work")
+SCALE_KINDS = ("kubetune", "bare")  # the larger bursts (Config.scale)
 
 
 def operator_command(kind: str, liveness: str) -> list[str]:
@@ -125,12 +134,43 @@ class Outcome:
         return sum(self.requests.values())
 
 
+def indexed(base: type) -> type:
+    """`base` (a kmock emulator class) finding the object of each request by key.
+
+    kmock finds the object of every fetch, create and patch by scanning all stored objects (and the
+    harness's `current` does the same), so each request costs more the more objects a run has made: a
+    cost of the emulator, not of any operator, and larger for the operator that makes more objects. Every
+    side of a benchmark gets this lookup by key (falling back to the scan when it misses).
+    """
+    import kmock
+
+    class Indexed(base):
+        def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list[Any]:  # noqa: N802
+            if strict and request.name is not None:
+                found = self._objects._objects.get((request.resource, request.namespace, request.name))
+                if found is not None:
+                    return [found]
+            objs: list[Any] = super()._KubernetesEmulator__get_objs(request, strict)
+            return objs
+
+        def current(self, resource: Any, namespace: str | None, name: str | None) -> dict[str, Any] | None:
+            found = self._objects._objects.get((resource, namespace, name))
+            if found is not None:
+                return None if found.deleted else dict(found.raw)
+            current: dict[str, Any] | None = super().current(resource, namespace, name)
+            return current
+
+    return Indexed
+
+
 async def one_run(kind: str, config: Config, workdir: Path, index: int) -> Outcome:
     import kmock
 
     harness = _harness()
 
-    class TimedApi(harness.ApiServer):  # type: ignore[name-defined]
+    base = indexed(harness.ApiServer) if config.indexed_api else harness.ApiServer
+
+    class TimedApi(base):  # type: ignore[valid-type,misc]
         """The harness's API server, noting when each object was first stored."""
 
         def __init__(self, **kwargs: Any) -> None:
@@ -150,32 +190,12 @@ async def one_run(kind: str, config: Config, workdir: Path, index: int) -> Outco
                     self.stored.setdefault((plural, name), time.monotonic())
             return result
 
-        # kmock finds the object of every fetch, create and patch by scanning all stored objects (and
-        # the harness's `current` does the same), so each request costs more the more objects a run
-        # has made: a cost of the emulator, not of either operator, and larger for the operator that
-        # makes more objects. Both sides get this lookup by key (falling back to the scan when it misses).
-        def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list[Any]:  # noqa: N802
-            if config.indexed_api and strict and request.name is not None:
-                found = self._objects._objects.get((request.resource, request.namespace, request.name))
-                if found is not None:
-                    return [found]
-            objs: list[Any] = super()._KubernetesEmulator__get_objs(request, strict)
-            return objs
-
-        def current(self, resource: Any, namespace: str | None, name: str | None) -> dict[str, Any] | None:
-            if config.indexed_api:
-                found = self._objects._objects.get((resource, namespace, name))
-                if found is not None:
-                    return None if found.deleted else dict(found.raw)
-            current: dict[str, Any] | None = super().current(resource, namespace, name)
-            return current
-
     async with TimedApi() as api, kmock.Server(api):
         harness.declare_resources(api)
         server = str(api.url).rstrip("/")
-        config_file = kubeconfig(workdir / f"kubeconfig-{kind}-{index}", server)
+        config_file = kubeconfig(workdir / f"kubeconfig-{kind}-{config.jobs}-{index}", server)
         liveness = f"http://127.0.0.1:{free_port()}/healthz"
-        log_path = workdir / f"operator-{kind}-{index}.log"
+        log_path = workdir / f"operator-{kind}-{config.jobs}-{index}.log"
         with open(log_path, "w") as out:
             proc = subprocess.Popen(
                 operator_command(kind, liveness),
@@ -246,21 +266,34 @@ async def _wait(done: Any, proc: subprocess.Popen[Any], timeout: float, what: st
         await asyncio.sleep(0.02)
 
 
-def run(config: Config, workdir: Path) -> list[Row]:
-    log(f"{NAME}: {config.jobs} FineTuneJobs in one burst, {config.repeats} repeats per operator")
-    outcomes: dict[str, list[Outcome]] = {kind: [] for kind in KINDS}
-    for repeat in range(config.repeats):
-        shift = repeat % len(KINDS)  # each kind goes first, middle and last in turn
-        for kind in KINDS[shift:] + KINDS[:shift]:
+def bursts(config: Config, kinds: tuple[str, ...], repeats: int, workdir: Path) -> dict[str, list[Outcome]]:
+    """`repeats` bursts of `config.jobs` per operator kind, interleaved; the outcomes by kind."""
+    log(f"{NAME}: {config.jobs} FineTuneJobs in one burst, {repeats} repeats per operator")
+    outcomes: dict[str, list[Outcome]] = {kind: [] for kind in kinds}
+    for repeat in range(repeats):
+        shift = repeat % len(kinds)  # each kind goes first, middle and last in turn
+        for kind in kinds[shift:] + kinds[:shift]:
             outcome = asyncio.run(one_run(kind, config, workdir, repeat))
             outcomes[kind].append(outcome)
             log(
-                f"{NAME}: {kind}: all RayJobs after {outcome.total_s:.2f}s, p50 {outcome.p50_s:.2f}s, "
+                f"{NAME}: {config.jobs} jobs: {kind}: all RayJobs after {outcome.total_s:.2f}s, p50 {outcome.p50_s:.2f}s, "
                 f"p99 {outcome.p99_s:.2f}s, peak RSS {outcome.peak_rss_mb:.0f} MB, operator CPU {outcome.cpu_s:.1f}s, "
                 f"API server CPU {outcome.server_cpu_s:.1f}s, "
                 f"{outcome.requests_total / config.jobs:.2f} API requests/job "
                 f"({', '.join(f'{k} {v}' for k, v in sorted(outcome.requests.items()))})"
             )
+    return outcomes
+
+
+def run(config: Config, workdir: Path) -> list[Row]:
+    outcomes = bursts(config, KINDS, config.repeats, workdir)
+    scaled = {
+        n: bursts(dataclasses.replace(config, jobs=n), SCALE_KINDS, config.scale_repeats, workdir) for n in config.scale
+    }
+    return main_rows(config, outcomes) + scale_rows(config, outcomes, scaled)
+
+
+def main_rows(config: Config, outcomes: dict[str, list[Outcome]]) -> list[Row]:
 
     def values(kind: str, attr: str) -> list[float]:
         return [getattr(o, attr) for o in outcomes[kind]]
@@ -345,3 +378,78 @@ def run(config: Config, workdir: Path) -> list[Row]:
             absolute=True,
         ),
     ]
+
+
+def scale_rows(
+    config: Config, base: dict[str, list[Outcome]], scaled: dict[int, dict[str, list[Outcome]]]
+) -> list[Row]:
+    """The larger bursts: all RayJobs against bare kopf, p99, and peak RSS at every size."""
+    if not scaled:
+        return []
+    largest = max(scaled)
+    rows: list[Row] = []
+    sizes = {config.jobs: base, **scaled}
+    for n, outcomes in scaled.items():
+        note = (
+            f"{n} jobs created at once, {config.scale_repeats} repeats; baseline: "
+            "bare kopf (bench/bare_operator.py); kmock finds objects by key; API server CPU: kubetune "
+            f"{statistics.median([o.server_cpu_s for o in outcomes['kubetune']]):.1f}s, bare "
+            f"{statistics.median([o.server_cpu_s for o in outcomes['bare']]):.1f}s; operator CPU: kubetune "
+            f"{statistics.median([o.cpu_s for o in outcomes['kubetune']]):.1f}s, bare {statistics.median([o.cpu_s for o in outcomes['bare']]):.1f}s"
+        )
+        kt, bare = outcomes["kubetune"], outcomes["bare"]
+        goal = ("<=", 1.2) if n == largest else None
+        rows += [
+            Row(
+                NAME,
+                f"{n} jobs: all RayJobs exist after",
+                "s",
+                [o.total_s for o in kt],
+                [o.total_s for o in bare],
+                goal,
+                note,
+            ),
+            Row(
+                NAME,
+                f"{n} jobs: create → RayJob latency p99",
+                "s",
+                [o.p99_s for o in kt],
+                [o.p99_s for o in bare],
+                None,
+                note,
+            ),
+        ]
+    for n, outcomes in sorted(sizes.items()):
+        goal = ("<", 400.0) if n == largest else None
+        kt, bare = outcomes["kubetune"], outcomes["bare"]
+        rows.append(
+            Row(
+                NAME,
+                f"operator peak RSS, {n} jobs",
+                "MB",
+                [o.peak_rss_mb for o in kt],
+                [o.peak_rss_mb for o in bare],
+                goal,
+                "peak resident memory (VmHWM) of each operator's process over its burst",
+                absolute=True,
+            )
+        )
+    ordered = sorted(sizes)
+    if len(ordered) >= 3:
+        rss = {n: statistics.median([o.peak_rss_mb for o in sizes[n]["kubetune"]]) for n in ordered}
+        low, mid, high = ordered[0], ordered[len(ordered) // 2], ordered[-1]
+        upper = (rss[high] - rss[mid]) / (high - mid) * 1000
+        lower = (rss[mid] - rss[low]) / (mid - low) * 1000
+        rows.append(
+            Row(
+                NAME,
+                f"kubetune peak RSS per 1,000 more jobs, {mid}→{high} (baseline column: {low}→{mid})",
+                "MB",
+                [upper],
+                [lower],
+                ("<=", 1.0),
+                "growing no worse than linearly: the MB each further 1,000 jobs add at the top of the range is at "
+                "most what they add lower down (both kubetune's own medians)",
+            )
+        )
+    return rows

@@ -46,6 +46,7 @@ from kubetune_operator.lifecycle import Event, preemption_event, preemptions_add
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.pod_additions import service_account_name
 from kubetune_operator.pod_names import HEAD
+from kubetune_operator.progress_writes import WRITE_INTERVAL_S, CoalescedWrites, merge_patch, must_write_now
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 from kubetune_operator.spec import DNS_LABEL, MAX_NAME_LENGTH, NAME_PATTERN, FineTuneJob, ProgressStatus
 from kubetune_trainer.progress_model import ProgressUpdate  # pydantic only: no torch or Ray in the operator
@@ -114,20 +115,6 @@ def progress_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, no
 # carries them.
 COUNTS = ("workerFailures", "preemptions", "preemptionStepsLost", "workers")
 _PROGRESS_KEYS = frozenset(field.alias or name for name, field in ProgressStatus.model_fields.items())
-
-
-def merge_patch(target: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> dict[str, Any]:
-    """RFC 7386 JSON merge patch, as the API server applies it (for the metrics of the merged progress)."""
-    out = dict(target or {})
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping):
-            current = out.get(key)
-            out[key] = merge_patch(current if isinstance(current, Mapping) else None, value)
-        else:
-            out[key] = value
-    return out
 
 
 # An update is two levels deep (metrics); anything far deeper is built to hurt the validator, not sent.
@@ -223,6 +210,7 @@ class ProgressServer:
         read_timeout_s: float = READ_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
         trainer_service_account: str = DEFAULT_TRAINER_SERVICE_ACCOUNT,
+        write_interval_s: float = WRITE_INTERVAL_S,
     ) -> None:
         self.reviewer = reviewer
         self.trainer_service_account = trainer_service_account
@@ -235,6 +223,8 @@ class ProgressServer:
         self._clock = clock
         self._last_update: dict[str, float] = {}  # by the job uid a token was authentic for
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # The status writes: at most one per job per write_interval_s (progress_writes.py).
+        self.writes = CoalescedWrites(jobs.patch_job_status, self._lock, interval_s=write_interval_s, clock=clock)
         self.server: _CappedServer | None = None
         self._runner: web.ServerRunner | None = None
 
@@ -257,12 +247,19 @@ class ProgressServer:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
+        self.writes.start()
         return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def stop(self) -> None:
+        """Stop serving, then write every update accepted and not yet written."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.writes.close()
+
+    def _lock(self, where: tuple[str, str]) -> asyncio.Lock:
+        """The job's lock: one update (or write) of a job at a time."""
+        return self._locks.setdefault(where, asyncio.Lock())
 
     @property
     def connections(self) -> int:
@@ -303,7 +300,7 @@ class ProgressServer:
             update = parse_update(body)
         except ValueError as exc:
             return self._answer("rejected", 400, str(exc), job)
-        async with self._locks.setdefault((namespace, name), asyncio.Lock()):
+        async with self._lock((namespace, name)):
             try:
                 return await self._apply(namespace, name, uid, update)
             except Exception as exc:
@@ -370,7 +367,8 @@ class ProgressServer:
         if str((obj.get("metadata") or {}).get("uid")) != uid:
             # Authentic, but for another job: one of another name, or an earlier one of this name.
             return self._answer("rejected", 401, "the token is not valid for this job", job, authenticate=True)
-        current = (obj.get("status") or {}).get("progress")
+        waiting = self.writes.pending(namespace, name) or {}
+        current = merge_patch((obj.get("status") or {}).get("progress"), waiting.get("progress") or {})
         self.metrics.mark_alive(namespace, name)
         try:
             patch = progress_patch(current, update, datetime.now(UTC))
@@ -383,11 +381,12 @@ class ProgressServer:
         if "latestCheckpoint" in patch:
             # A resumed or retried run continues from here; the status is where the operator finds it.
             status["latestCheckpoint"] = patch["latestCheckpoint"]
-        await self.jobs.patch_job_status(namespace, name, status)
+        written = await self.writes.offer(namespace, name, status, urgent=must_write_now(current, patch))
         merged = merge_patch(current, patch)
         self.metrics.observe_progress(namespace, name, merged)
         await self._announce_preemption(obj, current, merged)
-        return self._answer("accepted", 200, "applied", job, applied=True)
+        message = "applied" if written else f"applied; in the status within {self.writes.interval_s:g}s"
+        return self._answer("accepted", 200, message, job, applied=True)
 
     async def _announce_preemption(
         self, obj: Mapping[str, Any], before: Mapping[str, Any] | None, after: Mapping[str, Any]
@@ -439,7 +438,7 @@ class ProgressServer:
             return
         for key in [key for key, at in self._last_update.items() if now - at > 60]:
             del self._last_update[key]
-        for where in [where for where, lock in self._locks.items() if not lock.locked()]:
+        for where in [w for w, lock in self._locks.items() if not lock.locked() and not self.writes.pending(*w)]:
             del self._locks[where]
 
 

@@ -8,7 +8,7 @@ its baseline, a finite ratio, a target it can be checked against, and a line in 
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -18,7 +18,9 @@ from bench import (
     checkpoint_blocking,
     checkpoint_storage,
     control_plane,
+    first_step,
     input_pipeline,
+    progress_fanin,
     quality,
     streaming,
     trainer_overhead,
@@ -85,11 +87,33 @@ def test_control_plane_measures_both_operators_as_processes(tmp_path: Path) -> N
     by_figure = {r.figure: r for r in rows}
     assert by_figure["operator peak RSS"].absolute
     assert all(len(r.product) == len(r.baseline) == 1 for r in rows)
+    # The larger burst (--burst-jobs) has its own rows, its target on the largest size.
+    assert by_figure["8 jobs: all RayJobs exist after"].goal == ("<=", 1.2)
+    assert by_figure["operator peak RSS, 8 jobs"].goal == ("<", 400.0)
+    assert "operator peak RSS, 5 jobs" in by_figure
     # Every operator really ran, as a process of its own, and logged to the run's folder.
     assert sorted(p.name for p in tmp_path.glob("operator-*.log")) == [
-        "operator-bare-0.log",
-        "operator-bare-same-work-0.log",
-        "operator-kubetune-0.log",
+        "operator-bare-5-0.log",
+        "operator-bare-8-0.log",
+        "operator-bare-same-work-5-0.log",
+        "operator-kubetune-5-0.log",
+        "operator-kubetune-8-0.log",
+    ]
+
+
+def test_progress_fan_in_drives_the_operators_endpoint_and_a_bare_one(tmp_path: Path) -> None:
+    rows = run_tiny(progress_fanin, tmp_path)
+    by_figure = {r.figure: r for r in rows}
+    # Pushes as far apart as the write interval: lag target < 2 s; faster ones: coalesced to one write per 5 s.
+    assert by_figure["3 jobs every 2s: status lag p99"].goal == ("<", 6.0)
+    assert by_figure["2 jobs every 1.1s: most status writes of one job in 5s (last step left out)"].goal == ("<=", 1.0)
+    fast = by_figure["2 jobs every 1.1s: status writes per accepted update"]
+    assert fast.product_stat.median < fast.baseline_stat.median  # type: ignore[union-attr]
+    assert sorted(p.name for p in tmp_path.glob("endpoint-*.log")) == [
+        "endpoint-bare-2-1.1.log",
+        "endpoint-bare-3-2.log",
+        "endpoint-kubetune-2-1.1.log",
+        "endpoint-kubetune-3-2.log",
     ]
 
 
@@ -233,3 +257,23 @@ def test_quality_targets_read_against_the_plain_loop_at_one_rate_and_the_best_of
     assert against_the_best.met and against_the_best.compared == pytest.approx(-0.01)
     assert "| -0.010 | difference ≥ -0.02 | yes |" in markdown_table([against_the_best])
     assert from_random.goal is None
+
+
+def test_time_to_first_step_is_cut_at_the_trainers_start_up_marks() -> None:
+    applied = datetime(2026, 12, 3, 23, 59, 59, 500000, tzinfo=UTC)
+    driver_log = "\n".join(
+        f"(RayTrainWorker pid=1) kubetune: start-up: {ends} at 00:00:{second:02d}.250Z"
+        for second, (_, _, ends) in enumerate(first_step.PHASES[2:-1], start=1)
+    )
+    marks = first_step.marks_in(driver_log + "\nkubetune: start-up: first step at 00:00:59.000Z", applied)
+    assert marks["driver started"] == datetime(2026, 12, 4, 0, 0, 1, 250000, tzinfo=UTC)  # past midnight
+    assert marks["first step"] == datetime(2026, 12, 4, 0, 0, 12, 250000, tzinfo=UTC)  # the first of each
+    api = {"rayjob": applied + timedelta(seconds=0.1), "running": applied + timedelta(seconds=1.5)}
+    api["status"] = marks["first step"] + timedelta(seconds=0.5)
+    seconds = first_step.phases(applied, {**marks, **api})
+    assert seconds["operator launch: apply → RayJob created"] == pytest.approx(0.1)
+    assert sum(seconds.values()) == pytest.approx(13.25)
+    rows = first_step.rows([seconds])
+    check_rows(rows, first_step.NAME)
+    own = next(r for r in rows if r.figure == "operator's and trainer's own shares together")
+    assert own.goal == ("<", 5.0)

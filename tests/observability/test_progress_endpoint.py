@@ -96,7 +96,7 @@ async def test_the_effective_learning_rates_and_augmentation_land_in_the_status(
 async def test_later_updates_merge_metrics_and_older_ones_are_ignored(
     kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
 ) -> None:
-    _, base = progress_server
+    server, base = progress_server
     kmock.add_job(NS, "cats")
     token = kmock.issue_token(NS, "cats")
 
@@ -111,6 +111,9 @@ async def test_later_updates_merge_metrics_and_older_ones_are_ignored(
     clock.advance()
     code, answer, _ = await post(base, "cats", update(epoch=1, step=55, metrics={"trainLoss": 9.9}), token)
     assert (code, answer["applied"], answer["result"]) == (200, False, "stale")
+    # The updates after the first wait for the job's write interval (progress_writes.py), merged.
+    clock.advance(server.writes.interval_s)
+    await server.writes.flush()
 
     progress = kmock.job(NS, "cats")["status"]["progress"]
     assert (progress["epoch"], progress["step"]) == (2, 60)
@@ -204,7 +207,7 @@ async def test_a_job_created_again_under_the_same_name_refuses_the_old_jobs_toke
 async def test_a_flood_of_updates_is_throttled_with_429(
     kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
 ) -> None:
-    _, base = progress_server
+    server, base = progress_server
     kmock.add_job(NS, "cats")
     kmock.add_job(NS, "dogs")
     cats = kmock.issue_token(NS, "cats")
@@ -216,7 +219,7 @@ async def test_a_flood_of_updates_is_throttled_with_429(
     assert code == 429 and int(headers["Retry-After"]) >= 1 and answer["result"] == "throttled"
     # The limit is per job: another job is not held back by this one's flood.
     assert (await post(base, "dogs", update(), dogs))[0] == 200
-    clock.advance(1.0)
+    clock.advance(server.writes.interval_s)  # the limit, and the job's write interval (progress_writes.py)
     assert (await post(base, "cats", update(step=12), cats))[0] == 200
 
     assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 12

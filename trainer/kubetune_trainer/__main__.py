@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from kubetune_trainer.config import CONFIG_ENV, TrainerConfig
 from kubetune_trainer.local import guarded, run_local, setup_logging, summary, with_endpoint
 from kubetune_trainer.reporting import ConsoleReporter
+from kubetune_trainer.startup import mark
 
 
 def warn_if_short(workers: int, cpus: float, gpus: int, have: dict[str, float]) -> None:
@@ -40,6 +41,7 @@ def warn_if_short(workers: int, cpus: float, gpus: int, have: dict[str, float]) 
 def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
     """Train on the Ray cluster this process runs in (the RayJob's driver on the head node)."""
     setup_logging()
+    mark("driver started")
     started = time.monotonic()
     config = with_endpoint(config, s3_endpoint)
 
@@ -48,11 +50,15 @@ def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
 
         from kubetune_trainer.run import check_inputs, prepare, store_for, train
 
+        mark("driver imports done")
         ray.init()
+        mark("connected to Ray")
         scaling = config.scaling
         warn_if_short(scaling.workers, scaling.cpus_per_worker, scaling.gpus_per_worker, ray.cluster_resources())
         inputs = check_inputs(config, store_for(config))
+        mark("inputs checked")
         prepared = prepare(config, inputs, here=False, cpus=scaling.cpus_per_worker, gpus=scaling.gpus_per_worker)
+        mark("node prepared")
         outcome = train(
             config,
             prepared,

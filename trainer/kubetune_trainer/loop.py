@@ -65,6 +65,7 @@ from kubetune_trainer.optim import effective_training, make_optimizer, make_sche
 from kubetune_trainer.options import grouped, optimizer_steps, stopped_early, weight_average
 from kubetune_trainer.progress_model import history_entry
 from kubetune_trainer.selection import unranked
+from kubetune_trainer.startup import mark
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.stream import (
@@ -272,8 +273,15 @@ class _Sums:
 def train_loop(raw: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: set up, build or resume the state, then train epoch by epoch."""
     worker = start_worker(raw)
+    marks = worker.rank == 0  # start-up milestones in the driver's log (startup.py), rank 0's alone
+    if marks:
+        mark("worker started")
     model, trainable = build_model(worker)
+    if marks:
+        mark("model built")
     loaders = make_loaders(worker)
+    if marks:
+        mark("data loaders ready")
     training = worker.config.training
     state = new_state(worker, model, trainable, loaders.steps_per_epoch, training.learning_rate)
     resume(worker, state)
@@ -508,6 +516,7 @@ class Epoch:
         self.cadence, self.step_callbacks = cadence, step_callbacks
         self.sums = _Sums(worker.device, SUMS)
         self.started = time.monotonic()
+        self.stepped = False  # whether this worker has trained a step since it started
 
     def train(self) -> EpochTraining:
         """The rest of the epoch `state.epoch` in its seeded order, from where a checkpoint left it."""
@@ -535,8 +544,11 @@ class Epoch:
             seen += count
             self.sums.add(loss=loss * count, count=float(count))
             now = time.monotonic()
-            if rank0 and now - last_report >= REPORT_INTERVAL_S:
-                last_report = now
+            # The first step is reported at once (the status shows training has begun), then once a second.
+            if rank0 and (now - last_report >= REPORT_INTERVAL_S or not self.stepped):
+                if not self.stepped:
+                    mark("first step")
+                self.stepped, last_report = True, now
                 running = self.sums.values.tolist()  # rank 0's running mean: no collective mid-epoch
                 self.progress.training(
                     state, running[0] / max(running[1], 1.0), seen * worker.world / (now - self.started)

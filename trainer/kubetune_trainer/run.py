@@ -48,6 +48,7 @@ from kubetune_trainer.preemption import DriverNotice, worker_callback
 from kubetune_trainer.relay import Relay, driver_reporters, run_events, run_states
 from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.selection import best_entry, checkpoint_config
+from kubetune_trainer.startup import mark
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.stream import cache_line, streams
 from kubetune_trainer.tasks import Task, Trained, check_architecture, find_task, task_from_wire
@@ -126,16 +127,19 @@ def check_inputs(config: TrainerConfig, store: S3Store) -> Inputs:
 
 def prepare_node(config_wire: Mapping[str, Any], task_wire: Mapping[str, Any], weights: ObjectInfo) -> dict[str, Any]:
     """Fill this node's cache and load the base weights once; the result is plain data (crosses Ray)."""
+    mark("node task started")
     config = TrainerConfig.model_validate(config_wire)
     task = task_from_wire(config, task_wire)
     store = store_for(config)
     path = cached_object(store, S3Uri.parse(config.model.checkpoint), weights)
     model, report, plan = task.build_model(path, torch.device("cpu"))
+    mark("base weights loaded")
     if streams(config, task.images, weights.size):  # the workers meet the images as they train
         corrupt = dict(task.images.corrupt)
     else:
         _, corrupt = prepare_images(store, task.images)
     check_corrupt(task.images, corrupt)
+    mark("data cache filled")
     params = dict(model.named_parameters())
     return {
         "weights": report.wire(),

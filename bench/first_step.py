@@ -1,0 +1,159 @@
+"""Time to first step: from applying a FineTuneJob to its first training step in `status.progress`.
+
+On the demo's dev cluster (`devtools/kubetune_dev/devcluster`: the embedded Kubernetes API, S3 and the
+KubeRay stand-in that runs `ray start --head` per RayJob), with the real operator, the demo's job
+(`examples/demo-finetunejob.yaml`: test_resnet on 32 px digits, one CPU worker). Each repeat applies the
+job under a new name, so each has a Ray cluster and a node cache of its own (cold, as a new job's are).
+
+The time is cut at the milestones this run can see: the bench polls the API server (every 20 ms) for the
+RayJob, the RayJob's Running (the stand-in's Ray head up and the driver process started) and the first
+`status.progress.step`; the trainer logs its own milestones with the wall clock (`kubetune_trainer/
+startup.py`: driver imports, connected to Ray, inputs checked, the node task's base weights and cache
+fill, worker started, model built, data loaders ready, first step), which the bench reads from the
+driver's log. Each phase is one figure; whose share it is (the operator's, the trainer's, Ray's) is in
+its name. No baseline: the target is on the own shares' sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, Row, log
+
+NAME = "Time to first step"
+MANIFEST = REPO / "examples" / "demo-finetunejob.yaml"
+MARK = re.compile(r"kubetune: start-up: (.+?) at (\d\d:\d\d:\d\d\.\d\d\d)Z")
+
+# The phases, in order: (figure, whose share, the milestone that ends it). The milestones come from the
+# API server ("rayjob", "running", "status") or the trainer's start-up marks (the rest).
+PHASES: tuple[tuple[str, str, str], ...] = (
+    ("operator launch: apply → RayJob created", "operator", "rayjob"),
+    ("Ray head up, driver started (KubeRay stand-in: ray start --head)", "Ray", "running"),
+    ("driver process start (python, kubetune_trainer import)", "trainer", "driver started"),
+    ("driver imports (torch, Ray)", "trainer", "driver imports done"),
+    ("driver connects to Ray", "Ray", "connected to Ray"),
+    ("driver preflight (architecture, S3 checks, dataset listing)", "trainer", "inputs checked"),
+    ("node task start (a Ray worker process)", "Ray", "node task started"),
+    ("base weights: download and load", "trainer", "base weights loaded"),
+    ("data cache fill", "trainer", "data cache filled"),
+    ("node task result back in the driver", "Ray", "node prepared"),
+    ("Ray Train worker group start", "Ray", "worker started"),
+    ("model build", "trainer", "model built"),
+    ("data loaders", "trainer", "data loaders ready"),
+    ("first step", "trainer", "first step"),
+    ("first step → status.progress (relay, push, operator write)", "trainer", "status"),
+)
+OWN = ("operator", "trainer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    repeats: int = 3
+    timeout: float = 300.0
+
+    @classmethod
+    def full(cls) -> Config:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(repeats=1)
+
+    @classmethod
+    def tiny(cls) -> Config:
+        return cls(repeats=1)
+
+
+def marks_in(log_text: str, day: datetime) -> dict[str, datetime]:
+    """The trainer's start-up marks in a driver log (the first of each), as datetimes on `day` (UTC)."""
+    found: dict[str, datetime] = {}
+    for what, clock in MARK.findall(log_text):
+        at = datetime.strptime(clock, "%H:%M:%S.%f").replace(year=day.year, month=day.month, day=day.day, tzinfo=UTC)
+        if at < day - timedelta(hours=12):  # past midnight since the apply
+            at += timedelta(days=1)
+        found.setdefault(what, at)
+    return found
+
+
+def phases(applied: datetime, milestones: dict[str, datetime]) -> dict[str, float]:
+    """Seconds of each phase (PHASES), from the milestone before it (the apply for the first)."""
+    out: dict[str, float] = {}
+    previous = applied
+    for figure, _, ends in PHASES:
+        at = milestones.get(ends)
+        if at is None:
+            raise RuntimeError(f"no milestone {ends!r} (driver log lacks its start-up mark?)")
+        out[figure] = max(0.0, (at - previous).total_seconds())
+        previous = at
+    return out
+
+
+def one_job(cluster: Any, manifest: dict[str, Any], name: str, timeout: float) -> dict[str, float]:
+    """Apply the job as `name`; the seconds of each phase until its first step shows in the status."""
+    job = {**manifest, "metadata": {**manifest["metadata"], "name": name}}
+    job["spec"] = {**manifest["spec"], "output": {"path": f"s3://kubetune-demo/runs/{name}/"}}
+    namespace = job["metadata"].get("namespace") or "default"
+    seen: dict[str, datetime] = {}
+    applied = datetime.now(UTC)
+    cluster.apply(job)
+    deadline = time.monotonic() + timeout
+    while "status" not in seen:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: no first step in the status within {timeout:g}s (seen: {sorted(seen)})")
+        rayjob = cluster.get("ray.io", "v1", "rayjobs", namespace, name) if "running" not in seen else None
+        now = datetime.now(UTC)
+        if rayjob is not None:
+            seen.setdefault("rayjob", now)
+            if (rayjob.get("status") or {}).get("jobDeploymentStatus") == "Running":
+                seen.setdefault("running", now)
+        ftj = cluster.get("kubetune.dev", "v1alpha1", "finetunejobs", namespace, name) or {}
+        if int(((ftj.get("status") or {}).get("progress") or {}).get("step") or 0) >= 1:
+            seen.setdefault("status", now)
+        time.sleep(0.02)
+    return phases(applied, {**marks_in(cluster.driver_log(namespace, name), applied), **seen})
+
+
+def run(config: Config, workdir: Path) -> list[Row]:
+    import yaml
+
+    from kubetune_dev.devcluster import DevCluster
+    from kubetune_dev.devcluster.seed import seed_demo
+
+    manifest = yaml.safe_load(MANIFEST.read_text())
+    samples: list[dict[str, float]] = []
+    with DevCluster(workdir=workdir / "cluster", namespace="default") as cluster:
+        cluster.use_env()
+        cluster.start_operator()
+        manifest["spec"]["storage"]["endpoint"] = cluster.s3_url
+        seed_demo(cluster.s3(), manifest["spec"])
+        for repeat in range(config.repeats):
+            name = f"first-step-{repeat}"
+            samples.append(one_job(cluster, manifest, name, config.timeout))
+            log(f"{NAME}: {name}: " + ", ".join(f"{k.split(':')[0]} {v:.2f}s" for k, v in samples[-1].items()))
+            cluster.delete("kubetune.dev", "v1alpha1", "finetunejobs", "default", name)
+            # Its Ray cluster goes with it before the next job starts (garbage collection, then the stand-in).
+            cluster.wait_for("ray.io", "v1", "rayjobs", "default", name, lambda obj: obj is None, timeout=120)
+    return rows(samples)
+
+
+def rows(samples: list[dict[str, float]]) -> list[Row]:
+    note = (
+        "the demo's job on the dev cluster (one CPU worker, test_resnet, 32 px digits, cold node cache), "
+        "a new job per repeat; phases end at the trainer's start-up marks (startup.py) and at what the API "
+        "server shows (RayJob created, RayJob Running, first status.progress.step)"
+    )
+    out = [Row(NAME, f"{figure} [{who}]", "s", [s[figure] for s in samples], note=note) for figure, who, _ in PHASES]
+    own = [sum(s[f] for f, who, _ in PHASES if who in OWN) for s in samples]
+    ray = [sum(s[f] for f, who, _ in PHASES if who not in OWN) for s in samples]
+    total = [sum(s.values()) for s in samples]
+    out += [
+        Row(NAME, "operator's and trainer's own shares together", "s", own, goal=("<", 5.0), note=note),
+        Row(NAME, "Ray's share (head, connect, worker processes, Train worker group)", "s", ray, note=note),
+        Row(NAME, "apply → first step in status.progress", "s", total, note=note),
+    ]
+    return out

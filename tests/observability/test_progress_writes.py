@@ -1,0 +1,118 @@
+"""Progress status writes are coalesced: at most one per job per write interval, whatever the push rate,
+the latest update winning; news (the last step, a new checkpoint) is written at once, and nothing accepted
+is lost when the operator stops. Time is a hand-moved clock: the flusher's ticks are called by hand."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from kubernetes import client
+
+from kubetune_operator.auth import TokenReviewer
+from kubetune_operator.kube import Kube
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.progress import ProgressServer
+from tests.observability.test_progress_endpoint import NS, post, update
+from tests.support.observability_stands import Cluster, FakeClock
+
+pytestmark = pytest.mark.asyncio
+
+
+class RecordingKube(Kube):
+    """The operator's client, noting each status write the API server receives (at the fake clock's time)."""
+
+    def __init__(self, api: client.ApiClient, clock: FakeClock) -> None:
+        super().__init__(api)
+        self.clock = clock
+        self.written: list[tuple[float, dict[str, Any]]] = []
+
+    async def patch_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        await super().patch_job_status(namespace, name, status)
+        self.written.append((self.clock(), dict(status)))
+
+
+@pytest_asyncio.fixture
+async def served(
+    kmock: Cluster, api_client: client.ApiClient, metrics: OperatorMetrics, clock: FakeClock
+) -> AsyncIterator[tuple[ProgressServer, str, RecordingKube]]:
+    kube = RecordingKube(api_client, clock)
+    server = ProgressServer(TokenReviewer(api_client), kube, metrics, clock=clock)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield server, f"http://127.0.0.1:{port}", kube
+    finally:
+        await server.stop()
+
+
+def steps(kube: RecordingKube) -> list[int]:
+    return [status["progress"]["step"] for _, status in kube.written]
+
+
+async def test_a_job_pushing_every_second_is_written_once_per_interval_with_its_latest_update(
+    kmock: Cluster, served: tuple[ProgressServer, str, RecordingKube], clock: FakeClock
+) -> None:
+    server, base, kube = served
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+    interval = server.writes.interval_s
+
+    for step in range(1, 21):  # 20 s of one update a second, the trainer's pace
+        code, answer, _ = await post(base, "cats", update(step=step, metrics={"trainLoss": 10.0 / step}), token)
+        assert (code, answer["applied"]) == (200, True)
+        await server.writes.flush()  # the flusher's tick
+        clock.advance(1.0)
+    clock.advance(interval)
+    await server.writes.flush()
+
+    times = [at for at, _ in kube.written]
+    assert all(later - earlier >= interval for earlier, later in itertools.pairwise(times))
+    assert len(times) <= 20 / interval + 1
+    # The latest wins: the status ends where the trainer is, with its latest metrics.
+    progress = kmock.job(NS, "cats")["status"]["progress"]
+    assert progress["step"] == 20 and progress["metrics"]["trainLoss"] == 0.5
+    assert steps(kube) == sorted(steps(kube))
+
+
+async def test_the_last_step_and_a_new_checkpoint_are_written_at_once(
+    kmock: Cluster, served: tuple[ProgressServer, str, RecordingKube], clock: FakeClock
+) -> None:
+    _server, base, kube = served
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+
+    await post(base, "cats", update(step=40), token)
+    clock.advance(1.0)
+    await post(base, "cats", update(step=50), token)  # waits for the interval
+    assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 40
+    clock.advance(1.0)
+    checkpoint = "s3://models/cats/checkpoints/checkpoint_000001"
+    await post(base, "cats", update(step=60, latestCheckpoint=checkpoint), token)
+    status = kmock.job(NS, "cats")["status"]
+    assert (status["progress"]["step"], status["latestCheckpoint"]) == (60, checkpoint)
+    clock.advance(1.0)
+    await post(base, "cats", update(epoch=5, step=100), token)  # the run's last step (totalSteps 100)
+    assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 100
+    assert steps(kube) == [40, 60, 100]
+
+
+async def test_updates_still_waiting_are_written_when_the_operator_stops(
+    kmock: Cluster, served: tuple[ProgressServer, str, RecordingKube], clock: FakeClock
+) -> None:
+    server, base, _ = served
+    for name in ("cats", "dogs"):
+        kmock.add_job(NS, name)
+        token = kmock.issue_token(NS, name)
+        await post(base, name, update(step=10), token)
+        clock.advance(1.0)
+        await post(base, name, update(step=11, metrics={"valAccuracy": 0.5}), token)
+    assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 10
+
+    await server.stop()
+
+    for name in ("cats", "dogs"):
+        progress = kmock.job(NS, name)["status"]["progress"]
+        assert (progress["step"], progress["metrics"]["valAccuracy"]) == (11, 0.5)
