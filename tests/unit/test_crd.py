@@ -97,7 +97,7 @@ def test_printer_columns_read_fields_the_status_has() -> None:
     columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"]
     default = [c["name"] for c in columns if not c.get("priority")]
     wide = [c["name"] for c in columns if c.get("priority") == 1]
-    assert default == ["Phase", "Progress", "Epoch", "Val-Acc", "Val-mAP", "Age"]
+    assert default == ["Phase", "Progress", "Epoch", "Val-Acc", "Val-mAP", "Trials", "Best", "Age"]
     assert "Message" in wide
     paths = {p for p, _ in nodes(SCHEMA)}
     for column in columns:
