@@ -131,13 +131,14 @@ def sweep_status(sweep: SweepProgress) -> dict[str, Any]:
     """`status.sweep` for a sweep's progress: the trainer's counts and best trial, and how many trials
     finished of all (the Trials printer column)."""
     finished = sum(getattr(sweep, state) for state in FINISHED_STATES)
-    fields = {**sweep.model_dump(by_alias=True, exclude_none=True, mode="json"), "finished": f"{finished}/{sweep.trials}"}
+    fields = {
+        **sweep.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "finished": f"{finished}/{sweep.trials}",
+    }
     return SweepStatus.model_validate(fields).model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def status_patch(
-    current: Mapping[str, Any] | None, update: ProgressUpdate, now: datetime
-) -> dict[str, Any] | None:
+def status_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, now: datetime) -> dict[str, Any] | None:
     """The status merge patch for `update` given the job's `current` status: `progress`
     (`progress_patch`), the latest checkpoint, which a resumed or retried run continues from, and a
     sweep's `sweep` (every trial sets the same swept fields, so a new best trial's parameters replace the

@@ -216,8 +216,8 @@ def crd_verdict(doc: dict[str, Any]) -> list[str]:
 def python_only(exc: ValidationError) -> bool:
     """Errors a CRD schema cannot express: unknown fields (pruned, and reported by kubectl's strict field
     validation), map keys (no keyword constrains them), unknown architectures, and the insides of elastic
-    workers (`{min, max}`: a structural schema cannot type a number-or-object, so min <= max and the global
-    batch rule are the model's, spec.WORKERS_SCHEMA)."""
+    workers (`{min, max}`: a structural schema cannot type a number-or-object, so min <= max, the global
+    batch rule and a sweep's rules on the workers are the model's, spec.WORKERS_SCHEMA)."""
     return all(
         e["type"] == "extra_forbidden" or "[key]" in e["loc"] or _unknown_architecture(e["msg"]) or _elastic_workers(e)
         for e in exc.errors()
@@ -226,7 +226,16 @@ def python_only(exc: ValidationError) -> bool:
 
 def _elastic_workers(error: Any) -> bool:
     message = str(error["msg"])
-    return "is more than max" in message or "with elastic workers the global batch" in message
+    return any(
+        said in message
+        for said in (
+            "is more than max",
+            "with elastic workers the global batch",
+            # A sweep's rules on resources.workers (spec.FineTuneJobSpec._sweep_fits_one_ray_cluster).
+            "a sweep (spec.sweep) needs a fixed number of workers",
+            "resources.workers * maxConcurrentTrials must be at most",
+        )
+    )
 
 
 def _unknown_architecture(message: str) -> bool:
