@@ -480,6 +480,11 @@ def optional_fields(model: type[BaseModel], *, without: Collection[str] = ()) ->
     return fields
 
 
+def status_model(name: str, doc: str, fields: dict[str, Any]) -> type[StatusModel]:
+    """A part of the status built from the contract's model (`fields`, as `optional_fields` gives them)."""
+    return create_model(name, __base__=StatusModel, __module__=__name__, __doc__=doc, **fields)
+
+
 # status.progress: what the trainer last reported (the contract's ProgressUpdate, but for the trainer's own
 # phase), read leniently as the rest of the status is, and when the operator accepted it.
 _STATUS_METRICS = metrics_model("ProgressMetrics", StatusModel, "The latest training metrics the trainer reported.")
@@ -489,42 +494,24 @@ _PROGRESS_FIELDS: dict[str, Any] = {
     "metrics": (_STATUS_METRICS | None, Field(default=None, description="The latest training metrics.")),
     "updated_at": (datetime | None, Field(default=None, description="When the operator accepted this update.")),
 }
-if TYPE_CHECKING:  # built from the contract's model; for mypy, a StatusModel
-    ProgressStatus = StatusModel
-else:
-    ProgressStatus = create_model(
-        "ProgressStatus",
-        __base__=StatusModel,
-        __module__=__name__,
-        __doc__="How far training is, as the trainer last reported it.",
-        **_PROGRESS_FIELDS,
-    )
-
-
 # status.sweep: a sweep's trials by state and its best trial, as the trainer last reported them (the
 # contract's SweepProgress), and `finished`, which the operator adds for the Trials printer column.
 SWEEP_STATES = ("pending", "running", "done", "stopped", "failed")  # SweepProgress's counts, in this order
 FINISHED_STATES = ("done", "stopped", "failed")
+_FINISHED = "Trials finished (done, stopped early or failed) of all, e.g. 3/8 (the Trials column)."
 _SWEEP_FIELDS: dict[str, Any] = {
     **optional_fields(SweepProgress),
-    "finished": (
-        str | None,
-        Field(
-            default=None,
-            max_length=16,
-            description="Trials finished (done, stopped early or failed) of all, e.g. 3/8 (the Trials column).",
-        ),
-    ),
+    "finished": (str | None, Field(default=None, max_length=16, description=_FINISHED)),
 }
-if TYPE_CHECKING:  # built from the contract's model; for mypy, a StatusModel
+if TYPE_CHECKING:  # built from the contract's models; for mypy, StatusModels
+    ProgressStatus = StatusModel
     SweepStatus = StatusModel
 else:
-    SweepStatus = create_model(
-        "SweepStatus",
-        __base__=StatusModel,
-        __module__=__name__,
-        __doc__="Where a sweep is: its trials by state and the best trial so far.",
-        **_SWEEP_FIELDS,
+    ProgressStatus = status_model(
+        "ProgressStatus", "How far training is, as the trainer last reported it.", _PROGRESS_FIELDS
+    )
+    SweepStatus = status_model(
+        "SweepStatus", "Where a sweep is: its trials by state and the best so far.", _SWEEP_FIELDS
     )
 
 
