@@ -42,6 +42,7 @@ from kubetune_trainer.config import (
     Task,
     TrainingSpec,
     cel,
+    check_sweep,
     check_task,
     duration_seconds,
     prefixes_overlap,
@@ -382,6 +383,8 @@ class FineTuneJobSpec(SpecSection):
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> FineTuneJobSpec:
         check_task(self.task, self.model, self.data, self.training)
+        if self.sweep is not None:
+            check_sweep(self.task, self.model, self.data, self.training, self.sweep)
         return self
 
 
