@@ -201,3 +201,57 @@ def test_the_best_is_the_best_done_trial_and_sweep_json_says_what_each_did() -> 
     assert (progress.done, progress.stopped, progress.failed) == (1, 1, 1)
     assert progress.best_trial == "trial-000" and progress.best_value == 0.9
     assert set(progress.best_parameters) == {"training.learningRate"}
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.updates: list[Any] = []
+
+    def report(self, update: Any) -> None:
+        self.updates.append(update)
+
+    def close(self) -> None:
+        pass
+
+
+def trial_update(epoch: int, accuracy: float, trial_id: str) -> dict[str, Any]:
+    from kubetune_trainer.sweep_progress import TRIAL_KEY
+
+    return {
+        "epoch": epoch,
+        "totalEpochs": 5,
+        "step": epoch * 10,
+        "totalSteps": 50,
+        "percent": epoch * 20.0,
+        "metrics": {"valAccuracy": accuracy, "trainLoss": 0.5},
+        "phase": "Checkpointing",
+        TRIAL_KEY: trial_id,
+    }
+
+
+def test_each_trial_gets_its_console_line_and_the_operator_the_best_trial_with_the_sweep() -> None:
+    import io
+
+    from kubetune_trainer.sweep_progress import SweepBoard, SweepRouter
+
+    made = config({"parameters": [RATE], "trials": 3, "maxConcurrentTrials": 2})
+    plan = plan_sweep(made)
+    board = SweepBoard(plan, [], max_failures=1)
+    operator, console = Collected(), io.StringIO()
+    router = SweepRouter(board, operator, console)
+    board.started("trial-000")
+    board.started("trial-001")
+    router.handle(trial_update(1, 0.6, "trial-000"))
+    router.handle(trial_update(2, 0.9, "trial-001"))
+    router.handle(trial_update(2, 0.7, "trial-000"))
+
+    lines = console.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["trial-000", "trial-001", "trial-000"]
+    assert lines[1].startswith("trial-001: epoch 2/5")
+    last = operator.updates[-1]
+    assert last.epoch == 2 and last.metrics.val_accuracy == 0.9  # the best trial's own, not the latest
+    assert (last.sweep.running, last.sweep.pending, last.sweep.best_trial) == (2, 1, "trial-001")
+    assert last.sweep.best_value == 0.9
+    assert last.sweep.best_parameters == {
+        "training.learningRate": f"{plan.trials[1].values['training.learningRate']:.6g}"
+    }

@@ -57,7 +57,7 @@ from kubetune_trainer.sweep_plan import (
     trial_config,
     trial_output,
 )
-from kubetune_trainer.sweep_progress import SweepBoard, SweepRelay, TrialQueue, sweep_reporters
+from kubetune_trainer.sweep_progress import SweepBoard, SweepRelay, SweepRouter, TrialQueue, sweep_reporters
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,8 @@ def train_sweep(
         len(todo),
     )
     board = SweepBoard(plan, records, config.max_failures)
-    relay = SweepRelay(board, sweep_reporters(driver_reporters(config, reporter)), config.max_failures)
+    router = SweepRouter(board, sweep_reporters(driver_reporters(config, reporter)))
+    relay = SweepRelay(router, config.max_failures)
     try:
         if todo:
             run_trials(

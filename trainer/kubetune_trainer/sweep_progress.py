@@ -117,20 +117,18 @@ class SweepBoard:
             return base.model_copy(update={"sweep": sweep})
 
 
-class SweepRelay(Relay):
-    """`relay.Relay` for every trial of a sweep at once: items routed by their trial tag."""
+class SweepRouter:
+    """Routes the sweep queue's items by their trial tag: each trial's console line, the sweep's update."""
 
-    def __init__(
-        self, board: SweepBoard, reporter: ProgressReporter, max_failures: int, stream: TextIO | None = None
-    ) -> None:
-        self.board = board
+    def __init__(self, board: SweepBoard, reporter: ProgressReporter, stream: TextIO | None = None) -> None:
+        self.board, self.reporter = board, reporter
         self.consoles: dict[str, ConsoleReporter] = {}
         self.stream = stream or sys.stderr
-        super().__init__(reporter, max_failures)
 
     def console(self, trial_id: str) -> ConsoleReporter:
         if trial_id not in self.consoles:
-            self.consoles[trial_id] = ConsoleReporter(_Prefixed(self.stream, f"{trial_id}: "), tty=False)  # type: ignore[arg-type]
+            prefixed: Any = _Prefixed(self.stream, f"{trial_id}: ")
+            self.consoles[trial_id] = ConsoleReporter(prefixed, tty=False)
         return self.consoles[trial_id]
 
     def handle(self, item: dict[str, Any]) -> None:
@@ -152,9 +150,27 @@ class SweepRelay(Relay):
             self.reporter.report(update)
 
     def close(self) -> None:
-        super().close()
         for console in self.consoles.values():
             console.close()
+
+
+class SweepRelay(Relay):
+    """`relay.Relay` for every trial of a sweep at once (its queue, its drain thread), items routed by
+    `SweepRouter`."""
+
+    def __init__(self, router: SweepRouter, max_failures: int) -> None:
+        self.router = router
+        super().__init__(router.reporter, max_failures)
+
+    def handle(self, item: dict[str, Any]) -> None:
+        self.router.handle(item)
+
+    def push(self) -> None:
+        self.router.push()
+
+    def close(self) -> None:
+        super().close()
+        self.router.close()
 
 
 def sweep_reporters(reporters: FanOut) -> FanOut:
