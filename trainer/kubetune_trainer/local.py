@@ -104,6 +104,8 @@ def summary(started: float, outcome: Outcome) -> None:
     took = format_duration(time.monotonic() - started)
     best = outcome.best_epoch
     chosen = f" (epoch {best}, the best)" if best and best != outcome.epochs else ""
+    if outcome.sweep:
+        print(f"kubetune: sweep: {outcome.sweep}")
     if outcome.stopped:
         print(f"kubetune: {stopped_line(outcome.stopped)}")
     print(f"kubetune: trained {outcome.epochs} epochs in {took}: {figures}{chosen}")

@@ -110,6 +110,7 @@ class Outcome:
     report: S3Uri | None = None  # report.html under output.path
     mlflow: str | None = None  # what the MLflow hand-off did, in a line
     stopped: dict[str, Any] | None = None  # model.json's `stopped`: why training ended before its last epoch
+    sweep: str | None = None  # a sweep's: which trial was exported, of how many, in a line
 
 
 def store_for(config: TrainerConfig) -> S3Store:

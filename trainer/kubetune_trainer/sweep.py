@@ -222,12 +222,14 @@ def asha(config: TrainerConfig, plan: SweepPlan, records: list[TrialRecord]) -> 
 def tuner(
     config: TrainerConfig,
     plan: SweepPlan,
-    todo: list[Trial],
-    records: list[TrialRecord],
+    trials: tuple[list[Trial], list[TrialRecord]],
+    scratch: str,
     shared: dict[str, Any],
     callback: Any,
 ) -> Any:
-    """Ray Tune over the trials `todo` (their ids: the grid), ASHA or fifo, maxConcurrentTrials at once."""
+    """Ray Tune over the trials to run (`trials`: those, their ids the grid, and the finished ones' records),
+    ASHA or fifo, maxConcurrentTrials at once; Tune's own state in `scratch`."""
+    todo, records = trials
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -241,8 +243,8 @@ def tuner(
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=sweep.max_concurrent_trials),
         run_config=tune.RunConfig(
             name=f"sweep-{plan.sweep_id}",
-            # Tune's own state is a scratch folder: the resume record is the trials' records in S3.
-            storage_path=tempfile.mkdtemp(prefix="kubetune-tune-"),
+            # Tune's own state is scratch: the resume record is the trials' records in S3.
+            storage_path=scratch,
             callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=0),  # Ray Train retries the workers; a trial fails once
             verbose=0,
@@ -310,7 +312,8 @@ def run_trials(
         "gpu": use_gpu,
     }
     try:
-        tuner(config, plan, todo, records, shared, trial_callback(config, plan, board, relay)).fit()
+        with tempfile.TemporaryDirectory(prefix="kubetune-tune-") as scratch:
+            tuner(config, plan, (todo, records), scratch, shared, trial_callback(config, plan, board, relay)).fit()
     except Exception as error:  # Tune's own failure (not a trial's): the sweep cannot go on
         raise TrainerError(f"the sweep failed: {error_line(error)}") from None
 
@@ -336,4 +339,10 @@ def finish(config: TrainerConfig, prepared: Prepared, plan: SweepPlan, records: 
     card = {"sweep": {"id": plan.sweep_id, "trial": best.id, "parameters": best.values, "file": SWEEP_FILE}}
     outcome = export(chosen, prepared, fitted, extra_card=card)
     outcome.files = (*outcome.files, SWEEP_FILE, SWEEP_FIGURE)
+    states = [r.state for r in records]
+    outcome.sweep = (
+        f"{best.id} is the best of {len(plan.trials)} trials ({states.count('done')} done, {states.count('stopped')} "
+        f"stopped early, {states.count('failed')} failed) by {plan.metric}: {document['best']['value']:.4f} with "
+        f"{values_line(trial)}"
+    )
     return outcome
