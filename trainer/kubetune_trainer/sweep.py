@@ -339,10 +339,10 @@ def finish(config: TrainerConfig, prepared: Prepared, plan: SweepPlan, records: 
     card = {"sweep": {"id": plan.sweep_id, "trial": best.id, "parameters": best.values, "file": SWEEP_FILE}}
     outcome = export(chosen, prepared, fitted, extra_card=card)
     outcome.files = (*outcome.files, SWEEP_FILE, SWEEP_FIGURE)
-    states = [r.state for r in records]
+    ended = [r.state for r in records]
     outcome.sweep = (
-        f"{best.id} is the best of {len(plan.trials)} trials ({states.count('done')} done, {states.count('stopped')} "
-        f"stopped early, {states.count('failed')} failed) by {plan.metric}: {document['best']['value']:.4f} with "
+        f"{best.id} is the best of {len(plan.trials)} trials ({ended.count('done')} done, {ended.count('stopped')} "
+        f"stopped early, {ended.count('failed')} failed) by {plan.metric}: {document['best']['value']:.4f} with "
         f"{values_line(trial)}"
     )
     return outcome
