@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import safetensors.torch
-import timm
-import torch
 import yaml
 from PIL import Image
 
-from tests.support.digits_world import HI_VAL, DigitsWorld
+from tests.support.digits_world import DigitsWorld
 
 OUT = "s3://results/sweep"
 BAD_RATE = 5.0
@@ -60,25 +57,6 @@ def kill_after_two_trials(world: DigitsWorld, manifest: Path) -> str:
     return output
 
 
-def accuracy_outside_kubetune(world: DigitsWorld, tmp_path: Path) -> tuple[float, dict[str, Any]]:
-    card = json.loads(world.get(f"{OUT}/model.json"))
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(world.get(f"{OUT}/model.safetensors"))
-    model = timm.create_model(card["architecture"], num_classes=card["numClasses"])
-    safetensors.torch.load_model(model, str(weights))
-    model.eval()
-    transform = timm.data.create_transform(**card["dataConfig"], is_training=False)
-    bucket, prefix = HI_VAL.removeprefix("s3://").split("/", 1)
-    correct = total = 0
-    with torch.no_grad():
-        for key in world.keys(HI_VAL):
-            label = card["classNames"].index(key.removeprefix(prefix + "/").split("/")[0])
-            image = Image.open(io.BytesIO(world.get(f"s3://{bucket}/{key}"))).convert("RGB")
-            correct += int(model(transform(image).unsqueeze(0)).argmax(1).item() == label)
-            total += 1
-    return correct / total, card
-
-
 @pytest.mark.slow
 def test_a_sweep_resumes_stops_the_bad_rate_and_exports_the_best(pretrained: DigitsWorld, tmp_path: Path) -> None:
     body = pretrained.manifest("sweep", output=OUT, epochs=3, cpus_per_worker=1)
@@ -107,7 +85,7 @@ def test_a_sweep_resumes_stops_the_bad_rate_and_exports_the_best(pretrained: Dig
     assert best["parameters"]["training.learningRate"] != BAD_RATE
     assert by_rate[best["parameters"]["training.learningRate"]]["state"] == "done"
 
-    accuracy, card = accuracy_outside_kubetune(pretrained, tmp_path)
+    accuracy, _, card = pretrained.accuracy_outside_kubetune(OUT, tmp_path)
     assert card["sweep"]["trial"] == best["trial"] and card["sweep"]["parameters"] == best["parameters"]
     assert card["metrics"]["valAccuracy"] == pytest.approx(best["value"])
     assert abs(accuracy - best["value"]) <= 0.005

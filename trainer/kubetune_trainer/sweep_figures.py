@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from typing import Any
+
+from kubetune_trainer.export import titled_png
 
 
 def plot_sweep(document: Mapping[str, Any], title: str) -> bytes:
@@ -46,9 +47,4 @@ def plot_sweep(document: Mapping[str, Any], title: str) -> bytes:
             ax.set_xscale("log")
         ax.set_xlabel(field)
         ax.set_ylabel(f"best {metric}")
-    fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return titled_png(fig, title)
