@@ -42,6 +42,7 @@ from kubetune_trainer.config import (
     Task,
     TrainingSpec,
     cel,
+    check_sweep,
     check_task,
     duration_seconds,
     prefixes_overlap,
@@ -382,15 +383,17 @@ class FineTuneJobSpec(SpecSection):
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> FineTuneJobSpec:
         check_task(self.task, self.model, self.data, self.training)
+        if self.sweep is not None:
+            check_sweep(self.task, self.model, self.data, self.training, self.sweep)
         return self
 
     @model_validator(mode="after")
     def _sweep_fits_one_ray_cluster(self) -> FineTuneJobSpec:
         # Python only: the CRD's schema cannot type resources.workers (a number or {min, max}), so no CEL
         # rule can read it (see WORKERS_SCHEMA).
-        workers = self.resources.workers
         if self.sweep is None:
             return self
+        workers = self.resources.workers
         if workers.elastic:
             raise ValueError(
                 f"resources.workers: a sweep (spec.sweep) needs a fixed number of workers per trial, not elastic "
@@ -408,9 +411,8 @@ class FineTuneJobSpec(SpecSection):
 
     @property
     def concurrent_trials(self) -> int:
-        """Runs that train at once: a sweep's maxConcurrentTrials (never more than its trials), else 1."""
-        sweep = self.sweep
-        return min(sweep.trials, sweep.max_concurrent_trials) if sweep is not None else 1
+        """Runs that train at once: a sweep's maxConcurrentTrials (at most its trials: check_sweep), else 1."""
+        return self.sweep.max_concurrent_trials if self.sweep is not None else 1
 
     @property
     def cluster_workers(self) -> Workers:

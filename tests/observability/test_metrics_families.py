@@ -178,7 +178,7 @@ def test_labels_stay_bounded(metrics: OperatorMetrics) -> None:
     metrics.count_reconcile_error("create")
     metrics.count_progress_update("throttled", 429)
     # A sweep of many trials: no label names a trial, its parameters or its metric.
-    sweep = {**SWEEP, "trials": 1000, "pending": 990, "bestTrial": "trial_0042", "bestValue": 0.9}
+    sweep = {**SWEEP, "trials": 1000, "pending": 990, "bestTrial": "trial-042", "bestValue": 0.9}
     metrics.observe_sweep(NS, "cats", {**sweep, "bestParameters": {"training.learningRate": "0.003"}})
     allowed = {
         *("namespace", "name", "phase", "outcome", "handler", "result", "code", "le", "version", "python_version"),

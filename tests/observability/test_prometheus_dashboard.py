@@ -211,7 +211,7 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
         await asyncio.sleep(1.2)
         reporters["cats"].report(update(1, 10, valLoss=1.5, valAccuracy=0.61))
         # birds stands in for a detection job too: its mAP feeds the dashboard's accuracy/mAP panel.
-        best = {**BIRDS_SWEEP, "bestTrial": "trial_2", "bestValue": 0.55}
+        best = {**BIRDS_SWEEP, "bestTrial": "trial-002", "bestValue": 0.55}
         reporters["birds"].report(update(1, 10, best, valLoss=1.7, valAccuracy=0.55, valMap=0.41, valMap50=0.72))
         metrics.count_reconcile_error("create_job")
         await prometheus.wait_for('kubetune_job_validation_accuracy_ratio{name="birds"}')

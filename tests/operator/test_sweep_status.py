@@ -85,12 +85,12 @@ async def test_a_sweep_s_trials_fill_status_sweep_and_its_metrics(
     token = tmp_path / "token"
     token.write_text(api.issue_token(NS, "tune"))
 
-    # Three trials run, one waits; trial_1 leads.
-    await send(token, ports, update(2, "trial_1", 0.7, "0.003", pending=1, running=3))
+    # Three trials run, one waits; trial-001 leads.
+    await send(token, ports, update(2, "trial-001", 0.7, "0.003", pending=1, running=3))
     job = await op.wait_for(lambda: (j := op.job(NS, "tune")) and "sweep" in j.get("status", {}) and j)
     assert job["status"]["sweep"] == {
         **{"trials": 4, "pending": 1, "running": 3, "done": 0, "stopped": 0, "failed": 0},
-        **{"metric": "valAccuracy", "bestTrial": "trial_1", "bestValue": 0.7, "finished": "0/4"},
+        **{"metric": "valAccuracy", "bestTrial": "trial-001", "bestValue": 0.7, "finished": "0/4"},
         "bestParameters": {"training.learningRate": "0.003"},
     }
     assert "sweep" not in job["status"]["progress"]
@@ -100,10 +100,10 @@ async def test_a_sweep_s_trials_fill_status_sweep_and_its_metrics(
     assert list(trials(ports)) == list(SWEEP_STATES)  # one series a state, whatever the trials
     assert ports.scrape()[("kubetune_job_sweep_best_value", (("name", "tune"), ("namespace", NS)))] == 0.7
 
-    # ASHA stops two poor trials; trial_3, at an earlier epoch than trial_1 was, is the new best.
-    await send(token, ports, update(1, "trial_3", 0.8, "0.01", running=1, done=1, stopped=2))
+    # ASHA stops two poor trials; trial-003, at an earlier epoch than trial-001 was, is the new best.
+    await send(token, ports, update(1, "trial-003", 0.8, "0.01", running=1, done=1, stopped=2))
     job = await op.wait_for(
-        lambda: (j := op.job(NS, "tune")) and j["status"]["sweep"]["bestTrial"] == "trial_3" and j, what="trial_3"
+        lambda: (j := op.job(NS, "tune")) and j["status"]["sweep"]["bestTrial"] == "trial-003" and j, what="trial-003"
     )
     sweep = job["status"]["sweep"]
     assert (sweep["finished"], sweep["bestParameters"]) == ("3/4", {"training.learningRate": "0.01"})
@@ -113,7 +113,7 @@ async def test_a_sweep_s_trials_fill_status_sweep_and_its_metrics(
     assert trials(ports)["stopped"] == 2
 
     # The last trial ends and the run succeeds: status.sweep stays, the record of the sweep.
-    await send(token, ports, update(3, "trial_3", 0.85, "0.01", done=2, stopped=2))
+    await send(token, ports, update(3, "trial-003", 0.85, "0.01", done=2, stopped=2))
     await op.wait_for(lambda: (op.job(NS, "tune") or {})["status"]["sweep"]["finished"] == "4/4", what="4/4")
     await op.set_rayjob_status(NS, "tune", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
     job = await op.wait_for_phase(NS, "tune", "Succeeded")

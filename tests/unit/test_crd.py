@@ -217,9 +217,15 @@ def python_only(exc: ValidationError) -> bool:
     """Errors a CRD schema cannot express: unknown fields (pruned, and reported by kubectl's strict field
     validation), map keys (no keyword constrains them), unknown architectures, and the insides of elastic
     workers (`{min, max}`: a structural schema cannot type a number-or-object, so min <= max, the global
-    batch rule and a sweep's rules on the workers are the model's, spec.WORKERS_SCHEMA)."""
+    batch rule and a sweep's rules on the workers are the model's, spec.WORKERS_SCHEMA), and a sweep's values,
+    checked by validating the trial's spec (config.check_sweep: a CEL rule would copy every sweepable field's
+    bounds)."""
     return all(
-        e["type"] == "extra_forbidden" or "[key]" in e["loc"] or _unknown_architecture(e["msg"]) or _elastic_workers(e)
+        e["type"] == "extra_forbidden"
+        or "[key]" in e["loc"]
+        or _unknown_architecture(e["msg"])
+        or _elastic_workers(e)
+        or "is not a value the field accepts" in str(e["msg"])
         for e in exc.errors()
     )
 

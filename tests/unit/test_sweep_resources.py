@@ -62,8 +62,6 @@ def test_a_sweep_s_cluster_holds_the_workers_of_each_trial_at_once() -> None:
     assert worker_group(manifest(workers=2, trials=8, maxConcurrentTrials=3)) == dict.fromkeys(
         ("replicas", "minReplicas", "maxReplicas"), 6
     )
-    # No more trials at once than there are: 2 trials never hold the workers of a third.
-    assert worker_group(manifest(workers=2, trials=2, maxConcurrentTrials=4))["replicas"] == 4
     # One trial at once (the default), and a job that sweeps nothing: resources.workers as it is.
     assert worker_group(manifest(workers=2, trials=8))["replicas"] == 2
     assert worker_group(manifest(workers=2))["replicas"] == 2
@@ -81,9 +79,8 @@ def test_a_sweep_whose_trials_at_once_outgrow_one_ray_cluster_is_refused() -> No
     assert line.startswith("job.yaml: spec.sweep.maxConcurrentTrials: ")
     assert f"resources.workers * maxConcurrentTrials must be at most {MAX_WORKERS}" in line
     assert "at most 4 with 64 workers per trial (got 5)" in line
-    # Exactly a full cluster is fine, and so is a maxConcurrentTrials beyond the trials there are.
+    # Exactly a full cluster is fine.
     FineTuneJob.from_body(manifest(workers=64, trials=8, maxConcurrentTrials=4))
-    FineTuneJob.from_body(manifest(workers=64, trials=4, maxConcurrentTrials=8))
 
 
 # -- kubetune render --------------------------------------------------------------------------------------
@@ -140,7 +137,7 @@ def update(epoch: int, best: str, value: float, **counts: int) -> ProgressUpdate
 
 
 def test_a_sweep_s_trials_go_to_status_sweep_and_never_into_progress() -> None:
-    patch = status_patch(None, update(3, "trial_1", 0.7, running=3, pending=1), NOW)
+    patch = status_patch(None, update(3, "trial-001", 0.7, running=3, pending=1), NOW)
     assert patch is not None
     assert "sweep" not in patch["progress"]
     assert patch["sweep"] == {
@@ -151,7 +148,7 @@ def test_a_sweep_s_trials_go_to_status_sweep_and_never_into_progress() -> None:
         "stopped": 0,
         "failed": 0,
         "metric": "valAccuracy",
-        "bestTrial": "trial_1",
+        "bestTrial": "trial-001",
         "bestValue": 0.7,
         "bestParameters": {"training.learningRate": "0.003"},
         "finished": "0/4",
@@ -162,11 +159,11 @@ def test_a_sweep_s_trials_go_to_status_sweep_and_never_into_progress() -> None:
 
 
 def test_a_new_best_trial_at_an_earlier_epoch_is_applied_as_sent() -> None:
-    first = status_patch(None, update(3, "trial_1", 0.7, running=3, pending=1), NOW)
-    later = status_patch(first, update(2, "trial_3", 0.8, running=1, done=1, stopped=2), NOW)
+    first = status_patch(None, update(3, "trial-001", 0.7, running=3, pending=1), NOW)
+    later = status_patch(first, update(2, "trial-003", 0.8, running=1, done=1, stopped=2), NOW)
     assert later is not None
     assert (later["progress"]["epoch"], later["progress"]["metrics"]["valAccuracy"]) == (2, 0.8)
-    assert (later["sweep"]["bestTrial"], later["sweep"]["finished"]) == ("trial_3", "3/4")
+    assert (later["sweep"]["bestTrial"], later["sweep"]["finished"]) == ("trial-003", "3/4")
     # A run that sweeps nothing keeps its rule: an older position is ignored.
     single = ProgressUpdate.model_validate({"epoch": 2, "totalEpochs": 5, "step": 20, "totalSteps": 50, "percent": 40})
     assert status_patch({"progress": {"epoch": 3, "step": 30}}, single, NOW) is None
