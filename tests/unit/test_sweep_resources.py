@@ -113,6 +113,18 @@ def test_render_prints_the_sweep_plan_ahead_of_objects_that_still_apply(tmp_path
     assert group["replicas"] == 6
 
 
+def test_render_of_the_example_sweep_from_the_repository_root() -> None:
+    """`kubetune render examples/sweep.yaml`, as docs/sweeps.md has users type it."""
+    done = subprocess.run(
+        [str(KUBETUNE), "render", "examples/sweep.yaml"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("# sweep plan of vision/defects-sweep: 12 trials, 3 at once\n")
+    assert "#   GPU budget: at most 144 GPU-epochs (12 trials x 12 epochs x 1 GPU per trial)\n" in done.stdout
+    rayjob = next(doc for doc in yaml.safe_load_all(done.stdout) if doc and doc["kind"] == "RayJob")
+    assert rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] == 3
+
+
 def test_render_says_what_a_cpu_sweep_with_fifo_takes(tmp_path: Path) -> None:
     done = render(manifest(workers=1, gpus=0, trials=2, scheduler={"type": "fifo"}), tmp_path)
     assert done.returncode == 0, done.stderr
