@@ -108,7 +108,7 @@ def trial_function(params: Mapping[str, Any], *, shared: Mapping[str, Any]) -> N
     put_json(
         store_for(config),
         record_uri(config, trial_id, TRIAL_FITTED),
-        {"last": str(fitted.last), "best": str(fitted.best)},
+        {"sweepId": shared["sweepId"], "last": str(fitted.last), "best": str(fitted.best)},
     )
 
 
@@ -156,15 +156,18 @@ def ended_record(
         fitted = json.loads(store.get_bytes(record_uri(config, trial.id, TRIAL_FITTED)))
     except StorageError:
         fitted = None
-    if fitted is not None:
+    if fitted is not None and fitted.get("sweepId") == plan.sweep_id:  # not another sweep's, in the same folder
         record.state, record.checkpoints = "done", {"last": fitted["last"], "best": fitted["best"]}
         record.history = list(read_progress_json(store, S3Uri.parse(fitted["last"]))["history"])
         return record
     if failure is not None:
         record.state, record.reason = "failed", failure
     latest = last_result.get("checkpoint_path")
-    if isinstance(latest, str):
-        record.history = list(read_progress_json(store, S3Uri.from_fs_path(latest))["history"])
+    try:  # the epochs its latest checkpoint holds (a stopped trial's are in sweep.json, never exported)
+        if isinstance(latest, str):
+            record.history = list(read_progress_json(store, S3Uri.from_fs_path(latest))["history"])
+    except StorageError as error:
+        log.warning("sweep: %s: cannot read its latest checkpoint's history: %s", trial.id, error)
     return record
 
 
@@ -308,6 +311,7 @@ def run_trials(
         "loop": {**loop.loop_config(config), "relay": None},
         "configs": {t.id: trial_config(config, plan, t).wire() for t in todo},
         "queue": relay.queue,
+        "sweepId": plan.sweep_id,
         "cpus": cpus_per_worker,
         "gpu": use_gpu,
     }
