@@ -106,6 +106,7 @@ def trial_function(params: Mapping[str, Any], *, shared: Mapping[str, Any]) -> N
         cpus_per_worker=float(shared["cpus"]),
         use_gpu=bool(shared["gpu"]),
         callbacks=[TuneReportCallback()],
+        notices=False,  # ASHA's stop ends the trial's workers by SIGTERM: they must go at once
     )
     fitted = fit(trainer, config)
     put_json(
