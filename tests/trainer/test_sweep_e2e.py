@@ -45,7 +45,7 @@ def kill_after_two_trials(world: DigitsWorld, manifest: Path) -> str:
     """The first driver, killed (with its whole local Ray) once two trials have their records."""
     proc = world.kubetune_popen(manifest)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 480
         while len(records(world)) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert proc.poll() is None, f"the first driver ended before it was killed:\n{proc.communicate()[0]}"
@@ -68,7 +68,7 @@ def test_a_sweep_resumes_stops_the_bad_rate_and_exports_the_best(pretrained: Dig
     before = records(pretrained)
     assert "trial-000: epoch" in first  # one progress line per running trial, prefixed with its id
 
-    second = pretrained.kubetune_run(manifest)
+    second = pretrained.kubetune_run(manifest, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     log = second.stdout + second.stderr
     assert f"{len(before)} finished before, {4 - len(before)} to run" in log

@@ -282,9 +282,11 @@ def torch_trainer(
     cpus_per_worker: float,
     use_gpu: bool,
     callbacks: Sequence[Any] = (),
+    notices: bool = True,
 ) -> Any:
     """Ray Train's TorchTrainer for the run: workers, S3 checkpoints under the run name, restarts; the
-    controller's events on the relay's `queue`, and `callbacks` too (a sweep's trial: Tune's)."""
+    controller's events on the relay's `queue`, and `callbacks` too (a sweep's trial: Tune's); `notices`: the
+    workers take SIGTERM as a preemption notice (`preemption.WorkerNotices`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -318,7 +320,9 @@ def torch_trainer(
             callbacks=[
                 run_events(queue),
                 run_states(queue),
-                worker_callback(config.preemption_grace_seconds),
+                # Off for a sweep's trials: when the sweep stops a trial, its workers get SIGTERM and must end
+                # at once (a notice would keep them, and their CPUs, for the grace period).
+                *([worker_callback(config.preemption_grace_seconds)] if notices else []),
                 *callbacks,
             ],
         ),

@@ -14,6 +14,7 @@
    names the sweep, the trial and its values), then sweep.json and sweep.png.
 
 The node data cache is filled once before the sweep (`run.prepare`), and every trial's workers read it.
+This module imports Ray Tune: `run.train` imports it only for a sweep.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import logging
 import tempfile
 from collections.abc import Mapping
 from typing import Any
+
+from ray.tune import Callback
 
 from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.errors import StorageError, TrainerError, error_line
@@ -103,43 +106,54 @@ def trial_function(params: Mapping[str, Any], *, shared: Mapping[str, Any]) -> N
         cpus_per_worker=float(shared["cpus"]),
         use_gpu=bool(shared["gpu"]),
         callbacks=[TuneReportCallback()],
+        notices=False,  # ASHA's stop ends the trial's workers by SIGTERM: they must go at once
     )
     fitted = fit(trainer, config)
     put_json(
         store_for(config),
         record_uri(config, trial_id, TRIAL_FITTED),
-        {"last": str(fitted.last), "best": str(fitted.best)},
+        {"sweepId": shared["sweepId"], "last": str(fitted.last), "best": str(fitted.best)},
     )
 
 
-def trial_callback(config: TrainerConfig, plan: SweepPlan, board: SweepBoard, relay: SweepRelay) -> Any:
+class SweepCallback(Callback):
     """A Tune Callback (in the driver) that keeps the board and writes each ended trial's record."""
-    from ray import tune
 
-    store = store_for(config)
-    by_id = {t.id: t for t in plan.trials}
+    def __init__(self, config: TrainerConfig, plan: SweepPlan, board: SweepBoard, relay: SweepRelay) -> None:
+        self.config, self.plan, self.board, self.relay = config, plan, board, relay
+        self.store = store_for(config)
+        self.by_id = {t.id: t for t in plan.trials}
 
-    class SweepCallback(tune.Callback):
-        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            board.started(str(trial.config["trial"]))
-            log.info("sweep: %s started: %s", trial.config["trial"], values_line(by_id[trial.config["trial"]]))
-            relay.push()
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config (callbacks included) into its scratch state, never read back here: the
+        # board's lock and the relay's thread stay behind.
+        return {}
 
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self.ended(trial, None)
+    def __copy__(self) -> SweepCallback:  # a copy is this very callback: one board, one relay
+        return self
 
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self.ended(trial, failure_of(info.get("error")))
+    def __deepcopy__(self, memo: dict[int, Any]) -> SweepCallback:
+        return self
 
-        def ended(self, tune_trial: Any, failure: str | None) -> None:
-            trial = by_id[str(tune_trial.config["trial"])]
-            record = ended_record(store, config, plan, trial, tune_trial.last_result or {}, failure)
-            put_json(store, record_uri(config, trial.id), record.wire())
-            board.ended(record)
-            log.info("sweep: %s %s after %d epoch(s)", trial.id, record.state, len(record.history))
-            relay.push()
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        trial_id = str(trial.config["trial"])
+        self.board.started(trial_id)
+        log.info("sweep: %s started: %s", trial_id, values_line(self.by_id[trial_id]))
+        self.relay.push()
 
-    return SweepCallback()
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.ended(trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.ended(trial, failure_of(info.get("error")))
+
+    def ended(self, tune_trial: Any, failure: str | None) -> None:
+        trial = self.by_id[str(tune_trial.config["trial"])]
+        record = ended_record(self.store, self.config, self.plan, trial, tune_trial.last_result or {}, failure)
+        put_json(self.store, record_uri(self.config, trial.id), record.wire())
+        self.board.ended(record)
+        log.info("sweep: %s %s after %d epoch(s)", trial.id, record.state, len(record.history))
+        self.relay.push()
 
 
 def ended_record(
@@ -156,15 +170,18 @@ def ended_record(
         fitted = json.loads(store.get_bytes(record_uri(config, trial.id, TRIAL_FITTED)))
     except StorageError:
         fitted = None
-    if fitted is not None:
+    if fitted is not None and fitted.get("sweepId") == plan.sweep_id:  # not another sweep's, in the same folder
         record.state, record.checkpoints = "done", {"last": fitted["last"], "best": fitted["best"]}
         record.history = list(read_progress_json(store, S3Uri.parse(fitted["last"]))["history"])
         return record
     if failure is not None:
         record.state, record.reason = "failed", failure
     latest = last_result.get("checkpoint_path")
-    if isinstance(latest, str):
-        record.history = list(read_progress_json(store, S3Uri.from_fs_path(latest))["history"])
+    try:  # the epochs its latest checkpoint holds (a stopped trial's are in sweep.json, never exported)
+        if isinstance(latest, str):
+            record.history = list(read_progress_json(store, S3Uri.from_fs_path(latest))["history"])
+    except StorageError as error:
+        log.warning("sweep: %s: cannot read its latest checkpoint's history: %s", trial.id, error)
     return record
 
 
@@ -308,12 +325,13 @@ def run_trials(
         "loop": {**loop.loop_config(config), "relay": None},
         "configs": {t.id: trial_config(config, plan, t).wire() for t in todo},
         "queue": relay.queue,
+        "sweepId": plan.sweep_id,
         "cpus": cpus_per_worker,
         "gpu": use_gpu,
     }
     try:
         with tempfile.TemporaryDirectory(prefix="kubetune-tune-") as scratch:
-            tuner(config, plan, (todo, records), scratch, shared, trial_callback(config, plan, board, relay)).fit()
+            tuner(config, plan, (todo, records), scratch, shared, SweepCallback(config, plan, board, relay)).fit()
     except Exception as error:  # Tune's own failure (not a trial's): the sweep cannot go on
         raise TrainerError(f"the sweep failed: {error_line(error)}") from None
 
