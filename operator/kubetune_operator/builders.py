@@ -432,13 +432,15 @@ def _worker_group(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any
         scheduling["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         scheduling["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
+    workers = job.spec.cluster_workers
     return {
         "groupName": WORKER_GROUP,
         # One Ray Train worker per pod: a fixed size (min = max), or elastic, where the autoscaler adds pods
-        # up to max as Ray Train asks for them and the run starts once min are placed.
-        "replicas": res.workers.min,
-        "minReplicas": res.workers.min,
-        "maxReplicas": res.workers.max,
+        # up to max as Ray Train asks for them and the run starts once min are placed. A sweep's cluster
+        # holds resources.workers for each trial that trains at once.
+        "replicas": workers.min,
+        "minReplicas": workers.min,
+        "maxReplicas": workers.max,
         # KubeRay reads the GPU count from the container's limits; the CPU count is said explicitly so
         # Ray's view matches the pod's request even where the node has more cores.
         "rayStartParams": {"num-cpus": str(res.cpus_per_worker)},

@@ -243,6 +243,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         return 1
     from kubetune_operator.builders import manifests
     from kubetune_operator.settings import OperatorSettings
+    from kubetune_operator.sweep_plan import plan_lines
 
     settings = OperatorSettings.from_env()
     if args.image:
@@ -253,7 +254,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         else job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": args.namespace})})
         for job in jobs
     ]
-    sys.stdout.write(yaml.safe_dump_all(manifests(placed, settings), sort_keys=False))
+    # A sweep's plan (trials, workers, GPU budget) as comments ahead of the objects: the stream still applies.
+    plans = [line + "\n" for job in placed for line in plan_lines(job)]
+    sys.stdout.write("".join(plans) + yaml.safe_dump_all(manifests(placed, settings), sort_keys=False))
     return 0
 
 
@@ -408,7 +411,9 @@ def _add_render(sub: Subcommands) -> None:
     render = sub.add_parser(
         "render",
         help="print the objects the operator would create for a job",
-        description="Print, as a YAML stream, every object the operator would create for the FineTuneJob(s) in FILE.",
+        description="Print, as a YAML stream, every object the operator would create for the FineTuneJob(s) in FILE; "
+        "a sweep's plan (trials, workers and GPUs per trial and in all, GPU budget, scheduler) comes first, as "
+        "comments.",
     )
     render.add_argument("file", metavar="FILE", help="FineTuneJob YAML; '-' reads stdin")
     render.add_argument("--image", help="trainer image (default: the operator's)")

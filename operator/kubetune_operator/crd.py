@@ -119,6 +119,21 @@ FIRST_COLUMNS: list[dict[str, Any]] = [
         "description": "The epoch in progress.",
     },
 ]
+# A sweep's columns, empty for a job that sweeps nothing (its progress and metrics columns follow the best trial).
+SWEEP_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Trials",
+        "type": "string",
+        "jsonPath": ".status.sweep.finished",
+        "description": "Sweeps: trials finished (done, stopped early or failed) of all, e.g. 3/8.",
+    },
+    {
+        "name": "Best",
+        "type": "number",
+        "jsonPath": ".status.sweep.bestValue",
+        "description": "Sweeps: the best trial's value of the sweep's metric (status.sweep.metric).",
+    },
+]
 LAST_COLUMNS: list[dict[str, Any]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
@@ -150,7 +165,7 @@ def printer_columns() -> list[dict[str, Any]]:
         for metric in METRICS
         if metric.column
     ]
-    return [*FIRST_COLUMNS, *metric_columns, *LAST_COLUMNS]
+    return [*FIRST_COLUMNS, *metric_columns, *SWEEP_COLUMNS, *LAST_COLUMNS]
 
 
 NAME_RULES = [

@@ -119,7 +119,12 @@ _ROOTS: dict[str, type[BaseModel]] = {
 }
 
 _URL_CREDENTIALS = re.compile(r"(://)[^/@\s]*@")
-_CROSS_FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*): (.*)$", re.DOTALL)
+# A cross-field rule's message starts with the field it is about: `training.selectBy: ...`, and list items
+# by index: `sweep.parameters[2]: ...`.
+_CROSS_FIELD = re.compile(
+    r"^([A-Za-z][A-Za-z0-9]*(?:\[[0-9]+\])*(?:\.[A-Za-z][A-Za-z0-9]*(?:\[[0-9]+\])*)*): (.*)$", re.DOTALL
+)
+_PATH_PART = re.compile(r"([A-Za-z][A-Za-z0-9]*)|\[([0-9]+)\]")
 _WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -163,6 +168,11 @@ def field_path(loc: Sequence[str | int]) -> str:
     return out
 
 
+def path_parts(path: str) -> Loc:
+    """`sweep.parameters[2]` as a loc: ("sweep", "parameters", 2)."""
+    return tuple(name or int(index) for name, index in _PATH_PART.findall(path))
+
+
 def describe(error: Any, root: type[BaseModel] | None) -> tuple[Loc, str]:
     """The field path and the message of one pydantic error (an ErrorDetails dict)."""
     loc: Loc = tuple(error["loc"])
@@ -178,7 +188,7 @@ def describe(error: Any, root: type[BaseModel] | None) -> tuple[Loc, str]:
         text = str(ctx.get("error", error["msg"]))
         match = _CROSS_FIELD.match(text)
         if match:
-            return loc + tuple(match.group(1).split(".")), match.group(2)
+            return loc + path_parts(match.group(1)), match.group(2)
         return loc, text
     if kind == "missing":
         info = _field(root, loc)

@@ -1,8 +1,8 @@
 """Prometheus metrics of the operator: families, their pure updates, and the scrape endpoint.
 
 Every family is prefixed `kubetune_` and in base units. Labels stay bounded: `namespace`/`name` only on
-per-job gauges, which are removed when the job is deleted; phases, outcomes, handlers and results are
-fixed sets. Times are gauge values (`*_timestamp_seconds`), never labels.
+per-job gauges, which are removed when the job is deleted; phases, outcomes, handlers, results and a
+sweep's trial states are fixed sets (no label names a trial). Times are gauge values (`*_timestamp_seconds`), never labels.
 
 The update methods take the same status and progress dicts the operator writes to the FineTuneJob, so
 handlers call one method per change and tests drive them without Kubernetes.
@@ -35,6 +35,7 @@ from prometheus_client import (
 from kubetune_operator.hooks import Hooks
 from kubetune_operator.lifecycle import parse_timestamp
 from kubetune_operator.settings import package_version
+from kubetune_operator.spec import SWEEP_STATES
 from kubetune_operator.states import PHASES, TERMINAL_PHASES, Phase
 from kubetune_trainer.progress_model import METRICS
 
@@ -147,6 +148,20 @@ class OperatorMetrics:
             JOB_LABELS,
             registry=r,
         )
+        # A sweep's trials by state (a fixed set, SWEEP_STATES): five series a job, whatever its trials.
+        self.job_sweep_trials = Gauge(
+            "kubetune_job_sweep_trials",
+            "Trials of a FineTuneJob's sweep by state: pending, running, done, stopped (early, by the scheduler) "
+            "or failed.",
+            [*JOB_LABELS, "state"],
+            registry=r,
+        )
+        self.job_sweep_best = Gauge(
+            "kubetune_job_sweep_best_value",
+            "The best value of a sweep's metric (status.sweep.metric) among its trials so far.",
+            JOB_LABELS,
+            registry=r,
+        )
         self._per_job = (
             self.job_created,
             self.job_progress,
@@ -155,6 +170,7 @@ class OperatorMetrics:
             *self.job_metrics.values(),
             self.job_eta,
             self.job_last_progress,
+            self.job_sweep_best,
         )
 
     def _declare_totals(self, r: CollectorRegistry) -> None:
@@ -241,6 +257,9 @@ class OperatorMetrics:
             # The status remembers the last progress across operator restarts: the gauges start from it.
             if progress:
                 self._set_progress(namespace, name, progress)
+            sweep = status.get("sweep")
+            if isinstance(sweep, Mapping):
+                self._set_sweep(namespace, name, sweep)
             if phase == Phase.RUNNING:
                 alive = max(times.started or 0.0, parse_time(progress.get("updatedAt")) or 0.0)
                 if alive > state.last_alive:
@@ -318,6 +337,19 @@ class OperatorMetrics:
             if value is not None:
                 gauge.labels(namespace, name).set(value)
 
+    def observe_sweep(self, namespace: str, name: str, sweep: Mapping[str, Any]) -> None:
+        """Record a sweep's trials and best value as merged into `status.sweep`."""
+        with self._lock:
+            self._set_sweep(namespace, name, sweep)
+
+    def _set_sweep(self, namespace: str, name: str, sweep: Mapping[str, Any]) -> None:
+        for state in SWEEP_STATES:
+            count = _number(sweep.get(state))
+            self.job_sweep_trials.labels(namespace, name, state).set(count or 0.0)
+        best = _number(sweep.get("bestValue"))
+        if best is not None:
+            self.job_sweep_best.labels(namespace, name).set(best)
+
     def mark_alive(self, namespace: str, name: str) -> None:
         """The run of this job just sent an authentic update (even one too old to apply)."""
         now = self._clock()
@@ -334,6 +366,9 @@ class OperatorMetrics:
             for gauge in self._per_job:
                 with contextlib.suppress(KeyError):  # that gauge never got a value for this job
                     gauge.remove(namespace, name)
+            for trial_state in SWEEP_STATES:
+                with contextlib.suppress(KeyError):  # not a sweep
+                    self.job_sweep_trials.remove(namespace, name, trial_state)
             self._move_phase(namespace, state.phase if state is not None else None, None)
 
     def count_reconcile_error(self, handler: str) -> None:

@@ -48,8 +48,16 @@ from kubetune_operator.pod_additions import service_account_name
 from kubetune_operator.pod_names import HEAD
 from kubetune_operator.progress_writes import WRITE_INTERVAL_S, CoalescedWrites, merge_patch, must_write_now
 from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
-from kubetune_operator.spec import DNS_LABEL, MAX_NAME_LENGTH, NAME_PATTERN, FineTuneJob, ProgressStatus
-from kubetune_trainer.progress_model import ProgressUpdate  # pydantic only: no torch or Ray in the operator
+from kubetune_operator.spec import (
+    DNS_LABEL,
+    FINISHED_STATES,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    FineTuneJob,
+    ProgressStatus,
+    SweepStatus,
+)
+from kubetune_trainer.progress_model import ProgressUpdate, SweepProgress  # pydantic only: no torch or Ray
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +100,16 @@ def position(progress: Mapping[str, Any] | None) -> tuple[int, int]:
 def progress_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, now: datetime) -> dict[str, Any] | None:
     """The `status.progress` merge patch for `update`, or None when it is older than `current`.
 
-    An update at the same position is applied (an evaluation reports after the last step of its epoch).
+    A sweep's update (`update.sweep`) is never older: it speaks for the sweep's best trial so far, and its
+    trials go to status.sweep (`status_patch`), not here. An update at the same position is applied (an evaluation reports after the last step of its epoch).
     Fields the update leaves out keep their current values, metrics one by one: that is what a JSON merge
     patch of the returned dict does. An older update still brings its new counts (COUNTS): workers
     restarted from a checkpoint report from behind the furthest point, and the restart is news.
     """
     fields = update.model_dump(by_alias=True, exclude_none=True, mode="json")
-    if position(fields) < position(current):
+    # A sweep's update follows its best trial, which may be at an earlier point than the last best one:
+    # the driver sends them in order, and each is applied as sent.
+    if update.sweep is None and position(fields) < position(current):
         counts = {key: fields[key] for key in COUNTS if key in fields and fields[key] != (current or {}).get(key)}
         if not counts:
             return None
@@ -115,6 +126,33 @@ def progress_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, no
 # carries them.
 COUNTS = ("workerFailures", "preemptions", "preemptionStepsLost", "workers")
 _PROGRESS_KEYS = frozenset(field.alias or name for name, field in ProgressStatus.model_fields.items())
+
+
+def sweep_status(sweep: SweepProgress) -> dict[str, Any]:
+    """`status.sweep` for a sweep's progress: the trainer's counts and best trial, and how many trials
+    finished of all (the Trials printer column)."""
+    finished = sum(getattr(sweep, state) for state in FINISHED_STATES)
+    fields = {
+        **sweep.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "finished": f"{finished}/{sweep.trials}",
+    }
+    return SweepStatus.model_validate(fields).model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def status_patch(current: Mapping[str, Any] | None, update: ProgressUpdate, now: datetime) -> dict[str, Any] | None:
+    """The status merge patch for `update` given the job's `current` status: `progress`
+    (`progress_patch`), the latest checkpoint, which a resumed or retried run continues from, and a
+    sweep's `sweep` (every trial sets the same swept fields, so a new best trial's parameters replace the
+    last one's key by key); None when the update brings nothing (older than the current progress)."""
+    progress = progress_patch((current or {}).get("progress"), update, now)
+    if progress is None:
+        return None
+    status: dict[str, Any] = {"progress": progress}
+    if "latestCheckpoint" in progress:
+        status["latestCheckpoint"] = progress["latestCheckpoint"]
+    if update.sweep is not None:
+        status["sweep"] = sweep_status(update.sweep)
+    return status
 
 
 # An update is two levels deep (metrics); anything far deeper is built to hurt the validator, not sent.
@@ -368,23 +406,24 @@ class ProgressServer:
             # Authentic, but for another job: one of another name, or an earlier one of this name.
             return self._answer("rejected", 401, "the token is not valid for this job", job, authenticate=True)
         waiting = self.writes.pending(namespace, name) or {}
-        current = merge_patch((obj.get("status") or {}).get("progress"), waiting.get("progress") or {})
+        current = merge_patch(obj.get("status") or {}, waiting)
         self.metrics.mark_alive(namespace, name)
         try:
-            patch = progress_patch(current, update, datetime.now(UTC))
+            patch = status_patch(current, update, datetime.now(UTC))
         except pydantic.ValidationError as exc:
-            return self._answer("rejected", 400, f"not a valid status.progress: {exc.errors()[0]['msg']}", job)
+            return self._answer("rejected", 400, f"not a valid status: {exc.errors()[0]['msg']}", job)
         if patch is None:
             log.debug("progress for %s: ignored an update older than the status", job)
             return self._answer("stale", 200, "older than the current progress; ignored", job, applied=False)
-        status: dict[str, Any] = {"progress": patch}
-        if "latestCheckpoint" in patch:
-            # A resumed or retried run continues from here; the status is where the operator finds it.
-            status["latestCheckpoint"] = patch["latestCheckpoint"]
-        written = await self.writes.offer(namespace, name, status, urgent=must_write_now(current, patch))
+        progress = patch["progress"]
+        written = await self.writes.offer(
+            namespace, name, patch, urgent=must_write_now(current.get("progress"), progress)
+        )
         merged = merge_patch(current, patch)
-        self.metrics.observe_progress(namespace, name, merged)
-        await self._announce_preemption(obj, current, merged)
+        self.metrics.observe_progress(namespace, name, merged["progress"])
+        if "sweep" in merged:
+            self.metrics.observe_sweep(namespace, name, merged["sweep"])
+        await self._announce_preemption(obj, current.get("progress"), merged["progress"])
         message = "applied" if written else f"applied; in the status within {self.writes.interval_s:g}s"
         return self._answer("accepted", 200, message, job, applied=True)
 

@@ -182,7 +182,7 @@ async def _ensure_children(rt: Runtime, meta: JobMeta, spec: FineTuneJob, *, lik
             "%s: created RayJob %s (%s worker(s), %s)",
             meta.source,
             rayjob["metadata"]["name"],
-            _count(res.workers),
+            _count(spec.spec.cluster_workers),
             gpus,
         )
     return obj

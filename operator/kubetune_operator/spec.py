@@ -44,13 +44,14 @@ from kubetune_trainer.config import (
     Task,
     TrainingSpec,
     cel,
+    check_sweep,
     check_task,
     disk_bytes,
     duration_seconds,
     prefixes_overlap,
     prefixes_overlap_cel,
 )
-from kubetune_trainer.progress_model import ProgressUpdate, metrics_model
+from kubetune_trainer.progress_model import ProgressUpdate, SweepProgress, metrics_model
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -393,7 +394,44 @@ class FineTuneJobSpec(SpecSection):
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> FineTuneJobSpec:
         check_task(self.task, self.model, self.data, self.training)
+        if self.sweep is not None:
+            check_sweep(self.task, self.model, self.data, self.training, self.sweep)
         return self
+
+    @model_validator(mode="after")
+    def _sweep_fits_one_ray_cluster(self) -> FineTuneJobSpec:
+        # Python only: the CRD's schema cannot type resources.workers (a number or {min, max}), so no CEL
+        # rule can read it (see WORKERS_SCHEMA).
+        if self.sweep is None:
+            return self
+        workers = self.resources.workers
+        if workers.elastic:
+            raise ValueError(
+                f"resources.workers: a sweep (spec.sweep) needs a fixed number of workers per trial, not elastic "
+                f"{{min: {workers.min}, max: {workers.max}}}: set resources.workers to one number from 1 to "
+                f"{MAX_WORKERS}"
+            )
+        if workers.min * self.concurrent_trials > MAX_WORKERS:
+            raise ValueError(
+                f"sweep.maxConcurrentTrials: each trial at once takes resources.workers ({workers.min}) workers, and "
+                f"resources.workers * maxConcurrentTrials must be at most {MAX_WORKERS} (the most workers of a Ray "
+                f"cluster): at most {MAX_WORKERS // workers.min} with {workers.min} workers per trial "
+                f"(got {self.sweep.max_concurrent_trials})"
+            )
+        return self
+
+    @property
+    def concurrent_trials(self) -> int:
+        """Runs that train at once: a sweep's maxConcurrentTrials (at most its trials: check_sweep), else 1."""
+        return self.sweep.max_concurrent_trials if self.sweep is not None else 1
+
+    @property
+    def cluster_workers(self) -> Workers:
+        """The Ray cluster's worker pods: resources.workers for each run that trains at once (a sweep's
+        concurrent trials). The one place the count is derived: the RayJob's worker group, the launch's log
+        line and `kubetune render`'s sweep plan read it here."""
+        workers, runs = self.resources.workers, self.concurrent_trials
+        return workers.model_copy(update={"min": workers.min * runs, "max": workers.max * runs})
 
 
 class ObjectMeta(BaseModel):
@@ -455,23 +493,38 @@ def optional_fields(model: type[BaseModel], *, without: Collection[str] = ()) ->
     return fields
 
 
+def status_model(name: str, doc: str, fields: dict[str, Any]) -> type[StatusModel]:
+    """A part of the status built from the contract's model (`fields`, as `optional_fields` gives them)."""
+    return create_model(name, __base__=StatusModel, __module__=__name__, __doc__=doc, **fields)
+
+
 # status.progress: what the trainer last reported (the contract's ProgressUpdate, but for the trainer's own
 # phase), read leniently as the rest of the status is, and when the operator accepted it.
 _STATUS_METRICS = metrics_model("ProgressMetrics", StatusModel, "The latest training metrics the trainer reported.")
 _PROGRESS_FIELDS: dict[str, Any] = {
-    **optional_fields(ProgressUpdate, without=("phase",)),
+    # A sweep's trials go to status.sweep, beside progress (which follows the sweep's best trial).
+    **optional_fields(ProgressUpdate, without=("phase", "sweep")),
     "metrics": (_STATUS_METRICS | None, Field(default=None, description="The latest training metrics.")),
     "updated_at": (datetime | None, Field(default=None, description="When the operator accepted this update.")),
 }
-if TYPE_CHECKING:  # built from the contract's model; for mypy, a StatusModel
+# status.sweep: a sweep's trials by state and its best trial, as the trainer last reported them (the
+# contract's SweepProgress), and `finished`, which the operator adds for the Trials printer column.
+SWEEP_STATES = ("pending", "running", "done", "stopped", "failed")  # SweepProgress's counts, in this order
+FINISHED_STATES = ("done", "stopped", "failed")
+_FINISHED = "Trials finished (done, stopped early or failed) of all, e.g. 3/8 (the Trials column)."
+_SWEEP_FIELDS: dict[str, Any] = {
+    **optional_fields(SweepProgress),
+    "finished": (str | None, Field(default=None, max_length=16, description=_FINISHED)),
+}
+if TYPE_CHECKING:  # built from the contract's models; for mypy, StatusModels
     ProgressStatus = StatusModel
+    SweepStatus = StatusModel
 else:
-    ProgressStatus = create_model(
-        "ProgressStatus",
-        __base__=StatusModel,
-        __module__=__name__,
-        __doc__="How far training is, as the trainer last reported it.",
-        **_PROGRESS_FIELDS,
+    ProgressStatus = status_model(
+        "ProgressStatus", "How far training is, as the trainer last reported it.", _PROGRESS_FIELDS
+    )
+    SweepStatus = status_model(
+        "SweepStatus", "Where a sweep is: its trials by state and the best so far.", _SWEEP_FIELDS
     )
 
 
@@ -511,6 +564,11 @@ class FineTuneJobStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     progress: ProgressStatus | None = Field(default=None, description="Training progress and latest metrics.")
+    sweep: SweepStatus | None = Field(
+        default=None,
+        description="Sweeps only (spec.sweep): the trials by state and the best trial so far, as the trainer last "
+        "reported them; kept when the job ends.",
+    )
     ray_job_name: str | None = Field(default=None, description="Name of the KubeRay RayJob that runs the training.")
     dashboard_url: str | None = Field(
         default=None, alias="dashboardURL", description="URL of the Ray dashboard of the job's cluster."

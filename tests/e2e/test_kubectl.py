@@ -49,7 +49,8 @@ def test_apply_get_describe_delete_a_finetunejob(kubectl: Kubectl, api_cluster: 
 
     # The short name and the printer columns, filled from status as the operator would fill it.
     table = kubectl("get", "ftj")
-    assert table.split("\n")[0].split() == ["NAME", "PHASE", "PROGRESS", "EPOCH", "VAL-ACC", "VAL-MAP", "AGE"]
+    header = ["NAME", "PHASE", "PROGRESS", "EPOCH", "VAL-ACC", "VAL-MAP", "TRIALS", "BEST", "AGE"]
+    assert table.split("\n")[0].split() == header
     _set_progress(
         api_cluster,
         "digits-demo",
@@ -58,6 +59,12 @@ def test_apply_get_describe_delete_a_finetunejob(kubectl: Kubectl, api_cluster: 
     )
     row = kubectl("get", "ftj", "digits-demo").split("\n")[1].split()
     assert row[:5] == ["digits-demo", "Running", "42", "2", "0.91"]
+    # A sweep's columns, trials finished of all and the best value, are blank for a job that sweeps nothing
+    # (as Val-mAP is for a classifier): the age comes next.
+    assert len(row) == 6
+    _set_progress(api_cluster, "digits-demo", sweep={"trials": 8, "done": 2, "finished": "3/8", "bestValue": 0.93})
+    row = kubectl("get", "ftj", "digits-demo").split("\n")[1].split()
+    assert row[:7] == ["digits-demo", "Running", "42", "2", "0.91", "3/8", "0.93"]
     assert "MODEL" in kubectl("get", "ftj", "-o", "wide").split("\n")[0]
     assert "digits-demo" in kubectl("get", "finetunejobs.kubetune.dev", "--all-namespaces")
 

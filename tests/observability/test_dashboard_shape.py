@@ -63,6 +63,8 @@ def test_the_story_of_a_job_is_all_there() -> None:
         "DCGM_FI_DEV_GPU_UTIL",
         "kubetune_build_info",
         "kubetune_reconcile_errors_total",
+        "kubetune_job_sweep_trials",
+        "kubetune_job_sweep_best_value",
     ):
         assert metric in exprs, metric
 

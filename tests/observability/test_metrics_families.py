@@ -15,6 +15,7 @@ from kubetune_operator.metrics import OperatorMetrics, serve_metrics
 from tests.support.observability_stands import tool
 
 NS = "vision"
+SWEEP = {"trials": 8, "pending": 3, "running": 2, "done": 1, "stopped": 2, "failed": 0, "metric": "valAccuracy"}
 T0 = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)  # after the test's "process start": these are live events
 
 
@@ -155,12 +156,14 @@ def test_deleting_a_job_removes_its_series(metrics: OperatorMetrics) -> None:
     for name in ("cats", "dogs"):
         metrics.observe_job(meta(name), {"phase": "Running", "startTime": ts(1)})
         metrics.observe_progress(NS, name, {"epoch": 1, "percent": 10, "etaSeconds": 60, "metrics": {"trainLoss": 1}})
+        metrics.observe_sweep(NS, name, {**SWEEP, "bestValue": 0.75})
 
     metrics.forget_job(NS, "cats")
 
     text = exposition(metrics)
     assert 'name="cats"' not in text
     assert 'kubetune_job_train_loss{name="dogs",namespace="vision"} 1.0' in text
+    assert 'kubetune_job_sweep_trials{name="dogs",namespace="vision",state="running"} 2.0' in text
     assert value(metrics, "kubetune_jobs", namespace=NS, phase="Running") == 1
     metrics.forget_job(NS, "dogs")
     text = exposition(metrics)
@@ -174,7 +177,13 @@ def test_labels_stay_bounded(metrics: OperatorMetrics) -> None:
     metrics.observe_progress(NS, "cats", {"epoch": 2, "percent": 50, "metrics": {"trainLoss": 0.3}})
     metrics.count_reconcile_error("create")
     metrics.count_progress_update("throttled", 429)
-    allowed = {"namespace", "name", "phase", "outcome", "handler", "result", "code", "le", "version", "python_version"}
+    # A sweep of many trials: no label names a trial, its parameters or its metric.
+    sweep = {**SWEEP, "trials": 1000, "pending": 990, "bestTrial": "trial-042", "bestValue": 0.9}
+    metrics.observe_sweep(NS, "cats", {**sweep, "bestParameters": {"training.learningRate": "0.003"}})
+    allowed = {
+        *("namespace", "name", "phase", "outcome", "handler", "result", "code", "le", "version", "python_version"),
+        "state",
+    }
     for family in metrics.registry.collect():
         if not family.name.startswith("kubetune_"):
             continue
@@ -183,6 +192,9 @@ def test_labels_stay_bounded(metrics: OperatorMetrics) -> None:
             for key, label_value in sample.labels.items():
                 if key not in ("le", "code", "version", "python_version"):
                     assert not re.fullmatch(r"[0-9.e+-]+", label_value), sample
+                assert "trial" not in label_value and "learningRate" not in label_value, sample
+    (trials,) = [family for family in metrics.registry.collect() if family.name == "kubetune_job_sweep_trials"]
+    assert [sample.labels["state"] for sample in trials.samples] == ["pending", "running", "done", "stopped", "failed"]
 
 
 def test_unknown_progress_results_are_refused(metrics: OperatorMetrics) -> None:
@@ -201,6 +213,7 @@ def test_the_served_exposition_passes_promtool_check_metrics(metrics: OperatorMe
         "birds",
         {"epoch": 1, "percent": 5, "etaSeconds": 100, "metrics": {"trainLoss": 2.0, "valAccuracy": 0.1}},
     )
+    full.observe_sweep(NS, "birds", {**SWEEP, "bestValue": 0.5})
     full.count_reconcile_error("create_job")
     full.count_progress_update("rejected", 403)
     server, _thread = serve_metrics(full.registry, 0, "127.0.0.1")
@@ -238,3 +251,18 @@ def test_after_an_operator_restart_the_gauges_start_from_the_status(metrics: Ope
     assert value(metrics, "kubetune_job_validation_accuracy_ratio", namespace=NS, name="cats") == 0.8
     last = value(metrics, "kubetune_job_last_progress_timestamp_seconds", namespace=NS, name="cats")
     assert last == (T0 + timedelta(minutes=30)).timestamp()
+
+
+def test_a_sweep_s_gauges_start_from_its_status_too(metrics: OperatorMetrics) -> None:
+    """status.sweep, as the operator wrote it from the trainer's updates, fills the sweep's gauges."""
+    metrics.observe_job(meta("tune"), {"phase": "Running", "startTime": ts(1), "sweep": {**SWEEP, "bestValue": 0.8}})
+
+    assert value(metrics, "kubetune_job_sweep_trials", namespace=NS, name="tune", state="pending") == 3
+    assert value(metrics, "kubetune_job_sweep_trials", namespace=NS, name="tune", state="stopped") == 2
+    assert value(metrics, "kubetune_job_sweep_trials", namespace=NS, name="tune", state="failed") == 0
+    assert value(metrics, "kubetune_job_sweep_best_value", namespace=NS, name="tune") == 0.8
+    # A job that sweeps nothing has no sweep series at all.
+    metrics.observe_job(meta("single"), {"phase": "Running", "startTime": ts(1)})
+    assert 'name="single"' not in "".join(
+        line for line in exposition(metrics).splitlines() if line.startswith("kubetune_job_sweep")
+    )

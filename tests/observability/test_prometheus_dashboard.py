@@ -155,7 +155,7 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
     return out
 
 
-def update(epoch: int, step: int, **metrics: float) -> ProgressUpdate:
+def update(epoch: int, step: int, sweep: dict[str, Any] | None = None, **metrics: float) -> ProgressUpdate:
     return ProgressUpdate.model_validate(
         {
             "epoch": epoch,
@@ -165,8 +165,13 @@ def update(epoch: int, step: int, **metrics: float) -> ProgressUpdate:
             "percent": 100 * step / 30,
             "etaSeconds": 3.0 * (30 - step),
             "metrics": metrics,
+            "sweep": sweep,
         }
     )
+
+
+# birds is a sweep: its updates carry the trials by state and the best so far (the Sweeps row).
+BIRDS_SWEEP = {"trials": 6, "pending": 2, "running": 2, "done": 1, "stopped": 1, "metric": "valAccuracy"}
 
 
 async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
@@ -202,15 +207,17 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
             kmock.add_job(NS, name, status)
             metrics.observe_job({"namespace": NS, "name": name, "creationTimestamp": created}, status)
         reporters["cats"].report(update(1, 10, trainLoss=1.9, imagesPerSecond=310.0, learningRate=0.001))
-        reporters["birds"].report(update(1, 8, trainLoss=2.2, imagesPerSecond=290.0))
+        reporters["birds"].report(update(1, 8, BIRDS_SWEEP, trainLoss=2.2, imagesPerSecond=290.0))
         await asyncio.sleep(1.2)
         reporters["cats"].report(update(1, 10, valLoss=1.5, valAccuracy=0.61))
         # birds stands in for a detection job too: its mAP feeds the dashboard's accuracy/mAP panel.
-        reporters["birds"].report(update(1, 10, valLoss=1.7, valAccuracy=0.55, valMap=0.41, valMap50=0.72))
+        best = {**BIRDS_SWEEP, "bestTrial": "trial-002", "bestValue": 0.55}
+        reporters["birds"].report(update(1, 10, best, valLoss=1.7, valAccuracy=0.55, valMap=0.41, valMap50=0.72))
         metrics.count_reconcile_error("create_job")
         await prometheus.wait_for('kubetune_job_validation_accuracy_ratio{name="birds"}')
         await prometheus.wait_for('kubetune_job_validation_accuracy_ratio{name="cats"}')
         await prometheus.wait_for('kubetune_job_validation_map_ratio{name="birds"}')
+        await prometheus.wait_for('kubetune_job_sweep_best_value{name="birds"}')
 
         # 3. cats succeeds, dogs fails, birds restarts once and keeps training; a forged token is refused.
         reporters["cats"].report(update(3, 30, trainLoss=0.4, valLoss=0.5, valAccuracy=0.93))

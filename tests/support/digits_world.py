@@ -10,6 +10,7 @@ world.kubetune_run(path)   # the console script, as a user runs it
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import subprocess
@@ -265,6 +266,30 @@ class DigitsWorld:
             },
         }
         return manifest
+
+    def accuracy_outside_kubetune(self, out: str, workdir: Path) -> tuple[float, int, dict[str, Any]]:
+        """The model exported under `out` loaded with timm and safetensors alone, from model.json's recipe,
+        judged on HI_VAL: (accuracy, images, the card)."""
+        import safetensors.torch
+        import timm
+        import torch
+
+        card = json.loads(self.get(f"{out}/model.json"))
+        weights = workdir / "model.safetensors"
+        weights.write_bytes(self.get(f"{out}/model.safetensors"))
+        model = timm.create_model(card["architecture"], num_classes=card["numClasses"])
+        safetensors.torch.load_model(model, str(weights))
+        model.eval()
+        transform = timm.data.create_transform(**card["dataConfig"], is_training=False)
+        bucket, prefix = HI_VAL.removeprefix("s3://").split("/", 1)
+        correct = total = 0
+        with torch.no_grad():
+            for key in self.keys(HI_VAL):
+                label = card["classNames"].index(key.removeprefix(prefix + "/").split("/")[0])
+                image = Image.open(io.BytesIO(self.get(f"s3://{bucket}/{key}"))).convert("RGB")
+                correct += int(model(transform(image).unsqueeze(0)).argmax(1).item() == label)
+                total += 1
+        return correct / total, total, card
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {

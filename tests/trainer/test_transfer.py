@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import safetensors.torch
-import timm
-import torch
 from PIL import Image
 
 from tests.support.browser import open_page
-from tests.support.digits_world import HI_VAL, PRETRAINED, RANDOM_INIT, DigitsWorld
+from tests.support.digits_world import PRETRAINED, RANDOM_INIT, DigitsWorld
 from tests.support.import_probe import imported, probe_env
 
 EPOCHS = 2
@@ -100,27 +97,10 @@ def test_run_shows_progress_and_exports_every_file(
 def test_exported_model_reloads_outside_the_trainer(
     pretrained: DigitsWorld, transfer: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    out = OUTPUTS["pretrained"]
-    card = json.loads(pretrained.get(f"{out}/model.json"))
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(pretrained.get(f"{out}/model.safetensors"))
-
-    model = timm.create_model(card["architecture"], num_classes=card["numClasses"])
-    safetensors.torch.load_model(model, str(weights))
-    model.eval()
-    transform = timm.data.create_transform(**card["dataConfig"], is_training=False)
-
-    bucket, prefix = HI_VAL.removeprefix("s3://").split("/", 1)
-    correct = total = 0
-    with torch.no_grad():
-        for key in pretrained.keys(HI_VAL):
-            label = card["classNames"].index(key.removeprefix(prefix + "/").split("/")[0])
-            image = Image.open(io.BytesIO(pretrained.get(f"s3://{bucket}/{key}"))).convert("RGB")
-            correct += int(model(transform(image).unsqueeze(0)).argmax(1).item() == label)
-            total += 1
+    accuracy, total, card = pretrained.accuracy_outside_kubetune(OUTPUTS["pretrained"], tmp_path)
 
     assert total == card["data"]["validationImages"]
-    assert abs(correct / total - card["metrics"]["valAccuracy"]) <= 0.005
+    assert abs(accuracy - card["metrics"]["valAccuracy"]) <= 0.005
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ def test_printer_columns_read_fields_the_status_has() -> None:
     columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"]
     default = [c["name"] for c in columns if not c.get("priority")]
     wide = [c["name"] for c in columns if c.get("priority") == 1]
-    assert default == ["Phase", "Progress", "Epoch", "Val-Acc", "Val-mAP", "Age"]
+    assert default == ["Phase", "Progress", "Epoch", "Val-Acc", "Val-mAP", "Trials", "Best", "Age"]
     assert "Message" in wide
     paths = {p for p, _ in nodes(SCHEMA)}
     for column in columns:
@@ -216,17 +216,32 @@ def crd_verdict(doc: dict[str, Any]) -> list[str]:
 def python_only(exc: ValidationError) -> bool:
     """Errors a CRD schema cannot express: unknown fields (pruned, and reported by kubectl's strict field
     validation), map keys (no keyword constrains them), unknown architectures, and the insides of elastic
-    workers (`{min, max}`: a structural schema cannot type a number-or-object, so min <= max and the global
-    batch rule are the model's, spec.WORKERS_SCHEMA)."""
+    workers (`{min, max}`: a structural schema cannot type a number-or-object, so min <= max, the global
+    batch rule and a sweep's rules on the workers are the model's, spec.WORKERS_SCHEMA), and a sweep's values,
+    checked by validating the trial's spec (config.check_sweep: a CEL rule would copy every sweepable field's
+    bounds)."""
     return all(
-        e["type"] == "extra_forbidden" or "[key]" in e["loc"] or _unknown_architecture(e["msg"]) or _elastic_workers(e)
+        e["type"] == "extra_forbidden"
+        or "[key]" in e["loc"]
+        or _unknown_architecture(e["msg"])
+        or _elastic_workers(e)
+        or "is not a value the field accepts" in str(e["msg"])
         for e in exc.errors()
     )
 
 
 def _elastic_workers(error: Any) -> bool:
     message = str(error["msg"])
-    return "is more than max" in message or "with elastic workers the global batch" in message
+    return any(
+        said in message
+        for said in (
+            "is more than max",
+            "with elastic workers the global batch",
+            # A sweep's rules on resources.workers (spec.FineTuneJobSpec._sweep_fits_one_ray_cluster).
+            "a sweep (spec.sweep) needs a fixed number of workers",
+            "resources.workers * maxConcurrentTrials must be at most",
+        )
+    )
 
 
 def _unknown_architecture(message: str) -> bool:

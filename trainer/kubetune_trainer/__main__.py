@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kubetune_trainer.config import CONFIG_ENV, TrainerConfig
-from kubetune_trainer.local import guarded, run_local, setup_logging, summary, with_endpoint
+from kubetune_trainer.local import concurrent_trials, guarded, run_local, setup_logging, summary, with_endpoint
 from kubetune_trainer.reporting import ConsoleReporter
 from kubetune_trainer.startup import mark
 
@@ -54,7 +54,8 @@ def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
         ray.init()
         mark("connected to Ray")
         scaling = config.scaling
-        warn_if_short(scaling.workers, scaling.cpus_per_worker, scaling.gpus_per_worker, ray.cluster_resources())
+        workers = scaling.workers * concurrent_trials(config)  # a sweep's: every concurrent trial's workers
+        warn_if_short(workers, scaling.cpus_per_worker, scaling.gpus_per_worker, ray.cluster_resources())
         inputs = check_inputs(config, store_for(config))
         mark("inputs checked")
         prepared = prepare(config, inputs, here=False, cpus=scaling.cpus_per_worker, gpus=scaling.gpus_per_worker)

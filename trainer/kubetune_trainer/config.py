@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from kubetune_trainer import architectures
@@ -1181,6 +1181,122 @@ def check_format(task: str, data: DataSpec) -> None:
         raise ValueError(f"data.annotations: only allowed with task 'detection' and format coco ({why})")
 
 
+# -- sweeps: each trial is the job's spec with the trial's values set, validated like any spec -----------
+
+SweepValue = float | int | str
+
+
+def sweep_value(field: str, value: float | str) -> SweepValue:
+    """A parameter's value as its field takes it: integer fields' whole numbers as int."""
+    if SWEEPABLE_BY_FIELD[field].kind == "integer" and isinstance(value, float):
+        return int(value)
+    return value
+
+
+def trial_sections(
+    model: ModelSpec, data: DataSpec, training: TrainingSpec, values: dict[str, SweepValue]
+) -> tuple[ModelSpec, DataSpec, TrainingSpec]:
+    """The spec's sections with a trial's `values` (spec path to value) set, validated like any spec's.
+
+    model.trainableLayers applies to the trials whose strategy is partial: a trial of another strategy
+    leaves it out. Raises pydantic's ValidationError or ValueError for values the fields do not accept.
+    """
+    wires: dict[str, dict[str, Any]] = {"model": model.wire(), "data": data.wire(), "training": training.wire()}
+    for path, value in values.items():
+        section, key = path.split(".", 1)
+        wires[section][key] = value
+    if wires["model"].get("strategy") != "partial":
+        wires["model"].pop("trainableLayers", None)
+    return (
+        ModelSpec.model_validate(wires["model"]),
+        DataSpec.model_validate(wires["data"]),
+        TrainingSpec.model_validate(wires["training"]),
+    )
+
+
+def _points(parameter: SweepParameter) -> list[SweepValue]:
+    """The values of a parameter that bound what its trials may get: every listed one, a range's two ends."""
+    if parameter.values is not None:
+        return [sweep_value(parameter.field, v) for v in parameter.values]
+    if parameter.choices is not None:
+        return list(parameter.choices)
+    spread = parameter.uniform or parameter.loguniform
+    assert spread is not None  # SweepParameter holds exactly one distribution
+    return [spread.min, spread.max]
+
+
+def _first_message(error: Exception) -> str:
+    """A ValidationError's first problem (or a ValueError's text), without pydantic's decoration."""
+    if isinstance(error, ValidationError):
+        item = error.errors()[0]
+        return str(item["msg"]).removeprefix("Value error, ")
+    return str(error)
+
+
+def _partners(sweep: SweepSpec, field: str, value: SweepValue) -> dict[str, SweepValue]:
+    """What a trial with `field` at `value` also sets: trainableLayers needs strategy partial, and strategy
+    partial takes the swept trainableLayers' first value."""
+    if field == "model.trainableLayers":
+        return {"model.strategy": "partial"}
+    layers = [p for p in sweep.parameters if p.field == "model.trainableLayers"]
+    if field == "model.strategy" and value == "partial" and layers:
+        return {"model.trainableLayers": _points(layers[0])[0]}
+    return {}
+
+
+def check_sweep(task: str, model: ModelSpec, data: DataSpec, training: TrainingSpec, sweep: SweepSpec) -> None:
+    """spec.sweep against the rest of the spec; raises ValueError("sweep.<field>: ...") like check_task."""
+    fields = [p.field for p in sweep.parameters]
+    repeated = sorted({f for f in fields if fields.count(f) > 1})
+    if repeated:
+        raise ValueError(f"sweep.parameters: each field at most once ({', '.join(repeated)} repeated)")
+    if sweep.max_concurrent_trials > sweep.trials:
+        raise ValueError(
+            f"sweep.maxConcurrentTrials: at most sweep.trials ({sweep.trials}) (got {sweep.max_concurrent_trials})"
+        )
+    metric = sweep_metric(task, training, sweep)
+    if metric not in SELECT_BY[task]:
+        raise ValueError(f"sweep.metric: with task '{task}' one of {', '.join(SELECT_BY[task])} (got {metric})")
+    if sweep.mode is not None and sweep.mode != metric_mode(metric):
+        raise ValueError(
+            f"sweep.mode: {metric} is best when {'lowest' if metric in LOWER_IS_BETTER else 'highest'}: "
+            f"{metric_mode(metric)} or leave it out (got {sweep.mode})"
+        )
+    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period > training.epochs:
+        raise ValueError(
+            f"sweep.scheduler.gracePeriod: at most training.epochs ({training.epochs}) "
+            f"(got {sweep.scheduler.grace_period})"
+        )
+    strategies = next((p.choices or [] for p in sweep.parameters if p.field == "model.strategy"), [model.strategy])
+    if "model.trainableLayers" in fields and "partial" not in strategies:
+        raise ValueError(
+            "sweep.parameters: model.trainableLayers only with model.strategy partial (or partial among the "
+            f"swept strategies; strategies: {', '.join(strategies)})"
+        )
+    for index, parameter in enumerate(sweep.parameters):
+        for value in _points(parameter):
+            try:
+                sections = trial_sections(
+                    model, data, training, {parameter.field: value, **_partners(sweep, parameter.field, value)}
+                )
+                check_task(task, *sections)
+            except (ValidationError, ValueError) as error:
+                raise ValueError(
+                    f"sweep.parameters[{index}]: {parameter.field} {value!r} is not a value the field accepts: "
+                    f"{_first_message(error)}"
+                ) from None
+
+
+def sweep_metric(task: str, training: TrainingSpec, sweep: SweepSpec) -> str:
+    """The history key that ranks a sweep's trials: sweep.metric, else training.selectBy or the task's default."""
+    return sweep.metric or selected_metric(task, training.select_by)
+
+
+def metric_mode(metric: str) -> Literal["min", "max"]:
+    """min for a loss, max for the other figures."""
+    return "min" if metric in LOWER_IS_BETTER else "max"
+
+
 def check_test_split(task: str, data: DataSpec) -> None:
     """Classification's test images apart from validation's; detection's test prefix only with test annotations."""
     if task == "detection":
@@ -1372,6 +1488,8 @@ class TrainerConfig(CamelModel):
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> TrainerConfig:
         check_task(self.task, self.model, self.data, self.training)
+        if self.sweep is not None:
+            check_sweep(self.task, self.model, self.data, self.training, self.sweep)
         return self
 
     @property

@@ -115,6 +115,13 @@ def plot_curves(history: Sequence[Mapping[str, Any]], panels: Sequence[Panel], t
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best")
+    return titled_png(fig, title)
+
+
+def titled_png(fig: Any, title: str) -> bytes:
+    """A matplotlib figure, titled and laid out, as PNG bytes (and closed)."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -58,8 +58,9 @@ def with_endpoint(config: TrainerConfig, s3_endpoint: str | None) -> TrainerConf
 
 
 def local_resources(config: TrainerConfig, cpus: int, cuda: bool) -> tuple[float, bool]:
-    """(CPUs per worker, use GPU) that this machine can give every worker at once."""
-    workers = config.scaling.workers
+    """(CPUs per worker, use GPU) that this machine can give every worker at once (a sweep's: the workers
+    of maxConcurrentTrials trials)."""
+    workers = config.scaling.workers * concurrent_trials(config)
     per_worker = min(config.scaling.cpus_per_worker, max(1, cpus // workers))
     if per_worker < config.scaling.cpus_per_worker:
         log.warning(
@@ -74,6 +75,10 @@ def local_resources(config: TrainerConfig, cpus: int, cuda: bool) -> tuple[float
         log.warning("no CUDA GPU on this machine: training on CPU (fp32), which is much slower")
         use_gpu = False
     return float(per_worker), use_gpu
+
+
+def concurrent_trials(config: TrainerConfig) -> int:
+    return config.sweep.max_concurrent_trials if config.sweep is not None else 1
 
 
 def guarded(action: Callable[[], int]) -> int:
@@ -99,6 +104,8 @@ def summary(started: float, outcome: Outcome) -> None:
     took = format_duration(time.monotonic() - started)
     best = outcome.best_epoch
     chosen = f" (epoch {best}, the best)" if best and best != outcome.epochs else ""
+    if outcome.sweep:
+        print(f"kubetune: sweep: {outcome.sweep}")
     if outcome.stopped:
         print(f"kubetune: {stopped_line(outcome.stopped)}")
     print(f"kubetune: trained {outcome.epochs} epochs in {took}: {figures}{chosen}")
@@ -147,7 +154,8 @@ def run_local(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
         if started_ray:
             ray.init(
                 address="local",
-                num_cpus=max(cpus, int(cpus_per_worker * config.scaling.workers)),
+                # A sweep's trials each reserve a sliver of a CPU besides their workers': one more in all.
+                num_cpus=max(cpus, int(cpus_per_worker * config.scaling.workers * concurrent_trials(config)) + 1),
                 num_gpus=torch.cuda.device_count() if use_gpu else 0,
                 include_dashboard=False,
                 log_to_driver=os.environ.get(RAY_LOGS_ENV) == "1",

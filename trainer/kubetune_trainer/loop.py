@@ -101,6 +101,9 @@ class RunPlan:
     callbacks: tuple[str, ...] = ()
     step_callbacks: tuple[str, ...] = ()
     relay: Any = field(default=None, repr=False)
+    # A sweep's trial: every epoch's figures reported to Ray Train (and so to Tune's scheduler), also the
+    # epochs that end without a checkpoint (checkpointEvery a duration).
+    report_epochs: bool = False
 
     def loop_config(self, config: TrainerConfig) -> dict[str, Any]:
         """Plain data for Ray Train's `train_loop_config` (the relay queue is a Ray actor handle)."""
@@ -114,6 +117,7 @@ class RunPlan:
             "callbacks": list(self.callbacks),
             "stepCallbacks": list(self.step_callbacks),
             "relay": self.relay,
+            "reportEpochs": self.report_epochs,
         }
 
     @classmethod
@@ -129,6 +133,7 @@ class RunPlan:
             callbacks=tuple(raw.get("callbacks", ())),
             step_callbacks=tuple(raw.get("stepCallbacks", ())),
             relay=raw.get("relay"),
+            report_epochs=bool(raw.get("reportEpochs", False)),
         )
         return config, plan
 
@@ -327,6 +332,8 @@ def train_loop(raw: dict[str, Any]) -> None:
         if saved:
             save(worker, state)
             epoch.cadence.checkpointed()
+        elif worker.plan.report_epochs:
+            report_figures(worker, state)
         progress.epoch_done(state, validation, saved=saved)
     progress.close()
 
@@ -686,6 +693,13 @@ def save(worker: Worker, state: TrainState, *, mid_epoch: bool = False, wait: bo
         checkpoint_upload_fn=worker.uploads.uploader(snapshot),
     )
     state.saved_step = state.step
+
+
+def report_figures(worker: Worker, state: TrainState) -> None:
+    """The epoch's figures to Ray Train without a checkpoint (a sweep's scheduler decides on them)."""
+    import ray.train
+
+    ray.train.report(checkpoint_figures(state, worker.task.metric_keys, mid_epoch=False))
 
 
 def checkpoint_figures(state: TrainState, metric_keys: Sequence[str], *, mid_epoch: bool) -> dict[str, Any]:

@@ -289,7 +289,9 @@ class ProgressUpdate(CamelModel):
     )
     sweep: SweepProgress | None = Field(
         default=None,
-        description="Sweeps only: the trials by state and the best so far (the other fields follow the best trial).",
+        description="Sweeps only: the trials by state and the best so far. The other fields are the best trial's "
+        "own (before any trial has finished an epoch, the latest trial's): epoch, step, percent and eta count that "
+        "trial's epochs, not the sweep's; done + stopped + failed of trials says how far the sweep is.",
     )
 
 

@@ -112,6 +112,7 @@ class Outcome:
     report: S3Uri | None = None  # report.html under output.path
     mlflow: str | None = None  # what the MLflow hand-off did, in a line
     stopped: dict[str, Any] | None = None  # model.json's `stopped`: why training ended before its last epoch
+    sweep: str | None = None  # a sweep's: which trial was exported, of how many, in a line
 
 
 def store_for(config: TrainerConfig) -> S3Store:
@@ -236,13 +237,18 @@ def train(
     reporter: ProgressReporter | None = None,
 ) -> Outcome:
     """Run the training on the connected Ray cluster and export the model."""
+    if config.sweep is not None:  # Ray Tune over trials of this same training (sweep.py)
+        from kubetune_trainer.sweep import train_sweep
+
+        return train_sweep(config, prepared, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, reporter=reporter)
     use_ray_train_env()  # read by Ray Train's controller as it starts, in this (the driver's) process
     relay = Relay(driver_reporters(config, reporter), config.max_failures)
     notice = DriverNotice(config.preemption_grace_seconds, relay.progress.saved_on_notice)
     notice.install()
     try:
         plan = run_plan(prepared, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
-        fitted = fit(torch_trainer(config, plan, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu), config)
+        trainer = torch_trainer(config, plan, relay.queue, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
+        fitted = fit(trainer, config)
     except (KeyboardInterrupt, TrainerError):
         if not notice.preempted:  # Ctrl-C, or a failure of its own
             raise
@@ -277,8 +283,19 @@ def run_plan(prepared: Prepared, relay: Relay, *, cpus_per_worker: float, use_gp
     )
 
 
-def torch_trainer(config: TrainerConfig, plan: RunPlan, relay: Relay, *, cpus_per_worker: float, use_gpu: bool) -> Any:
-    """Ray Train's TorchTrainer for the run: workers, S3 checkpoints under the run name, restarts."""
+def torch_trainer(
+    config: TrainerConfig,
+    plan: RunPlan,
+    queue: Any,
+    *,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    callbacks: Sequence[Any] = (),
+    notices: bool = True,
+) -> Any:
+    """Ray Train's TorchTrainer for the run: workers, S3 checkpoints under the run name, restarts; the
+    controller's events on the relay's `queue`, and `callbacks` too (a sweep's trial: Tune's); `notices`: the
+    workers take SIGTERM as a preemption notice (`preemption.WorkerNotices`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -310,9 +327,12 @@ def torch_trainer(config: TrainerConfig, plan: RunPlan, relay: Relay, *, cpus_pe
             ),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=[
-                run_events(relay.queue),
-                run_states(relay.queue),
-                worker_callback(config.preemption_grace_seconds),
+                run_events(queue),
+                run_states(queue),
+                # Off for a sweep's trials: when the sweep stops a trial, its workers get SIGTERM and must end
+                # at once (a notice would keep them, and their CPUs, for the grace period).
+                *([worker_callback(config.preemption_grace_seconds)] if notices else []),
+                *callbacks,
             ],
         ),
     )
@@ -347,8 +367,11 @@ def best_checkpoint(kept: Sequence[tuple[Any, Mapping[str, Any]]], metric: str) 
     return None
 
 
-def export(config: TrainerConfig, prepared: Prepared, fitted: Fitted) -> Outcome:
-    """The best checkpoint judged, then its weights, card, history and curves under output.path."""
+def export(
+    config: TrainerConfig, prepared: Prepared, fitted: Fitted, extra_card: Mapping[str, Any] | None = None
+) -> Outcome:
+    """The best checkpoint judged, then its weights, card, history and curves under output.path (the card
+    with `extra_card`'s keys too: a sweep's)."""
     store = store_for(config)
     last = read_progress_json(store, fitted.last)
     history = list(last["history"])
@@ -369,7 +392,7 @@ def export(config: TrainerConfig, prepared: Prepared, fitted: Fitted) -> Outcome
     )
     trained = Trained(prepared.data_config, prepared.weights_report, history, epoch, judged["card"], datetime.now(UTC))
     card = task.card(trained) | {"evaluation": evaluation_summary(judged), "exports": judged["exports"]}
-    card = with_effective_training(card, last.get("effective"))
+    card = with_effective_training(card, last.get("effective")) | dict(extra_card or {})
     stopped = early_stop_summary(config, history)
     if stopped is not None:
         card["stopped"] = stopped
