@@ -328,6 +328,13 @@ class S3Store:
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, uri, "upload") from None
 
+    def delete(self, uri: S3Uri) -> None:
+        """Remove one object (gone already is fine: S3 answers a missing key's DELETE with success)."""
+        try:
+            self.client.delete_object(Bucket=uri.bucket, Key=uri.key)
+        except (ClientError, BotoCoreError) as error:
+            raise self._storage_error(error, uri, "delete") from None
+
     def copy(self, source: S3Uri, target: S3Uri) -> None:
         """Server-side copy (multipart for big objects): the bytes never pass through this process."""
         try:
