@@ -284,7 +284,13 @@ def test_bad_arguments_are_named(
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_locations_are_named(world: DigitsWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_locations_are_named(
+    world: DigitsWorld, digits_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = data_pack(
+        capsys, str(digits_folder), str(tmp_path / "out"), "--validation", str(digits_folder / "5")
+    )
+    assert code == 2 and f"--validation: {digits_folder / '5'} overlaps SRC {digits_folder}" in err
     code, _, err = data_pack(capsys, str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert code == 2 and f"SRC: no such folder: {tmp_path / 'nowhere'}" in err
     code, _, err = data_pack(capsys, "https://example.com/data", str(tmp_path / "out"))

@@ -26,7 +26,7 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from kubetune_trainer.config import MAX_SHARDS, StorageSpec
+from kubetune_trainer.config import MAX_SHARDS, StorageSpec, prefixes_overlap
 from kubetune_trainer.errors import DataError, TrainerError
 from kubetune_trainer.pack_sources import (
     Folder,
@@ -63,6 +63,7 @@ MAX_SHARD_SAMPLES = MAX_SHARD_MEMBERS // 2  # an image and a label member each
 EXAMPLES = 5
 UNITS = {"": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": MiB, "g": 1000**3}
 UNITS |= {"gb": 1000**3, "gib": 1024**3}
+TARGETS = ("webdataset", "manifest")
 SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*$", re.I)
 
 
@@ -102,6 +103,8 @@ def byte_size(text: str) -> int:
 
 def check_options(options: PackOptions) -> int:
     """The options' rules across arguments; returns --max-shard-bytes in bytes."""
+    if options.to not in TARGETS:
+        raise ArgumentError(f"--to: one of {', '.join(TARGETS)} (got {options.to})")
     if not 1 <= options.shard_size <= MAX_SHARD_SAMPLES:
         raise ArgumentError(f"--shard-size: 1 to {MAX_SHARD_SAMPLES:,} samples (got {options.shard_size})")
     if options.validation_annotations and not (options.annotations and options.validation):
@@ -126,6 +129,7 @@ def pack(options: PackOptions, out: TextIO | None = None, err: TextIO | None = N
         store = open_store(options)
         destination = open_destination(options.dest, store)
         sources = open_sources(options, store)
+        check_apart(sources)
         if options.to == "manifest":
             for source in sources.values():
                 manifest_uri(source.folder, destination, source.argument)
@@ -214,6 +218,25 @@ def open_sources(options: PackOptions, store: S3Store | None) -> dict[str, Sourc
         part: Source(open_folder(location, store, argument), argument, (coco, coco_argument) if coco else None)
         for part, (location, argument, coco, coco_argument) in named.items()
     }
+
+
+def check_apart(sources: dict[str, Source]) -> None:
+    """Class folders of validation inside train's (or the other way round) would be trained on: refused.
+    (COCO files may share one image folder: which images are whose is in the files.)"""
+    if "validation" not in sources or sources["train"].annotations is not None:
+        return
+    train, validation = sources["train"].folder, sources["validation"].folder
+    if isinstance(train, S3Folder) and isinstance(validation, S3Folder):
+        overlap = prefixes_overlap(str(train.prefix), str(validation.prefix))
+    elif isinstance(train, LocalFolder) and isinstance(validation, LocalFolder):
+        a, b = train.root.resolve(), validation.root.resolve()
+        overlap = a.is_relative_to(b) or b.is_relative_to(a)
+    else:
+        overlap = False
+    if overlap:
+        raise ArgumentError(
+            f"--validation: {validation.where} overlaps SRC {train.where}: validation images would also be trained on"
+        )
 
 
 def gather(source: Source, store: S3Store | None) -> Gathered:
