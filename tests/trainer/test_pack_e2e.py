@@ -86,16 +86,6 @@ def detection_job(world: DigitsWorld, data: dict[str, Any]) -> Path:
     return path
 
 
-def start(world: DigitsWorld, manifest: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(KUBETUNE), "run", str(manifest), "--local", "--s3-endpoint", world.endpoint],
-        env=world.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def test_packed_shards_train_on_every_image_of_the_source(pretrained: DigitsWorld, tmp_path: Path) -> None:
     world = pretrained
     digits = data_pack(
@@ -138,7 +128,10 @@ def test_packed_shards_train_on_every_image_of_the_source(pretrained: DigitsWorl
         trainable_layers=None,
         cpus_per_worker=1,
     )
-    runs = {"classification": start(world, classification), "detection": start(world, detection_job(world, shapes))}
+    runs = {
+        "classification": world.kubetune_popen(classification),
+        "detection": world.kubetune_popen(detection_job(world, shapes)),
+    }
     outputs = {name: run.communicate(timeout=400)[0] for name, run in runs.items()}
     for name, run in runs.items():
         assert run.returncode == 0, f"{name} run failed:\n{outputs[name]}"

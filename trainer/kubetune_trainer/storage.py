@@ -213,25 +213,6 @@ class S3Store:
             raise self._storage_error(error, prefix, "list") from None
         return sorted(n for n in names if n)
 
-    def list_here(self, prefix: S3Uri, limit: int = MAX_LISTED_OBJECTS) -> list[ObjectInfo]:
-        """The objects directly under `prefix`, not those in its "folders"; StorageError past `limit`."""
-        out: list[ObjectInfo] = []
-        base = f"{prefix.key}/" if prefix.key else ""
-        try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=prefix.bucket, Prefix=base, Delimiter="/"
-            )
-            for page in pages:
-                out += [
-                    ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
-                    for item in page.get("Contents", [])
-                ]
-                if len(out) > limit:
-                    raise listing_too_long(prefix, limit)
-        except (ClientError, BotoCoreError) as error:
-            raise self._storage_error(error, prefix, "list") from None
-        return out
-
     def list_first_page(self, prefix: S3Uri, max_keys: int = 1000) -> tuple[list[ObjectInfo], bool]:
         """The first page (up to `max_keys` objects) under `prefix`, recursively, and whether that was all."""
         base = f"{prefix.key}/" if prefix.key else ""
@@ -245,13 +226,16 @@ class S3Store:
         ]
         return objects, not page.get("IsTruncated", False)
 
-    def list_objects(self, prefix: S3Uri, limit: int = MAX_LISTED_OBJECTS) -> list[ObjectInfo]:
-        """Every object under `prefix` (recursively), keys in full; StorageError when there are more
-        than `limit` (the listing stops there rather than filling memory)."""
+    def list_objects(self, prefix: S3Uri, limit: int = MAX_LISTED_OBJECTS, recursive: bool = True) -> list[ObjectInfo]:
+        """Every object under `prefix` (recursively, or with `recursive=False` only those directly under
+        it), keys in full; StorageError when there are more than `limit` (the listing stops there rather
+        than filling memory)."""
         out: list[ObjectInfo] = []
         base = f"{prefix.key}/" if prefix.key else ""
+        within = {} if recursive else {"Delimiter": "/"}
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=prefix.bucket, Prefix=base, **within):
                 for item in page.get("Contents", []):
                     out.append(ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"')))
                 if len(out) > limit:
