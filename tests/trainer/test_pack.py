@@ -26,6 +26,7 @@ from kubetune_trainer.data import build_index
 from kubetune_trainer.detection_data import build_detection_index
 from kubetune_trainer.formats import classification_index, detection_index
 from kubetune_trainer.pack_sources import LocalFolder
+from kubetune_trainer.pack_writers import Published
 from kubetune_trainer.storage import S3Store
 from tests.support.digits_world import DATA_BUCKET, REGION, DigitsWorld, digit_png
 from tests.support.shapes_world import FINETUNE_CLASSES, make_shapes
@@ -339,13 +340,21 @@ def test_a_failed_pack_leaves_nothing_behind(
             raise OSError(f"{name}: disk gone")
         return read(self, name, size)
 
+    undone: list[str] = []
+    undo = Published.undo
+
+    def recorded(self: Published) -> None:
+        undone.extend(self.names)
+        undo(self)
+
     monkeypatch.setattr(LocalFolder, "read", failing)
+    monkeypatch.setattr(Published, "undo", recorded)
     monkeypatch.setattr("kubetune_trainer.pack_writers.READ_AHEAD", 1)
     dest = str(tmp_path / "out") if where == "local" else f"s3://{DATA_BUCKET}/packed/failing"
     code, _, err = data_pack(capsys, str(digits_folder), dest, "--shard-size", "12", "--s3-endpoint", world.endpoint)
     assert code == 1 and "disk gone" in err
     left = list((tmp_path / "out").iterdir()) if where == "local" else world.keys(dest)
-    assert left == []
+    assert undone == ["train-000000.tar", "train-000001.tar"] and left == []
 
 
 def test_the_progress_bar_is_drawn_on_a_terminal_only(digits_folder: Path, tmp_path: Path) -> None:
