@@ -43,14 +43,7 @@ def store(world: DigitsWorld) -> S3Store:
 @pytest.fixture(scope="module")
 def digits_folder(world: DigitsWorld, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local ImageFolder of 8 digits of each class 5-9, a README beside the classes, a note in one."""
-    root = tmp_path_factory.mktemp("digits-folder")
-    counts: Counter[int] = Counter()
-    for n, (pixels, label) in enumerate(world.digits(DIGITS)):
-        if counts[label] < PER_CLASS:
-            counts[label] += 1
-            path = root / str(label) / f"{n:04d}.png"
-            path.parent.mkdir(exist_ok=True)
-            path.write_bytes(digit_png(pixels))
+    root = world.write_folder(tmp_path_factory.mktemp("digits-folder"), per_class=PER_CLASS)
     (root / "README.md").write_text("not a class")
     (root / "7" / "notes.txt").write_text("not an image")
     return root
