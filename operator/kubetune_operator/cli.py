@@ -1,8 +1,9 @@
-"""`kubetune`: validate, render and run FineTuneJobs, find a job's learning rate, print the CRD, run the demo.
+"""`kubetune`: validate, render and run FineTuneJobs, find a job's learning rate, convert datasets, print
+the CRD, run the demo.
 
 Each subcommand is a few lines of glue around the functions the operator itself uses: the spec model
 (validate), the builders (render), trainer_config and the trainer's local runner (run --local) and
-range test (tune-lr --local).
+range test (tune-lr --local), and the trainer's packer (data pack).
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         from kubetune_trainer.local import run_local
     except ModuleNotFoundError as exc:
-        return trainer_missing("run", exc)
+        return trainer_missing("run --local", exc)
     # --s3-endpoint, else spec.storage.endpoint, else AWS_ENDPOINT_URL (kubetune_trainer.storage.resolve_endpoint)
     return run_local(config, s3_endpoint=args.s3_endpoint)
 
@@ -286,7 +287,7 @@ def cmd_tune_lr(args: argparse.Namespace) -> int:
     try:
         from kubetune_trainer.tune_lr import tune_lr_local
     except ModuleNotFoundError as exc:
-        return trainer_missing("tune-lr", exc)
+        return trainer_missing("tune-lr --local", exc)
     picture = args.plot or Path(f"{config.job_name}-lr-range-test.png")
     return tune_lr_local(config, s3_endpoint=args.s3_endpoint, steps=args.steps, picture=picture)
 
@@ -312,10 +313,18 @@ def local_config(args: argparse.Namespace, needs_local: str) -> TrainerConfig | 
 
 def trainer_missing(command: str, error: ModuleNotFoundError) -> int:
     print(
-        f"kubetune {command} --local needs the trainer ({error.name} is missing): pip install 'kubetune[trainer]'",
+        f"kubetune {command} needs the trainer ({error.name} is missing): pip install 'kubetune[trainer]'",
         file=sys.stderr,
     )
     return 2
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    try:
+        from kubetune_trainer.pack import PackOptions, pack
+    except ModuleNotFoundError as exc:
+        return trainer_missing("data pack", exc)
+    return pack(PackOptions(**{name: getattr(args, name) for name in PackOptions.__dataclass_fields__}))
 
 
 # `kubetune demo` lives in the kubetune-dev distribution (devtools/ of a checkout), not in this package.
@@ -370,7 +379,7 @@ def _range_test_steps(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kubetune", description="Fine-tune computer-vision models on Kubernetes.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_validate, _add_render, _add_run, _add_tune_lr, _add_demo, _add_crd):
+    for add_command in (_add_validate, _add_render, _add_run, _add_tune_lr, _add_data, _add_demo, _add_crd):
         add_command(sub)
     return top
 
@@ -464,6 +473,58 @@ def _add_tune_lr(sub: Subcommands) -> None:
         "--plot", type=Path, metavar="PNG", help="where the curve goes (default: <job name>-lr-range-test.png)"
     )
     tune.set_defaults(handler=cmd_tune_lr)
+
+
+def _add_data(sub: Subcommands) -> None:
+    data = sub.add_parser(
+        "data",
+        help="convert a dataset to the scalable formats (data pack)",
+        description="Convert datasets between the layouts data.format reads.",
+    )
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pack = actions.add_parser(
+        "pack",
+        help="write WebDataset shards (or a manifest) from an ImageFolder or COCO dataset",
+        description="Write an ImageFolder (SRC/<class>/<image>) or, with --annotations, a COCO dataset as WebDataset "
+        "tar shards DEST/train-000000.tar, ... (or, with --to manifest, DEST/train.csv or .jsonl naming the images "
+        "where they are), and print the data: values of a FineTuneJob that trains from them. SRC and DEST are "
+        "local folders or s3:// prefixes. The same input gives the same shards, byte for byte.",
+    )
+    pack.add_argument("src", metavar="SRC", help="the images: a local folder or an s3:// prefix")
+    pack.add_argument(
+        "dest", metavar="DEST", help="where the shards or the manifest go: a local folder or an s3:// prefix"
+    )
+    pack.add_argument(
+        "--to", choices=("webdataset", "manifest"), default="webdataset", help="what to write (default: webdataset)"
+    )
+    pack.add_argument(
+        "--annotations", metavar="FILE", help="COCO JSON of SRC's images (local or s3://): a detection set"
+    )
+    pack.add_argument("--validation", metavar="SRC", help="the validation images, packed beside train the same way")
+    pack.add_argument(
+        "--validation-annotations", metavar="FILE", help="COCO JSON of the --validation images (with --annotations)"
+    )
+    pack.add_argument(
+        "--shard-size", type=int, default=10_000, metavar="N", help="at most N samples a shard (default: 10000)"
+    )
+    pack.add_argument(
+        "--max-shard-bytes",
+        default="256MiB",
+        metavar="SIZE",
+        help="at most SIZE bytes a shard, e.g. 1GiB (default: 256MiB)",
+    )
+    pack.add_argument(
+        "--seed", type=int, default=0, help="the shuffle that mixes the classes across shards (default: 0)"
+    )
+    pack.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint (default: AWS_ENDPOINT_URL, then AWS S3); credentials from the environment",
+    )
+    pack.add_argument("--region", help="S3 region (default: AWS_REGION, then AWS_DEFAULT_REGION, then us-east-1)")
+    pack.add_argument("--overwrite", action="store_true", help="replace shards or manifests DEST already holds")
+    pack.add_argument("--quiet", action="store_true", help="no progress bar or summary on stderr")
+    pack.set_defaults(handler=cmd_data_pack)
 
 
 def _add_demo(sub: Subcommands) -> None:

@@ -2,6 +2,7 @@
 
 world = DigitsWorld(endpoint)
 world.upload_digits()      # s3://datasets/digits-hi/{train,val}/<digit>/<n>.png  (digits 5-9)
+world.data_pack(SRC, DEST) # `kubetune data pack`: the data: values it printed
 world.pretrain()           # test_resnet trained on digits 0-4 → s3://models/digits-0-4/...safetensors
 world.job(...)             # a FineTuneJob manifest for `kubetune run FILE --local`
 world.kubetune_run(path)   # the console script, as a user runs it
@@ -150,6 +151,29 @@ class DigitsWorld:
                 members[n % shards] += [(f"{n:04d}.png", digit_png(pixels)), (f"{n:04d}.cls", str(label).encode())]
         self.put_many({f"{prefix}/train-{i:03d}.tar": tar_bytes(m) for i, m in enumerate(members)})
         return f"{prefix}/train-{{000..{shards - 1:03d}}}.tar"
+
+    def write_folder(self, root: Path, per_class: int, labels: range = range(5, 10)) -> Path:
+        """A local ImageFolder of `per_class` images per digit (`root/<digit>/<n>.png`), as a team has one."""
+        counts: dict[int, int] = {}
+        for n, (pixels, label) in enumerate(self.digits(labels)):
+            counts[label] = counts.get(label, 0) + 1
+            if counts[label] <= per_class:
+                (root / str(label)).mkdir(parents=True, exist_ok=True)
+                (root / str(label) / f"{n:04d}.png").write_bytes(digit_png(pixels))
+        return root
+
+    def data_pack(self, *args: str) -> dict[str, Any]:
+        """`kubetune data pack ARGS` through the console script, on this S3; the data: values it printed."""
+        done = subprocess.run(
+            [str(KUBETUNE), "data", "pack", *args, "--s3-endpoint", self.endpoint],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        values: dict[str, Any] = yaml.safe_load(done.stdout)["data"]
+        return values
 
     def upload_manifest(self, uri: str, per_class: int, labels: range = range(5, 10)) -> str:
         """The same digits as loose images under `<uri>.images/<digit>/`, and a `uri,label` CSV manifest

@@ -2,8 +2,9 @@
 on the session's moto server, one tiny epoch each, both runs at once (each with its own local Ray).
 
 Budget: 30 digits of each class 5-9 (150 images), test_resnet at 32 px, one epoch of batch 32, head
-layer only, one worker of one CPU per run. One shard also holds a symbolic link named like an image,
-which must be refused and counted, not followed.
+layer only, one worker of one CPU per run. The shards are what `kubetune data pack` makes of a local
+ImageFolder (so a packed set trains, with every image of the source); one of them also holds a symbolic
+link named like an image, which must be refused and counted, not followed.
 """
 
 from __future__ import annotations
@@ -60,8 +61,12 @@ def run(world: DigitsWorld, name: str, **spec: Any) -> subprocess.Popen[str]:
 
 def test_a_job_trains_from_webdataset_shards_and_from_a_manifest(pretrained: DigitsWorld, tmp_path: Path) -> None:
     world = pretrained
-    pattern = world.upload_shards(f"s3://{DATA_BUCKET}/digit-shards", per_class=PER_CLASS, shards=3)
-    add_symlink(world, f"s3://{DATA_BUCKET}/digit-shards/train-001.tar")
+    # The shards as a team makes them: `kubetune data pack` of a local ImageFolder (tests/trainer/test_pack.py).
+    folder = world.write_folder(tmp_path / "digits", per_class=PER_CLASS)
+    shards = f"s3://{DATA_BUCKET}/digit-shards"
+    pattern = world.data_pack(str(folder), shards, "--shard-size", str(2 * PER_CLASS))["train"]
+    assert pattern == f"{shards}/train-{{000000..000002}}.tar"
+    add_symlink(world, f"{shards}/train-000001.tar")
     manifest = world.upload_manifest(f"s3://{DATA_BUCKET}/digit-manifests/train.csv", per_class=PER_CLASS)
 
     runs = {
@@ -77,7 +82,9 @@ def test_a_job_trains_from_webdataset_shards_and_from_a_manifest(pretrained: Dig
     assert shards_card["data"]["format"] == "webdataset"
     assert shards_card["data"]["trainImages"] + shards_card["data"]["validationImages"] == 5 * PER_CLASS
     assert shards_card["data"]["corruptImages"] == 1
-    assert "digit-shards/train-001.tar/evil.png (refused: the tar member is a symbolic link)" in outputs["webdataset"]
+    assert (
+        "digit-shards/train-000001.tar/evil.png (refused: the tar member is a symbolic link)" in outputs["webdataset"]
+    )
 
     manifest_card = json.loads(world.get(f"s3://{OUT_BUCKET}/formats/from-manifest/model.json"))
     assert manifest_card["classNames"] == [f"digit-{d}" for d in range(5, 10)]

@@ -170,7 +170,8 @@ def test_the_operator_imports_the_trainer_only_for_the_contract_and_the_local_co
         for i in imports()
         if i.source.startswith("kubetune_operator.") and i.target.startswith("kubetune_trainer")
     }
-    when_run = {("kubetune_trainer.local", True), ("kubetune_trainer.tune_lr", True)}  # run --local, tune-lr
+    # run --local, tune-lr, data pack
+    when_run = {("kubetune_trainer.local", True), ("kubetune_trainer.tune_lr", True), ("kubetune_trainer.pack", True)}
     assert crossing <= {(name, False) for name in CONTRACT} | when_run, crossing
 
 

@@ -90,7 +90,7 @@ def _id(value: Any) -> int | str | None:
     return value if isinstance(value, int | str) and not isinstance(value, bool) else None
 
 
-def _load_coco(raw: bytes | str, source: str) -> dict[str, Any]:
+def load_coco(raw: bytes | str, source: str) -> dict[str, Any]:
     """The file's JSON object, with its lists within MAX_IMAGES and MAX_ANNOTATIONS."""
     try:
         coco = json.loads(raw)
@@ -106,7 +106,7 @@ def _load_coco(raw: bytes | str, source: str) -> dict[str, Any]:
     return coco
 
 
-def _categories(coco: Mapping[str, Any], source: str) -> dict[int, str]:
+def coco_categories(coco: Mapping[str, Any], source: str) -> dict[int, str]:
     categories: dict[int, str] = {}
     for c in coco.get("categories") or []:
         if isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c["id"], bool):
@@ -117,7 +117,7 @@ def _categories(coco: Mapping[str, Any], source: str) -> dict[int, str]:
     return categories
 
 
-def _image(image: Any, source: str) -> tuple[int | str, DetectionSample]:
+def coco_image(image: Any, source: str) -> tuple[int | str, DetectionSample]:
     if not isinstance(image, dict) or _id(image.get("id")) is None or not isinstance(image.get("file_name"), str):
         raise DataError(f"{source}: every image needs an 'id' and a 'file_name' (got {str(image)[:120]})")
     width, height = _number(image.get("width")), _number(image.get("height"))
@@ -137,14 +137,14 @@ def parse_coco(
     `class_ids` fixes the label order (the validation file uses the training file's categories); when
     omitted it is the file's categories sorted by id.
     """
-    return sanitize_coco(_load_coco(raw, source), source, class_ids)
+    return sanitize_coco(load_coco(raw, source), source, class_ids)
 
 
 def sanitize_coco(
     coco: Mapping[str, Any], source: str, class_ids: Sequence[int] | None = None
 ) -> tuple[list[DetectionSample], list[str], list[int], AnnotationCounts]:
     """`parse_coco` of a COCO object already read (the other formats' boxes, put in COCO's shape)."""
-    categories = _categories(coco, source)
+    categories = coco_categories(coco, source)
     ids = list(class_ids) if class_ids is not None else sorted(categories)
     if not ids:
         raise DataError(f"{source} has no categories: a detection job needs at least one object class")
@@ -152,7 +152,7 @@ def sanitize_coco(
     label_of = {cid: position + 1 for position, cid in enumerate(ids)}
 
     counts = AnnotationCounts()
-    samples = dict(_image(image, source) for image in coco["images"])
+    samples = dict(coco_image(image, source) for image in coco["images"])
     counts.images = len(samples)
 
     for annotation in coco.get("annotations") or []:

@@ -226,13 +226,16 @@ class S3Store:
         ]
         return objects, not page.get("IsTruncated", False)
 
-    def list_objects(self, prefix: S3Uri, limit: int = MAX_LISTED_OBJECTS) -> list[ObjectInfo]:
-        """Every object under `prefix` (recursively), keys in full; StorageError when there are more
-        than `limit` (the listing stops there rather than filling memory)."""
+    def list_objects(self, prefix: S3Uri, limit: int = MAX_LISTED_OBJECTS, recursive: bool = True) -> list[ObjectInfo]:
+        """Every object under `prefix` (recursively, or with `recursive=False` only those directly under
+        it), keys in full; StorageError when there are more than `limit` (the listing stops there rather
+        than filling memory)."""
         out: list[ObjectInfo] = []
         base = f"{prefix.key}/" if prefix.key else ""
+        within = {} if recursive else {"Delimiter": "/"}
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=prefix.bucket, Prefix=base, **within):
                 for item in page.get("Contents", []):
                     out.append(ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"')))
                 if len(out) > limit:
@@ -327,6 +330,13 @@ class S3Store:
             self.client.upload_file(str(path), uri.bucket, uri.key, Config=TRANSFER_CONFIG)
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, uri, "upload") from None
+
+    def delete(self, uri: S3Uri) -> None:
+        """Remove one object (gone already is fine: S3 answers a missing key's DELETE with success)."""
+        try:
+            self.client.delete_object(Bucket=uri.bucket, Key=uri.key)
+        except (ClientError, BotoCoreError) as error:
+            raise self._storage_error(error, uri, "delete") from None
 
     def copy(self, source: S3Uri, target: S3Uri) -> None:
         """Server-side copy (multipart for big objects): the bytes never pass through this process."""
