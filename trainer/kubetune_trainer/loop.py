@@ -275,18 +275,20 @@ class _Sums:
         return dict(zip(self.names, values.tolist(), strict=True))
 
 
+def first_worker_mark(worker: Worker, milestone: str) -> None:
+    """A start-up milestone in the driver's log (startup.py): rank 0's alone, the others' would repeat it."""
+    if worker.rank == 0:
+        mark(milestone)
+
+
 def train_loop(raw: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: set up, build or resume the state, then train epoch by epoch."""
     worker = start_worker(raw)
-    marks = worker.rank == 0  # start-up milestones in the driver's log (startup.py), rank 0's alone
-    if marks:
-        mark("worker started")
+    first_worker_mark(worker, "worker started")
     model, trainable = build_model(worker)
-    if marks:
-        mark("model built")
+    first_worker_mark(worker, "model built")
     loaders = make_loaders(worker)
-    if marks:
-        mark("data loaders ready")
+    first_worker_mark(worker, "data loaders ready")
     training = worker.config.training
     state = new_state(worker, model, trainable, loaders.steps_per_epoch, training.learning_rate)
     resume(worker, state)
