@@ -8,6 +8,7 @@ its baseline, a finite ratio, a target it can be checked against, and a line in 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -223,3 +224,12 @@ def test_quality_targets_read_against_the_plain_loop_at_one_rate_and_the_best_of
     assert against_the_best.met and against_the_best.compared == pytest.approx(-0.01)
     assert "| -0.010 | difference ≥ -0.02 | yes |" in markdown_table([against_the_best])
     assert from_random.goal is None
+
+
+def test_the_few_shot_task_has_ten_images_a_class_and_five_seeds() -> None:
+    train, validation = quality.classification_data("few")
+    assert sorted(Counter(train.labels).values()) == [10] * 5 and len(validation) > 400
+    assert not {image.tobytes() for image in train.images} & {image.tobytes() for image in validation.images}
+    full = quality.Config.full()
+    assert quality.TASKS["few"].seeds(full) == (0, 1, 2, 3, 4)
+    assert (quality.TASKS["far"].seeds(full), quality.TASKS["detection"].seeds(full)) == ((0, 1, 2), (0, 1))
