@@ -14,8 +14,8 @@ learns the task: the loss keeps falling almost up to the rate where it diverges,
 generalises poorly (the benchmark's few-shot task; bench/results.md, docs/trainer.md). So when the
 bottom of the curve came after more than TRUSTED_PASSES passes over the training data, the chosen rate
 is the bottom's divided by passes / TRUSTED_PASSES: the bottom itself on the benchmark's other tasks
-(192 to 1,200 images, whose bottoms come after 1.8 to 5.6 passes), about a quarter of it on 50 images
-at batch 16 (bottoms after 23 to 25 passes). A pure function of the curve and the data's size, so every
+(192 to 1,200 images, whose bottoms come after 1.7 to 5.6 passes), about a quarter of it on 50 images
+at batch 16 (bottoms after 23 to 26 passes). A pure function of the curve and the data's size, so every
 worker, and every run with the same seed, chooses the same rate.
 
 The smoothing is a centred mean over ±SMOOTHING of the steps: an exponential average (the usual
@@ -49,7 +49,7 @@ SMOOTHING = 0.05
 # Fewer steps than this leave too few points between START_LR and END_LR to find a minimum.
 MIN_STEPS = 20
 # Passes over the training data up to the curve's bottom beyond which the rate is scaled down (the
-# module's docstring): above the 1.8-5.6 of the benchmark's tasks of 192 to 1,200 images.
+# module's docstring): above the 1.7-5.6 of the benchmark's tasks of 192 to 1,200 images.
 TRUSTED_PASSES = 6.0
 
 
