@@ -108,8 +108,9 @@ def test_a_non_finite_loss_ends_the_sweep() -> None:
 
 def test_the_picture_is_a_png_with_the_curve() -> None:
     test = RangeTest([sweep_factor(50)(i) for i in range(50)], [u_curve(sweep_factor(50)(i)) for i in range(50)])
-    picture = Image.open(io.BytesIO(plot_range_test(test, "job: learning-rate range test")))
-    assert picture.format == "PNG" and picture.size[0] >= 800
+    for drawn in (test, u_sweep(3)):  # the second with the curve's bottom marked beside the scaled rate
+        picture = Image.open(io.BytesIO(plot_range_test(drawn, "job: learning-rate range test")))
+        assert picture.format == "PNG" and picture.size[0] >= 800
 
 
 class _Images(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
