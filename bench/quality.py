@@ -1,9 +1,11 @@
 """Fine-tuning quality: validation accuracy (detection: mAP) of a job with kubetune's defaults against a
 plain PyTorch loop from the same base weights, with the same data, epochs and batch size.
 
-Four tasks, made offline (`bench/worlds.py`), each with its own base model pretrained once and cached:
+Five tasks, made offline (`bench/worlds.py`), each with its own base model pretrained once and cached:
 
 - near domain: scikit-learn's digits 5-9 (32 px) from a `test_resnet` pretrained on digits 0-4;
+- few-shot near domain: the same with 10 training images per class (50; 448 validation images), 10
+  epochs of batch 16, where the range test's 100 steps go over the training images 33 times;
 - far domain: one filled shape per image (circle, square, triangle, plus; 64 px, 4 classes, 600 training
   images) from a `test_resnet` pretrained on textures (gratings, checkers, dots, noise);
 - small images: digits of 18-26 px anywhere in a 32 px noisy frame of another colour (10 classes, 1,200
@@ -19,7 +21,8 @@ strategy `full`, layer-wise decay 0.8, a warm-up over the first fifth. Its figur
 validation accuracy (detection: valMap) from model.json. The baseline is `bench/plain_loop.py`: every
 parameter at one constant learning rate with AdamW, no augmentation, at 1e-3 (the learning rate a user
 types, and kubetune's old default) and over a grid of rates (3e-4, 1e-3, 3e-3); from random weights for
-reference. Three seeds per task, two for detection (its runs take four times as long on 2 cores). The
+reference. Three seeds per task, five for the few-shot one (cheap, and its seeds scatter), two for
+detection (its runs take four times as long on 2 cores). The
 range test's steps (100 before training) are not counted in kubetune's budget; the grid's runs are not
 counted in the baseline's.
 
@@ -53,6 +56,7 @@ NOMINAL_LR = 1e-3
 MARGIN = 0.02  # the most kubetune's median may fall below the best of the plain loop's grid
 TEXTURES_BASE = worlds.TEXTURES_BASE
 DIGITS_BASE = worlds.DIGITS_0_4_BASE
+FEW_SHOT_PER_CLASS = 10  # the few-shot task: 50 training images of 5 classes
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,12 @@ class Task:
     base: dict[str, Any] | None = None  # a classifier's pretraining recipe; None: the tests' detector
     # At most this many of the run's seeds (a detection run is ~4x a classification run on 2 cores).
     max_seeds: int | None = None
+    # This many seeds more than the run's (a cheap task whose seeds scatter: 50 images).
+    more_seeds: int = 0
+
+    def seeds(self, config: Config) -> tuple[int, ...]:
+        more = tuple(range(max(config.seeds) + 1, max(config.seeds) + 1 + self.more_seeds))
+        return (config.seeds + more)[: self.max_seeds]
 
     @property
     def detection(self) -> bool:
@@ -79,6 +89,7 @@ TASKS = {
     task.name: task
     for task in (
         Task("near", "near domain (digits 0-4 → 5-9, 32 px)", 32, 3, 32, DIGITS_BASE),
+        Task("few", "few-shot near domain (digits 0-4 → 5-9, 50 images, 32 px)", 32, 10, 16, DIGITS_BASE, more_seeds=2),
         Task("far", "far domain (textures → shapes, 64 px)", 64, 5, 32, TEXTURES_BASE),
         Task("small", "small images (textures → 18-26 px digits in 32 px)", 32, 6, 32, TEXTURES_BASE),
         Task("detection", "detection (boxes of 3 colours → 3 others, 64 px)", 64, 8, 16, max_seeds=2),
@@ -116,6 +127,9 @@ def classification_data(name: str) -> tuple[worlds.LabelledImages, worlds.Labell
     """(train, validation) of a classification task."""
     if name == "near":
         return worlds.split(worlds.digits(range(5, 10)), 0.2, 7)
+    if name == "few":  # the first FEW_SHOT_PER_CLASS of each class; half the digits 5-9 kept for validation
+        train, validation = worlds.split(worlds.digits(range(5, 10)), 0.5, 7)
+        return worlds.per_class(train, FEW_SHOT_PER_CLASS), validation
     if name == "far":
         return (
             worlds.shapes(600, 1, min_size=0.4, max_size=0.7, rotation=25.0, noise=12.0),
@@ -239,7 +253,7 @@ def measure(task: Task, config: Config, fields: dict[str, Any], endpoint: str, c
     """Every seed: kubetune's run, the plain loop over the grid, the plain loop from random weights."""
     samples = Samples(grid={lr: [] for lr in config.grid})
     epochs = config.epochs or task.epochs
-    for seed in config.seeds[: task.max_seeds]:
+    for seed in task.seeds(config):
         value, effective = kubetune_run(job(task, fields, endpoint, seed, epochs, cpus), task.detection)
         samples.kubetune.append(value)
         samples.chosen_lrs.append(float(effective.get("learningRate", 0.0)))

@@ -256,6 +256,17 @@ def subset(images: LabelledImages, count: int) -> LabelledImages:
     return LabelledImages(images.class_names, images.images[:count], images.labels[:count])
 
 
+def per_class(images: LabelledImages, count: int) -> LabelledImages:
+    """The first `count` images of each class, in their order."""
+    seen: dict[int, int] = {}
+    chosen = []
+    for i, label in enumerate(images.labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= count:
+            chosen.append(i)
+    return LabelledImages(images.class_names, [images.images[i] for i in chosen], [images.labels[i] for i in chosen])
+
+
 # -- pretrained base models -------------------------------------------------------------------------
 
 

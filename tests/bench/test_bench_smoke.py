@@ -8,6 +8,7 @@ its baseline, a finite ratio, a target it can be checked against, and a line in 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -277,3 +278,12 @@ def test_time_to_first_step_is_cut_at_the_trainers_start_up_marks() -> None:
     check_rows(rows, first_step.NAME)
     own = next(r for r in rows if r.figure == "operator's and trainer's own shares together")
     assert own.goal == ("<", 5.0)
+
+
+def test_the_few_shot_task_has_ten_images_a_class_and_five_seeds() -> None:
+    train, validation = quality.classification_data("few")
+    assert sorted(Counter(train.labels).values()) == [10] * 5 and len(validation) > 400
+    assert not {image.tobytes() for image in train.images} & {image.tobytes() for image in validation.images}
+    full = quality.Config.full()
+    assert quality.TASKS["few"].seeds(full) == (0, 1, 2, 3, 4)
+    assert (quality.TASKS["far"].seeds(full), quality.TASKS["detection"].seeds(full)) == ((0, 1, 2), (0, 1))

@@ -17,6 +17,7 @@ from kubetune_trainer.data import DatasetIndex
 from kubetune_trainer.lr_range import (
     END_LR,
     START_LR,
+    TRUSTED_PASSES,
     RangeTest,
     find_learning_rate,
     plot_range_test,
@@ -65,6 +66,40 @@ def test_the_chosen_rate_is_the_bottom_of_a_noisy_curve() -> None:
     assert test.stopped_early and test.learning_rates[-1] < 1e-1
 
 
+def u_sweep(steps_per_epoch: int | None) -> RangeTest:
+    """The u-curve's sweep (bottom at 3e-3) on a training set of `steps_per_epoch` batches."""
+    factor = sweep_factor(100)
+    steps = iter(range(100))
+    return run_range_test(
+        lambda *_: torch.tensor(u_curve(factor(next(steps)))),
+        iter([(None, None)] * 100),
+        steps=100,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def test_on_a_dataset_of_many_batches_the_chosen_rate_is_the_bottom_of_the_curve() -> None:
+    # From 12 batches an epoch (192 images at batch 16, the benchmark's detection task) up.
+    for steps_per_epoch in (None, 12, 22, 1000):
+        test = u_sweep(steps_per_epoch)
+        assert test.chosen == test.bottom and 1.5e-3 <= test.bottom <= 4e-3
+        assert test.passes is None or test.passes <= TRUSTED_PASSES
+
+
+def test_on_a_few_dozen_images_the_rate_is_scaled_down_by_the_passes_over_them() -> None:
+    # 50 images at batch 16: 3 batches an epoch, so the bottom comes after ~19 passes over the same images,
+    # where the loss says how fast they are memorised: the rate is scaled down by the passes beyond trusted.
+    test, larger = u_sweep(3), u_sweep(22)
+    assert test.bottom == larger.bottom and test.passes == pytest.approx((test.bottom_step + 1) / 3)
+    assert test.passes > 3 * TRUSTED_PASSES
+    assert test.chosen == pytest.approx(test.bottom * TRUSTED_PASSES / test.passes)
+    assert test.chosen < test.bottom / 3
+    wire = test.wire()
+    assert (wire["chosen"], wire["bottom"], wire["passes"]) == (test.chosen, test.bottom, round(test.passes, 2))
+    # The same curve and data size give the same rate (a run's workers and a resumed run agree).
+    assert u_sweep(3).chosen == test.chosen
+
+
 def test_a_non_finite_loss_ends_the_sweep() -> None:
     losses = iter([1.0] * 30 + [math.nan] + [0.1] * 69)
     test = run_range_test(lambda *_: torch.tensor(next(losses)), iter([(None, None)] * 100), steps=100)
@@ -73,8 +108,9 @@ def test_a_non_finite_loss_ends_the_sweep() -> None:
 
 def test_the_picture_is_a_png_with_the_curve() -> None:
     test = RangeTest([sweep_factor(50)(i) for i in range(50)], [u_curve(sweep_factor(50)(i)) for i in range(50)])
-    picture = Image.open(io.BytesIO(plot_range_test(test, "job: learning-rate range test")))
-    assert picture.format == "PNG" and picture.size[0] >= 800
+    for drawn in (test, u_sweep(3)):  # the second with the curve's bottom marked beside the scaled rate
+        picture = Image.open(io.BytesIO(plot_range_test(drawn, "job: learning-rate range test")))
+        assert picture.format == "PNG" and picture.size[0] >= 800
 
 
 class _Images(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
@@ -114,11 +150,24 @@ def test_the_test_leaves_the_model_as_it_found_it() -> None:
     plan = apply_strategy(model, "full")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     task = ClassificationTask(config(), DatasetIndex("data", ["a", "b", "c", "d"], [], []))
-    test = find_learning_rate(task, config(), model, plan, batches(), torch.device("cpu"), steps=40)
+    test = find_learning_rate(task, config(), model, plan, batches(), torch.device("cpu"), 4, steps=40)
     assert len(test.losses) >= 20 and START_LR <= test.chosen <= END_LR
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights or BatchNorm statistics changed"
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_on_64_images_the_run_is_told_a_rate_scaled_for_their_few_batches() -> None:
+    """The whole test on a tiny problem (64 images, batch 16: 4 batches an epoch, 100 steps): the bottom
+    comes after well over TRUSTED_PASSES passes, and the rate chosen is scaled down into a sane band."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 4)
+    task = ClassificationTask(config(), DatasetIndex("data", ["a", "b", "c", "d"], [], []))
+    plan = apply_strategy(model, "full")
+    test = find_learning_rate(task, config(), model, plan, batches(), torch.device("cpu"), 4)
+    assert test.passes is not None and test.passes > 2 * TRUSTED_PASSES
+    assert test.chosen == pytest.approx(test.bottom * TRUSTED_PASSES / test.passes)
+    assert 5e-4 <= test.chosen <= 1e-2
 
 
 def test_warm_up_is_the_first_fifth_unless_set() -> None:

@@ -468,7 +468,14 @@ def range_test(worker: Worker, state: TrainState, loaders: Loaders) -> RangeTest
 
     batches = cycle(loaders.train, lambda epoch: loaders.sampler.set_epoch(epoch))
     tested = find_learning_rate(
-        worker.task, worker.config, state.model, state.trainable, batches, worker.device, mean_across_workers
+        worker.task,
+        worker.config,
+        state.model,
+        state.trainable,
+        batches,
+        worker.device,
+        steps_per_epoch(loaders.sampler),
+        mean_across_workers,
     )
     if worker.rank == 0:
         title = f"{worker.config.job_name}: learning-rate range test ({len(tested.losses)} steps)"

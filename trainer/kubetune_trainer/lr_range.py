@@ -8,6 +8,16 @@ after the warm-up and decayed by the cosine: measured on the fine-tuning quality
 within the best of a grid of fixed rates on every task (bench/results.md, docs/trainer.md), where the
 usual "a tenth of it" falls short on short runs.
 
+On a small dataset the test's 100 steps go over the same images many times (50 images at batch 16:
+33 times), and the curve then says how fast the model memorises those images rather than how fast it
+learns the task: the loss keeps falling almost up to the rate where it diverges, and a run at that rate
+generalises poorly (the benchmark's few-shot task; bench/results.md, docs/trainer.md). So when the
+bottom of the curve came after more than TRUSTED_PASSES passes over the training data, the chosen rate
+is the bottom's divided by passes / TRUSTED_PASSES: the bottom itself on the benchmark's other tasks
+(192 to 1,200 images, whose bottoms come after 1.7 to 5.6 passes), about a quarter of it on 50 images
+at batch 16 (bottoms after 23 to 26 passes). A pure function of the curve and the data's size, so every
+worker, and every run with the same seed, chooses the same rate.
+
 The smoothing is a centred mean over ±SMOOTHING of the steps: an exponential average (the usual
 choice) lags behind the rate and moves the minimum to higher rates. The test stops early once the
 smoothed loss exceeds DIVERGENCE times its minimum, or a loss is not finite. The weights, the optimizer
@@ -38,6 +48,9 @@ DIVERGENCE = 4.0
 SMOOTHING = 0.05
 # Fewer steps than this leave too few points between START_LR and END_LR to find a minimum.
 MIN_STEPS = 20
+# Passes over the training data up to the curve's bottom beyond which the rate is scaled down (the
+# module's docstring): above the 1.7-5.6 of the benchmark's tasks of 192 to 1,200 images.
+TRUSTED_PASSES = 6.0
 
 
 def sweep_factor(steps: int) -> Callable[[int], float]:
@@ -66,27 +79,49 @@ class RangeTest:
     learning_rates: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    # Batches in one pass over the training data (all workers together); None: not known, never scaled.
+    steps_per_epoch: int | None = None
 
     @property
     def smoothed(self) -> list[float]:
         return smooth(self.losses)
 
     @property
-    def chosen(self) -> float:
-        """The rate at the bottom of the smoothed loss curve."""
+    def bottom_step(self) -> int:
+        """The step at the bottom of the smoothed loss curve."""
         if not self.losses:
             raise ValueError("the range test recorded no steps")
         curve = self.smoothed
-        return self.learning_rates[min(range(len(curve)), key=curve.__getitem__)]
+        return min(range(len(curve)), key=curve.__getitem__)
+
+    @property
+    def bottom(self) -> float:
+        """The rate at the bottom of the smoothed loss curve."""
+        return self.learning_rates[self.bottom_step]
+
+    @property
+    def passes(self) -> float | None:
+        """Passes over the training data up to the bottom of the curve (None: the data's size is not known)."""
+        if not self.steps_per_epoch:
+            return None
+        return (self.bottom_step + 1) / self.steps_per_epoch
+
+    @property
+    def chosen(self) -> float:
+        """The bottom's rate, divided by the passes beyond TRUSTED_PASSES it took (small data)."""
+        passes = self.passes
+        return self.bottom / max(1.0, (passes or 0.0) / TRUSTED_PASSES)
 
     def wire(self) -> dict[str, Any]:
+        passes = self.passes
         return {
             "chosen": self.chosen,
+            "bottom": self.bottom,
             "steps": len(self.losses),
             "from": START_LR,
             "to": self.learning_rates[-1] if self.learning_rates else START_LR,
             "stoppedEarly": self.stopped_early,
-        }
+        } | ({"passes": round(passes, 2)} if passes is not None else {})
 
 
 def run_range_test(
@@ -94,11 +129,13 @@ def run_range_test(
     batches: Iterator[tuple[Any, Any]],
     steps: int = STEPS,
     mean_across_workers: Callable[[float], float] = lambda loss: loss,
+    steps_per_epoch: int | None = None,
 ) -> RangeTest:
     """Run `train_step` (whose schedule follows `sweep_factor(steps)`) on `steps` batches; the loss of
-    each step, averaged over the workers so that every worker records and chooses the same."""
+    each step, averaged over the workers so that every worker records and chooses the same.
+    `steps_per_epoch`: batches in one pass over the training data, for the small-data scaling."""
     factor = sweep_factor(steps)
-    test = RangeTest()
+    test = RangeTest(steps_per_epoch=steps_per_epoch)
     lowest = math.inf
     for step in range(steps):
         inputs, targets = next(batches)
@@ -132,11 +169,13 @@ def find_learning_rate(
     trainable: TrainablePlan,
     batches: Iterator[tuple[Any, Any]],
     device: torch.device,
+    steps_per_epoch: int,
     mean_across_workers: Callable[[float], float] = lambda loss: loss,
     steps: int = STEPS,
 ) -> RangeTest:
     """The range test on `model` with the run's own optimizer, parameter groups (their ratios to the
-    head's rate), precision and training step; the model is as it was afterwards (weights and buffers)."""
+    head's rate), precision and training step, on `batches` of a training set of `steps_per_epoch`
+    batches; the model is as it was afterwards (weights and buffers)."""
     import torch
 
     from kubetune_trainer.checkpoint import unwrap
@@ -160,7 +199,7 @@ def find_learning_rate(
     stepper = task.stepper(model, optimizer, schedule, scaler, autocast_for(device, training.precision), device)
     set_train_mode(model, trainable)
     try:
-        return run_range_test(stepper.train_step, batches, steps, mean_across_workers)
+        return run_range_test(stepper.train_step, batches, steps, mean_across_workers, steps_per_epoch)
     finally:
         model.load_state_dict(saved)
         optimizer.zero_grad(set_to_none=True)
@@ -176,6 +215,9 @@ def plot_range_test(test: RangeTest, title: str) -> bytes:
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=110)
     axes.plot(test.learning_rates, test.losses, color="#bbbbbb", linewidth=1, label="loss per step")
     axes.plot(test.learning_rates, test.smoothed, color="#1f77b4", linewidth=2, label="smoothed")
+    if test.chosen != test.bottom:
+        label = f"bottom: {test.bottom:.2g} ({test.passes or 0:.0f} passes over the data)"
+        axes.axvline(test.bottom, color="#999999", linestyle=":", label=label)
     axes.axvline(test.chosen, color="#d62728", linestyle="--", label=f"chosen: {test.chosen:.2g}")
     axes.set_xscale("log")
     axes.set_xlabel("learning rate (peak of the schedule)")

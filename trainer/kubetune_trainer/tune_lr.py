@@ -16,7 +16,7 @@ from typing import Any
 
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.local import guarded, setup_logging, with_endpoint
-from kubetune_trainer.lr_range import RangeTest, cycle, find_learning_rate, plot_range_test
+from kubetune_trainer.lr_range import TRUSTED_PASSES, RangeTest, cycle, find_learning_rate, plot_range_test
 from kubetune_trainer.reporting import format_duration
 
 
@@ -59,7 +59,8 @@ def range_test_here(config: TrainerConfig, steps: int) -> RangeTest:
         collate_fn=task.collate,
         drop_last=len(train_set) > batch,  # as the workers: no last batch of one image for BatchNorm
     )
-    return find_learning_rate(task, config, model, trainable, on_device(cycle(loader), device), device, steps=steps)
+    batches = on_device(cycle(loader), device)
+    return find_learning_rate(task, config, model, trainable, batches, device, len(loader), steps=steps)
 
 
 def tune_lr_local(config: TrainerConfig, *, s3_endpoint: str | None, steps: int, picture: Path) -> int:
@@ -75,7 +76,7 @@ def tune_lr_local(config: TrainerConfig, *, s3_endpoint: str | None, steps: int,
         print(
             f"kubetune: {len(test.losses)} steps from {test.learning_rates[0]:.0e} to {test.learning_rates[-1]:.2g}"
             f"{' (stopped: the loss diverged)' if test.stopped_early else ''} in "
-            f"{format_duration(time.monotonic() - started)}; lowest smoothed loss {lowest:.4g}"
+            f"{format_duration(time.monotonic() - started)}; lowest smoothed loss {lowest:.4g}{_scaled(test)}"
         )
         print(f"kubetune: learning rate {test.chosen:.2g} (training.learningRate: {_yaml_number(test.chosen)})")
         print(f"kubetune: curve in {picture}")
@@ -83,6 +84,16 @@ def tune_lr_local(config: TrainerConfig, *, s3_endpoint: str | None, steps: int,
         return 0
 
     return guarded(run)
+
+
+def _scaled(test: RangeTest) -> str:
+    """Why the rate is below the curve's bottom, if it is (a small dataset: `lr_range`)."""
+    if test.chosen == test.bottom:
+        return ""
+    return (
+        f" at {test.bottom:.2g}, after {test.passes or 0:.0f} passes over the training data"
+        f" (more than {TRUSTED_PASSES:g}: a small dataset, so the rate is scaled down)"
+    )
 
 
 def _yaml_number(value: float) -> str:
