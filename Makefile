@@ -70,7 +70,7 @@ bench: setup
 # The chaos soak (not part of `make test`): a stream of small jobs on the dev cluster for MINUTES while a
 # schedule drawn from SEED injects faults; writes soak/results.md, fails when an invariant does.
 MINUTES ?= 20
-JOBS ?= 12
+JOBS ?= 8
 SEED ?= 23
 soak: setup
 	$(PY) -m kubetune_dev.soak --minutes $(MINUTES) --jobs $(JOBS) --seed $(SEED)

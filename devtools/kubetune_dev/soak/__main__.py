@@ -1,4 +1,4 @@
-"""`python -m kubetune_dev.soak --minutes 20 --jobs 12 --seed 23`: the chaos soak (`make soak`), from the
+"""`python -m kubetune_dev.soak --minutes 20 --jobs 8 --seed 23`: the chaos soak (`make soak`), from the
 repository root. Exit status 1 when any invariant failed (soak/results.md says which)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kubetune_dev.soak.schedule import FAULT_KINDS
 
-DEFAULTS = {"minutes": 20.0, "jobs": 12, "seed": 23}
+DEFAULTS = {"minutes": 20.0, "jobs": 8, "seed": 23}
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

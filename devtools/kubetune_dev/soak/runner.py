@@ -31,7 +31,7 @@ CLEANUP_S = 120.0  # how long finished jobs' Ray clusters may take to go
 @dataclass(frozen=True)
 class Options:
     minutes: float = 20.0
-    jobs: int = 12
+    jobs: int = 8
     seed: int = 23
     kinds: tuple[str, ...] = FAULT_KINDS
     results: Path = Path("soak") / "results.md"
