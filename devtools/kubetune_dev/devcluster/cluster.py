@@ -5,13 +5,14 @@
         cluster.start_operator()                # the real kopf operator, in this process
         cluster.wait_for("kubetune.dev", "v1alpha1", "finetunejobs", "default", "job", lambda o: ...)
 
-Handles for fault tests: `cluster.s3_faults` (fail, drop or deny S3 for a while),
+Handles for fault tests: `cluster.s3_faults` (fail, drop, slow or deny S3 for a while),
 `cluster.fail_api(...)` (the next N matching API requests fail, or all for a while), `cluster.on_api(...)`
-(an action at the moment a matching request arrives), `cluster.restart_api()` (watches cut, then served again), `cluster.stop_operator(abrupt=True)` then
-`start_operator()` (an operator restart), `cluster.start_operator_process()` (`python -m kubetune_operator`
-as its own process, to SIGKILL), `cluster.kill_train_worker()` (SIGKILL a Ray Train worker),
-`cluster.kill_driver()` (SIGKILL a RayJob's driver), and `cluster.api.history(...)` (every version of an
-object a watch saw).
+(an action at the moment a matching request arrives), `cluster.restart_api()` (every connection and watch
+cut, then served again), `cluster.stop_operator(abrupt=True)` then `start_operator()` (an operator restart),
+`cluster.start_operator_process()` (`python -m kubetune_operator` as its own process, to SIGKILL),
+`cluster.kill_train_worker()` (SIGKILL a Ray Train worker), `cluster.kill_driver()` (SIGKILL a RayJob's
+driver), `cluster.api.history(...)` (every version of an object a watch saw) and `cluster.api.created(...)`
+(every object of a kind ever created).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ why it hit nothing (no job running, the job's fault budget spent, the moment nev
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ from kubetune_dev.soak.schedule import FAULT_KINDS, JOB_FAULTS, PlannedFault
 from kubetune_dev.soak.world import SoakWorld
 from tests.support.busy_world import NS, progress_of
 
+log = logging.getLogger(__name__)
 ARMED_FOR_S = 90.0  # how long an operator kill waits for its launch or status write to come
 S3_SLOW_DELAY_S = 1.5
 OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")  # the User-Agents of the operator's two API clients
@@ -56,6 +58,7 @@ def inject(ctx: Injection, fault: PlannedFault) -> FaultRecord:
         INJECTORS[fault.kind](ctx, record)
     except Exception as exc:  # recorded; the soak goes on (the invariants judge the jobs)
         record.detail = f"the injector failed: {type(exc).__name__}: {exc}"
+    log.info("fault %s%s: %s", fault.kind, f" on {record.target}" if record.target else "", record.detail)
     return record
 
 
