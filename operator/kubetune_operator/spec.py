@@ -38,6 +38,7 @@ from kubetune_trainer.config import (
     OutputSpec,
     SpecSection,
     StorageSpec,
+    SweepSpec,
     Task,
     TrainingSpec,
     cel,
@@ -317,6 +318,11 @@ class FineTuneJobSpec(SpecSection):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Workers and their resources.")
     output: OutputSpec = Field(description="Where checkpoints and the exported model go.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint and credentials.")
+    sweep: SweepSpec | None = Field(
+        default=None,
+        description="A hyperparameter sweep: trials of this spec with other values of some fields (Ray Tune); the "
+        "best trial's model is exported. See docs/sweeps.md.",
+    )
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy,
         description="Retries, deadlines, suspension, queueing, and how long a failed job's Ray head stays.",

@@ -44,4 +44,5 @@ def trainer_config(job: FineTuneJob, progress: ProgressTarget | None = None) -> 
         max_preemptions=policy.max_preemptions,
         preemption_grace_seconds=policy.preemption_grace_seconds,
         progress=progress,
+        sweep=spec.sweep,
     )

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
@@ -75,6 +76,7 @@ OUTPUT_FILES = {
 MAX_CLASSES = 100_000
 # The most epochs a run may have (spec.training.epochs, and what a progress update may say).
 MAX_EPOCHS = 1000
+MAX_WORKERS = 256  # Ray Train workers of a run (spec.resources.workers, and what progress reports)
 CHECKPOINT_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.(safetensors|pt|pth|bin)$"
 ARCHITECTURE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]*$"
 ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
@@ -792,6 +794,140 @@ class TrainingSpec(SpecSection):
         return None if self.checkpoint_every == EPOCH else duration_seconds(self.checkpoint_every)
 
 
+# -- sweeps (spec.sweep): Ray Tune over the spec's own fields ------------------------------------------
+
+MAX_SWEEP_TRIALS = 1000
+MAX_SWEEP_PARAMETERS = 16
+MAX_SWEEP_VALUES = 64
+
+
+@dataclass(frozen=True)
+class Sweepable:
+    """A spec field a sweep may vary, and the distributions it accepts.
+
+    `kind` says which of a parameter's keys it takes: "number" (values, uniform, loguniform), "integer"
+    (values only: batch sizes and stage counts are grids, not ranges) or "choice" (choices only).
+    """
+
+    field: str  # the spec path, camelCase, as users write it in sweep.parameters[].field
+    kind: Literal["number", "integer", "choice"]
+
+
+# The one table of sweepable fields. Each trial's spec is the job's spec with the trial's values set, and is
+# validated like any spec (model.trainableLayers applies to the trials whose strategy is partial).
+SWEEPABLE: tuple[Sweepable, ...] = (
+    Sweepable("training.learningRate", "number"),
+    Sweepable("training.weightDecay", "number"),
+    Sweepable("training.batchSize", "integer"),
+    Sweepable("training.labelSmoothing", "number"),
+    Sweepable("training.mixupAlpha", "number"),
+    Sweepable("model.strategy", "choice"),
+    Sweepable("model.trainableLayers", "integer"),
+    Sweepable("data.augment", "choice"),
+)
+SweepField = Literal[
+    "training.learningRate",
+    "training.weightDecay",
+    "training.batchSize",
+    "training.labelSmoothing",
+    "training.mixupAlpha",
+    "model.strategy",
+    "model.trainableLayers",
+    "data.augment",
+]
+SWEEPABLE_BY_FIELD = {item.field: item for item in SWEEPABLE}
+
+
+class SweepRange(SpecSection):
+    """A continuous range of a number, both ends included."""
+
+    min: float = Field(ge=0.0, description="Lowest value (above 0 for loguniform).")
+    max: float = Field(ge=0.0, description="Highest value, above min.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SweepRange:
+        if not self.max > self.min:
+            raise ValueError(f"max: must be above min ({self.min}) (got {self.max})")
+        return self
+
+
+class SweepParameter(SpecSection):
+    """One field a sweep varies: exactly one of values, choices, uniform or loguniform."""
+
+    field: SweepField = Field(description="The spec field: " + ", ".join(item.field for item in SWEEPABLE) + ".")
+    values: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SWEEP_VALUES,
+        description="Numbers to choose from (number and integer fields).",
+    )
+    choices: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SWEEP_VALUES,
+        description="Names to choose from (model.strategy, data.augment).",
+    )
+    uniform: SweepRange | None = Field(default=None, description="Sampled uniformly between min and max.")
+    loguniform: SweepRange | None = Field(
+        default=None, description="Sampled uniformly in log space between min and max (min above 0)."
+    )
+
+    @model_validator(mode="after")
+    def _one_distribution_of_the_field_s_kind(self) -> SweepParameter:
+        given = [key for key in ("values", "choices", "uniform", "loguniform") if getattr(self, key) is not None]
+        kind = SWEEPABLE_BY_FIELD[self.field].kind
+        allowed = {"number": ("values", "uniform", "loguniform"), "integer": ("values",), "choice": ("choices",)}[kind]
+        if len(given) != 1 or given[0] not in allowed:
+            raise ValueError(
+                f"{self.field}: set exactly one of {', '.join(allowed)} (got {', '.join(given) or 'none'})"
+            )
+        if kind == "integer" and self.values and any(v != int(v) for v in self.values):
+            raise ValueError(f"{self.field}: values must be whole numbers (got {self.values})")
+        if self.loguniform is not None and self.loguniform.min <= 0:
+            raise ValueError(f"{self.field}: loguniform.min must be above 0 (got {self.loguniform.min})")
+        return self
+
+
+class SweepScheduler(SpecSection):
+    """How trials are stopped early: asha (Ray Tune's ASHA) or fifo (every trial runs all its epochs)."""
+
+    type: Literal["asha", "fifo"] = Field(default="asha", description="asha or fifo.")
+    grace_period: int = Field(
+        default=1, ge=1, le=MAX_EPOCHS, description="ASHA: epochs every trial trains before it may be stopped."
+    )
+    reduction_factor: int = Field(
+        default=3, ge=2, le=8, description="ASHA: each rung keeps about 1/reductionFactor of the trials."
+    )
+
+
+class SweepSpec(SpecSection):
+    """A hyperparameter sweep inside the job: trials of the same training, each with other values of
+    `parameters`; the best trial by `metric` is exported as the job's model."""
+
+    parameters: list[SweepParameter] = Field(
+        min_length=1, max_length=MAX_SWEEP_PARAMETERS, description="The fields to vary, each once."
+    )
+    trials: int = Field(default=8, ge=1, le=MAX_SWEEP_TRIALS, description="Trials to run in all.")
+    max_concurrent_trials: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Trials at once; each takes resources.workers workers, so the Ray cluster has this many times "
+        "as many.",
+    )
+    metric: SelectBy | None = Field(
+        default=None,
+        description="The validation figure that ranks trials; omitted: training.selectBy or the task's default.",
+    )
+    mode: Literal["max", "min"] | None = Field(
+        default=None, description="max or min; omitted: min for valLoss, max otherwise."
+    )
+    scheduler: SweepScheduler = Field(default_factory=SweepScheduler, description="Early stopping of poor trials.")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Seed of the trials' sampling; omitted: training.seed."
+    )
+
+
 ExportFormat = Literal["safetensors", "onnx", "torchscript"]
 FORMATS_RULE = cel(
     "!has(self.formats) || 'safetensors' in self.formats",
@@ -1120,9 +1256,6 @@ class ProgressTarget(CamelModel):
     token_path: str = Field(description="File holding the projected ServiceAccount token.")
 
 
-MAX_WORKERS = 256  # Ray Train workers of a run (spec.resources.workers, and what progress reports)
-
-
 class ScalingSpec(CamelModel):
     """The Ray Train workers, as the trainer sees them: `workers` (the minimum, and the reference count of
     the global batch), and for elastic training `maxWorkers` above it."""
@@ -1175,6 +1308,7 @@ class TrainerConfig(CamelModel):
         description="Seconds from a preemption notice (SIGTERM, a Ray node drain) until the node goes.",
     )
     progress: ProgressTarget | None = None
+    sweep: SweepSpec | None = Field(default=None, description="A hyperparameter sweep (spec.sweep); None: one run.")
 
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> TrainerConfig:

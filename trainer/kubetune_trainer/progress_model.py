@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, create_model
 from pydantic.alias_generators import to_camel
 
-from kubetune_trainer.config import MAX_EPOCHS, MAX_WORKERS, S3_PREFIX_PATTERN, CamelModel, Task
+from kubetune_trainer.config import (
+    MAX_EPOCHS,
+    MAX_SWEEP_PARAMETERS,
+    MAX_SWEEP_TRIALS,
+    MAX_WORKERS,
+    S3_PREFIX_PATTERN,
+    CamelModel,
+    Task,
+)
 
 # Steps stay integers that JSON and the status (int64) hold exactly; a checkpoint URI is an S3 key (at
 # most 1,024 bytes) in a bucket (at most 63 characters).
@@ -191,6 +199,32 @@ class TrainingSettings(CamelModel):
         )
 
 
+MAX_TRIAL_ID = 64
+MAX_PARAMETER_TEXT = 64
+
+
+class SweepProgress(CamelModel):
+    """Where a sweep (spec.sweep) is: its trials by state and the best so far. The operator writes it as
+    status.sweep; its counts are bounded by spec.sweep.trials, so metrics made from them stay bounded."""
+
+    trials: int = Field(ge=1, le=MAX_SWEEP_TRIALS, description="Trials the sweep runs in all (spec.sweep.trials).")
+    pending: int = Field(default=0, ge=0, le=MAX_SWEEP_TRIALS, description="Trials not started yet.")
+    running: int = Field(default=0, ge=0, le=MAX_SWEEP_TRIALS, description="Trials training now.")
+    done: int = Field(default=0, ge=0, le=MAX_SWEEP_TRIALS, description="Trials that trained all their epochs.")
+    stopped: int = Field(
+        default=0, ge=0, le=MAX_SWEEP_TRIALS, description="Trials the scheduler (ASHA) stopped early as poor."
+    )
+    failed: int = Field(default=0, ge=0, le=MAX_SWEEP_TRIALS, description="Trials that failed past their retries.")
+    metric: str = Field(max_length=32, description="The validation figure that ranks trials (spec.sweep.metric).")
+    best_trial: str | None = Field(default=None, max_length=MAX_TRIAL_ID, description="The best trial's id.")
+    best_value: float | None = Field(default=None, description="The best trial's best value of the metric.")
+    best_parameters: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_SWEEP_PARAMETERS,
+        description="The best trial's values of the swept fields (spec path to the value as text).",
+    )
+
+
 class ProgressUpdate(CamelModel):
     """Where a run is: the message from the trainer to the operator (and the console)."""
 
@@ -252,6 +286,10 @@ class ProgressUpdate(CamelModel):
         default=None,
         description="True once spec.training.earlyStopping has ended training before its last epoch (the best "
         "epoch is exported all the same).",
+    )
+    sweep: SweepProgress | None = Field(
+        default=None,
+        description="Sweeps only: the trials by state and the best so far (the other fields follow the best trial).",
     )
 
 
