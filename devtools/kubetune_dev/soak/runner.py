@@ -24,7 +24,7 @@ from kubetune_dev.soak.schedule import FAULT_KINDS, Plan, plan
 from kubetune_dev.soak.world import RSS_EVERY_S, SoakWorld
 from tests.support.busy_world import FTJ, NS, RAYCLUSTERS, RAYJOBS, progress_of
 
-DRAIN_S = 900.0  # how long the jobs may run on after the window
+DRAIN_S = 1800.0  # how long the jobs may run on after the window (2 cores shared with other work: long)
 CLEANUP_S = 120.0  # how long finished jobs' Ray clusters may take to go
 
 
@@ -81,7 +81,7 @@ def run(options: Options) -> Outcome:
 def _soak(world: SoakWorld, soak_plan: Plan, options: Options, run_tmp: Path) -> Outcome:
     started = time.time()
     window_end = started + options.minutes * 60.0
-    stream = JobStream(world, soak_plan.jobs, started, options.concurrent)
+    stream = JobStream(world, soak_plan.jobs, started, window_end + DRAIN_S, options.concurrent)
     faults: list[FaultRecord] = []
     done = threading.Event()
     threads = [
@@ -92,7 +92,7 @@ def _soak(world: SoakWorld, soak_plan: Plan, options: Options, run_tmp: Path) ->
     for thread in threads:
         thread.start()
     threads[0].join()
-    drained = stream.join(max(0.0, window_end - time.time()) + DRAIN_S)
+    drained = stream.join(max(0.0, stream.deadline - time.time()) + 60.0)
     notes = [] if drained else [f"jobs still running {DRAIN_S:.0f}s after the window: not drained"]
     checks = [check for record in stream.records.values() for check in job_checks(world, record)]
     checks.append(orphan_check(world, run_tmp))
