@@ -33,7 +33,7 @@ def test_a_short_soak_with_faults_passes_every_invariant_and_writes_its_results(
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=840,
     )
     text = results.read_text() if results.exists() else ""
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}\n{text}"
