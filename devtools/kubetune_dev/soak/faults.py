@@ -19,10 +19,11 @@ import kmock
 from kubetune_dev.soak.jobs import BACKOFF_LIMIT, MAX_RETRIES, JobRecord, JobStream
 from kubetune_dev.soak.schedule import FAULT_KINDS, JOB_FAULTS, PlannedFault
 from kubetune_dev.soak.world import SoakWorld
-from tests.support.busy_world import NS, progress_of
+from tests.support.busy_world import NS
 
 log = logging.getLogger(__name__)
 ARMED_FOR_S = 90.0  # how long an operator kill waits for its launch or status write to come
+TARGET_WAIT_S = 60.0  # how long a job fault waits for a job that is training
 S3_SLOW_DELAY_S = 1.5
 OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")  # the User-Agents of the operator's two API clients
 
@@ -85,7 +86,7 @@ def _kill_operator_at(ctx: Injection, record: FaultRecord, what: str, *criteria:
     def matches(request: Any) -> bool:
         hit = armed.is_set() and _from_operator(request) and (what != STATUS_WRITE or "status" in (request.data or {}))
         if hit:
-            seen["name"] = request.name
+            seen["name"] = request.name or ((request.data or {}).get("metadata") or {}).get("name")
         return hit
 
     def kill() -> None:
@@ -101,14 +102,14 @@ def _kill_operator_at(ctx: Injection, record: FaultRecord, what: str, *criteria:
     record.injected_at, record.target = time.time(), str(seen.get("name") or "")
     ctx.world.restart_operator(record.planned.seconds)
     record.duration = time.time() - record.injected_at
-    record.detail = f"SIGKILL during {what}; up again after {record.duration:.1f}s"
+    record.detail = f"SIGKILL during a {what}; up again after {record.duration:.1f}s"
 
 
-STATUS_WRITE = "a status write"
+STATUS_WRITE = "status write"
 
 
 def operator_kill_launch(ctx: Injection, record: FaultRecord) -> None:
-    _kill_operator_at(ctx, record, "a RayJob create", "post", kmock.resource("ray.io", "v1", "rayjobs"))
+    _kill_operator_at(ctx, record, "RayJob create", "post", kmock.resource("ray.io", "v1", "rayjobs"))
 
 
 def operator_kill_status_write(ctx: Injection, record: FaultRecord) -> None:
@@ -118,37 +119,48 @@ def operator_kill_status_write(ctx: Injection, record: FaultRecord) -> None:
 # --- Ray ---------------------------------------------------------------------------------------------
 
 
-def _target(ctx: Injection, record: FaultRecord, budget: Callable[[JobRecord], bool]) -> JobRecord | None:
-    """A running (status Running) job with budget left for this fault, chosen by the plan's `pick`."""
-    candidates = []
-    for job in ctx.stream.running():
-        state = ctx.world.job(job.name)
-        if ((state or {}).get("status") or {}).get("phase") == "Running" and budget(job):
-            candidates.append(job)
-    if not candidates:
-        record.detail = "no running job with budget left"
-        return None
-    job = candidates[int(record.planned.pick * len(candidates))]
-    progress = progress_of(ctx.world.job(job.name))
-    record.target, record.position = job.name, (int(progress.get("epoch") or 0), int(progress.get("step") or 0))
-    return job
+def _training(ctx: Injection, job: JobRecord) -> dict[str, Any] | None:
+    """The job's status.progress if it is training (status Running, a step reported), else None."""
+    status = (ctx.world.job(job.name) or {}).get("status") or {}
+    progress: dict[str, Any] = status.get("progress") or {}
+    return progress if status.get("phase") == "Running" and int(progress.get("step") or 0) >= 1 else None
+
+
+def _hit_a_job(
+    ctx: Injection, record: FaultRecord, budget: Callable[[JobRecord], bool], hit: Callable[[JobRecord], int | None]
+) -> JobRecord | None:
+    """`hit` (returning the pid it signalled, None if the process is not there yet) a training job with budget
+    left, chosen by the plan's `pick`; tried for up to TARGET_WAIT_S, as jobs spend much of their life
+    starting Ray. The job hit, or None (`record.detail` says why)."""
+    deadline = time.monotonic() + TARGET_WAIT_S
+    record.detail = "no training job with budget left"
+    while True:
+        with ctx.stream.lock:
+            candidates = [(job, p) for job in ctx.stream.running() if budget(job) and (p := _training(ctx, job))]
+            if candidates:
+                job, progress = candidates[int(record.planned.pick * len(candidates))]
+                pid = hit(job)
+                if pid is not None:
+                    record.injected_at, record.target = time.time(), job.name
+                    record.position = (int(progress.get("epoch") or 0), int(progress.get("step") or 0))
+                    record.detail = f"pid {pid}"
+                    return job
+                record.detail = f"{job.name}: the process was not there yet"
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(2.0)
 
 
 def _kill_worker(ctx: Injection, record: FaultRecord, sig: int) -> None:
     def budget(job: JobRecord) -> bool:  # a preemption costs no retry
         return sig != signal.SIGKILL or job.worker_kills < MAX_RETRIES
 
-    with ctx.stream.lock:
-        job = _target(ctx, record, budget)
-        if job is None:
-            return
-        pid = ctx.world.cluster.kill_train_worker(NS, job.name, sig)
-        if pid is None:
-            record.detail = "no Ray Train worker yet"
-            return
-        if sig == signal.SIGKILL:
-            job.worker_kills += 1
-    record.injected_at, record.detail = time.time(), f"{signal.Signals(sig).name} to Ray Train worker pid {pid}"
+    job = _hit_a_job(ctx, record, budget, lambda job: ctx.world.cluster.kill_train_worker(NS, job.name, sig))
+    if job is None:
+        return
+    if sig == signal.SIGKILL:
+        job.worker_kills += 1
+    record.detail = f"{signal.Signals(sig).name} to a Ray Train worker, {record.detail}"
 
 
 def worker_kill(ctx: Injection, record: FaultRecord) -> None:
@@ -160,16 +172,14 @@ def worker_preempt(ctx: Injection, record: FaultRecord) -> None:
 
 
 def driver_kill(ctx: Injection, record: FaultRecord) -> None:
-    with ctx.stream.lock:
-        job = _target(ctx, record, lambda job: job.driver_kills < BACKOFF_LIMIT)
-        if job is None:
-            return
-        pid = ctx.world.cluster.kill_driver(NS, job.name)
-        if pid is None:
-            record.detail = "no driver running"
-            return
-        job.driver_kills += 1
-    record.injected_at, record.detail = time.time(), f"SIGKILL to the driver, pid {pid}"
+    def budget(job: JobRecord) -> bool:
+        return job.driver_kills < BACKOFF_LIMIT
+
+    job = _hit_a_job(ctx, record, budget, lambda job: ctx.world.cluster.kill_driver(NS, job.name))
+    if job is None:
+        return
+    job.driver_kills += 1
+    record.detail = f"SIGKILL to the driver, {record.detail}"
 
 
 # --- S3, the API, the progress endpoint -----------------------------------------------------------------

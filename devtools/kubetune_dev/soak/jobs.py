@@ -146,7 +146,7 @@ class JobStream:
                 if record.planned.action != "delete" or record.acted != "deleted":
                     record.final = self.world.wait_phase(record.name, "Succeeded", "Failed", timeout=self._left())
             except Exception as exc:  # recorded: the invariants report the job's end, whatever it was
-                record.error = f"{type(exc).__name__}: {exc}"
+                record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
             finally:
                 record.ended_at = time.time()
         record.samples = list(sampler.samples)

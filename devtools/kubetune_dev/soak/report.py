@@ -64,7 +64,7 @@ def render(outcome: Outcome, lock_note: str = "") -> str:
         outcome_text = "deleted" if job.acted == "deleted" else job.phase or job.error or "?"
         planned_job = job.planned
         lines.append(
-            f"| {job.name} | {planned_job.kind} | {planned_job.workers} | {planned_job.epochs} | {job.acted or '-'} | {outcome_text} | {minutes:.1f} |"
+            f"| {job.name} | {planned_job.kind} | {planned_job.workers} | {planned_job.epochs} | {_cell(job.acted) or '-'} | {_cell(outcome_text)} | {minutes:.1f} |"
         )
     lines += ["", "## Fault log", "", "| at (s) | kind | target | what happened | lost (s) |", "|---|---|---|---|---|"]
     for fault in outcome.faults:
