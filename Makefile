@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
 
-.PHONY: setup tools test test-fast lint format demo bench clean
+.PHONY: setup tools test test-fast lint format demo bench soak clean
 
 setup: $(STAMP) tools
 
@@ -66,6 +66,14 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The chaos soak (not part of `make test`): a stream of small jobs on the dev cluster for MINUTES while a
+# schedule drawn from SEED injects faults; writes soak/results.md, fails when an invariant does.
+MINUTES ?= 20
+JOBS ?= 8
+SEED ?= 23
+soak: setup
+	$(PY) -m kubetune_dev.soak --minutes $(MINUTES) --jobs $(JOBS) --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -120,6 +120,10 @@ class World:
         self.closing = threading.Event()
         self.operator_up = threading.Event()
         self._lock = threading.Lock()
+        # The progress port and the URL trainers report to (the soak puts a proxy between them); free
+        # port and that port when empty.
+        self.progress_port = 0
+        self.progress_url = ""
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -139,10 +143,12 @@ class World:
         denied_bucket, denied_key = split_uri(DENIED_CHECKPOINT)
         self.s3.copy_object(Bucket=denied_bucket, Key=denied_key, CopySource={"Bucket": bucket, "Key": key})
         self.cluster.create_secret(SECRET, DEMO_CREDENTIALS, namespace=NS)
-        self.start_operator()
+        self.start_operator(progress_port=self.progress_port)
 
     def start_operator(self, metrics_port: int = 0, progress_port: int = 0) -> None:
-        self.cluster.start_operator_process(metrics_port=metrics_port, progress_port=progress_port)
+        self.cluster.start_operator_process(
+            metrics_port=metrics_port, progress_port=progress_port, progress_url=self.progress_url
+        )
         deadline = time.monotonic() + 60
         while True:  # up once it serves metrics (kopf's startup handlers ran, so it has logged in)
             try:

@@ -19,6 +19,11 @@ class ApiError(Exception):
         self.status = status
 
 
+def transient(error: ApiError) -> bool:
+    """An answer a client retries: the API overloaded or failing for a while (5xx, 429)."""
+    return error.status >= 500 or error.status == 429
+
+
 def path(group: str, version: str, plural: str, namespace: str | None = None, name: str | None = None) -> str:
     base = f"/apis/{group}/{version}" if group else f"/api/{version}"
     if namespace:

@@ -5,12 +5,14 @@
         cluster.start_operator()                # the real kopf operator, in this process
         cluster.wait_for("kubetune.dev", "v1alpha1", "finetunejobs", "default", "job", lambda o: ...)
 
-Handles for fault tests: `cluster.s3_faults` (fail, drop or deny S3 for a while),
-`cluster.fail_api(...)` (the next N matching API requests fail), `cluster.stop_operator(abrupt=True)` then
-`start_operator()` (an operator restart), `cluster.start_operator_process()` (`python -m kubetune_operator`
-as its own process, to SIGKILL), `cluster.kill_train_worker()` (SIGKILL a Ray Train worker),
-`cluster.kill_driver()` (SIGKILL a RayJob's driver), and `cluster.api.history(...)` (every version of an
-object a watch saw).
+Handles for fault tests: `cluster.s3_faults` (fail, drop, slow or deny S3 for a while),
+`cluster.fail_api(...)` (the next N matching API requests fail, or all for a while), `cluster.on_api(...)`
+(an action at the moment a matching request arrives), `cluster.restart_api()` (every connection and watch
+cut, then served again), `cluster.stop_operator(abrupt=True)` then `start_operator()` (an operator restart),
+`cluster.start_operator_process()` (`python -m kubetune_operator` as its own process, to SIGKILL),
+`cluster.kill_train_worker()` (SIGKILL a Ray Train worker), `cluster.kill_driver()` (SIGKILL a RayJob's
+driver), `cluster.api.history(...)` (every version of an object a watch saw) and `cluster.api.created(...)`
+(every object of a kind ever created).
 """
 
 from __future__ import annotations
@@ -432,15 +434,18 @@ class DevCluster:
                 return plural
         raise KeyError(f"the API does not serve kind {kind} of group {group!r}")
 
-    def fail_api(self, *criteria: Any, times: int = 1, status: int = 503) -> None:
-        """Answer the next `times` API requests matching kmock criteria with `status`, then serve again.
+    def fail_api(self, *criteria: Any, times: int = 1, status: int = 503, seconds: float | None = None) -> None:
+        """Answer the next `times` API requests matching kmock criteria with `status` (or, with `seconds`,
+        every one for that long), then serve again.
 
         E.g. `cluster.fail_api("patch", kmock.resource("kubetune.dev", "v1alpha1", "finetunejobs"), times=3)`.
         """
         remaining = [times]
+        until = time.monotonic() + seconds if seconds is not None else None
 
         def respond() -> Any:
-            if remaining[0] <= 0:
+            over = time.monotonic() >= until if until is not None else remaining[0] <= 0
+            if over:
                 return NotImplemented  # kmock retires the reaction and serves normally again
             remaining[0] -= 1
             body = {
@@ -458,6 +463,33 @@ class DevCluster:
             self.api[criteria] << respond
 
         self.on_loop(install())
+
+    def on_api(self, *criteria: Any, action: Callable[[], None]) -> None:
+        """Call `action` (on the API's event loop: keep it short) when the first API request matching kmock
+        criteria arrives, then serve that request: a fault at a precise moment, e.g. SIGKILL the operator
+        while its status write is in flight."""
+
+        def respond() -> Any:
+            action()
+            return NotImplemented  # retired: this request and the next are served normally
+
+        async def install() -> None:
+            self.api[criteria] << respond
+
+        self.on_loop(install())
+
+    def restart_api(self, down_seconds: float = 1.0) -> None:
+        """Stop serving the API (every connection and watch cut), then serve it again on the same port after
+        `down_seconds`, with the same objects: what clients see of an API server's restart."""
+
+        async def restart() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+            await asyncio.sleep(down_seconds)
+            port = int(self.api_url.rsplit(":", 1)[1])
+            self._runner, _ = await serve(self.api, port=port)
+
+        self.on_loop(restart(), timeout=down_seconds + 60)
 
     # --- the operator --------------------------------------------------------------------------
 
@@ -485,12 +517,19 @@ class DevCluster:
         self.operator = None
 
     def start_operator_process(
-        self, *args: str, log_file: Path | None = None, metrics_port: int = 0, progress_port: int = 0
+        self,
+        *args: str,
+        log_file: Path | None = None,
+        metrics_port: int = 0,
+        progress_port: int = 0,
+        progress_url: str = "",
     ) -> subprocess.Popen[bytes]:
         """`python -m kubetune_operator` as its own process (SIGKILL it for a crash test).
 
         Ports are picked free unless given: an operator started again after a crash passes the
         previous ones (`operator_process_ports`), since running jobs report progress to that port.
+        `progress_url` is the URL the trainers are told to report to (default: the progress port itself;
+        the soak puts a proxy that can drop connections in between).
         """
         log_path = log_file or self.workdir / "operator.log"
         metrics_port, progress_port = metrics_port or free_port(), progress_port or free_port()
@@ -503,7 +542,7 @@ class DevCluster:
             # Free ports, so a second operator (or another test's) never collides on the defaults.
             "KUBETUNE_METRICS_PORT": str(metrics_port),
             "KUBETUNE_PROGRESS_PORT": str(progress_port),
-            "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{progress_port}",
+            "KUBETUNE_PROGRESS_URL": progress_url or f"http://127.0.0.1:{progress_port}",
             "KUBETUNE_LIVENESS_URL": f"http://127.0.0.1:{free_port()}/healthz",
             "KUBETUNE_ALLOWED_S3_ENDPOINTS": LOCAL_S3,
         }

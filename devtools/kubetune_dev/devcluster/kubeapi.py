@@ -250,6 +250,9 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
     _log: collections.deque[tuple[int, tuple[str, str], dict[str, Any]]] = attrs.field(
         factory=lambda: collections.deque(maxlen=LOG_LIMIT), repr=False
     )
+    # The metadata of every object ever created, by (group, plural): unlike the watch log, never trimmed,
+    # so a long soak can still count the RayJobs each job had.
+    _created: dict[tuple[str, str], list[dict[str, Any]]] = attrs.field(factory=dict, repr=False)
     _changed: asyncio.Event | None = None
     _token_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), repr=False)
     _issued_at: float = attrs.field(factory=time.time)
@@ -385,6 +388,10 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
     def get_object(self, group: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         obj = self.store.get((group, plural, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
+
+    def created(self, group: str, plural: str) -> list[dict[str, Any]]:
+        """The metadata of every object of a kind created so far, oldest first (deleted ones too)."""
+        return copy.deepcopy(self._created.get((group, plural), []))
 
     def history(self, group: str, plural: str, namespace: str | None, name: str) -> list[tuple[str, dict[str, Any]]]:
         """Every (event type, object) recorded for one object, oldest first (as a watch saw them)."""
@@ -673,6 +680,8 @@ class EmbeddedKubeAPI(kmock.KubernetesEmulator):
             self.store[key] = obj
             self._uids[obj["metadata"]["uid"]] = key
         self._log.append((self._rv, (key[0], key[1]), {"type": event_type, "object": copy.deepcopy(obj)}))
+        if event_type == "ADDED":
+            self._created.setdefault((key[0], key[1]), []).append(copy.deepcopy(obj["metadata"]))
         self._notify()
         return obj
 

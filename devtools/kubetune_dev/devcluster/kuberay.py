@@ -48,10 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import aiohttp
 import yaml
 
 from kubetune_dev.devcluster.apimachinery import now_rfc3339, parse_time
-from kubetune_dev.devcluster.client import AsyncKube, path
+from kubetune_dev.devcluster.client import ApiError, AsyncKube, path, transient
 from kubetune_dev.devcluster.kuberay_auth import (
     MODE_ENV,
     TOKEN_ENV,
@@ -70,6 +71,7 @@ FINALIZER = "ray.io/rayjob-stopjob-finalizer"
 RAYJOBS = ("ray.io", "v1", "rayjobs")
 RAYCLUSTERS = ("ray.io", "v1", "rayclusters")
 RETRY_PENDING_POD = 2.0
+API_RETRY_SECONDS = 1.0  # after the API failed a reconcile step (down, or 5xx/429)
 
 
 def _suffix() -> str:
@@ -159,7 +161,15 @@ class RayJobController:
             while not self.gone:
                 # Cleared before reading the state, so a change during a reconcile is never missed.
                 self.wake.clear()
-                wait = await self.reconcile()
+                try:
+                    wait = await self.reconcile()
+                except (aiohttp.ClientError, ApiError) as exc:
+                    if isinstance(exc, ApiError) and not transient(exc):
+                        raise
+                    # As KubeRay requeues: an API that is down or answers 5xx/429 for a while (the soak's
+                    # faults) delays the step, it does not end the run.
+                    log.info("rayjob %s/%s: the API failed (%s); retrying", self.namespace, self.name, exc)
+                    wait = API_RETRY_SECONDS
                 if self.gone:
                     break
                 if wait != 0:

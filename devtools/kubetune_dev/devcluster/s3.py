@@ -2,7 +2,8 @@
 
 Clients get the proxy's URL. The proxy forwards every request unchanged unless a fault is active:
 `fail_for(seconds, status)` answers S3 errors (503 SlowDown by default, which clients retry),
-`drop_for(seconds)` cuts connections without an answer (the endpoint "disappears"), and
+`drop_for(seconds)` cuts connections without an answer (the endpoint "disappears"), `slow_for(seconds,
+delay)` answers each request `delay` seconds late, and
 `deny(prefix)` answers AccessDenied for keys under an s3:// prefix until `clear()`. Each fault can
 be limited to some methods (e.g. only PUTs, i.e. checkpoint writes) and to keys under an s3://
 prefix (one job's files, while other jobs use the same S3). `starts_on=PREFIX` starts a window at
@@ -14,6 +15,7 @@ moto keeps its buckets in process-global state: servers started in one process s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -35,7 +37,7 @@ DEMO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetune-demo", "AWS_SECRET_ACCESS_KEY
 
 @dataclass
 class Fault:
-    kind: str  # "fail" | "drop" | "deny"
+    kind: str  # "fail" | "drop" | "deny" | "slow"
     until: float | None = None  # None: until cleared, or (with `window`) not started yet
     status: int = 503
     code: str = "SlowDown"
@@ -45,6 +47,7 @@ class Fault:
     starts_on: str | None = None  # "bucket/key-prefix": the window starts at the first request under it
     window: float = 0.0  # the window's length once it starts (with starts_on)
     started: float | None = None
+    delay: float = 0.0  # a "slow" fault's added latency
 
     def arm(self, bucket_key: str, now: float) -> None:
         if self.starts_on is not None and self.started is None and bucket_key.startswith(self.starts_on):
@@ -108,6 +111,12 @@ class FaultyS3Proxy:
         self._add(fault, seconds, starts_on)
         return fault
 
+    def slow_for(self, seconds: float, delay: float, *, methods: Iterable[str] | None = None) -> Fault:
+        """Each request in the next `seconds` is answered `delay` seconds late (then served normally)."""
+        fault = Fault("slow", methods=_methods(methods), delay=delay)
+        self._add(fault, seconds, None)
+        return fault
+
     def _add(self, fault: Fault, seconds: float, starts_on: str | None) -> None:
         if starts_on is not None:
             fault.starts_on, fault.window = _bucket_key(starts_on), seconds
@@ -153,6 +162,9 @@ class FaultyS3Proxy:
         for fault in faults:
             if fault.applies(request.method, bucket_key, now):
                 fault.hits += 1
+                if fault.kind == "slow":
+                    await asyncio.sleep(fault.delay)
+                    continue
                 if fault.kind == "drop":
                     if request.transport is not None:
                         request.transport.abort()  # the client sees the connection reset, no answer
@@ -161,17 +173,20 @@ class FaultyS3Proxy:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["Host"] = request.host
-        async with self._session.request(
-            request.method, self.upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
-        ) as upstream:
-            payload = await upstream.read()
-            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-            response = aiohttp.web.Response(status=upstream.status, headers=out_headers, body=payload)
-            if request.method == "HEAD" and "Content-Length" in upstream.headers:
-                # A HEAD answer carries the object's length but no body.
-                response = aiohttp.web.Response(status=upstream.status, headers=out_headers)
-                response.headers["Content-Length"] = upstream.headers["Content-Length"]
-            return response
+        try:
+            async with self._session.request(
+                request.method, self.upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
+            ) as upstream:
+                payload = await upstream.read()
+                out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+                response = aiohttp.web.Response(status=upstream.status, headers=out_headers, body=payload)
+                if request.method == "HEAD" and "Content-Length" in upstream.headers:
+                    # A HEAD answer carries the object's length but no body.
+                    response = aiohttp.web.Response(status=upstream.status, headers=out_headers)
+                    response.headers["Content-Length"] = upstream.headers["Content-Length"]
+                return response
+        except aiohttp.ClientError as exc:  # the upstream is down (an operator restarting, behind the soak's proxy)
+            return aiohttp.web.Response(status=502, text=f"upstream unreachable: {exc}")
 
 
 def _bucket_key(s3_prefix: str | None) -> str | None:
