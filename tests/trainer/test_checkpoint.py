@@ -82,3 +82,30 @@ def test_a_snapshot_is_what_training_had_when_taken_not_when_written(tmp_path: P
     )
     assert all(torch.equal(v, restored.state_dict()[k]) for k, v in at_snapshot.items())
     assert restored_scheduler.last_epoch == 2
+
+
+def test_checkpoints_staged_by_a_killed_worker_are_removed_when_a_worker_starts(tmp_path: Path) -> None:
+    """A worker killed between staging a checkpoint and its upload leaves the folder; the next worker on the
+    node removes it, and never one of a process that still runs (this one's)."""
+    import os
+    import subprocess
+    import sys
+
+    from kubetune_trainer.checkpoint import STAGING_PREFIX, remove_stale_staging
+
+    code = (
+        "import os, signal, tempfile;"
+        f"d = tempfile.mkdtemp(prefix='{STAGING_PREFIX}' + str(os.getpid()) + '-', dir={str(tmp_path)!r});"
+        "open(os.path.join(d, 'model.safetensors'), 'wb').write(b'x' * 1024);"
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=False)
+    left = list(tmp_path.glob(f"{STAGING_PREFIX}*"))
+    assert len(left) == 1, "the killed process left its staging folder"
+    mine = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-abc"
+    mine.mkdir()
+
+    removed = remove_stale_staging(tmp_path)
+
+    assert removed == left and not left[0].exists()
+    assert mine.exists(), "a running process's checkpoint in staging is not touched"

@@ -27,7 +27,9 @@ than Ray's default pyarrow copy, and Ray keeps the bookkeeping (run snapshot, `c
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -135,6 +137,50 @@ def model_snapshot(model: nn.Module, *, all_change: bool = False) -> tuple[dict[
             metadata.setdefault(name, kept)
             del state[name]
     return {name: tensor if name in frozen else _cpu_copy(tensor) for name, tensor in state.items()}, metadata
+
+
+# Each checkpoint is staged in a folder of its own under the temp folder until Ray Train's upload thread has
+# sent it. A worker stopped in between (a driver killed, a job suspended or deleted, a preemption past its
+# grace period) leaves the folder behind, so each is named after its process: the process removes its own
+# at exit, and a worker starting on the node removes those of processes that are gone.
+STAGING_PREFIX = "kubetune-ckpt-"
+_staging_cleanup_registered = False
+
+
+def staging_folder() -> Path:
+    """A new folder to stage one checkpoint in (removed after its upload, or with its process)."""
+    global _staging_cleanup_registered
+    if not _staging_cleanup_registered:
+        atexit.register(remove_staging, os.getpid())
+        _staging_cleanup_registered = True
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+
+
+def remove_staging(pid: int, parent: Path | None = None) -> None:
+    """Remove the staging folders of process `pid`."""
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{pid}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_staging(parent: Path | None = None) -> list[Path]:
+    """Remove the staging folders of processes that no longer run; the folders removed."""
+    removed = []
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to judge
+        return True
+    return True
 
 
 @dataclass

@@ -50,7 +50,9 @@ from kubetune_trainer.checkpoint import (
     checkpoint_dir_name,
     download_checkpoint,
     read_progress,
+    remove_stale_staging,
     restore_checkpoint,
+    staging_folder,
     take_snapshot,
     unwrap,
 )
@@ -346,6 +348,7 @@ def start_worker(raw: Mapping[str, Any]) -> Worker:
     import ray.train.torch
 
     config, plan = RunPlan.from_loop_config(raw)
+    remove_stale_staging()  # checkpoints staged by workers stopped before their upload
     ctx = ray.train.get_context()
     # Ray starts workers with one torch thread whatever their CPUs; use what the worker was given.
     torch.set_num_threads(plan.threads)
@@ -682,7 +685,7 @@ def save(worker: Worker, state: TrainState, *, mid_epoch: bool = False, wait: bo
 
     worker.uploads.wait(at_most=1)  # one more behind the one uploading, not a queue of snapshots
     progress = state.progress()
-    folder = Path(tempfile.mkdtemp(prefix="kubetune-ckpt-"))
+    folder = staging_folder()
     snapshot = take_snapshot(
         rank=worker.rank,
         model=state.model,
