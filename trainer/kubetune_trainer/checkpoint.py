@@ -140,7 +140,7 @@ def model_snapshot(model: nn.Module, *, all_change: bool = False) -> tuple[dict[
 
 
 # Each checkpoint is staged in a folder of its own under the temp folder until Ray Train's upload thread has
-# sent it. A worker stopped in between (a driver killed, a job suspended or deleted, a preemption past its
+# sent it (and a restored one is downloaded into one until it is loaded). A worker stopped in between (a driver killed, a job suspended or deleted, a preemption past its
 # grace period) leaves the folder behind, so each is named after its process: the process removes its own
 # at exit, and a worker starting on the node removes those of processes that are gone.
 STAGING_PREFIX = "kubetune-ckpt-"

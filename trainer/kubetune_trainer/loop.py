@@ -27,12 +27,11 @@ from __future__ import annotations
 import copy
 import logging
 import random
-import tempfile
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -495,8 +494,9 @@ def resume(worker: Worker, state: TrainState) -> None:
     if checkpoint is None:
         return
     where = str(S3Uri.from_fs_path(checkpoint.path))
-    with tempfile.TemporaryDirectory(prefix="kubetune-restore-") as tmp:
-        local = download_checkpoint(worker.store, checkpoint, Path(tmp))
+    tmp = staging_folder()  # like a checkpoint's staging: a worker stopped mid-download leaves none behind
+    try:
+        local = download_checkpoint(worker.store, checkpoint, tmp)
         check_identity(read_progress(local), state.identity, where)
         progress = restore_checkpoint(
             local,
@@ -507,6 +507,8 @@ def resume(worker: Worker, state: TrainState) -> None:
             scaler=state.scaler,
             ema=state.averaged,
         )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     state.epoch, state.step, state.history = int(progress["epoch"]), int(progress["step"]), list(progress["history"])
     state.epoch_samples = int(progress.get("epochSamples", 0))
     state.epoch_so_far = {k: float(v) for k, v in dict(progress.get("epochSoFar") or {}).items()}
