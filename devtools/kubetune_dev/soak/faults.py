@@ -123,7 +123,9 @@ def _training(ctx: Injection, job: JobRecord) -> dict[str, Any] | None:
     """The job's status.progress if it is training (status Running, a step reported), else None."""
     status = (ctx.world.job(job.name) or {}).get("status") or {}
     progress: dict[str, Any] = status.get("progress") or {}
-    return progress if status.get("phase") == "Running" and int(progress.get("step") or 0) >= 1 else None
+    step, total = int(progress.get("step") or 0), int(progress.get("totalSteps") or 0)
+    # Past its last step a job is evaluating or exporting: its workers are gone, nothing to hit.
+    return progress if status.get("phase") == "Running" and step >= 1 and not (total and step >= total) else None
 
 
 def _hit_a_job(
@@ -137,8 +139,9 @@ def _hit_a_job(
     while True:
         with ctx.stream.lock:
             candidates = [(job, p) for job in ctx.stream.running() if budget(job) and (p := _training(ctx, job))]
-            if candidates:
-                job, progress = candidates[int(record.planned.pick * len(candidates))]
+            first = int(record.planned.pick * len(candidates))
+            # The plan's pick first, then the others: the picked one's workers may be between attempts.
+            for job, progress in candidates[first:] + candidates[:first]:
                 pid = hit(job)
                 if pid is not None:
                     record.injected_at, record.target = time.time(), job.name
