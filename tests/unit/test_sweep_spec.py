@@ -276,3 +276,17 @@ def test_a_trials_train_controller_is_held_for_the_driver_to_end_its_run_and_nev
     assert board.take_controller("trial-000") is None
     assert board.take_controller("trial-001") is handle
     assert board.take_controller("trial-001") is None  # handed out once: the driver holds no ended run
+
+
+def test_the_driver_reads_a_trials_checkpoints_record_where_the_trial_writes_it() -> None:
+    """The trial writes fitted.json in its own output (already trials/<id>/): were the two paths to differ,
+    every trial that trained to its end would be taken as stopped, and the sweep would fail with no model."""
+    from kubetune_trainer.sweep import fitted_uri, record_uri
+    from kubetune_trainer.sweep_plan import TRIAL_FITTED, trial_config
+
+    made = config({"parameters": [RATE], "trials": 2})
+    plan = plan_sweep(made)
+    for trial in plan.trials:
+        written = fitted_uri(trial_config(made, plan, trial))
+        assert written == record_uri(made, trial.id, TRIAL_FITTED)
+        assert str(written).endswith(f"/trials/{trial.id}/fitted.json")

@@ -120,9 +120,15 @@ def trial_function(params: Mapping[str, Any], *, shared: Mapping[str, Any]) -> N
     fitted = fit(trainer, config)
     put_json(
         store_for(config),
-        record_uri(config, trial_id, TRIAL_FITTED),
+        fitted_uri(config),
         {"sweepId": shared["sweepId"], "last": str(fitted.last), "best": str(fitted.best)},
     )
+
+
+def fitted_uri(trial: TrainerConfig) -> S3Uri:
+    """Where a trial's run records its checkpoints: in its own output, which is already the sweep's
+    trials/<id>/ (`sweep_plan.trial_config`); the driver reads it as `record_uri(config, id, TRIAL_FITTED)`."""
+    return S3Uri.parse(trial.output.path).join(TRIAL_FITTED)
 
 
 def controller_handle(queue: Any) -> Any:
