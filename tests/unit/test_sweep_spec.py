@@ -281,12 +281,11 @@ def test_a_trials_train_controller_is_held_for_the_driver_to_end_its_run_and_nev
 def test_the_driver_reads_a_trials_checkpoints_record_where_the_trial_writes_it() -> None:
     """The trial writes fitted.json in its own output (already trials/<id>/): were the two paths to differ,
     every trial that trained to its end would be taken as stopped, and the sweep would fail with no model."""
-    from kubetune_trainer.sweep import fitted_uri, record_uri
-    from kubetune_trainer.sweep_plan import TRIAL_FITTED, trial_config
+    from kubetune_trainer.sweep_plan import TRIAL_FITTED, fitted_file, trial_config, trial_file
 
     made = config({"parameters": [RATE], "trials": 2})
     plan = plan_sweep(made)
     for trial in plan.trials:
-        written = fitted_uri(trial_config(made, plan, trial))
-        assert written == record_uri(made, trial.id, TRIAL_FITTED)
-        assert str(written).endswith(f"/trials/{trial.id}/fitted.json")
+        written = fitted_file(trial_config(made, plan, trial))
+        assert written == trial_file(made, trial.id, TRIAL_FITTED)
+        assert written.endswith(f"/trials/{trial.id}/fitted.json")

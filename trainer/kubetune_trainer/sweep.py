@@ -55,10 +55,11 @@ from kubetune_trainer.sweep_plan import (
     Trial,
     TrialRecord,
     best_trial,
+    fitted_file,
     plan_sweep,
     sweep_document,
     trial_config,
-    trial_output,
+    trial_file,
 )
 from kubetune_trainer.sweep_progress import (
     CONTROLLER_EVENT,
@@ -78,7 +79,7 @@ ABORT_TIMEOUT_S = 60.0
 
 
 def record_uri(config: TrainerConfig, trial_id: str, name: str = TRIAL_RECORD) -> S3Uri:
-    return S3Uri.parse(trial_output(config, trial_id)).join(name)
+    return S3Uri.parse(trial_file(config, trial_id, name))
 
 
 def finished_records(store: S3Store, config: TrainerConfig, plan: SweepPlan) -> list[TrialRecord]:
@@ -120,15 +121,9 @@ def trial_function(params: Mapping[str, Any], *, shared: Mapping[str, Any]) -> N
     fitted = fit(trainer, config)
     put_json(
         store_for(config),
-        fitted_uri(config),
+        S3Uri.parse(fitted_file(config)),
         {"sweepId": shared["sweepId"], "last": str(fitted.last), "best": str(fitted.best)},
     )
-
-
-def fitted_uri(trial: TrainerConfig) -> S3Uri:
-    """Where a trial's run records its checkpoints: in its own output, which is already the sweep's
-    trials/<id>/ (`sweep_plan.trial_config`); the driver reads it as `record_uri(config, id, TRIAL_FITTED)`."""
-    return S3Uri.parse(trial.output.path).join(TRIAL_FITTED)
 
 
 def controller_handle(queue: Any) -> Any:
