@@ -255,3 +255,37 @@ def test_each_trial_gets_its_console_line_and_the_operator_the_best_trial_with_t
     assert last.sweep.best_parameters == {
         "training.learningRate": f"{plan.trials[1].values['training.learningRate']:.6g}"
     }
+
+
+def test_a_trials_train_controller_is_held_for_the_driver_to_end_its_run_and_never_shown() -> None:
+    """A trial's controller hands the driver its handle (`sweep.controller_handle`): the driver keeps it to
+    abort the run when Tune ends the trial (`sweep.end_train_run`), and hands it out once; it is no update."""
+    import io
+
+    from kubetune_trainer.relay import EVENT
+    from kubetune_trainer.sweep_progress import CONTROLLER_EVENT, TRIAL_KEY, SweepBoard, SweepRouter
+
+    board = SweepBoard(plan_sweep(config({"parameters": [RATE], "trials": 2})), [], max_failures=1)
+    operator, console = Collected(), io.StringIO()
+    router = SweepRouter(board, operator, console)
+    board.started("trial-001")
+    handle = object()
+    router.handle({EVENT: CONTROLLER_EVENT, "handle": handle, TRIAL_KEY: "trial-001"})
+
+    assert console.getvalue() == "" and operator.updates == []
+    assert board.take_controller("trial-000") is None
+    assert board.take_controller("trial-001") is handle
+    assert board.take_controller("trial-001") is None  # handed out once: the driver holds no ended run
+
+
+def test_the_driver_reads_a_trials_checkpoints_record_where_the_trial_writes_it() -> None:
+    """The trial writes fitted.json in its own output (already trials/<id>/): were the two paths to differ,
+    every trial that trained to its end would be taken as stopped, and the sweep would fail with no model."""
+    from kubetune_trainer.sweep_plan import TRIAL_FITTED, fitted_file, trial_config, trial_file
+
+    made = config({"parameters": [RATE], "trials": 2})
+    plan = plan_sweep(made)
+    for trial in plan.trials:
+        written = fitted_file(trial_config(made, plan, trial))
+        assert written == trial_file(made, trial.id, TRIAL_FITTED)
+        assert written.endswith(f"/trials/{trial.id}/fitted.json")

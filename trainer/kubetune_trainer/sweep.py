@@ -31,7 +31,7 @@ from kubetune_trainer.config import TrainerConfig, use_ray_train_env
 from kubetune_trainer.errors import StorageError, TrainerError, error_line
 from kubetune_trainer.export import read_progress_json
 from kubetune_trainer.loop import RunPlan
-from kubetune_trainer.relay import driver_reporters
+from kubetune_trainer.relay import EVENT, driver_reporters
 from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.run import (
     Fitted,
@@ -55,21 +55,31 @@ from kubetune_trainer.sweep_plan import (
     Trial,
     TrialRecord,
     best_trial,
+    fitted_file,
     plan_sweep,
     sweep_document,
     trial_config,
-    trial_output,
+    trial_file,
 )
-from kubetune_trainer.sweep_progress import SweepBoard, SweepRelay, SweepRouter, TrialQueue, sweep_reporters
+from kubetune_trainer.sweep_progress import (
+    CONTROLLER_EVENT,
+    SweepBoard,
+    SweepRelay,
+    SweepRouter,
+    TrialQueue,
+    sweep_reporters,
+)
 
 log = logging.getLogger(__name__)
 
 # What the Tune trial itself (the Ray Train run's driver) reserves: a sliver, so it never takes a worker's CPU.
 TRIAL_DRIVER_CPUS = 0.01
+# How long the driver waits for a stopped trial's Ray Train run to release its workers (`end_train_run`).
+ABORT_TIMEOUT_S = 60.0
 
 
 def record_uri(config: TrainerConfig, trial_id: str, name: str = TRIAL_RECORD) -> S3Uri:
-    return S3Uri.parse(trial_output(config, trial_id)).join(name)
+    return S3Uri.parse(trial_file(config, trial_id, name))
 
 
 def finished_records(store: S3Store, config: TrainerConfig, plan: SweepPlan) -> list[TrialRecord]:
@@ -105,15 +115,59 @@ def trial_function(params: Mapping[str, Any], *, shared: Mapping[str, Any]) -> N
         plan.relay,
         cpus_per_worker=float(shared["cpus"]),
         use_gpu=bool(shared["gpu"]),
-        callbacks=[TuneReportCallback()],
+        callbacks=[TuneReportCallback(), controller_handle(plan.relay)],
         notices=False,  # ASHA's stop ends the trial's workers by SIGTERM: they must go at once
     )
     fitted = fit(trainer, config)
     put_json(
         store_for(config),
-        record_uri(config, trial_id, TRIAL_FITTED),
+        S3Uri.parse(fitted_file(config)),
         {"sweepId": shared["sweepId"], "last": str(fitted.last), "best": str(fitted.best)},
     )
+
+
+def controller_handle(queue: Any) -> Any:
+    """A Ray Train ControllerCallback (DeveloperAPI) that hands the trial's controller, its actor handle, to
+    the driver (on `queue`), which ends the run through it when Tune ends the trial (`end_train_run`)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class ControllerHandle(ControllerCallback):
+        def __init__(self, queue: Any) -> None:
+            self.queue = queue
+
+        def after_controller_start(self, train_run_context: Any) -> None:
+            import ray
+
+            try:
+                self.queue.put({EVENT: CONTROLLER_EVENT, "handle": ray.get_runtime_context().current_actor}, timeout=5)
+            except Exception:  # the trial still trains; only its end is left to Ray's own cleanup
+                log.warning("sweep: the trial's Ray Train controller could not reach the driver", exc_info=True)
+
+    return ControllerHandle(queue)
+
+
+def end_train_run(trial_id: str, controller: Any) -> None:
+    """Abort a trial's Ray Train run if it is still going, and wait until it has: its workers gone and their
+    placement group removed.
+
+    Tune ends a trial it stops (ASHA) by killing the trial's actor, and Ray kills the Train controller the
+    trial owns with it, before the controller can shut its worker group down. The placement group holding the
+    workers' CPUs (or GPUs) is the job's, not the controller's: it outlives them, and only Ray Train's
+    PlacementGroupCleaner would remove it, by polling the State API — which a local Ray without a dashboard
+    does not have (it never does), and which on a cluster answers only after the next trial asked for the
+    same CPUs. Tune calls its callbacks' `on_trial_complete` before it stops the trial's actor, so this abort
+    (Ray Train's own, as on Ctrl-C) releases the workers first: the next trial finds them free. A run that
+    already ended (a trial done or failed) has nothing to abort."""
+    if controller is None:
+        return
+    import ray
+
+    try:
+        ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+    except ray.exceptions.RayActorError:
+        pass  # abort ends the controller's actor; or the run had ended, and its actor with it
+    except Exception as error:
+        log.warning("sweep: %s: its Ray Train run did not abort: %s", trial_id, error_line(error))
 
 
 class SweepCallback(Callback):
@@ -149,6 +203,7 @@ class SweepCallback(Callback):
 
     def ended(self, tune_trial: Any, failure: str | None) -> None:
         trial = self.by_id[str(tune_trial.config["trial"])]
+        end_train_run(trial.id, self.board.take_controller(trial.id))
         record = ended_record(self.store, self.config, self.plan, trial, tune_trial.last_result or {}, failure)
         put_json(self.store, record_uri(self.config, trial.id), record.wire())
         self.board.ended(record)

@@ -129,6 +129,17 @@ def trial_output(config: TrainerConfig, trial_id: str) -> str:
     return f"{config.output.path.rstrip('/')}/{TRIALS_DIR}/{trial_id}/"
 
 
+def trial_file(config: TrainerConfig, trial_id: str, name: str) -> str:
+    """A file of the trial's folder, as the sweep's driver names it (from the sweep's config)."""
+    return f"{trial_output(config, trial_id)}{name}"
+
+
+def fitted_file(trial: TrainerConfig) -> str:
+    """Where a trial's run records its checkpoints (TRIAL_FITTED): in its own output, which is already the
+    sweep's trials/<id>/ (`trial_config`); the driver reads it as `trial_file(config, id, TRIAL_FITTED)`."""
+    return f"{trial.output.path.rstrip('/')}/{TRIAL_FITTED}"
+
+
 def text_value(value: SweepValue) -> str:
     """A swept value as status.sweep.bestParameters shows it."""
     return f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from kubetune_trainer.progress_model import ProgressUpdate
-from kubetune_trainer.relay import Relay, RunProgress
+from kubetune_trainer.relay import EVENT, Relay, RunProgress
 from kubetune_trainer.reporting import ConsoleReporter, FanOut, ProgressReporter
 from kubetune_trainer.selection import best_entry
 from kubetune_trainer.sweep_plan import SweepPlan, TrialRecord, sweep_progress
@@ -27,6 +27,8 @@ from kubetune_trainer.sweep_plan import SweepPlan, TrialRecord, sweep_progress
 log = logging.getLogger(__name__)
 
 TRIAL_KEY = "kubetuneTrial"
+# A trial's Ray Train controller handing the driver its actor handle (`sweep.controller_handle`).
+CONTROLLER_EVENT = "trainController"
 
 
 class TrialQueue:
@@ -70,6 +72,8 @@ class SweepBoard:
         self.progress: dict[str, RunProgress] = {}
         self.max_failures = max_failures
         self.lock = threading.Lock()
+        # The running trials' Ray Train controllers: the driver ends a trial's run through it (`sweep.end_train_run`).
+        self.controllers: dict[str, Any] = {}
 
     def trial_progress(self, trial_id: str) -> RunProgress:
         if trial_id not in self.progress:
@@ -79,6 +83,15 @@ class SweepBoard:
     def started(self, trial_id: str) -> None:
         with self.lock:
             self.running.add(trial_id)
+
+    def hold_controller(self, trial_id: str, controller: Any) -> None:
+        with self.lock:
+            self.controllers[trial_id] = controller
+
+    def take_controller(self, trial_id: str) -> Any:
+        """The trial's controller handle (None if it never sent one), no longer held here."""
+        with self.lock:
+            return self.controllers.pop(trial_id, None)
 
     def ended(self, record: TrialRecord) -> None:
         with self.lock:
@@ -134,6 +147,9 @@ class SweepRouter:
     def handle(self, item: dict[str, Any]) -> None:
         trial_id = str(item.pop(TRIAL_KEY, ""))
         if not trial_id:
+            return
+        if item.get(EVENT) == CONTROLLER_EVENT:
+            self.board.hold_controller(trial_id, item.get("handle"))
             return
         update = self.board.trial_progress(trial_id).handle(item)
         if update is None:
