@@ -46,6 +46,7 @@ from kubetune_trainer.config import (
     cel,
     check_sweep,
     check_task,
+    concurrent_trials,
     disk_bytes,
     duration_seconds,
     prefixes_overlap,
@@ -423,7 +424,7 @@ class FineTuneJobSpec(SpecSection):
     @property
     def concurrent_trials(self) -> int:
         """Runs that train at once: a sweep's maxConcurrentTrials (at most its trials: check_sweep), else 1."""
-        return self.sweep.max_concurrent_trials if self.sweep is not None else 1
+        return concurrent_trials(self.sweep)
 
     @property
     def cluster_workers(self) -> Workers:

@@ -982,6 +982,11 @@ class SweepSpec(SpecSection):
     )
 
 
+def concurrent_trials(sweep: SweepSpec | None) -> int:
+    """How many runs train at once: a sweep's maxConcurrentTrials, else the one run."""
+    return sweep.max_concurrent_trials if sweep is not None else 1
+
+
 ExportFormat = Literal["safetensors", "onnx", "torchscript"]
 FORMATS_RULE = cel(
     "!has(self.formats) || 'safetensors' in self.formats",

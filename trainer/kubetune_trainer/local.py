@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from kubetune_trainer.cache import CACHE_DIR_ENV, cache_root
 from kubetune_trainer.config import TrainerConfig, use_ray_train_env
+from kubetune_trainer.config import concurrent_trials as config_concurrent_trials
 from kubetune_trainer.errors import PreemptedError, TrainerError
 from kubetune_trainer.progress_model import summary_parts
 from kubetune_trainer.reporting import ConsoleReporter, format_duration
@@ -78,7 +79,7 @@ def local_resources(config: TrainerConfig, cpus: int, cuda: bool) -> tuple[float
 
 
 def concurrent_trials(config: TrainerConfig) -> int:
-    return config.sweep.max_concurrent_trials if config.sweep is not None else 1
+    return config_concurrent_trials(config.sweep)
 
 
 def guarded(action: Callable[[], int]) -> int:
