@@ -436,14 +436,19 @@ def _add_run(sub: Subcommands) -> None:
         help="train a job on this machine (--local)",
         description="Run a FineTuneJob's training on this machine, on a local Ray cluster (CPU when there is no GPU).",
     )
-    run.add_argument("file", metavar="FILE", help="FineTuneJob YAML with one job; '-' reads stdin")
-    run.add_argument("--local", action="store_true", help="train here (required: the cluster path is kubectl apply)")
-    run.add_argument(
+    _add_local_job_arguments(run, local="train here (required: the cluster path is kubectl apply)")
+    run.set_defaults(handler=cmd_run)
+
+
+def _add_local_job_arguments(command: argparse.ArgumentParser, *, local: str) -> None:
+    """FILE, --local and --s3-endpoint: what each command that runs a job's code on this machine takes."""
+    command.add_argument("file", metavar="FILE", help="FineTuneJob YAML with one job; '-' reads stdin")
+    command.add_argument("--local", action="store_true", help=local)
+    command.add_argument(
         "--s3-endpoint",
         metavar="URL",
         help="S3 endpoint (default: spec.storage.endpoint, then AWS_ENDPOINT_URL, then AWS S3)",
     )
-    run.set_defaults(handler=cmd_run)
 
 
 def _add_tune_lr(sub: Subcommands) -> None:
@@ -455,13 +460,7 @@ def _add_tune_lr(sub: Subcommands) -> None:
         "smoothed loss curve) and write the curve as a PNG. A job without training.learningRate runs the same test "
         "before it trains.",
     )
-    tune.add_argument("file", metavar="FILE", help="FineTuneJob YAML with one job; '-' reads stdin")
-    tune.add_argument("--local", action="store_true", help="run here (required)")
-    tune.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        help="S3 endpoint (default: spec.storage.endpoint, then AWS_ENDPOINT_URL, then AWS S3)",
-    )
+    _add_local_job_arguments(tune, local="run here (required)")
     tune.add_argument(
         "--steps",
         type=_range_test_steps,

@@ -22,13 +22,14 @@ from typing import Any
 from kubetune_operator.pod_names import HEAD
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import RunPolicy
+from kubetune_operator.states import JobDeploymentStatus, JobStatus
 
 # KubeRay's deletion rule policies, gentlest first, and the end states a rule may match (its CRD's enums).
 DELETE_WORKERS, DELETE_CLUSTER = "DeleteWorkers", "DeleteCluster"
-SUCCEEDED_JOB = {"jobStatus": "SUCCEEDED"}
+SUCCEEDED_JOB = {"jobStatus": JobStatus.SUCCEEDED.value}
 # A failed Ray job (jobStatus FAILED), and a RayJob that failed around it (jobDeploymentStatus Failed: the
 # deadline passed, submission failed, the retries ran out); both match a failed run, so each gets a rule.
-FAILED_RUN = ({"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"})
+FAILED_RUN = ({"jobStatus": JobStatus.FAILED.value}, {"jobDeploymentStatus": JobDeploymentStatus.FAILED.value})
 # Where Ray writes a submitted job's driver output on the head: its session dir, /tmp/ray (an emptyDir).
 DRIVER_LOG_PATH = "/tmp/ray/session_latest/logs/job-driver-{job_id}.log"
 
@@ -79,7 +80,10 @@ def left_by_the_rules(rayjob: Mapping[str, Any]) -> bool:
     The operator then swaps the rules for shutdownAfterJobFinishes (`SHUTDOWN_PATCH`), which KubeRay acts on."""
     spec, status = rayjob.get("spec") or {}, rayjob.get("status") or {}
     has_rules = bool((spec.get("deletionStrategy") or {}).get("deletionRules"))
-    return has_rules and status.get("jobDeploymentStatus") == "Complete" and status.get("jobStatus") == "STOPPED"
+    return has_rules and (
+        status.get("jobDeploymentStatus") == JobDeploymentStatus.COMPLETE
+        and status.get("jobStatus") == JobStatus.STOPPED
+    )
 
 
 SHUTDOWN_PATCH: dict[str, Any] = {"spec": {"shutdownAfterJobFinishes": True, "deletionStrategy": None}}
@@ -92,7 +96,7 @@ def head_kept_for(rayjob: Mapping[str, Any]) -> int | None:
     kept = [
         int((rule.get("condition") or {}).get("ttlSeconds") or 0)
         for rule in rules
-        if rule.get("policy") == DELETE_CLUSTER and (rule.get("condition") or {}).get("jobStatus") == "FAILED"
+        if rule.get("policy") == DELETE_CLUSTER and (rule.get("condition") or {}).get("jobStatus") == JobStatus.FAILED
     ]
     return max(kept) if kept and max(kept) > 0 else None
 

@@ -90,5 +90,5 @@ def test_every_object_in_the_schema_forbids_unknown_keys() -> None:
 def test_kubernetes_types_in_the_schema_are_kubernetes_own() -> None:
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())
     assert schema == k8s_schema.with_kubernetes_defs(schema), (
-        "values.schema.json's Kubernetes $defs are stale: run .venv/bin/python tests/chart/k8s_schema.py"
+        "values.schema.json's Kubernetes $defs are stale: run .venv/bin/python -m tests.support.k8s_schema"
     )

@@ -15,7 +15,6 @@ from tests.support.paths import REPO
 CHART_DIR = REPO / "charts" / "kubetune"
 RELEASE = "kubetune"
 NAMESPACE = "kubetune-system"
-KUBERNETES_VERSION = "1.31.0"
 
 # The value sets the chart is tested with, as a user would pass them with -f / --set.
 VALUE_SETS: dict[str, dict[str, Any]] = {

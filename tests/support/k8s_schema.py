@@ -3,10 +3,10 @@
 values.schema.json refers to `#/$defs/io.k8s.api.core.v1.<Type>` for the values that are Kubernetes
 objects (resources, affinity, tolerations, security contexts, image pull secrets). Those definitions,
 and every definition they refer to, are kubernetes-validate's strict schemas for KUBERNETES_VERSION, so
-a typo deep inside an affinity fails at install time like one at the top. `test_chart.py` checks that
-the file holds exactly what `kubernetes_defs` produces; run this file to rewrite them:
+a typo deep inside an affinity fails at install time like one at the top. `tests/chart/test_chart_values.py`
+checks that the file holds exactly what `kubernetes_defs` produces; run this module to rewrite them:
 
-    .venv/bin/python tests/chart/k8s_schema.py
+    .venv/bin/python -m tests.support.k8s_schema
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.support.paths import REPO
 
+# The Kubernetes version every schema check of the tests is pinned to (chart, RayJob, rendered objects).
 KUBERNETES_VERSION = "1.31.0"
 K8S_PREFIX = "io.k8s."
 SCHEMA_PATH = REPO / "charts" / "kubetune" / "values.schema.json"

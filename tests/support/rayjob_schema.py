@@ -10,9 +10,7 @@ import kubernetes_validate
 import yaml
 
 from kubetune_dev import RAYJOB_CRD  # KubeRay's own RayJob CRD, vendored
-
-# The same Kubernetes version the chart's schemas are pinned to (tests/chart/k8s_schema.py).
-KUBERNETES_VERSION = "1.31.0"
+from tests.support.k8s_schema import KUBERNETES_VERSION
 
 
 def _strict(node: Any) -> Any:

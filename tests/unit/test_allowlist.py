@@ -12,8 +12,8 @@ import yaml
 
 from kubetune_operator.allowlist import EndpointEntry, endpoint_refusal, image_refusal, parse_registries
 from kubetune_operator.settings import OperatorSettings
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 TRAINER = "ghcr.io/kubetune/kubetune-trainer:0.1.0"
 

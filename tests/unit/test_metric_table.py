@@ -7,6 +7,8 @@ line, history.json, model.json, the tasks' validation figures and `kubetune run 
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pydantic
 import pytest
 
@@ -16,13 +18,16 @@ from kubetune_operator.crd import openapi_schema, printer_columns
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.spec import ProgressStatus, StatusModel
 from kubetune_trainer import progress_model
-from kubetune_trainer.config import CamelModel
+from kubetune_trainer.config import LOWER_IS_BETTER, SELECT_BY, CamelModel, SelectBy
 from kubetune_trainer.progress_model import (
     METRIC_KEYS,
     METRICS,
+    TRIAL_STATES,
     Gauge,
     Metric,
     ProgressMetrics,
+    SweepProgress,
+    TrialEnd,
     card_metrics,
     console_parts,
     history_entry,
@@ -91,6 +96,22 @@ def test_each_task_reports_the_tables_validation_figures() -> None:
     for task in (ClassificationTask, DetectionTask):
         for panel in task.panels:  # the curves plot only what history.json holds
             assert {key for key, _ in panel.series} <= METRIC_KEYS, panel.title
+
+
+def test_the_figures_a_run_ranks_by_are_the_tables_validation_figures() -> None:
+    """training.selectBy, earlyStopping.metric and sweep.metric (config.SELECT_BY, which the contract's
+    config.py holds apart because progress_model imports it) name exactly the table's validation figures."""
+    for task in ("classification", "detection"):
+        assert set(SELECT_BY[task]) == set(validation_keys(task)), task
+    assert set(get_args(SelectBy)) == {key for keys in SELECT_BY.values() for key in keys}
+    assert LOWER_IS_BETTER <= METRIC_KEYS
+
+
+def test_the_sweep_counts_a_trial_in_each_of_its_states_once() -> None:
+    """status.sweep, the kubetune_job_sweep_trials series and sweep.json's states: progress_model's TRIAL_STATES."""
+    counts = [name for name, info in SweepProgress.model_fields.items() if info.annotation is int and name != "trials"]
+    assert counts == list(TRIAL_STATES)
+    assert set(get_args(TrialEnd)) < set(TRIAL_STATES)
 
 
 def test_history_and_the_card_take_only_the_tables_metrics() -> None:

@@ -15,11 +15,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from test_builders import KUBERNETES_VERSION, assert_valid_rayjob
 
+from tests.support.paths import REPO
 from tests.support.pod_security_standards import restricted_violations
+from tests.support.rayjob_schema import KUBERNETES_VERSION, assert_valid_rayjob
 
-REPO = Path(__file__).resolve().parents[2]
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 # What may hold a credential, by its name: such an env var must come from a Secret, never as a value.

@@ -14,7 +14,6 @@ classification loop uses (frozen BatchNorm stays in eval mode; the backbone's st
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,11 @@ from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.model import (
     TrainablePlan,
     WeightsReport,
-    frozen_norm_modules,
     load_base_weights,
     read_state_dict,
+    stages_to_train,
+    train_only,
 )
-
-log = logging.getLogger(__name__)
 
 # The layers that map features to this task's classes: re-initialised for the job's classes, never
 # loaded from the base weights (the base model's classes are other classes).
@@ -144,32 +142,8 @@ def detector_stages(model: nn.Module) -> list[list[str]]:
 
 def apply_detection_strategy(model: nn.Module, strategy: str, trainable_layers: int | None = None) -> TrainablePlan:
     """Freeze what the strategy keeps fixed; the plan the classification loop's helpers understand."""
-    names = [n for n, _ in model.named_parameters()]
     stages = detector_stages(model)
     in_backbone = {n for g in stages for n in g}
-    head = [n for n in names if n not in in_backbone]
-    if strategy == "head":
-        trained = 0
-    elif strategy == "partial":
-        wanted = trainable_layers or 1
-        if wanted > len(stages):
-            log.warning("model.trainableLayers is %d but the backbone has %d stages: training all", wanted, len(stages))
-        trained = min(wanted, len(stages))
-    elif strategy == "full":
-        trained = len(stages)
-    else:
-        raise ConfigError(f"model.strategy: unknown strategy '{strategy}'")
-    chosen = stages[len(stages) - trained :] if trained else []
-    backbone_set = {n for g in chosen for n in g}
-    trainable = set(head) | backbone_set
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    return TrainablePlan(
-        strategy=strategy,
-        head=head,
-        backbone=[n for n in names if n in backbone_set],
-        stages_trained=trained,
-        stages_total=len(stages),
-        frozen_modules=frozen_norm_modules(model),
-        backbone_stages=chosen,
-    )
+    head = [n for n, _ in model.named_parameters() if n not in in_backbone]
+    trained = stages_to_train(model, strategy, trainable_layers, len(stages))
+    return train_only(model, strategy, head, stages[len(stages) - trained :] if trained else [], trained, len(stages))

@@ -281,39 +281,52 @@ def apply_strategy(model: nn.Module, strategy: str, trainable_layers: int | None
     backbone_stages = [g for g in backbone_stages if g]
     head_extras = [n for n in head_group if n not in head]
 
-    chosen: list[list[str]]
-    if strategy == "head":
-        chosen, trained = [], 0
-    elif strategy == "partial":
-        wanted = trainable_layers or 1
-        if wanted > len(backbone_stages):
-            log.warning(
-                "model.trainableLayers is %d but %s has %d stages: training all of them",
-                wanted,
-                type(model).__name__,
-                len(backbone_stages),
-            )
-        trained = min(wanted, len(backbone_stages))
-        chosen = [*backbone_stages[len(backbone_stages) - trained :], head_extras]
-    elif strategy == "full":
+    trained = stages_to_train(model, strategy, trainable_layers, len(backbone_stages))
+    chosen: list[list[str]] = []
+    if strategy == "full":
         grouped = {n for g in backbone_stages for n in g} | set(head_extras)
         # Anything timm's grouping left out trains with the top stage.
         rest = [n for n in names if n not in grouped and n not in head]
-        chosen, trained = [*backbone_stages, head_extras + rest], len(backbone_stages)
-    else:
-        raise ConfigError(f"model.strategy: unknown strategy '{strategy}'")
-    chosen = [g for g in chosen if g]
-    backbone = {n for g in chosen for n in g}
+        chosen = [*backbone_stages, head_extras + rest]
+    elif strategy == "partial":
+        chosen = [*backbone_stages[len(backbone_stages) - trained :], head_extras]
+    return train_only(model, strategy, head, [g for g in chosen if g], trained, len(backbone_stages))
 
+
+def stages_to_train(model: nn.Module, strategy: str, trainable_layers: int | None, total: int) -> int:
+    """How many of the backbone's `total` stages, top first, the strategy trains (a partial strategy asking
+    for more than there are trains them all, with a warning)."""
+    if strategy == "head":
+        return 0
+    if strategy == "full":
+        return total
+    if strategy != "partial":
+        raise ConfigError(f"model.strategy: unknown strategy '{strategy}'")
+    wanted = trainable_layers or 1
+    if wanted > total:
+        log.warning(
+            "model.trainableLayers is %d but %s has %d stages: training all of them",
+            wanted,
+            type(model).__name__,
+            total,
+        )
+    return min(wanted, total)
+
+
+def train_only(
+    model: nn.Module, strategy: str, head: list[str], chosen: list[list[str]], trained: int, total: int
+) -> TrainablePlan:
+    """Freeze every parameter but the head's and those of the `chosen` backbone stages; the plan of it."""
+    backbone = {n for g in chosen for n in g}
     trainable = set(head) | backbone
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     return TrainablePlan(
         strategy=strategy,
         head=head,
-        backbone=[n for n in names if n in backbone],
+        backbone=[n for n, _ in model.named_parameters() if n in backbone],
         stages_trained=trained,
-        stages_total=len(backbone_stages),
+        stages_total=total,
         frozen_modules=frozen_norm_modules(model),
         backbone_stages=chosen,
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import Field, create_model
 from pydantic.alias_generators import to_camel
@@ -201,6 +201,10 @@ class TrainingSettings(CamelModel):
 
 MAX_TRIAL_ID = 64
 MAX_PARAMETER_TEXT = 64
+# How a sweep's trial ends (sweep.json's `state`), and every state a trial is in: SweepProgress's counts.
+TrialEnd = Literal["done", "stopped", "failed"]
+TRIAL_ENDS: tuple[TrialEnd, ...] = get_args(TrialEnd)
+TRIAL_STATES: tuple[str, ...] = ("pending", "running", *TRIAL_ENDS)
 
 
 class SweepProgress(CamelModel):

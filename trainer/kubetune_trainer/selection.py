@@ -13,12 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kubetune_trainer.config import LOWER_IS_BETTER
-
-
-def order(metric: str) -> str:
-    """Ray Train's checkpoint_score_order for `metric`: "min" for a loss, "max" otherwise."""
-    return "min" if metric in LOWER_IS_BETTER else "max"
+from kubetune_trainer.config import LOWER_IS_BETTER, metric_mode
 
 
 def _score(entry: Mapping[str, Any], metric: str) -> tuple[bool, float]:
@@ -45,7 +40,11 @@ def best_epoch(history: Sequence[Mapping[str, Any]], metric: str) -> int | None:
 
 def checkpoint_config(num_to_keep: int, metric: str) -> dict[str, Any]:
     """Ray Train's CheckpointConfig arguments: keep the best `num_to_keep` by `metric` (and the latest)."""
-    return {"num_to_keep": num_to_keep, "checkpoint_score_attribute": metric, "checkpoint_score_order": order(metric)}
+    return {
+        "num_to_keep": num_to_keep,
+        "checkpoint_score_attribute": metric,
+        "checkpoint_score_order": metric_mode(metric),
+    }
 
 
 def unranked(metric_keys: Sequence[str]) -> dict[str, float]:

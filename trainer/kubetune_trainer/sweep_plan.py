@@ -17,7 +17,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from kubetune_trainer.config import (
     SweepParameter,
@@ -29,7 +29,7 @@ from kubetune_trainer.config import (
     sweep_value,
     trial_sections,
 )
-from kubetune_trainer.progress_model import SweepProgress
+from kubetune_trainer.progress_model import TRIAL_ENDS, SweepProgress, TrialEnd
 from kubetune_trainer.selection import best_entry
 
 TRIALS_DIR = "trials"
@@ -38,8 +38,6 @@ TRIAL_FITTED = "fitted.json"  # under trials/<id>/: the trial's last and best ch
 SWEEP_FILE = "sweep.json"
 SWEEP_FIGURE = "sweep.png"
 SWEEP_ID_LENGTH = 12
-
-TrialState = Literal["done", "stopped", "failed"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +150,7 @@ class TrialRecord:
     sweep_id: str
     id: str
     values: dict[str, SweepValue]
-    state: TrialState
+    state: TrialEnd
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, str] = field(default_factory=dict)  # done trials: "last" and "best" (s3:// URIs)
     reason: str | None = None  # failed trials: why
@@ -171,13 +169,13 @@ class TrialRecord:
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> TrialRecord:
         state = str(raw["state"])
-        if state not in ("done", "stopped", "failed"):
+        if state not in TRIAL_ENDS:
             raise ValueError(f"trial record: unknown state {state!r}")
         return cls(
             sweep_id=str(raw["sweepId"]),
             id=str(raw["id"]),
             values=dict(raw["parameters"]),
-            state=state,  # type: ignore[arg-type]  # checked above
+            state=cast(TrialEnd, state),  # checked above
             history=[dict(entry) for entry in raw.get("history") or []],
             checkpoints={str(k): str(v) for k, v in dict(raw.get("checkpoints") or {}).items()},
             reason=raw.get("reason"),
@@ -234,7 +232,7 @@ def sweep_progress(
     plan: SweepPlan, records: Sequence[TrialRecord], running: int, best: tuple[str, float, Mapping[str, Any]] | None
 ) -> SweepProgress:
     """The progress's `sweep`: trials by state, and the best (trial id, value, values) so far."""
-    counts = {state: sum(1 for r in records if r.state == state) for state in ("done", "stopped", "failed")}
+    counts = {state: sum(1 for r in records if r.state == state) for state in TRIAL_ENDS}
     total = len(plan.trials)
     return SweepProgress(
         trials=total,

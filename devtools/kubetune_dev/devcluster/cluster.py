@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -624,9 +624,3 @@ class DevCluster:
 def _group_version(api_version: str) -> tuple[str, str]:
     group, _, version = api_version.rpartition("/")
     return group, version
-
-
-@contextlib.contextmanager
-def devcluster(**kwargs: Any) -> Iterator[DevCluster]:
-    with DevCluster(**kwargs) as cluster:
-        yield cluster

@@ -52,7 +52,6 @@ from kubetune_dev.devcluster.apimachinery import (
     now_rfc3339,
     parse_field_selector,
     parse_label_selector,
-    parse_time,
     table,
     wants_table,
 )
@@ -985,9 +984,3 @@ def kubeconfig(url: str, *, namespace: str = "default", name: str = "kubetune-de
         "current-context": name,
         "preferences": {},
     }
-
-
-def parse_rfc3339(value: str | None) -> float | None:
-    """Seconds since the epoch of a Kubernetes timestamp, or None."""
-    when = parse_time(value) if value else None
-    return when.timestamp() if when else None

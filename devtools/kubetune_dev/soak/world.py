@@ -25,7 +25,6 @@ class SoakWorld(World):
     def __init__(self, cluster: DevCluster) -> None:
         super().__init__(cluster)
         self.progress_proxy: FaultyS3Proxy | None = None
-        self.operator_starts = 0
         self.operator_started_at = 0.0
         self.rss: list[tuple[float, int, float]] = []  # (time.time(), the operator's RSS in bytes, its age in s)
 
@@ -39,7 +38,6 @@ class SoakWorld(World):
 
     def start_operator(self, metrics_port: int = 0, progress_port: int = 0) -> None:
         super().start_operator(metrics_port, progress_port)
-        self.operator_starts += 1
         self.operator_started_at = time.time()
 
     def job(self, name: str) -> dict[str, Any] | None:
