@@ -15,6 +15,7 @@ driver, the operator, S3, the API — says what it stopped, and exits 130 or 143
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import signal
@@ -180,14 +181,12 @@ def download_results(cluster: DevCluster, job: dict[str, Any], workdir: Path) ->
 
 
 def final_accuracy(job: dict[str, Any], files: dict[str, Path]) -> float | None:
-    if "model.json" in files:
-        card = yaml.safe_load(files["model.json"].read_text()) or {}
-        metrics = card.get("metrics") or card.get("finalMetrics") or {}
-        for key in ("valAccuracy", "val_accuracy", "accuracy"):
-            if isinstance(metrics.get(key), int | float):
-                return float(metrics[key])
-    value = ((job.get("status") or {}).get("progress") or {}).get("metrics", {}).get("valAccuracy")
-    return float(value) if isinstance(value, int | float) else None
+    """The exported epoch's validation accuracy (model.json's `metrics`), else the status's latest."""
+    card = json.loads(files["model.json"].read_text()) if "model.json" in files else {}
+    for metrics in (card.get("metrics") or {}, ((job.get("status") or {}).get("progress") or {}).get("metrics") or {}):
+        if isinstance(metrics.get("valAccuracy"), int | float):
+            return float(metrics["valAccuracy"])
+    return None
 
 
 def kubectl_hint(kubeconfig: Path, name: str) -> str:

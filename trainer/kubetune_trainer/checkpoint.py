@@ -104,9 +104,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:  # absent from checkpoints written before it was saved
-        kind, keys, position, has_gauss, cached = state["numpy"]
-        np.random.set_state((str(kind), keys.numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(kind), keys.numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
