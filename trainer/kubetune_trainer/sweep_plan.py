@@ -17,7 +17,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from kubetune_trainer.config import (
     SweepParameter,
@@ -175,7 +175,7 @@ class TrialRecord:
             sweep_id=str(raw["sweepId"]),
             id=str(raw["id"]),
             values=dict(raw["parameters"]),
-            state=cast(TrialEnd, state),  # checked above
+            state=state,
             history=[dict(entry) for entry in raw.get("history") or []],
             checkpoints={str(k): str(v) for k, v in dict(raw.get("checkpoints") or {}).items()},
             reason=raw.get("reason"),
