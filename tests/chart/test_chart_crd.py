@@ -6,7 +6,8 @@ import helm_python as helm
 import kubernetes_validate
 import yaml
 
-from tests.support.chart_support import CHART_DIR, KUBERNETES_VERSION
+from tests.support.chart_support import CHART_DIR
+from tests.support.k8s_schema import KUBERNETES_VERSION
 from tests.support.paths import REPO
 
 CRD_FILE = "finetunejobs.kubetune.dev.yaml"

@@ -13,7 +13,8 @@ import yaml
 
 from kubetune_operator import allowlist
 from kubetune_operator.settings import OperatorSettings
-from tests.support.chart_support import CHART_DIR, KUBERNETES_VERSION, NAMESPACE, VALUE_SETS, Rendered, render
+from tests.support.chart_support import CHART_DIR, NAMESPACE, VALUE_SETS, Rendered, render
+from tests.support.k8s_schema import KUBERNETES_VERSION
 from tests.support.paths import REPO
 
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}

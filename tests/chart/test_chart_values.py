@@ -9,7 +9,8 @@ import helm_python as helm
 import pytest
 
 from tests.support import k8s_schema
-from tests.support.chart_support import CHART_DIR, KUBERNETES_VERSION, NAMESPACE, VALUE_SETS
+from tests.support.chart_support import CHART_DIR, NAMESPACE, VALUE_SETS
+from tests.support.k8s_schema import KUBERNETES_VERSION
 
 WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
 

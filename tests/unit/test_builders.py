@@ -33,7 +33,8 @@ from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.spec import FineTuneJob
 from kubetune_operator.trainer_config import trainer_config
 from kubetune_trainer.config import RAY_TRAIN_ENV, ProgressTarget, TrainerConfig, run_digest
-from tests.support.rayjob_schema import KUBERNETES_VERSION, assert_valid_rayjob, rayjob_validator
+from tests.support.k8s_schema import KUBERNETES_VERSION
+from tests.support.rayjob_schema import assert_valid_rayjob, rayjob_validator
 
 SETTINGS = OperatorSettings(trainer_image="registry.example/kubetune-trainer:1.2.3")
 

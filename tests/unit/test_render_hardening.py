@@ -16,9 +16,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.support.k8s_schema import KUBERNETES_VERSION
 from tests.support.paths import REPO
 from tests.support.pod_security_standards import restricted_violations
-from tests.support.rayjob_schema import KUBERNETES_VERSION, assert_valid_rayjob
+from tests.support.rayjob_schema import assert_valid_rayjob
 
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
