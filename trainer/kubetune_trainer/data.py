@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from kubetune_trainer.augment import build_transforms
 from kubetune_trainer.cache import cache_root, digest, node_lock
 from kubetune_trainer.config import MAX_CLASSES, DataSpec
-from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.errors import ConfigError, DataError, first_line
 from kubetune_trainer.localpaths import local_path, unsafe_reason
 from kubetune_trainer.shards import SHARD_THREADS, extract_members
 from kubetune_trainer.storage import (
@@ -371,7 +371,7 @@ def verify_image(path: Path) -> str | None:
     except UnidentifiedImageError:
         return f"UnidentifiedImageError: not a {', '.join(IMAGE_FORMATS)} image"
     except Exception as error:  # PIL raises many types for bad files; any of them means unreadable.
-        return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        return first_line(error, 200)
     return None
 
 

@@ -7,6 +7,12 @@ field or the s3:// URI at fault. Anything else escaping the trainer is a bug and
 from __future__ import annotations
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` of an error that is not ours (a library's, possibly many lines), as one bounded line."""
+    lines = f"{type(error).__name__}: {error}".strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
 class TrainerError(Exception):
     """A run cannot continue; str(error) is the one-line reason."""
 

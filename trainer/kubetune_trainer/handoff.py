@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.config import MlflowSpec, TrainerConfig
+from kubetune_trainer.errors import first_line
 from kubetune_trainer.storage import S3Store, S3Uri
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def hand_off(
     try:
         done = log_run(MlflowClient(tracking_uri=spec.tracking_uri), spec, config, store, output, card, history)
     except Exception as error:
-        line = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        line = first_line(error)
         log.warning("output.mlflow: could not log the run to %s: %s", spec.tracking_uri, line)
         return f"not logged to {spec.tracking_uri}: {line}"
     log.info("MLflow: %s", done)

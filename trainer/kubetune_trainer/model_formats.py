@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kubetune_trainer.errors import first_line
+
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
@@ -33,17 +35,12 @@ CHECK_IMAGES = 256  # validation images the ONNX copy is checked on, at most
 BOX_TOLERANCE = 1.0  # pixels
 
 
-def _first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]
-
-
 def _guarded(name: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One format's export; an exception becomes its `error` in model.json and a warning."""
     try:
         return build()
     except Exception as error:
-        message = f"could not export {name}: {_first_line(error)}"
+        message = f"could not export {name}: {first_line(error)}"
         log.warning("%s", message)
         return {"error": message}
 
