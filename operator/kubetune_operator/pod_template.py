@@ -23,7 +23,7 @@ from kubetune_operator.pod_names import (
     OPERATOR_MOUNT_PATHS,
     OPERATOR_VOLUMES,
 )
-from kubetune_trainer.config import DNS_SUBDOMAIN, SpecSection, cel
+from kubetune_trainer.config import DNS_SUBDOMAIN, SpecSection, cel, cel_list
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A label key or taint key: an optional DNS-subdomain prefix and "/", then a name of at most 63 characters.
@@ -52,17 +52,13 @@ SELINUX_TYPES = ("container_t", "container_init_t", "container_kvm_t", "containe
 _OWNED_CONTAINER = "the operator owns the Ray container"
 
 
-def _cel_list(items: tuple[str, ...]) -> str:
-    return "[" + ", ".join(f"'{item}'" for item in items) + "]"
-
-
 def _reserved_key(key: str) -> bool:
     return key.startswith(OPERATOR_LABEL_PREFIXES) or key in OPERATOR_LABEL_KEYS
 
 
 def _no_reserved_key_cel(field: str) -> str:
     keys = " && ".join(f"!k.startsWith('{p}')" for p in OPERATOR_LABEL_PREFIXES)
-    return f"!has(self.{field}) || self.{field}.all(k, !(k in {_cel_list(OPERATOR_LABEL_KEYS)}) && {keys})"
+    return f"!has(self.{field}) || self.{field}.all(k, !(k in {cel_list(OPERATOR_LABEL_KEYS)}) && {keys})"
 
 
 _RESERVED_KEY_MESSAGE = (
@@ -223,7 +219,7 @@ class Volume(OwnsFields):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    f"!(self.name in {_cel_list(OPERATOR_VOLUMES)})",
+                    f"!(self.name in {cel_list(OPERATOR_VOLUMES)})",
                     "name: " + ", ".join(OPERATOR_VOLUMES) + " are the operator's volumes",
                     ".name",
                 ),
@@ -322,7 +318,7 @@ class EnvVar(SpecSection):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    f"!(self.name in {_cel_list(OPERATOR_ENV)})"
+                    f"!(self.name in {cel_list(OPERATOR_ENV)})"
                     + "".join(f" && !self.name.startsWith('{p}')" for p in OPERATOR_ENV_PREFIXES),
                     "name: the operator sets this variable",
                     ".name",
@@ -365,7 +361,7 @@ class VolumeMount(SpecSection):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    f"!(self.mountPath in {_cel_list(OPERATOR_MOUNT_PATHS)})",
+                    f"!(self.mountPath in {cel_list(OPERATOR_MOUNT_PATHS)})",
                     "mountPath: the operator mounts its own volumes at " + ", ".join(OPERATOR_MOUNT_PATHS),
                     ".mountPath",
                 ),

@@ -1314,15 +1314,16 @@ def check_test_split(task: str, data: DataSpec) -> None:
         )
 
 
-def _cel_list(items: tuple[str, ...]) -> str:
+def cel_list(items: tuple[str, ...]) -> str:
+    """`items` as a CEL list literal of strings."""
     return "[" + ", ".join(f"'{item}'" for item in items) + "]"
 
 
 TASK_CEL_RULES = [
     cel(
         "!has(self.training.earlyStopping) || !has(self.training.earlyStopping.metric) || (self.task == 'detection' ? "
-        f"self.training.earlyStopping.metric in {_cel_list(SELECT_BY['detection'])} : "
-        f"self.training.earlyStopping.metric in {_cel_list(SELECT_BY['classification'])})",
+        f"self.training.earlyStopping.metric in {cel_list(SELECT_BY['detection'])} : "
+        f"self.training.earlyStopping.metric in {cel_list(SELECT_BY['classification'])})",
         "training.earlyStopping.metric must be valAccuracy or valLoss with task classification, valMap or valMap50 "
         "with detection",
         ".training.earlyStopping.metric",
@@ -1335,8 +1336,8 @@ TASK_CEL_RULES = [
     ),
     cel(
         "!has(self.training.selectBy) || (self.task == 'detection' ? "
-        f"self.training.selectBy in {_cel_list(SELECT_BY['detection'])} : "
-        f"self.training.selectBy in {_cel_list(SELECT_BY['classification'])})",
+        f"self.training.selectBy in {cel_list(SELECT_BY['detection'])} : "
+        f"self.training.selectBy in {cel_list(SELECT_BY['classification'])})",
         "training.selectBy must be valAccuracy or valLoss with task classification, valMap or valMap50 with detection",
         ".training.selectBy",
     ),
@@ -1366,7 +1367,7 @@ TASK_CEL_RULES = [
     cel(
         "!has(self.data.format) || self.data.format in "
         "(self.task == 'detection' ? "
-        f"{_cel_list(TASK_FORMATS['detection'])} : {_cel_list(TASK_FORMATS['classification'])})",
+        f"{cel_list(TASK_FORMATS['detection'])} : {cel_list(TASK_FORMATS['classification'])})",
         "data.format must be a format of the task: classification reads "
         + ", ".join(TASK_FORMATS["classification"])
         + "; detection reads "
@@ -1374,7 +1375,7 @@ TASK_CEL_RULES = [
         ".data.format",
     ),
     cel(
-        f"(self.model.architecture in {_cel_list(DETECTION_ARCHITECTURES)}) == (self.task == 'detection')",
+        f"(self.model.architecture in {cel_list(DETECTION_ARCHITECTURES)}) == (self.task == 'detection')",
         "model.architecture must be a torchvision detection model with task detection, and a classification "
         "model otherwise; detection accepts: " + ", ".join(DETECTION_ARCHITECTURES),
         ".model.architecture",
