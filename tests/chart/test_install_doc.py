@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 
+from kubetune_dev import KUBERAY_VERSION
 from tests.support.chart_support import Rendered
 from tests.support.paths import REPO
 
@@ -55,3 +56,17 @@ def test_documented_commands_name_files_that_exist() -> None:
     for path in sorted(set(re.findall(r"(?:examples|charts/kubetune)/[\w./-]+\.(?:ya?ml|json)", text))):
         assert (REPO / path).exists(), f"docs/install.md refers to {path}, which does not exist"
     assert re.search(r"kubectl (-n \S+ )?get ftj -w", text) and "helm install" in text
+
+
+def test_the_kuberay_the_docs_install_is_the_one_the_dev_cluster_vendors() -> None:
+    """The install commands, the chart's prerequisite note and the vendored RayJob CRD name one KubeRay."""
+    install = f"helm install kuberay-operator kuberay/kuberay-operator --version {KUBERAY_VERSION}"
+    assert install in (REPO / "README.md").read_text()
+    assert re.search(rf"kuberay/kuberay-operator --version {re.escape(KUBERAY_VERSION)}\b", DOC.read_text())
+    versions = set(re.findall(r"kuberay-operator --version (\S+)", (REPO / "README.md").read_text() + DOC.read_text()))
+    assert versions == {KUBERAY_VERSION}
+    assert f"checked against KubeRay v{KUBERAY_VERSION}" in (REPO / "charts" / "kubetune" / "Chart.yaml").read_text()
+    assert (
+        f"KubeRay v{KUBERAY_VERSION}"
+        in (REPO / "devtools" / "kubetune_dev" / "vendor" / "kuberay" / "README.md").read_text()
+    )
