@@ -44,8 +44,7 @@ from kubetune_trainer.config import (
     Task,
     TrainingSpec,
     cel,
-    check_sweep,
-    check_task,
+    check_sections,
     concurrent_trials,
     disk_bytes,
     duration_seconds,
@@ -394,9 +393,7 @@ class FineTuneJobSpec(SpecSection):
 
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> FineTuneJobSpec:
-        check_task(self.task, self.model, self.data, self.training)
-        if self.sweep is not None:
-            check_sweep(self.task, self.model, self.data, self.training, self.sweep)
+        check_sections(self.task, self.model, self.data, self.training, self.sweep)
         return self
 
     @model_validator(mode="after")

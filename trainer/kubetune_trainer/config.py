@@ -1127,6 +1127,16 @@ def _unknown_architecture(name: str, known: frozenset[str], what: str) -> ValueE
     return ValueError(f"model.architecture: '{name}' is not a {what}{hint}")
 
 
+def check_sections(
+    task: str, model: ModelSpec, data: DataSpec, training: TrainingSpec, sweep: SweepSpec | None
+) -> None:
+    """The cross-section rules of the sections the job's spec and the trainer's config both hold: the
+    task's (`check_task`), and a sweep's (`check_sweep`)."""
+    check_task(task, model, data, training)
+    if sweep is not None:
+        check_sweep(task, model, data, training, sweep)
+
+
 def check_task(task: str, model: ModelSpec, data: DataSpec, training: TrainingSpec) -> None:
     """The fields each task accepts; raises ValueError("<field.path>: ...") like the other cross-field rules."""
     if training.select_by is not None and training.select_by not in SELECT_BY[task]:
@@ -1493,9 +1503,7 @@ class TrainerConfig(CamelModel):
 
     @model_validator(mode="after")
     def _fields_fit_the_task(self) -> TrainerConfig:
-        check_task(self.task, self.model, self.data, self.training)
-        if self.sweep is not None:
-            check_sweep(self.task, self.model, self.data, self.training, self.sweep)
+        check_sections(self.task, self.model, self.data, self.training, self.sweep)
         return self
 
     @property
