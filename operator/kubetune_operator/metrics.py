@@ -35,9 +35,8 @@ from prometheus_client import (
 from kubetune_operator.hooks import Hooks
 from kubetune_operator.lifecycle import parse_timestamp
 from kubetune_operator.settings import package_version
-from kubetune_operator.spec import SWEEP_STATES
 from kubetune_operator.states import PHASES, TERMINAL_PHASES, Phase
-from kubetune_trainer.progress_model import METRICS
+from kubetune_trainer.progress_model import METRICS, SWEEP_STATES
 
 OUTCOMES = (Phase.SUCCEEDED, Phase.FAILED)
 PROGRESS_RESULTS = ("accepted", "stale", "rejected", "throttled", "error")

@@ -510,7 +510,6 @@ _PROGRESS_FIELDS: dict[str, Any] = {
 }
 # status.sweep: a sweep's trials by state and its best trial, as the trainer last reported them (the
 # contract's SweepProgress), and `finished`, which the operator adds for the Trials printer column.
-SWEEP_STATES = ("pending", "running", "done", "stopped", "failed")  # SweepProgress's counts, in this order
 FINISHED_STATES = ("done", "stopped", "failed")
 _FINISHED = "Trials finished (done, stopped early or failed) of all, e.g. 3/8 (the Trials column)."
 _SWEEP_FIELDS: dict[str, Any] = {

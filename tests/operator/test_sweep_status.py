@@ -17,9 +17,8 @@ import pytest
 import pytest_asyncio
 
 from kubetune_operator.crd import SWEEP_COLUMNS
-from kubetune_operator.spec import SWEEP_STATES
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.progress_model import ProgressUpdate
+from kubetune_trainer.progress_model import SWEEP_STATES, ProgressUpdate
 from tests.support.live_operator import Ports, ReviewingApiServer, live_operator
 from tests.support.operator_harness import OperatorHarness, finetunejob
 
