@@ -161,6 +161,22 @@ async def test_a_token_for_another_audience_is_refused_with_401(
     assert counted(metrics, "rejected", 401) == 1
 
 
+@pytest.mark.parametrize("audience", ["cats-trainer", "kubetune.dev/cats", "https://kubernetes.default.svc"])
+async def test_a_token_for_a_legacy_or_general_audience_is_refused_with_401(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, audience: str
+) -> None:
+    """Authentic tokens of the job's ServiceAccount, but for the old `<job>-trainer` audience, an audience by
+    name rather than uid, or the API server's own: none is the job's, and none is reviewed as if it were."""
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats", audience=audience)
+
+    code, _, _ = await post(base, "cats", update(), token)
+
+    assert code == 401
+    assert "progress" not in kmock.job(NS, "cats")["status"]
+
+
 async def test_another_jobs_token_is_refused(
     kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
 ) -> None:
