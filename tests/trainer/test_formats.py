@@ -188,6 +188,42 @@ def test_the_shards_of_a_part_are_bounded_together(
         classification_index(store, config(world, format="webdataset", train="s3://datasets/wds-part/s-{0..2}.tar"))
 
 
+@pytest.mark.parametrize(
+    ("module", "limit", "value", "message"),
+    [
+        ("manifest", "MAX_MANIFEST_BYTES", 16, r"data.train: s3://datasets/mb/m.csv is .* more than the 16 bytes"),
+        ("manifest", "MAX_LINE_BYTES", 10, r"s3://datasets/mb/m.csv line 3: longer than 10 characters"),
+        ("manifest", "MAX_LISTED_OBJECTS", 2, r"s3://datasets/mb/m.csv: more than 2 images"),
+        (
+            "shards",
+            "MAX_SHARD_BYTES",
+            1024,
+            r"s3://datasets/mb/s.tar is .* bytes, more than the 1,024 a shard may have",
+        ),
+    ],
+)
+def test_manifests_and_shards_are_bounded_by_size(
+    world: DigitsWorld,
+    store: S3Store,
+    png: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    module: str,
+    limit: str,
+    value: int,
+    message: str,
+) -> None:
+    monkeypatch.setattr(f"kubetune_trainer.{module}.{limit}", value)
+    if module == "manifest":
+        world.put_many({f"s3://datasets/mb/{n}.png": png for n in range(3)})
+        world.put("s3://datasets/mb/m.csv", b"uri,label\n0.png,a\n1.png,birds\n2.png,a\n")
+        spec = {"format": "manifest", "train": "s3://datasets/mb/m.csv"}
+    else:
+        world.put("s3://datasets/mb/s.tar", tar_bytes([("a.png", png), ("a.cls", b"1")]))
+        spec = {"format": "webdataset", "train": "s3://datasets/mb/s.tar"}
+    with pytest.raises((DataError, StorageError), match=message):
+        classification_index(store, config(world, **spec))
+
+
 def test_manifest_csv_names_images_anywhere_in_its_bucket(world: DigitsWorld, store: S3Store, png: bytes) -> None:
     images = {f"s3://datasets/far/{d}/{n}.png": png for d in ("x", "y/z") for n in range(6)}
     world.put_many(images)
