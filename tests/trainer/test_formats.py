@@ -169,14 +169,15 @@ def test_shards_are_bounded(
 @pytest.mark.parametrize(
     ("limit", "message"),
     [
-        ({"MAX_IMAGES": 5}, "the shards of this part hold more than 5 images, the most a part may have"),
+        ({"MAX_PART_IMAGES": 5}, "the shards of this part hold more than 5 images, the most a part may have"),
         ({"MAX_ANNOTATION_BYTES": 8}, "the shards of this part hold label members of more than 8 bytes in all"),
     ],
 )
 def test_the_shards_of_a_part_are_bounded_together(
     world: DigitsWorld, store: S3Store, png: bytes, monkeypatch: pytest.MonkeyPatch, limit: dict[str, int], message: str
 ) -> None:
-    """Each shard within its own bounds, but together more images or label bytes than a COCO file may hold."""
+    """Each shard within its own bounds, but together more images than stream mode's scale, or more label
+    bytes than a COCO file may hold."""
     for name, value in limit.items():
         monkeypatch.setattr(f"kubetune_trainer.formats.{name}", value)
     for n in range(3):

@@ -13,9 +13,9 @@ whoever writes the bucket writes the tar, so
 - sizes are bounded: the shard (MAX_SHARD_BYTES, and never more than its listed size is read), its
   members (MAX_SHARD_MEMBERS), an image member (`data.MAX_IMAGE_BYTES`, checked by the caller), a
   label member (MAX_LABEL_BYTES), the labels of one shard together (MAX_SHARD_LABEL_BYTES), the images
-  and label bytes of all the shards of a part together (`PartBudget`: up to 100,000 shards could
-  otherwise hold far more than any listing, manifest or COCO file may), and the pax or GNU long-name
-  headers tarfile reads into memory (MAX_HEADER_BYTES).
+  and label bytes of all the shards of a part together (`PartBudget`: MAX_PART_IMAGES, and the label
+  bytes a COCO file may hold; up to 100,000 shards could otherwise hold 10^11 members), and the pax or
+  GNU long-name headers tarfile reads into memory (MAX_HEADER_BYTES).
 
 Why `tarfile` rather than the `webdataset` package: the package's readers open URLs through its own
 `gopen` (curl pipes for http, no boto3 credentials or endpoint settings), and hand every member's
@@ -45,6 +45,8 @@ MAX_SHARD_MEMBERS = 1_000_000
 MAX_LABEL_BYTES = 1024 * 1024
 MAX_SHARD_LABEL_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
+# The images of one part's shards together: stream mode's scale (docs/trainer.md: sets of 1-50 M images).
+MAX_PART_IMAGES = 50_000_000
 SHARD_THREADS = 8
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSIONS = ("cls", "json")
