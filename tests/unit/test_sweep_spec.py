@@ -305,6 +305,12 @@ def test_a_record_read_back_counts_only_when_this_sweep_wrote_it_for_that_trial(
     wire = TrialRecord(plan.sweep_id, trial.id, dict(trial.values), "done", history(0.7), done).wire()
     own = own_record(made, plan, trial, wire)
     assert own is not None and own.checkpoints == done and own.values == trial.values
+    # Where the trial's Ray Train run does keep its checkpoints counts as its folder.
+    from kubetune_trainer.run import checkpoints_uri
+    from kubetune_trainer.sweep_plan import in_trial_folder
+
+    kept = checkpoints_uri(trial_config(made, plan, trial)).join(made.run_name + ".x.001", "checkpoint_000003")
+    assert in_trial_folder(made, trial.id, str(kept))
 
     forged_values = own_record(made, plan, trial, {**wire, "parameters": {"training.learningRate": "x" * 10_000}})
     assert forged_values is not None and forged_values.values == trial.values
