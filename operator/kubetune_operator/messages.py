@@ -46,6 +46,7 @@ from kubetune_trainer.config import (
     S3_PREFIX_PATTERN,
     TrainerConfig,
 )
+from kubetune_trainer.progress_model import PRINTABLE_PATTERN, TRIAL_ID_PATTERN
 
 Loc = tuple[str | int, ...]
 MAX_SHOWN = 60
@@ -102,6 +103,8 @@ PATTERNS_IN_WORDS: dict[str, str] = {
     CONFIG_MAP_KEY: "must be a ConfigMap key: letters, digits, '-', '_' and '.'",
     CHECKPOINT_EVERY_PATTERN: "must be 'epoch' or a duration in hours, minutes and seconds, e.g. 10m, 1h30m or 90s",
     KEEP_FAILED_FOR_PATTERN: "must be a duration in hours, minutes and seconds, e.g. 0s, 30m, 1h or 1h30m",
+    TRIAL_ID_PATTERN: "must be a trial's id: trial- and its number, e.g. trial-003",
+    PRINTABLE_PATTERN: "must be printable ASCII text: letters, digits, spaces and punctuation",
     RAND_AUGMENT_PATTERN: (
         "must be timm's RandAugment string: rand, then dash-separated options m<magnitude>, n<ops per image>, "
         "p<probability>, mstd<magnitude noise>, mmax<magnitude cap>, inc0 or inc1, e.g. rand-m9-mstd0.5"

@@ -35,9 +35,8 @@ from prometheus_client import (
 from kubetune_operator.hooks import Hooks
 from kubetune_operator.lifecycle import parse_timestamp
 from kubetune_operator.settings import package_version
-from kubetune_operator.spec import SWEEP_STATES
 from kubetune_operator.states import PHASES, TERMINAL_PHASES, Phase
-from kubetune_trainer.progress_model import METRICS
+from kubetune_trainer.progress_model import METRICS, TRIAL_STATES
 
 OUTCOMES = (Phase.SUCCEEDED, Phase.FAILED)
 PROGRESS_RESULTS = ("accepted", "stale", "rejected", "throttled", "error")
@@ -148,7 +147,7 @@ class OperatorMetrics:
             JOB_LABELS,
             registry=r,
         )
-        # A sweep's trials by state (a fixed set, SWEEP_STATES): five series a job, whatever its trials.
+        # A sweep's trials by state (a fixed set, TRIAL_STATES): five series a job, whatever its trials.
         self.job_sweep_trials = Gauge(
             "kubetune_job_sweep_trials",
             "Trials of a FineTuneJob's sweep by state: pending, running, done, stopped (early, by the scheduler) "
@@ -343,7 +342,7 @@ class OperatorMetrics:
             self._set_sweep(namespace, name, sweep)
 
     def _set_sweep(self, namespace: str, name: str, sweep: Mapping[str, Any]) -> None:
-        for state in SWEEP_STATES:
+        for state in TRIAL_STATES:
             count = _number(sweep.get(state))
             self.job_sweep_trials.labels(namespace, name, state).set(count or 0.0)
         best = _number(sweep.get("bestValue"))
@@ -366,7 +365,7 @@ class OperatorMetrics:
             for gauge in self._per_job:
                 with contextlib.suppress(KeyError):  # that gauge never got a value for this job
                     gauge.remove(namespace, name)
-            for trial_state in SWEEP_STATES:
+            for trial_state in TRIAL_STATES:
                 with contextlib.suppress(KeyError):  # not a sweep
                     self.job_sweep_trials.remove(namespace, name, trial_state)
             self._move_phase(namespace, state.phase if state is not None else None, None)

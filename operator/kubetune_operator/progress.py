@@ -201,9 +201,9 @@ def parse_update(body: bytes) -> ProgressUpdate:
 def _check_finite(value: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("numbers must be finite")
-    if isinstance(value, Mapping):
-        for item in value.values():
-            _check_finite(item)
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else ()
+    for item in items:  # a list too: JSON's 1e999 parses as infinity, and no API server stores that
+        _check_finite(item)
 
 
 # -- the HTTP server ------------------------------------------------------------------------------------------

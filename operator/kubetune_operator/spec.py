@@ -51,7 +51,7 @@ from kubetune_trainer.config import (
     prefixes_overlap,
     prefixes_overlap_cel,
 )
-from kubetune_trainer.progress_model import TRIAL_ENDS, TRIAL_STATES, ProgressUpdate, SweepProgress, metrics_model
+from kubetune_trainer.progress_model import TRIAL_ENDS, ProgressUpdate, SweepProgress, metrics_model
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -507,7 +507,7 @@ _PROGRESS_FIELDS: dict[str, Any] = {
 }
 # status.sweep: a sweep's trials by state and its best trial, as the trainer last reported them (the
 # contract's SweepProgress), and `finished`, which the operator adds for the Trials printer column.
-SWEEP_STATES, FINISHED_STATES = TRIAL_STATES, TRIAL_ENDS  # SweepProgress's counts; those of ended trials
+FINISHED_STATES = TRIAL_ENDS  # SweepProgress's counts of ended trials
 _FINISHED = "Trials finished (done, stopped early or failed) of all, e.g. 3/8 (the Trials column)."
 _SWEEP_FIELDS: dict[str, Any] = {
     **optional_fields(SweepProgress),

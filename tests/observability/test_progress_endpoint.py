@@ -161,6 +161,22 @@ async def test_a_token_for_another_audience_is_refused_with_401(
     assert counted(metrics, "rejected", 401) == 1
 
 
+@pytest.mark.parametrize("audience", ["cats-trainer", "kubetune.dev/cats", "https://kubernetes.default.svc"])
+async def test_a_token_for_a_legacy_or_general_audience_is_refused_with_401(
+    kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, audience: str
+) -> None:
+    """Authentic tokens of the job's ServiceAccount, but for the old `<job>-trainer` audience, an audience by
+    name rather than uid, or the API server's own: none is the job's, and none is reviewed as if it were."""
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats", audience=audience)
+
+    code, _, _ = await post(base, "cats", update(), token)
+
+    assert code == 401
+    assert "progress" not in kmock.job(NS, "cats")["status"]
+
+
 async def test_another_jobs_token_is_refused(
     kmock: Cluster, progress_server: tuple[Any, str], metrics: OperatorMetrics, clock: FakeClock
 ) -> None:
@@ -269,6 +285,57 @@ async def test_a_malformed_or_oversized_body_is_refused_with_400(
     assert reason in answer["message"]
     assert "progress" not in kmock.job(NS, "cats")["status"]
     assert counted(metrics, "rejected", 400) == 1
+
+
+SWEEP = {"trials": 8, "running": 2, "pending": 6, "metric": "valAccuracy", "bestTrial": "trial-003"}
+TRAINING = {"learningRate": 0.004, "learningRateSource": "spec", "warmupSteps": 0, "augment": "none"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({**SWEEP, "bestParameters": {"training.learningRate": "9" * 10_000}}, "bestParameters"),
+        ({**SWEEP, "bestParameters": {"x" * 5000: "0.1"}}, "bestParameters"),
+        ({**SWEEP, "bestParameters": {"training.learningRate": "\u001b[31mred"}}, "bestParameters"),
+        ({**SWEEP, "bestTrial": "../../../etc"}, "bestTrial"),
+        ({**SWEEP, "metric": "anything at all"}, "metric"),
+        ({**SWEEP, "failed": 1000}, "at most trials (8)"),
+        ({**SWEEP, "trials": 1_000_000}, "trials"),
+        ({**SWEEP, "bestValue": "1e999"}, "finite"),
+        ({"training": {**TRAINING, "backboneLearningRates": ["1e999"]}}, "finite"),
+    ],
+    ids=[
+        "long-value",
+        "unknown-field",
+        "control-characters",
+        "trial-id-a-path",
+        "unknown-metric",
+        "count-over-trials",
+        "trials-over-bound",
+        "best-value-infinite",
+        "infinite-in-a-list",
+    ],
+)
+async def test_a_sweep_or_training_block_out_of_bounds_is_refused_with_400(
+    kmock: Cluster, progress_server: tuple[Any, str], clock: FakeClock, raw: dict[str, Any], reason: str
+) -> None:
+    """What a forged sweep or training block could put in the status (and the metrics) is bounded: a
+    trial id, a known metric, the swept fields with short printable values, counts within the trials."""
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+    field = "sweep" if "trials" in raw else "training"
+    body = json.dumps(update(**{field: raw["training"] if field == "training" else raw}))
+    body = body.replace('"1e999"', "1e999")  # a number JSON parses as infinity
+
+    code, answer, _ = await post(base, "cats", None, token, raw=body.encode())
+
+    assert code == 400 and reason in answer["message"], answer
+    assert "progress" not in kmock.job(NS, "cats")["status"]
+    clock.advance()
+    sweep = {**SWEEP, "bestValue": 0.7, "bestParameters": {"training.learningRate": "0.003", "data.augment": "light"}}
+    code, _, _ = await post(base, "cats", update(sweep=sweep), token)
+    assert code == 200 and kmock.job(NS, "cats")["status"]["sweep"]["bestParameters"] == sweep["bestParameters"]
 
 
 async def test_an_update_for_a_job_deleted_since_is_refused_with_404(

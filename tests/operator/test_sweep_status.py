@@ -17,9 +17,8 @@ import pytest
 import pytest_asyncio
 
 from kubetune_operator.crd import SWEEP_COLUMNS
-from kubetune_operator.spec import SWEEP_STATES
 from kubetune_trainer.operator_reporter import OperatorReporter
-from kubetune_trainer.progress_model import ProgressUpdate
+from kubetune_trainer.progress_model import TRIAL_STATES, ProgressUpdate
 from tests.support.live_operator import Ports, ReviewingApiServer, live_operator
 from tests.support.operator_harness import OperatorHarness, finetunejob
 
@@ -97,7 +96,7 @@ async def test_a_sweep_s_trials_fill_status_sweep_and_its_metrics(
     assert job["status"]["progress"]["epoch"] == 2
     assert job["status"]["phase"] == "Running"
     assert trials(ports) == {"pending": 1, "running": 3, "done": 0, "stopped": 0, "failed": 0}
-    assert list(trials(ports)) == list(SWEEP_STATES)  # one series a state, whatever the trials
+    assert list(trials(ports)) == list(TRIAL_STATES)  # one series a state, whatever the trials
     assert ports.scrape()[("kubetune_job_sweep_best_value", (("name", "tune"), ("namespace", NS)))] == 0.7
 
     # ASHA stops two poor trials; trial-003, at an earlier epoch than trial-001 was, is the new best.

@@ -166,6 +166,65 @@ def test_shards_are_bounded(
         )
 
 
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ({"MAX_PART_IMAGES": 5}, "the shards of this part hold more than 5 images, the most a part may have"),
+        ({"MAX_ANNOTATION_BYTES": 8}, "the shards of this part hold label members of more than 8 bytes in all"),
+    ],
+)
+def test_the_shards_of_a_part_are_bounded_together(
+    world: DigitsWorld, store: S3Store, png: bytes, monkeypatch: pytest.MonkeyPatch, limit: dict[str, int], message: str
+) -> None:
+    """Each shard within its own bounds, but together more images than stream mode's scale, or more label
+    bytes than a COCO file may hold."""
+    for name, value in limit.items():
+        monkeypatch.setattr(f"kubetune_trainer.formats.{name}", value)
+    for n in range(3):
+        world.put(
+            f"s3://datasets/wds-part/s-{n}.tar",
+            tar_bytes([(f"{k}.png", png) for k in range(3)] + [(f"{k}.cls", b"1") for k in range(3)]),
+        )
+    with pytest.raises(DataError, match=re.escape(message)):
+        classification_index(store, config(world, format="webdataset", train="s3://datasets/wds-part/s-{0..2}.tar"))
+
+
+@pytest.mark.parametrize(
+    ("module", "limit", "value", "message"),
+    [
+        ("manifest", "MAX_MANIFEST_BYTES", 16, r"data.train: s3://datasets/mb/m.csv is .* more than the 16 bytes"),
+        ("manifest", "MAX_LINE_BYTES", 10, r"s3://datasets/mb/m.csv line 3: longer than 10 characters"),
+        ("manifest", "MAX_LISTED_OBJECTS", 2, r"s3://datasets/mb/m.csv: more than 2 images"),
+        (
+            "shards",
+            "MAX_SHARD_BYTES",
+            1024,
+            r"s3://datasets/mb/s.tar is .* bytes, more than the 1,024 a shard may have",
+        ),
+    ],
+)
+def test_manifests_and_shards_are_bounded_by_size(
+    world: DigitsWorld,
+    store: S3Store,
+    png: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    module: str,
+    limit: str,
+    value: int,
+    message: str,
+) -> None:
+    monkeypatch.setattr(f"kubetune_trainer.{module}.{limit}", value)
+    if module == "manifest":
+        world.put_many({f"s3://datasets/mb/{n}.png": png for n in range(3)})
+        world.put("s3://datasets/mb/m.csv", b"uri,label\n0.png,a\n1.png,birds\n2.png,a\n")
+        spec = {"format": "manifest", "train": "s3://datasets/mb/m.csv"}
+    else:
+        world.put("s3://datasets/mb/s.tar", tar_bytes([("a.png", png), ("a.cls", b"1")]))
+        spec = {"format": "webdataset", "train": "s3://datasets/mb/s.tar"}
+    with pytest.raises((DataError, StorageError), match=message):
+        classification_index(store, config(world, **spec))
+
+
 def test_manifest_csv_names_images_anywhere_in_its_bucket(world: DigitsWorld, store: S3Store, png: bytes) -> None:
     images = {f"s3://datasets/far/{d}/{n}.png": png for d in ("x", "y/z") for n in range(6)}
     world.put_many(images)
@@ -272,6 +331,47 @@ def test_detection_boxes_from_shards(world: DigitsWorld, store: S3Store, png: by
     assert not corrupt and all((folder / s.key).read_bytes() == png for s in boxes.train)
 
 
+@pytest.mark.parametrize("data_format", ["manifest", "webdataset"])
+def test_boxes_from_manifests_and_shards_have_the_bounds_of_coco_boxes(
+    world: DigitsWorld, store: S3Store, png: bytes, monkeypatch: pytest.MonkeyPatch, data_format: str
+) -> None:
+    """Box coordinates finite and within ±100,000, boxes per image bounded (dropped and counted as COCO's
+    are), image sides bounded (the run fails naming the image), as for a COCO file."""
+    monkeypatch.setattr("kubetune_trainer.detection_data.MAX_BOXES_PER_IMAGE", 3)
+    good = [[1, 1, 8, 8], "square"]
+    absurd = [[[float("nan"), 1, 5, 5], "square"], [[1, 1, float("inf"), 5], "square"], [[1, 1, 1e9, 5], "square"]]
+    items = [
+        {"width": 32, "height": 32, "annotations": [{"bbox": b, "category": c} for b, c in [good, *absurd]]},
+        {"width": 32, "height": 32, "annotations": [{"bbox": good[0], "category": "square"}] * 5},
+    ]
+    folder = f"s3://datasets/bounds-{data_format}"
+    world.put_many({f"{folder}/{n}.png": png for n in range(3)})
+
+    def put(items: list[dict[str, Any]], part: str, first: int = 0) -> str:
+        if data_format == "manifest":  # json.dumps writes NaN and Infinity, and json.loads reads them
+            lines = [json.dumps({"uri": f"{n}.png", **item}) for n, item in enumerate(items, first)]
+            world.put(f"{folder}/{part}.jsonl", "\n".join(lines).encode())
+            return f"{folder}/{part}.jsonl"
+        members = [
+            (f"{n}.{kind}", png if kind == "png" else json.dumps(item).encode())
+            for n, item in enumerate(items, first)
+            for kind in ("png", "json")
+        ]
+        world.put(f"{folder}/{part}.tar", tar_bytes(members))
+        return f"{folder}/{part}.tar"
+
+    spec = {"format": data_format, "train": put(items, "train"), "validation": put(items[1:], "val", 2)}
+    boxes, _ = detection_index(store, config(world, "detection", **spec))
+    counts = boxes.counts["train"]
+    assert (counts["boxes"], counts["boxesDroppedEmpty"], counts["boxesDroppedOverLimit"]) == (4, 3, 2)
+    assert all(abs(v) <= 100_000 for s in boxes.train for box in s.boxes for v in box)
+
+    items[0]["width"] = 1_000_000
+    spec = {"format": data_format, "train": put(items, "train"), "validation": put(items[1:], "val", 2)}
+    with pytest.raises(DataError, match="needs a positive width and height of at most 100,000 pixels"):
+        detection_index(store, config(world, "detection", **spec))
+
+
 def test_classes_sort_as_numbers_when_they_are_numbers() -> None:
     assert class_order({"10", "2", "1"}) == ["1", "2", "10"]
     assert class_order({"b", "10", "a", "2"}) == ["2", "10", "a", "b"]
@@ -293,4 +393,4 @@ def test_a_shard_read_stops_at_its_listed_size(world: DigitsWorld, store: S3Stor
     with pytest.raises(
         StorageError, match=r"s3://datasets/wds-grown/s.tar is more than the .* bytes it was listed with"
     ):
-        shards.scan_shard(store, listed, "datasets")
+        shards.scan_shard(store, listed, "datasets", shards.PartBudget(10, 10_000))

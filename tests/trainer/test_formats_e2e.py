@@ -4,7 +4,8 @@ on the session's moto server, one tiny epoch each, both runs at once (each with 
 Budget: 30 digits of each class 5-9 (150 images), test_resnet at 32 px, one epoch of batch 32, head
 layer only, one worker of one CPU per run. The shards are what `kubetune data pack` makes of a local
 ImageFolder (so a packed set trains, with every image of the source); one of them also holds a symbolic
-link named like an image, which must be refused and counted, not followed.
+link named like an image, which must be refused and counted, not followed. The manifest also names an
+image whose key climbs out of the node cache (`../`): refused, counted and named, and written nowhere.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def test_a_job_trains_from_webdataset_shards_and_from_a_manifest(pretrained: Dig
     assert pattern == f"{shards}/train-{{000000..000002}}.tar"
     add_symlink(world, f"{shards}/train-000001.tar")
     manifest = world.upload_manifest(f"s3://{DATA_BUCKET}/digit-manifests/train.csv", per_class=PER_CLASS)
+    # A line naming an image at a key that climbs out of the node cache (S3 keeps `..` as it is).
+    climb = "../" * 8 + "escape.png"
+    first_image = world.get(manifest).decode().splitlines()[1].split(",")[0]
+    world.put(f"s3://{DATA_BUCKET}/digit-manifests/{climb}", world.get(first_image))
+    world.put(manifest, world.get(manifest) + f"\n{climb},digit-5".encode())
 
     runs = {
         "webdataset": run(world, "from-shards", train=pattern, data_format="webdataset"),
@@ -90,5 +96,12 @@ def test_a_job_trains_from_webdataset_shards_and_from_a_manifest(pretrained: Dig
     assert manifest_card["classNames"] == [f"digit-{d}" for d in range(5, 10)]
     assert manifest_card["data"]["format"] == "manifest"
     assert manifest_card["data"]["trainImages"] + manifest_card["data"]["validationImages"] == 5 * PER_CLASS
+    assert manifest_card["data"]["corruptImages"] == 1
+    assert f"digit-manifests/{climb} (refused: the key has a '..' path segment)" in outputs["manifest"]
+    below = Path(world.cache_dir).parent  # the session's folder, the cache's and the runs' own among them
+    assert not [
+        *below.rglob("escape.png"),
+        *(p / "escape.png" for p in (Path("/tmp"), Path.cwd(), Path.home()) if (p / "escape.png").exists()),
+    ]
     for card in (shards_card, manifest_card):
         assert card["epochs"] == 1 and 0.0 <= card["metrics"]["valAccuracy"] <= 1.0

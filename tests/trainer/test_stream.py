@@ -184,3 +184,22 @@ def test_auto_streams_when_the_listed_images_and_weights_do_not_fit_the_limit() 
         config = trainer_config(FineTuneJob.from_body(job({"mode": "auto", "sizeLimit": limit})))
         assert streams(config, index, weights) is streamed, (limit, weights)
         assert cache_line(config, index, weights).startswith(f"data.cache: {'stream' if streamed else 'full'} (auto: ")
+
+
+def test_the_windows_leave_the_base_weights_room_on_the_cache_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base weights are cached on the node cache's emptyDir too, whose sizeLimit (cacheSize, sizeLimit's
+    default) the kubelet enforces by evicting the pod: the images stream within sizeLimit less the weights."""
+    from types import SimpleNamespace
+
+    from kubetune_trainer.data import DatasetIndex
+    from kubetune_trainer.stream import stream_setup
+
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path))
+    index = DatasetIndex("datasets", ["a"], shard_samples(4, 10, size=1024), shard_samples(1, 10, size=1024))
+    config = trainer_config(FineTuneJob.from_body(job({"mode": "stream"}, {"cacheSize": "1Mi"})))
+    store: Any = SimpleNamespace(endpoint="http://s3.test")
+    weights = 300 * 1024
+    setup = stream_setup(store, config, index, rank=0, local_world=2, lag=2, weights_bytes=weights)
+    assert setup.train.budget == setup.validation.budget == (1024**2 - weights) // 2

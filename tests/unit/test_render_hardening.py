@@ -6,6 +6,7 @@ authentication is on, each job has its NetworkPolicy, and no secret value is pri
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from functools import cache
@@ -15,6 +16,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from kubernetes.utils import parse_quantity
 
 from tests.support.k8s_schema import KUBERNETES_VERSION
 from tests.support.paths import REPO
@@ -74,13 +76,20 @@ def test_every_rendered_pod_is_restricted_with_a_read_only_root(example: Path) -
 def test_every_rendered_worker_has_a_bounded_node_cache_and_asks_for_the_disk(example: Path) -> None:
     job = yaml.safe_load(example.read_text())
     cache_size = job["spec"].get("resources", {}).get("cacheSize", "20Gi")
-    for template in pod_templates(one(rendered(example), "RayJob"))[1:]:
+    head, *workers = pod_templates(one(rendered(example), "RayJob"))
+    head_env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
+    # What the trainer keeps on the cache volume (stream mode's window included) stays within it.
+    cache = json.loads(head_env["KUBETUNE_TRAINER_CONFIG"].replace("$$", "$"))["data"]["cache"]
+    assert parse_quantity(cache["sizeLimit"]) <= parse_quantity(cache_size)
+    for template in workers:
         (container,) = template["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in container["env"]}
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         assert volumes[mounts[env["KUBETUNE_CACHE_DIR"]]]["emptyDir"] == {"sizeLimit": cache_size}
-        assert "ephemeral-storage" in container["resources"]["requests"]
+        # The disk asked for: the cache volume and 4Gi for /tmp and Ray's session dir.
+        requested = parse_quantity(container["resources"]["requests"]["ephemeral-storage"])
+        assert requested == parse_quantity(cache_size) + parse_quantity("4Gi")
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -125,6 +134,31 @@ def test_nothing_rendered_holds_a_secret_value(example: Path) -> None:
         for env in container["env"]:
             if any(word in env["name"] for word in CREDENTIAL_WORDS):
                 assert set(env) == {"name", "valueFrom"}, env
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_only_the_head_mounts_the_progress_token_and_no_pod_the_api_token(example: Path) -> None:
+    """Only the driver (the head's Ray container) reports progress, so only it mounts the projected token
+    for the job's audience; workers mount no token at all (data from a bucket runs there)."""
+    head, *workers = pod_templates(one(rendered(example), "RayJob"))
+    for template in workers:
+        pod = template["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert not [v for v in pod["volumes"] if "projected" in v or "secret" in v]
+    pod = head["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    tokens = {
+        v["name"]: source["serviceAccountToken"]
+        for v in pod["volumes"]
+        for source in v.get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in source
+    }
+    progress = {name for name, token in tokens.items() if token.get("audience", "").startswith("kubetune.dev/")}
+    assert len(progress) == 1
+    (ray,) = [c for c in pod["containers"] if c["name"] == "ray-head"]
+    for container in pod["containers"] + pod.get("initContainers", []):
+        mounted = {m["name"] for m in container.get("volumeMounts", [])}
+        assert (progress <= mounted) == (container is ray), container["name"]
 
 
 def test_the_checker_refuses_what_the_restricted_standard_refuses() -> None:

@@ -289,3 +289,38 @@ def test_the_driver_reads_a_trials_checkpoints_record_where_the_trial_writes_it(
         written = fitted_file(trial_config(made, plan, trial))
         assert written == trial_file(made, trial.id, TRIAL_FITTED)
         assert written.endswith(f"/trials/{trial.id}/fitted.json")
+
+
+def test_a_record_read_back_counts_only_when_this_sweep_wrote_it_for_that_trial() -> None:
+    """Whoever can write the output bucket writes trials/<id>/trial.json too: a record of another trial or
+    sweep, one whose checkpoints lie outside its trial's folder (the export would read them as the job's
+    model), or no record at all is not taken as finished, and a record's values are the plan's."""
+    from kubetune_trainer.sweep_plan import own_record
+
+    made = config({"parameters": [RATE], "trials": 2})
+    plan = plan_sweep(made)
+    trial = plan.trials[1]
+    folder = "s3://runs/flowers/trials/trial-001/checkpoints"
+    done = {"last": f"{folder}/checkpoint_2", "best": f"{folder}/checkpoint_1"}
+    wire = TrialRecord(plan.sweep_id, trial.id, dict(trial.values), "done", history(0.7), done).wire()
+    own = own_record(made, plan, trial, wire)
+    assert own is not None and own.checkpoints == done and own.values == trial.values
+    # Where the trial's Ray Train run does keep its checkpoints counts as its folder.
+    from kubetune_trainer.run import checkpoints_uri
+    from kubetune_trainer.sweep_plan import in_trial_folder
+
+    kept = checkpoints_uri(trial_config(made, plan, trial)).join(made.run_name + ".x.001", "checkpoint_000003")
+    assert in_trial_folder(made, trial.id, str(kept))
+
+    forged_values = own_record(made, plan, trial, {**wire, "parameters": {"training.learningRate": "x" * 10_000}})
+    assert forged_values is not None and forged_values.values == trial.values
+    elsewhere = [
+        "s3://other-bucket/model/",
+        "s3://runs/flowers/trials/trial-000/checkpoints/checkpoint_1",
+        f"{folder}/../../trial-000/checkpoints/checkpoint_1",
+        "s3://runs/flowers/trials/trial-001-evil/x",
+    ]
+    for uri in elsewhere:
+        assert own_record(made, plan, trial, {**wire, "checkpoints": {**done, "best": uri}}) is None, uri
+    for raw in [None, [], "text", {**wire, "id": "trial-000"}, {**wire, "sweepId": "another"}, {**wire, "state": 1}]:
+        assert own_record(made, plan, trial, raw) is None, raw

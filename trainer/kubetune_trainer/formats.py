@@ -31,10 +31,10 @@ from kubetune_trainer.data import (
     refusal,
     split_per_class,
 )
-from kubetune_trainer.detection_data import DetectionIndex, build_detection_index, sanitize_coco
+from kubetune_trainer.detection_data import MAX_ANNOTATION_BYTES, DetectionIndex, build_detection_index, sanitize_coco
 from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.manifest import check_label, find_objects, read_manifest
-from kubetune_trainer.shards import ShardSample, list_shards, scan_shards
+from kubetune_trainer.shards import MAX_PART_IMAGES, PartBudget, ShardSample, list_shards, scan_shards
 from kubetune_trainer.storage import S3Store
 
 
@@ -116,7 +116,8 @@ def shard_label(sample: ShardSample, where: str, boxes: bool) -> tuple[str, Mapp
 def shard_images(store: S3Store, pattern: str, part: str, boxes: bool) -> Images:
     bucket, shards = list_shards(store, pattern, part)
     out = Images(bucket, pattern, shards={s.key: s.size for s in shards})
-    for scan in scan_shards(store, bucket, shards):
+    # The part as a whole: at most stream mode's scale of images, and the label bytes (boxes) a COCO file may hold.
+    for scan in scan_shards(store, bucket, shards, PartBudget(MAX_PART_IMAGES, MAX_ANNOTATION_BYTES)):
         out.ignored += scan.ignored
         out.refused.update((f"{scan.shard.key}/{name}", why) for name, why in scan.refused.items())
         for key, sample in scan.samples.items():

@@ -407,7 +407,8 @@ def stream_setup_for(worker: Worker) -> StreamSetup:
 
     lag = loader_lag(worker.plan.loader_workers)
     local_world = ray.train.get_context().get_local_world_size()
-    return stream_setup(worker.store, worker.config, worker.task.images, worker.rank, local_world, lag)
+    images = worker.task.images
+    return stream_setup(worker.store, worker.config, images, worker.rank, local_world, lag, worker.plan.weights.size)
 
 
 def new_state(

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from pydantic import Field, create_model
+from pydantic import Field, create_model, model_validator
 from pydantic.alias_generators import to_camel
 
 from kubetune_trainer.config import (
@@ -35,6 +35,8 @@ from kubetune_trainer.config import (
     MAX_WORKERS,
     S3_PREFIX_PATTERN,
     CamelModel,
+    SelectBy,
+    SweepField,
     Task,
 )
 
@@ -205,11 +207,17 @@ MAX_PARAMETER_TEXT = 64
 TrialEnd = Literal["done", "stopped", "failed"]
 TRIAL_ENDS: tuple[TrialEnd, ...] = get_args(TrialEnd)
 TRIAL_STATES: tuple[str, ...] = ("pending", "running", *TRIAL_ENDS)
+# A trial's id as the trainer names it (`sweep_plan.Trial.id`): trial-000 to trial-999.
+TRIAL_ID_PATTERN = r"^trial-[0-9]{3,}$"
+PRINTABLE_PATTERN = r"^[ -~]+$"  # printable ASCII: what a number or a choice (a strategy, an augment) is
+ParameterText = Annotated[str, Field(min_length=1, max_length=MAX_PARAMETER_TEXT, pattern=PRINTABLE_PATTERN)]
 
 
 class SweepProgress(CamelModel):
     """Where a sweep (spec.sweep) is: its trials by state and the best so far. The operator writes it as
-    status.sweep; its counts are bounded by spec.sweep.trials, so metrics made from them stay bounded."""
+    status.sweep; its counts are bounded by its trials (at most spec.sweep.trials' bound), its strings by
+    what the trainer writes (a trial id, a metric name, a swept field and its value as printable text), so
+    whoever holds a job's progress token puts no more than that into the status and the metrics."""
 
     trials: int = Field(ge=1, le=MAX_SWEEP_TRIALS, description="Trials the sweep runs in all (spec.sweep.trials).")
     pending: int = Field(default=0, ge=0, le=MAX_SWEEP_TRIALS, description="Trials not started yet.")
@@ -219,14 +227,25 @@ class SweepProgress(CamelModel):
         default=0, ge=0, le=MAX_SWEEP_TRIALS, description="Trials the scheduler (ASHA) stopped early as poor."
     )
     failed: int = Field(default=0, ge=0, le=MAX_SWEEP_TRIALS, description="Trials that failed past their retries.")
-    metric: str = Field(max_length=32, description="The validation figure that ranks trials (spec.sweep.metric).")
-    best_trial: str | None = Field(default=None, max_length=MAX_TRIAL_ID, description="The best trial's id.")
-    best_value: float | None = Field(default=None, description="The best trial's best value of the metric.")
-    best_parameters: dict[str, str] = Field(
+    metric: SelectBy = Field(description="The validation figure that ranks trials (spec.sweep.metric).")
+    best_trial: str | None = Field(
+        default=None, max_length=MAX_TRIAL_ID, pattern=TRIAL_ID_PATTERN, description="The best trial's id."
+    )
+    best_value: float | None = Field(
+        default=None, allow_inf_nan=False, description="The best trial's best value of the metric."
+    )
+    best_parameters: dict[SweepField, ParameterText] = Field(
         default_factory=dict,
         max_length=MAX_SWEEP_PARAMETERS,
         description="The best trial's values of the swept fields (spec path to the value as text).",
     )
+
+    @model_validator(mode="after")
+    def _counts_within_trials(self) -> SweepProgress:
+        for state in TRIAL_STATES:
+            if getattr(self, state) > self.trials:
+                raise ValueError(f"{state}: at most trials ({self.trials}) (got {getattr(self, state)})")
+        return self
 
 
 class ProgressUpdate(CamelModel):

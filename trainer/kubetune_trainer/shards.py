@@ -12,8 +12,10 @@ whoever writes the bucket writes the tar, so
   name would leave its folder is refused and counted, a leading "./" is dropped first);
 - sizes are bounded: the shard (MAX_SHARD_BYTES, and never more than its listed size is read), its
   members (MAX_SHARD_MEMBERS), an image member (`data.MAX_IMAGE_BYTES`, checked by the caller), a
-  label member (MAX_LABEL_BYTES), the labels of one shard together (MAX_SHARD_LABEL_BYTES), and the
-  pax or GNU long-name headers tarfile reads into memory (MAX_HEADER_BYTES).
+  label member (MAX_LABEL_BYTES), the labels of one shard together (MAX_SHARD_LABEL_BYTES), the images
+  and label bytes of all the shards of a part together (`PartBudget`: MAX_PART_IMAGES, and the label
+  bytes a COCO file may hold; up to 100,000 shards could otherwise hold 10^11 members), and the pax or
+  GNU long-name headers tarfile reads into memory (MAX_HEADER_BYTES).
 
 Why `tarfile` rather than the `webdataset` package: the package's readers open URLs through its own
 `gopen` (curl pipes for http, no boto3 credentials or endpoint settings), and hand every member's
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +45,8 @@ MAX_SHARD_MEMBERS = 1_000_000
 MAX_LABEL_BYTES = 1024 * 1024
 MAX_SHARD_LABEL_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
+# The images of one part's shards together: stream mode's scale (docs/trainer.md: sets of 1-50 M images).
+MAX_PART_IMAGES = 50_000_000
 SHARD_THREADS = 8
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSIONS = ("cls", "json")
@@ -56,6 +61,30 @@ class BoundedTarInfo(tarfile.TarInfo):
         if self.type in (*_LONG_HEADERS, tarfile.SOLARIS_XHDTYPE) and self.size > MAX_HEADER_BYTES:
             raise tarfile.HeaderError(f"a {self.size:,}-byte extended header, more than {MAX_HEADER_BYTES:,} allowed")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+class PartBudget:
+    """The images and label bytes the shards of one part may hold together, counted as they are scanned
+    (several at a time): once over, the scan fails naming the shard, and the shards not scanned yet are
+    never opened."""
+
+    def __init__(self, max_images: int, max_label_bytes: int) -> None:
+        self.max_images, self.max_label_bytes = max_images, max_label_bytes
+        self.images = self.label_bytes = 0
+        self.over: str | None = None
+        self.lock = threading.Lock()
+
+    def take(self, uri: S3Uri, images: int = 0, label_bytes: int = 0) -> None:
+        """Count what `uri` adds; DataError once the part holds too much (and for every shard after)."""
+        with self.lock:
+            self.images += images
+            self.label_bytes += label_bytes
+            if self.over is None and self.images > self.max_images:
+                self.over = f"more than {self.max_images:,} images, the most a part may have"
+            elif self.over is None and self.label_bytes > self.max_label_bytes:
+                self.over = f"label members of more than {self.max_label_bytes:,} bytes in all"
+            if self.over is not None:
+                raise DataError(f"{uri}: the shards of this part hold {self.over}")
 
 
 @dataclass
@@ -138,9 +167,10 @@ def read_shard(store: S3Store, uri: S3Uri, size: int) -> Iterator[tuple[tarfile.
             raise DataError(f"{uri} is not a readable tar shard: {error}") from None
 
 
-def scan_shard(store: S3Store, shard: ObjectInfo, bucket: str) -> ShardScan:
+def scan_shard(store: S3Store, shard: ObjectInfo, bucket: str, budget: PartBudget) -> ShardScan:
     """The samples of one shard: image members by key with their .cls or .json label member's bytes."""
     uri = S3Uri(bucket, shard.key)
+    budget.take(uri)
     scan = ShardScan(shard)
     labels: dict[str, tuple[bytes, str]] = {}
     label_bytes = 0
@@ -151,6 +181,7 @@ def scan_shard(store: S3Store, shard: ObjectInfo, bucket: str) -> ShardScan:
             if why is not None:
                 scan.refused[info.name] = why
             elif key not in scan.samples:
+                budget.take(uri, images=1)
                 scan.samples[key] = ShardSample(member_name(info), info.size)
             else:
                 scan.ignored += 1  # a second image of the sample: the first one is its image
@@ -161,6 +192,7 @@ def scan_shard(store: S3Store, shard: ObjectInfo, bucket: str) -> ShardScan:
         if info.size > MAX_LABEL_BYTES:
             raise DataError(f"{uri}: the label member {info.name!r} is over {MAX_LABEL_BYTES:,} bytes")
         label_bytes += info.size
+        budget.take(uri, label_bytes=info.size)
         if label_bytes > MAX_SHARD_LABEL_BYTES:
             raise DataError(f"{uri}: its label members hold more than {MAX_SHARD_LABEL_BYTES:,} bytes")
         labels[key] = (reader.read(), extension)
@@ -192,10 +224,10 @@ def list_shards(store: S3Store, pattern: str, field_name: str) -> tuple[str, lis
     return bucket, [listed[uri.key] for uri in uris]
 
 
-def scan_shards(store: S3Store, bucket: str, shards: list[ObjectInfo]) -> list[ShardScan]:
-    """Every shard scanned, several at a time (each is one streamed GET)."""
+def scan_shards(store: S3Store, bucket: str, shards: list[ObjectInfo], budget: PartBudget) -> list[ShardScan]:
+    """Every shard scanned, several at a time (each is one streamed GET), within the part's `budget`."""
     with ThreadPoolExecutor(max_workers=min(SHARD_THREADS, len(shards)) or 1, thread_name_prefix="shards") as pool:
-        return list(pool.map(lambda shard: scan_shard(store, shard, bucket), shards))
+        return list(pool.map(lambda shard: scan_shard(store, shard, bucket, budget), shards))
 
 
 def extract_members(store: S3Store, uri: S3Uri, size: int, wanted: Mapping[str, tuple[int, Path]], limit: int) -> None:

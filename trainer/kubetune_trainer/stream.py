@@ -69,7 +69,13 @@ def streams(config: TrainerConfig, index: DatasetIndex, weights_bytes: int) -> b
         return False
     if mode != "auto":
         return mode == "stream"
-    return sum(s.size for s in index.samples) + weights_bytes > config.data.cache.limit_bytes
+    return sum(s.size for s in index.samples) > image_room(config, weights_bytes)
+
+
+def image_room(config: TrainerConfig, weights_bytes: int) -> int:
+    """The bytes of sizeLimit the images may take: the base weights are cached on the same volume (the
+    node cache's emptyDir, whose sizeLimit the kubelet enforces by evicting the pod)."""
+    return max(0, config.data.cache.limit_bytes - weights_bytes)
 
 
 def cache_line(config: TrainerConfig, index: DatasetIndex, weights_bytes: int) -> str:
@@ -372,9 +378,15 @@ class StreamSetup:
 
 
 def stream_setup(
-    store: S3Store, config: TrainerConfig, index: DatasetIndex, rank: int, local_world: int, lag: int
+    store: S3Store,
+    config: TrainerConfig,
+    index: DatasetIndex,
+    rank: int,
+    local_world: int,
+    lag: int,
+    weights_bytes: int = 0,
 ) -> StreamSetup:
-    limit = config.data.cache.limit_bytes
+    limit = image_room(config, weights_bytes)
     budget = limit // max(1, local_world)
     folder = stream_folder(store, index, rank)
     train_groups = sample_groups(index.train, limit)

@@ -56,6 +56,8 @@ from kubetune_trainer.sweep_plan import (
     TrialRecord,
     best_trial,
     fitted_file,
+    in_trial_folder,
+    own_record,
     plan_sweep,
     sweep_document,
     trial_config,
@@ -90,10 +92,20 @@ def finished_records(store: S3Store, config: TrainerConfig, plan: SweepPlan) -> 
         uri = record_uri(config, trial.id)
         if uri.key not in listed:
             continue
-        record = TrialRecord.from_wire(json.loads(store.get_bytes(uri)))
-        if record.sweep_id == plan.sweep_id:
+        record = own_record(config, plan, trial, read_json(store, uri))
+        if record is not None:
             records.append(record)
+        else:
+            log.info("sweep: %s is not this sweep's record of %s: the trial runs", uri, trial.id)
     return records
+
+
+def read_json(store: S3Store, uri: S3Uri) -> Any:
+    """A small JSON file the driver wrote (within storage.MAX_READ_BYTES); None when it is not JSON."""
+    try:
+        return json.loads(store.get_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
 
 
 def put_json(store: S3Store, uri: S3Uri, document: Any) -> None:
@@ -222,10 +234,14 @@ def ended_record(
     """What an ended trial left: done when it recorded its checkpoints, failed on an error, else stopped."""
     record = TrialRecord(plan.sweep_id, trial.id, dict(trial.values), "stopped")
     try:
-        fitted = json.loads(store.get_bytes(record_uri(config, trial.id, TRIAL_FITTED)))
+        fitted = read_json(store, record_uri(config, trial.id, TRIAL_FITTED))
     except StorageError:
         fitted = None
-    if fitted is not None and fitted.get("sweepId") == plan.sweep_id:  # not another sweep's, in the same folder
+    if (
+        isinstance(fitted, dict)
+        and fitted.get("sweepId") == plan.sweep_id  # not another sweep's, in the same folder
+        and all(in_trial_folder(config, trial.id, fitted.get(which)) for which in ("last", "best"))
+    ):
         record.state, record.checkpoints = "done", {"last": fitted["last"], "best": fitted["best"]}
         record.history = list(read_progress_json(store, S3Uri.parse(fitted["last"]))["history"])
         return record

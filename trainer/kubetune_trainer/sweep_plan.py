@@ -5,7 +5,9 @@
   tried once in a seeded order before any twice; a range (`uniform`, `loguniform`) is sampled.
 - `trial_config`: a trial's TrainerConfig, the job's with the trial's values set (`config.trial_sections`,
   the same function validation uses), its own output folder `<output.path>/trials/<id>/` and run name.
-- `TrialRecord`: what a finished trial left (trials/<id>/trial.json, and its entry in sweep.json).
+- `TrialRecord`: what a finished trial left (trials/<id>/trial.json, and its entry in sweep.json);
+  `own_record` reads one back only when it is this sweep's, of this trial, with checkpoints in the trial's
+  folder (whoever can write the output bucket could otherwise point the export at any object).
 - `best_trial`, `sweep_document` and `sweep_progress`: the best trial, sweep.json and the progress's `sweep`.
 """
 
@@ -16,7 +18,7 @@ import json
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from kubetune_trainer.config import (
@@ -29,6 +31,7 @@ from kubetune_trainer.config import (
     sweep_value,
     trial_sections,
 )
+from kubetune_trainer.localpaths import unsafe_reason
 from kubetune_trainer.progress_model import TRIAL_ENDS, SweepProgress, TrialEnd
 from kubetune_trainer.selection import best_entry
 
@@ -199,6 +202,28 @@ class TrialRecord:
             "curve": [entry.get(metric) for entry in self.history],
             "reason": self.reason,
         }
+
+
+def in_trial_folder(config: TrainerConfig, trial_id: str, uri: Any) -> bool:
+    """Whether `uri` names something below the trial's own folder (trials/<id>/), with no empty, "." or
+    ".." segment after it."""
+    folder = trial_output(config, trial_id)
+    return isinstance(uri, str) and uri.startswith(folder) and unsafe_reason(uri[len(folder) :].rstrip("/")) is None
+
+
+def own_record(config: TrainerConfig, plan: SweepPlan, trial: Trial, raw: Any) -> TrialRecord | None:
+    """The record read back from trials/<id>/trial.json, when this sweep wrote it for `trial`: its sweep id
+    and trial id, its checkpoints in the trial's folder; its values are the plan's (the record's own are
+    only what was written). None for anything else (another sweep's record, or not a record)."""
+    try:
+        record = TrialRecord.from_wire(raw)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if record.sweep_id != plan.sweep_id or record.id != trial.id:
+        return None
+    if not all(in_trial_folder(config, trial.id, uri) for uri in record.checkpoints.values()):
+        return None
+    return replace(record, values=dict(trial.values))
 
 
 def best_trial(records: Sequence[TrialRecord], metric: str) -> TrialRecord | None:
