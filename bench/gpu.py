@@ -86,6 +86,12 @@ def pick_device(wanted: str) -> torch.device:
 
 def kubetune_step(args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> Any:
     """The trainer's model set-up and `Stepper.train_step`, as `loop.train_loop` runs them."""
+    stepper = kubetune_stepper(args, device)
+    return lambda: stepper.train_step(x, y)
+
+
+def kubetune_stepper(args: argparse.Namespace, device: torch.device) -> Any:
+    """The trainer's model set-up and its `Stepper`, as `loop.train_loop` makes them."""
     from kubetune_trainer.model import apply_strategy, create_model, param_groups, set_train_mode
     from kubetune_trainer.steps import Stepper, autocast_for
 
@@ -99,7 +105,7 @@ def kubetune_step(args: argparse.Namespace, device: torch.device, x: torch.Tenso
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.precision == "fp16")
     stepper = Stepper(model, optimizer, scheduler, scaler, autocast_for(device, args.precision), channels_last=cuda)
     set_train_mode(model, plan)
-    return lambda: stepper.train_step(x, y)
+    return stepper
 
 
 def plain_step(args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> Any:

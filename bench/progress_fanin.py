@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import dataclasses
 import itertools
 import json
@@ -181,18 +182,21 @@ class Outcome:
     lost: int  # accepted pushes whose step never reached the status
     wait_share: dict[str, float] = dataclasses.field(default_factory=dict)  # run-queue wait s per wall s, the same
     api_loop_delay_p99: float = 0.0
+    # API requests per accepted update over the pushes and the last writes, by method and resource
+    requests_per_update: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _api_class() -> Any:
     from tests.support.live_operator import ReviewingApiServer
 
     class TimedApi(indexed(ReviewingApiServer)):  # type: ignore[misc]
-        """Noting each progress write: (job, step, when stored)."""
+        """Noting each progress write: (job, step, when stored), and counting every request by what it does."""
 
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.writes: list[tuple[str, int, float]] = []
             self.watching: set[str] = set()
+            self.requests: collections.Counter[str] = collections.Counter()
 
         async def _handle(self, request: Any) -> Any:
             import kmock
@@ -201,6 +205,7 @@ def _api_class() -> Any:
             plural = (resource.plural or "") if resource is not None else ""
             if request.action == kmock.action.WATCH and request.headers.get("User-Agent") != "kubetune-tests":
                 self.watching.add(plural)
+            self.requests[f"{request.method} {plural}{'/' + request.subresource if request.subresource else ''}"] += 1
             result = await super()._handle(request)
             data = request.data if isinstance(request.data, dict) else {}
             step = ((data.get("status") or {}).get("progress") or {}).get("step")
@@ -240,6 +245,17 @@ async def one_run(side: str, scenario: Scenario, config: Config, workdir: Path) 
                 await asyncio.to_thread(stop_process, proc, 15.0)
 
 
+async def _quiet(pid: int, most: float = 0.05, within_s: float = 120.0) -> None:
+    """Wait until the process uses under `most` CPU seconds per second (or `within_s` passed): what it
+    still does for the launch would otherwise count against the first pushes."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(1.0)
+        if cpu_seconds(pid) - before < most:
+            return
+
+
 def _endpoint_command(side: str, port: int, api: str) -> list[str]:
     if side == "kubetune":
         return [sys.executable, "-m", "kubetune_operator", "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
@@ -262,7 +278,7 @@ async def _jobs(api: Any, harness: Any, side: str, scenario: Scenario, proc: sub
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the operator did not launch every job (see its log)")
             await asyncio.sleep(0.2)
-        await asyncio.sleep(2.0)  # the launch's own status writes settle
+        await _quiet(proc.pid)  # the launch's own status writes and Events settle before the pushes
     from tests.support.observability_stands import FTJ
 
     uids = {nm: obj.raw["metadata"]["uid"] for (res, ns, nm), obj in api.objects.items() if res == FTJ}
@@ -292,6 +308,7 @@ async def _push(
     (workdir / f"spec-{tag}.json").write_text(json.dumps(spec))
     out = workdir / f"pushes-{tag}.json"
     first_write = len(api.writes)
+    requests_before = collections.Counter(api.requests)
     command = [sys.executable, "-m", "bench.progress_fanin", "drive", str(workdir / f"spec-{tag}.json"), str(out)]
     driver = subprocess.Popen(command, cwd=REPO)
     cpu = {"operator": [cpu_seconds(proc.pid)], "api": [time.process_time()], "pushes": [0.0]}
@@ -325,6 +342,8 @@ async def _push(
         "pushes": records["wait_s"] / pushes_wall,
     }
     outcome.api_loop_delay_p99 = percentile(delays, 99) if delays else 0.0
+    accepted = sum(1 for push in records["pushes"] if push[4] == 200) or 1
+    outcome.requests_per_update = {k: n / accepted for k, n in (api.requests - requests_before).most_common()}
     return outcome
 
 
@@ -424,7 +443,8 @@ def run(config: Config, workdir: Path) -> list[Row]:
                 f"{o.writes_per_update}, most writes per {config.write_interval_s:g}s {o.most_writes_per_interval}, "
                 f"CPU ms/update {o.cpu_ms_per_update}, accepted/s {o.accepted_per_s}, peak RSS {o.peak_rss_mb:.0f} MB, "
                 f"last update's lag {o.final_lag_s:.2f}s, lost {o.lost}, answered p99 {o.answer_p99}, "
-                f"API loop delay p99 {o.api_loop_delay_p99:.3f}s, {_shares(o)}"
+                f"API loop delay p99 {o.api_loop_delay_p99:.3f}s, {_shares(o)}, API requests per update "
+                + ", ".join(f"{k} {v:.3f}" for k, v in o.requests_per_update.items())
             )
         rows += _rows(scenario, config, outcomes["kubetune"], outcomes["bare"])
     return rows
@@ -451,6 +471,15 @@ def _rows(scenario: Scenario, config: Config, kt: Outcome, bare: Outcome) -> lis
             "s",
             [kt.api_loop_delay_p99],
             [bare.api_loop_delay_p99],
+            None,
+            note,
+        ),
+        Row(
+            NAME,
+            f"{label}: API requests per accepted update",
+            "",
+            [sum(kt.requests_per_update.values())],
+            [sum(bare.requests_per_update.values())],
             None,
             note,
         ),
