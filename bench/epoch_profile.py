@@ -67,6 +67,7 @@ class Epoch:
     load_s: float = 0.0  # waiting for the next batch
     step_s: float = 0.0  # forward, loss, backward, optimizer
     images: int = 0
+    cpu_s: float = 0.0  # this process's CPU time over the epoch (all threads): steadier than wall time under load
 
     def summary(self) -> dict[str, float]:
         total = self.load_s + self.step_s
@@ -75,17 +76,20 @@ class Epoch:
             "load_share": round(self.load_s / total, 3),
             "load_ms_per_image": round(1000 * self.load_s / self.images, 2),
             "step_ms_per_image": round(1000 * self.step_s / self.images, 2),
+            "cpu_ms_per_image": round(1000 * self.cpu_s / self.images, 2),
         }
 
 
 def epoch(loader: Any, step: Any) -> Epoch:
     out = Epoch()
     batches = iter(loader)
+    cpu = time.process_time()
     while True:
         started = time.perf_counter()
         batch = next(batches, None)
         loaded = time.perf_counter()
         if batch is None:
+            out.cpu_s = time.process_time() - cpu
             return out
         step(*batch)
         out.load_s += loaded - started
