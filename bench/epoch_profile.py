@@ -36,6 +36,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed (after one warm-up)")
     parser.add_argument("--augment", default="light")
     parser.add_argument("--table", type=int, default=15, help="rows of torch.profiler's table of the last epoch")
+    parser.add_argument(
+        "--adamw",
+        choices=("trainer", "torch-default"),
+        default="trainer",
+        help="the trainer's AdamW (fused on CPU), or torch's default one, as the trainer had it before",
+    )
     return parser.parse_args(argv)
 
 
@@ -109,12 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         loader = loader_for(dataset(args, Path(tmp), endpoint), args.batch)
         model_args = argparse.Namespace(model="resnet18", classes=4, precision="fp32")
         stepper = kubetune_stepper(model_args, torch.device("cpu"))
+        if args.adamw == "torch-default":  # the same groups and rate; the scheduler's factor is a constant 1
+            kept = [{k: v for k, v in group.items() if k != "fused"} for group in stepper.optimizer.param_groups]
+            stepper.optimizer = torch.optim.AdamW(kept)
         epoch(loader, stepper.train_step)  # warm-up
         results = [epoch(loader, stepper.train_step).summary() for _ in range(args.epochs - 1)]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             last = epoch(loader, stepper.train_step)
         results.append(last.summary())
-    print(json.dumps({"epochs": results, "threads": torch.get_num_threads()}, indent=1))
+    print(json.dumps({"adamw": args.adamw, "epochs": results, "threads": torch.get_num_threads()}, indent=1))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.table))
     return 0
 

@@ -143,25 +143,34 @@ async def test_updates_still_waiting_are_written_when_the_operator_stops(
         assert (progress["step"], progress["metrics"]["valAccuracy"]) == (11, 0.5)
 
 
-async def test_with_a_lagging_watch_cache_older_updates_stay_ignored_and_a_preemption_is_told_once(
+@pytest_asyncio.fixture
+async def watched(
     kmock: Cluster, api_client: client.ApiClient, metrics: OperatorMetrics, clock: FakeClock
-) -> None:
+) -> AsyncIterator[tuple[ProgressServer, str, LaggingWatch]]:
+    """The endpoint reading the jobs from a lagging watch cache, as the operator's reads them from its own."""
     view = LaggingWatch(kmock)
     server = ProgressServer(TokenReviewer(api_client), Kube(api_client), metrics, clock=clock, view=view)
-    base = f"http://127.0.0.1:{await server.start('127.0.0.1', 0)}"
+    port = await server.start("127.0.0.1", 0)
     try:
-        kmock.add_job(NS, "cats")
-        token = kmock.issue_token(NS, "cats")
-        assert (await post(base, "cats", update(step=20), token))[1]["applied"] is True
-        clock.advance(server.writes.interval_s)
-        # Older than what the endpoint wrote, though the watch never showed that write: ignored.
-        code, answer, _ = await post(base, "cats", update(step=10), token)
-        assert (code, answer["result"]) == (200, "stale")
-        for step in (30, 31):  # the trainer counts one preemption, and keeps sending its count
-            clock.advance(server.writes.interval_s)
-            assert (await post(base, "cats", update(step=step, preemptions=1, preemptionStepsLost=2), token))[0] == 200
+        yield server, f"http://127.0.0.1:{port}", view
     finally:
         await server.stop()
+
+
+async def test_with_a_lagging_watch_cache_older_updates_stay_ignored_and_a_preemption_is_told_once(
+    kmock: Cluster, watched: tuple[ProgressServer, str, LaggingWatch], metrics: OperatorMetrics, clock: FakeClock
+) -> None:
+    server, base, _ = watched
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+    assert (await post(base, "cats", update(step=20), token))[1]["applied"] is True
+    clock.advance(server.writes.interval_s)
+    # Older than what the endpoint wrote, though the watch never showed that write: ignored.
+    code, answer, _ = await post(base, "cats", update(step=10), token)
+    assert (code, answer["result"]) == (200, "stale")
+    for step in (30, 31):  # the trainer counts one preemption, and keeps sending its count
+        clock.advance(server.writes.interval_s)
+        assert (await post(base, "cats", update(step=step, preemptions=1, preemptionStepsLost=2), token))[0] == 200
 
     events = [obj.raw for (resource, ns, _), obj in kmock.objects.items() if resource.plural == "events" and ns == NS]
     preempted = [e for e in events if e.get("reason") == "Preempted"]
@@ -172,28 +181,25 @@ async def test_with_a_lagging_watch_cache_older_updates_stay_ignored_and_a_preem
 
 
 async def test_a_job_made_again_under_its_name_reports_before_the_watch_delivers_it(
-    kmock: Cluster, api_client: client.ApiClient, metrics: OperatorMetrics, clock: FakeClock
+    kmock: Cluster, watched: tuple[ProgressServer, str, LaggingWatch], clock: FakeClock
 ) -> None:
-    view = LaggingWatch(kmock)
-    server = ProgressServer(TokenReviewer(api_client), Kube(api_client), metrics, clock=clock, view=view)
-    base = f"http://127.0.0.1:{await server.start('127.0.0.1', 0)}"
-    try:
-        kmock.add_job(NS, "cats", uid="uid-first")
-        old_token = kmock.issue_token(NS, "cats")
-        assert (await post(base, "cats", update(step=5), old_token))[0] == 200
-        view.forget(NS, "cats")  # the watch delivered the deletion ...
-        kmock.add_job(NS, "cats", uid="uid-second")  # ... and the job is made again
-        new_token = kmock.issue_token(NS, "cats")
-        clock.advance()
-        assert (await post(base, "cats", update(step=1), new_token))[0] == 200
-        view.forget(NS, "cats")  # the new job not delivered yet: the cache holds the old uid ...
-        view.seen(receive({**kmock.job(NS, "cats"), "metadata": {"namespace": NS, "name": "cats", "uid": "uid-first"}}))
-        clock.advance()
-        # ... so the new job's token is checked against the API server, not refused
-        assert (await post(base, "cats", update(step=2), new_token))[0] == 200
-        view.forget(NS, "cats")
-        clock.advance()
-        assert (await post(base, "cats", update(step=6), old_token))[0] == 401
-    finally:
-        await server.stop()
+    server, base, view = watched
+    kmock.add_job(NS, "cats", uid="uid-first")
+    old_token = kmock.issue_token(NS, "cats")
+    assert (await post(base, "cats", update(step=5), old_token))[0] == 200
+    view.forget(NS, "cats")  # the watch delivered the deletion ...
+    kmock.add_job(NS, "cats", uid="uid-second")  # ... and the job is made again
+    new_token = kmock.issue_token(NS, "cats")
+    clock.advance()
+    assert (await post(base, "cats", update(step=1), new_token))[0] == 200
+    view.forget(NS, "cats")  # the new job not delivered yet: the cache holds the old uid ...
+    view.seen(receive({**kmock.job(NS, "cats"), "metadata": {"namespace": NS, "name": "cats", "uid": "uid-first"}}))
+    clock.advance()
+    # ... so the new job's token is checked against the API server, not refused
+    assert (await post(base, "cats", update(step=2), new_token))[0] == 200
+    view.forget(NS, "cats")
+    clock.advance()
+    assert (await post(base, "cats", update(step=6), old_token))[0] == 401
+    clock.advance(server.writes.interval_s)
+    await server.writes.flush()
     assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 2
