@@ -230,6 +230,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_queue_wait_seconds(pid: int) -> float:
+    """Seconds the process's threads have spent runnable but waiting for a CPU so far (the scheduler's
+    run_delay, /proc/<pid>/task/*/schedstat): what a loaded machine takes from it, whatever it runs."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):  # a thread may end while it is read
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def peak_rss_mib(pid: int) -> float:
     """The process's peak resident set so far (VmHWM), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

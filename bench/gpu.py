@@ -86,7 +86,15 @@ def pick_device(wanted: str) -> torch.device:
 
 def kubetune_step(args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> Any:
     """The trainer's model set-up and `Stepper.train_step`, as `loop.train_loop` runs them."""
+    stepper = kubetune_stepper(args, device)
+    return lambda: stepper.train_step(x, y)
+
+
+def kubetune_stepper(args: argparse.Namespace, device: torch.device) -> Any:
+    """The trainer's model set-up and its `Stepper`, as `loop.train_loop` makes them."""
+    from kubetune_trainer.config import TrainingSpec
     from kubetune_trainer.model import apply_strategy, create_model, param_groups, set_train_mode
+    from kubetune_trainer.optim import make_optimizer
     from kubetune_trainer.steps import Stepper, autocast_for
 
     cuda = device.type == "cuda"
@@ -94,12 +102,12 @@ def kubetune_step(args: argparse.Namespace, device: torch.device, x: torch.Tenso
     model = create_model(args.model, args.classes)
     plan = apply_strategy(model, "full")
     model = model.to(device).to(memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    optimizer = torch.optim.AdamW(param_groups(model, plan, LR, WEIGHT_DECAY), lr=LR)
+    optimizer = make_optimizer(param_groups(model, plan, LR, WEIGHT_DECAY), TrainingSpec())  # AdamW
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.precision == "fp16")
     stepper = Stepper(model, optimizer, scheduler, scaler, autocast_for(device, args.precision), channels_last=cuda)
     set_train_mode(model, plan)
-    return lambda: stepper.train_step(x, y)
+    return stepper
 
 
 def plain_step(args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> Any:

@@ -16,15 +16,22 @@ validation, no coalescing.
 Status lag is from the push being sent to the API server storing a status whose `progress.step` is at
 least the pushed one (both on the host's monotonic clock); writes are the status patches that carry
 `progress`. Each run is cut into windows by send time; each window is one sample.
+
+What the machine gives each process is measured beside it, to tell a slow endpoint from a starved one:
+each process's CPU time and its run-queue wait (time runnable but waiting for a CPU, the scheduler's
+`schedstat`), per wall second over the pushes, and the API server's event-loop delay (how late a 50 ms
+sleep in its loop wakes: every request it serves waits at least that long).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import dataclasses
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -32,7 +39,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, Row, cpu_seconds, free_port, log, peak_rss_mib, stop_process, wait_for_port
+from bench.common import (
+    REPO,
+    Row,
+    cpu_seconds,
+    free_port,
+    log,
+    peak_rss_mib,
+    run_queue_wait_seconds,
+    stop_process,
+    wait_for_port,
+)
 from bench.control_plane import NAMESPACE, indexed, kubeconfig, operator_env, percentile
 
 NAME = "Progress fan-in"
@@ -53,8 +70,14 @@ class Scenario:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    # The issue's load, and the trainer's own pace (one update a second, a little over) on fewer jobs.
-    scenarios: tuple[Scenario, ...] = (Scenario(1000, 5.0, 120.0), Scenario(200, 1.1, 40.0, 2))
+    # The issue's load, with 250 and 500 jobs beside it (how the lag grows with the load), and the
+    # trainer's own pace (one update a second, a little over) on fewer jobs.
+    scenarios: tuple[Scenario, ...] = (
+        Scenario(250, 5.0, 60.0, 2),
+        Scenario(500, 5.0, 60.0, 2),
+        Scenario(1000, 5.0, 120.0),
+        Scenario(200, 1.1, 40.0, 2),
+    )
     write_interval_s: float = 5.0  # progress_writes.WRITE_INTERVAL_S, what "per interval" counts against
 
     @classmethod
@@ -148,6 +171,7 @@ async def bare_endpoint(port: int, api: str) -> None:
 class Outcome:
     lag_p50: list[float]
     lag_p99: list[float]
+    answer_p99: list[float]  # push sent → the endpoint's answer back
     writes_per_update: list[float]
     cpu_ms_per_update: list[float]
     accepted_per_s: list[float]
@@ -156,18 +180,23 @@ class Outcome:
     final_lag_s: float  # the slowest job's last update to the status
     cpu_share: dict[str, float]  # CPU seconds per wall second over the pushes: operator, API server, pushes
     lost: int  # accepted pushes whose step never reached the status
+    wait_share: dict[str, float] = dataclasses.field(default_factory=dict)  # run-queue wait s per wall s, the same
+    api_loop_delay_p99: float = 0.0
+    # API requests per accepted update over the pushes and the last writes, by method and resource
+    requests_per_update: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _api_class() -> Any:
     from tests.support.live_operator import ReviewingApiServer
 
     class TimedApi(indexed(ReviewingApiServer)):  # type: ignore[misc]
-        """Noting each progress write: (job, step, when stored)."""
+        """Noting each progress write: (job, step, when stored), and counting every request by what it does."""
 
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.writes: list[tuple[str, int, float]] = []
             self.watching: set[str] = set()
+            self.requests: collections.Counter[str] = collections.Counter()
 
         async def _handle(self, request: Any) -> Any:
             import kmock
@@ -176,6 +205,7 @@ def _api_class() -> Any:
             plural = (resource.plural or "") if resource is not None else ""
             if request.action == kmock.action.WATCH and request.headers.get("User-Agent") != "kubetune-tests":
                 self.watching.add(plural)
+            self.requests[f"{request.method} {plural}{'/' + request.subresource if request.subresource else ''}"] += 1
             result = await super()._handle(request)
             data = request.data if isinstance(request.data, dict) else {}
             step = ((data.get("status") or {}).get("progress") or {}).get("step")
@@ -215,6 +245,17 @@ async def one_run(side: str, scenario: Scenario, config: Config, workdir: Path) 
                 await asyncio.to_thread(stop_process, proc, 15.0)
 
 
+async def _quiet(pid: int, most: float = 0.05, within_s: float = 120.0) -> None:
+    """Wait until the process uses under `most` CPU seconds per second (or `within_s` passed): what it
+    still does for the launch would otherwise count against the first pushes."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(1.0)
+        if cpu_seconds(pid) - before < most:
+            return
+
+
 def _endpoint_command(side: str, port: int, api: str) -> list[str]:
     if side == "kubetune":
         return [sys.executable, "-m", "kubetune_operator", "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
@@ -237,7 +278,7 @@ async def _jobs(api: Any, harness: Any, side: str, scenario: Scenario, proc: sub
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the operator did not launch every job (see its log)")
             await asyncio.sleep(0.2)
-        await asyncio.sleep(2.0)  # the launch's own status writes settle
+        await _quiet(proc.pid)  # the launch's own status writes and Events settle before the pushes
     from tests.support.observability_stands import FTJ
 
     uids = {nm: obj.raw["metadata"]["uid"] for (res, ns, nm), obj in api.objects.items() if res == FTJ}
@@ -267,9 +308,13 @@ async def _push(
     (workdir / f"spec-{tag}.json").write_text(json.dumps(spec))
     out = workdir / f"pushes-{tag}.json"
     first_write = len(api.writes)
+    requests_before = collections.Counter(api.requests)
     command = [sys.executable, "-m", "bench.progress_fanin", "drive", str(workdir / f"spec-{tag}.json"), str(out)]
     driver = subprocess.Popen(command, cwd=REPO)
     cpu = {"operator": [cpu_seconds(proc.pid)], "api": [time.process_time()], "pushes": [0.0]}
+    waits = {"operator": [run_queue_wait_seconds(proc.pid)], "api": [run_queue_wait_seconds(os.getpid())]}
+    delays: list[float] = []
+    probe = asyncio.create_task(_loop_delays(delays))
     ticks = [time.monotonic()]
     window = scenario.duration_s / scenario.windows
     while driver.poll() is None:
@@ -278,15 +323,36 @@ async def _push(
             ticks.append(time.monotonic())
             cpu["operator"].append(cpu_seconds(proc.pid))
             cpu["api"].append(time.process_time())
+    probe.cancel()
     if driver.returncode != 0:
         raise RuntimeError(f"the pushes failed ({driver.returncode})")
+    pushes_wall = time.monotonic() - ticks[0]
+    for name, pid in (("operator", proc.pid), ("api", os.getpid())):
+        waits[name].append(run_queue_wait_seconds(pid))
     await asyncio.sleep(config.write_interval_s + 1.0)  # the last waiting writes land
     rss = peak_rss_mib(proc.pid) * 1024 * 1024 / 1e6
     ticks.append(time.monotonic())
     cpu["operator"].append(cpu_seconds(proc.pid))
     cpu["api"].append(time.process_time())
     records = json.loads(out.read_text())
-    return measure(records["pushes"], api.writes[first_write:], ticks, cpu, records["cpu_s"], rss, config)
+    outcome = measure(records["pushes"], api.writes[first_write:], ticks, cpu, records["cpu_s"], rss, config)
+    outcome.wait_share = {
+        "operator": (waits["operator"][1] - waits["operator"][0]) / pushes_wall,
+        "API server": (waits["api"][1] - waits["api"][0]) / pushes_wall,
+        "pushes": records["wait_s"] / pushes_wall,
+    }
+    outcome.api_loop_delay_p99 = percentile(delays, 99) if delays else 0.0
+    accepted = sum(1 for push in records["pushes"] if push[4] == 200) or 1
+    outcome.requests_per_update = {k: n / accepted for k, n in (api.requests - requests_before).most_common()}
+    return outcome
+
+
+async def _loop_delays(out: list[float], every_s: float = 0.05) -> None:
+    """How late each sleep of `every_s` in this event loop (the API server's) wakes, until cancelled."""
+    while True:
+        asleep = time.monotonic()
+        await asyncio.sleep(every_s)
+        out.append(time.monotonic() - asleep - every_s)
 
 
 def measure(
@@ -327,6 +393,7 @@ def measure(
         [],
         [],
         [],
+        [],
         _most_writes(by_job, config.write_interval_s, last_step),
         rss_mb,
         max(final_lags, default=0.0),
@@ -341,6 +408,7 @@ def measure(
             continue
         outcome.lag_p50.append(percentile(window_lags, 50))
         outcome.lag_p99.append(percentile(window_lags, 99))
+        outcome.answer_p99.append(percentile([p[3] - p[2] for p in accepted if low <= p[2] < high], 99))
         outcome.writes_per_update.append(sum(1 for _, _, at in writes if low <= at < high) / n)
         outcome.cpu_ms_per_update.append((cpu["operator"][k + 1] - cpu["operator"][k]) * 1000 / n)
         outcome.accepted_per_s.append(n / (high - low))
@@ -374,8 +442,9 @@ def run(config: Config, workdir: Path) -> list[Row]:
                 f"{NAME}: {scenario.label}: {side}: lag p50 {o.lag_p50} p99 {o.lag_p99}, writes/update "
                 f"{o.writes_per_update}, most writes per {config.write_interval_s:g}s {o.most_writes_per_interval}, "
                 f"CPU ms/update {o.cpu_ms_per_update}, accepted/s {o.accepted_per_s}, peak RSS {o.peak_rss_mb:.0f} MB, "
-                f"last update's lag {o.final_lag_s:.2f}s, lost {o.lost}, CPU per wall second "
-                + ", ".join(f"{k} {v:.2f}" for k, v in o.cpu_share.items())
+                f"last update's lag {o.final_lag_s:.2f}s, lost {o.lost}, answered p99 {o.answer_p99}, "
+                f"API loop delay p99 {o.api_loop_delay_p99:.3f}s, {_shares(o)}, API requests per update "
+                + ", ".join(f"{k} {v:.3f}" for k, v in o.requests_per_update.items())
             )
         rows += _rows(scenario, config, outcomes["kubetune"], outcomes["bare"])
     return rows
@@ -386,7 +455,7 @@ def _rows(scenario: Scenario, config: Config, kt: Outcome, bare: Outcome) -> lis
     note = (
         f"{label} for {scenario.duration_s:g}s ({scenario.windows} windows, one sample each); baseline: a bare "
         "aiohttp endpoint patching the status once per push (no token check, no coalescing), same kmock API server; "
-        f"CPU per wall second over the pushes: kubetune {_shares(kt)}; baseline {_shares(bare)}"
+        f"per wall second over the pushes, kubetune: {_shares(kt)}; baseline: {_shares(bare)}"
     )
     per = f"{config.write_interval_s:g}s"
     # Pushes as far apart as the write interval are written at once (target < 2 s); faster ones wait for
@@ -395,6 +464,34 @@ def _rows(scenario: Scenario, config: Config, kt: Outcome, bare: Outcome) -> lis
     return [
         Row(NAME, f"{label}: status lag p50", "s", kt.lag_p50, bare.lag_p50, None, note),
         Row(NAME, f"{label}: status lag p99", "s", kt.lag_p99, bare.lag_p99, ("<", lag_bound), note, absolute=True),
+        Row(NAME, f"{label}: push → the endpoint's answer p99", "s", kt.answer_p99, bare.answer_p99, None, note),
+        Row(
+            NAME,
+            f"{label}: API server event-loop delay p99 (the floor of every request)",
+            "s",
+            [kt.api_loop_delay_p99],
+            [bare.api_loop_delay_p99],
+            None,
+            note,
+        ),
+        Row(
+            NAME,
+            f"{label}: API requests per accepted update",
+            "",
+            [sum(kt.requests_per_update.values())],
+            [sum(bare.requests_per_update.values())],
+            None,
+            note,
+        ),
+        Row(
+            NAME,
+            f"{label}: endpoint process runnable but waiting for a CPU",
+            "s/s",
+            [kt.wait_share.get("operator", 0.0)],
+            [bare.wait_share.get("operator", 0.0)],
+            None,
+            note,
+        ),
         Row(
             NAME,
             f"{label}: status writes per accepted update",
@@ -439,15 +536,21 @@ def _rows(scenario: Scenario, config: Config, kt: Outcome, bare: Outcome) -> lis
 
 
 def _shares(outcome: Outcome) -> str:
-    return ", ".join(f"{name} {share:.2f}" for name, share in outcome.cpu_share.items()) + f"; lost {outcome.lost}"
+    """CPU seconds and run-queue wait seconds per wall second of each process."""
+    parts = [
+        f"{name} CPU {share:.2f} waiting {outcome.wait_share.get(name, 0.0):.2f}"
+        for name, share in outcome.cpu_share.items()
+    ]
+    return ", ".join(parts) + f"; lost {outcome.lost}"
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["drive"]:
         spec = json.loads(Path(argv[1]).read_text())
-        started = time.process_time()
+        started, waited = time.process_time(), run_queue_wait_seconds(os.getpid())
         pushes = asyncio.run(drive(spec))
-        Path(argv[2]).write_text(json.dumps({"pushes": pushes, "cpu_s": time.process_time() - started}))
+        spent = {"cpu_s": time.process_time() - started, "wait_s": run_queue_wait_seconds(os.getpid()) - waited}
+        Path(argv[2]).write_text(json.dumps({"pushes": pushes, **spent}))
         return 0
     if argv[:1] == ["bare"]:
         asyncio.run(bare_endpoint(int(argv[1]), argv[2]))

@@ -5,8 +5,9 @@ Two sources, combined per job:
 - every status patch the operator itself wrote (`wrote`), laid over the watched status.
 
 The operator is the only writer of the status fields it patches (lifecycle's phase, message,
-conditions and the rest; the progress endpoint writes other fields), and it writes them one job at a
-time under the job's lock (`status_writer.StatusWriter`). So its own last patch is the truth for those
+conditions and the rest, through `status_writer.StatusWriter`, one job at a time under the job's lock;
+progress, the latest checkpoint and a sweep's trials through the progress endpoint, which reads the jobs
+from here too and lays its writes over them the same way, each field's whole new value). So its own last patch is the truth for those
 fields, even while the watch still delivers bodies from before that patch, and a body seen later than
 the patch agrees with it. A job deleted, or re-created under the same name (a new uid), starts afresh.
 """

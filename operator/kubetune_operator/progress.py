@@ -20,8 +20,15 @@ are closed on arrival); a connection must send its request line and headers, and
 READ_TIMEOUT_S each (aiohttp's keep-alive timer closes one that has not sent a whole request); the body
 is read whole, at most MAX_BODY_BYTES; every per-job table is keyed by authenticated jobs only.
 
-The merge rule lives in `progress_patch` (pure); reading and patching the job go through the operator's
-Kubernetes client (`kube.Kube`, a `JobStatusStore`).
+The merge rule lives in `progress_patch` (pure); patching the job goes through the operator's Kubernetes
+client (`kube.Kube`, a `JobStatusStore`). The job is read from the operator's watch cache
+(`jobcache.JobCache`, a `JobView`), not from the API server: the endpoint is the only writer of the status
+fields it patches, so it lays each of its writes over the cached job, and the cache's status is current
+for them even before the watch delivers the write. Only a job the cache has not seen, or has under another
+uid (deleted and made again since), is read from the API server. At 1,000 jobs that is one request per
+update fewer. What the cache gives away: after a job is deleted and made again under its name, the old
+job's tokens are still taken for the job until the watch delivers the deletion (normally well under a
+second; a write waiting in `progress_writes` goes by name, as it did before the cache).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from kubetune_operator.auth import ReviewUnavailableError, TokenReviewer, claimed_job_uid, service_account_username
 from kubetune_operator.builders import token_audience
+from kubetune_operator.incoming import JobRecord, receive
 from kubetune_operator.lifecycle import Event, preemption_event, preemptions_added
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.pod_additions import service_account_name
@@ -85,7 +93,18 @@ class JobStatusStore(Protocol):
         """Merge `status` into the job's status (a JSON merge patch of `{"status": status}`)."""
 
     async def create_event(self, job: Mapping[str, Any], event: Event) -> None:
-        """An Event on the job (its object as `get_job` read it)."""
+        """An Event on the job (`job`: its apiVersion, kind and metadata, as `JobMeta.reference` gives them)."""
+
+
+class JobView(Protocol):
+    """The jobs as the operator's watch last delivered them, with the operator's own status writes laid over
+    them: what `jobcache.JobCache` keeps."""
+
+    def get(self, namespace: str, name: str) -> JobRecord | None:
+        """The job as last seen; None when the watch has not delivered it."""
+
+    def wrote(self, namespace: str, name: str, uid: str | None, status_patch: Mapping[str, Any]) -> None:
+        """Top-level status fields the operator wrote to the job with `uid` (their whole new values)."""
 
 
 # -- the merge rule (pure) -----------------------------------------------------------------------------------
@@ -249,10 +268,13 @@ class ProgressServer:
         clock: Callable[[], float] = time.monotonic,
         trainer_service_account: str = DEFAULT_TRAINER_SERVICE_ACCOUNT,
         write_interval_s: float = WRITE_INTERVAL_S,
+        view: JobView | None = None,
     ) -> None:
         self.reviewer = reviewer
         self.trainer_service_account = trainer_service_account
         self.jobs = jobs
+        self.view = view  # the operator's watch cache; without one, every update reads the job from the server
+        self.reads = 0  # jobs read from the API server (for the tests and the benchmark)
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.min_interval_s = min_interval_s
@@ -262,7 +284,7 @@ class ProgressServer:
         self._last_update: dict[str, float] = {}  # by the job uid a token was authentic for
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         # The status writes: at most one per job per write_interval_s (progress_writes.py).
-        self.writes = CoalescedWrites(jobs.patch_job_status, self._lock, interval_s=write_interval_s, clock=clock)
+        self.writes = CoalescedWrites(self._write_status, self._lock, interval_s=write_interval_s, clock=clock)
         self.server: _CappedServer | None = None
         self._runner: web.ServerRunner | None = None
 
@@ -367,10 +389,28 @@ class ProgressServer:
         """The account the job's head pod runs as (spec.podTemplate's, else the shared trainer account); read
         only once the token is authentic for the job, and only when a pod has an account of its own."""
         try:
-            obj = await self.jobs.get_job(namespace, name)
+            record = await self._job(namespace, name)
         except Exception:
             return self.trainer_service_account
-        return reporting_account(obj or {}, self.trainer_service_account)
+        return reporting_account(record, self.trainer_service_account)
+
+    async def _job(self, namespace: str, name: str, uid: str | None = None) -> JobRecord | None:
+        """The job from the watch cache; from the API server when the cache has not seen it, or has it under
+        another uid than `uid` (made again since, or the watch not there yet)."""
+        record = self.view.get(namespace, name) if self.view is not None else None
+        if record is not None and (uid is None or record.meta.uid == uid):
+            return record
+        self.reads += 1
+        body = await self.jobs.get_job(namespace, name)
+        return receive(body) if body is not None else None
+
+    async def _write_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """One status write (under the job's lock), laid over the cached job: the fields' whole new values."""
+        await self.jobs.patch_job_status(namespace, name, status)
+        record = self.view.get(namespace, name) if self.view is not None else None
+        if self.view is not None and record is not None:
+            after = merge_patch(record.status, status)
+            self.view.wrote(namespace, name, record.meta.uid, {key: after.get(key) for key in status})
 
     def _throttle(self, uid: str, job: str) -> web.Response | None:
         """The 429 to answer when the job (by its authenticated uid) reported less than a second ago."""
@@ -399,14 +439,14 @@ class ProgressServer:
 
     async def _apply(self, namespace: str, name: str, uid: str, update: ProgressUpdate) -> web.Response:
         job = f"{namespace}/{name}"
-        obj = await self.jobs.get_job(namespace, name)
-        if obj is None:
+        record = await self._job(namespace, name, uid)
+        if record is None:
             return self._answer("rejected", 404, f"no FineTuneJob {job}", job)
-        if str((obj.get("metadata") or {}).get("uid")) != uid:
+        if record.meta.uid != uid:
             # Authentic, but for another job: one of another name, or an earlier one of this name.
             return self._answer("rejected", 401, "the token is not valid for this job", job, authenticate=True)
         waiting = self.writes.pending(namespace, name) or {}
-        current = merge_patch(obj.get("status") or {}, waiting)
+        current = merge_patch(record.status, waiting)
         self.metrics.mark_alive(namespace, name)
         try:
             patch = status_patch(current, update, datetime.now(UTC))
@@ -423,25 +463,22 @@ class ProgressServer:
         self.metrics.observe_progress(namespace, name, merged["progress"])
         if "sweep" in merged:
             self.metrics.observe_sweep(namespace, name, merged["sweep"])
-        await self._announce_preemption(obj, current.get("progress"), merged["progress"])
+        await self._announce_preemption(record, current.get("progress"), merged["progress"])
         message = "applied" if written else f"applied; in the status within {self.writes.interval_s:g}s"
         return self._answer("accepted", 200, message, job, applied=True)
 
     async def _announce_preemption(
-        self, obj: Mapping[str, Any], before: Mapping[str, Any] | None, after: Mapping[str, Any]
+        self, record: JobRecord, before: Mapping[str, Any] | None, after: Mapping[str, Any]
     ) -> None:
         """A preemption the update counted: its Event and kubetune_job_preemptions_total (best effort)."""
         event = preemption_event(before, after)
         if event is None:
             return
-        meta = obj.get("metadata") or {}
-        self.metrics.count_preemptions(str(meta.get("namespace") or ""), preemptions_added(before, after))
+        self.metrics.count_preemptions(record.meta.namespace, preemptions_added(before, after))
         try:
-            await self.jobs.create_event(obj, event)
+            await self.jobs.create_event(record.meta.reference(), event)
         except Exception as exc:  # the status says it already; the Event is the news
-            log.warning(
-                "progress for %s/%s: cannot post the preemption Event: %s", meta.get("namespace"), meta.get("name"), exc
-            )
+            log.warning("progress for %s: cannot post the preemption Event: %s", record.meta.source, exc)
 
     def _answer(
         self,
@@ -491,14 +528,12 @@ def _is_job_name(namespace: str, name: str) -> bool:
     )
 
 
-def reporting_account(obj: Mapping[str, Any], default: str) -> str:
+def reporting_account(record: JobRecord | None, default: str) -> str:
     """The ServiceAccount the job's head pod runs as (its driver reports progress): the podTemplate's, else
-    the shared trainer account. A spec that no longer parses reports as the shared account."""
-    try:
-        job = FineTuneJob.from_body(dict(obj))
-    except pydantic.ValidationError:
+    the shared trainer account. A job gone, or whose spec no longer parses, reports as the shared account."""
+    if record is None or not isinstance(record.job, FineTuneJob):
         return default
-    return service_account_name(job, HEAD, default)
+    return service_account_name(record.job, HEAD, default)
 
 
 def _bearer(header: str) -> str | None:

@@ -150,6 +150,7 @@ class Runtime:
                 self.kube,
                 self.metrics,
                 trainer_service_account=self.settings.trainer_service_account,
+                view=self.status.jobs,
             )
             port = await progress.start("0.0.0.0", self.settings.progress_port)
             self._progress_servers.append(progress)

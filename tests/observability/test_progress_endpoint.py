@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -436,3 +437,17 @@ async def test_an_authentic_token_is_reviewed_once_and_then_cached(
     # One for the authentic token; one for the forged one, whose refusal is remembered for a while; none for
     # a token that names no kubetune job.
     assert len(kmock[TOKENREVIEWS]) == 2
+
+
+async def test_an_authentic_token_is_not_taken_from_the_cache_past_its_own_expiry(
+    kmock: Cluster, progress_server: tuple[Any, str], clock: FakeClock
+) -> None:
+    """Answers are kept for minutes, but a token that says it has expired is asked about every time."""
+    _, base = progress_server
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats", expires=time.time() - 1)
+
+    for step in range(1, 4):
+        assert (await post(base, "cats", update(step=step), token))[0] == 200  # kmock ignores exp
+        clock.advance()
+    assert len(kmock[TOKENREVIEWS]) == 3

@@ -1,6 +1,10 @@
 """Progress status writes are coalesced: at most one per job per write interval, whatever the push rate,
 the latest update winning; news (the last step, a new checkpoint) is written at once, and nothing accepted
-is lost when the operator stops. Time is a hand-moved clock: the flusher's ticks are called by hand."""
+is lost when the operator stops. Time is a hand-moved clock: the flusher's ticks are called by hand.
+
+Each runs twice: with the endpoint reading every job from the API server, and reading it, as the operator
+does, from its watch cache, here one whose watch delivered each job once and never again (the worst lag):
+the endpoint's own writes, laid over the cached job, must keep its view current."""
 
 from __future__ import annotations
 
@@ -13,11 +17,13 @@ import pytest_asyncio
 from kubernetes import client
 
 from kubetune_operator.auth import TokenReviewer
+from kubetune_operator.incoming import JobRecord, receive
+from kubetune_operator.jobcache import JobCache
 from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.progress import ProgressServer
 from tests.observability.test_progress_endpoint import NS, post, update
-from tests.support.observability_stands import Cluster, FakeClock
+from tests.support.observability_stands import FTJ, Cluster, FakeClock
 
 pytestmark = pytest.mark.asyncio
 
@@ -35,12 +41,31 @@ class RecordingKube(Kube):
         self.written.append((self.clock(), dict(status)))
 
 
-@pytest_asyncio.fixture
+class LaggingWatch(JobCache):
+    """The operator's watch cache, fed by a watch that delivers each job once (when first asked for) and then
+    never again: only the endpoint's own writes bring it forward."""
+
+    def __init__(self, kmock: Cluster) -> None:
+        super().__init__()
+        self.kmock = kmock
+
+    def get(self, namespace: str, name: str) -> JobRecord | None:
+        if super().get(namespace, name) is None and (FTJ, namespace, name) in self.kmock.objects:
+            self.seen(receive(self.kmock.job(namespace, name)))
+        return super().get(namespace, name)
+
+
+@pytest_asyncio.fixture(params=["API reads", "lagging watch cache"])
 async def served(
-    kmock: Cluster, api_client: client.ApiClient, metrics: OperatorMetrics, clock: FakeClock
+    request: pytest.FixtureRequest,
+    kmock: Cluster,
+    api_client: client.ApiClient,
+    metrics: OperatorMetrics,
+    clock: FakeClock,
 ) -> AsyncIterator[tuple[ProgressServer, str, RecordingKube]]:
     kube = RecordingKube(api_client, clock)
-    server = ProgressServer(TokenReviewer(api_client), kube, metrics, clock=clock)
+    view = LaggingWatch(kmock) if request.param == "lagging watch cache" else None
+    server = ProgressServer(TokenReviewer(api_client), kube, metrics, clock=clock, view=view)
     port = await server.start("127.0.0.1", 0)
     try:
         yield server, f"http://127.0.0.1:{port}", kube
@@ -116,3 +141,65 @@ async def test_updates_still_waiting_are_written_when_the_operator_stops(
     for name in ("cats", "dogs"):
         progress = kmock.job(NS, name)["status"]["progress"]
         assert (progress["step"], progress["metrics"]["valAccuracy"]) == (11, 0.5)
+
+
+@pytest_asyncio.fixture
+async def watched(
+    kmock: Cluster, api_client: client.ApiClient, metrics: OperatorMetrics, clock: FakeClock
+) -> AsyncIterator[tuple[ProgressServer, str, LaggingWatch]]:
+    """The endpoint reading the jobs from a lagging watch cache, as the operator's reads them from its own."""
+    view = LaggingWatch(kmock)
+    server = ProgressServer(TokenReviewer(api_client), Kube(api_client), metrics, clock=clock, view=view)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield server, f"http://127.0.0.1:{port}", view
+    finally:
+        await server.stop()
+
+
+async def test_with_a_lagging_watch_cache_older_updates_stay_ignored_and_a_preemption_is_told_once(
+    kmock: Cluster, watched: tuple[ProgressServer, str, LaggingWatch], metrics: OperatorMetrics, clock: FakeClock
+) -> None:
+    server, base, _ = watched
+    kmock.add_job(NS, "cats")
+    token = kmock.issue_token(NS, "cats")
+    assert (await post(base, "cats", update(step=20), token))[1]["applied"] is True
+    clock.advance(server.writes.interval_s)
+    # Older than what the endpoint wrote, though the watch never showed that write: ignored.
+    code, answer, _ = await post(base, "cats", update(step=10), token)
+    assert (code, answer["result"]) == (200, "stale")
+    for step in (30, 31):  # the trainer counts one preemption, and keeps sending its count
+        clock.advance(server.writes.interval_s)
+        assert (await post(base, "cats", update(step=step, preemptions=1, preemptionStepsLost=2), token))[0] == 200
+
+    events = [obj.raw for (resource, ns, _), obj in kmock.objects.items() if resource.plural == "events" and ns == NS]
+    preempted = [e for e in events if e.get("reason") == "Preempted"]
+    assert len(preempted) == 1, preempted
+    assert metrics.registry.get_sample_value("kubetune_job_preemptions_total", {"namespace": NS}) == 1
+    assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 31
+    assert server.reads == 0  # every update read the job from the cache
+
+
+async def test_a_job_made_again_under_its_name_reports_before_the_watch_delivers_it(
+    kmock: Cluster, watched: tuple[ProgressServer, str, LaggingWatch], clock: FakeClock
+) -> None:
+    server, base, view = watched
+    kmock.add_job(NS, "cats", uid="uid-first")
+    old_token = kmock.issue_token(NS, "cats")
+    assert (await post(base, "cats", update(step=5), old_token))[0] == 200
+    view.forget(NS, "cats")  # the watch delivered the deletion ...
+    kmock.add_job(NS, "cats", uid="uid-second")  # ... and the job is made again
+    new_token = kmock.issue_token(NS, "cats")
+    clock.advance()
+    assert (await post(base, "cats", update(step=1), new_token))[0] == 200
+    view.forget(NS, "cats")  # the new job not delivered yet: the cache holds the old uid ...
+    view.seen(receive({**kmock.job(NS, "cats"), "metadata": {"namespace": NS, "name": "cats", "uid": "uid-first"}}))
+    clock.advance()
+    # ... so the new job's token is checked against the API server, not refused
+    assert (await post(base, "cats", update(step=2), new_token))[0] == 200
+    view.forget(NS, "cats")
+    clock.advance()
+    assert (await post(base, "cats", update(step=6), old_token))[0] == 401
+    clock.advance(server.writes.interval_s)
+    await server.writes.flush()
+    assert kmock.job(NS, "cats")["status"]["progress"]["step"] == 2

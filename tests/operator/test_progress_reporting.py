@@ -55,9 +55,11 @@ def endpoint_metrics() -> OperatorMetrics:
 
 @pytest_asyncio.fixture
 async def progress_endpoint(op: OperatorHarness, endpoint_metrics: OperatorMetrics) -> AsyncIterator[str]:
-    """The real progress endpoint, writing to the same API server the operator watches."""
+    """The real progress endpoint, writing to the same API server the operator watches and reading the jobs
+    from the operator's watch cache, as the operator's own endpoint does."""
     kube = Kube.for_server(str(op.api.url))
-    server = ProgressServer(PodTokens(), kube, endpoint_metrics)  # type: ignore[arg-type]
+    view = op.runtime.status.jobs if op.runtime is not None else None
+    server = ProgressServer(PodTokens(), kube, endpoint_metrics, view=view)  # type: ignore[arg-type]
     port = await server.start("127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}"

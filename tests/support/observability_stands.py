@@ -82,15 +82,25 @@ class AnswersTokenReviews:
         return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec, "status": status}
 
     def issue_token(
-        self, namespace: str, job: str, *, service_account: str | None = None, audience: str | None = None
+        self,
+        namespace: str,
+        job: str,
+        *,
+        service_account: str | None = None,
+        audience: str | None = None,
+        expires: float | None = None,
     ) -> str:
         """A token as the kubelet projects it into the job's pods: of the namespace's shared trainer
-        ServiceAccount, for the job's audience (by the uid the job has here now, if it exists)."""
+        ServiceAccount, for the job's audience (by the uid the job has here now, if it exists); `expires`:
+        its `exp` claim (seconds since the epoch)."""
         if audience is None:
             audience = token_audience(namespace, job, self.job_uid(namespace, job))
         account = service_account or DEFAULT_TRAINER_SERVICE_ACCOUNT
         username = service_account_username(namespace, account)
-        token = jwt({"aud": [audience], "sub": username}, signature=f"{namespace}-{job}-{len(self.tokens)}")
+        claims: dict[str, Any] = {"aud": [audience], "sub": username}
+        if expires is not None:
+            claims["exp"] = int(expires)
+        token = jwt(claims, signature=f"{namespace}-{job}-{len(self.tokens)}")
         self.tokens[token] = (username, audience)
         return token
 

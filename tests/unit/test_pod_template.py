@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune_operator.builders import build_rayjob, manifests
+from kubetune_operator.incoming import receive
 from kubetune_operator.messages import format_validation_error
 from kubetune_operator.pod_security import container_security_context, pod_security_context
 from kubetune_operator.progress import reporting_account
@@ -195,9 +196,12 @@ def test_render_has_no_uid_yet_and_labels_the_name() -> None:
 
 def test_progress_is_accepted_from_the_heads_service_account() -> None:
     template = {"spec": {"serviceAccountName": "vision-s3"}, "head": {"spec": {"serviceAccountName": "driver"}}}
-    assert reporting_account(manifest(template), "kubetune-trainer") == "driver"
-    assert reporting_account(manifest({"spec": {"serviceAccountName": "vision-s3"}}), "kubetune-trainer") == "vision-s3"
-    assert reporting_account(manifest({}), "kubetune-trainer") == "kubetune-trainer"
+    assert reporting_account(receive(manifest(template)), "kubetune-trainer") == "driver"
+    assert (
+        reporting_account(receive(manifest({"spec": {"serviceAccountName": "vision-s3"}})), "kubetune-trainer")
+        == "vision-s3"
+    )
+    assert reporting_account(receive(manifest({})), "kubetune-trainer") == "kubetune-trainer"
 
 
 def refusal(pod_template: dict[str, Any]) -> list[str]:
