@@ -196,7 +196,8 @@ def on_node(
         return dict(node_task(*call))
     import ray
 
-    task = ray.remote(node_task).options(num_cpus=placement.cpus, num_gpus=placement.gpus, max_retries=0)
+    options = {"num_cpus": placement.cpus, "num_gpus": placement.gpus, "max_retries": 0, "name": function.__name__}
+    task = ray.remote(node_task).options(**options)
     try:
         found: dict[str, Any] = ray.get(task.remote(*call))
     except ray.exceptions.RayTaskError as error:
