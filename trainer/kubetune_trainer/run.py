@@ -142,7 +142,9 @@ def prepare_node(config_wire: Mapping[str, Any], task_wire: Mapping[str, Any], w
         mark("base weights loaded")
         corrupt = filling.result()
     finally:
-        pool.shutdown(wait=False)  # unsafe base weights end the task now; the fill ends on its own
+        # Base weights that fail (an unsafe pickle) end the task at once; the fill ends on its own (a local
+        # run's process exits once it has).
+        pool.shutdown(wait=False)
     check_corrupt(task.images, corrupt)
     mark("data cache filled")
     params = dict(model.named_parameters())
