@@ -8,10 +8,18 @@ job under a new name, so each has a Ray cluster and a node cache of its own (col
 The time is cut at the milestones this run can see: the bench polls the API server (every 20 ms) for the
 RayJob, the RayJob's Running (the stand-in's Ray head up and the driver process started) and the first
 `status.progress.step`; the trainer logs its own milestones with the wall clock (`kubetune_trainer/
-startup.py`: driver imports, connected to Ray, inputs checked, the node task's base weights and cache
-fill, worker started, model built, data loaders ready, first step), which the bench reads from the
-driver's log. Each phase is one figure; whose share it is (the operator's, the trainer's, Ray's) is in
-its name. No baseline: the target is on the own shares' sum.
+startup.py`: driver imports, connected to Ray, inputs checked, the node task's start, its imports, base
+weights and cache fill, worker started, model built, data loaders ready, first step), which the bench
+reads from the driver's log. Each phase is one figure; whose share it is (the operator's, the trainer's,
+Ray's) is in its name. No baseline: the target is on the own shares' sum.
+
+Whose share: what kubetune's code runs or imports is its own, wherever it runs. The node task marks its
+start before it imports the trainer's modules, so their imports (torch) count as the trainer's, and timm
+is imported in the timed model builds (base weights, model build). Ray's share is the Ray processes'
+start-up: the head, the driver's connection, a worker process for the node task, and Ray Train's worker
+group, whose worker imports torch for Ray Train's own process-group set-up before kubetune's code runs.
+The dev cluster has no image pull or pod scheduling, which a real cluster adds before all of this
+(bench/findings.md lists them from KubeRay's docs).
 """
 
 from __future__ import annotations
@@ -35,15 +43,16 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     ("operator launch: apply → RayJob created", "operator", "rayjob"),
     ("Ray head up, driver started (KubeRay stand-in: ray start --head)", "Ray", "running"),
     ("driver process start (python, kubetune_trainer import)", "trainer", "driver started"),
-    ("driver imports (torch, Ray)", "trainer", "driver imports done"),
+    ("driver imports (Ray, torch: no timm)", "trainer", "driver imports done"),
     ("driver connects to Ray", "Ray", "connected to Ray"),
     ("driver preflight (architecture, S3 checks, dataset listing)", "trainer", "inputs checked"),
     ("node task start (a Ray worker process)", "Ray", "node task started"),
-    ("base weights: download and load", "trainer", "base weights loaded"),
-    ("data cache fill", "trainer", "data cache filled"),
+    ("node task imports (kubetune_trainer.run: torch)", "trainer", "node task imports done"),
+    ("base weights: timm import, download and load", "trainer", "base weights loaded"),
+    ("data cache fill (what is left of it: it runs beside the base weights)", "trainer", "data cache filled"),
     ("node task result back in the driver", "Ray", "node prepared"),
     ("Ray Train worker group start", "Ray", "worker started"),
-    ("model build", "trainer", "model built"),
+    ("model build (timm import)", "trainer", "model built"),
     ("data loaders", "trainer", "data loaders ready"),
     ("first step", "trainer", "first step"),
     ("first step → status.progress (relay, push, operator write)", "trainer", "status"),

@@ -269,12 +269,12 @@ def test_time_to_first_step_is_cut_at_the_trainers_start_up_marks() -> None:
     )
     marks = first_step.marks_in(driver_log + "\nkubetune: start-up: first step at 00:00:59.000Z", applied)
     assert marks["driver started"] == datetime(2026, 12, 4, 0, 0, 1, 250000, tzinfo=UTC)  # past midnight
-    assert marks["first step"] == datetime(2026, 12, 4, 0, 0, 12, 250000, tzinfo=UTC)  # the first of each
+    assert marks["first step"] == datetime(2026, 12, 4, 0, 0, 13, 250000, tzinfo=UTC)  # the first of each
     api = {"rayjob": applied + timedelta(seconds=0.1), "running": applied + timedelta(seconds=1.5)}
     api["status"] = marks["first step"] + timedelta(seconds=0.5)
     seconds = first_step.phases(applied, {**marks, **api})
     assert seconds["operator launch: apply → RayJob created"] == pytest.approx(0.1)
-    assert sum(seconds.values()) == pytest.approx(13.25)
+    assert sum(seconds.values()) == pytest.approx(14.25)
     rows = first_step.rows([seconds])
     check_rows(rows, first_step.NAME)
     own = next(r for r in rows if r.figure == "operator's and trainer's own shares together")

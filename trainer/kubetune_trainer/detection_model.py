@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torchvision.models.detection as zoo
 from torch import nn
 
 from kubetune_trainer.config import DETECTION_ARCHITECTURES
@@ -61,6 +60,8 @@ def create_detector(architecture: str, num_classes: int, image_size: int | None 
     `image_size` sets the model's own resize transform: shorter and longer side for the R-CNN, RetinaNet
     and FCOS families, the fixed square input of SSD models (whose anchors scale with the input).
     """
+    import torchvision.models.detection as zoo  # here, not at the top: the driver builds no model
+
     check_detection_architecture(architecture)
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes + 1}
     model: nn.Module = getattr(zoo, architecture)(**kwargs)

@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.models import group_parameters
 from torch import nn
 
+from kubetune_trainer import architectures
 from kubetune_trainer.errors import CheckpointError, ConfigError
+
+# timm is imported where a model is built, not here: with it come torchvision and torch._dynamo (~2 s of
+# a cold start, more under load), and the driver, which imports this module's names, builds no model.
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +85,18 @@ class WeightsReport:
 
 
 def check_architecture(name: str) -> None:
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+    # architectures.txt lists the installed timm's models (a test keeps them equal): no timm import here.
+    known = architectures.timm_models()
+    if name not in known:
+        close = architectures.close_matches(name, known)
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"model.architecture: '{name}' is not a timm architecture{hint}")
 
 
 def create_model(architecture: str, num_classes: int) -> nn.Module:
     """The architecture with a fresh head for `num_classes`; never downloads anything."""
+    import timm
+
     check_architecture(architecture)
     model: nn.Module = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
     return model
@@ -222,6 +228,8 @@ def build_model(
 
 def data_config(model: nn.Module, image_size: int | None) -> dict[str, Any]:
     """timm's preprocessing for the model (input size, mean/std, interpolation, crop), JSON-ready."""
+    import timm.data
+
     cfg = dict(timm.data.resolve_model_data_config(model))
     if image_size:
         cfg["input_size"] = (3, image_size, image_size)
@@ -255,6 +263,8 @@ def stages(model: nn.Module) -> list[list[str]]:
     timm models describe their stages with group_matcher(coarse=True) for layer-wise learning rates;
     models without it fall back to their top-level children.
     """
+    from timm.models import group_parameters
+
     groups: list[list[str]]
     try:
         grouped = group_parameters(model, model.group_matcher(coarse=True))  # type: ignore[operator]

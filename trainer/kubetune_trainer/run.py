@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -48,7 +49,7 @@ from kubetune_trainer.preemption import DriverNotice, worker_callback
 from kubetune_trainer.relay import Relay, driver_reporters, run_events, run_states
 from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.selection import best_entry, checkpoint_config
-from kubetune_trainer.startup import mark
+from kubetune_trainer.startup import mark, node_task
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.stream import cache_line, streams
 from kubetune_trainer.tasks import Task, Trained, check_architecture, find_task, task_from_wire
@@ -127,18 +128,23 @@ def check_inputs(config: TrainerConfig, store: S3Store) -> Inputs:
 
 
 def prepare_node(config_wire: Mapping[str, Any], task_wire: Mapping[str, Any], weights: ObjectInfo) -> dict[str, Any]:
-    """Fill this node's cache and load the base weights once; the result is plain data (crosses Ray)."""
-    mark("node task started")
+    """Fill this node's cache and load the base weights once, side by side (the fill mostly waits on S3,
+    the load on this process's imports and CPU); the result is plain data (crosses Ray)."""
+    mark("node task imports done")
     config = TrainerConfig.model_validate(config_wire)
     task = task_from_wire(config, task_wire)
     store = store_for(config)
-    path = cached_object(store, S3Uri.parse(config.model.checkpoint), weights)
-    model, report, plan = task.build_model(path, torch.device("cpu"))
-    mark("base weights loaded")
-    if streams(config, task.images, weights.size):  # the workers meet the images as they train
-        corrupt = dict(task.images.corrupt)
-    else:
-        _, corrupt = prepare_images(store, task.images)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-fill")
+    filling = pool.submit(fill_cache, config, task, store, weights.size)
+    try:
+        path = cached_object(store, S3Uri.parse(config.model.checkpoint), weights)
+        model, report, plan = task.build_model(path, torch.device("cpu"))
+        mark("base weights loaded")
+        corrupt = filling.result()
+    finally:
+        # Base weights that fail (an unsafe pickle) end the task at once; the fill ends on its own (a local
+        # run's process exits once it has).
+        pool.shutdown(wait=False)
     check_corrupt(task.images, corrupt)
     mark("data cache filled")
     params = dict(model.named_parameters())
@@ -152,10 +158,18 @@ def prepare_node(config_wire: Mapping[str, Any], task_wire: Mapping[str, Any], w
     }
 
 
+def fill_cache(config: TrainerConfig, task: Task, store: S3Store, weights_bytes: int) -> dict[str, str]:
+    """The node cache filled with the task's images, decode-checked; the unreadable ones (key → why)."""
+    if streams(config, task.images, weights_bytes):  # the workers meet the images as they train
+        return dict(task.images.corrupt)
+    return prepare_images(store, task.images)[1]
+
+
 def prepare(config: TrainerConfig, inputs: Inputs, *, here: bool, cpus: float = 1, gpus: int = 0) -> Prepared:
     """prepare_node on this process (`here`) or as a Ray task with one worker's resources."""
     placement = Placement(here, cpus, gpus)
-    found = on_node(placement, prepare_node, "preparing a node", config.wire(), inputs.task.wire(), inputs.weights)
+    wires = (config.wire(), inputs.task.wire(), inputs.weights)
+    found = on_node(placement, prepare_node, "preparing a node", *wires, milestone="node task started")
     prepared = Prepared(
         task=inputs.task.without_corrupt(found["corrupt"]),
         weights=inputs.weights,
@@ -170,16 +184,24 @@ def prepare(config: TrainerConfig, inputs: Inputs, *, here: bool, cpus: float = 
     return prepared
 
 
-def on_node(placement: Placement, function: Callable[..., dict[str, Any]], what: str, *args: Any) -> dict[str, Any]:
-    """`function(*args)` in this process, or as a Ray task with one worker's resources; a failure is the
-    TrainerError behind it, or one naming `what`."""
+def on_node(
+    placement: Placement,
+    function: Callable[..., dict[str, Any]],
+    what: str,
+    *args: Any,
+    milestone: str | None = None,
+) -> dict[str, Any]:
+    """`function(*args)` in this process, or as a Ray task with one worker's resources, after the start-up
+    mark `milestone` (if any); a failure is the TrainerError behind it, or one naming `what`."""
+    call = (milestone, function.__module__, function.__name__, *args)
     if placement.here:
-        return function(*args)
+        return dict(node_task(*call))
     import ray
 
-    task = ray.remote(function).options(num_cpus=placement.cpus, num_gpus=placement.gpus, max_retries=0)
+    options = {"num_cpus": placement.cpus, "num_gpus": placement.gpus, "max_retries": 0, "name": function.__name__}
+    task = ray.remote(node_task).options(**options)
     try:
-        found: dict[str, Any] = ray.get(task.remote(*args))
+        found: dict[str, Any] = ray.get(task.remote(*call))
     except ray.exceptions.RayTaskError as error:
         raise failure_reason(error) or TrainerError(f"{what} failed: {error_line(error)}") from None
     return found
