@@ -23,9 +23,14 @@ Here the order stays the loaders' own, only arranged so that it can be streamed:
   pass of either window (training or validation: one budget) begins. The peak is computed before the epoch
   starts: a sizeLimit too small for two windows fails the run naming it, never fills the disk.
 
-A worker fetches only its own samples of a group (`shards.extract_members` from one streamed read of the
-shard; loose images by GET), into its own folder; decoding happens in the loader processes. An image that
-does not decode, or is missing from its shard, is left out of its batch and counted (`Readable`).
+- **The files** (`Fetcher`, `GroupImages`): a worker writes only its own samples of a group, one after
+  another, into one file per group (named by the group's number, never by a remote name) and records in
+  shared memory where each starts; the loader processes read the bytes from there and decode them. A
+  shard's members come from one streamed GET of the shard, read at the offsets the driver's index found
+  (`shards.read_members`, If-Match the indexed ETag): no tar header parsed again, no file per image (a
+  file per image, written and renamed, cost ~2 ms an image: bench/findings.md, "Streaming"). Loose images
+  come by GET. An image that does not decode, is missing from its shard or is not its indexed size is
+  left out of its batch and counted (`Readable`).
 """
 
 from __future__ import annotations
