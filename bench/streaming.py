@@ -10,8 +10,11 @@ the limit, dropped after use) for stream mode, `loaders.EpochOrder` over the nod
 `data.prepare_images` for full mode (timed on a later, warm epoch). No model step: the figure is what the
 data path delivers, the ceiling of a training epoch's rate. The floor is what any S3 path must pay: one
 listing and every shard once by parallel raw boto3 GETs (as many threads as the stream fetches with),
-read to memory; the stream's own I/O (the window walked without decoding) is held against it too. Peak
-disk is sampled every few milliseconds (the stream folder's bytes) during the stream epochs.
+read to memory. Held against it: the stream epoch (the issue's target), the stream's own I/O (the window
+walked without decoding: shards read by offset, group files written and dropped), and the full cache's
+warm epoch (decoding alone, no S3: the ceiling of any epoch that decodes on this machine). The stream
+epoch is also held against that warm epoch: what streaming costs a training epoch. Peak disk is sampled
+every few milliseconds (the stream folder's bytes) during the stream epochs.
 """
 
 from __future__ import annotations
