@@ -263,3 +263,11 @@ def test_stream_reads_shard_members_by_offset_and_never_writes_a_member_name(
     world.put("s3://datasets/stream-parts/s-0.tar", tar_bytes(labelled[::-1]))  # changed since it was indexed
     with pytest.raises(StorageError, match=r"s-0\.tar changed since the run listed it"):
         list(setup.train.run([everything], int))
+
+
+def test_a_shard_samples_offset_travels_with_the_index() -> None:
+    from kubetune_trainer.data import DatasetIndex
+
+    sample = Sample("s/0.tar/1.jpg", 1, 10, "etag", "s/0.tar", 1536)
+    index = DatasetIndex("b", ["a", "b"], [sample, Sample("img/a/2.jpg", 0, 5, "e2")], [])
+    assert DatasetIndex.from_wire(index.wire()).train == index.train

@@ -84,7 +84,7 @@ class Sample:
 
     @classmethod
     def from_wire(cls, row: Sequence[Any]) -> Sample:
-        source, offset = (str(row[4]), int(row[5])) if len(row) > 5 else ("", -1)
+        source, offset = str(row[4]) if len(row) > 4 else "", int(row[5]) if len(row) > 5 else -1
         return cls(str(row[0]), int(row[1]), int(row[2]), str(row[3]), source, offset)
 
 
