@@ -10,8 +10,11 @@ the limit, dropped after use) for stream mode, `loaders.EpochOrder` over the nod
 `data.prepare_images` for full mode (timed on a later, warm epoch). No model step: the figure is what the
 data path delivers, the ceiling of a training epoch's rate. The floor is what any S3 path must pay: one
 listing and every shard once by parallel raw boto3 GETs (as many threads as the stream fetches with),
-read to memory; the stream's own I/O (the window walked without decoding) is held against it too. Peak
-disk is sampled every few milliseconds (the stream folder's bytes) during the stream epochs.
+read to memory. Held against it: the stream epoch (the issue's target), the stream's own I/O (the window
+walked without decoding: shards read by offset, group files written and dropped), and the full cache's
+warm epoch (decoding alone, no S3: the ceiling of any epoch that decodes on this machine). The stream
+epoch is also held against that warm epoch: what streaming costs a training epoch. Peak disk is sampled
+every few milliseconds (the stream folder's bytes) during the stream epochs.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(images=5_000, per_shard=125, repeats=2)
+        # 12%: at 10% a window of two 125-image shards plus the loader's prefetch is just over the limit.
+        return cls(images=5_000, per_shard=125, repeats=2, limit_fraction=0.12)
 
     @classmethod
     def tiny(cls) -> Config:
@@ -167,7 +171,7 @@ class _Paths:
     """The stream epoch, the full cache's warm epoch and the raw-GET floor over one set of shards."""
 
     config: Config
-    endpoint: str
+    store: Any  # the worker's S3Store, made once as a worker makes it (a boto3 client costs ~0.3 s to make)
     client: Any
     trainer: Any
     index: Any
@@ -188,12 +192,12 @@ class _Paths:
     def stream_epoch(self, epoch: int, cache: Path) -> tuple[int, int, int]:
         """(images, peak bytes on disk, the window's own peak) of one streamed epoch."""
         from kubetune_trainer.data import datasets
-        from kubetune_trainer.stream import Readable, ReadableBatches, loader_lag
+        from kubetune_trainer.stream import GroupImages, Readable, ReadableBatches, loader_lag
 
         order = self.stream_order(epoch, loader_lag(self.config.loader_processes))
         setup = order.window
         folder = setup.fetcher.folder
-        train = Readable(datasets(folder, self.index, self.cfg, "light")[0])
+        train = Readable(GroupImages(setup, datasets(folder, self.index, self.cfg, "light")[0]))
         with DiskSampler(folder) as disk:
             images = epoch_images(self.loader(train, order, ReadableBatches(None)))
         return images, disk.peak, setup.peak
@@ -204,10 +208,9 @@ class _Paths:
 
     def stream_order(self, epoch: int, lag: int) -> Any:
         """A single worker's `StreamOrder` for `epoch`, over a fresh stream folder."""
-        from kubetune_trainer.storage import S3Store
         from kubetune_trainer.stream import StreamOrder, stream_setup
 
-        setup = stream_setup(S3Store(self.endpoint, REGION), self.trainer, self.index, 0, 1, lag)
+        setup = stream_setup(self.store, self.trainer, self.index, 0, 1, lag)
         size, batch = len(self.index.train), self.config.batch_size
         order = StreamOrder(
             size, window=setup.train, shuffle=setup.shuffle, seed=SEED, batch_size=batch, reference=1, rank=0, world=1
@@ -217,9 +220,8 @@ class _Paths:
 
     def full_cache(self, cache: Path) -> Any:
         from kubetune_trainer.data import datasets, prepare_images
-        from kubetune_trainer.storage import S3Store
 
-        folder, _ = prepare_images(S3Store(self.endpoint, REGION), self.index, root=cache)
+        folder, _ = prepare_images(self.store, self.index, root=cache)
         return datasets(folder, self.index, self.cfg, "light")[0]
 
     def full_epoch(self, train: Any, epoch: int) -> int:
@@ -255,9 +257,10 @@ def run(config: Config, workdir: Path) -> list[Row]:
         limit_bytes = int(total * config.limit_fraction)
         limit = f"{max(1, limit_bytes // 1024)}Ki"
         trainer = trainer_config(config, limit)
-        index = classification_index(S3Store(endpoint, REGION), trainer)
+        store = S3Store(endpoint, REGION)
+        index = classification_index(store, trainer)
         cfg = data_config(timm.create_model("resnet18", pretrained=False, num_classes=2), config.image_size)
-        paths = _Paths(config, endpoint, client, trainer, index, cfg)
+        paths = _Paths(config, store, client, trainer, index, cfg)
         log(
             f"{NAME}: {config.images} JPEGs {config.side}px ({total:,} bytes) in {config.shards} shards, sizeLimit {limit}"
         )
@@ -295,7 +298,7 @@ def run(config: Config, workdir: Path) -> list[Row]:
             "images/s",
             samples["stream"],
             samples["raw"],
-            (">=", 0.8),
+            (">=", 0.8),  # the issue's target; no epoch that decodes reaches it here (the next rows say why)
             note,
         ),
         Row(
@@ -304,10 +307,27 @@ def run(config: Config, workdir: Path) -> list[Row]:
             "images/s",
             samples["fetch"],
             samples["raw"],
-            None,  # diagnostic: the stream's own I/O (fetch, write, drop) against the floor
+            (">=", 0.8),  # the stream's own I/O (fetch by offset, write, drop) against the floor
             note,
         ),
-        Row(NAME, "stream epoch vs full cache, warm epoch", "images/s", samples["stream"], samples["full"], None, note),
+        Row(
+            NAME,
+            "full cache warm epoch (decode alone, no S3) vs raw shard GETs",
+            "images/s",
+            samples["full"],
+            samples["raw"],
+            None,  # diagnostic: the ceiling of any epoch that decodes, on this machine
+            note,
+        ),
+        Row(
+            NAME,
+            "stream epoch vs full cache, warm epoch",
+            "images/s",
+            samples["stream"],
+            samples["full"],
+            (">=", 0.8),
+            note,
+        ),
         Row(NAME, "peak disk of the stream folder / sizeLimit", "fraction", samples["disk"], [], ("<=", 1.0), note),
         Row(NAME, "the window's own peak count / sizeLimit", "fraction", samples["window"], [], ("<=", 1.0), note),
     ]

@@ -7,11 +7,13 @@ tests/trainer/test_stream_e2e.py.
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from kubetune_operator.spec import FineTuneJob
@@ -27,6 +29,7 @@ from kubetune_trainer.stream import (
     sample_groups,
     shuffle_window,
 )
+from tests.support.digits_world import DigitsWorld
 from tests.unit.test_spec import MINIMAL
 
 
@@ -203,3 +206,87 @@ def test_the_windows_leave_the_base_weights_room_on_the_cache_volume(
     weights = 300 * 1024
     setup = stream_setup(store, config, index, rank=0, local_world=2, lag=2, weights_bytes=weights)
     assert setup.train.budget == setup.validation.budget == (1024**2 - weights) // 2
+
+
+def test_byte_ranges_reads_each_range_once_across_chunks_and_stops_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune_trainer import shards
+
+    monkeypatch.setattr(shards, "READ_CHUNK", 7)
+    data = bytes(range(100))
+    stream = io.BytesIO(data)
+    ranges = [(0, 3), (3, 2), (10, 20), (29, 1), (64, 30), (95, 10)]  # (29, 1) overlaps: never in a tar
+    got = dict(shards.byte_ranges(stream.read, ranges))
+    assert got == {0: data[0:3], 3: data[3:5], 10: data[10:30], 64: data[64:94]}  # 95..105: the stream ends
+
+
+def test_stream_reads_shard_members_by_offset_and_never_writes_a_member_name(
+    world: DigitsWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune_trainer.config import TrainerConfig
+    from kubetune_trainer.data import datasets
+    from kubetune_trainer.errors import StorageError
+    from kubetune_trainer.formats import classification_index
+    from kubetune_trainer.storage import S3Store
+    from kubetune_trainer.stream import stream_datasets, stream_setup
+    from tests.support.digits_world import REGION, digit_png, tar_bytes
+    from tests.trainer.test_formats import hostile_tar
+
+    images = [digit_png(image) for image, _ in world.digits(range(0, 2))[:6]]
+    long = "x" * 150  # a pax header holds its name: the offset is past it
+    members = [(f"{long}/{n}.png" if n == 5 else f"{n}.png", png) for n, png in enumerate(images)]
+    labelled = [m for n, member in enumerate(members) for m in (member, (f"{member[0][:-4]}.cls", str(n % 2).encode()))]
+    world.put("s3://datasets/stream-parts/s-0.tar", tar_bytes(labelled))
+    world.put("s3://datasets/stream-parts/s-1.tar", hostile_tar(images[0]))
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    store = S3Store(world.endpoint, REGION)
+    config = TrainerConfig.model_validate(
+        {
+            "model": {"architecture": "resnet18", "checkpoint": "s3://models/base/resnet18.safetensors"},
+            "data": {
+                "format": "webdataset",
+                "train": "s3://datasets/stream-parts/s-{0..1}.tar",
+                "validationSplit": 0.01,
+            },
+            "output": {"path": "s3://results/stream-parts/"},
+            "storage": {"endpoint": world.endpoint, "region": REGION},
+            "runName": "stream-parts",
+            "jobName": "stream-parts",
+        }
+    )
+    index = classification_index(store, config)
+    setup = stream_setup(store, config, index, rank=0, local_world=1, lag=0)
+    cfg = {
+        "input_size": (3, 32, 32),
+        "interpolation": "bilinear",
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "crop_pct": 1.0,
+    }
+    train, _ = stream_datasets(setup, datasets(setup.train.fetcher.folder, index, cfg, "none"))
+    everything = list(range(len(index.train)))
+    for batch in setup.train.run([everything], int):
+        read = {index.train[i].key: train[i] for i in batch}
+    folder = setup.train.fetcher.folder
+    assert sorted(p.name for p in folder.rglob("*")) == [f"train-{g}.bin" for g in sorted(set(setup.train.groups))]
+    assert len(read) == len(index.train) >= 6
+    # Every training image decodes but the one that is no image (the loop counts it unreadable).
+    assert [key for key, item in read.items() if item is None] == ["stream-parts/s-1.tar/broken.png"]
+    original = datasets(tmp_path, index, cfg, "none")[0].transform
+    five = next(i for i, s in enumerate(index.train) if s.key.endswith(f"{long}/5.png"))
+    from PIL import Image
+
+    assert torch.equal(train[five][0], original(Image.open(io.BytesIO(images[5])).convert("RGB")))
+    setup.train.release()
+    assert not list(folder.iterdir())
+
+    world.put("s3://datasets/stream-parts/s-0.tar", tar_bytes(labelled[::-1]))  # changed since it was indexed
+    with pytest.raises(StorageError, match=r"s-0\.tar changed since the run listed it"):
+        list(setup.train.run([everything], int))
+
+
+def test_a_shard_samples_offset_travels_with_the_index() -> None:
+    from kubetune_trainer.data import DatasetIndex
+
+    sample = Sample("s/0.tar/1.jpg", 1, 10, "etag", "s/0.tar", 1536)
+    index = DatasetIndex("b", ["a", "b"], [sample, Sample("img/a/2.jpg", 0, 5, "e2")], [])
+    assert DatasetIndex.from_wire(index.wire()).train == index.train

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -68,20 +68,24 @@ class Sample:
     """One image: its key in the bucket, its class index, and size/ETag to validate the cached copy.
 
     An image inside a WebDataset shard has the shard's key as `source` and `<shard key>/<member name>` as
-    its key (its path in the node cache), its member's size and the shard's ETag."""
+    its key (its path in the node cache), its member's size, the shard's ETag, and `offset`: where the
+    member's bytes start in the shard, as tarfile found it when the driver indexed it (stream mode reads
+    them from there, `stream.Fetcher`)."""
 
     key: str
     label: int
     size: int
     etag: str
     source: str = ""
+    offset: int = -1
 
     def wire(self) -> list[Any]:
-        return [self.key, self.label, self.size, self.etag, *([self.source] if self.source else [])]
+        return [self.key, self.label, self.size, self.etag, *([self.source, self.offset] if self.source else [])]
 
     @classmethod
     def from_wire(cls, row: Sequence[Any]) -> Sample:
-        return cls(str(row[0]), int(row[1]), int(row[2]), str(row[3]), str(row[4]) if len(row) > 4 else "")
+        source, offset = str(row[4]) if len(row) > 4 else "", int(row[5]) if len(row) > 5 else -1
+        return cls(str(row[0]), int(row[1]), int(row[2]), str(row[3]), source, offset)
 
 
 @dataclass
@@ -345,7 +349,7 @@ def dataset_dir(store: S3Store, index: DatasetIndex, root: Path | None = None) -
     return (root or cache_root()) / "datasets" / digest(store.endpoint, index.bucket, index.cache_key)
 
 
-def open_image(path: Path | str) -> Image.Image:
+def open_image(path: Path | str | IO[bytes]) -> Image.Image:
     """PIL's image of `path` (header read, not decoded yet), refused unless it is one of IMAGE_FORMATS
     and within MAX_IMAGE_PIXELS."""
     image = Image.open(path, formats=IMAGE_FORMATS)

@@ -48,6 +48,7 @@ class Image:
     source: str = ""
     label: str = ""
     boxes: Mapping[str, Any] | None = None
+    offset: int = -1  # a shard member's: where its bytes start in the shard
 
 
 @dataclass
@@ -126,7 +127,9 @@ def shard_images(store: S3Store, pattern: str, part: str, boxes: bool) -> Images
                 continue
             label, item = shard_label(sample, f"s3://{bucket}/{scan.shard.key}: {key}.{sample.label_kind}", boxes)
             member_key = f"{scan.shard.key}/{sample.image}"
-            out.images.append(Image(member_key, sample.size, scan.shard.etag, scan.shard.key, label, item))
+            out.images.append(
+                Image(member_key, sample.size, scan.shard.etag, scan.shard.key, label, item, sample.offset)
+            )
     return out
 
 
@@ -178,7 +181,9 @@ def classification_index(store: S3Store, config: TrainerConfig) -> DatasetIndex:
         train_split, val_by_class = split_per_class(by_class, data.validation_split, config.training.seed)
 
     def samples(split: Mapping[str, Sequence[Image]]) -> list[Sample]:
-        return [Sample(i.key, label[c], i.size, i.etag, i.source) for c in class_names for i in split.get(c, [])]
+        return [
+            Sample(i.key, label[c], i.size, i.etag, i.source, i.offset) for c in class_names for i in split.get(c, [])
+        ]
 
     index = DatasetIndex(
         train.bucket, class_names, samples(train_split), samples(val_by_class), ignored, refused, shards=shards
@@ -257,7 +262,7 @@ def detection_index(store: S3Store, config: TrainerConfig) -> tuple[DetectionInd
             raise DataError(f"no {part} images with boxes in {read.where}")
         found.append(samples)
         counts[part] = {**part_counts.wire(), "imagesMissing": lost}
-    cached = [[Sample(i.key, 0, i.size, i.etag, i.source) for i in part_images] for part_images in parts]
+    cached = [[Sample(i.key, 0, i.size, i.etag, i.source, i.offset) for i in part_images] for part_images in parts]
     refused = {**train.refused, **(validation.refused if validation else {})}
     shards = {**train.shards, **(validation.shards if validation else {})}
     boxes = DetectionIndex(class_names=names, train=found[0], validation=found[1], counts=counts)

@@ -70,12 +70,12 @@ from kubetune_trainer.startup import mark
 from kubetune_trainer.steps import autocast_for, configure_backends
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.stream import (
-    Readable,
     ReadableBatches,
     StreamEval,
     StreamOrder,
     StreamSetup,
     loader_lag,
+    stream_datasets,
     stream_setup,
     streams,
 )
@@ -379,7 +379,7 @@ def make_loaders(worker: Worker) -> Loaders:
     make_order: Callable[..., EpochOrder] = EpochOrder
     if streams(worker.config, task.images, worker.plan.weights.size):
         setup = stream_setup_for(worker)
-        train_set, val_set = (Readable(d) for d in task.datasets(setup.train.fetcher.folder, worker.plan.data_config))
+        train_set, val_set = stream_datasets(setup, task.datasets(setup.train.fetcher.folder, worker.plan.data_config))
         make_order = partial(StreamOrder, window=setup.train, shuffle=setup.shuffle)
         eval_batches = StreamEval(setup.validation, training.batch_size, worker.rank, worker.world)
         collate = ReadableBatches(task.collate)

@@ -29,7 +29,7 @@ import os
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ MAX_HEADER_BYTES = 1024 * 1024
 # The images of one part's shards together: stream mode's scale (docs/trainer.md: sets of 1-50 M images).
 MAX_PART_IMAGES = 50_000_000
 SHARD_THREADS = 8
+READ_CHUNK = 1024 * 1024  # bytes of a shard read at once when its members are read by offset
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSIONS = ("cls", "json")
 _LONG_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE)
@@ -95,6 +96,7 @@ class ShardSample:
     size: int
     label: bytes | None = None
     label_kind: str = ""  # "cls" or "json"
+    offset: int = -1  # where the image member's bytes start in the shard
 
     def label_text(self, where: str) -> str:
         try:
@@ -182,7 +184,7 @@ def scan_shard(store: S3Store, shard: ObjectInfo, bucket: str, budget: PartBudge
                 scan.refused[info.name] = why
             elif key not in scan.samples:
                 budget.take(uri, images=1)
-                scan.samples[key] = ShardSample(member_name(info), info.size)
+                scan.samples[key] = ShardSample(member_name(info), info.size, offset=info.offset_data)
             else:
                 scan.ignored += 1  # a second image of the sample: the first one is its image
             continue
@@ -239,6 +241,47 @@ def extract_members(store: S3Store, uri: S3Uri, size: int, wanted: Mapping[str, 
         if reader is None or name not in wanted or wanted[name][0] != info.size or info.size > limit:
             continue
         write_atomically(wanted[name][1], reader.read)
+
+
+def read_members(
+    store: S3Store, uri: S3Uri, size: int, etag: str, members: Sequence[tuple[int, int]]
+) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of each member at (offset, size) in the shard, as the driver's index found them
+    (`ShardSample.offset`): one streamed read of the shard, no tar header parsed again, so no member name
+    is read at all. Only while the shard still has the ETag it was indexed with (StorageError otherwise:
+    the offsets would be another tar's); a member the shard ends before is left out."""
+    if size > MAX_SHARD_BYTES:
+        raise DataError(f"{uri} is {size:,} bytes, more than the {MAX_SHARD_BYTES:,} a shard may have")
+    with store.open_body(uri, etag) as body:
+        yield from byte_ranges(BoundedBody(body, uri, size).read, sorted(members))
+
+
+def byte_ranges(read: Callable[[int], bytes], ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    """(start, bytes) of each (start, length) of `ranges` (sorted, not overlapping) from a stream read once
+    by `read(n)`, in READ_CHUNK reads (a range's bytes and at most one chunk held at a time); stops where
+    the stream ends."""
+    buffer, base, passed = b"", 0, 0  # the stream's bytes from offset `base` on; the end of the last range
+    for start, length in ranges:
+        end = start + length
+        if start < passed:
+            continue  # overlapping a range before it: not a tar's members
+        passed = end
+        if base + len(buffer) < end:
+            if base + len(buffer) <= start:  # nothing read so far is needed: skip to the range
+                base, buffer = base + len(buffer), b""
+                while base < start:
+                    skipped = len(read(min(READ_CHUNK, start - base)))
+                    if not skipped:
+                        return
+                    base += skipped
+            else:
+                buffer, base = buffer[start - base :], start
+            while base + len(buffer) < end:
+                chunk = read(max(READ_CHUNK, end - base - len(buffer)))
+                if not chunk:
+                    return
+                buffer += chunk
+        yield start, buffer[start - base : end - base]
 
 
 def write_atomically(path: Path, read: Callable[[int], bytes]) -> None:

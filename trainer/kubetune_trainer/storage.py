@@ -160,6 +160,8 @@ class S3Store:
             return StorageError(f"no such object: {uri}{where}")
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return StorageError(f"access denied to {uri}{where}: check the credentials and the bucket policy")
+        if code in ("PreconditionFailed", "412"):
+            return StorageError(f"{uri} changed since the run listed it{where}: start the run again to list it anew")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
             return StorageError(f"S3 rejected the credentials ({code}) for {uri}{where}")
         return StorageError(f"S3 error {code or 'unknown'}{where} while trying to {action} {uri}: {error}")
@@ -284,10 +286,12 @@ class S3Store:
             raise self._storage_error(error, uri, "read") from None
 
     @contextmanager
-    def open_body(self, uri: S3Uri) -> Iterator[Any]:
-        """The object's body as a stream (`read(n)`), for one pass over a big object (a tar shard)."""
+    def open_body(self, uri: S3Uri, etag: str = "") -> Iterator[Any]:
+        """The object's body as a stream (`read(n)`), for one pass over a big object (a tar shard); with
+        `etag`, only if the object still has it (else StorageError: it changed since it was listed)."""
         try:
-            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            extra = {"IfMatch": etag} if etag else {}
+            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key, **extra)
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, uri, "read") from None
         body = response["Body"]

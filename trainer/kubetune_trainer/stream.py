@@ -23,14 +23,21 @@ Here the order stays the loaders' own, only arranged so that it can be streamed:
   pass of either window (training or validation: one budget) begins. The peak is computed before the epoch
   starts: a sizeLimit too small for two windows fails the run naming it, never fills the disk.
 
-A worker fetches only its own samples of a group (`shards.extract_members` from one streamed read of the
-shard; loose images by GET), into its own folder; decoding happens in the loader processes. An image that
-does not decode, or is missing from its shard, is left out of its batch and counted (`Readable`).
+- **The files** (`Fetcher`, `GroupImages`): a worker writes only its own samples of a group, one after
+  another, into one file per group (named by the group's number, never by a remote name) and records in
+  shared memory where each starts; the loader processes read the bytes from there and decode them. A
+  shard's members come from one streamed GET of the shard, read at the offsets the driver's index found
+  (`shards.read_members`, If-Match the indexed ETag): no tar header parsed again, no file per image (a
+  file per image, written and renamed, cost ~2 ms an image: bench/findings.md, "Streaming"). Loose images
+  come by GET. An image that does not decode, is missing from its shard or is not its indexed size is
+  left out of its batch and counted (`Readable`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,11 +52,10 @@ from torch.utils.data import Dataset, Sampler, default_collate
 
 from kubetune_trainer.cache import cache_root, digest
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.data import MAX_IMAGE_BYTES, DatasetIndex, Sample
+from kubetune_trainer.data import MAX_IMAGE_BYTES, DatasetIndex, Sample, open_image
 from kubetune_trainer.errors import DataError
 from kubetune_trainer.loaders import EpochOrder
-from kubetune_trainer.localpaths import local_path
-from kubetune_trainer.shards import extract_members
+from kubetune_trainer.shards import read_members
 from kubetune_trainer.storage import S3Store, S3Uri
 
 log = logging.getLogger(__name__)
@@ -188,35 +194,85 @@ def peak_bytes(plan: Sequence[GroupUse], lag: int) -> int:
     return peak
 
 
+def group_file(folder: Path, part: str, group: int) -> Path:
+    """The one file that holds a group's images of this worker (`part`: train or validation): named by
+    numbers, never by a remote name."""
+    return folder / f"{part}-{group}.bin"
+
+
 class Fetcher:
-    """Writes a group's images of this worker into its folder, and deletes them."""
+    """Writes a group's images of this worker, one after another, into the group's one file, and records
+    where each starts in `located` (-1: not on disk), which the loader processes share (`GroupImages`);
+    deletes the file."""
 
-    def __init__(self, store: S3Store, index: DatasetIndex, samples: Sequence[Sample], folder: Path) -> None:
-        self.store, self.index, self.samples, self.folder = store, index, samples, folder
+    def __init__(self, store: S3Store, index: DatasetIndex, samples: Sequence[Sample], folder: Path, part: str) -> None:
+        self.store, self.index, self.samples, self.folder, self.part = store, index, samples, folder, part
         self.objects = ThreadPoolExecutor(max_workers=OBJECT_THREADS, thread_name_prefix="stream-objects")
-
-    def path(self, sample: Sample) -> Path:
-        return local_path(self.folder, sample.key, f"s3://{self.index.bucket}/{sample.key}")
+        # In shared memory, made before the loader processes start: they see each new value.
+        self.located = torch.full((len(samples),), -1, dtype=torch.int64).share_memory_()
 
     def fetch(self, use: GroupUse) -> None:
-        wanted = [self.samples[i] for i in use.members if self.samples[i].size <= MAX_IMAGE_BYTES]
+        wanted = [i for i in use.members if self.samples[i].size <= MAX_IMAGE_BYTES]
         if not wanted:
             return
-        source = wanted[0].source
-        if source:
-            members = {s.key[len(source) + 1 :]: (s.size, self.path(s)) for s in wanted}
-            uri = S3Uri(self.index.bucket, source)
-            extract_members(self.store, uri, self.index.shards[source], members, MAX_IMAGE_BYTES)
-            return
+        pieces = self.shard_members(wanted) if self.samples[wanted[0]].source else self.objects_of(wanted)
+        found, starts, at = [], [], 0
+        with open(group_file(self.folder, self.part, use.group), "wb") as out:
+            for i, data in pieces:
+                if len(data) == self.samples[i].size:  # else missing: counted unreadable when its batch comes
+                    out.write(data)
+                    found.append(i)
+                    starts.append(at)
+                    at += len(data)
+        if found:  # only once the file is whole: no batch reads it before `fetch` returns
+            self.located[found] = torch.tensor(starts, dtype=torch.int64)
 
-        def download(sample: Sample) -> None:
-            self.store.download_file(S3Uri(self.index.bucket, sample.key), self.path(sample), size=sample.size)
+    def shard_members(self, wanted: Sequence[int]) -> Iterator[tuple[int, bytes]]:
+        """The members of one shard at the offsets the index found them (`shards.read_members`)."""
+        first = self.samples[wanted[0]]
+        at_offset = {self.samples[i].offset: i for i in wanted}
+        members = [(self.samples[i].offset, self.samples[i].size) for i in wanted]
+        uri = S3Uri(self.index.bucket, first.source)
+        for offset, data in read_members(self.store, uri, self.index.shards[first.source], first.etag, members):
+            yield at_offset[offset], data
 
-        list(self.objects.map(download, wanted))
+    def objects_of(self, wanted: Sequence[int]) -> Iterator[tuple[int, bytes]]:
+        """Loose images (a virtual group's), OBJECT_THREADS GETs at a time; one grown since its listing fails."""
+
+        def get(i: int) -> tuple[int, bytes]:
+            sample = self.samples[i]
+            return i, self.store.get_bytes(S3Uri(self.index.bucket, sample.key), max_bytes=sample.size)
+
+        return self.objects.map(get, wanted)
 
     def drop(self, use: GroupUse) -> None:
-        for i in use.members:
-            self.path(self.samples[i]).unlink(missing_ok=True)
+        self.located[use.members] = -1
+        group_file(self.folder, self.part, use.group).unlink(missing_ok=True)
+
+
+class GroupImages(Dataset[tuple[torch.Tensor, int]]):
+    """`files`'s images (an `data.ImageFiles`: labels and transform) read from a window's group files: the
+    image's bytes at the place `Fetcher.located` records, decoded in the loader process. An image not on
+    disk (missing from its shard, or a size other than the indexed one) is an OSError (`Readable`)."""
+
+    def __init__(self, window: Window, files: Any) -> None:
+        fetcher: Fetcher = window.fetcher
+        self.folder, self.part, self.located = fetcher.folder, fetcher.part, fetcher.located
+        self.groups, self.sizes = list(window.groups), [s.size for s in fetcher.samples]
+        self.labels, self.transform = files.labels, files.transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        start = int(self.located[i])
+        if start < 0:
+            raise FileNotFoundError(f"image {i} is not on disk: missing from its shard, or not its indexed size")
+        with open(group_file(self.folder, self.part, self.groups[i]), "rb") as file:
+            data = os.pread(file.fileno(), self.sizes[i], start)
+        with open_image(io.BytesIO(data)) as image:
+            rgb = image.convert("RGB")
+        return self.transform(rgb), self.labels[i]
 
 
 class Window:
@@ -392,7 +448,13 @@ def stream_setup(
     train_groups = sample_groups(index.train, limit)
     val_groups = sample_groups(index.validation, limit)
     shuffle = shuffle_window(group_bytes(index.train, train_groups), limit)
-    train = Window(Fetcher(store, index, index.train, folder), train_groups, budget, lag)
-    validation = Window(Fetcher(store, index, index.validation, folder), val_groups, budget, lag)
+    train = Window(Fetcher(store, index, index.train, folder, "train"), train_groups, budget, lag)
+    validation = Window(Fetcher(store, index, index.validation, folder, "validation"), val_groups, budget, lag)
     train.peers = validation.peers = [train, validation]  # one budget: never both on disk at once
     return StreamSetup(train, validation, shuffle)
+
+
+def stream_datasets(setup: StreamSetup, files: tuple[Any, Any]) -> tuple[Readable, Readable]:
+    """The task's training and validation datasets (`data.ImageFiles`) read from the windows' group files
+    instead of the node cache, an unreadable image as None."""
+    return Readable(GroupImages(setup.train, files[0])), Readable(GroupImages(setup.validation, files[1]))
