@@ -38,10 +38,6 @@ S3_OUTAGE_SECONDS = 3.0
 # How long the failing job's Ray head stays (runPolicy.keepFailedFor): long enough to look at on a busy
 # machine, short enough to see it go.
 KEEP_FAILED_FOR_SECONDS = 20
-# Epochs of the first wave (steady, suspend, kills, which run at once): each trouble lands right after the
-# epoch it waits for is committed (within a second or two; an epoch takes several), so six leave a
-# resumed run epochs to go; ten only made the wave, the longest part of the busy world, longer.
-LONG_EPOCHS = 6
 
 
 def _finish(world: World, name: str, facts: dict[str, Any], epochs: int) -> None:
@@ -56,7 +52,7 @@ def _finish(world: World, name: str, facts: dict[str, Any], epochs: int) -> None
 
 def steady(world: World, facts: dict[str, Any]) -> None:
     """A healthy job; once its progress shows, the operator is SIGKILLed and started again 3 s later."""
-    name, epochs = "steady", LONG_EPOCHS
+    name, epochs = "steady", 10
     with world.training_slot(), ProgressSampler(world, name) as sampler:
         world.submit(world.manifest(name, epochs=epochs))
         job = world.wait_job(name, lambda j: progress_of(j).get("epoch", 0) >= 1, "progress in status")
@@ -72,7 +68,7 @@ def kills(world: World, facts: dict[str, Any]) -> None:
     """Once Ray Train has committed a checkpoint, SIGKILL the job's Ray Train worker (mid-epoch: it went
     on to the next epoch as soon as it had reported the checkpoint); once the run has resumed and
     committed another, SIGKILL its driver (KubeRay retries the run: backoffLimit 1)."""
-    name, epochs = "kills", LONG_EPOCHS
+    name, epochs = "kills", 10
     with world.training_slot(), ProgressSampler(world, name) as sampler:
         world.submit(world.manifest(name, epochs=epochs, run_policy={"backoffLimit": 1}))
         world.wait_job(name, lambda _: world.committed_epoch(name) >= 1, "a committed checkpoint")
@@ -179,7 +175,7 @@ def s3_trouble(world: World, facts: dict[str, Any]) -> None:
 
 def suspend(world: World, facts: dict[str, Any]) -> None:
     """Suspend once a checkpoint exists; once Suspended (Ray cluster gone), resume."""
-    name, epochs = "suspend", LONG_EPOCHS
+    name, epochs = "suspend", 10
     with world.training_slot(), ProgressSampler(world, name) as sampler:
         world.submit(world.manifest(name, epochs=epochs))
         world.wait_job(name, lambda _: world.committed_epoch(name) >= 1, "a committed checkpoint")
