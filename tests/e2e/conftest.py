@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,14 +11,9 @@ from typing import Any
 import pytest
 
 from kubetune_dev.devcluster.cluster import DevCluster
-from tests.support.paths import REPO
+from tests.support.paths import find_kubectl
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def find_kubectl() -> str | None:
-    local = REPO / ".tools" / "bin" / "kubectl"
-    return str(local) if local.exists() else shutil.which("kubectl")
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,16 @@
 - The live table moves while the job runs, the final row carries the last epoch's figures, and
   `status.progress` and the operator's /metrics show the job's progress while it runs (issue #13: a token
   path relative to the demo's folder kept every update from the operator, and nothing noticed).
+- The same run is the end-to-end test of the whole path (operator -> RayJob -> KubeRay stand-in -> Ray
+  Train -> S3, and back into status): while it runs, a real kubectl with the printed kubeconfig sees the
+  job, and its Ray cluster runs with token auth behind the job's NetworkPolicy (both owned by the job, so
+  deleting it takes them along); at the end, the demo printed where the model, the curves and the report
+  are, and history.json has one entry per epoch. One full run serves all of it: each costs minutes.
 - Ctrl-C (SIGINT to the demo's process group, as a terminal sends it) or SIGTERM mid-job stops the demo,
   which says what it stopped and leaves no process behind: every process the demo started carries a marker
   in its environment (children inherit it, re-parented or not), and none may be left.
 
-Slow: each runs the real demo (about 1.5 minutes to the end, under a minute to the first Running row).
+Slow: each runs the real demo (about 1.5 minutes to the end, under half a minute to the first Running row).
 """
 
 from __future__ import annotations
@@ -32,11 +37,18 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.paths import REPO
+from tests.support.paths import REPO, find_kubectl
 
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 JOB = "digits-demo"
 JOB_URL = f"/apis/kubetune.dev/v1alpha1/namespaces/default/finetunejobs/{JOB}"
+RAYJOB_URL = f"/apis/ray.io/v1/namespaces/default/rayjobs/{JOB}"
+# What the operator creates beside the RayJob to guard its Ray cluster, each owned by the job.
+GUARD_URLS = (
+    f"/api/v1/namespaces/default/secrets/{JOB}-ray-token",
+    f"/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/{JOB}-ray",
+)
+EPOCHS = 4  # examples/demo-finetunejob.yaml
 MARK = "KUBETUNE_DEMO_TEST_MARK"
 ROW = re.compile(r"^digits-demo\s+(\w+)\s+\[[#-]+\]\s+([\d.]+)%\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
 
@@ -167,6 +179,43 @@ def job_epoch_series(metrics_url: str) -> list[float]:
     ]
 
 
+def check_while_running(api: str, kubeconfig: Path, job: dict[str, Any]) -> None:
+    """What a user can look at while the demo's job runs: kubectl, and the guarded Ray cluster."""
+    kubectl = find_kubectl()
+    if kubectl is not None:  # `make test` has it in .tools/; test_kubectl.py covers the client itself
+        got = subprocess.run(
+            [kubectl, f"--kubeconfig={kubeconfig}", "get", "ftj", JOB], capture_output=True, text=True, timeout=30
+        )
+        assert got.returncode == 0 and JOB in got.stdout, got.stderr
+    # The run's Ray cluster runs with token auth (the stand-in's head and the driver with the Secret's
+    # token), behind the job's NetworkPolicy; both go with the job (owned by it).
+    rayjob = get_json(api + RAYJOB_URL)
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": f"{JOB}-ray-token"}
+    for url in GUARD_URLS:
+        owners = get_json(api + url)["metadata"]["ownerReferences"]
+        assert owners[0]["uid"] == job["metadata"]["uid"], (url, owners)
+
+
+def check_printed_results(output: str, lines: list[str]) -> None:
+    """The end of the demo: where the metrics were (printed early), the model, curves and report are."""
+    metrics_line = next(i for i, line in enumerate(lines) if line.startswith("metrics: "))
+    applied_line = next(i for i, line in enumerate(lines) if line.startswith("applied "))
+    assert metrics_line < applied_line  # printed before the job starts
+    assert re.search(r"^model: s3://\S+", output, re.M), output
+    accuracy = re.search(r"^validation accuracy: ([0-9.]+)", output, re.M)
+    assert accuracy and float(accuracy[1]) > 0.8, output
+    curves = re.search(r"^training curves: (.+)$", output, re.M)
+    assert curves and Path(curves[1]).read_bytes().startswith(b"\x89PNG"), output
+    # The demo's job has no test set: its report judges the validation images, and says so.
+    report = re.search(r"^evaluation report: (.+)$", output, re.M)
+    assert report, output
+    page = Path(report[1]).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Results on the validation set" in page
+    # history.json (downloaded beside them) has exactly one entry per epoch.
+    history = json.loads((Path(report[1]).parent / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == list(range(1, EPOCHS + 1)), history
+
+
 @pytest.mark.slow
 def test_make_demo_shows_progress_in_the_table_the_status_and_the_metrics(start_demo: Any) -> None:
     demo = start_demo()  # `make demo` is exactly this: .venv/bin/kubetune demo, from the repository root
@@ -179,13 +228,18 @@ def test_make_demo_shows_progress_in_the_table_the_status_and_the_metrics(start_
     # scrape would show, about once a second.
     progress_while_running: list[dict[str, Any]] = []
     epochs_scraped: list[float] = []
+    checked_while_running = False
     while demo.proc.poll() is None:
         line = demo.next_line(timeout=1.0)
         if line is not None and line.startswith("done in"):
             break
         try:
-            status = get_json(api + JOB_URL).get("status") or {}
+            job = get_json(api + JOB_URL)
+            status = job.get("status") or {}
             epochs_scraped += job_epoch_series(metrics_url)
+            if status.get("phase") == "Running" and not checked_while_running:
+                check_while_running(api, kubeconfig, job)
+                checked_while_running = True
         except OSError:  # not created yet, or the demo is stopping
             continue
         if status.get("phase") == "Running" and status.get("progress"):
@@ -193,6 +247,7 @@ def test_make_demo_shows_progress_in_the_table_the_status_and_the_metrics(start_
     code = demo.finish()
     assert code == 0, demo.output
 
+    assert checked_while_running, f"the job was never seen Running:\n{demo.output}"
     assert progress_while_running, f"status.progress stayed empty while the job ran:\n{demo.output}"
     assert any(p.get("epoch") for p in progress_while_running), progress_while_running
     assert epochs_scraped and max(epochs_scraped) >= 1, "the operator's /metrics never showed kubetune_job_epoch"
@@ -204,8 +259,9 @@ def test_make_demo_shows_progress_in_the_table_the_status_and_the_metrics(start_
     )
     assert any(eta != "-" for *_, eta in running), demo.output
     phase, percent, epoch, loss, accuracy, _ = table[-1]
-    assert (phase, percent, epoch) == ("Succeeded", 100.0, "4/4"), demo.output
+    assert (phase, percent, epoch) == ("Succeeded", 100.0, f"{EPOCHS}/{EPOCHS}"), demo.output
     assert float(loss) > 0 and float(accuracy) > 0.8, demo.output
+    check_printed_results(demo.output, demo.lines)
     # The finished job's Ray cluster was stopped by the stand-in itself, not left to the final sweep.
     assert "stray" not in demo.output, demo.output
     assert not marked_processes(demo.mark), describe(marked_processes(demo.mark))

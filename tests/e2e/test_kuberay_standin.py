@@ -310,37 +310,6 @@ def test_deleting_the_owner_garbage_collects_the_rayjob(cluster: DevCluster) -> 
     cluster.wait_for(*RAYJOB, NS, "owned", lambda o: o is None, timeout=30)
 
 
-@pytest.mark.slow
-def test_the_entrypoint_runs_on_a_ray_cluster_of_the_specs_size(tmp_path: Path) -> None:
-    check = (
-        "import ray; ray.init(); "
-        "cpus = ray.cluster_resources().get('CPU'); "
-        "assert cpus == 3, cpus; "
-        "print('ray ok', ray.get(ray.remote(lambda: 6 * 7).remote()))"
-    )
-    job = rayjob("on-ray", python(check))
-    job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"] = {"num-cpus": "1"}
-    job["spec"]["rayClusterSpec"]["workerGroupSpecs"] = [
-        {
-            "groupName": "workers",
-            "replicas": 2,
-            "rayStartParams": {"num-cpus": "1"},
-            "template": {"spec": {"containers": [{"name": "ray-worker", "image": "kubetune/trainer:dev"}]}},
-        }
-    ]
-    with DevCluster(workdir=tmp_path, s3=False) as ray_cluster:
-        ray_cluster.create(job)
-        running = wait_status(ray_cluster, "on-ray", ("Running", *TERMINAL), timeout=120)
-        ctl = ray_cluster.kuberay.controller(NS, "on-ray") if ray_cluster.kuberay else None
-        head = ctl.run.head if ctl and ctl.run else None
-        status = wait_status(ray_cluster, "on-ray", TERMINAL, timeout=120)
-        assert status["jobDeploymentStatus"] == "Complete", ray_cluster.driver_log(NS, "on-ray")
-        assert "ray ok 42" in ray_cluster.driver_log(NS, "on-ray")
-        # shutdownAfterJobFinishes: the cluster's processes are gone with its RayCluster object.
-        ray_cluster.wait_for(*RAYCLUSTER, NS, running["rayClusterName"], lambda o: o is None, timeout=30)
-        assert head is not None and head.pid is not None and not alive(head.pid)
-
-
 # -- token authentication (authOptions), as KubeRay v1.7 does it --------------------------------------------
 
 
@@ -381,32 +350,53 @@ def ray_client(address: str, env: dict[str, str]) -> subprocess.CompletedProcess
 
 
 @pytest.mark.slow
-def test_a_ray_cluster_with_token_auth_refuses_a_client_without_the_token(tmp_path: Path) -> None:
+def test_a_ray_cluster_of_the_specs_size_refuses_a_client_without_its_token(tmp_path: Path) -> None:
+    """One real Ray cluster (each costs seconds of start-up) for both: its size is the spec's (a head and two
+    worker pods of one CPU), its processes take the Secret's token and refuse clients without it, and it
+    goes with its RayCluster object when the job finishes (shutdownAfterJobFinishes)."""
     token = secrets.token_hex(32)
-    job = rayjob(
-        "guarded",
-        python(
-            "import ray, time; ray.init(); print('ray ok', ray.get(ray.remote(lambda: 6 * 7).remote()), flush=True); time.sleep(300)"
-        ),
+    finish = tmp_path / "finish"  # the entrypoint runs until the test has tried its clients
+    check = (
+        "import os, ray, time; ray.init(); "
+        "cpus = ray.cluster_resources().get('CPU'); "
+        "assert cpus == 3, cpus; "
+        "print('ray ok', ray.get(ray.remote(lambda: 6 * 7).remote()), flush=True); "
+        f"[time.sleep(0.2) for _ in range(1500) if not os.path.exists({str(finish)!r})]"
     )
+    job = rayjob("guarded", python(check))
     job["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token", "secretName": "guarded-ray-token"}
-    with DevCluster(workdir=tmp_path, s3=False) as ray_cluster:
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"] = {"num-cpus": "1"}
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"] = [
+        {
+            "groupName": "workers",
+            "replicas": 2,
+            "rayStartParams": {"num-cpus": "1"},
+            "template": {"spec": {"containers": [{"name": "ray-worker", "image": "kubetune/trainer:dev"}]}},
+        }
+    ]
+    with DevCluster(workdir=tmp_path / "cluster", s3=False) as ray_cluster:
         ray_cluster.create_secret("guarded-ray-token", {"auth_token": token})
         ray_cluster.create(job)
-        wait_status(ray_cluster, "guarded", "Running", timeout=120)
+        running = wait_status(ray_cluster, "guarded", ("Running", *TERMINAL), timeout=120)
         deadline = time.monotonic() + 120
         while "ray ok 42" not in ray_cluster.driver_log(NS, "guarded"):
             assert time.monotonic() < deadline, ray_cluster.driver_log(NS, "guarded")
             time.sleep(0.5)
         ctl = ray_cluster.kuberay.controller(NS, "guarded") if ray_cluster.kuberay else None
         assert ctl and ctl.run and ctl.run.head
+        head = ctl.run.head
         outside = {k: v for k, v in venv_path_env(os.environ).items() if not k.startswith("RAY_AUTH")}
         outside["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of this machine's to fall back on
-        refused = ray_client(ctl.run.head.address, {**outside, "RAY_AUTH_MODE": "disabled"})
+        refused = ray_client(head.address, {**outside, "RAY_AUTH_MODE": "disabled"})
         assert refused.returncode != 0 and "in 1" not in refused.stdout
-        wrong = ray_client(ctl.run.head.address, {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})
+        wrong = ray_client(head.address, {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})
         assert wrong.returncode != 0 and "in 1" not in wrong.stdout
-        admitted = ray_client(ctl.run.head.address, {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        admitted = ray_client(head.address, {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
         assert admitted.returncode == 0 and "in 1" in admitted.stdout, admitted.stderr[-2000:]
-        ray_cluster.delete(*RAYJOB, NS, "guarded")
-        ray_cluster.wait_for(*RAYJOB, NS, "guarded", lambda o: o is None, timeout=60)
+
+        finish.touch()
+        status = wait_status(ray_cluster, "guarded", TERMINAL, timeout=120)
+        assert status["jobDeploymentStatus"] == "Complete", ray_cluster.driver_log(NS, "guarded")
+        # shutdownAfterJobFinishes: the cluster's processes are gone with its RayCluster object.
+        ray_cluster.wait_for(*RAYCLUSTER, NS, running["rayClusterName"], lambda o: o is None, timeout=30)
+        assert head.pid is not None and not alive(head.pid)

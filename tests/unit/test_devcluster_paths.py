@@ -1,4 +1,5 @@
-"""The dev cluster hands processes absolute paths only, whatever the working directory (issue #13).
+"""The dev cluster hands processes absolute paths only, whatever the working directory (issue #13):
+kubeconfig, logs, materialised volumes, the KubeRay stand-in's folders, the demo's weight cache.
 
 A driver runs in a folder of its own: a kubeconfig, log or mounted volume named relative to the demo's
 working directory points nowhere there (the token of `make demo`'s trainer did, so no progress arrived).
@@ -13,6 +14,7 @@ import pytest
 from kubetune_dev.devcluster.cluster import DevCluster
 from kubetune_dev.devcluster.kuberay import KubeRayStandIn
 from kubetune_dev.devcluster.pods import Sandbox
+from kubetune_dev.devcluster.seed import DEFAULT_CACHE, base_weights
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +40,11 @@ def test_mount_paths_are_rewritten_to_absolute_folders(tmp_path: Path) -> None:
 def test_the_kuberay_stand_in_runs_jobs_under_an_absolute_folder(tmp_path: Path) -> None:
     standin = KubeRayStandIn("http://127.0.0.1:1", Path("rayjobs"))
     assert standin.workdir == tmp_path / "rayjobs"
+
+
+def test_the_demos_cached_base_weights_have_an_absolute_path(tmp_path: Path) -> None:
+    # The checkpoint the demo uploads is read from the cache by path; cached already, it is not retrained.
+    cached = tmp_path / DEFAULT_CACHE / "test_resnet-digits-0-4-32px.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert base_weights("test_resnet", 32) == cached
