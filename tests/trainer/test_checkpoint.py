@@ -5,10 +5,18 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from kubetune_trainer.checkpoint import check_identity, restore_checkpoint, take_snapshot, write_checkpoint
+from kubetune_trainer.checkpoint import (
+    check_identity,
+    restore_checkpoint,
+    rng_state,
+    set_rng_state,
+    take_snapshot,
+    write_checkpoint,
+)
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.model import apply_strategy, create_model, param_groups
 
@@ -109,3 +117,17 @@ def test_checkpoints_staged_by_a_killed_worker_are_removed_when_a_worker_starts(
 
     assert removed == left and not left[0].exists()
     assert mine.exists(), "a running process's checkpoint in staging is not touched"
+
+
+def test_a_resumed_run_draws_the_same_random_numbers_from_python_numpy_and_torch(tmp_path: Path) -> None:
+    """The generators a checkpoint saves (numpy's draws timm's Mixup) come back exactly, through the file."""
+
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.random()), float(torch.rand(1))
+
+    saved = tmp_path / "rng.pt"
+    torch.save(rng_state(), saved)
+    expected = draws()
+    draws()
+    set_rng_state(torch.load(saved, map_location="cpu", weights_only=True))
+    assert draws() == expected
