@@ -83,6 +83,7 @@ ANNOTATIONS_PATTERN = rf"^s3://{S3_BUCKET}(/{S3_SEGMENT})*/[^\s/]+\.json$"
 # No user:password@ in the authority: credentials belong in the Secret, never in a spec anyone may read.
 ENDPOINT_PATTERN = r"^https?://[^\s/@]+(/[^\s]*)?$"
 REGION_PATTERN = r"^[a-z0-9\-]{2,32}$"
+DEFAULT_REGION = "us-east-1"  # S3's own default: what boto3 signs for when no region is given
 # A Kubernetes object name (DNS-1123 subdomain), e.g. of a Secret.
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
@@ -1088,7 +1089,7 @@ class StorageSpec(SpecSection):
         description="S3-compatible endpoint URL (http:// or https://); AWS S3 when omitted.",
     )
     region: str = Field(
-        default="us-east-1",
+        default=DEFAULT_REGION,
         pattern=REGION_PATTERN,
         description="S3 region (S3-compatible stores mostly accept any).",
     )

@@ -26,7 +26,7 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from kubetune_trainer.config import MAX_SHARDS, StorageSpec, prefixes_overlap
+from kubetune_trainer.config import DEFAULT_REGION, MAX_SHARDS, StorageSpec, prefixes_overlap
 from kubetune_trainer.errors import DataError, TrainerError
 from kubetune_trainer.pack_sources import (
     Folder,
@@ -155,7 +155,7 @@ def open_store(options: PackOptions) -> S3Store | None:
     named = [options.src, options.dest, options.validation, options.annotations, options.validation_annotations]
     if not any(value and value.startswith("s3://") for value in named):
         return None
-    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
     try:
         storage = StorageSpec(endpoint=resolve_endpoint(None, options.s3_endpoint), region=region)
     except ValidationError as error:
