@@ -31,6 +31,7 @@ from kubetune_trainer.callbacks import CALLBACKS_ENV, STEP_CALLBACKS_ENV
 from tests.support.paths import REPO
 
 FAIL_AFTER_EPOCH = 1
+COMMIT_GRACE_SECONDS = 3
 
 
 class InjectedFaultError(RuntimeError):
@@ -40,6 +41,11 @@ class InjectedFaultError(RuntimeError):
 def fail_once_after_first_epoch(worker: Any, state: Any) -> None:
     """An epoch callback (`loop.Worker`, `loop.TrainState`)."""
     if worker.rank == 0 and state.epoch == FAIL_AFTER_EPOCH and state.resumed_from is None:
+        # After epoch 1's checkpoint: it uploads in the background (CheckpointUploadMode.ASYNC), so wait until
+        # it has arrived and give Ray Train a moment to commit it; a failure before that would restart from
+        # scratch, and this attempt-keyed fault would fire again in every attempt.
+        worker.uploads.wait()
+        time.sleep(COMMIT_GRACE_SECONDS)
         raise InjectedFaultError(f"injected worker failure after epoch {state.epoch}")
 
 
