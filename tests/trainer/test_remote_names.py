@@ -144,6 +144,30 @@ def test_a_refused_key_counts_towards_the_unreadable_limit_and_is_named(world: D
         assert f"s3://{DATA_BUCKET}/{key} (refused: the key has" in str(error.value)
 
 
+def test_a_key_that_is_also_the_folder_of_another_is_refused_and_counted(world: DigitsWorld, tmp_path: Path) -> None:
+    # S3 holds x/a.png and x/a.png/b.png side by side; a disk cannot: the first is refused, named and
+    # counted like an unreadable image, never an OS error (NotADirectoryError, IsADirectoryError).
+    prefix = f"s3://{DATA_BUCKET}/clash/train"
+    world.upload_folder(prefix, per_class=10)
+    png = digit_png(world.digits(range(5, 6))[0][0])
+    clash = {"clash/train/5/a.png": png, "clash/train/5/a.png/b.png": png, "clash/train/6/c.png/d/e.png": png}
+    clash["clash/train/6/c.png"] = png
+    world.put_many({f"s3://{DATA_BUCKET}/{key}": body for key, body in clash.items()})
+    store = S3Store(world.endpoint, REGION)
+    index = build_index(store, DataSpec(train=prefix), None, seed=0)
+    folder, corrupt = prepare_images(store, index, root=tmp_path / "cache")
+
+    assert corrupt == dict.fromkeys(["clash/train/5/a.png", "clash/train/6/c.png"], data.FOLDER_CLASH)
+    assert (folder / "clash/train/5/a.png/b.png").is_file() and (folder / "clash/train/6/c.png/d/e.png").is_file()
+    with pytest.raises(DataError, match=r"2 of 54 images \(3.7%\) are corrupt or unreadable") as error:
+        check_corrupt(index, corrupt)
+    assert f"s3://{DATA_BUCKET}/clash/train/5/a.png (refused: the key is also the folder of another" in str(error.value)
+    # The other images are cached and read as usual.
+    preprocessing = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
+    train, validation = datasets(folder, index.without_corrupt(corrupt), preprocessing, "none")
+    assert len(train) + len(validation) == 52 and all(image is not None for image, _ in train)
+
+
 def test_an_index_that_names_an_unsafe_key_never_writes_it(world: DigitsWorld, tmp_path: Path) -> None:
     # An index made elsewhere (it crosses Ray as plain data): the node cache refuses the key itself.
     world.put(f"s3://{DATA_BUCKET}/elsewhere/a/../../x.png", b"x")

@@ -9,7 +9,9 @@ fails the run. Training reads local files through a plain torch DataLoader.
 Whoever can write to the bucket chooses the keys and the bytes, so both are bounded: a key that would
 leave the cache folder (`localpaths`) is refused at listing and counted like an unreadable image, as is
 an image over MAX_IMAGE_BYTES (never downloaded), over MAX_IMAGE_PIXELS (never decoded) or in another
-format than IMAGE_FORMATS (PIL would otherwise open whatever it recognises, EPS or PSD included).
+format than IMAGE_FORMATS (PIL would otherwise open whatever it recognises, EPS or PSD included). A
+key that is also the folder of another (`x/a.png` beside `x/a.png/b.png`: S3 allows both, a disk does
+not) is refused when the images are cached (`cache_refusals`), counted the same way.
 
 Why a node cache rather than Ray Data streaming from S3: fine-tuning sets are small enough to fit a
 node's disk, are read once per epoch for several epochs, and a map-style dataset keeps the
@@ -19,6 +21,7 @@ node instead of once per epoch, and later epochs read at local-disk speed.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -176,6 +179,10 @@ def refusal(key: str) -> str | None:
     """Why an image key cannot be cached (counted like an unreadable image), or None."""
     reason = unsafe_reason(key)
     return f"refused: the key {reason}" if reason else None
+
+
+# Why an image key another key lies below is refused (`folder_clashes`): S3 allows both, a folder does not.
+FOLDER_CLASH = "refused: the key is also the folder of another image's key"
 
 
 def list_image_folder(store: S3Store, prefix: S3Uri) -> Listing:
@@ -390,29 +397,57 @@ def prepare_images(store: S3Store, index: DatasetIndex, root: Path | None = None
     with node_lock(folder):
         checked: dict[str, str | None] = json.loads(checked_file.read_text()) if checked_file.is_file() else {}
         todo = [s for s in index.samples if _needs_check(folder, index.bucket, s, checked)]
-        unpack_shards(store, index, folder, [s for s in todo if s.source and refusal(s.key) is None])
-
-        def ensure(sample: Sample) -> tuple[str, str | None]:
-            why = refusal(sample.key)
-            if why is not None:
-                return sample.key, why
-            if sample.size > MAX_IMAGE_BYTES:
-                return sample.key, f"refused: {sample.size:,} bytes, more than the {MAX_IMAGE_BYTES:,} allowed"
-            path = local_path(folder, sample.key, f"s3://{index.bucket}/{sample.key}")
-            if not (path.is_file() and path.stat().st_size == sample.size):
-                if sample.source:  # unpack_shards wrote every member it found whole
-                    return sample.key, f"missing: not found whole in s3://{index.bucket}/{sample.source}"
-                store.download_file(S3Uri(index.bucket, sample.key), path, size=sample.size)
-            return sample.key, verify_image(path)
-
         if todo:
-            with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="images") as pool:
-                checked.update(pool.map(ensure, todo))
+            checked.update(cache_samples(store, index, folder, todo, cache_refusals(index.samples)))
             tmp = checked_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(checked))
             os.replace(tmp, checked_file)
     corrupt = {**index.corrupt, **{s.key: reason for s in index.samples if (reason := checked.get(s.key))}}
     return folder, corrupt
+
+
+def folder_clashes(keys: Iterable[str]) -> set[str]:
+    """The keys another key lies below (`x/a.png` beside `x/a.png/b.png`): in one folder such a key would
+    have to be a file and a folder at once."""
+    ordered = sorted(set(keys))
+    clashes = set()
+    for key in ordered:
+        at = bisect.bisect_left(ordered, key + "/")  # the keys below `key`, if any, sort from here on
+        if at < len(ordered) and ordered[at].startswith(key + "/"):
+            clashes.add(key)
+    return clashes
+
+
+def cache_refusals(samples: Sequence[Sample]) -> dict[str, str]:
+    """Why each image of `samples` cannot be a file of one cache folder (key → why): its key would leave
+    the folder (`refusal`), or it is the folder of another image's key (`FOLDER_CLASH`)."""
+    refused = {s.key: why for s in samples if (why := refusal(s.key))}
+    clashes = folder_clashes(s.key for s in samples if s.key not in refused)
+    return refused | dict.fromkeys(sorted(clashes), FOLDER_CLASH)
+
+
+def cache_samples(
+    store: S3Store, index: DatasetIndex, folder: Path, samples: Sequence[Sample], refused: Mapping[str, str]
+) -> dict[str, str | None]:
+    """`samples` of `index` written into `folder` (`local_path` of each key) and decode-checked: key →
+    why it is unreadable, or None. `refused` (`cache_refusals` of every image the folder may hold) are
+    never written."""
+    unpack_shards(store, index, folder, [s for s in samples if s.source and s.key not in refused])
+
+    def ensure(sample: Sample) -> tuple[str, str | None]:
+        if sample.key in refused:
+            return sample.key, refused[sample.key]
+        if sample.size > MAX_IMAGE_BYTES:
+            return sample.key, f"refused: {sample.size:,} bytes, more than the {MAX_IMAGE_BYTES:,} allowed"
+        path = local_path(folder, sample.key, f"s3://{index.bucket}/{sample.key}")
+        if not (path.is_file() and path.stat().st_size == sample.size):
+            if sample.source:  # unpack_shards wrote every member it found whole
+                return sample.key, f"missing: not found whole in s3://{index.bucket}/{sample.source}"
+            store.download_file(S3Uri(index.bucket, sample.key), path, size=sample.size)
+        return sample.key, verify_image(path)
+
+    with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="images") as pool:
+        return dict(pool.map(ensure, samples))
 
 
 def unpack_shards(store: S3Store, index: DatasetIndex, folder: Path, samples: Sequence[Sample]) -> None:
