@@ -93,7 +93,8 @@ def cache_line(config: TrainerConfig, index: DatasetIndex, weights_bytes: int) -
 
 
 def judged_images(index: DatasetIndex) -> DatasetIndex:
-    """What the judgement after training caches when the run streams: its validation and test images only."""
+    """What the judgement after training reads when the run streams: its validation and test images only
+    (`evaluation.paged`)."""
     return DatasetIndex(
         index.bucket,
         index.class_names,
@@ -408,9 +409,14 @@ class ReadableBatches:
 # -- a worker's setup ---------------------------------------------------------------------------------
 
 
+def stream_root(store: S3Store, index: DatasetIndex) -> Path:
+    """The node cache's folder of this dataset's group files, the workers' folders below it."""
+    return cache_root() / "stream" / digest(store.endpoint, index.bucket, index.cache_key)
+
+
 def stream_folder(store: S3Store, index: DatasetIndex, rank: int) -> Path:
     """This worker's stream folder, emptied of what an earlier attempt left there."""
-    folder = cache_root() / "stream" / digest(store.endpoint, index.bucket, index.cache_key) / f"rank-{rank}"
+    folder = stream_root(store, index) / f"rank-{rank}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     return folder

@@ -24,12 +24,11 @@ import torch
 from kubetune_trainer.cache import cached_object
 from kubetune_trainer.checkpoint import MODEL_FILE, exported_file
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig
-from kubetune_trainer.data import prepare_images
 from kubetune_trainer.evaluation.judged import VALIDATION, Judged
+from kubetune_trainer.evaluation.paged import judged_sets
 from kubetune_trainer.evaluation.report import Section, cards, facts, figure, number, paragraph, render
 from kubetune_trainer.export import plot_curves
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
-from kubetune_trainer.stream import judged_images, streams
 from kubetune_trainer.tasks import Task, task_from_wire
 
 log = logging.getLogger(__name__)
@@ -162,11 +161,11 @@ def judge_node(
     store = S3Store.for_spec(config.storage)
     device = torch.device("cuda" if torch.cuda.is_available() and config.scaling.gpus_per_worker else "cpu")
     model = load_exported(config, task, store, weights, S3Uri.parse(checkpoint), device)
-    streamed = streams(config, task.images, weights.size)
-    folder, _ = prepare_images(store, judged_images(task.images) if streamed else task.images)
-    validation, judged_set, split = task.judged_sets(folder, preprocessing)
-    judged = task.judge(model, validation, judged_set, split, device)
-    with tempfile.TemporaryDirectory(prefix="kubetune-report-") as tmp:
+    with (
+        judged_sets(store, config, task, weights.size, preprocessing) as (task, validation, judged_set, split),
+        tempfile.TemporaryDirectory(prefix="kubetune-report-") as tmp,
+    ):
+        judged = task.judge(model, validation, judged_set, split, device)
         out_dir = Path(tmp)
         exports = task.export_formats(model, validation, out_dir, judged, preprocessing)
         evaluation = {"format": EVALUATION_FORMAT, "split": split, "epoch": epoch, "metrics": judged.metrics}
