@@ -316,6 +316,32 @@ def test_detection_boxes_from_a_manifest_are_cleaned_like_coco(world: DigitsWorl
     assert [s.key for s in images.train] == ["md/0.png", "md/1.png"]
 
 
+def test_a_detection_test_split_is_read_in_the_format_of_train(
+    world: DigitsWorld, store: S3Store, png: bytes, tmp_path: Path
+) -> None:
+    world.put_many({f"s3://datasets/mt/{n}.png": png for n in range(6)})
+
+    def lines(*numbers: int) -> bytes:
+        box = {"bbox": [2, 2, 8, 8], "category": "square"}
+        return "\n".join(
+            json.dumps({"uri": f"{n}.png", "width": 32, "height": 32, "annotations": [box]}) for n in numbers
+        ).encode()
+
+    for part, numbers in (("train", (0, 1, 2)), ("val", (3,)), ("test", (4, 5, 9))):  # 9.png: no such image
+        world.put(f"s3://datasets/mt/{part}.jsonl", lines(*numbers))
+    parts = {part: f"s3://datasets/mt/{part}.jsonl" for part in ("train", "validation", "test")}
+    parts["validation"] = "s3://datasets/mt/val.jsonl"
+
+    boxes, images = detection_index(store, config(world, "detection", format="manifest", **parts))
+
+    assert [s.key for s in boxes.test] == [s.key for s in images.test] == ["mt/4.png", "mt/5.png"]
+    assert (boxes.counts["test"]["boxes"], boxes.counts["test"]["imagesMissing"]) == (2, 1)
+    folder, corrupt = prepare_images(store, images, tmp_path)  # the full cache holds the test images too
+    assert not corrupt and (folder / "mt/5.png").read_bytes() == png
+    with pytest.raises(ValueError, match=r"test: with format manifest, the s3:// URI of a .csv or .jsonl file"):
+        config(world, "detection", format="manifest", **(parts | {"test": "s3://datasets/mt/test-{0..1}.tar"}))
+
+
 def test_detection_boxes_from_shards(world: DigitsWorld, store: S3Store, png: bytes, tmp_path: Path) -> None:
     def sample(n: int) -> list[tuple[str, bytes]]:
         item = {"width": 32, "height": 32, "annotations": [{"bbox": [2, 2, 10, 10], "category": n % 2}]}

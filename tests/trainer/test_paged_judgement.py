@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.data import Sample, build_index, prepare_images
+from kubetune_trainer.data import Sample, prepare_images
 from kubetune_trainer.evaluation.paged import judged_sets, page_numbers
 from kubetune_trainer.storage import S3Store
 from kubetune_trainer.stream import image_room, stream_root
@@ -27,11 +27,29 @@ PREPROCESSING = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean":
 PREPROCESSING |= {"crop_pct": 1.0}
 
 
-def run_config(world: DigitsWorld, base: str, cache: dict[str, str]) -> TrainerConfig:
+def write_dataset(world: DigitsWorld, base: str, data_format: str) -> dict[str, str]:
+    """data.train, validation and test of `data_format` under `base`, one test image that does not decode."""
+    parts = {"train": (4, 0), "val": (6, 4), "test": (8, 10)}  # images per class, after the first `skip`
+    uris = {part: world.upload_folder(f"{base}/{part}", n, skip=skip) for part, (n, skip) in parts.items()}
+    broken = f"{base}/test/7/broken.png"
+    world.put(broken, b"not an image")
+    uris["test"].append(broken)
+    if data_format == "imagefolder":
+        return {part: f"{base}/{part}" for part in parts}
+    if data_format == "manifest":
+        for part, images in uris.items():
+            rows = [f"{uri},{uri.split('/')[-2]}" for uri in images]
+            world.put(f"{base}/{part}.csv", "\n".join(rows).encode())
+        return {part: f"{base}/{part}.csv" for part in parts}
+    return {part: world.upload_shards(f"{base}/{part}-shards", n, shards=3) for part, (n, _) in parts.items()}
+
+
+def run_config(world: DigitsWorld, data_format: str, uris: dict[str, str], cache: dict[str, str]) -> TrainerConfig:
+    data = {"format": data_format, "train": uris["train"], "validation": uris["val"], "test": uris["test"]}
     return TrainerConfig.model_validate(
         {
             "model": {"architecture": "resnet18", "checkpoint": "s3://models/base/resnet18.safetensors"},
-            "data": {"train": f"{base}/train", "validation": f"{base}/val", "test": f"{base}/test", "cache": cache},
+            "data": data | {"cache": cache},
             "output": {"path": "s3://results/paged/", "formats": ["safetensors", "onnx"]},
             "storage": {"endpoint": world.endpoint, "region": REGION},
             "runName": "paged",
@@ -53,21 +71,19 @@ def verdict(config: TrainerConfig, task: ClassificationTask, store: S3Store, tmp
     return found | {"onnx": exports["onnx"]["check"], "peak": pager.peak if pager else None}
 
 
+@pytest.mark.parametrize("data_format", ["imagefolder", "manifest", "webdataset"])
 def test_stream_mode_judges_within_size_limit_with_the_full_modes_figures(
-    world: DigitsWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: DigitsWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_format: str
 ) -> None:
-    base = f"s3://{DATA_BUCKET}/paged"
-    world.upload_folder(f"{base}/train", per_class=4)
-    world.upload_folder(f"{base}/val", per_class=6, skip=4)
-    world.upload_folder(f"{base}/test", per_class=8, skip=10)
-    world.put(f"{base}/test/7/broken.png", b"not an image")
+    uris = write_dataset(world, f"s3://{DATA_BUCKET}/paged-{data_format}", data_format)
     monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
     store = S3Store(world.endpoint, REGION)
-    full_config = run_config(world, base, {"mode": "full"})
-    task = ClassificationTask(full_config, build_index(store, full_config.data, None, seed=0))
+    full_config = run_config(world, data_format, uris, {"mode": "full"})
+    task = ClassificationTask.find(full_config, store)
+    assert len(task.index.test) == (40 if data_format == "webdataset" else 41)  # the shards hold no broken image
     judged_bytes = sum(s.size for s in task.index.validation + task.index.test)
     limit_ki = max(2, judged_bytes // 4 // 1024)
-    stream_config = run_config(world, base, {"mode": "stream", "sizeLimit": f"{limit_ki}Ki"})
+    stream_config = run_config(world, data_format, uris, {"mode": "stream", "sizeLimit": f"{limit_ki}Ki"})
     room = image_room(stream_config, 0)
     assert judged_bytes > 2 * room  # the judged images cannot be cached whole
 

@@ -307,7 +307,7 @@ CEL_CASES = [
     ({"data": {"train": "s3://bkt/data/train-{0..3}"}}, "braces name shards"),
     (
         {"data": {"format": "manifest", "train": "s3://bkt/m/train.csv", "test": "s3://bkt/test/"}},
-        "test: only with format imagefolder or coco",
+        "with format manifest, train, validation and test name .csv or .jsonl files",
     ),
     ({"data": {"format": "coco"}}, "data.format must be a format of the task"),
     (

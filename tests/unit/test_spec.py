@@ -252,7 +252,11 @@ def test_data_format_names_the_allowed_values() -> None:
         ({"train": "s3://datasets/s/train-{0..3}.tar"}, "braces name shards, only with format webdataset"),
         (
             {"format": "webdataset", "train": "s3://datasets/s/train-{0..3}.tar", "test": "s3://datasets/s/test/"},
-            "test: only with format imagefolder or coco",
+            "test: with format webdataset, .tar shards",
+        ),
+        (
+            {"format": "manifest", "train": "s3://datasets/m/train.csv", "test": "s3://datasets/m/test-{0..3}.tar"},
+            "test: with format manifest, the s3:// URI of a .csv or .jsonl file",
         ),
     ],
 )
@@ -262,11 +266,17 @@ def test_data_uris_must_fit_their_format(data: dict[str, Any], expected: str) ->
     assert expected in str(caught.value)
 
 
-def test_detection_from_shards_or_a_manifest_needs_no_annotations() -> None:
+def test_detection_from_shards_or_a_manifest_needs_no_annotations_even_for_a_test_split() -> None:
     detection = {"task": "detection", "model": {"architecture": "fasterrcnn_mobilenet_v3_large_320_fpn"}}
     for data in (
         {"format": "webdataset", "train": "s3://datasets/s/train-{000000..000127}.tar"},
         {"format": "manifest", "train": "s3://datasets/m/boxes.jsonl"},
+        {
+            "format": "webdataset",
+            "train": "s3://datasets/s/train-{0..9}.tar",
+            "test": "s3://datasets/s/test-{0..1}.tar",
+        },
+        {"format": "manifest", "train": "s3://datasets/m/boxes.jsonl", "test": "s3://datasets/m/test.jsonl"},
     ):
         body = job_with(data=data, model=detection["model"])
         body["spec"]["task"] = "detection"

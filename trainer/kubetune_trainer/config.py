@@ -271,12 +271,6 @@ TEST_APART_RULE = cel(
     "test must not overlap train: test images would also be trained on",
     ".test",
 )
-# A test split is read as class folders (classification) or with data.annotations.test (detection).
-TEST_FORMATS = ("imagefolder", "coco")
-TEST_FORMAT_MESSAGE = "test: only with format imagefolder or coco (webdataset and manifest jobs have no test split yet)"
-TEST_FORMAT_RULE = cel(
-    f"!has(self.test) || !has(self.format) || self.format in {list(TEST_FORMATS)}", TEST_FORMAT_MESSAGE, ".test"
-)
 
 
 class AnnotationsSpec(SpecSection):
@@ -367,19 +361,23 @@ def _braces_cel(field: str) -> str:
     return f"({field}.contains('{{') || {field}.contains('}}'))"
 
 
+def _parts_end_cel(suffixes: tuple[str, ...]) -> str:
+    """CEL: train, and validation and test when given, end with one of `suffixes`."""
+    optional = [f"(!has(self.{part}) || {_ends_cel(f'self.{part}', suffixes)})" for part in ("validation", "test")]
+    return " && ".join([_ends_cel("self.train", suffixes), *optional])
+
+
 FORMAT_URI_RULES = [
     cel(
-        "!has(self.format) || (self.format == 'manifest' ? "
-        f"{_ends_cel('self.train', MANIFEST_SUFFIXES)} && "
-        f"(!has(self.validation) || {_ends_cel('self.validation', MANIFEST_SUFFIXES)}) : "
-        f"(self.format != 'webdataset' || {_ends_cel('self.train', (SHARD_SUFFIX,))} && "
-        f"(!has(self.validation) || {_ends_cel('self.validation', (SHARD_SUFFIX,))})))",
-        "with format manifest, train and validation name .csv or .jsonl files; with format webdataset, .tar shards",
+        f"!has(self.format) || (self.format == 'manifest' ? {_parts_end_cel(MANIFEST_SUFFIXES)} : "
+        f"(self.format != 'webdataset' || {_parts_end_cel((SHARD_SUFFIX,))}))",
+        "with format manifest, train, validation and test name .csv or .jsonl files; with format webdataset, "
+        ".tar shards",
         ".format",
     ),
     cel(
         f"(has(self.format) && self.format == 'webdataset') || !({_braces_cel('self.train')} || "
-        f"(has(self.validation) && {_braces_cel('self.validation')}))",
+        f"(has(self.validation) && {_braces_cel('self.validation')}) || (has(self.test) && {_braces_cel('self.test')}))",
         "braces name shards, only with format webdataset",
         ".train",
     ),
@@ -442,7 +440,7 @@ class DataSpec(SpecSection):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [VALIDATION_APART_RULE, TEST_APART_RULE, TEST_FORMAT_RULE, *FORMAT_URI_RULES]
+            "x-kubernetes-validations": [VALIDATION_APART_RULE, TEST_APART_RULE, *FORMAT_URI_RULES]
         }
     )
 
@@ -474,7 +472,8 @@ class DataSpec(SpecSection):
         description=(
             "s3:// prefix of the test images (same class folders), evaluated once with the best checkpoint after "
             "training (evaluation.json, report.html); the report uses the validation images when omitted. "
-            "Detection: the prefix of the test annotations' images; validation's (or train's) when omitted."
+            "Detection: the prefix of the test annotations' images; validation's (or train's) when omitted. "
+            "Webdataset and manifest: the test shards or file, in the format of train."
         ),
     )
     annotations: AnnotationsSpec | None = Field(
@@ -508,11 +507,9 @@ class DataSpec(SpecSection):
 
     @model_validator(mode="after")
     def _uris_fit_the_format(self) -> DataSpec:
-        _check_uri_shape(self.format, "train", self.train)
-        if self.validation is not None:
-            _check_uri_shape(self.format, "validation", self.validation)
-        if self.test is not None and self.format is not None and self.format not in TEST_FORMATS:
-            raise ValueError(f"{TEST_FORMAT_MESSAGE} (format is {self.format})")
+        for part, uri in (("train", self.train), ("validation", self.validation), ("test", self.test)):
+            if uri is not None:
+                _check_uri_shape(self.format, part, uri)
         return self
 
     @model_validator(mode="after")
@@ -1314,9 +1311,11 @@ def metric_mode(metric: str) -> Literal["min", "max"]:
 
 
 def check_test_split(task: str, data: DataSpec) -> None:
-    """Classification's test images apart from validation's; detection's test prefix only with test annotations."""
+    """Classification's test images apart from validation's; detection's test prefix (coco) only with test
+    annotations."""
     if task == "detection":
-        if data.test is not None and (data.annotations is None or data.annotations.test is None):
+        coco = data_format(task, data) == "coco"
+        if coco and data.test is not None and (data.annotations is None or data.annotations.test is None):
             raise ValueError("data.test: with task 'detection' only together with data.annotations.test")
     elif data.test is not None and data.validation is not None and prefixes_overlap(data.test, data.validation):
         raise ValueError(

@@ -74,8 +74,9 @@ def class_order(names: set[str]) -> list[str]:
 
 
 def read_part(store: S3Store, data: DataSpec, part: str, boxes: bool) -> Images:
-    """data.train or data.validation (`part`) of a webdataset or manifest, as images with labels or boxes."""
-    uri = data.train if part == "train" else str(data.validation)
+    """data.train, data.validation or data.test (`part`) of a webdataset or manifest, as images with labels
+    or boxes."""
+    uri = str({"train": data.train, "validation": data.validation, "test": data.test}[part])
     if data.format == "manifest":
         return manifest_images(store, uri, part, boxes)
     return shard_images(store, uri, part, boxes)
@@ -133,15 +134,32 @@ def shard_images(store: S3Store, pattern: str, part: str, boxes: bool) -> Images
     return out
 
 
-def same_bucket(train: Images, validation: Images) -> None:
-    if validation.bucket != train.bucket:
-        raise ConfigError(f"data.validation: must be in the bucket of data.train ({train.bucket})")
-    both = {i.key for i in train.images} & {i.key for i in validation.images}
+def same_bucket(train: Images, other: Images, part: str) -> None:
+    """data.validation or data.test (`part`) in train's bucket, and none of its images trained on."""
+    if other.bucket != train.bucket:
+        raise ConfigError(f"data.{part}: must be in the bucket of data.train ({train.bucket})")
+    both = {i.key for i in train.images} & {i.key for i in other.images}
     if both:
         raise DataError(
-            f"{len(both)} image(s) are in both data.train and data.validation, e.g. s3://{train.bucket}/"
-            f"{min(both)}: validation images would also be trained on"
+            f"{len(both)} image(s) are in both data.train and data.{part}, e.g. s3://{train.bucket}/"
+            f"{min(both)}: {part} images would also be trained on"
         )
+
+
+def held_out(store: S3Store, data: DataSpec, part: str, train: Images, boxes: bool) -> Images | None:
+    """data.validation or data.test (`part`) read in the format of train, when the job gives it."""
+    if getattr(data, part) is None:
+        return None
+    images = read_part(store, data, part, boxes)
+    same_bucket(train, images, part)
+    return images
+
+
+def by_label(images: Sequence[Image]) -> dict[str, list[Image]]:
+    out: dict[str, list[Image]] = {}
+    for image in images:
+        out.setdefault(image.label, []).append(image)
+    return out
 
 
 # -- classification -------------------------------------------------------------------------------
@@ -160,33 +178,31 @@ def classification_index(store: S3Store, config: TrainerConfig) -> DatasetIndex:
     class_names = class_order({i.label for i in train.images})
     check_class_count(config.model.num_classes, class_names, f"labels of {train.where}")
     label = {name: n for n, name in enumerate(class_names)}
-    by_class: dict[str, list[Image]] = {}
-    for image in train.images:
-        by_class.setdefault(image.label, []).append(image)
-    refused, ignored, shards = dict(train.refused), train.ignored, dict(train.shards)
-    if data.validation:
-        validation = read_part(store, data, "validation", boxes=False)
-        same_bucket(train, validation)
-        check_known_classes(
-            {i.label for i in validation.images}, class_names, f"label(s) {{}} of {validation.where}", train.where
-        )
-        val_by_class: dict[str, list[Image]] = {}
-        for image in validation.images:
-            val_by_class.setdefault(image.label, []).append(image)
-        train_split = by_class
-        refused.update(validation.refused)
-        ignored += validation.ignored
-        shards.update(validation.shards)
+    validation, test = (held_out(store, data, part, train, boxes=False) for part in ("validation", "test"))
+    for part in (validation, test):
+        if part is not None:
+            labels = {i.label for i in part.images}
+            check_known_classes(labels, class_names, f"label(s) {{}} of {part.where}", train.where)
+    if validation is not None:
+        train_split, val_by_class = by_label(train.images), by_label(validation.images)
     else:
-        train_split, val_by_class = split_per_class(by_class, data.validation_split, config.training.seed)
+        train_split, val_by_class = split_per_class(by_label(train.images), data.validation_split, config.training.seed)
 
     def samples(split: Mapping[str, Sequence[Image]]) -> list[Sample]:
         return [
             Sample(i.key, label[c], i.size, i.etag, i.source, i.offset) for c in class_names for i in split.get(c, [])
         ]
 
+    parts = [p for p in (train, validation, test) if p is not None]
     index = DatasetIndex(
-        train.bucket, class_names, samples(train_split), samples(val_by_class), ignored, refused, shards=shards
+        train.bucket,
+        class_names,
+        samples(train_split),
+        samples(val_by_class),
+        sum(p.ignored for p in parts),
+        {k: why for p in parts for k, why in p.refused.items()},
+        shards={k: size for p in parts for k, size in p.shards.items()},
+        test=samples(by_label(test.images)) if test else [],
     )
     check_validation(index, train.where)
     return index
@@ -235,35 +251,54 @@ def split_images(images: Sequence[Image], fraction: float, seed: int) -> tuple[l
     return sorted(ordered[n_val:], key=lambda i: i.key), sorted(ordered[:n_val], key=lambda i: i.key)
 
 
+@dataclass
+class Part:
+    """One part of a detection run: its images, the `Images` they were read from, how many it names but S3
+    lacks (a seeded validation split of train has none of its own)."""
+
+    images: list[Image]
+    read: Images
+    missing: int
+
+
+def detection_parts(store: S3Store, config: TrainerConfig, train: Images) -> dict[str, Part]:
+    """train, validation (read, or a seeded split of train) and test when the job gives it."""
+    data = config.data
+    validation, test = (held_out(store, data, part, train, boxes=True) for part in ("validation", "test"))
+    if validation is not None:
+        parts = {"train": Part(train.images, train, train.missing)}
+        parts["validation"] = Part(validation.images, validation, validation.missing)
+    else:
+        split = split_images(train.images, data.validation_split, config.training.seed)
+        parts = {"train": Part(split[0], train, train.missing), "validation": Part(split[1], train, 0)}
+    if test is not None:
+        parts["test"] = Part(test.images, test, test.missing)
+    return parts
+
+
 def detection_index(store: S3Store, config: TrainerConfig) -> tuple[DetectionIndex, DatasetIndex]:
     """The run's boxes and images to cache, whatever the format."""
-    data = config.data
-    if data_format(config.task, data) == "coco":
-        return build_detection_index(store, data, config.model.num_classes)
-    train = read_part(store, data, "train", boxes=True)
-    validation = read_part(store, data, "validation", boxes=True) if data.validation else None
-    if validation is not None:
-        same_bucket(train, validation)
-        parts = (train.images, validation.images)
-    else:
-        parts = split_images(train.images, data.validation_split, config.training.seed)
-    names = categories_of(parts[0])
+    if data_format(config.task, config.data) == "coco":
+        return build_detection_index(store, config.data, config.model.num_classes)
+    train = read_part(store, config.data, "train", boxes=True)
+    parts = detection_parts(store, config, train)
+    names = categories_of(parts["train"].images)
     if not names:
         raise DataError(f"{train.where} has no boxes with a category: a detection job needs at least one object class")
     check_class_count(config.model.num_classes, names, f"categories of {train.where}")
     ids = {name: n + 1 for n, name in enumerate(names)}
-    found, counts = [], {}
-    missing = (train.missing, validation.missing if validation else 0)
-    for part, images, read, lost in zip(
-        ("train", "validation"), parts, (train, validation or train), missing, strict=True
-    ):
-        samples, _, _, part_counts = sanitize_coco(as_coco(images, ids), read.where, list(ids.values()))
+    found, counts, cached = {}, {}, {}
+    for name, part in parts.items():
+        samples, _, _, part_counts = sanitize_coco(as_coco(part.images, ids), part.read.where, list(ids.values()))
         if not samples:
-            raise DataError(f"no {part} images with boxes in {read.where}")
-        found.append(samples)
-        counts[part] = {**part_counts.wire(), "imagesMissing": lost}
-    cached = [[Sample(i.key, 0, i.size, i.etag, i.source, i.offset) for i in part_images] for part_images in parts]
-    refused = {**train.refused, **(validation.refused if validation else {})}
-    shards = {**train.shards, **(validation.shards if validation else {})}
-    boxes = DetectionIndex(class_names=names, train=found[0], validation=found[1], counts=counts)
-    return boxes, DatasetIndex(train.bucket, names, cached[0], cached[1], corrupt=refused, shards=shards)
+            raise DataError(f"no {name} images with boxes in {part.read.where}")
+        found[name], counts[name] = samples, {**part_counts.wire(), "imagesMissing": part.missing}
+        cached[name] = [Sample(i.key, 0, i.size, i.etag, i.source, i.offset) for i in part.images]
+    refused = {k: why for part in parts.values() for k, why in part.read.refused.items()}
+    shards = {k: size for part in parts.values() for k, size in part.read.shards.items()}
+    boxes = DetectionIndex(names, found["train"], found["validation"], counts, found.get("test", []))
+    test = cached.get("test", [])
+    images = DatasetIndex(
+        train.bucket, names, cached["train"], cached["validation"], 0, refused, shards=shards, test=test
+    )
+    return boxes, images
