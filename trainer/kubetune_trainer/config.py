@@ -439,9 +439,7 @@ class DataSpec(SpecSection):
     annotations for detection, WebDataset tar shards, or a manifest file of image URIs and labels."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [VALIDATION_APART_RULE, TEST_APART_RULE, *FORMAT_URI_RULES]
-        }
+        json_schema_extra={"x-kubernetes-validations": [VALIDATION_APART_RULE, TEST_APART_RULE, *FORMAT_URI_RULES]}
     )
 
     format: DataFormat | None = Field(

@@ -6,7 +6,7 @@ label or its boxes, and then indexed here the way the other two are, through the
 messages: classes are the distinct labels of train (sorted, numerically when all are integers), a
 validation label train lacks fails the run (`data.check_known_classes`), model.numClasses must match
 (`data.check_class_count`), validation is a seeded per-class split of train when omitted
-(`data.split_per_class`). Boxes go through `detection_data.sanitize_coco` in COCO's shape, so they are
+(`data.split_per_class`), and validation and test are read in the format of train, in its bucket. Boxes go through `detection_data.sanitize_coco` in COCO's shape, so they are
 clipped, dropped and counted exactly as COCO's are (a validation category train lacks: dropped,
 `boxesDroppedUnknownCategory`). Refused images (a key or member name that would leave the cache, a
 link in a shard, a manifest URI with no object) are counted like unreadable ones (`data.check_corrupt`).

@@ -3,7 +3,8 @@
 `judge_node` runs where the node preparation ran (this process for a local run, a Ray task with one
 worker's resources on a cluster: a GPU when the workers have one). It rebuilds the architecture, loads
 the exported checkpoint's weights, and judges the test split (`data.test`), or the validation split
-when the job has none (and the report says so). It writes under output.path, before the driver writes
+when the job has none (and the report says so), its images cached as `paged.judged_sets` says (in
+stream mode within data.cache.sizeLimit). It writes under output.path, before the driver writes
 model.json: `evaluation.json` (every figure), `report.html` (one self-contained page), the task's
 pictures (detections.png) and the other formats of `output.formats` (checked against the model). What
 it returns is plain data for model.json and the summary (it crosses Ray).
