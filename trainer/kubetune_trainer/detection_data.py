@@ -2,8 +2,8 @@
 
 The annotations are read once on the driver and turned into a plain index (image key, size, boxes,
 labels), which travels to the workers like the classification index; images go through the same
-per-node cache (`data.prepare_images`), or stream mode's windows (`stream.py`), which read each image's
-bytes from its group file and take its boxes from this index. What users' COCO files really hold is handled, not crashed on:
+per-node cache (`data.prepare_images`), or stream mode's windows (`stream.py`: each image's bytes from its
+group file, its boxes from this index). What users' COCO files really hold is handled, not crashed on:
 images without boxes stay as negatives, boxes are clipped to their image, and boxes with no area left
 (zero or negative size, wholly outside the image) or of an unknown category are dropped. Each of these
 is counted and reported (`model.json`: `data.annotations`).
