@@ -169,13 +169,20 @@ def test_cache_fields_name_what_is_allowed() -> None:
         assert all(part in message for part in expected), message
 
 
-def test_detection_jobs_do_not_stream() -> None:
-    body = job({"mode": "stream"})
-    body["spec"]["task"] = "detection"
-    body["spec"]["model"]["architecture"] = "fasterrcnn_mobilenet_v3_large_320_fpn"
-    body["spec"]["data"].update({"format": "manifest", "train": "s3://datasets/m/boxes.jsonl"})
-    with pytest.raises(ValidationError, match=r"data\.cache\.mode: stream only with task 'classification'"):
-        FineTuneJob.from_body(body)
+def test_detection_jobs_stream_like_classification_ones() -> None:
+    """One rule for both tasks: stream streams, auto streams what does not fit (the detection dataset's
+    parts: tests/trainer/test_detection_stream.py)."""
+    from kubetune_trainer.data import DatasetIndex
+    from kubetune_trainer.stream import streams
+
+    index = DatasetIndex("datasets", ["a"], shard_samples(4, 10, size=1024), [])  # 40 KiB of images
+    for mode, limit, streamed in (("stream", "100Ki", True), ("auto", "100Ki", False), ("auto", "40Ki", True)):
+        body = job({"mode": mode, "sizeLimit": limit})
+        body["spec"]["task"] = "detection"
+        body["spec"]["model"]["architecture"] = "fasterrcnn_mobilenet_v3_large_320_fpn"
+        body["spec"]["data"].update({"format": "manifest", "train": "s3://datasets/m/boxes.jsonl"})
+        config = trainer_config(FineTuneJob.from_body(body))
+        assert streams(config, index, 1024) is streamed, (mode, limit)
 
 
 def test_auto_streams_when_the_listed_images_and_weights_do_not_fit_the_limit() -> None:

@@ -1151,11 +1151,6 @@ def check_task(task: str, model: ModelSpec, data: DataSpec, training: TrainingSp
             "CutMix and RandAugment act on single labels and whole images, not on boxes); remove it"
         )
     check_test_split(task, data)
-    if task == "detection" and data.cache.mode == "stream":
-        raise ValueError(
-            "data.cache.mode: stream only with task 'classification' (detection caches its images in full); "
-            "use full or auto"
-        )
     detector = model.architecture in DETECTION_ARCHITECTURES
     if not detector and model.architecture not in architectures.timm_models():
         if task == "detection":

@@ -506,6 +506,11 @@ class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         with open_image(self.paths[i]) as image:
             rgb = image.convert("RGB")
+        return self.item(i, rgb)
+
+    def item(self, i: int, rgb: Image.Image) -> tuple[torch.Tensor, int]:
+        """Image `i`'s training item from its decoded pixels (stream mode decodes them from its group
+        file: `stream.GroupImages`)."""
         return self.transform(rgb), self.labels[i]
 
 

@@ -2,7 +2,8 @@
 
 The annotations are read once on the driver and turned into a plain index (image key, size, boxes,
 labels), which travels to the workers like the classification index; images go through the same
-per-node cache (`data.prepare_images`). What users' COCO files really hold is handled, not crashed on:
+per-node cache (`data.prepare_images`), or stream mode's windows (`stream.py`: each image's bytes from its
+group file, its boxes from this index). What users' COCO files really hold is handled, not crashed on:
 images without boxes stay as negatives, boxes are clipped to their image, and boxes with no area left
 (zero or negative size, wholly outside the image) or of an unknown category are dropped. Each of these
 is counted and reported (`model.json`: `data.annotations`).
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from kubetune_trainer.config import MAX_CLASSES, DataSpec
 from kubetune_trainer.data import DatasetIndex, Sample, open_image
@@ -337,11 +339,17 @@ class DetectionFiles(torch.utils.data.Dataset[tuple[torch.Tensor, dict[str, torc
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with open_image(self.paths[i]) as image:
+            rgb = image.convert("RGB")
+        return self.item(i, rgb)
+
+    def item(self, i: int, rgb: Image.Image) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Image `i`'s item from its decoded pixels and its indexed boxes (stream mode decodes the pixels
+        from its group file: `stream.GroupImages`)."""
         import torchvision.transforms.functional as tf
 
         sample = self.samples[i]
-        with open_image(self.paths[i]) as image:
-            tensor = tf.to_tensor(image.convert("RGB"))
+        tensor = tf.to_tensor(rgb)
         boxes = torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(sample.labels, dtype=torch.int64)
         if self.flip and torch.rand(()) < 0.5:

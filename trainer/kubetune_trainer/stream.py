@@ -69,10 +69,8 @@ MAX_VIRTUAL_GROUP_BYTES = 64 * 1024**2
 
 def streams(config: TrainerConfig, index: DatasetIndex, weights_bytes: int) -> bool:
     """Whether this run streams: data.cache.mode, or for auto whether the listed images and the base weights
-    exceed sizeLimit. Detection always caches in full (its boxes index is not grouped yet)."""
+    exceed sizeLimit. Either task: a detection run's boxes stay in its index, only the images stream."""
     mode = config.data.cache.mode
-    if config.task == "detection":
-        return False
     if mode != "auto":
         return mode == "stream"
     return sum(s.size for s in index.samples) > image_room(config, weights_bytes)
@@ -251,21 +249,26 @@ class Fetcher:
         group_file(self.folder, self.part, use.group).unlink(missing_ok=True)
 
 
-class GroupImages(Dataset[tuple[torch.Tensor, int]]):
-    """`files`'s images (an `data.ImageFiles`: labels and transform) read from a window's group files: the
-    image's bytes at the place `Fetcher.located` records, decoded in the loader process. An image not on
-    disk (missing from its shard, or a size other than the indexed one) is an OSError (`Readable`)."""
+class GroupImages(Dataset[Any]):
+    """`files`'s items (the task's dataset: `data.ImageFiles`' labels and transform, or
+    `detection_data.DetectionFiles`' boxes) with their images read from a window's group files: the
+    image's bytes at the place `Fetcher.located` records, decoded in the loader process and handed to
+    `files.item`. `files` lists the window's samples in the same order (both come from the task's index,
+    filtered alike). An image not on disk (missing from its shard, or a size other than the indexed one)
+    is an OSError (`Readable`)."""
 
     def __init__(self, window: Window, files: Any) -> None:
         fetcher: Fetcher = window.fetcher
+        if len(files) != len(fetcher.samples):
+            raise DataError(f"{fetcher.part}: {len(files)} items for the {len(fetcher.samples)} images it streams")
         self.folder, self.part, self.located = fetcher.folder, fetcher.part, fetcher.located
         self.groups, self.sizes = list(window.groups), [s.size for s in fetcher.samples]
-        self.labels, self.transform = files.labels, files.transform
+        self.files = files
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> Any:
         start = int(self.located[i])
         if start < 0:
             raise FileNotFoundError(f"image {i} is not on disk: missing from its shard, or not its indexed size")
@@ -273,7 +276,7 @@ class GroupImages(Dataset[tuple[torch.Tensor, int]]):
             data = os.pread(file.fileno(), self.sizes[i], start)
         with open_image(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")
-        return self.transform(rgb), self.labels[i]
+        return self.files.item(i, rgb)
 
 
 class Window:
@@ -461,6 +464,6 @@ def stream_setup(
 
 
 def stream_datasets(setup: StreamSetup, files: tuple[Any, Any]) -> tuple[Readable, Readable]:
-    """The task's training and validation datasets (`data.ImageFiles`) read from the windows' group files
-    instead of the node cache, an unreadable image as None."""
+    """The task's training and validation datasets (`data.ImageFiles` or `detection_data.DetectionFiles`)
+    read from the windows' group files instead of the node cache, an unreadable image as None."""
     return Readable(GroupImages(setup.train, files[0])), Readable(GroupImages(setup.validation, files[1]))
