@@ -44,7 +44,7 @@ class Config:
     timeout: float = 300.0
     # Objects looked up by key in kmock, for both operators alike (see `one_run`).
     indexed_api: bool = True
-    # Larger bursts, kubetune against bare kopf only: how time, latency and memory grow with the burst.
+    # Larger bursts: how time, latency and memory grow with the burst (the same operators as the main one).
     scale: tuple[int, ...] = (2000, 5000)
     scale_repeats: int = 2
 
@@ -93,7 +93,8 @@ def kubeconfig(path: Path, server: str) -> Path:
 # The operators each run measures: kubetune, the bare kopf baseline, and bare kopf making kubetune's API
 # calls (bench/bare_operator.py): how much of the gap is the work itself.
 KINDS = ("kubetune", "bare", "bare-same-work")
-SCALE_KINDS = ("kubetune", "bare")  # the larger bursts (Config.scale)
+# The larger bursts (Config.scale) too: where bare kopf making the same calls is the limit, it shows.
+SCALE_KINDS = KINDS
 
 
 def operator_command(kind: str, liveness: str) -> list[str]:
@@ -310,7 +311,7 @@ def main_rows(config: Config, outcomes: dict[str, list[Outcome]]) -> list[Row]:
     )
     burst = f"{config.jobs} jobs: all RayJobs exist after"
     return [
-        Row(NAME, burst, "s", values("kubetune", "total_s"), values("bare", "total_s"), ("<=", 1.3), note),
+        Row(NAME, burst, "s", values("kubetune", "total_s"), values("bare", "total_s"), ("<=", 1.2), note),
         Row(
             NAME,
             f"{burst} (same API work)",
@@ -380,6 +381,38 @@ def main_rows(config: Config, outcomes: dict[str, list[Outcome]]) -> list[Row]:
     ]
 
 
+def _scaled_burst_rows(config: Config, n: int, outcomes: dict[str, list[Outcome]]) -> list[Row]:
+    """One larger burst: all RayJobs against bare kopf (the issue's target) and against bare kopf making
+    kubetune's calls, and p99."""
+
+    def median(kind: str, attr: str) -> float:
+        return statistics.median([getattr(o, attr) for o in outcomes[kind]])
+
+    def spent(attr: str) -> str:
+        return ", ".join(f"{kind} {median(kind, attr):.1f}s" for kind in SCALE_KINDS)
+
+    note = (
+        f"{n} jobs created at once, {config.scale_repeats} repeats; baseline: bare kopf (bench/bare_operator.py); "
+        f"kmock finds objects by key; API server CPU: {spent('server_cpu_s')}; operator CPU: {spent('cpu_s')}; "
+        "API requests per job: " + ", ".join(f"{kind} {median(kind, 'requests_total') / n:.2f}" for kind in SCALE_KINDS)
+    )
+    kt, bare, same = outcomes["kubetune"], outcomes["bare"], outcomes["bare-same-work"]
+    burst = f"{n} jobs: all RayJobs exist after"
+    return [
+        Row(NAME, burst, "s", [o.total_s for o in kt], [o.total_s for o in bare], ("<=", 1.2), note),
+        Row(NAME, f"{burst} (same API work)", "s", [o.total_s for o in kt], [o.total_s for o in same], None, note),
+        Row(
+            NAME,
+            f"{n} jobs: create → RayJob latency p99",
+            "s",
+            [o.p99_s for o in kt],
+            [o.p99_s for o in bare],
+            None,
+            note,
+        ),
+    ]
+
+
 def scale_rows(
     config: Config, base: dict[str, list[Outcome]], scaled: dict[int, dict[str, list[Outcome]]]
 ) -> list[Row]:
@@ -390,35 +423,7 @@ def scale_rows(
     rows: list[Row] = []
     sizes = {config.jobs: base, **scaled}
     for n, outcomes in scaled.items():
-        note = (
-            f"{n} jobs created at once, {config.scale_repeats} repeats; baseline: "
-            "bare kopf (bench/bare_operator.py); kmock finds objects by key; API server CPU: kubetune "
-            f"{statistics.median([o.server_cpu_s for o in outcomes['kubetune']]):.1f}s, bare "
-            f"{statistics.median([o.server_cpu_s for o in outcomes['bare']]):.1f}s; operator CPU: kubetune "
-            f"{statistics.median([o.cpu_s for o in outcomes['kubetune']]):.1f}s, bare {statistics.median([o.cpu_s for o in outcomes['bare']]):.1f}s"
-        )
-        kt, bare = outcomes["kubetune"], outcomes["bare"]
-        goal = ("<=", 1.2) if n == largest else None
-        rows += [
-            Row(
-                NAME,
-                f"{n} jobs: all RayJobs exist after",
-                "s",
-                [o.total_s for o in kt],
-                [o.total_s for o in bare],
-                goal,
-                note,
-            ),
-            Row(
-                NAME,
-                f"{n} jobs: create → RayJob latency p99",
-                "s",
-                [o.p99_s for o in kt],
-                [o.p99_s for o in bare],
-                None,
-                note,
-            ),
-        ]
+        rows += _scaled_burst_rows(config, n, outcomes)
     for n, outcomes in sorted(sizes.items()):
         goal = ("<", 400.0) if n == largest else None
         kt, bare = outcomes["kubetune"], outcomes["bare"]

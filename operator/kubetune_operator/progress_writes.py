@@ -1,21 +1,31 @@
-"""Progress status writes, coalesced: at most one write per job per `interval_s`, whatever the push rate.
+"""Progress status writes, coalesced: at most one write per job per `interval_s` on average, whatever the push rate.
 
 The endpoint accepts every update (one a second per job at most) at once: the metrics see it then. The
-status patch is written at once only when the job's last write is `interval_s` old (or there was none),
-or when the update is news the operator or a user acts on (`must_write_now`: a new checkpoint, a worker
-failure or preemption, the last step). Otherwise it waits, merged with any later update of the same job
-(the latest wins, field by field, as the API server would merge the patches one after another), and the
-flusher writes it when the interval is up. So with 1,000 jobs reporting every second the API server sees
-at most 200 progress writes a second, and the status is never more than `interval_s` behind.
+status patch is written at once when the job's schedule allows it, or when the update is news the
+operator or a user acts on (`must_write_now`: a new checkpoint, a worker failure or preemption, the last
+step). Otherwise it waits, merged with any later update of the same job (the latest wins, field by field,
+as the API server would merge the patches one after another), and the flusher writes it when the
+schedule allows: it sleeps until the earliest waiting write is due. So with 1,000 jobs reporting every
+second the API server sees at most 200 progress writes a second, and the status is never more than
+`interval_s` behind.
 
-Nothing accepted is dropped: a write that fails is kept and tried again on the next tick (unless the job is
-gone: 404), and `close()` writes whatever is still waiting when the operator stops.
+The schedule is a token bucket (GCRA): each write moves the job's next slot an interval on from the
+later of its slot and now, and a write may come up to `early_s` (a fifth of the interval) before its
+slot. So writes are at most one per interval over any longer stretch, and never two within
+`interval_s - early_s`. The slack is what keeps the status current when the trainer pushes exactly as
+often as the interval: with a strict interval since the last write, every push that comes a little
+early (the network, the API server's answer) waits, its delay carries into each later write of the job,
+and the status falls further behind with every push (measured in bench/findings.md).
+
+Nothing accepted is dropped: a write that fails is kept and tried again an interval later (unless the job
+is gone: 404), and `close()` writes whatever is still waiting when the operator stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,8 +37,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between two progress writes of one job (the status lags pushes by at most this much).
 WRITE_INTERVAL_S = 5.0
-# How often the flusher looks for writes that are due (what a waiting write adds to its lag, at most).
-TICK_S = 0.25
+# How far ahead of its slot a job's write may be made, as a share of the interval (see the docstring).
+EARLY_SHARE = 0.2
 # Writes the flusher makes at once (each is one PATCH to the API server).
 MAX_WRITES_AT_ONCE = 32
 
@@ -79,9 +89,14 @@ class CoalescedWrites:
         self._write = write
         self._lock = lock  # the job's lock, shared with the endpoint: one write of a job at a time
         self.interval_s = interval_s
+        self.early_s = interval_s * EARLY_SHARE
         self._clock = clock
-        self._last_write: dict[Key, float] = {}
+        self._slot: dict[Key, float] = {}  # when each job's next write is due on its schedule
         self._pending: dict[Key, dict[str, Any]] = {}
+        # (when, job) for each waiting write: the flusher's schedule. An entry whose job was written
+        # meanwhile is skipped, one whose job wrote again since is put back at its new time.
+        self._due: list[tuple[float, Key]] = []
+        self._kept = asyncio.Event()  # a write was kept: the flusher looks at its schedule again
         self._task: asyncio.Task[None] | None = None
         self.writes = 0  # status writes made (for the tests and the benchmark)
 
@@ -95,20 +110,39 @@ class CoalescedWrites:
         trainer is told to retry, and sends its update again."""
         key = (namespace, name)
         merged = merge_patch(self._pending.pop(key, None), status)
-        last = self._last_write.get(key)
-        if urgent or last is None or self._clock() - last >= self.interval_s:
+        allowed, now = self._allowed_at(key), self._clock()
+        if urgent or now >= allowed:
             await self._write(namespace, name, merged)
-            self._wrote(key)
+            self._wrote(key, now)
             return True
-        self._pending[key] = merged
+        self._keep(key, merged, allowed)
         return False
+
+    def _allowed_at(self, key: Key) -> float:
+        slot = self._slot.get(key)
+        return float("-inf") if slot is None else slot - self.early_s
+
+    def _keep(self, key: Key, status: dict[str, Any], when: float) -> None:
+        if key not in self._pending:
+            heapq.heappush(self._due, (when, key))
+            if self._due[0] == (when, key):  # due before what the flusher sleeps for
+                self._kept.set()
+        self._pending[key] = status
 
     def due(self) -> list[Key]:
         """The jobs whose waiting write may be made now."""
         now = self._clock()
-        return [
-            key for key in self._pending if now - self._last_write.get(key, now - self.interval_s) >= self.interval_s
-        ]
+        keys: dict[Key, None] = {}
+        while self._due and self._due[0][0] <= now:
+            _, key = heapq.heappop(self._due)
+            if key not in self._pending:
+                continue  # written meanwhile (at once, or by close)
+            ready = self._allowed_at(key)
+            if ready > now:
+                heapq.heappush(self._due, (ready, key))
+            else:
+                keys[key] = None
+        return list(keys)
 
     async def flush(self, keys: list[Key] | None = None) -> None:
         """Write what waits for `keys` (default: every job whose interval is up), some at once."""
@@ -119,17 +153,19 @@ class CoalescedWrites:
                 status = self._pending.pop(key, None)
                 if status is None:
                     return
+                now = self._clock()
                 try:
                     await self._write(*key, status)
                 except Exception as exc:
                     if is_not_found(exc):  # the job is gone, and its progress with it
-                        self._last_write.pop(key, None)
+                        self._slot.pop(key, None)
                         return
                     log.warning("progress for %s/%s: cannot write the status, will retry: %s", *key, exc)
-                    self._pending[key] = merge_patch(status, self._pending.get(key) or {})
-                    self._last_write[key] = self._clock()  # try again in an interval, not on every tick
+                    retry_at = self._clock() + self.interval_s  # try again in an interval, not at once
+                    self._slot[key] = retry_at + self.early_s
+                    self._keep(key, merge_patch(status, self._pending.pop(key, {})), retry_at)
                     return
-                self._wrote(key)
+                self._wrote(key, now)
 
         await asyncio.gather(*(one(key) for key in (self.due() if keys is None else keys)))
         self._forget_idle()
@@ -150,20 +186,33 @@ class CoalescedWrites:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)
+            await self._until_due()
             try:
                 await self.flush()
-            except Exception:  # never let one bad tick stop the flusher
-                log.exception("progress writes: the flusher failed a tick")
+            except Exception:  # never let one bad round stop the flusher
+                log.exception("progress writes: the flusher failed a round")
 
-    def _wrote(self, key: Key) -> None:
-        self._last_write[key] = self._clock()
+    async def _until_due(self) -> None:
+        """Sleep until the earliest waiting write is due, or until a write is kept (it may be due sooner)."""
+        self._kept.clear()
+        if not self._due:
+            await self._kept.wait()
+            return
+        delay = self._due[0][0] - self._clock()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kept.wait(), delay)
+
+    def _wrote(self, key: Key, now: float) -> None:
+        """A write of the job was made (decided at `now`; one write of a job at a time): its next slot an
+        interval on."""
+        self._slot[key] = max(self._slot.get(key, now), now) + self.interval_s
         self.writes += 1
 
     def _forget_idle(self) -> None:
-        # Bounded memory: a job that last wrote an interval ago writes at once next time anyway.
+        # Bounded memory: a job whose slot has passed writes at once next time anyway.
         now = self._clock()
-        if len(self._last_write) < 1024:
+        if len(self._slot) < 1024:
             return
-        for key in [k for k, at in self._last_write.items() if now - at >= self.interval_s and k not in self._pending]:
-            del self._last_write[key]
+        for key in [k for k, at in self._slot.items() if at <= now and k not in self._pending]:
+            del self._slot[key]

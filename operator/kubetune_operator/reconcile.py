@@ -74,6 +74,14 @@ async def launch(rt: Runtime, job: JobRecord, *, retry: int = 0) -> None:
     if first_launch and not await _preflight_passes(rt, job.meta, spec, retry=retry):
         return
     note = _preflight_note(rt, job.meta, spec) if first_launch else None
+    # Taken after the preflight, which has its own slots per namespace (fair between namespaces).
+    async with rt.launch_slots:
+        await _launch_children(rt, job, spec, first_launch=first_launch, note=note)
+
+
+async def _launch_children(
+    rt: Runtime, job: JobRecord, spec: FineTuneJob, *, first_launch: bool, note: str | None
+) -> None:
     rayjob = await _ensure_children(rt, job.meta, spec, likely_new=first_launch)
     if not lifecycle.belongs_to(rayjob, job.meta.uid):
         await _wait_for_previous_rayjob(rt, job.meta, rayjob)

@@ -4,7 +4,7 @@
 It owns what lives as long as the operator: the Kubernetes client, the one `StatusWriter`, the namespaces'
 shared ServiceAccounts, the in-process timers (TTL expiry, progress checks), the Prometheus metrics and
 the two HTTP servers (metrics and progress), which `start` and `close` bring up and down, and the
-slots that bound the S3 preflights running at once.
+slots that bound the S3 preflights and the launches running at once.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.status_writer import StatusWriter
 
 logger = logging.getLogger("kubetune_operator")
+
+# Launches creating their children at once. A burst of 5,000 new jobs otherwise has all 5,000 in flight,
+# each holding its built RayJob and the server's answer (~150 KB per job; 855 MB peak at 5,000 jobs,
+# bench/findings.md), all finishing late together; in turn, each job's launch ends in its burst's order.
+# Four times the client's threads (kube.KUBE_THREADS) keeps every thread busy.
+LAUNCHES_AT_ONCE = 64
 
 
 def utc_now() -> datetime:
@@ -118,6 +124,7 @@ class Runtime:
     progress_checks: Timers = field(default_factory=lambda: Timers("progress-check"))  # ProgressReporting
     # The S3 preflights running at once, in all and per namespace (from the settings).
     preflight_slots: Slots = field(init=False)
+    launch_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LAUNCHES_AT_ONCE))
     status: StatusWriter = field(init=False)
     _metrics_servers: list[WSGIServer] = field(default_factory=list)
     _progress_servers: list[ProgressServer] = field(default_factory=list)

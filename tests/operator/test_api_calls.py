@@ -122,3 +122,26 @@ async def test_a_burst_of_jobs_in_one_namespace_makes_sure_of_its_service_accoun
     for name in jobs:
         pod = (op.rayjob("burst", name) or {})["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
         assert pod["serviceAccountName"] == "kubetune-trainer"
+
+
+@pytest.mark.asyncio
+async def test_a_burst_larger_than_the_launch_slots_launches_every_job_a_few_at_a_time(op: OperatorHarness) -> None:
+    assert op.runtime is not None
+    op.runtime.launch_slots = asyncio.Semaphore(3)  # LAUNCHES_AT_ONCE, made small
+    jobs = [f"wave-{i}" for i in range(12)]
+    await asyncio.gather(*(op.create_job(finetunejob(name), "wave") for name in jobs))
+    for name in jobs:
+        launched = lambda name=name: ((op.job("wave", name) or {}).get("status") or {}).get("phase")  # noqa: E731
+        await op.wait_for(launched, what=f"{name} launched")
+
+    # A launch starts with its Secret and ends with its one status write: never more than 3 between the two,
+    # so a burst of thousands holds a few launches' children in memory, not thousands.
+    in_flight, most = 0, 0
+    for r in op.operator_requests():
+        if (r.verb, r.resource) == ("create", "secrets"):
+            in_flight += 1
+        elif (r.verb, r.resource, r.subresource) == ("patch", "finetunejobs", "status"):
+            in_flight -= 1
+        most = max(most, in_flight)
+    assert most <= 3 and in_flight == 0
+    assert all(op.rayjob("wave", name) for name in jobs)
