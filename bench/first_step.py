@@ -15,7 +15,9 @@ Ray's) is in its name. No baseline: the target is on the own shares' sum.
 
 Whose share: what kubetune's code runs or imports is its own, wherever it runs. The node task marks its
 start before it imports the trainer's modules, so their imports (torch) count as the trainer's, and timm
-is imported in the timed model builds (base weights, model build). Ray's share is the Ray processes'
+is imported in the timed base weights. On the worker, timm's import starts on a thread when Ray Train
+hands the worker its context (`startup.ModelImports`), beside Ray Train's set-up: it has a row of its own,
+in no sum (it overlaps Ray's phase), and what the model build still waits for of it is in "model build". Ray's share is the Ray processes'
 start-up: the head, the driver's connection, a worker process for the node task, and Ray Train's worker
 group, whose worker imports torch for Ray Train's own process-group set-up before kubetune's code runs.
 The dev cluster has no image pull or pod scheduling, which a real cluster adds before all of this
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -51,13 +54,24 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     ("base weights: timm import, download and load", "trainer", "base weights loaded"),
     ("data cache fill (what is left of it: it runs beside the base weights)", "trainer", "data cache filled"),
     ("node task result back in the driver", "Ray", "node prepared"),
-    ("Ray Train worker group start", "Ray", "worker started"),
-    ("model build (timm import)", "trainer", "model built"),
+    ("Ray Train worker group start (the worker imports timm beside it: the row below)", "Ray", "worker started"),
+    ("model build (what is left of timm's import, then the build)", "trainer", "model built"),
     ("data loaders", "trainer", "data loaders ready"),
     ("first step", "trainer", "first step"),
     ("first step → status.progress (relay, push, operator write)", "trainer", "status"),
 )
 OWN = ("operator", "trainer")
+# Work of the trainer's that runs beside a phase above (figure, from mark, to mark): its own row, in no sum.
+BESIDE: tuple[tuple[str, str, str], ...] = (
+    (
+        "timm import on the worker, beside Ray Train's worker group start (in no sum: its wait is in model build)",
+        "model imports started",
+        "model imports done",
+    ),
+)
+# After the first step shows in the status, how long to wait for the driver's log to have every mark:
+# Ray forwards the worker's lines to it a moment later.
+LOG_WAIT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +138,28 @@ def one_job(cluster: Any, manifest: dict[str, Any], name: str, timeout: float) -
         if int(((ftj.get("status") or {}).get("progress") or {}).get("step") or 0) >= 1:
             seen.setdefault("status", now)
         time.sleep(0.02)
-    return phases(applied, {**marks_in(cluster.driver_log(namespace, name), applied), **seen})
+    marks = marks_with_all(lambda: cluster.driver_log(namespace, name), applied)
+    return phases(applied, {**marks, **seen}) | beside(marks)
+
+
+def marks_with_all(read_log: Callable[[], str], applied: datetime) -> dict[str, datetime]:
+    """The driver log's marks once it has every one the phases need (or what it has after LOG_WAIT_S)."""
+    needed = {ends for _, _, ends in PHASES} - {"rayjob", "running", "status"}
+    needed |= {at for _, start, end in BESIDE for at in (start, end)}
+    deadline = time.monotonic() + LOG_WAIT_S
+    while not needed <= (found := marks_in(read_log(), applied)).keys() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def beside(marks: dict[str, datetime]) -> dict[str, float]:
+    """Seconds of each BESIDE figure, from its start mark to its end mark."""
+    out: dict[str, float] = {}
+    for figure, start, end in BESIDE:
+        if start not in marks or end not in marks:
+            raise RuntimeError(f"no milestone {start!r} or {end!r} (driver log lacks its start-up mark?)")
+        out[figure] = max(0.0, (marks[end] - marks[start]).total_seconds())
+    return out
 
 
 def run(config: Config, workdir: Path) -> list[Row]:
@@ -157,9 +192,10 @@ def rows(samples: list[dict[str, float]]) -> list[Row]:
         "server shows (RayJob created, RayJob Running, first status.progress.step)"
     )
     out = [Row(NAME, f"{figure} [{who}]", "s", [s[figure] for s in samples], note=note) for figure, who, _ in PHASES]
+    out += [Row(NAME, f"{figure} [trainer]", "s", [s[figure] for s in samples], note=note) for figure, _, _ in BESIDE]
     own = [sum(s[f] for f, who, _ in PHASES if who in OWN) for s in samples]
     ray = [sum(s[f] for f, who, _ in PHASES if who not in OWN) for s in samples]
-    total = [sum(s.values()) for s in samples]
+    total = [sum(s[f] for f, _, _ in PHASES) for s in samples]
     out += [
         Row(NAME, "operator's and trainer's own shares together", "s", own, goal=("<", 5.0), note=note),
         Row(NAME, "Ray's share (head, connect, worker processes, Train worker group)", "s", ray, note=note),

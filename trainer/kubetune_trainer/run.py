@@ -49,7 +49,7 @@ from kubetune_trainer.preemption import DriverNotice, worker_callback
 from kubetune_trainer.relay import Relay, driver_reporters, run_events, run_states
 from kubetune_trainer.reporting import ProgressReporter
 from kubetune_trainer.selection import best_entry, checkpoint_config
-from kubetune_trainer.startup import mark, node_task
+from kubetune_trainer.startup import mark, model_imports_callback, node_task
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
 from kubetune_trainer.stream import cache_line, streams
 from kubetune_trainer.tasks import Task, Trained, check_architecture, find_task, task_from_wire
@@ -354,6 +354,7 @@ def torch_trainer(
                 # Off for a sweep's trials: when the sweep stops a trial, its workers get SIGTERM and must end
                 # at once (a notice would keep them, and their CPUs, for the grace period).
                 *([worker_callback(config.preemption_grace_seconds)] if notices else []),
+                model_imports_callback(plan.task.model_modules),
                 *callbacks,
             ],
         ),

@@ -59,6 +59,9 @@ class Task(Protocol):
     metric_keys: tuple[str, ...]
     # The panels of training-curves.png.
     panels: tuple[Panel, ...]
+    # What `build_model` imports (seconds of a cold start): each worker imports them beside Ray Train's
+    # own set-up (`startup.ModelImports`).
+    model_modules: tuple[str, ...]
 
     @property
     def collate(self) -> Callable[[Any], Any] | None: ...

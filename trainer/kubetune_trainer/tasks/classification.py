@@ -39,6 +39,7 @@ class ClassificationTask:
 
     metric_keys: tuple[str, ...] = validation_keys("classification")
     panels: tuple[Panel, ...] = CLASSIFICATION_PANELS
+    model_modules: tuple[str, ...] = ("timm",)
     collate: Callable[[Any], Any] | None = None
 
     def __init__(self, config: TrainerConfig, index: DatasetIndex) -> None:

@@ -67,6 +67,7 @@ class DetectionTask:
 
     metric_keys: tuple[str, ...] = validation_keys("detection")
     panels: tuple[Panel, ...] = DETECTION_PANELS
+    model_modules: tuple[str, ...] = ("torchvision.models.detection",)
     collate: Callable[[Any], Any] | None = staticmethod(collate)
 
     def __init__(self, config: TrainerConfig, boxes: DetectionIndex, images: DatasetIndex) -> None:
