@@ -32,10 +32,11 @@ from tests.support.s3_world import S3World
 def one_torch_thread() -> None:
     """One intra-op thread for torch in this process, set again before each test (a benchmark sets its own).
 
-    On 2 cores, two torch threads spin-wait for each other whenever anything else runs (the S3 server,
-    a test's Ray or cluster): tests/trainer/test_lr_range.py took 37 s with two threads beside another
-    process's load, 8 s with one; idle, one is as fast within a second. Not imported here: where no test
-    imported torch, nothing is set."""
+    On 2 cores, two torch threads spin-wait for each other on small tensors whenever anything else runs
+    (the S3 server, a test's Ray or cluster): tests/trainer/test_lr_range.py took 37 s with two threads at
+    load 2.5, 5.5 s with one; the trainer's and bench's fast tests, at load 1, 122 s and 125 s. Large
+    convolutions still gain from two (digits_world's pretraining, test_quality.py ask for them). Not
+    imported here: where no test imported torch, nothing is set."""
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
