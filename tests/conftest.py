@@ -10,10 +10,13 @@
   test. The operator runs on its own thread and loop; the API server shares the test's loop, so never
   block that loop (`asyncio.to_thread` for blocking calls). Tests that use `op` are asyncio tests: mark
   them `@pytest.mark.asyncio` (or a module-level `pytestmark`).
+- `one_torch_thread` (autouse): torch in the test process computes on one thread (Ray workers and
+  console-script runs set their own).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -23,6 +26,20 @@ from moto.server import ThreadedMotoServer
 from kubetune_operator.settings import OperatorSettings
 from tests.support.operator_harness import FAST_SETTINGS, OperatorHarness, running_operator
 from tests.support.s3_world import S3World
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> None:
+    """One intra-op thread for torch in this process, set again before each test (a benchmark sets its own).
+
+    On 2 cores, two torch threads spin-wait for each other on small tensors whenever anything else runs
+    (the S3 server, a test's Ray or cluster): tests/trainer/test_lr_range.py took 37 s with two threads at
+    load 2.5, 5.5 s with one; the trainer's and bench's fast tests, at load 1, 122 s and 125 s. Large
+    convolutions still gain from two (digits_world's pretraining, test_quality.py ask for them). Not
+    imported here: where no test imported torch, nothing is set."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

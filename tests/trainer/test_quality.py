@@ -23,6 +23,7 @@ from PIL import Image
 
 from bench import plain_loop, worlds
 from tests.support.digits_world import DATA_BUCKET, KUBETUNE, MODEL_BUCKET, DigitsWorld
+from tests.support.pretraining import torch_threads
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,9 @@ class FarDomain:
 
     def __init__(self, world: DigitsWorld) -> None:
         self.world = world
-        self.weights = worlds.pretrained_classifier(worlds.TEXTURES_LIGHT_BASE)
+        # Two threads for the 64 px convolutions (tests/conftest.py leaves one): faster even beside some load.
+        with torch_threads(2):
+            self.weights = worlds.pretrained_classifier(worlds.TEXTURES_LIGHT_BASE)
         self.train = worlds.shapes(400, 1, min_size=0.4, max_size=0.7, rotation=25.0, noise=12.0)
         self.validation = worlds.shapes(200, 2, min_size=0.4, max_size=0.7, rotation=25.0, noise=12.0)
         world.put_many(self.train.pngs(TRAIN) | self.validation.pngs(VALIDATION))
@@ -78,7 +81,8 @@ def defaults_run(far: FarDomain) -> dict[str, Any]:
 def test_defaults_beat_a_plain_loop_at_the_same_budget(far: FarDomain, defaults_run: dict[str, Any]) -> None:
     accuracy = defaults_run["card"]["metrics"]["valAccuracy"]
     budget = plain_loop.Budget(size=64, epochs=EPOCHS, batch=BATCH, lr=1e-3, seed=SEED)
-    plain = plain_loop.classification("test_resnet", far.weights, far.train, far.validation, budget)
+    with torch_threads(2):  # the cores the job's worker gets (cpusPerWorker 2), as bench/quality.py gives it
+        plain = plain_loop.classification("test_resnet", far.weights, far.train, far.validation, budget)
     print(f"far domain, {EPOCHS} epochs: kubetune defaults {accuracy:.3f}, plain loop at lr 1e-3 {plain:.3f}")
     assert accuracy >= plain + 0.03, f"kubetune {accuracy:.3f} vs plain loop {plain:.3f}"
 
