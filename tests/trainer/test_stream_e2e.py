@@ -27,25 +27,28 @@ from typing import Any
 import pytest
 
 from kubetune_trainer.loaders import coverage_hashes
-from tests.support.digits_world import DATA_BUCKET, MODEL_BUCKET, OUT_BUCKET, DigitsWorld, tar_bytes
+from tests.support.digits_world import DATA_BUCKET, MODEL_BUCKET, OUT_BUCKET, PRETRAINED, DigitsWorld, tar_bytes
 from tests.support.shapes_world import DETECTOR, DETECTOR_SIZE, FINETUNE_CLASSES, make_shapes, random_detector
 from tests.support.trainer_faults import SIGTERM_LAST_RANK_MID_EPOCH_2
 
 pytestmark = pytest.mark.slow
 
 PER_CLASS, EPOCHS, SHARDS = 30, 2, 15
-# sizeLimit holds the base weights too (test_resnet: 1,508,964 bytes, cached on the same volume) and leaves
-# the images IMAGE_ROOM: below each dataset's images (asserted), above two shards' worth of a worker's images.
+# sizeLimit leaves the images IMAGE_ROOM beside the base weights (cached on the same volume): below each
+# dataset's images (asserted), above two shards' worth of a worker's images.
 IMAGE_ROOM = 48 * 1024
-LIMIT = "1522Ki"  # 1,508,964 + 49,152 bytes, rounded up to a KiB
 SPEC: dict[str, Any] = {
     "epochs": EPOCHS,
     "strategy": "head",
     "trainable_layers": None,
     "cpus_per_worker": 1,
-    "cache": {"mode": "stream", "sizeLimit": LIMIT},
     "run_policy": {"preemptionGraceSeconds": 30},
 }
+
+
+def stream_cache(weights: bytes, room: int) -> dict[str, Any]:
+    """data.cache streaming with sizeLimit = the base weights plus `room` for the images, rounded up to a KiB."""
+    return {"mode": "stream", "sizeLimit": f"{math.ceil((len(weights) + room) / 1024)}Ki"}
 
 
 def shard_keys(world: DigitsWorld, pattern_prefix: str, shards: int) -> dict[str, int]:
@@ -83,15 +86,23 @@ def test_stream_mode_trains_each_image_once_per_epoch_across_a_mid_epoch_resume(
     val_shards = world.upload_shards(f"s3://{DATA_BUCKET}/stream-shards-val", per_class=6, shards=1)
     manifest = world.upload_manifest(f"s3://{DATA_BUCKET}/stream-manifest/train.csv", per_class=PER_CLASS)
     val_manifest = world.upload_manifest(f"s3://{DATA_BUCKET}/stream-manifest-val/val.csv", per_class=6)
-    jobs = {
+    cache = stream_cache(world.get(PRETRAINED), IMAGE_ROOM)
+    jobs: dict[str, dict[str, Any]] = {
         "stream-shards": {
             "train": shards,
             "validation": val_shards,
             "data_format": "webdataset",
             "workers": 2,
             "batch_size": 5,
+            "cache": cache,
         },
-        "stream-manifest": {"train": manifest, "validation": val_manifest, "data_format": "manifest", "batch_size": 10},
+        "stream-manifest": {
+            "train": manifest,
+            "validation": val_manifest,
+            "data_format": "manifest",
+            "batch_size": 10,
+            "cache": cache,
+        },
     }
     expected = {
         "stream-shards": shard_keys(world, f"s3://{DATA_BUCKET}/stream-shards", SHARDS),
@@ -137,12 +148,12 @@ def upload_shapes_shards(world: DigitsWorld, prefix: str, shards: int, seed: int
     return keys
 
 
-def detection_job(world: DigitsWorld, name: str, limit: str, checkpoint: str) -> dict[str, Any]:
+def detection_job(world: DigitsWorld, name: str, cache: dict[str, Any], checkpoint: str) -> dict[str, Any]:
     """The digits job's manifest (`DigitsWorld.manifest`) made a detection job on the shapes shards."""
     prefix = f"s3://{DATA_BUCKET}/{name}"
     job = world.manifest(
         name,
-        **{**SPEC, "cache": {"mode": "stream", "sizeLimit": limit}},
+        **{**SPEC, "cache": cache},
         output=f"s3://{OUT_BUCKET}/stream/{name}",
         checkpoint=checkpoint,
         train=f"{prefix}/train/{{000..{DETECTION_SHARDS - 1:03d}}}.tar",
@@ -168,8 +179,7 @@ def test_a_detection_run_streams_each_image_once_per_epoch_across_a_mid_epoch_re
     weights = random_detector(world.workdir / "stream-detector.safetensors").read_bytes()
     checkpoint = f"s3://{MODEL_BUCKET}/stream-detection/{DETECTOR}.safetensors"
     world.put(checkpoint, weights)
-    # sizeLimit leaves the images DETECTION_ROOM beside the base weights (cached on the same volume).
-    job = detection_job(world, name, f"{math.ceil((len(weights) + DETECTION_ROOM) / 1024)}Ki", checkpoint)
+    job = detection_job(world, name, stream_cache(weights, DETECTION_ROOM), checkpoint)
     manifest = world.workdir / f"{name}.yaml"
     manifest.write_text(yaml.safe_dump(job, sort_keys=False))
     proc = world.kubetune_popen(manifest, **SIGTERM_LAST_RANK_MID_EPOCH_2)

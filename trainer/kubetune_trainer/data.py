@@ -210,7 +210,7 @@ def list_image_folder(store: S3Store, prefix: S3Uri) -> Listing:
 
 def _list_classes(store: S3Store, prefix: S3Uri) -> dict[str, list[ObjectInfo]]:
     """Every object under `prefix` by class folder, at most MAX_LISTED_OBJECTS in all."""
-    base = f"{prefix.key}/" if prefix.key else ""
+    base = prefix.folder
     first, complete = store.list_first_page(prefix, FIRST_PAGE_KEYS)
     listed: dict[str, list[ObjectInfo]] = {}
     if complete:

@@ -250,7 +250,7 @@ class Resolved:
 
 
 def _resolve(samples: list[DetectionSample], prefix: S3Uri, listing: Mapping[str, tuple[int, str]]) -> Resolved:
-    base = f"{prefix.key}/" if prefix.key else ""
+    base = prefix.folder
     out = Resolved([], [], 0, {})
     for sample in samples:
         key = base + sample.key

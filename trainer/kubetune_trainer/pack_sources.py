@@ -89,7 +89,7 @@ class S3Folder:
     where: str
 
     def files(self) -> list[Listed]:
-        base = f"{self.prefix.key}/" if self.prefix.key else ""
+        base = self.prefix.folder
         listed = self.store.list_objects(self.prefix)
         return sorted((Listed(o.key[len(base) :], o.size) for o in listed if not o.key.endswith("/")), key=_name)
 
@@ -105,7 +105,7 @@ class S3Folder:
 
     def object(self, name: str) -> S3Uri:
         # Not S3Uri.join: that would drop the empty segments of a key the listing returned as it is.
-        return S3Uri(self.prefix.bucket, f"{self.prefix.key}/{name}" if self.prefix.key else name)
+        return S3Uri(self.prefix.bucket, self.prefix.folder + name)
 
 
 def _name(listed: Listed) -> str:

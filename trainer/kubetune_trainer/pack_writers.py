@@ -184,7 +184,7 @@ class S3Destination:
 
     def names(self) -> list[str]:
         """The objects directly under the prefix."""
-        base = f"{self.prefix.key}/" if self.prefix.key else ""
+        base = self.prefix.folder
         return sorted(o.key[len(base) :] for o in self.store.list_objects(self.prefix, recursive=False))
 
     def scratch(self) -> Path:

@@ -74,6 +74,11 @@ class S3Uri:
         return S3Uri(self.bucket, key)
 
     @property
+    def folder(self) -> str:
+        """The key prefix of everything under this location: "key/", or "" for a whole bucket."""
+        return f"{self.key}/" if self.key else ""
+
+    @property
     def fs_path(self) -> str:
         """The path pyarrow's S3FileSystem and Ray Train use for this location."""
         return f"{self.bucket}/{self.key}".rstrip("/")
@@ -202,7 +207,7 @@ class S3Store:
         """Names of the "folders" directly under `prefix` (S3 common prefixes), sorted; StorageError
         when there are more than `limit`."""
         names: list[str] = []
-        base = f"{prefix.key}/" if prefix.key else ""
+        base = prefix.folder
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=prefix.bucket, Prefix=base, Delimiter="/"
@@ -217,7 +222,7 @@ class S3Store:
 
     def list_first_page(self, prefix: S3Uri, max_keys: int = 1000) -> tuple[list[ObjectInfo], bool]:
         """The first page (up to `max_keys` objects) under `prefix`, recursively, and whether that was all."""
-        base = f"{prefix.key}/" if prefix.key else ""
+        base = prefix.folder
         try:
             page = self.client.list_objects_v2(Bucket=prefix.bucket, Prefix=base, MaxKeys=max_keys)
         except (ClientError, BotoCoreError) as error:
@@ -233,7 +238,7 @@ class S3Store:
         it), keys in full; StorageError when there are more than `limit` (the listing stops there rather
         than filling memory)."""
         out: list[ObjectInfo] = []
-        base = f"{prefix.key}/" if prefix.key else ""
+        base = prefix.folder
         within = {} if recursive else {"Delimiter": "/"}
         try:
             paginator = self.client.get_paginator("list_objects_v2")
@@ -386,7 +391,7 @@ class S3Store:
         ending in "/") are skipped.
         """
         objects = [o for o in self.list_objects(prefix, max_objects) if not o.key.endswith("/")]
-        base = f"{prefix.key}/" if prefix.key else ""
+        base = prefix.folder
         uris = [S3Uri(prefix.bucket, o.key) for o in objects]
         items = [(uri, local_path(local_dir, uri.key[len(base) :], str(uri))) for uri in uris]
         self.download_many(items, threads=min(len(items), 8) or 1)
