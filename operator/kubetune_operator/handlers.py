@@ -83,7 +83,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         rt = runtime_of(memo)
         # A new job's launch writes kopf's diff base with its status: one write per new job, not two.
         rt.status.offer_diffbase(body, new=reason == kopf.Reason.CREATE)
-        await reconcile.launch(rt, receive(plain(body)), retry=retry)
+        await reconcile.launch(rt, rt.status.received(plain(body)), retry=retry)
 
     @kopf.on.update(*FINETUNEJOBS, registry=registry)
     @_counted("spec_change")

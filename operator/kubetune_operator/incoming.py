@@ -35,6 +35,7 @@ class JobMeta:
     generation: int | None = None
     created: str | None = None  # creationTimestamp, as the API server wrote it
     deleting: bool = False  # deletionTimestamp is set
+    resource_version: str | None = None  # which version of the job this is (a body's own, not its spec's)
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> JobMeta:
@@ -48,6 +49,7 @@ class JobMeta:
             generation=generation if isinstance(generation, int) and not isinstance(generation, bool) else None,
             created=created if isinstance(created, str) else None,
             deleting=bool(meta.get("deletionTimestamp")),
+            resource_version=str(meta["resourceVersion"]) if meta.get("resourceVersion") else None,
         )
 
     @property
@@ -136,9 +138,15 @@ def _run_policy_alone(body: Mapping[str, Any]) -> RunPolicy:
         return RunPolicy()
 
 
-def receive(body: Mapping[str, Any]) -> JobRecord:
-    """The record of a FineTuneJob body (a watch event's, or one read from the API server)."""
+def receive(body: Mapping[str, Any], *, parsed: JobRecord | None = None) -> JobRecord:
+    """The record of a FineTuneJob body (a watch event's, or one read from the API server).
+
+    `parsed`: a record already made of a body; when it is of this very version of the job, its parsed
+    spec is taken rather than parsed again (a job's launch and its watch event share one).
+    """
     meta = JobMeta.of(body)
+    if parsed is not None and meta.resource_version and parsed.meta == meta:
+        return JobRecord(meta, parsed.job, _mapping(body.get("status")))
     job: FineTuneJob | InvalidJob
     try:
         # The spec and metadata only: the status is the operator's own, read as the dict it wrote.

@@ -49,6 +49,11 @@ class JobCache:
             return  # not seen yet: the next read is from the server anyway
         entry.written.update(status_patch)
 
+    def last_seen(self, namespace: str, name: str) -> JobRecord | None:
+        """The job as the watch last delivered it, without the operator's writes; None if never seen."""
+        entry = self._entries.get((namespace, name))
+        return entry.record if entry is not None else None
+
     def get(self, namespace: str, name: str) -> JobRecord | None:
         """The job as last seen, with the operator's own status writes applied; None if never seen."""
         entry = self._entries.get((namespace, name))

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import kopf
 
 from kubetune_operator.diffbase import MAX_CARRIED, CarriedDiffBase, uid_of
-from kubetune_operator.incoming import JobRecord, receive
+from kubetune_operator.incoming import JobMeta, JobRecord, receive
 from kubetune_operator.jobcache import JobCache
 from kubetune_operator.kube import is_not_found
 from kubetune_operator.lifecycle import NO_CHANGE, Event, StatusChange
@@ -54,6 +54,13 @@ class StatusWriter:
 
     def seen(self, record: JobRecord) -> None:
         self.jobs.seen(record)
+
+    def received(self, body: Mapping[str, Any]) -> JobRecord:
+        """The record of a job's body, sharing the parsed spec of the watch's record when that is of the same
+        body (kopf runs the event handlers before the launch's). So a burst's launches waiting for their
+        slot (`runtime.LAUNCHES_AT_ONCE`) hold no parsed job of their own: 5,000 of them held ~85 MB."""
+        meta = JobMeta.of(body)
+        return receive(body, parsed=self.jobs.last_seen(meta.namespace, meta.name))
 
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
