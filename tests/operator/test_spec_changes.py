@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -117,9 +118,21 @@ async def test_a_finished_job_says_edits_have_no_effect(op: OperatorHarness) -> 
     assert op.phase(NS, NAME) == "Succeeded"
 
 
+def last_millisecond_of_the_second() -> datetime:
+    """Now, as the last millisecond of its second: the whole-second completionTime a job then gets makes a
+    TTL of 1 s run out a millisecond after the job finished, every time (what a busy run does now and then)."""
+    return datetime.now(UTC).replace(microsecond=999_000)
+
+
 async def test_ttl_deletes_a_finished_job(op: OperatorHarness) -> None:
-    await finished_job(op, runPolicy={"ttlSecondsAfterFinished": 1})
+    assert op.runtime is not None
+    op.runtime.clock = last_millisecond_of_the_second
+    await running_job(op, runPolicy={"ttlSecondsAfterFinished": 1})
+    await op.set_rayjob_status(NS, NAME, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    # Not a wait for phase Succeeded first: the job may be gone before a poll sees it (so it was, in 1 of
+    # 4 busy runs of tests/operator, which read as the job stuck Running).
     await op.wait_for(lambda: op.job(NS, NAME) is None, timeout=5, what="the job to be deleted after its TTL")
+    assert op.phases(NS, NAME)[-1] == "Succeeded"  # deleted once finished, not before
 
 
 async def test_ttl_set_after_the_job_finished_applies(op: OperatorHarness) -> None:

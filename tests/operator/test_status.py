@@ -28,7 +28,9 @@ async def step(op: OperatorHarness, phase: str, reason: str, /, **rayjob_status:
         lambda: (
             (op.job(NS, NAME) or {}).get("status", {}).get("phase") == phase and reason in op.event_reasons(NS, NAME)
         ),
-        what=f"phase {phase} with Event {reason} (phase {op.phase(NS, NAME)}, events {op.event_reasons(NS, NAME)})",
+        what=lambda: (
+            f"phase {phase} with Event {reason} (phase {op.phase(NS, NAME)}, events {op.event_reasons(NS, NAME)})"
+        ),
     )
     job = op.job(NS, NAME)
     assert job is not None

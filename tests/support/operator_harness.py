@@ -141,6 +141,13 @@ class ApiServer(kmock.KubernetesEmulator):
                 return dict(obj.raw)
         return None
 
+    def versions(self, resource: Any, namespace: str | None, name: str | None) -> list[dict[str, Any]]:
+        """Every state the object has had, oldest first, deleted or not (kmock keeps each write's result)."""
+        for (res, ns, nm), obj in self.objects.items():
+            if res == resource and ns == namespace and nm == name:
+                return [dict(version.raw) for version in obj.history if version is not None]
+        return []
+
 
 def declare_resources(api: kmock.KubernetesEmulator, *, kuberay: bool = True) -> None:
     """Kubernetes' built-in resources, the FineTuneJob CRD and (unless `kuberay=False`) KubeRay's RayJob."""
@@ -325,6 +332,16 @@ class OperatorHarness:
         phase: str | None = (job.get("status") or {}).get("phase")
         return phase
 
+    def phases(self, namespace: str, name: str) -> list[str]:
+        """Every phase the job's status has had, in order, however briefly, even once the job is deleted
+        (a TTL of 1 s may delete it a millisecond after it finished, before any poll saw it finished)."""
+        seen: list[str] = []
+        for version in self.api.versions(kmock.resource(FINETUNEJOBS), namespace, name):
+            phase = (version.get("status") or {}).get("phase")
+            if phase and (not seen or seen[-1] != phase):
+                seen.append(phase)
+        return seen
+
     def condition(self, namespace: str, name: str, type_: str) -> dict[str, Any] | None:
         job = self.job(namespace, name) or {}
         return next((c for c in (job.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
@@ -343,8 +360,11 @@ class OperatorHarness:
 
     # -- waiting ---------------------------------------------------------------------------------------
 
-    async def wait_for(self, predicate: Callable[[], T | None], timeout: float = 10.0, what: str = "") -> T:
-        """Poll until `predicate()` is truthy and return it; fail saying `what` after `timeout` seconds."""
+    async def wait_for(
+        self, predicate: Callable[[], T | None], timeout: float = 10.0, what: str | Callable[[], str] = ""
+    ) -> T:
+        """Poll until `predicate()` is truthy and return it; fail saying `what` after `timeout` seconds
+        (a callable `what` is asked then, so it describes the state that timed out, not the one before)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -352,7 +372,8 @@ class OperatorHarness:
             if value:
                 return value
             if loop.time() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+                described = what() if callable(what) else what
+                raise AssertionError(f"timed out after {timeout}s waiting for {described or predicate}")
             await asyncio.sleep(0.02)
 
     async def wait_for_phase(self, namespace: str, name: str, phase: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -360,16 +381,18 @@ class OperatorHarness:
             job = self.job(namespace, name)
             return job if job and (job.get("status") or {}).get("phase") == phase else None
 
-        return await self.wait_for(
-            reached, timeout, f"{namespace}/{name} to reach phase {phase} (it is {self.phase(namespace, name)})"
-        )
+        def described() -> str:
+            now = "it is gone" if self.job(namespace, name) is None else f"it is {self.phase(namespace, name)}"
+            return f"{namespace}/{name} to reach phase {phase} ({now}; it went {self.phases(namespace, name)})"
+
+        return await self.wait_for(reached, timeout, described)
 
     async def wait_for_event(self, namespace: str, name: str, reason: str, timeout: float = 10.0) -> dict[str, Any]:
         """The first Event with `reason` about the job (Events are posted in the background)."""
         return await self.wait_for(
             lambda: next((e for e in self.events(namespace, name) if e["reason"] == reason), None),
             timeout,
-            f"an Event {reason} on {namespace}/{name} (seen: {self.event_reasons(namespace, name)})",
+            lambda: f"an Event {reason} on {namespace}/{name} (seen: {self.event_reasons(namespace, name)})",
         )
 
     async def settle(self, seconds: float = 0.3) -> None:
