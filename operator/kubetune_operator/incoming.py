@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune_operator.messages import format_validation_error
+from kubetune_operator.shared_defaults import share_defaults
 from kubetune_operator.spec import API_VERSION, KIND, FineTuneJob, RunPolicy
 from kubetune_trainer.config import OUTPUT_FILES, selected_metric
 
@@ -150,7 +151,8 @@ def receive(body: Mapping[str, Any], *, parsed: JobRecord | None = None) -> JobR
     job: FineTuneJob | InvalidJob
     try:
         # The spec and metadata only: the status is the operator's own, read as the dict it wrote.
-        job = FineTuneJob.from_body({key: value for key, value in body.items() if key != "status"})
+        # Its sections left at their defaults shared with every other job's (the cache keeps one per job).
+        job = share_defaults(FineTuneJob.from_body({key: value for key, value in body.items() if key != "status"}))
     except ValidationError as exc:
         job = InvalidJob(invalid_spec_message(exc, meta.source), _run_policy_alone(body))
     return JobRecord(meta, job, _mapping(body.get("status")))
