@@ -129,7 +129,7 @@ async def test_ttl_deletes_a_finished_job(op: OperatorHarness) -> None:
     op.runtime.clock = last_millisecond_of_the_second
     await running_job(op, runPolicy={"ttlSecondsAfterFinished": 1})
     await op.set_rayjob_status(NS, NAME, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
-    # Not a wait for phase Succeeded first: the job may be gone before a poll sees it (so it was, in 1 of
+    # Not a wait for phase Succeeded first: the job may be gone before a poll sees it (so it was in 2 of
     # 4 busy runs of tests/operator, which read as the job stuck Running).
     await op.wait_for(lambda: op.job(NS, NAME) is None, timeout=5, what="the job to be deleted after its TTL")
     assert op.phases(NS, NAME)[-1] == "Succeeded"  # deleted once finished, not before
