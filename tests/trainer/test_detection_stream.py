@@ -1,7 +1,7 @@
 """Stream mode for detection: the images stream through the classification windows and group files, the boxes
 come from the run's index.
 
-Real shards and a manifest in the session's moto S3, the real index (`formats.detection_index`), the real
+Real shards, a manifest and COCO annotation files in the session's moto S3, the real index (`formats.detection_index`), the real
 windows and fetcher (`stream.stream_setup`), and the task's own datasets: two workers' epoch covers each
 training image once, a resume mid-epoch hands out exactly the rest, each image decodes from its group
 file to what full mode reads from the node cache with the same boxes, and the bad boxes and the broken
@@ -41,11 +41,33 @@ def item(n: int) -> dict[str, Any]:
     return {"width": 32, "height": 32, "annotations": [{"bbox": b, "category": c} for b, c in boxes_of(n)]}
 
 
-def upload(world: DigitsWorld, data_format: str) -> dict[str, str]:
-    """SHARDS * PER_SHARD training images and 4 validation ones; data.train and data.validation."""
+def coco_file(numbers: range) -> dict[str, Any]:
+    """The COCO annotations of images `numbers` (`<n>.png`), the same boxes as `item`'s."""
+    images = [{"id": n + 1, "file_name": f"{n:03d}.png", "width": 32, "height": 32} for n in numbers]
+    annotations = [
+        {"id": 100 * n + j, "image_id": n + 1, "category_id": 1 + "ab".index(c), "bbox": b, "area": b[2] * b[3]}
+        for n in numbers
+        for j, (b, c) in enumerate(boxes_of(n))
+    ]
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+
+
+def upload(world: DigitsWorld, data_format: str) -> dict[str, Any]:
+    """SHARDS * PER_SHARD training images and 4 validation ones; data.train and data.validation (or
+    data.annotations for COCO)."""
     pngs = [digit_png(pixels) for pixels, _ in world.digits(range(10))[: SHARDS * PER_SHARD + 4]]
     pngs[BROKEN] = b"not a png at all"
     root = f"{PREFIX}/{data_format}"
+    if data_format == "coco":
+        world.put_many({f"{root}/images/{n:03d}.png": png for n, png in enumerate(pngs)})
+        world.put(f"{root}/train.json", json.dumps(coco_file(range(SHARDS * PER_SHARD))).encode())
+        world.put(f"{root}/val.json", json.dumps(coco_file(range(SHARDS * PER_SHARD, len(pngs)))).encode())
+        annotations = {"train": f"{root}/train.json", "validation": f"{root}/val.json"}
+        return {"train": f"{root}/images/", "annotations": annotations}
     if data_format == "webdataset":
         for shard in range(SHARDS + 1):  # the last one: validation
             numbers = range(shard * PER_SHARD, min(len(pngs), (shard + 1) * PER_SHARD))
@@ -90,7 +112,7 @@ def read_epoch(task: DetectionTask, store: S3Store, rank: int, skip: int = 0) ->
     return read
 
 
-@pytest.mark.parametrize("data_format", ["webdataset", "manifest"])
+@pytest.mark.parametrize("data_format", ["webdataset", "manifest", "coco"])
 def test_a_detection_epoch_streams_each_image_once_with_its_indexed_boxes(
     world: DigitsWorld, data_format: str, tmp_path: Path
 ) -> None:

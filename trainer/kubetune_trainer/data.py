@@ -22,6 +22,7 @@ node instead of once per epoch, and later epochs read at local-disk speed.
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from kubetune_trainer.cache import cache_root, digest, node_lock
 from kubetune_trainer.config import MAX_CLASSES, DataSpec
 from kubetune_trainer.errors import ConfigError, DataError, first_line
 from kubetune_trainer.localpaths import local_path, unsafe_reason
-from kubetune_trainer.shards import SHARD_THREADS, extract_members
+from kubetune_trainer.shards import SHARD_THREADS, extract_members, member_runs, read_run, write_atomically
 from kubetune_trainer.storage import (
     DOWNLOAD_THREADS,
     MAX_LISTED_OBJECTS,
@@ -426,13 +427,21 @@ def cache_refusals(samples: Sequence[Sample]) -> dict[str, str]:
     return refused | dict.fromkeys(sorted(clashes), FOLDER_CLASH)
 
 
+Unpack = Callable[[S3Store, DatasetIndex, Path, Sequence[Sample]], None]
+
+
 def cache_samples(
-    store: S3Store, index: DatasetIndex, folder: Path, samples: Sequence[Sample], refused: Mapping[str, str]
+    store: S3Store,
+    index: DatasetIndex,
+    folder: Path,
+    samples: Sequence[Sample],
+    refused: Mapping[str, str],
+    unpack: Unpack | None = None,
 ) -> dict[str, str | None]:
     """`samples` of `index` written into `folder` (`local_path` of each key) and decode-checked: key →
     why it is unreadable, or None. `refused` (`cache_refusals` of every image the folder may hold) are
-    never written."""
-    unpack_shards(store, index, folder, [s for s in samples if s.source and s.key not in refused])
+    never written. Shard members come by `unpack` (`unpack_shards` unless told)."""
+    (unpack or unpack_shards)(store, index, folder, [s for s in samples if s.source and s.key not in refused])
 
     def ensure(sample: Sample) -> tuple[str, str | None]:
         if sample.key in refused:
@@ -465,6 +474,30 @@ def unpack_shards(store: S3Store, index: DatasetIndex, folder: Path, samples: Se
 
     with ThreadPoolExecutor(max_workers=min(SHARD_THREADS, len(by_shard)) or 1, thread_name_prefix="shards") as pool:
         list(pool.map(unpack, sorted(by_shard)))
+
+
+def unpack_ranges(store: S3Store, index: DatasetIndex, folder: Path, samples: Sequence[Sample]) -> None:
+    """The image members of `samples` written from their WebDataset shards at the offsets the index found
+    (`shards.member_runs`: one ranged GET a run of nearby members, If-Match the indexed ETag), several
+    runs at a time: members of a shard that are not wanted are not downloaded (`evaluation.paged`'s pages
+    hold a part of a shard where the judged order leaves it)."""
+    wanted = [s for s in samples if s.size <= MAX_IMAGE_BYTES]
+    at = {(s.source, s.offset): s for s in wanted}
+    runs = [
+        (shard, run)
+        for shard in sorted({s.source for s in wanted})
+        for run in member_runs([(s.offset, s.size) for s in wanted if s.source == shard])
+    ]
+
+    def unpack(shard: str, run: Sequence[tuple[int, int]]) -> None:
+        etag = at[(shard, run[0][0])].etag
+        for offset, data in read_run(store, S3Uri(index.bucket, shard), etag, run):
+            sample = at[(shard, offset)]
+            path = local_path(folder, sample.key, f"s3://{index.bucket}/{sample.key}")
+            write_atomically(path, io.BytesIO(data).read)
+
+    with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="ranges") as pool:
+        list(pool.map(lambda job: unpack(*job), runs))
 
 
 def _needs_check(folder: Path, bucket: str, sample: Sample, checked: Mapping[str, str | None]) -> bool:

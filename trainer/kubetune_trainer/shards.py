@@ -49,6 +49,9 @@ MAX_HEADER_BYTES = 1024 * 1024
 MAX_PART_IMAGES = 50_000_000
 SHARD_THREADS = 8
 READ_CHUNK = 1024 * 1024  # bytes of a shard read at once when its members are read by offset
+# Bytes between two wanted members that a ranged read goes through rather than asking for each apart:
+# a tar's headers and a sample's small label members lie between two images of a shard.
+MEMBER_GAP = 8 * 1024
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSIONS = ("cls", "json")
 _LONG_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE)
@@ -254,6 +257,30 @@ def read_members(
         raise DataError(f"{uri} is {size:,} bytes, more than the {MAX_SHARD_BYTES:,} a shard may have")
     with store.open_body(uri, etag) as body:
         yield from byte_ranges(BoundedBody(body, uri, size).read, sorted(members))
+
+
+def member_runs(members: Sequence[tuple[int, int]], gap: int = MEMBER_GAP) -> list[list[tuple[int, int]]]:
+    """`members` (offset, size) sorted into runs that one ranged GET each reads: a new run where more than
+    `gap` bytes lie between a member and the next."""
+    runs: list[list[tuple[int, int]]] = []
+    end = 0
+    for offset, size in sorted(members):
+        if not runs or offset - end > gap:
+            runs.append([])
+        runs[-1].append((offset, size))
+        end = max(end, offset + size)
+    return runs
+
+
+def read_run(store: S3Store, uri: S3Uri, etag: str, run: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of each member of `run` (one of `member_runs`, sorted) as the driver's index found
+    them, from one ranged GET of the shard while it still has the ETag it was indexed with (StorageError
+    otherwise); a member the shard ends before is left out."""
+    start, end = run[0][0], max(offset + size for offset, size in run)
+    with store.open_body(uri, etag, (start, end)) as body:
+        read = BoundedBody(body, uri, end - start).read
+        for offset, data in byte_ranges(read, [(offset - start, size) for offset, size in run]):
+            yield start + offset, data
 
 
 def byte_ranges(read: Callable[[int], bytes], ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:

@@ -291,11 +291,14 @@ class S3Store:
             raise self._storage_error(error, uri, "read") from None
 
     @contextmanager
-    def open_body(self, uri: S3Uri, etag: str = "") -> Iterator[Any]:
+    def open_body(self, uri: S3Uri, etag: str = "", span: tuple[int, int] | None = None) -> Iterator[Any]:
         """The object's body as a stream (`read(n)`), for one pass over a big object (a tar shard); with
-        `etag`, only if the object still has it (else StorageError: it changed since it was listed)."""
+        `etag`, only if the object still has it (else StorageError: it changed since it was listed); with
+        `span` (start, end), only those bytes (an HTTP Range)."""
         try:
             extra = {"IfMatch": etag} if etag else {}
+            if span is not None:
+                extra["Range"] = f"bytes={span[0]}-{span[1] - 1}"
             response = self.client.get_object(Bucket=uri.bucket, Key=uri.key, **extra)
         except (ClientError, BotoCoreError) as error:
             raise self._storage_error(error, uri, "read") from None

@@ -37,11 +37,14 @@ def thumbnail(path: str) -> np.ndarray:
 
 
 def mistakes_png(dataset: Any, probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> bytes:
+    worst = worst_mistakes(probs, labels)
+    # Read in the set's order: a set paged within sizeLimit (`evaluation.paged`) then fetches a page once.
+    thumbnails = {i: thumbnail(dataset.paths[i]) for i in sorted(worst)}
     tiles = []
-    for i in worst_mistakes(probs, labels):
+    for i in worst:
         predicted = int(probs[i].argmax())
         caption = f"true {class_names[labels[i]]}\npredicted {class_names[predicted]} {probs[i, predicted]:.0%}"
-        tiles.append(Tile(thumbnail(dataset.paths[i]), caption, caption_colour="#b42318"))
+        tiles.append(Tile(thumbnails[i], caption, caption_colour="#b42318"))
     return grid_png(tiles, "Most confident mistakes")
 
 

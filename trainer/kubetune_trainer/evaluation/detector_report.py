@@ -59,8 +59,11 @@ def errors_png(
     dataset: Any, predictions: Predictions, targets: Predictions, class_names: Sequence[str], threshold: float
 ) -> bytes:
     """The images with the most errors: missed true boxes red dashed, false positives purple."""
+    worst = worst_images(predictions, targets, threshold, ERROR_IMAGES)
+    # Read in the set's order: a set paged within sizeLimit (`evaluation.paged`) then fetches a page once.
+    images = {i: dataset[i][0] for i in sorted(found["index"] for found in worst)}
     tiles = []
-    for found in worst_images(predictions, targets, threshold, ERROR_IMAGES):
+    for found in worst:
         i, p, t = found["index"], predictions[found["index"]], targets[found["index"]]
         boxes = [
             Box(t["boxes"][j].tolist(), MISSED, "--", f"missed {_name(class_names, int(t['labels'][j]))}")
@@ -76,7 +79,7 @@ def errors_png(
             for j in found["falsePositives"]
         ]
         caption = f"{len(found['misses'])} missed, {len(found['falsePositives'])} false"
-        tiles.append(Tile(dataset[i][0].permute(1, 2, 0).clamp(0, 1).numpy(), caption, boxes))
+        tiles.append(Tile(images[i].permute(1, 2, 0).clamp(0, 1).numpy(), caption, boxes))
     return grid_png(tiles, f"misses (red dashed) and false positives (purple) at score >= {threshold}")
 
 

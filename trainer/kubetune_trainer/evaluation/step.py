@@ -3,7 +3,7 @@
 `judge_node` runs where the node preparation ran (this process for a local run, a Ray task with one
 worker's resources on a cluster: a GPU when the workers have one). It rebuilds the architecture, loads
 the exported checkpoint's weights, and judges the test split (`data.test`), or the validation split
-when the job has none (and the report says so), its images cached as `paged.judged_sets` says (in
+when the job has none (and the report says so), its images cached as `paged.judge_sets` says (in
 stream mode within data.cache.sizeLimit). It writes under output.path, before the driver writes
 model.json: `evaluation.json` (every figure), `report.html` (one self-contained page), the task's
 pictures (detections.png) and the other formats of `output.formats` (checked against the model). What
@@ -26,7 +26,7 @@ from kubetune_trainer.cache import cached_object
 from kubetune_trainer.checkpoint import MODEL_FILE, exported_file
 from kubetune_trainer.config import OUTPUT_FILES, TrainerConfig
 from kubetune_trainer.evaluation.judged import VALIDATION, Judged
-from kubetune_trainer.evaluation.paged import judged_sets
+from kubetune_trainer.evaluation.paged import judge_sets
 from kubetune_trainer.evaluation.report import Section, cards, facts, figure, number, paragraph, render
 from kubetune_trainer.export import plot_curves
 from kubetune_trainer.storage import ObjectInfo, S3Store, S3Uri
@@ -162,13 +162,14 @@ def judge_node(
     store = S3Store.for_spec(config.storage)
     device = torch.device("cuda" if torch.cuda.is_available() and config.scaling.gpus_per_worker else "cpu")
     model = load_exported(config, task, store, weights, S3Uri.parse(checkpoint), device)
-    with (
-        judged_sets(store, config, task, weights.size, preprocessing) as (task, validation, judged_set, split),
-        tempfile.TemporaryDirectory(prefix="kubetune-report-") as tmp,
-    ):
-        judged = task.judge(model, validation, judged_set, split, device)
+    with tempfile.TemporaryDirectory(prefix="kubetune-report-") as tmp:
         out_dir = Path(tmp)
-        exports = task.export_formats(model, validation, out_dir, judged, preprocessing)
+
+        def judging(task: Task, validation: Any, judged_set: Any, split: str) -> tuple[Task, Judged, Any, str]:
+            judged = task.judge(model, validation, judged_set, split, device)
+            return task, judged, task.export_formats(model, validation, out_dir, judged, preprocessing), split
+
+        task, judged, exports, split = judge_sets(store, config, task, weights.size, preprocessing, judging)
         evaluation = {"format": EVALUATION_FORMAT, "split": split, "epoch": epoch, "metrics": judged.metrics}
         (out_dir / OUTPUT_FILES["evaluation"]).write_text(json.dumps(evaluation, indent=2))
         for name, data in judged.files.items():
