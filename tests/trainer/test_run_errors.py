@@ -120,14 +120,6 @@ def test_trainer_entrypoint_reads_the_config_from_its_env_variable(
     assert "kubetune: error: $KUBETUNE_TRAINER_CONFIG: model.checkpoint: Field required" in capsys.readouterr().err
 
 
-def late_prepare(*wires: Any) -> dict[str, Any]:
-    """`run.prepare_node`, a few seconds late: after the driver has handed the training to Ray Train."""
-    from kubetune_trainer.run import prepare_node
-
-    time.sleep(LATE_S)
-    return prepare_node(*wires)
-
-
 @pytest.mark.slow
 def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_path: Path) -> None:
     """On a cluster the node is prepared by a Ray task; its verdicts reach the driver as TrainerErrors. Beside
@@ -147,6 +139,13 @@ def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_pat
         store_for,
         train,
     )
+
+    def late_prepare(*wires: Any) -> dict[str, Any]:  # pickled by value: Ray's workers cannot import tests
+        """`run.prepare_node`, a few seconds late: after the driver has handed the training to Ray Train."""
+        from kubetune_trainer.run import prepare_node
+
+        time.sleep(LATE_S)
+        return prepare_node(*wires)
 
     victim = tmp_path / "created-by-pickle"
     pretrained.put("s3://models/evil/cluster.pt", pickle.dumps({"model": CreatesFile(victim)}))
