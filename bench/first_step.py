@@ -13,13 +13,17 @@ weights and cache fill, worker started, model built, data loaders ready, first s
 reads from the driver's log. Each phase is one figure; whose share it is (the operator's, the trainer's,
 Ray's) is in its name. No baseline: the target is on the own shares' sum.
 
-Whose share: what kubetune's code runs or imports is its own, wherever it runs. The node task marks its
-start before it imports the trainer's modules, so their imports (torch) count as the trainer's, and timm
-is imported in the timed base weights. On the worker, timm's import starts on a thread when Ray Train
-hands the worker its context (`startup.ModelImports`), beside Ray Train's set-up: it has a row of its own,
-in no sum (it overlaps Ray's phase), and what the model build still waits for of it is in "model build". Ray's share is the Ray processes'
-start-up: the head, the driver's connection, a worker process for the node task, and Ray Train's worker
-group, whose worker imports torch for Ray Train's own process-group set-up before kubetune's code runs.
+Whose share: what kubetune's code runs or imports is its own, wherever it runs, where it is on the path to
+the first step. The node preparation (the node task's torch and timm imports, the base weights, the cache
+fill) runs beside Ray Train's worker group start (`run.Preparing`): its phases have rows of their own, in
+no sum, and what the worker still waits for of it is the phase "the worker's wait" (the trainer's). The
+node task marks its start before it imports the trainer's modules, so its imports are timed apart from
+its Ray worker process's start. On the worker, timm's import starts on a thread when Ray Train hands the
+worker its context (`startup.ModelImports`), beside Ray Train's set-up: a row of its own, in no sum, and
+what the model build still waits for of it is in "model build". Ray's share is the Ray processes'
+start-up: the head, the driver's connection, and Ray Train's worker group, whose worker imports torch for
+Ray Train's own process-group set-up before kubetune's code runs; it now shares the node's cores with the
+node preparation, so the total (apply → first step) is the figure that says what the overlap gained.
 The dev cluster has no image pull or pod scheduling, which a real cluster adds before all of this
 (bench/findings.md lists them from KubeRay's docs).
 """
@@ -49,22 +53,45 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     ("driver imports (Ray, torch: no timm)", "trainer", "driver imports done"),
     ("driver connects to Ray", "Ray", "connected to Ray"),
     ("driver preflight (architecture, S3 checks, dataset listing)", "trainer", "inputs checked"),
-    ("node task start (a Ray worker process)", "Ray", "node task started"),
-    ("node task imports (kubetune_trainer.run: torch)", "trainer", "node task imports done"),
-    ("base weights: timm import, download and load", "trainer", "base weights loaded"),
-    ("data cache fill (what is left of it: it runs beside the base weights)", "trainer", "data cache filled"),
-    ("node task result back in the driver", "Ray", "node prepared"),
-    ("Ray Train worker group start (the worker imports timm beside it: the row below)", "Ray", "worker started"),
+    (
+        "Ray Train worker group start (the node preparation and the worker's timm import run beside it: rows below)",
+        "Ray",
+        "worker started",
+    ),
+    ("the worker's wait for what is left of the node preparation", "trainer", "node prepared, on the worker"),
     ("model build (what is left of timm's import, then the build)", "trainer", "model built"),
     ("data loaders", "trainer", "data loaders ready"),
     ("first step", "trainer", "first step"),
     ("first step → status.progress (relay, push, operator write)", "trainer", "status"),
 )
 OWN = ("operator", "trainer")
-# Work of the trainer's that runs beside a phase above (figure, from mark, to mark): its own row, in no sum.
-BESIDE: tuple[tuple[str, str, str], ...] = (
+# Work that runs beside a phase above (figure, whose, from mark, to mark): its own row, in no sum. The node
+# preparation (`run.Preparing`) runs beside Ray Train's worker group start; what the worker still waits for
+# of it is the phase above.
+BESIDE: tuple[tuple[str, str, str, str], ...] = (
+    ("node task start (a Ray worker process; beside, in no sum)", "Ray", "inputs checked", "node task started"),
+    ("node task imports (torch; beside, in no sum)", "trainer", "node task started", "node task imports done"),
+    (
+        "base weights: timm import, download and load (beside, in no sum)",
+        "trainer",
+        "node task imports done",
+        "base weights loaded",
+    ),
+    (
+        "data cache fill, what is left of it after the base weights (beside, in no sum)",
+        "trainer",
+        "base weights loaded",
+        "data cache filled",
+    ),
+    (
+        "the node preparation, inputs checked → its result in the driver (beside, in no sum)",
+        "trainer",
+        "inputs checked",
+        "node prepared",
+    ),
     (
         "timm import on the worker, beside Ray Train's worker group start (in no sum: its wait is in model build)",
+        "trainer",
         "model imports started",
         "model imports done",
     ),
@@ -145,7 +172,7 @@ def one_job(cluster: Any, manifest: dict[str, Any], name: str, timeout: float) -
 def marks_with_all(read_log: Callable[[], str], applied: datetime) -> dict[str, datetime]:
     """The driver log's marks once it has every one the phases need (or what it has after LOG_WAIT_S)."""
     needed = {ends for _, _, ends in PHASES} - {"rayjob", "running", "status"}
-    needed |= {at for _, start, end in BESIDE for at in (start, end)}
+    needed |= {at for _, _, start, end in BESIDE for at in (start, end)}
     deadline = time.monotonic() + LOG_WAIT_S
     while not needed <= (found := marks_in(read_log(), applied)).keys() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -155,7 +182,7 @@ def marks_with_all(read_log: Callable[[], str], applied: datetime) -> dict[str, 
 def beside(marks: dict[str, datetime]) -> dict[str, float]:
     """Seconds of each BESIDE figure, from its start mark to its end mark."""
     out: dict[str, float] = {}
-    for figure, start, end in BESIDE:
+    for figure, _, start, end in BESIDE:
         if start not in marks or end not in marks:
             raise RuntimeError(f"no milestone {start!r} or {end!r} (driver log lacks its start-up mark?)")
         out[figure] = max(0.0, (marks[end] - marks[start]).total_seconds())
@@ -192,7 +219,9 @@ def rows(samples: list[dict[str, float]]) -> list[Row]:
         "server shows (RayJob created, RayJob Running, first status.progress.step)"
     )
     out = [Row(NAME, f"{figure} [{who}]", "s", [s[figure] for s in samples], note=note) for figure, who, _ in PHASES]
-    out += [Row(NAME, f"{figure} [trainer]", "s", [s[figure] for s in samples], note=note) for figure, _, _ in BESIDE]
+    out += [
+        Row(NAME, f"{figure} [{who}]", "s", [s[figure] for s in samples], note=note) for figure, who, _, _ in BESIDE
+    ]
     own = [sum(s[f] for f, who, _ in PHASES if who in OWN) for s in samples]
     ray = [sum(s[f] for f, who, _ in PHASES if who not in OWN) for s in samples]
     total = [sum(s[f] for f, _, _ in PHASES) for s in samples]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +15,8 @@ from kubetune_trainer.storage import S3Store, S3Uri
 from tests.support.digits_world import HI_TRAIN, DigitsWorld
 
 PLACEHOLDER = "s3://models/placeholder/weights.safetensors"
+# How late `late_prepare` fails: Ray Train's controller is up by then, its worker group starting.
+LATE_S = 4.0
 
 
 class CreatesFile:
@@ -117,12 +122,30 @@ def test_trainer_entrypoint_reads_the_config_from_its_env_variable(
 
 @pytest.mark.slow
 def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_path: Path) -> None:
-    """On a cluster the node is prepared by a Ray task; its verdicts reach the driver as TrainerErrors."""
+    """On a cluster the node is prepared by a Ray task; its verdicts reach the driver as TrainerErrors. Beside
+    Ray Train's start-up (a node that can host a worker is up) the verdict is the same, and a failure ends
+    the training run with the node's error."""
     import ray
 
     from kubetune_trainer.errors import TrainerError
     from kubetune_trainer.local import with_endpoint
-    from kubetune_trainer.run import check_inputs, prepare, store_for
+    from kubetune_trainer.run import (
+        Placement,
+        Preparing,
+        await_node,
+        check_inputs,
+        prepare,
+        prepare_in_cluster,
+        store_for,
+        train,
+    )
+
+    def late_prepare(*wires: Any) -> dict[str, Any]:  # pickled by value: Ray's workers cannot import tests
+        """`run.prepare_node`, a few seconds late: after the driver has handed the training to Ray Train."""
+        from kubetune_trainer.run import prepare_node
+
+        time.sleep(LATE_S)
+        return prepare_node(*wires)
 
     victim = tmp_path / "created-by-pickle"
     pretrained.put("s3://models/evil/cluster.pt", pickle.dumps({"model": CreatesFile(victim)}))
@@ -136,6 +159,16 @@ def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_pat
         prepared = prepare(good, check_inputs(good, store_for(good)), here=False, cpus=1)
         with pytest.raises(TrainerError, match=r"refused to load s3://models/evil/cluster.pt"):
             prepare(evil, check_inputs(evil, store_for(evil)), here=False, cpus=1)
+        beside = prepare_in_cluster(good, check_inputs(good, store_for(good)), cpus=1, gpus=0)
+        assert isinstance(beside, Preparing)
+        assert beside.wait().data_config == prepared.data_config
+        # A preparation that fails once Ray Train has started: the run ends with its error, not retried.
+        inputs = check_inputs(evil, store_for(evil))
+        late = ray.remote(late_prepare).options(num_cpus=0, max_retries=0)
+        evil_beside = Preparing(inputs, Placement(False), late.remote(evil.wire(), inputs.task.wire(), inputs.weights))
+        threading.Thread(target=await_node, args=(evil, evil_beside), daemon=True).start()
+        with pytest.raises(TrainerError, match=r"refused to load s3://models/evil/cluster.pt"):
+            train(evil, evil_beside, cpus_per_worker=1, use_gpu=False)
     finally:
         ray.shutdown()
     assert prepared.data_config["input_size"] == [3, 32, 32]

@@ -48,7 +48,7 @@ def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
     def run() -> int:
         import ray
 
-        from kubetune_trainer.run import check_inputs, prepare, store_for, train
+        from kubetune_trainer.run import check_inputs, prepare_in_cluster, store_for, train
 
         mark("driver imports done")
         ray.init()
@@ -58,8 +58,8 @@ def run_in_cluster(config: TrainerConfig, *, s3_endpoint: str | None) -> int:
         warn_if_short(workers, scaling.cpus_per_worker, scaling.gpus_per_worker, ray.cluster_resources())
         inputs = check_inputs(config, store_for(config))
         mark("inputs checked")
-        prepared = prepare(config, inputs, here=False, cpus=scaling.cpus_per_worker, gpus=scaling.gpus_per_worker)
-        mark("node prepared")
+        # Beside Ray Train's start-up where a worker's node is up (the workers wait for it), before it otherwise.
+        prepared = prepare_in_cluster(config, inputs, cpus=scaling.cpus_per_worker, gpus=scaling.gpus_per_worker)
         outcome = train(
             config,
             prepared,

@@ -25,6 +25,7 @@ checkpoint, as a function of the history alone.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 import shutil
@@ -57,7 +58,7 @@ from kubetune_trainer.checkpoint import (
 )
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import MAX_CORRUPT_FRACTION, prepare_images
-from kubetune_trainer.errors import DataError, TrainerError
+from kubetune_trainer.errors import DataError, TrainerError, error_line
 from kubetune_trainer.export import RANGE_TEST_FILE
 from kubetune_trainer.loaders import EpochOrder, coverage_hashes, eval_loader, steps_per_epoch, train_loader
 from kubetune_trainer.lr_range import START_LR, RangeTest, cycle, find_learning_rate, plot_range_test
@@ -105,6 +106,9 @@ class RunPlan:
     # A sweep's trial: every epoch's figures reported to Ray Train (and so to Tune's scheduler), also the
     # epochs that end without a checkpoint (checkpointEvery a duration).
     report_epochs: bool = False
+    # The ObjectRef of the node's preparation when the driver started training beside it (`run.Preparing`):
+    # `task` still holds every image and `data_config` is empty until the worker applies its result (`with_node`).
+    node: Any = field(default=None, repr=False)
 
     def loop_config(self, config: TrainerConfig) -> dict[str, Any]:
         """Plain data for Ray Train's `train_loop_config` (the relay queue is a Ray actor handle)."""
@@ -119,6 +123,7 @@ class RunPlan:
             "stepCallbacks": list(self.step_callbacks),
             "relay": self.relay,
             "reportEpochs": self.report_epochs,
+            "node": self.node,
         }
 
     @classmethod
@@ -135,6 +140,7 @@ class RunPlan:
             step_callbacks=tuple(raw.get("stepCallbacks", ())),
             relay=raw.get("relay"),
             report_epochs=bool(raw.get("reportEpochs", False)),
+            node=raw.get("node"),
         )
         return config, plan
 
@@ -286,6 +292,7 @@ def train_loop(raw: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: set up, build or resume the state, then train epoch by epoch."""
     worker = start_worker(raw)
     first_worker_mark(worker, "worker started")
+    with_node(worker)
     model, trainable = build_model(worker)
     first_worker_mark(worker, "model built")
     loaders = make_loaders(worker)
@@ -355,6 +362,24 @@ def start_worker(raw: Mapping[str, Any]) -> Worker:
     configure_backends(device)
     store = S3Store.for_spec(config.storage)
     return Worker(config, plan, ctx.get_world_rank(), ctx.get_world_size(), device, store)
+
+
+def with_node(worker: Worker) -> None:
+    """The worker's plan with the node preparation's verdict applied, when the driver started training beside
+    it (`run.Preparing`): wait for it, then drop the images that did not decode and take its preprocessing.
+    A failed preparation fails the worker with its error, but the driver's wait for the same result has
+    already aborted the run (Ray Train does not retry it)."""
+    if worker.plan.node is None:
+        return
+    import ray
+
+    try:
+        found = ray.get(worker.plan.node)
+    except Exception as error:  # the task's TrainerError, wrapped by Ray
+        raise TrainerError(f"preparing a node failed: {error_line(error)}") from None
+    task = worker.plan.task.without_corrupt(found["corrupt"])
+    worker.plan = dataclasses.replace(worker.plan, task=task, data_config=dict(found["dataConfig"]), node=None)
+    first_worker_mark(worker, "node prepared, on the worker")
 
 
 def build_model(worker: Worker) -> tuple[nn.Module, TrainablePlan]:

@@ -6,8 +6,10 @@
    the field or URI.
 2. `prepare_node`: base weights and images into the node cache, images decode-checked, base weights
    loaded into the architecture. It runs on a node that will host workers — this process for a local
-   run, a Ray task with one worker's resources on a cluster — so deterministic failures (an unsafe
-   pickle, too many corrupt images) end the run at once instead of being retried as worker failures.
+   run, a Ray task on a cluster — so deterministic failures (an unsafe pickle, too many corrupt images)
+   end the run at once instead of being retried as worker failures. On a cluster it runs beside Ray
+   Train's start-up where a node can host a worker (`prepare_in_cluster`, `Preparing`: the workers wait
+   for its result, and its failure aborts the training run), before training otherwise.
 3. `train`: TorchTrainer with S3 storage `<output.path>/checkpoints`, run name `config.run_name`
    (namespace, name and the digest of the run-shaping spec): a new driver with the same name resumes
    the run from its latest checkpoint, and FailureConfig restarts failed workers from it (`maxRetries`)
@@ -25,10 +27,13 @@ the card.
 
 from __future__ import annotations
 
+import _thread
 import logging
+import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -170,6 +175,11 @@ def prepare(config: TrainerConfig, inputs: Inputs, *, here: bool, cpus: float = 
     placement = Placement(here, cpus, gpus)
     wires = (config.wire(), inputs.task.wire(), inputs.weights)
     found = on_node(placement, prepare_node, "preparing a node", *wires, milestone="node task started")
+    return prepared_from(config, inputs, found, placement)
+
+
+def prepared_from(config: TrainerConfig, inputs: Inputs, found: Mapping[str, Any], placement: Placement) -> Prepared:
+    """What prepare_node found (plain data), read back and logged."""
     prepared = Prepared(
         task=inputs.task.without_corrupt(found["corrupt"]),
         weights=inputs.weights,
@@ -198,13 +208,121 @@ def on_node(
         return dict(node_task(*call))
     import ray
 
-    options = {"num_cpus": placement.cpus, "num_gpus": placement.gpus, "max_retries": 0, "name": function.__name__}
-    task = ray.remote(node_task).options(**options)
+    options = {"num_cpus": placement.cpus, "num_gpus": placement.gpus}
+    return node_result(ray.remote(node_task).options(**options, **task_options(function)).remote(*call), what)
+
+
+def task_options(function: Callable[..., Any]) -> dict[str, Any]:
+    """A node task's options but its resources: never retried (its failures are deterministic), named."""
+    return {"max_retries": 0, "name": function.__name__}
+
+
+def node_result(ref: Any, what: str) -> dict[str, Any]:
+    """A node task's result, or the TrainerError behind its failure (or one naming `what`)."""
+    import ray
+
     try:
-        found: dict[str, Any] = ray.get(task.remote(*call))
+        found: dict[str, Any] = ray.get(ref)
     except ray.exceptions.RayTaskError as error:
         raise failure_reason(error) or TrainerError(f"{what} failed: {error_line(error)}") from None
     return found
+
+
+@dataclass
+class Preparing:
+    """prepare_node still running on a worker node, beside Ray Train's start-up (`prepare_in_cluster`).
+
+    The workers get `node` (the task's ObjectRef) and wait for it before they build the model
+    (`loop.with_node`). A thread here waits for it too (`await_node`): it logs what the node found, and
+    when the preparation fails it ends the run at once, with the node's TrainerError, by Ray Train's own
+    abort (SIGINT to this process while `fit` runs): a deterministic failure is not retried as a worker's.
+    """
+
+    inputs: Inputs
+    placement: Placement
+    node: Any
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    result: Prepared | None = None
+    failure: TrainerError | None = None
+    fitting: bool = False
+
+    def wait(self) -> Prepared:
+        """What the node found, once it has; its failure raised."""
+        self.done.wait()
+        if self.failure is not None:
+            raise self.failure
+        assert self.result is not None  # done without a failure
+        return self.result
+
+    def fit_starts(self) -> None:
+        """From now on a failure aborts Ray Train's run; one that came before is raised here."""
+        with self.lock:
+            if self.failure is not None:
+                raise self.failure
+            self.fitting = True
+
+    def fit_ended(self) -> None:
+        with self.lock:
+            self.fitting = False
+
+
+def prepare_in_cluster(config: TrainerConfig, inputs: Inputs, *, cpus: float, gpus: int) -> Prepared | Preparing:
+    """The node preparation on a cluster: beside Ray Train's start-up where a node that can host a worker is up
+    (the task takes no resources there: the worker group starts meanwhile), before it otherwise (the task
+    takes a worker's resources, so it waits for a node) and for a sweep (its trials need a `Prepared`)."""
+    placement = Placement(False, cpus, gpus)
+    node_id = worker_node(cpus, gpus) if config.sweep is None else None
+    if node_id is None:
+        prepared = prepare(config, inputs, here=False, cpus=cpus, gpus=gpus)
+        mark("node prepared")
+        return prepared
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    beside = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+    task = ray.remote(node_task).options(**beside, **task_options(prepare_node))
+    wires = (config.wire(), inputs.task.wire(), inputs.weights)
+    ref = task.remote("node task started", prepare_node.__module__, prepare_node.__name__, *wires)
+    preparing = Preparing(inputs, placement, ref)
+    threading.Thread(target=await_node, args=(config, preparing), name="kubetune-node", daemon=True).start()
+    return preparing
+
+
+def worker_node(cpus: float, gpus: int) -> str | None:
+    """The id of a live Ray node with the resources of a worker (the head has none on a kubetune cluster)."""
+    import ray
+
+    for node in ray.nodes():
+        have = node.get("Resources") or {}
+        if node.get("Alive") and have.get("CPU", 0) >= cpus and have.get("GPU", 0) >= gpus:
+            return str(node["NodeID"])
+    return None
+
+
+def await_node(config: TrainerConfig, preparing: Preparing) -> None:
+    """`Preparing`'s thread: the node's result read back and logged, or its failure kept and the run aborted."""
+    try:
+        found = node_result(preparing.node, "preparing a node")
+        preparing.result = prepared_from(config, preparing.inputs, found, preparing.placement)
+        mark("node prepared")
+    except Exception as error:  # a TrainerError; anything else (Ray going away) named as the preparation's
+        failure = error if isinstance(error, TrainerError) else TrainerError(f"preparing a node failed: {error}")
+        with preparing.lock:
+            preparing.failure = failure
+            if preparing.fitting:  # SIGINT: TorchTrainer.fit's handler aborts the run (Ray Train's Ctrl-C)
+                _thread.interrupt_main(signal.SIGINT)
+    finally:
+        preparing.done.set()
+
+
+def node_failure(prepared: Prepared | Preparing) -> TrainerError | None:
+    """The node preparation's failure, when training ran beside it and it failed."""
+    return prepared.failure if isinstance(prepared, Preparing) else None
+
+
+def ready(prepared: Prepared | Preparing) -> Prepared:
+    return prepared.wait() if isinstance(prepared, Preparing) else prepared
 
 
 def log_prepared(config: TrainerConfig, prepared: Prepared) -> None:
@@ -252,17 +370,18 @@ def failure_reason(error: BaseException) -> TrainerError | None:
 
 def train(
     config: TrainerConfig,
-    prepared: Prepared,
+    prepared: Prepared | Preparing,
     *,
     cpus_per_worker: float,
     use_gpu: bool,
     reporter: ProgressReporter | None = None,
 ) -> Outcome:
-    """Run the training on the connected Ray cluster and export the model."""
+    """Run the training on the connected Ray cluster and export the model (`prepared`: what the node
+    preparation found, or the preparation still running beside the training's start-up)."""
     if config.sweep is not None:  # Ray Tune over trials of this same training (sweep.py)
         from kubetune_trainer.sweep import train_sweep
 
-        return train_sweep(config, prepared, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, reporter=reporter)
+        return train_sweep(config, ready(prepared), cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, reporter=reporter)
     use_ray_train_env()  # read by Ray Train's controller as it starts, in this (the driver's) process
     relay = Relay(driver_reporters(config, reporter), config.max_failures)
     notice = DriverNotice(config.preemption_grace_seconds, relay.progress.saved_on_notice)
@@ -270,15 +389,34 @@ def train(
     try:
         plan = run_plan(prepared, relay, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
         trainer = torch_trainer(config, plan, relay.queue, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
-        fitted = fit(trainer, config)
-    except (KeyboardInterrupt, TrainerError):
+        fitted = fit_beside(trainer, config, prepared)
+    except (KeyboardInterrupt, SystemExit, TrainerError):
+        if (failure := node_failure(prepared)) is not None:  # the abort `Preparing` asked for
+            raise failure from None
         if not notice.preempted:  # Ctrl-C, or a failure of its own
             raise
         raise PreemptedError(preempted_message(config, relay)) from None
     finally:
         notice.uninstall()
         relay.close()  # the last updates shown and sent before the export's lines
-    return export(config, prepared, fitted)
+    return export(config, ready(prepared), fitted)
+
+
+def fit_beside(trainer: Any, config: TrainerConfig, prepared: Prepared | Preparing) -> Fitted:
+    """`fit`; beside a node preparation, one whose failure aborts the run (`Preparing`) and is raised."""
+    if isinstance(prepared, Prepared):
+        return fit(trainer, config)
+    prepared.fit_starts()
+    try:
+        fitted = fit(trainer, config)
+    except BaseException:  # however Ray Train's abort ends `fit`, the node's failure is the reason
+        if prepared.failure is not None:
+            raise prepared.failure from None
+        raise
+    finally:
+        prepared.fit_ended()
+    prepared.wait()  # done: the workers waited for it
+    return fitted
 
 
 def preempted_message(config: TrainerConfig, relay: Relay) -> str:
@@ -289,19 +427,25 @@ def preempted_message(config: TrainerConfig, relay: Relay) -> str:
     return f"SIGTERM: {saved}; the run resumes from {where} when it runs again"
 
 
-def run_plan(prepared: Prepared, relay: Relay, *, cpus_per_worker: float, use_gpu: bool) -> RunPlan:
-    """What every worker gets: the task, preprocessing, base weights, threads and loader processes."""
+def run_plan(prepared: Prepared | Preparing, relay: Relay, *, cpus_per_worker: float, use_gpu: bool) -> RunPlan:
+    """What every worker gets: the task, preprocessing, base weights, threads and loader processes (beside a
+    node preparation: the task as listed and the preparation's ObjectRef, which the workers apply)."""
     threads = max(1, int(cpus_per_worker))
+    if isinstance(prepared, Preparing):
+        task, data_config, weights, node = prepared.inputs.task, {}, prepared.inputs.weights, prepared.node
+    else:
+        task, data_config, weights, node = prepared.task, prepared.data_config, prepared.weights, None
     return RunPlan(
-        task=prepared.task,
-        data_config=prepared.data_config,
-        weights=prepared.weights,
+        task=task,
+        data_config=data_config,
+        weights=weights,
         threads=threads,
         # On CPU the decoding would take cores from the training threads; on GPU it must keep up.
         loader_workers=min(8, threads - 1) if use_gpu else 0,
         callbacks=callback_names_from_env(),
         step_callbacks=callback_names_from_env(STEP_CALLBACKS_ENV),
         relay=relay.queue,
+        node=node,
     )
 
 

@@ -5,8 +5,8 @@
 The driver marks its own milestones (started, connected to Ray, inputs checked, node prepared: the cache
 filled and the base weights loaded once, training handed to Ray Train), the node task its own (started,
 its imports done, base weights loaded, cache filled) and rank 0 its own (model imports started and done:
-they run beside Ray Train's set-up of the worker group; worker started, model built, data loaders ready,
-first step). The wall clock, not a monotonic one: the driver
+they run beside Ray Train's set-up of the worker group; worker started, node prepared on the worker
+(its wait for a node preparation that ran beside that set-up), model built, data loaders ready, first step). The wall clock, not a monotonic one: the driver
 and the workers are separate processes, on separate nodes in a cluster. `bench/first_step.py` reads these
 lines from the driver's log (Ray forwards the workers' output there) to break the time to the first step
 down; a user reads them to see why a job took long to start.
