@@ -9,6 +9,8 @@ own parts (`loaders.SeededSamples` and `EpochOrder`, `augment.build_transforms` 
 - synthetic: the step on one batch already on the device (the ceiling: bench/gpu.py's figure);
 - gpu decode: loader processes read the files' bytes (`device_decode.JpegFiles`), the training process
   decodes each batch with nvJPEG and augments it on the GPU (`device_decode.DeviceDecoder`), then the step;
+- gpu decode, thread: the same, each batch decoded by a thread while the step before it runs
+  (`device_decode.decoded_ahead`, one batch ahead);
 - cpu decode: loader processes decode and augment with PIL (`data.ImageFiles`), the batch is copied to
   the device, then the step (the trainer's path before `device_decode`);
 
@@ -66,14 +68,19 @@ def endless(loader: Any, order: Any) -> Iterator[Any]:
         epoch += 1
 
 
-def make_loader(files: Any, gpu_decode: bool, workers: int, batch: int, device: torch.device) -> Any:
+# Each real path: (decoded on the GPU, batches a thread decodes ahead, timed without the step too).
+PATHS = {"gpu decode": (True, 0, True), "gpu decode, thread": (True, 1, False), "cpu decode": (False, 0, True)}
+
+
+def make_loader(files: Any, path: str, workers: int, batch: int, device: torch.device) -> Any:
     """The training loader the trainer would build over `files`: seeded order and draws, `workers` loader
-    processes; with `gpu_decode`, its batches decoded on `device` (`device_decode.device_batches`)."""
+    processes; on a gpu-decode `path`, its batches decoded on `device` (`device_decode.device_batches`)."""
     from torch.utils.data import DataLoader
 
     from kubetune_trainer.device_decode import JpegFiles, collate_jpegs, device_batches
     from kubetune_trainer.loaders import EpochOrder, SeededSamples
 
+    gpu_decode, ahead, _ = PATHS[path]
     dataset = JpegFiles([Path(p) for p in files.paths], files.labels, files.transform) if gpu_decode else files
     order = EpochOrder(len(dataset), seed=SEED, batch_size=batch, reference=1, rank=0, world=1)
     loader = DataLoader(
@@ -84,7 +91,7 @@ def make_loader(files: Any, gpu_decode: bool, workers: int, batch: int, device: 
         persistent_workers=workers > 0,
         collate_fn=collate_jpegs if gpu_decode else None,
     )
-    batches = device_batches(loader, dataset, device) if gpu_decode else loader
+    batches = device_batches(loader, dataset, device, ahead) if gpu_decode else loader
     return endless(batches, order)
 
 
@@ -114,10 +121,10 @@ def measure_paths(args: argparse.Namespace, files: Any, step: Callable[[Any, Any
     """Images/s of each real path (and of its input alone) at each loader worker count."""
     rates: dict[str, dict[int, float]] = {}
     for workers in args.loader_workers:
-        for path in ("gpu decode", "cpu decode"):
-            for with_step in (True, False):
+        for path, (_, _, input_alone) in PATHS.items():
+            for with_step in (True, False) if input_alone else (True,):
                 name = path if with_step else f"{path}, input only"
-                batches = make_loader(files, path == "gpu decode", workers, args.batch_size, args.torch_device)
+                batches = make_loader(files, path, workers, args.batch_size, args.torch_device)
                 rate = timed(batches, step if with_step else None, args)
                 rates.setdefault(name, {})[workers] = rate
                 print(f"{name:22s} {workers:2d} loader workers: {rate:,.0f} img/s", flush=True)
@@ -127,7 +134,7 @@ def measure_paths(args: argparse.Namespace, files: Any, step: Callable[[Any, Any
 
 def summary(args: argparse.Namespace, ceiling: list[float], rates: dict[str, dict[int, float]]) -> dict[str, Any]:
     top = statistics.median(ceiling)
-    ratios = {path: {w: rate / top for w, rate in rates[path].items()} for path in ("gpu decode", "cpu decode")}
+    ratios = {path: {w: rate / top for w, rate in rates[path].items()} for path in PATHS}
     enough = {
         path: min((w for w, ratio in by_workers.items() if ratio >= TARGET), default=None)
         for path, by_workers in ratios.items()

@@ -241,12 +241,17 @@ def test_gpu_script_feeds_the_step_from_jpeg_files_through_both_decode_paths(tmp
     assert set(result["images_per_second"]) == {
         "gpu decode",
         "gpu decode, input only",
+        "gpu decode, thread",
         "cpu decode",
         "cpu decode, input only",
     }
     assert all(set(by_workers) == {"0", "1"} for by_workers in result["images_per_second"].values())
     assert all(ratio > 0 for by in result["ratio_to_synthetic"].values() for ratio in by.values())
-    assert result["cpu_cores_usable"] >= 1 and set(result["loader_workers_for_target"]) == {"gpu decode", "cpu decode"}
+    assert result["cpu_cores_usable"] >= 1 and set(result["loader_workers_for_target"]) == {
+        "gpu decode",
+        "gpu decode, thread",
+        "cpu decode",
+    }
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the JPEGs' folder is removed
 
 

@@ -4,6 +4,7 @@ out and counted, and the rule that picks the path."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from kubetune_trainer.data import ImageFiles
 from kubetune_trainer.device_decode import (
     DeviceDecoder,
     JpegFiles,
+    JpegItem,
     collate_jpegs,
     decodes_on_device,
     device_batches,
@@ -132,3 +134,22 @@ def test_jpegs_are_decoded_on_the_gpu_on_cuda_unless_a_step_is_pil_only(policy: 
     assert isinstance(on_device_files(files, CUDA), JpegFiles)
     assert on_device_files(files, CPU) is files
     assert on_device_files(ImageFiles(pictures, [0] * 4, with_rand_augment), CUDA).__class__ is ImageFiles
+
+
+def test_a_thread_decoding_ahead_gives_the_same_batches_and_stops_with_the_loop(pictures: list[Path]) -> None:
+    train, _ = build_transforms(CFG, "standard")
+    files = JpegFiles(pictures, [0, 1, 2, 3], train)
+    seeded = SeededSamples(files, SEED)  # type: ignore[arg-type]
+    loader = [collate_jpegs([seeded[(epoch, i)] for i in (0, 1)]) for epoch in range(3)]
+    inline = list(device_batches(loader, files, CPU, ahead=0))
+    ahead = list(device_batches(loader, files, CPU, ahead=1))
+    assert len(ahead) == 3 and all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, ahead, strict=True)
+    )
+    # The loop leaving mid-epoch (a preemption, early stopping) ends the thread; an error in it reaches the loop.
+    batches = iter(device_batches(loader, files, CPU, ahead=1))
+    next(batches)
+    batches.close()  # type: ignore[attr-defined]
+    assert not [t for t in threading.enumerate() if t.name == "device-decode"]
+    with pytest.raises(DataError, match="none of the 1 images"):
+        list(device_batches([collate_jpegs([JpegItem(0, b"not a jpeg", [])])], files, CPU, ahead=1))

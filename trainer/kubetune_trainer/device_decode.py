@@ -28,7 +28,10 @@ the normalisation.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,9 @@ DEVICE_JPEG_MODES = ("RGB", "L")
 # The steps that move pixels, applied image by image. Normalize comes last on the batch: the ones after it
 # in a transform must commute with it (light's reflect-padded shift).
 GEOMETRY = (tv.Resize, tv.CenterCrop, tv.RandomResizedCrop, tv.RandomCrop, tv.RandomHorizontalFlip)
+# Batches a thread decodes before the loop takes them (`decoded_ahead`); 0: each as it is taken, on the
+# loop's thread. 0 until bench/gpu.py --input jpeg has measured the thread on a GPU (bench/findings.md).
+DECODE_AHEAD = 0
 
 
 @dataclass(frozen=True)
@@ -342,17 +348,80 @@ class DeviceDecoder:
 
 
 class DeviceBatches:
-    """`loader`'s batches decoded by `decoder` as they are taken: what the loop iterates (length and all)."""
+    """`loader`'s batches decoded by `decoder`: what the loop iterates (length and all). With `ahead`, a thread
+    decodes up to that many batches before the loop takes them (`decoded_ahead`); else each as it is taken."""
 
-    def __init__(self, loader: Any, decoder: DeviceDecoder) -> None:
-        self.loader, self.decoder = loader, decoder
+    def __init__(self, loader: Any, decoder: DeviceDecoder, ahead: int = DECODE_AHEAD) -> None:
+        self.loader, self.decoder, self.ahead = loader, decoder, ahead
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.loader:
-            yield self.decoder(batch)
+        if self.ahead:
+            yield from decoded_ahead(self.loader, self.decoder, self.ahead)
+        else:
+            for batch in self.loader:
+                yield self.decoder(batch)
+
+
+_DONE = object()
+
+
+def decoded_ahead(loader: Any, decoder: DeviceDecoder, ahead: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`loader`'s batches decoded by a thread up to `ahead` batches before they are taken, on a CUDA stream of
+    its own: nvJPEG holds its caller until it is done, and the thread's wait then overlaps the training
+    step's (torch and torchvision let go of the GIL in their ops). The decoder draws nothing from the
+    generators (`draw` did, in the loader processes), so the thread leaves the step's randomness alone."""
+    batches: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+    thread = threading.Thread(target=decode_into, args=(loader, decoder, batches, stop), name="device-decode")
+    thread.daemon = True
+    thread.start()
+    try:
+        while (item := batches.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            images, labels, ready = item
+            if ready is not None:  # the decode thread's stream finished these before the step reads them
+                training = torch.cuda.current_stream(decoder.device)
+                training.wait_event(ready)
+                images.record_stream(training)
+                labels.record_stream(training)
+            yield images, labels
+    finally:
+        stop.set()
+        thread.join()
+
+
+def decode_into(loader: Any, decoder: DeviceDecoder, batches: queue.Queue[Any], stop: threading.Event) -> None:
+    """The thread of `decoded_ahead`: each decoded batch (with the CUDA event that marks it done), then
+    _DONE, or the error that ended it; until `stop`."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                batches.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    cuda = decoder.device.type == "cuda"
+    stream = torch.cuda.Stream(decoder.device) if cuda else None
+    try:
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            for batch in loader:
+                images, labels = decoder(batch)
+                ready = torch.cuda.Event() if cuda else None
+                if ready is not None:
+                    ready.record(stream)
+                if not put((images, labels, ready)):
+                    return
+    except BaseException as error:  # handed to the loop, which raises it
+        put(error)
+        return
+    put(_DONE)
 
 
 def on_device_files(files: ImageFiles, device: torch.device | None) -> ImageFiles:
@@ -367,6 +436,8 @@ def device_collate(dataset: Any, collate: Callable[[Any], Any] | None) -> Callab
     return collate_jpegs if isinstance(dataset, JpegFiles) else collate
 
 
-def device_batches(loader: Any, dataset: Any, device: torch.device) -> Any:
+def device_batches(loader: Any, dataset: Any, device: torch.device, ahead: int = DECODE_AHEAD) -> Any:
     """`loader` as the loop iterates it: decoded on `device` when `dataset` is `JpegFiles`."""
-    return DeviceBatches(loader, DeviceDecoder(dataset.steps, device)) if isinstance(dataset, JpegFiles) else loader
+    if isinstance(dataset, JpegFiles):
+        return DeviceBatches(loader, DeviceDecoder(dataset.steps, device), ahead)
+    return loader
