@@ -164,7 +164,9 @@ def apply_geometry(image: torch.Tensor, steps: DeviceSteps, params: Sequence[Any
     for step in steps.geometry:
         if isinstance(step, tv.RandomResizedCrop):
             top, left, height, width = next(drawn)
-            image = tvf.resized_crop(image, top, left, height, width, step.size, step.interpolation, antialias=True)
+            image = tvf.resized_crop(
+                image, top, left, height, width, step.size, step.interpolation, antialias=step.antialias
+            )
         elif isinstance(step, tv.RandomCrop):
             top, left = next(drawn)
             if step.padding:
