@@ -4,6 +4,8 @@
     python bench/gpu.py --batch-size 128 --steps 30       # smaller
     python bench/gpu.py --model test_resnet --device cpu --steps 2   # a check of this script without a GPU
     python bench/gpu.py --task detection                  # Faster R-CNN ResNet-50 FPN v2, batch 16 at 640 px
+    python bench/gpu.py --input jpeg                      # the step fed from JPEG files vs the synthetic batch
+    python bench/gpu.py --input jpeg --device cpu --steps 2 --model test_resnet   # its check without a GPU
 
 Needs only this repository, torch and timm (`pip install timm`): it imports the trainer's torch-only
 modules (`kubetune_trainer.steps`, `kubetune_trainer.model`) from `trainer/`, not the package's other
@@ -27,6 +29,10 @@ cuDNN autotuning is on for both (`steps.configure_backends`, as the trainer sets
 plain loop sets the same flag). Each side runs `--repeats` times, alternating, each time `--warmup`
 untimed steps and then `--steps` timed ones between two CUDA synchronisations. It prints images/s per
 run, the medians, the ratio kubetune/plain and the card's name, and with `--json FILE` writes them.
+
+With `--input jpeg` (classification) it times the trainer's step fed from JPEG files instead, decoded on
+the GPU (`device_decode`) and with PIL in the loader processes, at several loader worker counts, against
+the same step on a batch in memory (`bench/gpu_input.py`; needs the trainer's dependencies).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.gpu_input
 
 import torch
 
@@ -66,7 +73,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    jpeg = parser.add_argument_group("--input jpeg (classification): the step fed from JPEG files")
+    jpeg.add_argument("--input", choices=("memory", "jpeg"), default="memory", help="where batches come from")
+    jpeg.add_argument("--images", type=int, help="JPEGs written (default 2048 on CUDA, 16 on CPU)")
+    jpeg.add_argument(
+        "--loader-workers", type=worker_counts, help="loader processes to try (default 2,4,8,16 on CUDA, 0,1 on CPU)"
+    )
+    jpeg.add_argument("--augment", default="standard", help="data.augment policy (default standard)")
+    jpeg.add_argument("--cache-dir", type=Path, help="where the JPEGs are written (default: the temp folder)")
     return parser.parse_args(argv)
+
+
+def worker_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or min(counts) < 0 or max(counts) > 256:
+        raise argparse.ArgumentTypeError(f"comma-separated loader worker counts from 0 to 256, not {text!r}")
+    return counts
 
 
 def pick_device(wanted: str) -> torch.device:
@@ -200,6 +222,38 @@ def plain_detection_step(args: argparse.Namespace, device: torch.device, x: Any,
     return plain_loop(args, device, model, forward)
 
 
+def jpeg_input(args: argparse.Namespace, device: torch.device) -> int:
+    """--input jpeg: the step fed from JPEG files against the step on a batch in memory (bench/gpu_input.py)."""
+    if args.task != "classification":
+        raise SystemExit("bench/gpu.py: --input jpeg times classification only (detection decodes on the CPU)")
+    from bench import gpu_input
+    from kubetune_trainer.model import data_config
+    from kubetune_trainer.steps import configure_backends
+
+    cuda = device.type == "cuda"
+    args.images = args.images or (2048 if cuda else 16)
+    args.loader_workers = args.loader_workers or ([2, 4, 8, 16] if cuda else [0, 1])
+    args.jpeg_sides = (224, 500) if cuda else (48, 96)
+    args.torch_device = device
+    configure_backends(device)
+    stepper = kubetune_stepper(args, device)
+    card = torch.cuda.get_device_name(device) if cuda else "CPU (no CUDA)"
+    print(
+        f"device: {card}; torch {torch.__version__}; {args.model}, batch {args.batch_size} at {args.image_size}px, "
+        f"{args.precision}; {args.images} JPEGs of {args.jpeg_sides[0]}-{args.jpeg_sides[1]} px, augment "
+        f"{args.augment}; {args.warmup} warm-up + {args.steps} timed steps per figure",
+        flush=True,
+    )
+    result = gpu_input.run(args, stepper, data_config(stepper.model, args.image_size))
+    result |= {"device": card, "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size}
+    result |= {"image_size": args.image_size, "precision": args.precision, "steps": args.steps, "warmup": args.warmup}
+    if cuda:
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def images_per_second(step: Callable[[], Any], batch: int, warmup: int, steps: int, device: torch.device) -> float:
     def sync() -> None:
         if device.type == "cuda":
@@ -227,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (15 if cuda else 1)
     if not cuda:
         args.precision = "fp32"  # the trainer trains in fp32 on CPU whatever is asked
+    if args.input == "jpeg":
+        return jpeg_input(args, device)
 
     import timm
 

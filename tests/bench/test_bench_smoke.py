@@ -223,6 +223,38 @@ def test_gpu_script_runs_standalone_on_cpu_with_a_tiny_model(tmp_path: Path, tas
     assert result["task"] == ("detection" if "detection" in task_args else "classification")
 
 
+def test_gpu_script_feeds_the_step_from_jpeg_files_through_both_decode_paths(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = REPO / "bench" / "gpu.py"
+    out = tmp_path / "gpu-jpeg.json"
+    args = ["--input", "jpeg", "--model", "test_resnet", "--device", "cpu", "--steps", "1", "--repeats", "1"]
+    args += ["--loader-workers", "0,1", "--cache-dir", str(tmp_path), "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ratio to synthetic" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["device"] == "CPU (no CUDA)" and result["synthetic_median"] > 0
+    # Both real paths, with and without the step, at each loader worker count, each against the ceiling.
+    assert set(result["images_per_second"]) == {
+        "gpu decode",
+        "gpu decode, input only",
+        "gpu decode, thread",
+        "cpu decode",
+        "cpu decode, input only",
+    }
+    assert all(set(by_workers) == {"0", "1"} for by_workers in result["images_per_second"].values())
+    assert all(ratio > 0 for by in result["ratio_to_synthetic"].values() for ratio in by.values())
+    assert result["cpu_cores_usable"] >= 1 and set(result["loader_workers_for_target"]) == {
+        "gpu decode",
+        "gpu decode, thread",
+        "cpu decode",
+    }
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the JPEGs' folder is removed
+
+
 def test_a_partial_run_keeps_the_other_benchmarks_rows_and_set_ups() -> None:
     """`python -m bench --only quality` rewrites the Quality rows and keeps what the page had for the rest."""
     from bench.__main__ import carry_over

@@ -58,6 +58,7 @@ from kubetune_trainer.checkpoint import (
 )
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import MAX_CORRUPT_FRACTION, prepare_images
+from kubetune_trainer.device_decode import device_batches, device_collate
 from kubetune_trainer.errors import DataError, TrainerError, error_line
 from kubetune_trainer.export import RANGE_TEST_FILE
 from kubetune_trainer.loaders import EpochOrder, coverage_hashes, eval_loader, steps_per_epoch, train_loader
@@ -410,7 +411,7 @@ def make_loaders(worker: Worker) -> Loaders:
         collate = ReadableBatches(task.collate)
     else:
         folder, _ = prepare_images(worker.store, task.images)
-        train_set, val_set = task.datasets(folder, worker.plan.data_config)
+        train_set, val_set = task.datasets(folder, worker.plan.data_config, worker.device)
     # The global batch is batchSize * workers.min at any worker count (elastic workers: docs/trainer.md).
     train, order = train_loader(
         train_set,
@@ -418,12 +419,17 @@ def make_loaders(worker: Worker) -> Loaders:
         training.seed,
         workers,
         worker.cuda,
-        collate,
+        device_collate(train_set, collate),
         reference=worker.config.scaling.workers,
         make_order=make_order,
     )
-    validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, collate, eval_batches)
+    val_collate = device_collate(val_set, collate)
+    validation = eval_loader(val_set, training.batch_size, workers, worker.cuda, val_collate, eval_batches)
     steps = optimizer_steps(steps_per_epoch(order), training.accumulate_steps)
+    train, validation = (
+        device_batches(train, train_set, worker.device),
+        device_batches(validation, val_set, worker.device),
+    )
     return Loaders(train, order, validation, steps, task.train_keys())
 
 

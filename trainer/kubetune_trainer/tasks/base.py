@@ -91,8 +91,11 @@ class Task(Protocol):
         """How the model sees images, JSON-ready: the workers' transforms and the model card take it."""
         ...
 
-    def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any]:
-        """Training and validation datasets over the node's cached images in `folder`."""
+    def datasets(
+        self, folder: Path, preprocessing: Mapping[str, Any], device: torch.device | None = None
+    ) -> tuple[Any, Any]:
+        """Training and validation datasets over the node's cached images in `folder`; with `device`, ones
+        whose batches `device_decode.device_batches` finishes there (CUDA: JPEGs decoded on the GPU)."""
         ...
 
     def train_keys(self) -> list[str]:

@@ -14,6 +14,7 @@ from torch import nn
 from kubetune_trainer.augment import augment_plan, build_transforms
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import DatasetIndex, datasets, image_files
+from kubetune_trainer.device_decode import on_device_files
 from kubetune_trainer.evaluation.classifier_report import judge_classifier
 from kubetune_trainer.evaluation.judged import TEST, VALIDATION, Judged
 from kubetune_trainer.export import CLASSIFICATION_PANELS, Panel, classification_card
@@ -106,8 +107,14 @@ class ClassificationTask:
     def train_keys(self) -> list[str]:
         return [sample.key for sample in self.index.train]
 
-    def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[Any, Any]:
-        return datasets(folder, self.index, preprocessing, self.config.data.augment, self.config.training.rand_augment)
+    def datasets(
+        self, folder: Path, preprocessing: Mapping[str, Any], device: torch.device | None = None
+    ) -> tuple[Any, Any]:
+        """Training and validation images; on CUDA their JPEGs decoded there (`device_decode`)."""
+        train, validation = datasets(
+            folder, self.index, preprocessing, self.config.data.augment, self.config.training.rand_augment
+        )
+        return on_device_files(train, device), on_device_files(validation, device)
 
     def augmentation(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
         size, extra = int(preprocessing["input_size"][-1]), self.config.training.rand_augment

@@ -135,7 +135,11 @@ class DetectionTask:
     def train_keys(self) -> list[str]:
         return [sample.key for sample in self.boxes.train]
 
-    def datasets(self, folder: Path, preprocessing: Mapping[str, Any]) -> tuple[DetectionFiles, DetectionFiles]:
+    def datasets(
+        self, folder: Path, preprocessing: Mapping[str, Any], device: torch.device | None = None
+    ) -> tuple[DetectionFiles, DetectionFiles]:
+        """Training and validation images, decoded on the CPU whatever the device (a detector's images keep
+        their sizes: a GPU decode is left to a later change)."""
         train = DetectionFiles(folder, self.boxes.train, flip=detection_flips(self.config.data.augment))
         return train, DetectionFiles(folder, self.boxes.validation)
 
