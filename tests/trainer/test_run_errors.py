@@ -136,6 +136,7 @@ def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_pat
         check_inputs,
         prepare,
         prepare_in_cluster,
+        prepare_node,
         store_for,
         train,
     )
@@ -169,6 +170,13 @@ def test_cluster_preparation_runs_as_a_ray_task(pretrained: DigitsWorld, tmp_pat
         threading.Thread(target=await_node, args=(evil, evil_beside), daemon=True).start()
         with pytest.raises(TrainerError, match=r"refused to load s3://models/evil/cluster.pt"):
             train(evil, evil_beside, cpus_per_worker=1, use_gpu=False)
+        # One that failed before the driver handed the training over to Ray Train: the same error.
+        early = ray.remote(prepare_node).options(num_cpus=0, max_retries=0)
+        evil_early = Preparing(inputs, Placement(False), early.remote(evil.wire(), inputs.task.wire(), inputs.weights))
+        await_node(evil, evil_early)
+        assert evil_early.failure is not None
+        with pytest.raises(TrainerError, match=r"refused to load s3://models/evil/cluster.pt"):
+            train(evil, evil_early, cpus_per_worker=1, use_gpu=False)
     finally:
         ray.shutdown()
     assert prepared.data_config["input_size"] == [3, 32, 32]
