@@ -343,10 +343,22 @@ def test_token_auth_without_a_secret_name_gets_a_secret_of_its_own(cluster: DevC
     assert secret is not None and len(base64.b64decode(secret["data"]["auth_token"])) >= 32
 
 
-def ray_client(address: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """A Ray client outside the cluster: connects to `address` and runs one task."""
+def ray_clients(address: str, *envs: dict[str, str]) -> list[subprocess.CompletedProcess[str]]:
+    """Ray clients outside the cluster, one per env, all at once (a refused one retries for ~20 s): each
+    connects to `address` and runs one task."""
     code = f"import ray; ray.init(address={address!r}); print('in', ray.get(ray.remote(lambda: 1).remote()))"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    args = [sys.executable, "-c", code]
+    clients = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in envs
+    ]
+    done = []
+    for client in clients:
+        try:
+            stdout, stderr = client.communicate(timeout=120)
+        finally:
+            client.kill()
+        done.append(subprocess.CompletedProcess(args, client.returncode, stdout, stderr))
+    return done
 
 
 @pytest.mark.slow
@@ -387,11 +399,14 @@ def test_a_ray_cluster_of_the_specs_size_refuses_a_client_without_its_token(tmp_
         head = ctl.run.head
         outside = {k: v for k, v in venv_path_env(os.environ).items() if not k.startswith("RAY_AUTH")}
         outside["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of this machine's to fall back on
-        refused = ray_client(head.address, {**outside, "RAY_AUTH_MODE": "disabled"})
+        refused, wrong, admitted = ray_clients(
+            head.address,
+            {**outside, "RAY_AUTH_MODE": "disabled"},
+            {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+            {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+        )
         assert refused.returncode != 0 and "in 1" not in refused.stdout
-        wrong = ray_client(head.address, {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})
         assert wrong.returncode != 0 and "in 1" not in wrong.stdout
-        admitted = ray_client(head.address, {**outside, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
         assert admitted.returncode == 0 and "in 1" in admitted.stdout, admitted.stderr[-2000:]
 
         finish.touch()
