@@ -1,5 +1,5 @@
 """The chaos soak's short variant, as `make soak` runs it (`python -m kubetune_dev.soak`, from the
-repository root): two jobs for a 90-second window (under three minutes with the drain: a killed driver
+repository root): two jobs for a 60-second window (about two minutes with the drain: a killed driver
 restarts its run) while the operator is killed during a status write and a driver, a worker and S3 fail;
 every invariant must hold. Each fault waits for its target (a status write, a training job), so a shorter
 window still injects all four; it only brings the second job and the faults closer together.
@@ -27,7 +27,7 @@ FAULTS = "operator-kill-status-write,driver-kill,worker-kill,s3-503"
 
 def test_a_short_soak_with_faults_passes_every_invariant_and_writes_its_results(tmp_path: Path) -> None:
     results = tmp_path / "results.md"
-    argv = ["--minutes", "1.5", "--jobs", "2", "--seed", "23", "--faults", FAULTS, "--results", str(results)]
+    argv = ["--minutes", "1", "--jobs", "2", "--seed", "23", "--faults", FAULTS, "--results", str(results)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("operator", "trainer", "devtools", "."))}
     done = subprocess.run(
         [sys.executable, "-m", "kubetune_dev.soak", *argv],
@@ -41,7 +41,7 @@ def test_a_short_soak_with_faults_passes_every_invariant_and_writes_its_results(
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}\n{text}"
     assert "**PASSED**" in text and "**FAIL**" not in text, text
     # The command to repeat it, and the faults that really hit (at least the operator kill and S3's 503s).
-    assert f"--minutes 1.5 --jobs 2 --seed 23 --faults {FAULTS}`" in text
+    assert f"--minutes 1 --jobs 2 --seed 23 --faults {FAULTS}`" in text
     injected = re.search(r"Faults: (\d+) injected of (\d+) planned", text)
     assert injected and int(injected[1]) >= 2, text
     assert re.search(r"\| operator-kill-status-write \| 1 \| 1 \|", text), text
