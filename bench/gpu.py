@@ -6,6 +6,7 @@
     python bench/gpu.py --task detection                  # Faster R-CNN ResNet-50 FPN v2, batch 16 at 640 px
     python bench/gpu.py --input jpeg                      # the step fed from JPEG files vs the synthetic batch
     python bench/gpu.py --input jpeg --device cpu --steps 2 --model test_resnet   # its check without a GPU
+    python bench/gpu.py --task detection --input jpeg     # the detector fed from JPEG files, the same way
 
 Needs only this repository, torch and timm (`pip install timm`): it imports the trainer's torch-only
 modules (`kubetune_trainer.steps`, `kubetune_trainer.model`) from `trainer/`, not the package's other
@@ -30,9 +31,10 @@ plain loop sets the same flag). Each side runs `--repeats` times, alternating, e
 untimed steps and then `--steps` timed ones between two CUDA synchronisations. It prints images/s per
 run, the medians, the ratio kubetune/plain and the card's name, and with `--json FILE` writes them.
 
-With `--input jpeg` (classification) it times the trainer's step fed from JPEG files instead, decoded on
-the GPU (`device_decode`) and with PIL in the loader processes, at several loader worker counts, against
-the same step on a batch in memory (`bench/gpu_input.py`; needs the trainer's dependencies).
+With `--input jpeg` it times the trainer's step fed from JPEG files instead, decoded on the GPU
+(`device_decode`, `detection_decode`) and with PIL in the loader processes, at several loader worker
+counts, against the same step on a batch in memory (`bench/gpu_input.py`; needs the trainer's
+dependencies).
 """
 
 from __future__ import annotations
@@ -73,11 +75,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
-    jpeg = parser.add_argument_group("--input jpeg (classification): the step fed from JPEG files")
+    jpeg = parser.add_argument_group("--input jpeg: the step fed from JPEG files")
     jpeg.add_argument("--input", choices=("memory", "jpeg"), default="memory", help="where batches come from")
-    jpeg.add_argument("--images", type=int, help="JPEGs written (default 2048 on CUDA, 16 on CPU)")
+    jpeg.add_argument("--images", type=int, help="JPEGs written (default 2048 on CUDA, 16 on CPU; detection 512, 8)")
     jpeg.add_argument(
-        "--loader-workers", type=worker_counts, help="loader processes to try (default 2,4,8,16 on CUDA, 0,1 on CPU)"
+        "--loader-workers",
+        type=worker_counts,
+        help="loader processes to try (default 2,4,8,16 on CUDA, 0,1 on CPU; detection 1,2,4 on CUDA)",
     )
     jpeg.add_argument("--augment", default="standard", help="data.augment policy (default standard)")
     jpeg.add_argument("--cache-dir", type=Path, help="where the JPEGs are written (default: the temp folder)")
@@ -186,6 +190,12 @@ def detection_batch(
 
 def kubetune_detection_step(args: argparse.Namespace, device: torch.device, x: Any, y: Any) -> Any:
     """The detector as `tasks.DetectionTask` builds it and `steps.DetectionStepper.train_step`."""
+    stepper = kubetune_detection_stepper(args, device)
+    return lambda: stepper.train_step(x, y)
+
+
+def kubetune_detection_stepper(args: argparse.Namespace, device: torch.device) -> Any:
+    """The detector as `tasks.DetectionTask` builds it, and its `steps.DetectionStepper`."""
     from kubetune_trainer.detection_model import apply_detection_strategy, create_detector
     from kubetune_trainer.model import param_groups, set_train_mode
     from kubetune_trainer.steps import DetectionStepper, autocast_for
@@ -199,7 +209,7 @@ def kubetune_detection_step(args: argparse.Namespace, device: torch.device, x: A
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
     stepper = DetectionStepper(model, optimizer, scheduler, scaler, autocast_for(device, args.precision), device)
     set_train_mode(model, plan)
-    return lambda: stepper.train_step(x, y)
+    return stepper
 
 
 def plain_detection_step(args: argparse.Namespace, device: torch.device, x: Any, y: Any) -> Any:
@@ -222,29 +232,45 @@ def plain_detection_step(args: argparse.Namespace, device: torch.device, x: Any,
     return plain_loop(args, device, model, forward)
 
 
-def jpeg_input(args: argparse.Namespace, device: torch.device) -> int:
-    """--input jpeg: the step fed from JPEG files against the step on a batch in memory (bench/gpu_input.py)."""
-    if args.task != "classification":
-        raise SystemExit("bench/gpu.py: --input jpeg times classification only (detection decodes on the CPU)")
+def jpeg_workload(args: argparse.Namespace, device: torch.device) -> Callable[[list[Path]], Any]:
+    """The trainer's step for `args.task`, and how the JPEGs written become what the paths read
+    (`gpu_input.classification_workload`, `gpu_input.detection_workload`); the defaults of each."""
     from bench import gpu_input
-    from kubetune_trainer.model import data_config
-    from kubetune_trainer.steps import configure_backends
 
     cuda = device.type == "cuda"
+    if args.task == "detection":
+        args.images = args.images or (512 if cuda else 8)
+        args.loader_workers = args.loader_workers or ([1, 2, 4] if cuda else [0, 1])
+        args.jpeg_sides = (480, 640) if cuda else (48, 96)
+        stepper = kubetune_detection_stepper(args, device)
+        return lambda paths: gpu_input.detection_workload(args, stepper, paths)
+    from kubetune_trainer.model import data_config
+
     args.images = args.images or (2048 if cuda else 16)
     args.loader_workers = args.loader_workers or ([2, 4, 8, 16] if cuda else [0, 1])
     args.jpeg_sides = (224, 500) if cuda else (48, 96)
+    stepper = kubetune_stepper(args, device)
+    data_cfg = data_config(stepper.model, args.image_size)
+    return lambda paths: gpu_input.classification_workload(args, stepper, data_cfg, paths)
+
+
+def jpeg_input(args: argparse.Namespace, device: torch.device) -> int:
+    """--input jpeg: the step fed from JPEG files against the step on a batch in memory (bench/gpu_input.py)."""
+    from bench import gpu_input
+    from kubetune_trainer.steps import configure_backends
+
+    cuda = device.type == "cuda"
     args.torch_device = device
     configure_backends(device)
-    stepper = kubetune_stepper(args, device)
+    workload = jpeg_workload(args, device)
     card = torch.cuda.get_device_name(device) if cuda else "CPU (no CUDA)"
     print(
-        f"device: {card}; torch {torch.__version__}; {args.model}, batch {args.batch_size} at {args.image_size}px, "
+        f"device: {card}; torch {torch.__version__}; {args.task} {args.model}, batch {args.batch_size} at {args.image_size}px, "
         f"{args.precision}; {args.images} JPEGs of {args.jpeg_sides[0]}-{args.jpeg_sides[1]} px, augment "
         f"{args.augment}; {args.warmup} warm-up + {args.steps} timed steps per figure",
         flush=True,
     )
-    result = gpu_input.run(args, stepper, data_config(stepper.model, args.image_size))
+    result = gpu_input.run(args, workload)
     result |= {"device": card, "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size}
     result |= {"image_size": args.image_size, "precision": args.precision, "steps": args.steps, "warmup": args.warmup}
     if cuda:

@@ -223,20 +223,33 @@ def test_gpu_script_runs_standalone_on_cpu_with_a_tiny_model(tmp_path: Path, tas
     assert result["task"] == ("detection" if "detection" in task_args else "classification")
 
 
-def test_gpu_script_feeds_the_step_from_jpeg_files_through_both_decode_paths(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("task_args", "workers"),
+    [
+        (["--model", "test_resnet"], "0,1"),
+        # Loader processes cost a detector's smoke ~45 s on two cores, none ~5 s: the classification one
+        # covers them.
+        (["--task", "detection", "--model", "ssdlite320_mobilenet_v3_large", "--image-size", "64"], "0"),
+    ],
+    ids=["classification", "detection"],
+)
+def test_gpu_script_feeds_the_step_from_jpeg_files_through_both_decode_paths(
+    tmp_path: Path, task_args: list[str], workers: str
+) -> None:
     import json
     import subprocess
     import sys
 
     script = REPO / "bench" / "gpu.py"
     out = tmp_path / "gpu-jpeg.json"
-    args = ["--input", "jpeg", "--model", "test_resnet", "--device", "cpu", "--steps", "1", "--repeats", "1"]
-    args += ["--loader-workers", "0,1", "--cache-dir", str(tmp_path), "--json", str(out)]
+    args = ["--input", "jpeg", *task_args, "--device", "cpu", "--steps", "1", "--repeats", "1"]
+    args += ["--loader-workers", workers, "--cache-dir", str(tmp_path), "--json", str(out)]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ratio to synthetic" in done.stdout
     result = json.loads(out.read_text())
     assert result["device"] == "CPU (no CUDA)" and result["synthetic_median"] > 0
+    assert result["task"] == ("detection" if "detection" in task_args else "classification")
     # Both real paths, with and without the step, at each loader worker count, each against the ceiling.
     assert set(result["images_per_second"]) == {
         "gpu decode",
@@ -245,7 +258,7 @@ def test_gpu_script_feeds_the_step_from_jpeg_files_through_both_decode_paths(tmp
         "cpu decode",
         "cpu decode, input only",
     }
-    assert all(set(by_workers) == {"0", "1"} for by_workers in result["images_per_second"].values())
+    assert all(set(by_workers) == set(workers.split(",")) for by_workers in result["images_per_second"].values())
     assert all(ratio > 0 for by in result["ratio_to_synthetic"].values() for ratio in by.values())
     assert result["cpu_cores_usable"] >= 1 and set(result["loader_workers_for_target"]) == {
         "gpu decode",

@@ -348,16 +348,23 @@ class DetectionFiles(torch.utils.data.Dataset[tuple[torch.Tensor, dict[str, torc
         from its group file: `stream.GroupImages`)."""
         import torchvision.transforms.functional as tf
 
-        sample = self.samples[i]
         tensor = tf.to_tensor(rgb)
+        flipped = self.draws_flip()
+        return (tensor.flip(-1) if flipped else tensor), self.target(i, tensor.shape[-1], flipped)
+
+    def draws_flip(self) -> bool:
+        """Whether this image is flipped: with `flip`, one draw on the generator `loaders.SeededSamples`
+        seeded for it (the GPU path draws it in the loader process too: `detection_decode`)."""
+        # The one augmentation that keeps boxes exact without resampling: a horizontal flip.
+        return self.flip and bool(torch.rand(()) < 0.5)
+
+    def target(self, i: int, width: int, flipped: bool) -> dict[str, torch.Tensor]:
+        """Image `i`'s boxes and labels, the boxes mirrored when the image of this `width` is `flipped`."""
+        sample = self.samples[i]
         boxes = torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor(sample.labels, dtype=torch.int64)
-        if self.flip and torch.rand(()) < 0.5:
-            # The one augmentation that keeps boxes exact without resampling: a horizontal flip.
-            width = tensor.shape[-1]
-            tensor = tensor.flip(-1)
+        if flipped:
             boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-        return tensor, {"boxes": boxes, "labels": labels}
+        return {"boxes": boxes, "labels": torch.tensor(sample.labels, dtype=torch.int64)}
 
 
 def collate(

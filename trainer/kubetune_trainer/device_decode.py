@@ -24,6 +24,11 @@ from its header and draws each random step's parameters as that step would on an
 the training process only applies them (`DeviceDecoder`) and draws nothing. Per image it runs the steps
 that move pixels (crops, resizes, flips); on the batch, the conversion to floats, the colour jitter and
 the normalisation.
+
+The parts a task shares (detection: `detection_decode`): what a loader process hands over (`JpegItem`,
+`read_item`) and a batch of them (`JpegBatch`), the batched decode with its fallbacks (`BatchDecoder.jpegs`),
+the dataset kind the loop recognises (`DeviceDataset`: its collate function and its decoder), and the loop's
+batches (`device_batches`, `decoded_ahead`).
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision import transforms as tv
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as tvf
@@ -115,10 +122,16 @@ def device_steps(transform: Callable[[Any], Any]) -> DeviceSteps | None:
     return DeviceSteps(tuple(geometry), normalize, jitter) if normalize is not None else None
 
 
+def on_cuda(device: torch.device | None) -> bool:
+    """Whether training runs on CUDA, where JPEGs are decoded on the GPU (for detection, always: its images
+    are only flipped; `detection_decode`)."""
+    return device is not None and device.type == "cuda"
+
+
 def decodes_on_device(device: torch.device | None, transform: Callable[[Any], Any]) -> bool:
     """The rule: JPEGs are decoded and `transform`ed on the GPU when training runs on CUDA and every step of
     the transform has a form here (`device_steps`)."""
-    return device is not None and device.type == "cuda" and device_steps(transform) is not None
+    return on_cuda(device) and device_steps(transform) is not None
 
 
 def resized(height: int, width: int, size: int | Sequence[int]) -> tuple[int, int]:
@@ -215,15 +228,45 @@ def jitter_batch(images: torch.Tensor, drawn: Sequence[tuple[list[int], list[flo
 @dataclass
 class JpegItem:
     """What a loader process hands over for one image: a JPEG's bytes and the parameters drawn for its
-    transform, or the image it decoded and transformed itself (not a JPEG nvJPEG takes)."""
+    transform, or the image it decoded and transformed itself (not a JPEG nvJPEG takes); its label (a class
+    index, or a detector's target: `detection_decode`)."""
 
-    label: int
+    label: Any
     data: bytes = b""
     params: list[Any] = field(default_factory=list)
     image: torch.Tensor | None = None
 
 
-class JpegFiles(ImageFiles):
+def read_item(
+    path: Path,
+    jpeg: Callable[[bytes, int, int], JpegItem],
+    cpu_item: Callable[[Image.Image], tuple[torch.Tensor, Any]],
+) -> JpegItem:
+    """The item of the file at `path`: `jpeg(bytes, height, width)` for a JPEG the GPU decodes (as PIL reads
+    its header, whatever its name), else the CPU path's (image, label) of its RGB pixels (`cpu_item`). The
+    header is read as the CPU path reads it (`open_image`: format and pixel bound)."""
+    data = Path(path).read_bytes()
+    with open_image(io.BytesIO(data)) as image:
+        if image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES:
+            return jpeg(data, image.height, image.width)
+        rgb = image.convert("RGB")
+    tensor, label = cpu_item(rgb)
+    return JpegItem(label, image=tensor)
+
+
+class DeviceDataset:
+    """A dataset whose items are `JpegItem`s: the loader's collate function and the decoder that finishes
+    its batches on a device (`device_collate`, `device_batches`)."""
+
+    @staticmethod
+    def collate_batch(items: Sequence[JpegItem]) -> JpegBatch:
+        raise NotImplementedError
+
+    def decoder(self, device: torch.device) -> Callable[[JpegBatch], tuple[Any, Any]]:
+        raise NotImplementedError
+
+
+class JpegFiles(ImageFiles, DeviceDataset):
     """`ImageFiles` whose JPEGs the training process decodes (`DeviceDecoder`): their items are bytes."""
 
     def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: Callable[[Any], Any]) -> None:
@@ -234,39 +277,53 @@ class JpegFiles(ImageFiles):
         self.steps = steps
 
     def __getitem__(self, i: int) -> JpegItem:  # type: ignore[override]
-        data = Path(self.paths[i]).read_bytes()
-        with open_image(io.BytesIO(data)) as image:  # header only: format and pixel bound, as the CPU path
-            if image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES:
-                return JpegItem(self.labels[i], data, draw(self.steps, image.height, image.width))
-            rgb = image.convert("RGB")
-        tensor, label = self.item(i, rgb)
-        return JpegItem(label, image=tensor)
+        def jpeg(data: bytes, height: int, width: int) -> JpegItem:
+            return JpegItem(self.labels[i], data, draw(self.steps, height, width))
+
+        return read_item(Path(self.paths[i]), jpeg, partial(self.item, i))
+
+    @staticmethod
+    def collate_batch(items: Sequence[JpegItem]) -> JpegBatch:
+        return collate_jpegs(items)
+
+    def decoder(self, device: torch.device) -> DeviceDecoder:
+        return DeviceDecoder(self.steps, device)
 
 
 @dataclass
 class JpegBatch:
     """A batch of `JpegItem`s in a few tensors (each tensor crossing from a loader process costs a shared
-    memory segment): the JPEGs' bytes end to end with their sizes (0: the image is in `images`)."""
+    memory segment): the JPEGs' bytes end to end with their sizes (0: the image is in `images`), and the
+    labels in batch order (a tensor of class indices, or a list of detectors' targets)."""
 
     data: torch.Tensor
     sizes: list[int]
     params: list[list[Any]]
-    labels: torch.Tensor
+    labels: Any
     images: list[torch.Tensor]
 
     def __len__(self) -> int:
         return len(self.sizes)
 
+    def loader_decoded(self) -> list[int]:
+        """The positions of the images the loader process decoded itself (in `images`, in this order)."""
+        return [position for position, size in enumerate(self.sizes) if not size]
 
-def collate_jpegs(items: Sequence[JpegItem]) -> JpegBatch:
+
+def jpeg_batch(items: Sequence[JpegItem], labels: Any) -> JpegBatch:
+    """`items` as a `JpegBatch` with these `labels`."""
     data = b"".join(item.data for item in items)
     return JpegBatch(
         data=torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8),
         sizes=[len(item.data) for item in items],
         params=[item.params for item in items],
-        labels=torch.tensor([item.label for item in items], dtype=torch.long),
+        labels=labels,
         images=[item.image for item in items if item.image is not None],
     )
+
+
+def collate_jpegs(items: Sequence[JpegItem]) -> JpegBatch:
+    return jpeg_batch(items, torch.tensor([item.label for item in items], dtype=torch.long))
 
 
 def decode_all(chunks: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -295,11 +352,20 @@ def decode_with_pil(chunk: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-class DeviceDecoder:
-    """A `JpegBatch` to (images, labels) on `device`, as `steps` (`JpegFiles.steps`) make them."""
+def none_readable(batch: JpegBatch) -> DataError:
+    return DataError(f"none of the {len(batch)} images of a batch could be read (see the unreadable count)")
 
-    def __init__(self, steps: DeviceSteps, device: torch.device) -> None:
-        self.steps, self.device = steps, device
+
+def in_order(positions: Sequence[int]) -> list[int]:
+    """The indexes that put items at these batch `positions` back in batch order."""
+    return sorted(range(len(positions)), key=positions.__getitem__)
+
+
+class BatchDecoder:
+    """The JPEGs of a `JpegBatch` decoded on `device` (`jpegs`), for a task's decoder to finish."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def decoded(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -319,23 +385,40 @@ class DeviceDecoder:
                 image.record_stream(training)
         return decoded
 
-    def __call__(self, batch: JpegBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def jpegs(self, batch: JpegBatch) -> tuple[list[int], list[torch.Tensor]]:
+        """The batch positions of its JPEGs that decoded, and their RGB uint8 CHW images on the device: nvJPEG's,
+        or PIL's for one nvJPEG refuses; one neither reads is left out (the loop counts it unreadable)."""
         chunks = list(torch.split(batch.data, [size for size in batch.sizes if size]))
         jpegs = [position for position, size in enumerate(batch.sizes) if size]
         positions: list[int] = []
         images: list[torch.Tensor] = []
         for position, chunk, image in zip(jpegs, chunks, self.decoded(chunks), strict=True):
             image = image if image is not None else decode_with_pil(chunk)
-            if image is not None:  # else unreadable: left out, and the loop counts it
+            if image is not None:
                 positions.append(position)
-                images.append(apply_geometry(image.to(self.device), self.steps, batch.params[position]))
+                images.append(image.to(self.device))
+        return positions, images
+
+
+class DeviceDecoder(BatchDecoder):
+    """A `JpegBatch` to (images, labels) on `device`, as `steps` (`JpegFiles.steps`) make them."""
+
+    def __init__(self, steps: DeviceSteps, device: torch.device) -> None:
+        super().__init__(device)
+        self.steps = steps
+
+    def __call__(self, batch: JpegBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, images = self.jpegs(batch)
+        images = [
+            apply_geometry(image, self.steps, batch.params[p]) for p, image in zip(positions, images, strict=True)
+        ]
         parts = [self.finish(images, [batch.params[p] for p in positions])] if images else []
         if batch.images:
-            positions += [position for position, size in enumerate(batch.sizes) if not size]
+            positions += batch.loader_decoded()
             parts.append(torch.stack(batch.images).to(self.device, non_blocking=True))
         if not parts:
-            raise DataError(f"none of the {len(batch)} images of a batch could be read (see the unreadable count)")
-        order = sorted(range(len(positions)), key=positions.__getitem__)
+            raise none_readable(batch)
+        order = in_order(positions)
         together = torch.cat(parts) if len(parts) > 1 else parts[0]
         merged = together if order == list(range(len(order))) else together[torch.tensor(order, device=self.device)]
         return merged, batch.labels[sorted(positions)].to(self.device, non_blocking=True)
@@ -349,17 +432,21 @@ class DeviceDecoder:
         return normalized
 
 
+# A task's decoder (`DeviceDataset.decoder`): a `JpegBatch` to (inputs, labels) on its device (`.device`).
+Decoder = Any
+
+
 class DeviceBatches:
     """`loader`'s batches decoded by `decoder`: what the loop iterates (length and all). With `ahead`, a thread
     decodes up to that many batches before the loop takes them (`decoded_ahead`); else each as it is taken."""
 
-    def __init__(self, loader: Any, decoder: DeviceDecoder, ahead: int = DECODE_AHEAD) -> None:
+    def __init__(self, loader: Any, decoder: Decoder, ahead: int = DECODE_AHEAD) -> None:
         self.loader, self.decoder, self.ahead = loader, decoder, ahead
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
         if self.ahead:
             yield from decoded_ahead(self.loader, self.decoder, self.ahead)
         else:
@@ -370,7 +457,7 @@ class DeviceBatches:
 _DONE = object()
 
 
-def decoded_ahead(loader: Any, decoder: DeviceDecoder, ahead: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def decoded_ahead(loader: Any, decoder: Decoder, ahead: int) -> Iterator[tuple[Any, Any]]:
     """`loader`'s batches decoded by a thread up to `ahead` batches before they are taken, on a CUDA stream of
     its own: nvJPEG holds its caller until it is done, and the thread's wait then overlaps the training
     step's (torch and torchvision let go of the GIL in their ops). The decoder draws nothing from the
@@ -388,15 +475,26 @@ def decoded_ahead(loader: Any, decoder: DeviceDecoder, ahead: int) -> Iterator[t
             if ready is not None:  # the decode thread's stream finished these before the step reads them
                 training = torch.cuda.current_stream(decoder.device)
                 training.wait_event(ready)
-                images.record_stream(training)
-                labels.record_stream(training)
+                for tensor in tensors_in((images, labels)):
+                    tensor.record_stream(training)
             yield images, labels
     finally:
         stop.set()
         thread.join()
 
 
-def decode_into(loader: Any, decoder: DeviceDecoder, batches: queue.Queue[Any], stop: threading.Event) -> None:
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a decoded batch: a tensor, or lists, tuples and dicts of them (a detector's)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        yield from tensors_in(list(value.values()))
+
+
+def decode_into(loader: Any, decoder: Decoder, batches: queue.Queue[Any], stop: threading.Event) -> None:
     """The thread of `decoded_ahead`: each decoded batch (with the CUDA event that marks it done), then
     _DONE, or the error that ended it; until `stop`."""
 
@@ -434,12 +532,12 @@ def on_device_files(files: ImageFiles, device: torch.device | None) -> ImageFile
 
 
 def device_collate(dataset: Any, collate: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
-    """The loader's collate function for `dataset`: `collate_jpegs` for `JpegFiles`, else `collate`."""
-    return collate_jpegs if isinstance(dataset, JpegFiles) else collate
+    """The loader's collate function for `dataset`: its own for a `DeviceDataset`, else `collate`."""
+    return dataset.collate_batch if isinstance(dataset, DeviceDataset) else collate
 
 
 def device_batches(loader: Any, dataset: Any, device: torch.device, ahead: int = DECODE_AHEAD) -> Any:
-    """`loader` as the loop iterates it: decoded on `device` when `dataset` is `JpegFiles`."""
-    if isinstance(dataset, JpegFiles):
-        return DeviceBatches(loader, DeviceDecoder(dataset.steps, device), ahead)
+    """`loader` as the loop iterates it: decoded on `device` when `dataset` is a `DeviceDataset`."""
+    if isinstance(dataset, DeviceDataset):
+        return DeviceBatches(loader, dataset.decoder(device), ahead)
     return loader

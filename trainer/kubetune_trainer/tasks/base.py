@@ -95,7 +95,7 @@ class Task(Protocol):
         self, folder: Path, preprocessing: Mapping[str, Any], device: torch.device | None = None
     ) -> tuple[Any, Any]:
         """Training and validation datasets over the node's cached images in `folder`; with `device`, ones
-        whose batches `device_decode.device_batches` finishes there (CUDA: JPEGs decoded on the GPU)."""
+        whose batches `device_decode.device_batches` finishes there (CUDA: JPEGs decoded on the GPU; both tasks)."""
         ...
 
     def train_keys(self) -> list[str]:

@@ -16,6 +16,7 @@ from kubetune_trainer.checkpoint import unwrap
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data import DatasetIndex
 from kubetune_trainer.detection_data import DetectionFiles, DetectionIndex, collate
+from kubetune_trainer.detection_decode import on_device_detection
 from kubetune_trainer.detection_eval import (
     SCORE_THRESHOLD,
     mean_average_precision,
@@ -138,10 +139,10 @@ class DetectionTask:
     def datasets(
         self, folder: Path, preprocessing: Mapping[str, Any], device: torch.device | None = None
     ) -> tuple[DetectionFiles, DetectionFiles]:
-        """Training and validation images, decoded on the CPU whatever the device (a detector's images keep
-        their sizes: a GPU decode is left to a later change)."""
+        """Training and validation images; on CUDA their JPEGs decoded there (`detection_decode`)."""
         train = DetectionFiles(folder, self.boxes.train, flip=detection_flips(self.config.data.augment))
-        return train, DetectionFiles(folder, self.boxes.validation)
+        validation = DetectionFiles(folder, self.boxes.validation)
+        return on_device_detection(train, device), on_device_detection(validation, device)
 
     def augmentation(self, preprocessing: Mapping[str, Any]) -> dict[str, Any]:
         return detection_augment(self.config.data.augment)
