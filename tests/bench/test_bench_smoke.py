@@ -369,3 +369,10 @@ def test_the_near_task_runs_seven_seeds() -> None:
     # At its ceiling (179 validation images) a seed moves the figure by one to three images: three seeds
     # left the median to chance (bench/findings.md, "Quality"). Both sides run every seed of the task.
     assert quality.TASKS["near"].seeds(quality.Config.full()) == tuple(range(7))
+
+
+def test_quick_runs_one_seed_a_task() -> None:
+    # `python -m bench --quick` must finish in minutes (issue #22): the full run's seven near seeds made its
+    # Quality section alone 12 minutes.
+    quick = quality.Config.quick()
+    assert {name: task.seeds(quick) for name, task in quality.TASKS.items()} == dict.fromkeys(quality.TASKS, (0,))
