@@ -96,7 +96,7 @@ def test_sigterm_to_a_worker_checkpoints_the_step_and_the_run_resumes_from_it(
     spec = {**SPEC, "output": output, "train": small_digits, "checkpoint_every": "1s"}
     manifest = pretrained.job("preempt-worker", **spec)
 
-    run = pretrained.kubetune_run(manifest, **SIGTERM_LAST_RANK_MID_EPOCH_2)
+    run = pretrained.kubetune_run(manifest, timeout=500, **SIGTERM_LAST_RANK_MID_EPOCH_2)  # beside the reference
 
     assert run.returncode == 0, run.stderr
     assert "preemption notice" in run.stderr, run.stderr

@@ -69,7 +69,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld,
     assert first.returncode == -signal.SIGKILL
     assert "resume/driver/model.json" not in pretrained.keys(output)
 
-    second = pretrained.kubetune_run(manifest)
+    second = pretrained.kubetune_run(manifest, timeout=500)  # beside the failed-worker run
 
     assert second.returncode == 0, second.stderr
     resumed = re.search(rf"resumed from {re.escape(run)}/epoch-(\d+) after epoch (\d+)", second.stderr)
