@@ -267,15 +267,18 @@ def access_denied(world: World, facts: dict[str, Any]) -> None:
     facts["rayjob"] = world.cluster.get(*RAYJOBS, NS, name)
 
 
+# In this order: the first three take the training slots (busy_world.MAX_TRAINING) at once, the rest
+# as they free. The elastic job is one of the first: it is the longest, mostly waiting on its holds
+# (trainer_faults.hold_for_resize), so it overlaps the others best; started last it ended the module.
 FAULTS = (
     steady,
-    suspend,
     kills,
+    elastic,
+    suspend,
     preempted,
     uninterrupted,
     s3_trouble,
     deleted_while_running,
     missing_checkpoint,
     access_denied,
-    elastic,
 )

@@ -2,12 +2,12 @@
 pretrained on other shapes, `kubetune run FILE --local` and `python -m kubetune_trainer --config FILE`
 on a real local Ray.
 
-Two runs share the work of every test here (module fixtures): fine-tuning from the pretrained detector
-through `kubetune run --local`, interrupted once by a test fault (trainer_faults.py) and resumed; and the same budget
-from random weights through `python -m kubetune_trainer`. Budget (2 shared CPU cores): SSDlite at 64 px,
-96 training and 24 validation images, 6 epochs of batch 8, head strategy, two DDP workers of one CPU
-each (so the validation predictions are gathered across workers). The pretraining is cached under
-`.cache/kubetune-tests/` (shapes_world.pretrained_detector).
+Two runs, at once, share the work of every test here (module fixtures): fine-tuning from the pretrained
+detector through `kubetune run --local`, interrupted once by a test fault (trainer_faults.py) and resumed;
+and the same budget from random weights through `python -m kubetune_trainer`. Budget (2 shared CPU cores):
+SSDlite at 64 px, 96 training and 24 validation images, 6 epochs of batch 8, head strategy, two DDP
+workers of one CPU each (so the validation predictions are gathered across workers). The pretraining is
+cached under `.cache/kubetune-tests/` (shapes_world.pretrained_detector).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,6 @@ class Shapes:
             train_coco["annotations"].append({"id": 90000 + n, "image_id": 1, "category_id": 1, "bbox": bbox})
         objects[f"{SHAPES}/annotations/train.json"] = json.dumps(train_coco).encode()
         objects[f"{SHAPES}/annotations/val.json"] = json.dumps(self.validation.coco()).encode()
-        objects[PRETRAINED_DETECTOR] = pretrained_detector().read_bytes()
         objects[RANDOM_DETECTOR] = random_detector(world.workdir / "random-detector.safetensors").read_bytes()
         world.put_many(objects)
 
@@ -119,17 +119,16 @@ def shapes(world: DigitsWorld) -> Shapes:
     return Shapes(world)
 
 
-@pytest.fixture(scope="module")
-def finetuned(shapes: Shapes) -> subprocess.CompletedProcess[str]:
+def run_finetuned(shapes: Shapes) -> subprocess.CompletedProcess[str]:
     """Fine-tuned from the pretrained detector with `kubetune run --local`; the worker fails once after
-    epoch 1 and Ray Train restarts it from that checkpoint."""
+    epoch 1 and Ray Train restarts it from that checkpoint. The pretraining (a cold cache's) comes first."""
+    shapes.world.put(PRETRAINED_DETECTOR, pretrained_detector().read_bytes())
     path = shapes.world.workdir / "shapes-finetune.yaml"
     path.write_text(yaml.safe_dump(shapes.manifest("shapes-finetune", PRETRAINED_DETECTOR, judged=True)))
-    return shapes.world.kubetune_run(path, **FAIL_ONCE_AFTER_FIRST_EPOCH)
+    return shapes.world.kubetune_run(path, timeout=500, **FAIL_ONCE_AFTER_FIRST_EPOCH)
 
 
-@pytest.fixture(scope="module")
-def from_random(shapes: Shapes) -> subprocess.CompletedProcess[str]:
+def run_from_random(shapes: Shapes) -> subprocess.CompletedProcess[str]:
     """The same job from random weights, through the RayJob's entrypoint `python -m kubetune_trainer`."""
     config = shapes.world.workdir / "shapes-random.json"
     manifest = shapes.manifest("shapes-random", RANDOM_DETECTOR)
@@ -139,8 +138,27 @@ def from_random(shapes: Shapes) -> subprocess.CompletedProcess[str]:
         env=shapes.world.env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=500,
     )
+
+
+@pytest.fixture(scope="module")
+def runs(shapes: Shapes) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Both at once: the random one's run beside the pretraining and the fine-tuning run (each run with
+    its own local Ray), which overlap on two cores better than one after the other."""
+    with ThreadPoolExecutor(2) as pool:
+        started = {"finetuned": pool.submit(run_finetuned, shapes), "random": pool.submit(run_from_random, shapes)}
+        return {name: future.result() for name, future in started.items()}
+
+
+@pytest.fixture(scope="module")
+def finetuned(runs: dict[str, subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
+    return runs["finetuned"]
+
+
+@pytest.fixture(scope="module")
+def from_random(runs: dict[str, subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
+    return runs["random"]
 
 
 def trainer_config_json(manifest: dict[str, Any]) -> str:

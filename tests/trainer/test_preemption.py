@@ -15,6 +15,8 @@ import json
 import re
 import signal
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,22 +74,29 @@ def assert_same_training(world: DigitsWorld, output: str, reference: str) -> Non
             assert entry[key] == pytest.approx(want_entry[key], rel=1e-5, abs=1e-7), (entry["epoch"], key)
 
 
-@pytest.fixture(scope="module")
-def reference(pretrained: DigitsWorld, small_digits: str) -> str:
+def run_reference(world: DigitsWorld, small_digits: str) -> str:
     output = "s3://results/preemption/reference"
-    run = pretrained.kubetune_run(pretrained.job("preempt-reference", output=output, train=small_digits, **SPEC))
+    run = world.kubetune_run(world.job("preempt-reference", output=output, train=small_digits, **SPEC), timeout=500)
     assert run.returncode == 0, run.stderr
     return output
 
 
+@pytest.fixture(scope="module")
+def reference(pretrained: DigitsWorld, small_digits: str) -> Iterator[Future[str]]:
+    """The uninterrupted run, in the background beside the first interrupted one (each with its own local
+    Ray: much of a run is Ray starting and stopping, which two runs overlap); `.result()` is its output."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run_reference, pretrained, small_digits)
+
+
 def test_sigterm_to_a_worker_checkpoints_the_step_and_the_run_resumes_from_it(
-    pretrained: DigitsWorld, small_digits: str, reference: str
+    pretrained: DigitsWorld, small_digits: str, reference: Future[str]
 ) -> None:
     output = "s3://results/preemption/worker"
     spec = {**SPEC, "output": output, "train": small_digits, "checkpoint_every": "1s"}
     manifest = pretrained.job("preempt-worker", **spec)
 
-    run = pretrained.kubetune_run(manifest, **SIGTERM_LAST_RANK_MID_EPOCH_2)
+    run = pretrained.kubetune_run(manifest, timeout=500, **SIGTERM_LAST_RANK_MID_EPOCH_2)  # beside the reference
 
     assert run.returncode == 0, run.stderr
     assert "preemption notice" in run.stderr, run.stderr
@@ -99,11 +108,11 @@ def test_sigterm_to_a_worker_checkpoints_the_step_and_the_run_resumes_from_it(
         r"preemption 1: Ray Train restarts the workers from \S+ \(step \d+\); 0 step\(s\) lost", run.stderr
     )
     assert "worker failure" not in run.stderr
-    assert_same_training(pretrained, output, reference)
+    assert_same_training(pretrained, output, reference.result())
 
 
 def test_sigterm_to_the_driver_checkpoints_the_step_and_a_new_run_resumes_from_it(
-    pretrained: DigitsWorld, small_digits: str, reference: str, tmp_path: Path
+    pretrained: DigitsWorld, small_digits: str, reference: Future[str], tmp_path: Path
 ) -> None:
     output = "s3://results/preemption/driver"
     spec = {**SPEC, "output": output, "train": small_digits, "checkpoint_every": "1s"}
@@ -127,4 +136,4 @@ def test_sigterm_to_the_driver_checkpoints_the_step_and_a_new_run_resumes_from_i
 
     assert second.returncode == 0, second.stderr
     assert f"resumed from {stopped[1]} after epoch 1" in second.stderr
-    assert_same_training(pretrained, output, reference)
+    assert_same_training(pretrained, output, reference.result())

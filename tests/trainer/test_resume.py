@@ -9,13 +9,16 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
 from safetensors.torch import load
 
-from tests.support.digits_world import PRETRAINED, DigitsWorld
+from tests.support.digits_world import PRETRAINED, SMALL_TRAIN, DigitsWorld
 from tests.support.trainer_faults import FAIL_ONCE_AFTER_FIRST_EPOCH
 
 
@@ -66,7 +69,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld,
     assert first.returncode == -signal.SIGKILL
     assert "resume/driver/model.json" not in pretrained.keys(output)
 
-    second = pretrained.kubetune_run(manifest)
+    second = pretrained.kubetune_run(manifest, timeout=500)  # beside the failed-worker run
 
     assert second.returncode == 0, second.stderr
     resumed = re.search(rf"resumed from {re.escape(run)}/epoch-(\d+) after epoch (\d+)", second.stderr)
@@ -88,26 +91,37 @@ def test_killed_driver_resumes_from_its_last_checkpoint(pretrained: DigitsWorld,
     assert folder and folder[1].startswith(f"{run}.") and len(folder[1]) > len(run) + 30, third.stderr
 
 
+WORKER_OUTPUT, WORKER_EPOCHS = "s3://results/resume/worker", 3
+# Two DDP workers of one CPU each: rank 0 fails, the whole group restarts from the checkpoint.
+WORKER_SPEC = {
+    "output": WORKER_OUTPUT,
+    "train": SMALL_TRAIN,
+    "validation": None,
+    "epochs": WORKER_EPOCHS,
+    "strategy": "head",
+    "trainable_layers": None,
+    "workers": 2,
+    "cpus_per_worker": 1,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def worker_failure(pretrained: DigitsWorld, small_digits: str) -> Iterator[Future[subprocess.CompletedProcess[str]]]:
+    """The failed-worker run, started with the module so that it trains beside the killed-driver test's
+    runs (each run with its own local Ray: much of a run is Ray starting and stopping, which two overlap)."""
+    manifest = pretrained.job("resume-worker", **WORKER_SPEC)
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(pretrained.kubetune_run, manifest, timeout=500, **FAIL_ONCE_AFTER_FIRST_EPOCH)
+
+
 @pytest.mark.slow
 def test_failed_worker_restarts_from_checkpoint_and_frozen_layers_stay(
-    pretrained: DigitsWorld, small_digits: str
+    pretrained: DigitsWorld, worker_failure: Future[subprocess.CompletedProcess[str]]
 ) -> None:
-    output, epochs = "s3://results/resume/worker", 3
-    # Two DDP workers of one CPU each: rank 0 fails, the whole group restarts from the checkpoint.
-    spec = {
-        "output": output,
-        "train": small_digits,
-        "validation": None,
-        "epochs": epochs,
-        "strategy": "head",
-        "trainable_layers": None,
-        "workers": 2,
-        "cpus_per_worker": 1,
-    }
-    manifest = pretrained.job("resume-worker", **spec)
-    run_uri = pretrained.run_uri("resume-worker", **spec)
+    output, epochs = WORKER_OUTPUT, WORKER_EPOCHS
+    run_uri = pretrained.run_uri("resume-worker", **WORKER_SPEC)
 
-    run = pretrained.kubetune_run(manifest, **FAIL_ONCE_AFTER_FIRST_EPOCH)
+    run = worker_failure.result()
 
     assert run.returncode == 0, run.stderr
     assert f"resumed from {run_uri}/epoch-0001 after epoch 1" in run.stderr
